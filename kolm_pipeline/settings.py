@@ -1,0 +1,109 @@
+"""Every setting of kolm pipeline, read from `KOLM_*` environment variables with embedded defaults.
+
+One place for configuration: the CLI, the Dagster resources and the servers all call `load_settings()`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EMBEDDED_BASE_MODEL = "embedded:smollm2-135m-instruct"
+
+# Dollars per million tokens (input, output) used to price the teacher's captured usage.
+DEFAULT_PRICE_TABLE: dict[str, tuple[float, float]] = {
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "claude-sonnet-4": (3.00, 15.00),
+    "claude-haiku-4": (0.80, 4.00),
+    "default": (2.50, 10.00),
+}
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration. Paths are absolute so child processes see the same files."""
+
+    home: Path
+    store_url: str
+    base_model: str
+    upstream_openai: str
+    upstream_anthropic: str
+    distill_threshold: int
+    mlflow_tracking_uri: str
+    size_budget_bytes: int
+    student_dollars_per_hour: float
+    retention_days: int
+    price_table: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICE_TABLE))
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Versioned `.kolm` artifacts, one directory per task."""
+        return self.home / "artifacts"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Pointers `adapters/<task>` naming the serving artifact of each task."""
+        return self.home / "adapters"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def work_dir(self) -> Path:
+        """Per-namespace stage outputs: corpus, recipe, adapter, evaluation, receipts."""
+        return self.home / "work"
+
+    @property
+    def models_dir(self) -> Path:
+        """Cache of resolved base models (the dequantized embedded base lives here)."""
+        return self.home / "models"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+
+def load_settings(home: str | Path | None = None) -> Settings:
+    """Build settings from the environment; `home` overrides `KOLM_HOME`."""
+    root = Path(home or os.environ.get("KOLM_HOME") or ".kolm").expanduser().resolve()
+    return Settings(
+        home=root,
+        store_url=os.environ.get("KOLM_STORE_URL") or f"sqlite:///{root / 'captures.db'}",
+        base_model=os.environ.get("KOLM_BASE_MODEL") or EMBEDDED_BASE_MODEL,
+        upstream_openai=os.environ.get("KOLM_UPSTREAM_OPENAI") or "https://api.openai.com/v1",
+        upstream_anthropic=os.environ.get("KOLM_UPSTREAM_ANTHROPIC") or "https://api.anthropic.com",
+        distill_threshold=_env_int("KOLM_DISTILL_THRESHOLD", 1000),
+        mlflow_tracking_uri=os.environ.get("KOLM_MLFLOW_URI") or f"sqlite:///{root / 'mlflow.db'}",
+        size_budget_bytes=_env_int("KOLM_SIZE_BUDGET_BYTES", 64 * 1024 * 1024),
+        student_dollars_per_hour=_env_float("KOLM_STUDENT_DOLLARS_PER_HOUR", 0.10),
+        retention_days=_env_int("KOLM_RETENTION_DAYS", 30),
+    )
