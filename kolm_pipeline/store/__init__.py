@@ -1,0 +1,40 @@
+"""Capture store: tables, namespaces and the `CaptureStore` queries, on SQLite or PostgreSQL."""
+
+from kolm_pipeline.store.capture_store import CaptureStore
+from kolm_pipeline.store.namespaces import (
+    NAMESPACE_RE,
+    partition_key,
+    split_partition_key,
+    validate_namespace,
+    validate_tenant,
+)
+from kolm_pipeline.store.records import (
+    AuditRow,
+    Capture,
+    KeptPair,
+    NewCapture,
+    RegistryRow,
+    Tenant,
+    TriageRule,
+)
+from kolm_pipeline.store.tables import CAPTURE_STATUSES, PROVIDERS, RULE_ACTIONS, TRIAGE_STATES
+
+__all__ = [
+    "CAPTURE_STATUSES",
+    "NAMESPACE_RE",
+    "PROVIDERS",
+    "RULE_ACTIONS",
+    "TRIAGE_STATES",
+    "AuditRow",
+    "Capture",
+    "CaptureStore",
+    "KeptPair",
+    "NewCapture",
+    "RegistryRow",
+    "Tenant",
+    "TriageRule",
+    "partition_key",
+    "split_partition_key",
+    "validate_namespace",
+    "validate_tenant",
+]

@@ -1,0 +1,20 @@
+"""The one Definitions object of kolm pipeline."""
+
+import dagster as dg
+
+from kolm_pipeline.defs.assets import captures, loop_assets
+from kolm_pipeline.defs.automation import distill_job, namespace_discovery_sensor, nightly_distill, volume_sensor
+from kolm_pipeline.defs.checks import loop_checks
+from kolm_pipeline.defs.resources import KolmResource
+
+defs = dg.Definitions(
+    assets=[captures, *loop_assets],
+    asset_checks=loop_checks,
+    jobs=[distill_job],
+    sensors=[namespace_discovery_sensor, volume_sensor],
+    schedules=[nightly_distill],
+    resources={
+        "kolm": KolmResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+    },
+)

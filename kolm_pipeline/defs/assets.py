@@ -1,0 +1,245 @@
+"""The loop's assets. Each one calls its stage's domain function and reports what it measured."""
+
+
+import sys
+import time
+
+import dagster as dg
+
+from kolm_pipeline.corpus.stages import NotEnoughPairs, run_corpus_stage, run_recipe_stage
+from kolm_pipeline.defs.partitions import namespace_partitions
+from kolm_pipeline.defs.resources import KolmResource
+from kolm_pipeline.evaluate.stage import run_evaluation_stage
+from kolm_pipeline.registry.deploy import DeployRefused, current_champion, deploy
+from kolm_pipeline.train.stage import record_adapter, training_job
+from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
+
+KOLM_GROUP = "kolm_loop"
+
+captures = dg.AssetSpec(
+    "captures",
+    description="Request/response pairs recorded by the capture proxy. Observed, not materialized.",
+    group_name=KOLM_GROUP,
+    partitions_def=namespace_partitions,
+    kinds={"sqlite", "postgres"},
+)
+
+
+def _workdir(context: dg.AssetExecutionContext, kolm: KolmResource) -> NamespaceWorkdir:
+    return NamespaceWorkdir(kolm.settings, context.partition_key)
+
+
+class CorpusConfig(dg.Config):
+    """`min_pairs` overrides the distill threshold (KOLM_DISTILL_THRESHOLD, default 1,000)."""
+
+    min_pairs: int | None = None
+
+
+class AdapterConfig(dg.Config):
+    """LoRA settings; anything left out uses the trainer's defaults (rank 16, all linear layers)."""
+
+    rank: int = 16
+    alpha: int = 32
+    epochs: float = 2.0
+    learning_rate: float = 2e-3
+    batch_size: int = 16
+    max_length: int = 256
+    seed: int = 0
+
+
+@dg.asset(
+    deps=[captures],
+    partitions_def=namespace_partitions,
+    group_name=KOLM_GROUP,
+    description="Applies the namespace's triage rules; only kept pairs flow on. Reports the four counters.",
+)
+def triaged_captures(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.MaterializeResult:
+    workdir = _workdir(context, kolm)
+    applied = kolm.store.apply_rules(workdir.tenant, workdir.namespace)
+    counters = kolm.store.counters(workdir.tenant, workdir.namespace)
+    return dg.MaterializeResult(
+        metadata={
+            **{f"counter_{name}": dg.IntMetadataValue(value) for name, value in counters.items()},
+            **{f"rules_{name}": dg.IntMetadataValue(value) for name, value in applied.items()},
+        }
+    )
+
+
+@dg.asset(
+    deps=[triaged_captures],
+    partitions_def=namespace_partitions,
+    group_name=KOLM_GROUP,
+    description="Kept pairs as chat-format JSONL with a CID (source gate, dedup, distill threshold).",
+)
+def corpus(context: dg.AssetExecutionContext, kolm: KolmResource, config: CorpusConfig) -> dg.MaterializeResult:
+    workdir = _workdir(context, kolm)
+    threshold = config.min_pairs if config.min_pairs is not None else kolm.settings.distill_threshold
+    try:
+        result = run_corpus_stage(workdir, kolm.store, threshold)
+    except NotEnoughPairs as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    return dg.MaterializeResult(
+        metadata={
+            "corpus_cid": result.cid,
+            "receipt_cid": result.receipt_cid,
+            "distill_threshold": threshold,
+            **{name: dg.IntMetadataValue(value) for name, value in result.stats.as_dict().items()},
+            "dagster/uri": workdir.corpus.as_uri(),
+        }
+    )
+
+
+@dg.asset(
+    deps=[corpus],
+    partitions_def=namespace_partitions,
+    group_name=KOLM_GROUP,
+    description="Recipe from observations: output kind, verifier, splits, frozen hold-out, K-floor.",
+)
+def recipe(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.MaterializeResult:
+    workdir = _workdir(context, kolm)
+    result = run_recipe_stage(workdir)
+    spec = result.recipe.spec
+    return dg.MaterializeResult(
+        metadata={
+            "recipe_cid": result.cid,
+            "receipt_cid": result.receipt_cid,
+            "output_kind": spec["output_kind"],
+            "verifier": spec["verifier"],
+            "k_floor": dg.FloatMetadataValue(spec["k_floor"]),
+            "labels": dg.JsonMetadataValue(spec.get("labels")),
+            **{f"{split}_pairs": dg.IntMetadataValue(count) for split, count in spec["counts"].items()},
+            "dagster/uri": workdir.recipe.as_uri(),
+        }
+    )
+
+
+@dg.asset(
+    deps=[recipe],
+    partitions_def=namespace_partitions,
+    group_name=KOLM_GROUP,
+    kinds={"pytorch", "mlflow"},
+    description="LoRA adapter distilled out of process through Dagster Pipes (the same entry point runs on "
+    "a GPU node).",
+)
+def adapter(
+    context: dg.AssetExecutionContext,
+    kolm: KolmResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+    config: AdapterConfig,
+) -> dg.MaterializeResult:
+    workdir = _workdir(context, kolm)
+    base = kolm.base()
+    recipe_cid = directory_cid(workdir.recipe)
+    job = training_job(
+        kolm.settings,
+        base,
+        task=workdir.task,
+        train_path=workdir.recipe / "train.jsonl",
+        output_dir=workdir.adapter,
+        recipe_cid=recipe_cid,
+        config=config.model_dump(),
+        tags={"dagster_run_id": context.run_id, "partition": context.partition_key},
+    )
+    began = time.perf_counter()
+    result = pipes_subprocess_client.run(
+        command=[sys.executable, "-m", "kolm_pipeline.train.pipes_entry"],
+        context=context,
+        extras=job,
+    )
+    reported = result.get_materialize_result()
+    metadata = dict(reported.metadata or {})
+    metrics = {key: value.value for key, value in metadata.items() if isinstance(value, dg.FloatMetadataValue)}
+    adapter_cid, receipt = record_adapter(workdir, base, recipe_cid, metrics)
+    return dg.MaterializeResult(
+        metadata={
+            **metadata,
+            "adapter_cid": adapter_cid,
+            "receipt_cid": receipt,
+            "base_model": base.model_id,
+            "stage_seconds": dg.FloatMetadataValue(round(time.perf_counter() - began, 2)),
+            "dagster/uri": workdir.adapter.as_uri(),
+        }
+    )
+
+
+def _side_by_side(evaluation: dict) -> dg.TableMetadataValue:
+    parts = ["k", "accuracy", "size", "latency", "cost", "coverage", "holdout_accuracy",
+             "student_p50_seconds", "artifact_bytes"]
+    columns = [dg.TableColumn("model", "string")] + [dg.TableColumn(part, "float") for part in parts]
+    records = [
+        dg.TableRecord({"model": evaluation[side]["name"], **{part: float(evaluation[side][part]) for part in parts}})
+        for side in ("current", "candidate")
+    ]
+    return dg.TableMetadataValue(records=records, schema=dg.TableSchema(columns=columns))
+
+
+@dg.asset(
+    deps=[adapter],
+    partitions_def=namespace_partitions,
+    group_name=KOLM_GROUP,
+    kinds={"mlflow"},
+    description="K-score of candidate and current champion (or bare base) on the same eval split, same run.",
+)
+def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.MaterializeResult:
+    import mlflow
+
+    from kolm_pipeline.tracking import mlflow_run, run_url
+
+    workdir = _workdir(context, kolm)
+    champion = current_champion(kolm.settings, workdir.task)
+    began = time.perf_counter()
+    result = run_evaluation_stage(workdir, kolm.settings, kolm.base(), champion, store=kolm.store)
+    seconds = time.perf_counter() - began
+    tags = {"dagster_run_id": context.run_id, "partition": context.partition_key,
+            "recipe_cid": result["recipe_cid"]}
+    settings = kolm.settings
+    with mlflow_run(settings.mlflow_tracking_uri, workdir.task, settings.home / "mlflow-artifacts",
+                    "evaluation", tags) as run:
+        for side in ("candidate", "current"):
+            mlflow.log_metrics({f"{side}.{key}": float(value) for key, value in result[side].items()
+                                if isinstance(value, int | float)})
+        mlflow.log_metrics({"gate.delta": result["decision"]["delta"], "gate.swap": float(result["decision"]["swap"])})
+        url = run_url(settings.mlflow_tracking_uri, run)
+    decision = result["decision"]
+    return dg.MaterializeResult(
+        metadata={
+            "side_by_side": _side_by_side(result),
+            "k_candidate": dg.FloatMetadataValue(result["candidate"]["k"]),
+            "k_current": dg.FloatMetadataValue(result["current"]["k"]),
+            "k_delta": dg.FloatMetadataValue(round(decision["delta"], 4)),
+            "gate_decision": decision["reason"],
+            "tripwire_clear": dg.BoolMetadataValue(result["tripwire"]["clear"]),
+            "current": result["current_name"],
+            "receipt_cid": result["receipt_cid"],
+            "eval_cases": dg.IntMetadataValue(result["eval_cases"]),
+            "stage_seconds": dg.FloatMetadataValue(round(seconds, 2)),
+            "mlflow_run": dg.UrlMetadataValue(url) if url.startswith("http") else url,
+            "dagster/uri": workdir.evaluation.as_uri(),
+        }
+    )
+
+
+@dg.asset(
+    deps=[evaluation],
+    partitions_def=namespace_partitions,
+    group_name=KOLM_GROUP,
+    description="Signed .kolm, registry row (from-CID → to-CID) and atomic pointer swap. Never runs after a "
+    "failed gate.",
+)
+def deployment(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.MaterializeResult:
+    workdir = _workdir(context, kolm)
+    try:
+        result = deploy(workdir, kolm.settings, kolm.store, actor=f"dagster:{context.run_id}")
+    except DeployRefused as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    return dg.MaterializeResult(
+        metadata={
+            "artifact_cid": result.artifact_cid,
+            "previous_cid": result.previous_cid or "(bare base)",
+            "registry_row": dg.IntMetadataValue(result.registry_row),
+            "dagster/uri": result.artifact_path.as_uri(),
+        }
+    )
+
+
+loop_assets = [triaged_captures, corpus, recipe, adapter, evaluation, deployment]

@@ -1,0 +1,171 @@
+"""`kolm demo`: the whole loop on the embedded defaults, end to end, in a few minutes on a laptop.
+
+A stand-in teacher (an OpenAI-compatible server on localhost that answers from the labeled ticket
+dataset) takes the place of the frontier API. Traffic goes through the real capture proxy with the
+official `openai` SDK, a triage rule keeps it, and the Dagster assets distill, score and deploy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from kolm_pipeline.capture.app import create_app
+from kolm_pipeline.capture.background import BackgroundServer
+from kolm_pipeline.demo.teacher import create_teacher_app
+from kolm_pipeline.demo.tickets import Ticket, generate_tickets
+from kolm_pipeline.settings import Settings
+from kolm_pipeline.store import CaptureStore, partition_key
+from kolm_pipeline.workdir import NamespaceWorkdir
+
+DEMO_TENANT = "demo"
+DEMO_NAMESPACE = "support"
+TEACHER_MODEL = "teacher-frontier-stand-in"
+TEACHER_LATENCY_S = 0.25
+
+
+@dataclass
+class DemoReport:
+    """What the demo did, for the printed summary and for tests."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    requests: int = 0
+    streamed: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+    artifact_cid: str | None = None
+    pointer: str | None = None
+    run_id: str | None = None
+    success: bool = False
+    failures: list[str] = field(default_factory=list)
+
+
+def _send(client, ticket: Ticket, stream: bool) -> str:
+    if stream:
+        chunks = client.chat.completions.create(model=TEACHER_MODEL, messages=ticket.messages(), stream=True)
+        return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    reply = client.chat.completions.create(model=TEACHER_MODEL, messages=ticket.messages())
+    return reply.choices[0].message.content or ""
+
+
+def send_traffic(proxy_url: str, kolm_key: str, tickets: list[Ticket], stream_every: int = 4,
+                 workers: int = 8) -> int:
+    """Send every ticket through the proxy with the official openai SDK; returns how many streamed."""
+    import openai
+
+    client = openai.OpenAI(
+        base_url=f"{proxy_url}/v1/capture/openai",
+        api_key=kolm_key,
+        default_headers={
+            "x-upstream-api-key": "demo-upstream-key-not-a-secret",
+            "x-kolm-namespace": DEMO_NAMESPACE,
+            "x-kolm-tags": "demo",
+        },
+        max_retries=0,
+    )
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        answers = list(pool.map(lambda pair: _send(client, pair[1], pair[0] % stream_every == 0),
+                                enumerate(tickets)))
+    wrong = sum(1 for ticket, got in zip(tickets, answers, strict=True) if got.strip() != ticket.queue)
+    if wrong:
+        raise RuntimeError(f"{wrong} answers through the proxy differ from the stand-in teacher's")
+    return sum(1 for index in range(len(tickets)) if index % stream_every == 0)
+
+
+def reset_demo_namespace(settings: Settings, store: CaptureStore) -> None:
+    """Start from a clean namespace so the first candidate is compared against the bare base."""
+    workdir = NamespaceWorkdir(settings, partition_key(DEMO_TENANT, DEMO_NAMESPACE))
+    shutil.rmtree(workdir.root, ignore_errors=True)
+    (settings.adapters_dir / workdir.task).unlink(missing_ok=True)
+    store.delete_namespace(DEMO_TENANT, DEMO_NAMESPACE)
+
+
+def run_demo(settings: Settings, tickets: int = 320, epochs: float = 2.0, log=print) -> DemoReport:
+    """Run the loop once on fresh demo traffic and return what happened."""
+    from kolm_pipeline.defs.launch import ensure_instance, failure_messages, materialize_namespace
+    from kolm_pipeline.train.base_model import resolve_base_model
+
+    report = DemoReport()
+    began = time.perf_counter()
+    log("[1/5] resolving the embedded base model (dequantized once, then cached)…")
+    resolve_base_model(settings.base_model, settings.models_dir)
+    report.timings["base model"] = time.perf_counter() - began
+
+    store = CaptureStore(settings.store_url)
+    reset_demo_namespace(settings, store)
+    kolm_key = store.create_tenant_key(DEMO_TENANT)
+    dataset = generate_tickets(tickets)
+    answers = {ticket.text: ticket.queue for ticket in dataset}
+
+    log(f"[2/5] starting the stand-in teacher and the capture proxy; sending {len(dataset)} tickets…")
+    step = time.perf_counter()
+    with BackgroundServer(create_teacher_app(answers, latency_s=TEACHER_LATENCY_S)) as teacher:
+        proxy_settings = _with_upstream(settings, teacher.url)
+        with BackgroundServer(create_app(proxy_settings, store)) as proxy:
+            report.streamed = send_traffic(proxy.url, kolm_key, dataset)
+    report.requests = len(dataset)
+    report.timings["capture"] = time.perf_counter() - step
+
+    log("[3/5] keeping the captured pairs with an explicit triage rule (status ok, teacher model)…")
+    store.add_rule(DEMO_TENANT, DEMO_NAMESPACE, "keep", {"status": "ok", "model": TEACHER_MODEL}, actor="demo")
+
+    log("[4/5] materializing triaged_captures → corpus → recipe → adapter → evaluation → deployment…")
+    instance = ensure_instance(settings)
+    partition = partition_key(DEMO_TENANT, DEMO_NAMESPACE)
+    run_config = {"ops": {"corpus": {"config": {"min_pairs": min(tickets // 2, 100)}},
+                          "adapter": {"config": {"epochs": epochs}}}}
+    result, outcomes = materialize_namespace(instance, partition, run_config, tags={"kolm/actor": "demo"})
+    report.run_id = result.run_id
+    for outcome in outcomes:
+        report.timings[outcome.stage] = outcome.seconds
+    report.failures = failure_messages(result)
+    report.counters = store.counters(DEMO_TENANT, DEMO_NAMESPACE)
+    workdir = NamespaceWorkdir(settings, partition)
+    if workdir.evaluation.is_file():
+        report.evaluation = json.loads(workdir.evaluation.read_text())
+    pointer = settings.adapters_dir / workdir.task
+    if pointer.is_symlink():
+        report.pointer = str(pointer.resolve())
+        report.artifact_cid = pointer.resolve().name.removesuffix(".kolm")
+    report.success = result.success
+    log("[5/5] done.")
+    report.timings["total"] = time.perf_counter() - began
+    return report
+
+
+def _with_upstream(settings: Settings, teacher_url: str) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, upstream_openai=f"{teacher_url}/v1", upstream_anthropic=teacher_url)
+
+
+def format_report(report: DemoReport, settings: Settings) -> str:
+    """The summary `kolm demo` prints: timings, base vs candidate, the gate, the artifact."""
+    lines = ["", "Stage timings", "-------------"]
+    lines += [f"  {name:<18} {seconds:8.1f} s" for name, seconds in report.timings.items()]
+    lines += ["", f"Traffic: {report.requests} requests through the proxy ({report.streamed} streamed); "
+              f"counters {report.counters}"]
+    evaluation = report.evaluation
+    if evaluation:
+        current, candidate = evaluation["current"], evaluation["candidate"]
+        lines += ["", f"{'':<22}{current['name']:>14}{'candidate':>14}"]
+        rows = [("accuracy (eval)", "accuracy"), ("accuracy (hold-out)", "holdout_accuracy"),
+                ("A accuracy", "accuracy"), ("S size", "size"), ("L latency", "latency"), ("C cost", "cost"),
+                ("V coverage", "coverage"), ("K-score", "k"), ("p50 latency (s)", "student_p50_seconds")]
+        for label, key in rows:
+            lines.append(f"  {label:<20}{current[key]:>14.4f}{candidate[key]:>14.4f}")
+        decision = evaluation["decision"]
+        lines += ["", f"Gate: {decision['reason']} (K-floor {decision['k_floor']:.2f}, "
+                  f"tripwire {'clear' if evaluation['tripwire']['clear'] else 'TRIPPED'})"]
+    if report.artifact_cid:
+        lines.append(f"Deployed artifact: {report.artifact_cid}")
+        lines.append(f"  pointer {settings.adapters_dir / partition_key(DEMO_TENANT, DEMO_NAMESPACE)} -> "
+                     f"{report.pointer}")
+    for failure in report.failures:
+        lines.append(f"Stage failed: {failure}")
+    lines += ["", f"Dagster run {report.run_id}: open the UI on this instance with `make ui` "
+              f"(DAGSTER_HOME={settings.dagster_home})."]
+    return "\n".join(lines)

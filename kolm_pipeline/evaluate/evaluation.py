@@ -1,0 +1,157 @@
+"""Evaluate candidate and current champion side by side: same base, same eval split, same run.
+
+The base model is loaded once; every adapter is attached to it under its own name, and the bare base
+is evaluated with the adapters disabled, so the comparison differs in nothing but the adapter.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kolm_pipeline.corpus.recipe import Recipe, answer, prompt_text
+from kolm_pipeline.evaluate.inference import predict
+from kolm_pipeline.evaluate.kscore import KScore, compute_kscore, teacher_cost_per_call
+from kolm_pipeline.evaluate.verifiers import VERIFIERS
+from kolm_pipeline.train.base_model import BaseModel, load_causal_lm, load_tokenizer
+
+LATENCY_PROBE_CASES = 8
+
+
+@dataclass
+class SplitScore:
+    """Verifier results on one split."""
+
+    accuracy: float
+    coverage: float
+    outputs: list[str]
+    scores: list[float]
+
+
+@dataclass
+class ModelReport:
+    """Everything measured for one model in an evaluation run."""
+
+    name: str
+    kscore: KScore
+    eval: SplitScore
+    holdout: SplitScore
+    eval_seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            **{key: round(value, 4) for key, value in self.kscore.as_dict().items()},
+            "holdout_accuracy": round(self.holdout.accuracy, 4),
+            "eval_seconds": round(self.eval_seconds, 2),
+        }
+
+
+@dataclass(frozen=True)
+class TeacherStats:
+    p50_seconds: float
+    cost_per_call: float
+
+
+def teacher_stats(rows: list[dict], price_table: dict[str, tuple[float, float]]) -> TeacherStats:
+    """Teacher latency and cost from what the proxy measured at capture (kept in each row's meta)."""
+    metas = [row.get("meta") or {} for row in rows]
+    latencies = [m["latency_us"] / 1e6 for m in metas if m.get("latency_us")]
+    usages = [
+        (m.get("model", "default"), int(m.get("prompt_tokens", 0)), int(m.get("completion_tokens", 0)))
+        for m in metas
+        if m.get("prompt_tokens") or m.get("completion_tokens")
+    ]
+    return TeacherStats(
+        p50_seconds=statistics.median(latencies) if latencies else 0.0,
+        cost_per_call=teacher_cost_per_call(usages, price_table),
+    )
+
+
+def adapter_bytes(adapter_dir: Path | None) -> int:
+    if adapter_dir is None:
+        return 0
+    return sum(path.stat().st_size for path in adapter_dir.iterdir() if path.is_file())
+
+
+def score_split(recipe: Recipe, rows: list[dict], outputs: list[str]) -> SplitScore:
+    verify = VERIFIERS[recipe.spec["verifier"]]
+    results = [
+        verify(output, answer(row), labels=recipe.labels or [], schema=recipe.spec.get("json_schema", {}),
+               source=prompt_text(row))
+        for row, output in zip(rows, outputs, strict=True)
+    ]
+    count = max(1, len(results))
+    return SplitScore(
+        accuracy=sum(score for score, _ in results) / count,
+        coverage=sum(1 for _, ok in results if ok) / count,
+        outputs=outputs,
+        scores=[score for score, _ in results],
+    )
+
+
+def evaluate_models(
+    base: BaseModel,
+    adapters: dict[str, Path | None],
+    recipe: Recipe,
+    *,
+    size_budget_bytes: int,
+    price_table: dict[str, tuple[float, float]],
+    student_dollars_per_hour: float,
+    teacher_rows: list[dict] | None = None,
+) -> dict[str, ModelReport]:
+    """Evaluate each named adapter (None = the bare base) on the recipe's eval and hold-out splits."""
+    import contextlib
+
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(base)
+    model = load_causal_lm(base)
+    named = {name: path for name, path in adapters.items() if path is not None}
+    if named:
+        first, *rest = named.items()
+        model = PeftModel.from_pretrained(model, str(first[1]), adapter_name=first[0])
+        for name, path in rest:
+            model.load_adapter(str(path), adapter_name=name)
+        model.eval()
+    teacher = teacher_stats(teacher_rows or recipe.train + recipe.eval, price_table)
+    labels = recipe.labels
+    max_new = int(recipe.spec.get("max_new_tokens", 128))
+    eval_inputs = [row["messages"][:-1] for row in recipe.eval]
+    holdout_inputs = [row["messages"][:-1] for row in recipe.holdout]
+
+    reports: dict[str, ModelReport] = {}
+    for name, path in adapters.items():
+        if path is None:
+            context = model.disable_adapter() if named else contextlib.nullcontext()
+        else:
+            model.set_adapter(name)
+            context = contextlib.nullcontext()
+        with context:
+            began = time.perf_counter()
+            eval_outputs = [p.output for p in predict(model, tokenizer, eval_inputs, labels, max_new)]
+            holdout_outputs = [p.output for p in predict(model, tokenizer, holdout_inputs, labels, max_new)]
+            probe = [
+                predict(model, tokenizer, [conversation], labels, max_new)[0].seconds
+                for conversation in eval_inputs[:LATENCY_PROBE_CASES]
+            ]
+            elapsed = time.perf_counter() - began
+        eval_score = score_split(recipe, recipe.eval, eval_outputs)
+        holdout_score = score_split(recipe, recipe.holdout, holdout_outputs)
+        student_p50 = statistics.median(probe) if probe else 0.0
+        kscore = compute_kscore(
+            accuracy=eval_score.accuracy,
+            coverage=eval_score.coverage,
+            artifact_bytes=adapter_bytes(path),
+            size_budget_bytes=size_budget_bytes,
+            teacher_p50_seconds=teacher.p50_seconds,
+            student_p50_seconds=student_p50,
+            teacher_cost_per_call=teacher.cost_per_call,
+            student_cost_per_call=student_p50 * student_dollars_per_hour / 3600,
+        )
+        reports[name] = ModelReport(
+            name=name, kscore=kscore, eval=eval_score, holdout=holdout_score, eval_seconds=elapsed
+        )
+    return reports

@@ -1,0 +1,92 @@
+"""The evaluation stage: candidate vs current (champion or bare base), the gate and the tripwire."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from kolm_pipeline.corpus.recipe import answer, load_recipe
+from kolm_pipeline.evaluate.evaluation import ModelReport, evaluate_models
+from kolm_pipeline.evaluate.gate import decide
+from kolm_pipeline.registry.cid import cid_for_file
+from kolm_pipeline.evaluate.tripwire import check_collapse, read_state
+from kolm_pipeline.settings import Settings
+from kolm_pipeline.train.base_model import BaseModel
+from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid, write_json_atomic
+
+CANDIDATE = "candidate"
+
+
+def run_evaluation_stage(
+    workdir: NamespaceWorkdir,
+    settings: Settings,
+    base: BaseModel,
+    champion: tuple[str, Path] | None,
+    store=None,
+) -> dict:
+    """Evaluate candidate and current on the same split in one run; write and sign evaluation.json.
+
+    A refusal is written to the registry right away (with `store`), so the log shows every decision,
+    not only swaps."""
+    recipe = load_recipe(workdir.recipe)
+    current_name = f"champion:{champion[0]}" if champion else "base"
+    reports = evaluate_models(
+        base,
+        {CANDIDATE: workdir.adapter, current_name: champion[1] if champion else None},
+        recipe,
+        size_budget_bytes=settings.size_budget_bytes,
+        price_table=settings.price_table,
+        student_dollars_per_hour=settings.student_dollars_per_hour,
+    )
+    candidate, current = reports[CANDIDATE], reports[current_name]
+    tripwire = check_collapse(
+        candidate.holdout.outputs,
+        [answer(row) for row in recipe.holdout],
+        candidate.holdout.accuracy,
+        read_state(workdir.tripwire_state),
+    )
+    decision = decide(
+        k_new=candidate.kscore.total,
+        k_current=current.kscore.total,
+        k_floor=float(recipe.spec["k_floor"]),
+        tripwire_clear=tripwire.clear,
+    )
+    result = {
+        "task": workdir.task,
+        "recipe_cid": directory_cid(workdir.recipe),
+        "adapter_cid": directory_cid(workdir.adapter),
+        "current_name": current_name,
+        "current_cid": champion[0] if champion else None,
+        "candidate": _report(candidate),
+        "current": _report(current),
+        "decision": asdict(decision),
+        "tripwire": asdict(tripwire),
+        "eval_cases": len(recipe.eval),
+        "holdout_cases": len(recipe.holdout),
+    }
+    write_json_atomic(workdir.evaluation, result)
+    result["receipt_cid"] = workdir.write_receipt(
+        "evaluation",
+        "evaluation.json",
+        cid_for_file(workdir.evaluation),
+        {"decision": asdict(decision), "candidate_k": candidate.kscore.total, "current_k": current.kscore.total,
+         "current": current_name, "tripwire_clear": tripwire.clear},
+    )
+    if store is not None and not decision.swap:
+        store.add_registry_row(
+            task=workdir.task,
+            from_cid=result["current_cid"],
+            to_cid=None,
+            k_before=current.kscore.total,
+            k_after=candidate.kscore.total,
+            decision="alert" if decision.alert else "refuse",
+            actor="gate",
+            details={"reason": decision.reason, "adapter_cid": result["adapter_cid"],
+                     "tripwire": tripwire.reasons},
+        )
+    return result
+
+
+def _report(report: ModelReport) -> dict:
+    return {"name": report.name, **report.summary(),
+            "holdout_coverage": round(report.holdout.coverage, 4)}

@@ -1,0 +1,69 @@
+"""Collapse tripwire: refuse a candidate whose answers lost diversity or whose frozen hold-out score
+fell compared with the last good cycle of its namespace (a model trained on its own outputs does both)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HOLDOUT_TOLERANCE = 0.05
+MIN_DIVERSITY_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class TripwireResult:
+    clear: bool
+    reasons: list[str]
+    diversity_ratio: float
+    holdout_score: float
+    previous_holdout_score: float | None
+
+
+def entropy(outputs: list[str]) -> float:
+    """Shannon entropy (bits) of the answer distribution."""
+    counts = Counter(outputs)
+    total = sum(counts.values())
+    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+
+
+def check_collapse(
+    candidate_outputs: list[str],
+    reference_outputs: list[str],
+    holdout_score: float,
+    previous: dict | None,
+    tolerance: float = HOLDOUT_TOLERANCE,
+) -> TripwireResult:
+    """Compare the candidate's hold-out answers with the references and the last good cycle."""
+    reference_entropy = entropy(reference_outputs)
+    ratio = 1.0 if reference_entropy == 0 else entropy(candidate_outputs) / reference_entropy
+    reasons = []
+    if ratio < MIN_DIVERSITY_RATIO:
+        reasons.append(f"answer diversity collapsed to {ratio:.2f} of the references' (min {MIN_DIVERSITY_RATIO})")
+    previous_score = previous.get("holdout_score") if previous else None
+    if previous_score is not None and holdout_score < previous_score - tolerance:
+        reasons.append(
+            f"hold-out score {holdout_score:.3f} fell more than {tolerance} below the last good {previous_score:.3f}"
+        )
+    return TripwireResult(
+        clear=not reasons,
+        reasons=reasons,
+        diversity_ratio=ratio,
+        holdout_score=holdout_score,
+        previous_holdout_score=previous_score,
+    )
+
+
+def read_state(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def record_good_cycle(path: Path, result: TripwireResult, artifact_cid: str) -> None:
+    """Remember the last good cycle's hold-out score and diversity for the next comparison."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**asdict(result), "artifact_cid": artifact_cid}, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,77 @@
+"""Verifiers: how one model answer is scored against the reference answer.
+
+Each returns (score in [0, 1], in_format) so accuracy (A) and coverage (V) of the K-score come from
+the same pass. The recipe names which verifier a task uses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+
+import jsonschema
+
+VerifierResult = tuple[float, bool]
+
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1; 1.0 when both are empty."""
+    pred, ref = _tokens(prediction), _tokens(reference)
+    if not pred and not ref:
+        return 1.0
+    overlap = sum((Counter(pred) & Counter(ref)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def closed_vocab(prediction: str, reference: str, *, labels: list[str], **_: object) -> VerifierResult:
+    """Exact label match; in format when the answer is one of the labels."""
+    answer = prediction.strip()
+    return (1.0 if answer == reference.strip() else 0.0), answer in labels
+
+
+def json_schema(prediction: str, reference: str, *, schema: dict, **_: object) -> VerifierResult:
+    """Schema-valid JSON scores the share of the reference's top-level fields it matches."""
+    try:
+        value = json.loads(prediction)
+        jsonschema.validate(value, schema)
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return 0.0, False
+    expected = json.loads(reference)
+    if not isinstance(expected, dict) or not isinstance(value, dict):
+        return (1.0 if value == expected else 0.0), True
+    if not expected:
+        return 1.0, True
+    matched = sum(1 for key, wanted in expected.items() if value.get(key) == wanted)
+    return matched / len(expected), True
+
+
+def byte_grounded(prediction: str, reference: str, *, source: str, **_: object) -> VerifierResult:
+    """Extractive answers must occur in the input; scored by token F1 against the reference."""
+    answer = prediction.strip()
+    if not answer or answer not in source:
+        return 0.0, False
+    return token_f1(answer, reference), True
+
+
+def text_match(prediction: str, reference: str, **_: object) -> VerifierResult:
+    """Free text: token F1 against the teacher's answer; in format when non-empty."""
+    return token_f1(prediction, reference), bool(prediction.strip())
+
+
+VERIFIERS: dict[str, Callable[..., VerifierResult]] = {
+    "closed_vocab": closed_vocab,
+    "json_schema": json_schema,
+    "byte_grounded": byte_grounded,
+    "text_match": text_match,
+}

@@ -1,0 +1,66 @@
+"""Atomic file writes: readers see either the old file or the complete new one, never a partial write."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from kolm_pipeline.registry.errors import RegistryError
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory entry change (rename, link) to disk so it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _temp_file(path: Path, mode: int) -> Iterator[tuple[BinaryIO, Path]]:
+    """A temp file next to ``path`` (same filesystem, so a rename is atomic); removed if not consumed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle, tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Yield a writable file that replaces ``path`` only once the block completes without error."""
+    with _temp_file(path, mode) as (handle, tmp):
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically, replacing any existing file."""
+    with atomic_output(path, mode) as handle:
+        handle.write(data)
+
+
+def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically, refusing if ``path`` already exists (even under a race)."""
+    with _temp_file(path, mode) as (handle, tmp):
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise RegistryError(f"{path} already exists; refusing to overwrite it") from None
+    fsync_dir(path.parent)

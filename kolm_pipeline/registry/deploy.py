@@ -1,0 +1,109 @@
+"""The deployment stage: sign the `.kolm`, publish it, swap the task's pointer, write the registry row.
+
+It only runs on an evaluation whose gate said swap; anything else is refused here too, so a later
+manual materialization cannot ship what the gate turned down.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kolm_pipeline.corpus.recipe import load_recipe
+from kolm_pipeline.evaluate.tripwire import TripwireResult, record_good_cycle
+from kolm_pipeline.registry.artifact import build_kolm, extract_adapter
+from kolm_pipeline.registry.swap import publish_artifact, read_pointer, swap_pointer
+from kolm_pipeline.settings import Settings
+from kolm_pipeline.train.distill import TRAINER_VERSION
+from kolm_pipeline.workdir import NamespaceWorkdir
+
+
+class DeployRefused(Exception):
+    """The gate did not allow this candidate to replace the current adapter."""
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    task: str
+    artifact_cid: str
+    artifact_path: Path
+    previous_cid: str | None
+    registry_row: int
+
+
+def artifact_cid_of(path: Path) -> str:
+    """Published artifacts are named `<cid>.kolm`."""
+    return path.name.removesuffix(".kolm")
+
+
+def current_champion(settings: Settings, task: str) -> tuple[str, Path] | None:
+    """The serving artifact's CID and its adapter, extracted once into a cache directory."""
+    pointer = read_pointer(settings.adapters_dir, task)
+    if pointer is None:
+        return None
+    cid = artifact_cid_of(pointer)
+    cache = settings.work_dir / task / "champions" / cid
+    if not (cache / "adapter_config.json").is_file():
+        shutil.rmtree(cache, ignore_errors=True)
+        extract_adapter(pointer, cache)
+    return cid, cache
+
+
+def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> DeployResult:
+    """Ship the evaluated candidate if, and only if, its gate decision says swap."""
+    if not workdir.evaluation.is_file():
+        raise DeployRefused(f"{workdir.evaluation}: no evaluation for {workdir.partition}")
+    evaluation = json.loads(workdir.evaluation.read_text())
+    decision = evaluation["decision"]
+    if not decision["swap"]:
+        raise DeployRefused(f"gate refused the candidate for {workdir.task}: {decision['reason']}")
+    recipe = load_recipe(workdir.recipe)
+    training = json.loads((workdir.adapter / "kolm_training.json").read_text())
+    previous = read_pointer(settings.adapters_dir, workdir.task)
+    previous_cid = artifact_cid_of(previous) if previous else None
+    manifest = {
+        "task": workdir.task,
+        "tenant": workdir.tenant,
+        "namespace": workdir.namespace,
+        "base_model": {"id": training["base_model"], "digest": training["base_digest"]},
+        "lora": training["config"],
+        "corpus_cid": recipe.spec["corpus_cid"],
+        "recipe_cid": evaluation["recipe_cid"],
+        "adapter_cid": evaluation["adapter_cid"],
+        "trainer_version": TRAINER_VERSION,
+        "output_kind": recipe.spec["output_kind"],
+        "labels": recipe.spec.get("labels"),
+        "evals": {"candidate": evaluation["candidate"], "current": evaluation["current"],
+                  "decision": decision},
+        "counters": store.counters(workdir.tenant, workdir.namespace),
+        "parent_cid": previous_cid,
+    }
+    staging = workdir.root / "artifact.kolm"
+    build_kolm(
+        staging,
+        manifest=manifest,
+        adapter_dir=workdir.adapter,
+        evals=evaluation,
+        receipts=workdir.chain(),
+        signer=workdir.signer(),
+    )
+    published = publish_artifact(settings.artifacts_dir, workdir.task, staging)
+    staging.unlink(missing_ok=True)
+    swap_pointer(settings.adapters_dir, workdir.task, published)
+    cid = artifact_cid_of(published)
+    row = store.add_registry_row(
+        task=workdir.task,
+        from_cid=previous_cid,
+        to_cid=cid,
+        k_before=evaluation["current"]["k"],
+        k_after=evaluation["candidate"]["k"],
+        decision="swap",
+        actor=actor,
+        details={"reason": decision["reason"], "corpus_cid": manifest["corpus_cid"],
+                 "recipe_cid": manifest["recipe_cid"], "current": evaluation["current_name"]},
+    )
+    record_good_cycle(workdir.tripwire_state, TripwireResult(**evaluation["tripwire"]), cid)
+    return DeployResult(task=workdir.task, artifact_cid=cid, artifact_path=published,
+                        previous_cid=previous_cid, registry_row=row)

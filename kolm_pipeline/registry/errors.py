@@ -1,0 +1,5 @@
+"""The one exception type the registry raises, so callers can catch registry failures as a whole."""
+
+
+class RegistryError(Exception):
+    """A registry operation could not be carried out; the message says which file or link and why."""

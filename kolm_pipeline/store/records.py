@@ -1,0 +1,110 @@
+"""Plain records passed in and out of the capture store, so callers never touch SQLAlchemy rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    key_prefix: str
+    capture_only: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewCapture:
+    """One proxied call as the recorder hands it to the store."""
+
+    request_id: str
+    tenant: str
+    namespace: str
+    provider: str
+    model: str
+    messages: list[dict[str, Any]]
+    output_text: str
+    latency_us: int
+    status: str
+    http_status: int
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tags: list[str] = field(default_factory=list)
+    streamed: bool = False
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Capture:
+    id: int
+    request_id: str
+    tenant: str
+    namespace: str
+    provider: str
+    model: str
+    messages: list[dict[str, Any]]
+    output_text: str
+    latency_us: int
+    status: str
+    http_status: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    tags: list[str]
+    streamed: bool
+    triage_state: str
+    triaged_by: str | None
+    created_at: datetime
+    feedback_output: str | None
+
+
+@dataclass(frozen=True)
+class KeptPair:
+    """A training pair: the request's messages and the output to learn (the correction if one exists)."""
+
+    id: int
+    messages: list[dict[str, Any]]
+    output: str
+    model: str
+    latency_us: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    created_at: datetime
+    tags: list[str]
+
+
+@dataclass(frozen=True)
+class TriageRule:
+    id: int
+    tenant: str
+    namespace: str
+    action: str
+    match: dict[str, str]
+    created_by: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RegistryRow:
+    id: int
+    task: str
+    from_cid: str | None
+    to_cid: str | None
+    k_before: float | None
+    k_after: float | None
+    decision: str
+    actor: str
+    details: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    id: int
+    tenant: str
+    namespace: str | None
+    action: str
+    detail: dict[str, Any]
+    actor: str
+    created_at: datetime

@@ -1,0 +1,113 @@
+"""Table definitions of the capture store (SQLAlchemy Core), portable across SQLite and PostgreSQL.
+
+JSON payloads are stored as text so both backends behave the same; timestamps are written in UTC.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+PROVIDERS = ("openai", "anthropic")
+CAPTURE_STATUSES = ("ok", "error", "incomplete")
+TRIAGE_STATES = ("untriaged", "kept", "discarded")
+RULE_ACTIONS = ("keep", "discard")
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+metadata = MetaData()
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("key_prefix", String(16), nullable=False, index=True),
+    Column("capture_only", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+captures = Table(
+    "captures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False, unique=True),
+    Column("tenant", String(63), nullable=False),
+    Column("namespace", String(63), nullable=False),
+    Column("provider", String(16), nullable=False),
+    Column("model", String(255), nullable=False),
+    Column("input_json", Text, nullable=False),
+    Column("output_text", Text, nullable=False),
+    Column("latency_us", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("http_status", Integer, nullable=False),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("tags", Text, nullable=False, default=""),
+    Column("streamed", Boolean, nullable=False, default=False),
+    Column("triage_state", String(16), nullable=False, default="untriaged"),
+    Column("triaged_by", String(255)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("feedback_output", Text),
+    CheckConstraint(_one_of("provider", PROVIDERS), name="ck_captures_provider"),
+    CheckConstraint(_one_of("status", CAPTURE_STATUSES), name="ck_captures_status"),
+    CheckConstraint(_one_of("triage_state", TRIAGE_STATES), name="ck_captures_triage_state"),
+    Index("ix_captures_tenant_namespace_triage", "tenant", "namespace", "triage_state"),
+)
+
+triage_rules = Table(
+    "triage_rules",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant", String(63), nullable=False),
+    Column("namespace", String(63), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("match_json", Text, nullable=False),
+    Column("created_by", String(255), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint(_one_of("action", RULE_ACTIONS), name="ck_triage_rules_action"),
+    Index("ix_triage_rules_tenant_namespace", "tenant", "namespace"),
+)
+
+registry = Table(
+    "registry",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task", String(255), nullable=False, index=True),
+    Column("from_cid", String(128)),
+    Column("to_cid", String(128)),
+    Column("k_before", Float),
+    Column("k_after", Float),
+    Column("decision", Text, nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("details_json", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant", String(63), nullable=False),
+    Column("namespace", String(63)),
+    Column("action", String(64), nullable=False),
+    Column("detail_json", Text, nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_audit_log_tenant_namespace", "tenant", "namespace"),
+)

@@ -1,0 +1,202 @@
+"""LoRA distillation: train a PEFT adapter on a recipe's train split with trl's SFTTrainer.
+
+The loss covers the assistant answer only (prompt/completion format), the base model's chat template
+renders every example, and the adapter is written in plain PEFT format so vLLM and PEFT load it as is.
+The output directory appears only when training finished: a crash leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kolm_pipeline.train.base_model import BaseModel, load_tokenizer
+
+TRAINER_VERSION = "kolm-distill/0.1"
+
+
+class TrainingError(Exception):
+    """Training could not run; the message names the input that is wrong."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """LoRA and optimisation settings; defaults suit small (100M–1B) bases."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    epochs: float = 2.0
+    learning_rate: float = 2e-3
+    batch_size: int = 16
+    max_length: int = 256
+    warmup_steps: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> TrainConfig:
+        known = {key: value for key, value in (values or {}).items() if key in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class TrainResult:
+    """What training produced and how it went."""
+
+    adapter_dir: Path
+    examples: int
+    steps: int
+    train_tokens: int
+    wall_seconds: float
+    tokens_per_second: float
+    final_loss: float
+    peak_memory_mb: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "examples": self.examples,
+            "steps": self.steps,
+            "train_tokens": self.train_tokens,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "final_loss": round(self.final_loss, 5),
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+        }
+
+
+def read_chat_jsonl(path: Path) -> list[dict]:
+    """Rows of a chat-format JSONL file; a bad line is an error naming the file and line."""
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TrainingError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not messages or messages[-1].get("role") != "assistant":
+                raise TrainingError(f"{path}:{number}: expected {{'messages': [..., assistant answer]}}")
+            rows.append(row)
+    return rows
+
+
+def _prompt_completion(rows: list[dict]) -> list[dict]:
+    return [{"prompt": row["messages"][:-1], "completion": [row["messages"][-1]]} for row in rows]
+
+
+def _peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_adapter(
+    train_path: Path,
+    base: BaseModel,
+    output_dir: Path,
+    config: TrainConfig,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a LoRA adapter on `train_path` and write it to `output_dir` atomically."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows = read_chat_jsonl(train_path)
+    if not rows:
+        raise TrainingError(f"{train_path}: no training pairs")
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(base)
+    model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
+    available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear)})
+    if config.target_modules != "all-linear":
+        unknown = [name for name in config.target_modules if name not in available]
+        if unknown:
+            raise TrainingError(f"unknown target module(s) {unknown}; this base has {available}")
+
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    loss_curve: list[tuple[int, float]] = []
+
+    class _Reporter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                loss_curve.append((state.global_step, float(logs["loss"])))
+            if logs and on_log is not None:
+                on_log(state.global_step, {k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
+
+    use_cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(staging / "trainer"),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        max_length=config.max_length,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=not use_cuda,
+        bf16=use_cuda,
+        dataloader_num_workers=0,
+        disable_tqdm=not show_progress,
+    )
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(_prompt_completion(rows)),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[_Reporter()],
+    )
+    train_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    began = time.perf_counter()
+    outcome = trainer.train()
+    wall = time.perf_counter() - began
+    trainer.model.save_pretrained(str(staging / "adapter"))
+    shutil.rmtree(staging / "trainer", ignore_errors=True)
+    epochs_run = max(config.epochs, 1e-9)
+    result = TrainResult(
+        adapter_dir=output_dir,
+        examples=len(rows),
+        steps=outcome.global_step,
+        train_tokens=train_tokens,
+        wall_seconds=wall,
+        tokens_per_second=train_tokens * epochs_run / wall if wall > 0 else 0.0,
+        final_loss=loss_curve[-1][1] if loss_curve else float(outcome.training_loss),
+        peak_memory_mb=_peak_memory_mb(),
+        loss_curve=loss_curve,
+        config=asdict(config),
+    )
+    (staging / "adapter" / "kolm_training.json").write_text(
+        json.dumps({"trainer_version": TRAINER_VERSION, "base_model": base.model_id,
+                    "base_digest": base.digest, **result.metrics(), "config": result.config}, indent=2)
+    )
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staging / "adapter", output_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    return result

@@ -1,0 +1,58 @@
+"""Out-of-process training entry point, launched by Dagster Pipes.
+
+`python -m kolm_pipeline.train.pipes_entry` reads its job from the Pipes extras, trains, logs to MLflow
+and reports the adapter's metadata back. The same module runs under `PipesSubprocessClient` on the
+orchestrator's machine and under `PipesK8sClient` on a GPU node.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kolm_pipeline.train.base_model import BaseModel
+from kolm_pipeline.train.distill import TrainConfig, TrainResult, train_adapter
+
+
+def run_training(job: dict, log=print) -> tuple[TrainResult, str, str]:
+    """Train from a job description (the Pipes extras) and log to MLflow; returns result, run id, url."""
+    import mlflow
+
+    from kolm_pipeline.tracking import mlflow_run, run_url
+
+    base = BaseModel(model_id=job["base_model_id"], path=Path(job["base_model_path"]), digest=job["base_digest"])
+    config = TrainConfig.from_dict(job.get("config"))
+    tags = {key: str(value) for key, value in job.get("tags", {}).items()}
+    with mlflow_run(job["mlflow_uri"], job["task"], Path(job["mlflow_artifacts"]), "distill", tags) as run:
+        mlflow.log_params({f"lora.{key}": value for key, value in vars(config).items()})
+        mlflow.log_params({"base_model": base.model_id, "recipe_cid": job.get("recipe_cid", "")})
+
+        def on_log(step: int, values: dict[str, float]) -> None:
+            mlflow.log_metrics({f"train.{key}": value for key, value in values.items()}, step=step)
+
+        result = train_adapter(Path(job["train_path"]), base, Path(job["output_dir"]), config, on_log=on_log)
+        mlflow.log_metrics({f"train.{key}": float(value) for key, value in result.metrics().items()})
+        log(f"trained {result.examples} pairs in {result.wall_seconds:.1f}s "
+            f"({result.tokens_per_second:.0f} tokens/s), final loss {result.final_loss:.4f}")
+        return result, run.info.run_id, run_url(job["mlflow_uri"], run)
+
+
+def main() -> None:
+    from dagster_pipes import open_dagster_pipes
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with open_dagster_pipes() as pipes:
+        result, run_id, url = run_training(dict(pipes.extras), log=pipes.log.info)
+        pipes.report_asset_materialization(
+            metadata={
+                **{key: {"raw_value": value, "type": "float"} for key, value in result.metrics().items()},
+                "adapter_dir": {"raw_value": str(result.adapter_dir), "type": "path"},
+                "mlflow_run_id": {"raw_value": run_id, "type": "text"},
+                "mlflow_run": {"raw_value": url, "type": "url" if url.startswith("http") else "text"},
+                "loss_curve": {"raw_value": [[s, v] for s, v in result.loss_curve], "type": "json"},
+            }
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The adapter stage: the job handed to the out-of-process trainer, and its receipt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kolm_pipeline.settings import Settings
+from kolm_pipeline.train.base_model import BaseModel
+from kolm_pipeline.train.distill import TRAINER_VERSION
+from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
+
+
+def training_job(
+    settings: Settings,
+    base: BaseModel,
+    *,
+    task: str,
+    train_path: Path,
+    output_dir: Path,
+    recipe_cid: str,
+    config: dict,
+    tags: dict[str, str],
+) -> dict:
+    """Everything the trainer process needs, as plain JSON (the Pipes extras)."""
+    return {
+        "task": task,
+        "base_model_id": base.model_id,
+        "base_model_path": str(base.path),
+        "base_digest": base.digest,
+        "train_path": str(train_path),
+        "output_dir": str(output_dir),
+        "recipe_cid": recipe_cid,
+        "config": config,
+        "mlflow_uri": settings.mlflow_tracking_uri,
+        "mlflow_artifacts": str(settings.home / "mlflow-artifacts"),
+        "tags": {"recipe_cid": recipe_cid, "task": task, **tags},
+    }
+
+
+def record_adapter(workdir: NamespaceWorkdir, base: BaseModel, recipe_cid: str, metrics: dict) -> tuple[str, str]:
+    """Sign the adapter's receipt; returns (adapter CID, receipt CID)."""
+    cid = directory_cid(workdir.adapter)
+    receipt = workdir.write_receipt(
+        "adapter",
+        "adapter",
+        cid,
+        {"recipe_cid": recipe_cid, "base_model": base.model_id, "base_digest": base.digest,
+         "trainer_version": TRAINER_VERSION, "metrics": metrics},
+    )
+    return cid, receipt

@@ -1,0 +1,134 @@
+"""Where one namespace's stage outputs live, and the receipt chain that ties them together.
+
+Every stage writes its output under `KOLM_HOME/work/<tenant.namespace>/` and appends a signed receipt
+naming the previous one, so the deployment can ship the whole chain inside the `.kolm` artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kolm_pipeline.registry.cid import cid_for_bytes, cid_for_file
+from kolm_pipeline.registry.keys import ensure_tenant_keys, load_private_key
+from kolm_pipeline.registry.receipts import make_receipt, receipt_cid
+from kolm_pipeline.settings import Settings
+from kolm_pipeline.store.namespaces import split_partition_key
+
+STAGE_ORDER = ("corpus", "recipe", "adapter", "evaluation")
+
+
+def directory_cid(path: Path) -> str:
+    """CID of a directory: of a canonical index of its files' CIDs, so any changed byte changes it."""
+    index = {
+        str(file.relative_to(path)): cid_for_file(file) for file in sorted(path.rglob("*")) if file.is_file()
+    }
+    return cid_for_bytes(json.dumps(index, sort_keys=True).encode())
+
+
+def write_json_atomic(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class NamespaceWorkdir:
+    """Paths of one namespace's pipeline outputs."""
+
+    settings: Settings
+    partition: str
+
+    @property
+    def tenant(self) -> str:
+        return split_partition_key(self.partition)[0]
+
+    @property
+    def namespace(self) -> str:
+        return split_partition_key(self.partition)[1]
+
+    @property
+    def task(self) -> str:
+        """Adapters are served per task; a namespace's task is named after its partition key."""
+        return self.partition
+
+    @property
+    def root(self) -> Path:
+        return self.settings.work_dir / self.partition
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus.jsonl"
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe"
+
+    @property
+    def frozen_holdout(self) -> Path:
+        return self.root / "holdout.frozen.jsonl"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
+
+    @property
+    def tripwire_state(self) -> Path:
+        return self.root / "tripwire.json"
+
+    @property
+    def receipts(self) -> Path:
+        return self.root / "receipts"
+
+    def receipt_path(self, stage: str) -> Path:
+        return self.receipts / f"{STAGE_ORDER.index(stage) + 1:02d}-{stage}.dsse.json"
+
+    def signer(self) -> tuple[object, str]:
+        keyid = ensure_tenant_keys(self.settings.keys_dir, self.tenant)
+        return load_private_key(self.settings.keys_dir, self.tenant), keyid
+
+    def write_receipt(self, stage: str, subject_name: str, subject_cid: str, predicate: dict) -> str:
+        """Sign this stage's receipt, chained to the previous stage's; later stages' receipts are
+        removed because they no longer describe this chain. Returns the receipt's CID."""
+        index = STAGE_ORDER.index(stage)
+        previous = None
+        if index > 0:
+            before = self.receipt_path(STAGE_ORDER[index - 1])
+            if not before.is_file():
+                raise FileNotFoundError(f"{before}: the {STAGE_ORDER[index - 1]} stage has not run")
+            previous = receipt_cid(before.read_bytes())
+        for later in STAGE_ORDER[index + 1 :]:
+            self.receipt_path(later).unlink(missing_ok=True)
+        key, keyid = self.signer()
+        envelope = make_receipt(
+            stage=stage,
+            subject_name=subject_name,
+            subject_cid=subject_cid,
+            predicate={"task": self.task, "tenant": self.tenant, "namespace": self.namespace, **predicate},
+            previous_cid=previous,
+            private_key=key,
+            keyid=keyid,
+        )
+        path = self.receipt_path(stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(envelope)
+        os.replace(tmp, path)
+        return receipt_cid(envelope)
+
+    def chain(self) -> list[bytes]:
+        """The receipts of the current cycle, in order; all four must exist."""
+        envelopes = []
+        for stage in STAGE_ORDER:
+            path = self.receipt_path(stage)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: the {stage} stage has not run in this cycle")
+            envelopes.append(path.read_bytes())
+        return envelopes
