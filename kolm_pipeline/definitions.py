@@ -6,6 +6,7 @@ from kolm_pipeline.defs.assets import captures, loop_assets
 from kolm_pipeline.defs.automation import distill_job, namespace_discovery_sensor, nightly_distill, volume_sensor
 from kolm_pipeline.defs.checks import loop_checks
 from kolm_pipeline.defs.resources import KolmResource
+from kolm_pipeline.train.distill import TRAINER_ENV
 
 defs = dg.Definitions(
     assets=[captures, *loop_assets],
@@ -15,6 +16,6 @@ defs = dg.Definitions(
     schedules=[nightly_distill],
     resources={
         "kolm": KolmResource(),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(env=TRAINER_ENV),
     },
 )

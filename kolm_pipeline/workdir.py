@@ -41,6 +41,7 @@ class NamespaceWorkdir:
 
     settings: Settings
     partition: str
+    base_dir: Path | None = None
 
     @property
     def tenant(self) -> str:
@@ -57,7 +58,7 @@ class NamespaceWorkdir:
 
     @property
     def root(self) -> Path:
-        return self.settings.work_dir / self.partition
+        return (self.base_dir or self.settings.work_dir) / self.partition
 
     @property
     def corpus(self) -> Path:

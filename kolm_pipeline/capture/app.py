@@ -72,12 +72,15 @@ def _scrub_bytes(content: bytes, secret: str) -> bytes:
     return content.replace(secret.encode("utf-8"), REDACTED.encode("utf-8"))
 
 
-def _kolm_key(request: Request) -> str | None:
-    """The kolm key from the client's API-key slot: `Authorization: Bearer` or `x-api-key`."""
+def _kolm_keys(request: Request) -> list[str]:
+    """Candidates for the kolm key from the client's API-key slot: `Authorization: Bearer`, `x-api-key`
+    (SDKs differ in which one carries `api_key`)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.headers.get("x-api-key", "").strip() or None
+    candidates = [
+        token.strip() if scheme.lower() == "bearer" else "",
+        request.headers.get("x-api-key", "").strip(),
+    ]
+    return [key for key in candidates if key]
 
 
 def _tags(header: str | None) -> list[str]:
@@ -241,6 +244,52 @@ class _RelayResponse(StreamingResponse):
             await self._relay.upstream.aclose()
 
 
+def _plain_response(
+    call: _Call, upstream: httpx.Response, content: bytes, headers: dict[str, str], done_ns: int
+) -> Response:
+    """Answer a non-streamed upstream reply as it came, except that error bodies lose the provider key."""
+    if not upstream.is_success:
+        call.record("", "error", upstream.status_code, end_ns=done_ns)
+        content = _scrub_bytes(content, call.upstream_key)
+    else:
+        try:
+            completion = call.provider.completion(json.loads(content))
+        except ValueError:
+            call.record("", "error", upstream.status_code, end_ns=done_ns)
+        else:
+            call.record(
+                completion.output_text,
+                "ok",
+                upstream.status_code,
+                completion.prompt_tokens,
+                completion.completion_tokens,
+                done_ns,
+            )
+    media_type = upstream.headers.get("content-type", "application/json")
+    return Response(content=content, status_code=upstream.status_code, headers=headers, media_type=media_type)
+
+
+async def tenant_of(request: Request) -> Tenant:
+    """The tenant whose kolm key the request carries; 401 when there is none or it is unknown."""
+    keys = _kolm_keys(request)
+    if not keys:
+        raise ApiError(401, "authentication_error", "missing kolm key: send it as the client's API key")
+    store: CaptureStore = request.app.state.store
+    for key in keys:
+        tenant = await asyncio.to_thread(store.tenant_for_key, key)
+        if tenant is not None:
+            return tenant
+    raise ApiError(401, "authentication_error", "unknown kolm key")
+
+
+async def inbox_tenant(request: Request) -> Tenant:
+    """Like `tenant_of`, but capture-only keys are refused (403): they may record, not read or triage."""
+    tenant = await tenant_of(request)
+    if tenant.capture_only:
+        raise ApiError(403, "permission_error", "this kolm key can only capture; the inbox needs a full key")
+    return tenant
+
+
 class TriageBody(BaseModel):
     state: Literal["kept", "discarded"]
 
@@ -291,23 +340,6 @@ def create_app(settings: Settings, store: CaptureStore) -> FastAPI:
     async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
         return error_response(500, "internal_error", "internal server error")
 
-    async def tenant_of(request: Request) -> Tenant:
-        key = _kolm_key(request)
-        if not key:
-            raise ApiError(401, "authentication_error", "missing kolm key: send it as the client's API key")
-        tenant = await asyncio.to_thread(store.tenant_for_key, key)
-        if tenant is None:
-            raise ApiError(401, "authentication_error", "unknown kolm key")
-        return tenant
-
-    async def inbox_tenant(request: Request) -> Tenant:
-        tenant = await tenant_of(request)
-        if tenant.capture_only:
-            raise ApiError(
-                403, "permission_error", "this kolm key can only capture; the inbox needs a full key"
-            )
-        return tenant
-
     async def proxy(request: Request, provider: Provider) -> Response:
         tenant = await tenant_of(request)
         namespace = _namespace(request.headers.get("x-kolm-namespace"))
@@ -342,6 +374,7 @@ def create_app(settings: Settings, store: CaptureStore) -> FastAPI:
         recorder.begin()
         relay_started = False
         try:
+            call.start_ns = time.perf_counter_ns()
             try:
                 upstream = await app.state.http.send(upstream_request, stream=streamed)
             except httpx.HTTPError as exc:
@@ -353,7 +386,7 @@ def create_app(settings: Settings, store: CaptureStore) -> FastAPI:
                     headers={CAPTURE_ID_HEADER: call.request_id},
                 )
             response_headers = _response_headers(upstream, upstream_key, call.request_id)
-            content_type = upstream.headers.get("content-type", "application/json")
+            content_type = upstream.headers.get("content-type", "")
             if streamed and upstream.is_success and content_type.startswith("text/event-stream"):
                 relay = _Relay(call, upstream, provider.new_stream())
                 relay_started = True
@@ -367,32 +400,10 @@ def create_app(settings: Settings, store: CaptureStore) -> FastAPI:
                 content = await upstream.aread()
             finally:
                 await upstream.aclose()
-            return _plain_response(call, upstream, content, response_headers, content_type)
+            return _plain_response(call, upstream, content, response_headers, time.perf_counter_ns())
         finally:
             if not relay_started and not call.recorded:
                 recorder.abandon()
-
-    def _plain_response(
-        call: _Call, upstream: httpx.Response, content: bytes, headers: dict[str, str], content_type: str
-    ) -> Response:
-        if not upstream.is_success:
-            call.record("", "error", upstream.status_code)
-            content = _scrub_bytes(content, call.upstream_key)
-        else:
-            try:
-                completion = call.provider.completion(json.loads(content))
-                call.record(
-                    completion.output_text,
-                    "ok",
-                    upstream.status_code,
-                    completion.prompt_tokens,
-                    completion.completion_tokens,
-                )
-            except ValueError:
-                call.record("", "error", upstream.status_code)
-        return Response(
-            content=content, status_code=upstream.status_code, headers=headers, media_type=content_type
-        )
 
     @app.post("/v1/capture/openai/chat/completions")
     async def capture_openai(request: Request) -> Response:

@@ -72,8 +72,14 @@ def create_teacher_app(answers: dict[str, str], latency_s: float = 0.0) -> FastA
     """The stand-in teacher. `latency_s` is waited once per plain answer and between stream chunks."""
     app = FastAPI(title="kolm stand-in teacher")
 
-    async def read_request(request: Request) -> tuple[dict[str, Any], str, int]:
-        body = await request.json()
+    async def read_request(request: Request) -> tuple[dict[str, Any], str, int] | None:
+        """The body, the answer and the prompt's token count; None when the body is not a JSON object."""
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return None
+        if not isinstance(body, dict) or not isinstance(body.get("messages", []), list):
+            return None
         messages = body.get("messages") or []
         answer = answers.get(_last_user_text(messages), UNKNOWN_ANSWER)
         prompt = " ".join(_text(m.get("content")) for m in messages if isinstance(m, dict))
@@ -85,7 +91,14 @@ def create_teacher_app(answers: dict[str, str], latency_s: float = 0.0) -> FastA
         if not _has_key(request):
             error = {"message": "missing API key", "type": "invalid_request_error", "code": "invalid_api_key"}
             return JSONResponse({"error": error}, status_code=401)
-        body, answer, prompt_tokens = await read_request(request)
+        parsed = await read_request(request)
+        if parsed is None:
+            error = {
+                "message": "body must be a JSON object with a messages list",
+                "type": "invalid_request_error",
+            }
+            return JSONResponse({"error": error}, status_code=400)
+        body, answer, prompt_tokens = parsed
         model = body.get("model", "teacher")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -152,7 +165,14 @@ def create_teacher_app(answers: dict[str, str], latency_s: float = 0.0) -> FastA
         if not _has_key(request):
             error = {"type": "authentication_error", "message": "missing API key"}
             return JSONResponse({"type": "error", "error": error}, status_code=401)
-        body, answer, input_tokens = await read_request(request)
+        parsed = await read_request(request)
+        if parsed is None:
+            error = {
+                "type": "invalid_request_error",
+                "message": "body must be a JSON object with a messages list",
+            }
+            return JSONResponse({"type": "error", "error": error}, status_code=400)
+        body, answer, input_tokens = parsed
         model = body.get("model", "teacher")
         message_id = f"msg_{uuid.uuid4().hex}"
         output_tokens = approx_tokens(answer)

@@ -8,8 +8,8 @@ from pathlib import Path
 from kolm_pipeline.corpus.recipe import answer, load_recipe
 from kolm_pipeline.evaluate.evaluation import ModelReport, evaluate_models
 from kolm_pipeline.evaluate.gate import decide
-from kolm_pipeline.registry.cid import cid_for_file
 from kolm_pipeline.evaluate.tripwire import check_collapse, read_state
+from kolm_pipeline.registry.cid import cid_for_file
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.train.base_model import BaseModel
 from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid, write_json_atomic

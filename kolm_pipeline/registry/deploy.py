@@ -51,6 +51,30 @@ def current_champion(settings: Settings, task: str) -> tuple[str, Path] | None:
     return cid, cache
 
 
+def build_manifest(workdir: NamespaceWorkdir, evaluation: dict, counters: dict, parent_cid: str | None) -> dict:
+    """The `.kolm` manifest: what task, what data, what code, what score, what it replaced."""
+    recipe = load_recipe(workdir.recipe)
+    training = json.loads((workdir.adapter / "kolm_training.json").read_text())
+    return {
+        "task": workdir.task,
+        "tenant": workdir.tenant,
+        "namespace": workdir.namespace,
+        "base_model": {"id": training["base_model"], "digest": training["base_digest"]},
+        "lora": training["config"],
+        "corpus_cid": recipe.spec.get("corpus_cid"),
+        "recipe_cid": evaluation["recipe_cid"],
+        "adapter_cid": evaluation["adapter_cid"],
+        "trainer_version": TRAINER_VERSION,
+        "output_kind": recipe.spec["output_kind"],
+        "verifier": recipe.spec["verifier"],
+        "labels": recipe.spec.get("labels"),
+        "evals": {"candidate": evaluation["candidate"], "current": evaluation["current"],
+                  "decision": evaluation["decision"]},
+        "counters": counters,
+        "parent_cid": parent_cid,
+    }
+
+
 def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> DeployResult:
     """Ship the evaluated candidate if, and only if, its gate decision says swap."""
     if not workdir.evaluation.is_file():
@@ -59,27 +83,9 @@ def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> 
     decision = evaluation["decision"]
     if not decision["swap"]:
         raise DeployRefused(f"gate refused the candidate for {workdir.task}: {decision['reason']}")
-    recipe = load_recipe(workdir.recipe)
-    training = json.loads((workdir.adapter / "kolm_training.json").read_text())
     previous = read_pointer(settings.adapters_dir, workdir.task)
     previous_cid = artifact_cid_of(previous) if previous else None
-    manifest = {
-        "task": workdir.task,
-        "tenant": workdir.tenant,
-        "namespace": workdir.namespace,
-        "base_model": {"id": training["base_model"], "digest": training["base_digest"]},
-        "lora": training["config"],
-        "corpus_cid": recipe.spec["corpus_cid"],
-        "recipe_cid": evaluation["recipe_cid"],
-        "adapter_cid": evaluation["adapter_cid"],
-        "trainer_version": TRAINER_VERSION,
-        "output_kind": recipe.spec["output_kind"],
-        "labels": recipe.spec.get("labels"),
-        "evals": {"candidate": evaluation["candidate"], "current": evaluation["current"],
-                  "decision": decision},
-        "counters": store.counters(workdir.tenant, workdir.namespace),
-        "parent_cid": previous_cid,
-    }
+    manifest = build_manifest(workdir, evaluation, store.counters(workdir.tenant, workdir.namespace), previous_cid)
     staging = workdir.root / "artifact.kolm"
     build_kolm(
         staging,

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
@@ -149,6 +149,25 @@ class CaptureStore:
                 self._audit(conn, name, None, "tenant.create", {"capture_only": capture_only}, "store")
         except IntegrityError as exc:
             raise ValueError(f"tenant {name!r} already exists") from exc
+        return key
+
+    def create_tenant_key(self, name: str, capture_only: bool = False) -> str:
+        """Issue a fresh key for `name`, creating the tenant if needed; any earlier key stops working.
+
+        Lets a rerunnable tool (the demo) obtain a usable key without ever having stored one."""
+        validate_tenant(name)
+        try:
+            return self.create_tenant(name, capture_only)
+        except ValueError:
+            pass
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(tenants)
+                .where(tenants.c.name == name)
+                .values(key_hash=_hash_key(key), key_prefix=key[:_KEY_PREFIX_LEN], capture_only=capture_only)
+            )
+            self._audit(conn, name, None, "tenant.rotate_key", {"capture_only": capture_only}, "store")
         return key
 
     def tenant_for_key(self, key: str) -> Tenant | None:
@@ -366,6 +385,22 @@ class CaptureStore:
             if result is None:
                 raise LookupError(f"no capture {capture_id} for tenant {tenant!r}")
             self._audit(conn, tenant, result.namespace, "feedback.set", {"id": capture_id}, actor)
+
+    def delete_namespace(self, tenant: str, namespace: str, actor: str = "store") -> int:
+        """Delete a namespace's captures and rules; the audit log keeps a row saying so.
+
+        Returns how many captures were deleted."""
+        with self.engine.begin() as conn:
+            deleted = conn.execute(
+                delete(captures).where(captures.c.tenant == tenant, captures.c.namespace == namespace)
+            ).rowcount
+            conn.execute(
+                delete(triage_rules).where(
+                    triage_rules.c.tenant == tenant, triage_rules.c.namespace == namespace
+                )
+            )
+            self._audit(conn, tenant, namespace, "namespace.delete", {"captures": deleted}, actor)
+        return deleted
 
     # Reading for the later stages
 

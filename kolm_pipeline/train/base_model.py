@@ -7,6 +7,7 @@ under `KOLM_HOME/models`. Any other Hugging Face model id or local directory wor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -84,10 +85,8 @@ def _cached_digest(path: Path) -> str:
     if marker.is_file():
         return marker.read_text().strip()
     digest = _weights_digest(path)
-    try:
+    with contextlib.suppress(OSError):
         marker.write_text(digest)
-    except OSError:
-        pass
     return digest
 
 

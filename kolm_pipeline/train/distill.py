@@ -20,6 +20,11 @@ from kolm_pipeline.train.base_model import BaseModel, load_tokenizer
 
 TRAINER_VERSION = "kolm-distill/0.1"
 
+# glibc returns every large tensor's memory to the OS and faults it back in on the next step; with a
+# 49k-token vocabulary that page-fault traffic costs more than the math on CPU. Keeping freed memory in
+# the heap made training 2.5x faster on 2 cores (bench/train.py). Set for the trainer process.
+TRAINER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "TOKENIZERS_PARALLELISM": "false"}
+
 
 class TrainingError(Exception):
     """Training could not run; the message names the input that is wrong."""

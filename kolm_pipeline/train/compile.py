@@ -1,0 +1,68 @@
+"""`kolm compile`: a recipe directory (synthesised or hand-written) to a signed `.kolm`, in process.
+
+Runs the same stage functions as the Dagster loop (receipts, training, evaluation against the bare
+base, manifest) in a scratch work directory, then writes the artifact atomically. It does not swap:
+`kolm swap` decides that.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kolm_pipeline.corpus.recipe import load_recipe
+from kolm_pipeline.evaluate.stage import run_evaluation_stage
+from kolm_pipeline.registry.artifact import build_kolm
+from kolm_pipeline.registry.cid import cid_for_file
+from kolm_pipeline.registry.deploy import build_manifest
+from kolm_pipeline.settings import Settings
+from kolm_pipeline.train.base_model import resolve_base_model
+from kolm_pipeline.train.distill import TrainConfig, train_adapter
+from kolm_pipeline.train.stage import record_adapter
+from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    cid: str
+    evaluation: dict
+    table: str
+
+
+def kscore_table(evaluation: dict) -> str:
+    """The K-score parts of current and candidate, side by side."""
+    current, candidate = evaluation["current"], evaluation["candidate"]
+    lines = [f"{'':<20}{current['name']:>14}{candidate['name']:>14}"]
+    for label, key in (("A accuracy", "accuracy"), ("S size", "size"), ("L latency", "latency"),
+                       ("C cost", "cost"), ("V coverage", "coverage"), ("K", "k"),
+                       ("hold-out accuracy", "holdout_accuracy")):
+        lines.append(f"{label:<20}{current[key]:>14.4f}{candidate[key]:>14.4f}")
+    lines.append(f"gate: {evaluation['decision']['reason']}")
+    return "\n".join(lines)
+
+
+def compile_recipe(
+    settings: Settings, recipe_dir: Path, output: Path, tenant: str = "local", epochs: float | None = None
+) -> CompileResult:
+    recipe = load_recipe(recipe_dir)
+    base = resolve_base_model(settings.base_model, settings.models_dir)
+    namespace = recipe.spec.get("namespace") or "compiled"
+    with tempfile.TemporaryDirectory(prefix="kolm-compile-") as scratch:
+        workdir = NamespaceWorkdir(settings, f"{tenant}.{namespace}", base_dir=Path(scratch))
+        shutil.copytree(recipe_dir, workdir.recipe)
+        corpus_subject = recipe.spec.get("corpus_cid") or cid_for_file(workdir.recipe / "train.jsonl")
+        workdir.write_receipt("corpus", "corpus", corpus_subject, {"source": "recipe directory"})
+        recipe_cid = directory_cid(workdir.recipe)
+        workdir.write_receipt("recipe", "recipe", recipe_cid, {"path": str(recipe_dir.resolve())})
+        overrides = dict(recipe.spec.get("training") or {})
+        if epochs is not None:
+            overrides["epochs"] = epochs
+        result = train_adapter(workdir.recipe / "train.jsonl", base, workdir.adapter, TrainConfig.from_dict(overrides))
+        record_adapter(workdir, base, recipe_cid, result.metrics())
+        evaluation = run_evaluation_stage(workdir, settings, base, champion=None)
+        manifest = build_manifest(workdir, evaluation, counters={}, parent_cid=None)
+        build_kolm(output, manifest=manifest, adapter_dir=workdir.adapter, evals=evaluation,
+                   receipts=workdir.chain(), signer=workdir.signer())
+    return CompileResult(cid=cid_for_file(output), evaluation=evaluation, table=kscore_table(evaluation))

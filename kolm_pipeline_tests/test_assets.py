@@ -1,0 +1,72 @@
+"""Every asset of the loop materializes in-process on a tiny random-weight model, in the real Dagster
+instance of a temporary KOLM_HOME, with training out of process through Pipes."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from kolm_pipeline.defs.launch import ensure_instance, materialize_namespace
+from kolm_pipeline.registry.artifact import verify_kolm
+from kolm_pipeline.registry.keys import load_public_keys
+from kolm_pipeline.registry.swap import read_pointer
+from kolm_pipeline.workdir import NamespaceWorkdir
+
+TINY_RUN = {
+    "ops": {
+        "corpus": {"config": {"min_pairs": 100}},
+        "adapter": {"config": {"epochs": 4, "learning_rate": 0.02, "rank": 16, "alpha": 32, "batch_size": 16}},
+    }
+}
+
+
+def _metadata(instance: dg.DagsterInstance, asset: str, partition: str) -> dict:
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    assert event is not None, f"{asset} was not materialized"
+    materialization = event.asset_materialization
+    assert materialization.partition == partition
+    return {key: value.value for key, value in materialization.metadata.items()}
+
+
+def test_loop_materializes_every_asset(kolm_settings, ticket_store, tiny_base, monkeypatch):
+    monkeypatch.setenv("KOLM_BASE_MODEL", str(tiny_base))
+    instance = ensure_instance(kolm_settings)
+    result, outcomes = materialize_namespace(instance, "acme.support", TINY_RUN)
+
+    assert result.success, [o for o in outcomes if o.status != "success"]
+    assert [o.status for o in outcomes] == ["success"] * 6
+
+    triaged = _metadata(instance, "triaged_captures", "acme.support")
+    assert triaged["counter_kept"] == 160 and triaged["counter_untriaged"] == 0
+
+    corpus = _metadata(instance, "corpus", "acme.support")
+    assert corpus["corpus_cid"].startswith("bafkrei")
+    assert corpus["written"] + corpus["duplicates_dropped"] == 160
+
+    recipe = _metadata(instance, "recipe", "acme.support")
+    assert recipe["output_kind"] == "categorical" and recipe["verifier"] == "closed_vocab"
+    assert recipe["train_pairs"] + recipe["eval_pairs"] + recipe["holdout_pairs"] == corpus["written"]
+
+    adapter = _metadata(instance, "adapter", "acme.support")
+    assert adapter["tokens_per_second"] > 0 and adapter["steps"] > 0
+    assert adapter["mlflow_run_id"]
+
+    evaluation = _metadata(instance, "evaluation", "acme.support")
+    assert evaluation["current"] == "base"
+    table = evaluation["side_by_side"]
+    assert [record.data["model"] for record in table.records] == ["base", "candidate"]
+
+    checks = {c.asset_check_key.name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"k_gate": True, "collapse_tripwire": True}
+
+    deployment = _metadata(instance, "deployment", "acme.support")
+    pointer = read_pointer(kolm_settings.adapters_dir, "acme.support")
+    assert pointer is not None and pointer.name == f"{deployment['artifact_cid']}.kolm"
+    report = verify_kolm(pointer, load_public_keys(kolm_settings.keys_dir))
+    assert report.ok, report.problems
+    assert [row.decision for row in ticket_store.registry_rows("acme.support")] == ["swap"]
+
+    workdir = NamespaceWorkdir(kolm_settings, "acme.support")
+    saved = json.loads(workdir.evaluation.read_text())
+    assert saved["decision"]["swap"] and saved["candidate"]["k"] > saved["current"]["k"]
