@@ -30,6 +30,7 @@ demo: setup
 	$(BIN)/kolm demo
 
 test: setup
+	mkdir -p $(DAGSTER_HOME)
 	$(BIN)/ruff check kolm_pipeline kolm_pipeline_tests bench
 	$(BIN)/dagster definitions validate -w workspace.yaml
 	$(BIN)/pytest -q --durations=15

@@ -57,6 +57,7 @@ class Settings:
     size_budget_bytes: int
     student_dollars_per_hour: float
     retention_days: int
+    model_cache: Path
     price_table: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICE_TABLE))
 
     @property
@@ -85,7 +86,7 @@ class Settings:
     @property
     def models_dir(self) -> Path:
         """Cache of resolved base models (the dequantized embedded base lives here)."""
-        return self.home / "models"
+        return self.model_cache
 
     @property
     def spool_dir(self) -> Path:
@@ -106,4 +107,5 @@ def load_settings(home: str | Path | None = None) -> Settings:
         size_budget_bytes=_env_int("KOLM_SIZE_BUDGET_BYTES", 64 * 1024 * 1024),
         student_dollars_per_hour=_env_float("KOLM_STUDENT_DOLLARS_PER_HOUR", 0.10),
         retention_days=_env_int("KOLM_RETENTION_DAYS", 30),
+        model_cache=Path(os.environ.get("KOLM_MODEL_CACHE") or root / "models").expanduser().resolve(),
     )

@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The dequantized embedded base is cached once for every test (and shared with `make demo`).
+os.environ.setdefault("KOLM_MODEL_CACHE", str(Path(__file__).resolve().parents[1] / ".kolm" / "models"))
 
 from kolm_pipeline.demo.tickets import Ticket, generate_tickets  # noqa: E402
 from kolm_pipeline.settings import Settings, load_settings  # noqa: E402

@@ -22,8 +22,9 @@ class GateDecision:
 
 
 def decide(*, k_new: float, k_current: float, k_floor: float, tripwire_clear: bool) -> GateDecision:
-    """Apply the gate table of ARCHITECTURE.md."""
-    delta = k_new - k_current
+    """Apply the gate table of ARCHITECTURE.md. Δ is rounded to 1e-9 so the table's boundaries
+    (+0.01, −0.03) are exact rather than at the mercy of float subtraction."""
+    delta = round(k_new - k_current, 9)
     alert = delta <= ALERT_DELTA
     if delta >= SWAP_MARGIN:
         if not tripwire_clear:

@@ -1,0 +1,85 @@
+"""The `kolm` command as a user meets it: usage errors, clear messages, the offline verbs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kolm_pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _kolm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kolm_pipeline.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["distill"], ["frobnicate"], ["compile"], ["triage", "keep", "--namespace", "a.b"],
+     ["capture", "status"], ["swap", "--artifact", "x.kolm", "--strategy", "coin-flip"]],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "usage: kolm" in capsys.readouterr().err
+
+
+def test_help_explains_every_verb():
+    result = _kolm("--help")
+    assert result.returncode == 0
+    for verb in ("capture", "tenant", "triage", "distill", "compile", "eval", "swap", "rollback", "registry",
+                 "verify", "serve", "demo"):
+        assert verb in result.stdout
+
+
+def test_missing_base_model_path_is_named(kolm_settings, capsys):
+    missing = "/nonexistent/base-model-dir"
+    code = main(["--base", missing, "compile", "--recipe", str(REPO / "recipes" / "support-tickets"),
+                 "--output", str(kolm_settings.home / "out.kolm")])
+    err = capsys.readouterr().err
+    assert code == 1 and missing in err and "Traceback" not in err
+    assert not (kolm_settings.home / "out.kolm").exists()
+
+
+def test_bad_recipe_line_is_named(tmp_path, capsys):
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    (recipe / "spec.json").write_text((REPO / "recipes" / "support-tickets" / "spec.json").read_text())
+    (recipe / "train.jsonl").write_text("{not json\n")
+    (recipe / "eval.jsonl").write_text("")
+    assert main(["compile", "--recipe", str(recipe), "--dry-run"]) == 1
+    assert f"{recipe / 'train.jsonl'}:1" in capsys.readouterr().err
+
+
+def test_dry_run_accepts_example_recipe(capsys):
+    assert main(["compile", "--recipe", str(REPO / "recipes" / "support-tickets"), "--dry-run"]) == 0
+    assert "ready to compile" in capsys.readouterr().out
+
+
+def test_verify_garbage_file_fails_cleanly(tmp_path, kolm_settings, capsys):
+    garbage = tmp_path / "garbage.kolm"
+    garbage.write_bytes(b"not an archive" * 100)
+    assert main(["verify", str(garbage)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "missing.kolm")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_tenant_triage_and_status(kolm_settings, ticket_store, capsys):
+    assert main(["tenant", "create", "newco"]) == 0
+    out = capsys.readouterr().out
+    assert "kolm key (shown once" in out and (kolm_settings.keys_dir / "newco.pub").is_file()
+    assert main(["tenant", "create", "newco"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["capture", "status", "--namespace", "acme.support"]) == 0
+    assert '"untriaged": 160' in capsys.readouterr().out
+    assert main(["triage", "rule", "--namespace", "acme.support", "--keep"]) == 0
+    assert main(["capture", "status", "--namespace", "support", "--tenant", "acme"]) == 0
+    assert '"kept": 160' in capsys.readouterr().out
+    assert main(["capture", "status", "--namespace", "Bad Namespace!"]) == 1
