@@ -70,3 +70,32 @@ def test_loop_materializes_every_asset(kolm_settings, ticket_store, tiny_base, m
     workdir = NamespaceWorkdir(kolm_settings, "acme.support")
     saved = json.loads(workdir.evaluation.read_text())
     assert saved["decision"]["swap"] and saved["candidate"]["k"] > saved["current"]["k"]
+
+
+def test_failed_training_fails_cleanly_and_leaves_nothing(kolm_settings, ticket_store, tiny_base, monkeypatch):
+    monkeypatch.setenv("KOLM_BASE_MODEL", str(tiny_base))
+    instance = ensure_instance(kolm_settings)
+    run_config = {"ops": {"corpus": {"config": {"min_pairs": 100}},
+                          "adapter": {"config": {"epochs": 1, "target_modules": ["no_such_proj"]}}}}
+    result, outcomes = materialize_namespace(instance, "acme.support", run_config)
+
+    assert not result.success
+    statuses = {o.stage: o.status for o in outcomes}
+    assert statuses["recipe"] == "success" and statuses["adapter"] == "failure"
+    assert statuses["evaluation"] == statuses["deployment"] == "skipped"
+    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "adapter")
+    assert "no_such_proj" in str(failure.step_failure_data.error.to_string())
+    workdir = NamespaceWorkdir(kolm_settings, "acme.support")
+    assert not workdir.adapter.exists() and not workdir.adapter.with_name("adapter.partial").exists()
+    assert read_pointer(kolm_settings.adapters_dir, "acme.support") is None
+    assert not any(kolm_settings.artifacts_dir.glob("**/*.kolm"))
+
+
+def test_corpus_below_threshold_says_how_many_more(kolm_settings, ticket_store, tiny_base, monkeypatch):
+    monkeypatch.setenv("KOLM_BASE_MODEL", str(tiny_base))
+    result, outcomes = materialize_namespace(ensure_instance(kolm_settings), "acme.support",
+                                             {"ops": {"corpus": {"config": {"min_pairs": 1000}}}})
+    assert not result.success
+    assert [o.status for o in outcomes][:3] == ["success", "failure", "skipped"]
+    failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "corpus")
+    assert "more needed" in failure.step_failure_data.user_failure_data.description

@@ -45,6 +45,7 @@ class AdapterConfig(dg.Config):
     batch_size: int = 16
     max_length: int = 256
     seed: int = 0
+    target_modules: list[str] | None = None
 
 
 @dg.asset(
@@ -137,7 +138,7 @@ def adapter(
         train_path=workdir.recipe / "train.jsonl",
         output_dir=workdir.adapter,
         recipe_cid=recipe_cid,
-        config=config.model_dump(),
+        config={key: value for key, value in config.model_dump().items() if value is not None},
         tags={"dagster_run_id": context.run_id, "partition": context.partition_key},
     )
     began = time.perf_counter()

@@ -40,18 +40,25 @@ def ensure_instance(settings: Settings) -> dg.DagsterInstance:
 
 
 def materialize_namespace(
-    instance: dg.DagsterInstance, partition: str, run_config: dict | None = None, tags: dict | None = None
+    instance: dg.DagsterInstance,
+    partition: str,
+    run_config: dict | None = None,
+    tags: dict | None = None,
+    log_level: str = "INFO",
 ) -> tuple[dg.ExecuteInProcessResult, list[StageOutcome]]:
-    """Materialize the whole loop for `partition`; returns the result and per-stage outcomes."""
+    """Materialize the whole loop for `partition`; returns the result and per-stage outcomes.
+
+    Console output stays at `log_level`; the instance's event log keeps everything for the UI."""
     from kolm_pipeline.definitions import defs
 
     if not instance.has_dynamic_partition(NAMESPACE_PARTITIONS_NAME, partition):
         instance.add_dynamic_partitions(NAMESPACE_PARTITIONS_NAME, [partition])
     job = defs.resolve_job_def("distill")
+    config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **(run_config or {})}
     result = job.execute_in_process(
         partition_key=partition,
         instance=instance,
-        run_config=run_config or {},
+        run_config=config,
         tags=tags or {},
         raise_on_error=False,
     )

@@ -117,6 +117,7 @@ def train_adapter(
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,6 +144,13 @@ def train_adapter(
                 loss_curve.append((state.global_step, float(logs["loss"])))
             if logs and on_log is not None:
                 on_log(state.global_step, {k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
+
+    class _QuietProgress(ProgressCallback):
+        """The progress bar without a dict printed under it at every logging step (MLflow has them)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
     use_cuda = torch.cuda.is_available()
     args = SFTConfig(
@@ -178,6 +186,9 @@ def train_adapter(
         peft_config=lora,
         callbacks=[_Reporter()],
     )
+    if show_progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_QuietProgress())
     train_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     began = time.perf_counter()
     outcome = trainer.train()
