@@ -84,7 +84,8 @@ def test_failed_training_fails_cleanly_and_leaves_nothing(kolm_settings, ticket_
     assert statuses["recipe"] == "success" and statuses["adapter"] == "failure"
     assert statuses["evaluation"] == statuses["deployment"] == "skipped"
     failure = next(e for e in result.all_events if e.is_step_failure and e.step_key == "adapter")
-    assert "no_such_proj" in str(failure.step_failure_data.error.to_string())
+    description = failure.step_failure_data.user_failure_data.description
+    assert "no_such_proj" in description and "q_proj" in description  # names the module and the choices
     workdir = NamespaceWorkdir(kolm_settings, "acme.support")
     assert not workdir.adapter.exists() and not workdir.adapter.with_name("adapter.partial").exists()
     assert read_pointer(kolm_settings.adapters_dir, "acme.support") is None

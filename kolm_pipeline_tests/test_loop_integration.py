@@ -20,7 +20,7 @@ TASK = f"{DEMO_TENANT}.{DEMO_NAMESPACE}"
 
 
 def test_loop_on_embedded_base_swaps_then_refuses(kolm_settings):
-    report = run_demo(kolm_settings, tickets=150, epochs=1.5, log=lambda *_: None)
+    report = run_demo(kolm_settings, tickets=150, epochs=2, log=lambda *_: None)
     assert report.success, report.failures
     evaluation = report.evaluation
     assert evaluation["current_name"] == "base"

@@ -42,7 +42,7 @@ class AdapterConfig(dg.Config):
     alpha: int = 32
     epochs: float = 2.0
     learning_rate: float = 2e-3
-    batch_size: int = 16
+    batch_size: int = 8
     max_length: int = 256
     seed: int = 0
     target_modules: list[str] | None = None
@@ -141,12 +141,19 @@ def adapter(
         config={key: value for key, value in config.model_dump().items() if value is not None},
         tags={"dagster_run_id": context.run_id, "partition": context.partition_key},
     )
+    error_path = workdir.root / "trainer-error.txt"
+    error_path.unlink(missing_ok=True)
+    job["error_path"] = str(error_path)
     began = time.perf_counter()
-    result = pipes_subprocess_client.run(
-        command=[sys.executable, "-m", "kolm_pipeline.train.pipes_entry"],
-        context=context,
-        extras=job,
-    )
+    try:
+        result = pipes_subprocess_client.run(
+            command=[sys.executable, "-m", "kolm_pipeline.train.pipes_entry"],
+            context=context,
+            extras=job,
+        )
+    except dg.DagsterPipesExecutionError as exc:
+        reason = error_path.read_text() if error_path.is_file() else str(exc)
+        raise dg.Failure(description=f"training process failed: {reason}", allow_retries=False) from exc
     reported = result.get_materialize_result()
     metadata = dict(reported.metadata or {})
     metrics = {key: value.value for key, value in metadata.items() if isinstance(value, dg.FloatMetadataValue)}

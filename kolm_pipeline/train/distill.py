@@ -38,9 +38,10 @@ class TrainConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
     epochs: float = 2.0
     learning_rate: float = 2e-3
-    batch_size: int = 16
+    batch_size: int = 8
     max_length: int = 256
     warmup_steps: int = 2
     seed: int = 0
@@ -176,6 +177,7 @@ def train_adapter(
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
+        modules_to_save=config.modules_to_save,
         task_type="CAUSAL_LM",
     )
     trainer = SFTTrainer(

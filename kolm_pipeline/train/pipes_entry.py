@@ -37,12 +37,27 @@ def run_training(job: dict, log=print) -> tuple[TrainResult, str, str]:
         return result, run.info.run_id, run_url(job["mlflow_uri"], run)
 
 
+def write_error(job: dict, exc: BaseException) -> None:
+    """Leave the failure's one-line explanation where the orchestrator reads it (`error_path`)."""
+    if job.get("error_path"):
+        message = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+            size = job.get("config", {}).get("batch_size", 16)
+            message += f" — out of memory at batch size {size}; try batch_size={max(1, size // 2)}"
+        Path(job["error_path"]).write_text(message)
+
+
 def main() -> None:
     from dagster_pipes import open_dagster_pipes
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with open_dagster_pipes() as pipes:
-        result, run_id, url = run_training(dict(pipes.extras), log=pipes.log.info)
+        job = dict(pipes.extras)
+        try:
+            result, run_id, url = run_training(job, log=pipes.log.info)
+        except Exception as exc:
+            write_error(job, exc)
+            raise
         pipes.report_asset_materialization(
             metadata={
                 **{key: {"raw_value": value, "type": "float"} for key, value in result.metrics().items()},
