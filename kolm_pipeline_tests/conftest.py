@@ -64,8 +64,14 @@ def kolm_settings(tmp_path, monkeypatch) -> Settings:
     return load_settings(home)
 
 
-def capture_tickets(store: CaptureStore, tenant: str, namespace: str, tickets: list[Ticket]) -> None:
-    """Record tickets as the proxy would have: ok status, teacher model, measured latency and usage."""
+AUTO_REPLY = "Thanks for reaching out! An agent will reply within one business day."
+
+
+def capture_tickets(
+    store: CaptureStore, tenant: str, namespace: str, tickets: list[Ticket], reply: str | None = None
+) -> None:
+    """Record tickets as the proxy would have: ok status, teacher model, measured latency and usage.
+    The teacher's answer is the ticket's queue, or `reply` for every ticket when given."""
     store.insert_captures(
         [
             NewCapture(
@@ -75,7 +81,7 @@ def capture_tickets(store: CaptureStore, tenant: str, namespace: str, tickets: l
                 provider="openai",
                 model="gpt-4o-mini",
                 messages=ticket.messages(),
-                output_text=ticket.queue,
+                output_text=reply or ticket.queue,
                 latency_us=400_000,
                 status="ok",
                 http_status=200,
@@ -93,5 +99,17 @@ def ticket_store(kolm_settings) -> CaptureStore:
     """The settings' store holding 160 ticket captures in `acme.support`, kept by a rule."""
     store = CaptureStore(kolm_settings.store_url)
     capture_tickets(store, "acme", "support", generate_tickets(160, seed=11))
+    store.add_rule("acme", "support", "keep", {"status": "ok"}, actor="test")
+    return store
+
+
+@pytest.fixture
+def autoreply_store(kolm_settings) -> CaptureStore:
+    """160 captures in `acme.support` whose teacher answers every ticket with the same acknowledgement.
+
+    A free-text task that a 2-layer random-weight model can learn with LoRA in a few steps (a chain of
+    next-token mappings needs no attention), so the tiny-model test sees a real, passing gate."""
+    store = CaptureStore(kolm_settings.store_url)
+    capture_tickets(store, "acme", "support", generate_tickets(160, seed=11), reply=AUTO_REPLY)
     store.add_rule("acme", "support", "keep", {"status": "ok"}, actor="test")
     return store

@@ -151,8 +151,10 @@ def adapter(
             context=context,
             extras=job,
         )
-    except dg.DagsterPipesExecutionError as exc:
-        reason = error_path.read_text() if error_path.is_file() else str(exc)
+    except Exception as exc:  # the Pipes client's error type is not public; the trainer's note decides
+        if not error_path.is_file():
+            raise
+        reason = error_path.read_text()
         raise dg.Failure(description=f"training process failed: {reason}", allow_retries=False) from exc
     reported = result.get_materialize_result()
     metadata = dict(reported.metadata or {})

@@ -60,7 +60,7 @@ def main() -> None:
             raise
         pipes.report_asset_materialization(
             metadata={
-                **{key: {"raw_value": value, "type": "float"} for key, value in result.metrics().items()},
+                **{key: {"raw_value": float(value), "type": "float"} for key, value in result.metrics().items()},
                 "adapter_dir": {"raw_value": str(result.adapter_dir), "type": "path"},
                 "mlflow_run_id": {"raw_value": run_id, "type": "text"},
                 "mlflow_run": {"raw_value": url, "type": "url" if url.startswith("http") else "text"},
