@@ -31,12 +31,12 @@ demo: setup
 
 test: setup
 	mkdir -p $(DAGSTER_HOME)
-	$(BIN)/ruff check kolm_pipeline kolm_pipeline_tests bench
+	$(BIN)/ruff check .
 	$(BIN)/dagster definitions validate -w workspace.yaml
 	$(BIN)/pytest -q --durations=15
 
 lint: setup
-	$(BIN)/ruff check kolm_pipeline kolm_pipeline_tests bench
+	$(BIN)/ruff check .
 
 ui: setup
 	mkdir -p $(DAGSTER_HOME)

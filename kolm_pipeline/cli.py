@@ -139,12 +139,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
-    from kolm_pipeline.registry.manage import swap_artifact
+    from kolm_pipeline.registry.manage import swap_artifact, swap_to_cid
 
+    if bool(args.artifact) == bool(args.cid):
+        raise CliError("give either --artifact F.kolm, or --task T with --cid CID of an artifact published before")
+    if args.cid and not args.task:
+        raise CliError("--cid needs --task")
     settings = _settings(args)
-    outcome = swap_artifact(settings, _store(settings), Path(args.artifact), strategy=args.strategy,
-                            actor=args.actor)
-    print(outcome)
+    store = _store(settings)
+    if args.cid:
+        activation = swap_to_cid(settings, store, args.task, args.cid, strategy=args.strategy, actor=args.actor)
+    else:
+        activation = swap_artifact(settings, store, Path(args.artifact), strategy=args.strategy, actor=args.actor,
+                                   task=args.task)
+    print(activation.describe("swapped"))
     return 0
 
 
@@ -152,51 +160,95 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from kolm_pipeline.registry.manage import rollback
 
     settings = _settings(args)
-    print(rollback(settings, _store(settings), args.task, actor=args.actor))
+    print(rollback(settings, _store(settings), args.task, actor=args.actor).describe("rolled back"))
     return 0
 
 
 def cmd_registry_log(args: argparse.Namespace) -> int:
-    rows = _store(_settings(args)).registry_rows(args.task)
+    from kolm_pipeline.registry.manage import describe_cid, describe_cid_text, log_lines
+
+    settings = _settings(args)
+    store = _store(settings)
+    if args.cid:
+        description = describe_cid(settings, store, args.cid)
+        print(json.dumps(description, indent=2) if args.json else describe_cid_text(description))
+        return 0
+    rows = store.registry_rows(args.task)
     if args.json:
         print(json.dumps([row.__dict__ for row in rows], default=str, indent=2))
         return 0
-    print(f"{'time':<20} {'task':<22} {'decision':<9} {'K before':>8} {'K after':>8}  from → to")
-    for row in rows:
-        k_before = f"{row.k_before:.4f}" if row.k_before is not None else "-"
-        k_after = f"{row.k_after:.4f}" if row.k_after is not None else "-"
-        print(f"{row.created_at:%Y-%m-%d %H:%M:%S}  {row.task:<22} {row.decision:<9} {k_before:>8} {k_after:>8}  "
-              f"{row.from_cid or '(base)'} → {row.to_cid or '-'}  by {row.actor}")
+    if args.task and not rows:
+        raise CliError(f"the registry has no rows for task {args.task!r}")
+    print("\n".join(log_lines(rows)))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from kolm_pipeline.registry.artifact import verify_kolm
+    from kolm_pipeline.registry.artifact import read_kolm, verify_kolm
+    from kolm_pipeline.registry.deployment import sibling_receipt, verify_deployment
     from kolm_pipeline.registry.keys import load_public_keys
+    from kolm_pipeline.registry.provenance import provenance, summary_lines
 
     path = Path(args.artifact)
     if not path.is_file():
         raise CliError(f"{path}: no such file")
-    keys_dir = Path(args.keys) if args.keys else _settings(args).keys_dir
-    report = verify_kolm(path, load_public_keys(keys_dir))
-    if report.ok:
-        stages = " → ".join(report.chain.links) if report.chain else ""
-        print(f"OK {report.cid}\n  receipts: {stages}")
-        return 0
-    print(f"FAILED {path}", file=sys.stderr)
-    for problem in report.problems:
-        print(f"  {problem}", file=sys.stderr)
-    return 1
+    keys = load_public_keys(Path(args.keys) if args.keys else _settings(args).keys_dir)
+    report = verify_kolm(path, keys)
+    problems, links = list(report.problems), report.chain.links if report.chain else []
+    deployment = sibling_receipt(path) if report.ok else None
+    if deployment is not None:
+        chain, found = verify_deployment(read_kolm(path), report.cid, deployment, keys)
+        problems += [f"deployment receipt: {problem}" for problem in found]
+        links = chain.links
+    if problems:
+        print(f"FAILED {path}", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    info = provenance(read_kolm(path), report.cid)
+    print(f"OK {report.cid}\n  receipts: {' → '.join(links)}\n  task:  {info['task']} (tenant {info['tenant']})")
+    print("\n".join(f"  {line}" for line in summary_lines(info)))
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from kolm_pipeline.serve.app import create_serving_app
+    from kolm_pipeline.serve.backends import TransformersBackend, VLLMBackend
+    from kolm_pipeline.serve.runtime import ServingRuntime
 
     settings = _settings(args)
-    print(f"kolm serving runtime on http://{args.host}:{args.port} (adapters from {settings.adapters_dir})")
-    uvicorn.run(create_serving_app(settings), host=args.host, port=args.port, log_level="info")
+    if args.backend == "vllm":
+        if not args.vllm_url:
+            raise CliError("--backend vllm needs --vllm-url (the vLLM server, e.g. http://vllm:8000)")
+        backend = VLLMBackend(args.vllm_url, settings.home / "serve-cache", adapter_root=args.vllm_adapter_root)
+    else:
+        backend = TransformersBackend(settings.base_model, settings.models_dir)
+    runtime = ServingRuntime(settings, backend, poll_interval=args.poll_interval, grace_seconds=args.grace_seconds)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"kolm serving runtime ({args.backend}) on http://{args.host}:{args.port} "
+          f"(pointers in {settings.adapters_dir})")
+    uvicorn.run(create_serving_app(runtime), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_tripwire_clear(args: argparse.Namespace) -> int:
+    from kolm_pipeline.evaluate.tripwire import clear_halt
+    from kolm_pipeline.workdir import NamespaceWorkdir
+
+    tenant, namespace = _namespace(args)
+    settings = _settings(args)
+    workdir = NamespaceWorkdir(settings, f"{tenant}.{namespace}")
+    previous = clear_halt(workdir.tripwire_state)
+    if previous is None:
+        print(f"{workdir.partition} is not halted")
+        return 0
+    _store(settings).audit(tenant, namespace, "tripwire.clear", {"reasons": previous.get("halt_reasons", [])},
+                           args.actor)
+    print(f"{workdir.partition}: halt cleared ({'; '.join(previous.get('halt_reasons', []))})")
     return 0
 
 
@@ -270,9 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     eval_.add_argument("--artifact", required=True)
     eval_.add_argument("--suite", required=True, help="recipe directory whose eval.jsonl is the suite")
 
-    swap = verb(verbs, "swap", cmd_swap, "make an artifact the serving adapter of its task")
-    swap.add_argument("--artifact", required=True)
-    swap.add_argument("--strategy", choices=["higher-k-wins", "force"], default="higher-k-wins")
+    swap = verb(verbs, "swap", cmd_swap, "make an artifact the serving adapter of its task (verified first)")
+    swap.add_argument("--artifact", help="a .kolm file")
+    swap.add_argument("--task", help="the task; with --cid, or to check the artifact's manifest names it")
+    swap.add_argument("--cid", help="swap to this previously published artifact of --task")
+    swap.add_argument("--strategy", choices=["higher-k-wins", "force"], default="higher-k-wins",
+                      help="higher-k-wins: only if its recorded K beats the serving one by the gate margin")
     swap.add_argument("--actor", default=os.environ.get("USER", "cli"))
 
     rollback = verb(verbs, "rollback", cmd_rollback, "restore the previous adapter of a task in one step")
@@ -281,17 +336,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry = verbs.add_parser("registry", help="the registry of swaps and gate decisions")
     registry_verbs = registry.add_subparsers(dest="registry_verb", required=True, metavar="ACTION")
-    log = verb(registry_verbs, "log", cmd_registry_log, "print the registry rows, newest first")
+    log = verb(registry_verbs, "log", cmd_registry_log,
+               "print the registry rows, newest first, with what data, code and score each deployment had")
     log.add_argument("--task")
+    log.add_argument("--cid", help="everything the registry knows about one artifact")
     log.add_argument("--json", action="store_true")
 
-    verify = verb(verbs, "verify", cmd_verify, "check an artifact's files, signatures and receipt chain offline")
+    verify = verb(verbs, "verify", cmd_verify,
+                  "check an artifact's files, signatures and receipt chain offline (and its deployment receipt)")
     verify.add_argument("artifact")
     verify.add_argument("--keys", help="directory of tenant public keys (*.pub); default KOLM_HOME/keys")
 
     serve_ = verb(verbs, "serve", cmd_serve, "OpenAI-compatible serving of the base model plus each task's adapter")
     serve_.add_argument("--host", default="127.0.0.1")
     serve_.add_argument("--port", type=int, default=8700)
+    serve_.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                        help="transformers: in process (default); vllm: a vLLM server's runtime LoRA endpoints")
+    serve_.add_argument("--vllm-url", help="vLLM server, e.g. http://vllm:8000 (--backend vllm)")
+    serve_.add_argument("--vllm-adapter-root",
+                        help="KOLM_HOME/serve-cache as the vLLM server sees it, when mounted at another path")
+    serve_.add_argument("--poll-interval", type=float, default=0.1, help="seconds between pointer checks")
+    serve_.add_argument("--grace-seconds", type=float, default=5.0,
+                        help="how long a replaced adapter stays loaded (and until its requests finish)")
+
+    tripwire = verbs.add_parser("tripwire", help="the collapse tripwire's halt of a namespace")
+    tripwire_verbs = tripwire.add_subparsers(dest="tripwire_verb", required=True, metavar="ACTION")
+    clear = verb(tripwire_verbs, "clear", cmd_tripwire_clear, "let a halted namespace distill again")
+    clear.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
+    clear.add_argument("--tenant")
+    clear.add_argument("--actor", default=os.environ.get("USER", "cli"))
 
     demo = verb(verbs, "demo", cmd_demo, "run the whole loop on the embedded defaults")
     demo.add_argument("--tickets", type=int, default=320, help="support tickets to send (default 320)")

@@ -5,6 +5,7 @@ One place for configuration: the CLI, the Dagster resources and the servers all 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,28 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
 
+def _price_table() -> dict[str, tuple[float, float]]:
+    """KOLM_PRICE_TABLE: JSON (inline or a file path) of {model prefix: [input $/Mtok, output $/Mtok]},
+    merged over the defaults."""
+    raw = os.environ.get("KOLM_PRICE_TABLE")
+    table = dict(DEFAULT_PRICE_TABLE)
+    if not raw:
+        return table
+    text = raw
+    if not raw.lstrip().startswith("{"):
+        try:
+            text = Path(raw).read_text()
+        except OSError as exc:
+            raise ValueError(f"KOLM_PRICE_TABLE: cannot read {raw}: {exc}") from exc
+    try:
+        loaded = json.loads(text)
+        for model, (price_in, price_out) in loaded.items():
+            table[model] = (float(price_in), float(price_out))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"KOLM_PRICE_TABLE must map model prefixes to [input, output] $/Mtok: {exc}") from exc
+    return table
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved configuration. Paths are absolute so child processes see the same files."""
@@ -58,6 +81,7 @@ class Settings:
     student_dollars_per_hour: float
     retention_days: int
     model_cache: Path
+    alert_webhook: str | None = None
     price_table: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICE_TABLE))
 
     @property
@@ -108,4 +132,6 @@ def load_settings(home: str | Path | None = None) -> Settings:
         student_dollars_per_hour=_env_float("KOLM_STUDENT_DOLLARS_PER_HOUR", 0.10),
         retention_days=_env_int("KOLM_RETENTION_DAYS", 30),
         model_cache=Path(os.environ.get("KOLM_MODEL_CACHE") or root / "models").expanduser().resolve(),
+        alert_webhook=os.environ.get("KOLM_ALERT_WEBHOOK") or None,
+        price_table=_price_table(),
     )

@@ -46,6 +46,7 @@ class AdapterConfig(dg.Config):
     max_length: int = 256
     seed: int = 0
     target_modules: list[str] | None = None
+    continue_from_champion: bool = False
 
 
 @dg.asset(
@@ -131,6 +132,7 @@ def adapter(
     workdir = _workdir(context, kolm)
     base = kolm.base()
     recipe_cid = directory_cid(workdir.recipe)
+    champion = current_champion(kolm.settings, workdir.task) if config.continue_from_champion else None
     job = training_job(
         kolm.settings,
         base,
@@ -138,7 +140,9 @@ def adapter(
         train_path=workdir.recipe / "train.jsonl",
         output_dir=workdir.adapter,
         recipe_cid=recipe_cid,
-        config={key: value for key, value in config.model_dump().items() if value is not None},
+        config={key: value for key, value in config.model_dump().items()
+                if value is not None and key != "continue_from_champion"},
+        init_adapter=champion[1] if champion else None,
         tags={"dagster_run_id": context.run_id, "partition": context.partition_key},
     )
     error_path = workdir.root / "trainer-error.txt"
@@ -211,9 +215,13 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
         mlflow.log_metrics({"gate.delta": result["decision"]["delta"], "gate.swap": float(result["decision"]["swap"])})
         url = run_url(settings.mlflow_tracking_uri, run)
     decision = result["decision"]
+    if result.get("alert"):
+        context.log.error(f"regression alert for {workdir.task}: {decision['reason']} — {result['alert']}")
+        context.instance.add_run_tags(context.run_id, {"kolm/alert": "regression"})
     return dg.MaterializeResult(
         metadata={
             "side_by_side": _side_by_side(result),
+            "alert": result.get("alert") or "none",
             "k_candidate": dg.FloatMetadataValue(result["candidate"]["k"]),
             "k_current": dg.FloatMetadataValue(result["current"]["k"]),
             "k_delta": dg.FloatMetadataValue(round(decision["delta"], 4)),
@@ -233,6 +241,8 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
     deps=[evaluation],
     partitions_def=namespace_partitions,
     group_name=KOLM_GROUP,
+    # Automation may deploy a fresh evaluation, but never one whose blocking checks failed.
+    automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
     description="Signed .kolm, registry row (from-CID → to-CID) and atomic pointer swap. Never runs after a "
     "failed gate.",
 )

@@ -49,3 +49,11 @@ def nightly_distill(context: dg.ScheduleEvaluationContext, kolm: KolmResource):
         tenant, ns = key.split(".", 1)
         kept = kolm.store.counters(tenant, ns)["kept"]
         yield dg.RunRequest(run_key=f"nightly:{key}:{kept}", partition_key=key)
+
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "kolm_automation",
+    target=dg.AssetSelection.assets("deployment"),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Deploys a passing evaluation (never one whose blocking checks failed). Ships STOPPED.",
+)

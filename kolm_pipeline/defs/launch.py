@@ -45,6 +45,7 @@ def materialize_namespace(
     run_config: dict | None = None,
     tags: dict | None = None,
     log_level: str = "INFO",
+    stages: list[str] | None = None,
 ) -> tuple[dg.ExecuteInProcessResult, list[StageOutcome]]:
     """Materialize the whole loop for `partition`; returns the result and per-stage outcomes.
 
@@ -61,6 +62,7 @@ def materialize_namespace(
         run_config=config,
         tags=tags or {},
         raise_on_error=False,
+        asset_selection=[dg.AssetKey(stage) for stage in stages] if stages else None,
     )
     stats = {stat.step_key: stat for stat in instance.get_run_step_stats(result.run_id)}
     outcomes = []

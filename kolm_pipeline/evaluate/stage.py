@@ -6,9 +6,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from kolm_pipeline.corpus.recipe import answer, load_recipe
+from kolm_pipeline.evaluate.alerts import regression_alert, send_alert
 from kolm_pipeline.evaluate.evaluation import ModelReport, evaluate_models
 from kolm_pipeline.evaluate.gate import decide
-from kolm_pipeline.evaluate.tripwire import check_collapse, read_state
+from kolm_pipeline.evaluate.tripwire import check_collapse, read_state, record_trip
 from kolm_pipeline.registry.cid import cid_for_file
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.train.base_model import BaseModel
@@ -51,18 +52,24 @@ def run_evaluation_stage(
         k_floor=float(recipe.spec["k_floor"]),
         tripwire_clear=tripwire.clear,
     )
+    gate_summary = {
+        "decision": asdict(decision),
+        "current_name": current_name,
+        "adapter_cid": directory_cid(workdir.adapter),
+        "recipe_cid": directory_cid(workdir.recipe),
+    }
     result = {
         "task": workdir.task,
-        "recipe_cid": directory_cid(workdir.recipe),
-        "adapter_cid": directory_cid(workdir.adapter),
-        "current_name": current_name,
+        **gate_summary,
         "current_cid": champion[0] if champion else None,
         "candidate": _report(candidate),
         "current": _report(current),
-        "decision": asdict(decision),
         "tripwire": asdict(tripwire),
         "eval_cases": len(recipe.eval),
         "holdout_cases": len(recipe.holdout),
+        "alert": send_alert(settings.alert_webhook, regression_alert(workdir.task, gate_summary))
+        if decision.alert
+        else None,
     }
     write_json_atomic(workdir.evaluation, result)
     result["receipt_cid"] = workdir.write_receipt(
@@ -72,6 +79,8 @@ def run_evaluation_stage(
         {"decision": asdict(decision), "candidate_k": candidate.kscore.total, "current_k": current.kscore.total,
          "current": current_name, "tripwire_clear": tripwire.clear},
     )
+    if not tripwire.clear:
+        record_trip(workdir.tripwire_state, tripwire)
     if store is not None and not decision.swap:
         store.add_registry_row(
             task=workdir.task,

@@ -1,11 +1,15 @@
 """Collapse tripwire: refuse a candidate whose answers lost diversity or whose frozen hold-out score
-fell compared with the last good cycle of its namespace (a model trained on its own outputs does both)."""
+fell compared with the last good cycle of its namespace (a model trained on its own outputs does both).
+
+A trip halts the namespace: every later candidate is refused, and the serving adapter stays the last
+good one, until an operator clears the halt (`kolm tripwire clear --namespace NS`)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +47,12 @@ def check_collapse(
     reasons = []
     if ratio < MIN_DIVERSITY_RATIO:
         reasons.append(f"answer diversity collapsed to {ratio:.2f} of the references' (min {MIN_DIVERSITY_RATIO})")
-    previous_score = previous.get("holdout_score") if previous else None
+    if previous and previous.get("halted"):
+        reasons.append(
+            f"namespace halted by an earlier trip ({'; '.join(previous.get('halt_reasons', []))}); "
+            "an operator must clear it"
+        )
+    previous_score = (previous or {}).get("last_good", {}).get("holdout_score")
     if previous_score is not None and holdout_score < previous_score - tolerance:
         reasons.append(
             f"hold-out score {holdout_score:.3f} fell more than {tolerance} below the last good {previous_score:.3f}"
@@ -61,9 +70,33 @@ def read_state(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def record_good_cycle(path: Path, result: TripwireResult, artifact_cid: str) -> None:
-    """Remember the last good cycle's hold-out score and diversity for the next comparison."""
+def _write_state(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**asdict(result), "artifact_cid": artifact_cid}, indent=2))
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def record_good_cycle(path: Path, result: TripwireResult, artifact_cid: str) -> None:
+    """Remember the deployed cycle's hold-out score and diversity for the next comparison."""
+    state = read_state(path) or {}
+    state["last_good"] = {**asdict(result), "artifact_cid": artifact_cid, "at": time.time()}
+    _write_state(path, state)
+
+
+def record_trip(path: Path, result: TripwireResult) -> None:
+    """Halt the namespace; only a collapse (not an earlier halt) adds reasons."""
+    state = read_state(path) or {}
+    if not state.get("halted"):
+        state.update(halted=True, halt_reasons=result.reasons, halted_at=time.time())
+        _write_state(path, state)
+
+
+def clear_halt(path: Path) -> dict | None:
+    """Lift a halt; returns the state as it was, or None when the namespace was not halted."""
+    state = read_state(path)
+    if not state or not state.get("halted"):
+        return None
+    cleared = {**state, "halted": False, "halt_reasons": [], "cleared_at": time.time()}
+    _write_state(path, cleared)
+    return state

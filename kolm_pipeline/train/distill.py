@@ -64,6 +64,7 @@ class TrainResult:
     tokens_per_second: float
     final_loss: float
     peak_memory_mb: float
+    truncated: int = 0
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     config: dict = field(default_factory=dict)
 
@@ -76,6 +77,7 @@ class TrainResult:
             "tokens_per_second": round(self.tokens_per_second, 2),
             "final_loss": round(self.final_loss, 5),
             "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "truncated_pairs": self.truncated,
         }
 
 
@@ -101,6 +103,16 @@ def _prompt_completion(rows: list[dict]) -> list[dict]:
     return [{"prompt": row["messages"][:-1], "completion": [row["messages"][-1]]} for row in rows]
 
 
+def count_truncated(tokenizer, rows: list[dict], max_length: int) -> int:
+    """Pairs longer than `max_length` tokens: trained on truncated (reported, not fatal)."""
+    return sum(
+        1
+        for row in rows
+        if len(tokenizer(tokenizer.apply_chat_template(row["messages"], tokenize=False), add_special_tokens=False)
+               .input_ids) > max_length
+    )
+
+
 def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -112,8 +124,12 @@ def train_adapter(
     config: TrainConfig,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     show_progress: bool = True,
+    init_adapter: Path | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on `train_path` and write it to `output_dir` atomically."""
+    """Train a LoRA adapter on `train_path` and write it to `output_dir` atomically.
+
+    With `init_adapter` (continual training) the champion's adapter is the starting point instead of a
+    fresh LoRA; its rank and target modules then win over `config`'s."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -135,6 +151,7 @@ def train_adapter(
         if unknown:
             raise TrainingError(f"unknown target module(s) {unknown}; this base has {available}")
 
+    truncated = count_truncated(tokenizer, rows, config.max_length)
     staging = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     loss_curve: list[tuple[int, float]] = []
@@ -180,12 +197,18 @@ def train_adapter(
         modules_to_save=config.modules_to_save,
         task_type="CAUSAL_LM",
     )
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        if not (init_adapter / "adapter_config.json").is_file():
+            raise TrainingError(f"{init_adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(_prompt_completion(rows)),
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=None if init_adapter is not None else lora,
         callbacks=[_Reporter()],
     )
     if show_progress:
@@ -207,6 +230,7 @@ def train_adapter(
         tokens_per_second=train_tokens * epochs_run / wall if wall > 0 else 0.0,
         final_loss=loss_curve[-1][1] if loss_curve else float(outcome.training_loss),
         peak_memory_mb=_peak_memory_mb(),
+        truncated=truncated,
         loss_curve=loss_curve,
         config=asdict(config),
     )

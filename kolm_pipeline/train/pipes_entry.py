@@ -30,7 +30,10 @@ def run_training(job: dict, log=print) -> tuple[TrainResult, str, str]:
         def on_log(step: int, values: dict[str, float]) -> None:
             mlflow.log_metrics({f"train.{key}": value for key, value in values.items()}, step=step)
 
-        result = train_adapter(Path(job["train_path"]), base, Path(job["output_dir"]), config, on_log=on_log)
+        init = Path(job["init_adapter"]) if job.get("init_adapter") else None
+        result = train_adapter(
+            Path(job["train_path"]), base, Path(job["output_dir"]), config, on_log=on_log, init_adapter=init
+        )
         mlflow.log_metrics({f"train.{key}": float(value) for key, value in result.metrics().items()})
         log(f"trained {result.examples} pairs in {result.wall_seconds:.1f}s "
             f"({result.tokens_per_second:.0f} tokens/s), final loss {result.final_loss:.4f}")

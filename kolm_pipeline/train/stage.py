@@ -20,6 +20,7 @@ def training_job(
     recipe_cid: str,
     config: dict,
     tags: dict[str, str],
+    init_adapter: Path | None = None,
 ) -> dict:
     """Everything the trainer process needs, as plain JSON (the Pipes extras)."""
     return {
@@ -31,6 +32,7 @@ def training_job(
         "output_dir": str(output_dir),
         "recipe_cid": recipe_cid,
         "config": config,
+        "init_adapter": str(init_adapter) if init_adapter else None,
         "mlflow_uri": settings.mlflow_tracking_uri,
         "mlflow_artifacts": str(settings.home / "mlflow-artifacts"),
         "tags": {"recipe_cid": recipe_cid, "task": task, **tags},

@@ -1,0 +1,44 @@
+"""Regression alerts: a gate refusal at Δ ≤ −0.03 is logged and POSTed to the configured webhook.
+
+Delivery failures are reported, never raised: an unreachable webhook must not hide the gate's decision.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+
+log = logging.getLogger("kolm.alerts")
+
+
+def regression_alert(task: str, evaluation: dict) -> dict:
+    """The alert body: what regressed, by how much, against what."""
+    decision = evaluation["decision"]
+    return {
+        "kind": "kolm.regression",
+        "task": task,
+        "reason": decision["reason"],
+        "delta": decision["delta"],
+        "k_new": decision["k_new"],
+        "k_current": decision["k_current"],
+        "current": evaluation["current_name"],
+        "adapter_cid": evaluation["adapter_cid"],
+        "recipe_cid": evaluation["recipe_cid"],
+    }
+
+
+def send_alert(webhook: str | None, payload: dict, timeout: float = 5.0) -> str:
+    """Log the alert and POST it as JSON; returns a one-line delivery status for metadata."""
+    log.error("kolm regression alert for %s: %s", payload.get("task"), payload.get("reason"))
+    if not webhook:
+        return "logged (no KOLM_ALERT_WEBHOOK configured)"
+    try:
+        response = httpx.post(webhook, json=payload, timeout=timeout)
+    except httpx.HTTPError as exc:
+        log.error("alert webhook %s unreachable: %s", webhook, exc)
+        return f"webhook failed: {type(exc).__name__}"
+    if response.status_code >= 400:
+        log.error("alert webhook %s answered %s", webhook, response.status_code)
+        return f"webhook answered {response.status_code}"
+    return f"delivered ({response.status_code})"
