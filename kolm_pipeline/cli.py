@@ -53,10 +53,19 @@ def cmd_capture_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_capture_status(args: argparse.Namespace) -> int:
+    """Print the counters and switches of a namespace; `--retention-days`, `--implicit-signals` and
+    `--distill-ready` change a switch first (each change is written to the audit log)."""
     tenant, namespace = _namespace(args)
     settings = _settings(args)
-    counters = _store(settings).counters(tenant, namespace)
-    print(json.dumps({"namespace": f"{tenant}.{namespace}", "counters": counters,
+    store = _store(settings)
+    changes = {"retention_days": args.retention_days,
+               "implicit_signals": None if args.implicit_signals is None else args.implicit_signals == "on",
+               "distill_ready": None if args.distill_ready is None else args.distill_ready == "on"}
+    changes = {name: value for name, value in changes.items() if value is not None}
+    if changes:
+        store.set_switches(tenant, namespace, f"cli:{args.actor}", **changes)
+    status = store.status(tenant, namespace)
+    print(json.dumps({**status, "namespace": f"{tenant}.{namespace}",
                       "distill_threshold": settings.distill_threshold}, indent=2))
     return 0
 
@@ -217,7 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kolm_pipeline.serve.app import create_serving_app
-    from kolm_pipeline.serve.backends import TransformersBackend, VLLMBackend
+    from kolm_pipeline.serve.backends import BackendError, TransformersBackend, VLLMBackend
     from kolm_pipeline.serve.runtime import ServingRuntime
 
     settings = _settings(args)
@@ -226,12 +235,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError("--backend vllm needs --vllm-url (the vLLM server, e.g. http://vllm:8000)")
         backend = VLLMBackend(args.vllm_url, settings.home / "serve-cache", adapter_root=args.vllm_adapter_root)
     else:
-        backend = TransformersBackend(settings.base_model, settings.models_dir)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise CliError("--threads must be at least 1")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.max_batch < 1:
+            raise CliError("--max-batch must be at least 1")
+        backend = TransformersBackend(settings.base_model, settings.models_dir, max_batch=args.max_batch)
     runtime = ServingRuntime(settings, backend, poll_interval=args.poll_interval, grace_seconds=args.grace_seconds)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(f"kolm serving runtime ({args.backend}) on http://{args.host}:{args.port} "
-          f"(pointers in {settings.adapters_dir})")
-    uvicorn.run(create_serving_app(runtime), host=args.host, port=args.port, log_level="info")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        runtime.start()  # base model (or vLLM) and every task's adapter, before accepting requests
+    except BackendError as exc:
+        raise CliError(str(exc)) from None
+    status = runtime.status()
+    for task, refusal in status["refused"].items():
+        print(f"refused {task}: {refusal['reason']}", file=sys.stderr)
+    print(f"kolm serving runtime ({args.backend}) on http://{args.host}:{args.port}: "
+          f"{', '.join(status['tasks']) or 'no tasks yet'} (pointers in {settings.adapters_dir})")
+    uvicorn.run(create_serving_app(runtime), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -282,9 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = verb(capture_verbs, "serve", cmd_capture_serve, "run the capture proxy (HTTP)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8600)
-    status = verb(capture_verbs, "status", cmd_capture_status, "the four counters of a namespace")
+    status = verb(capture_verbs, "status", cmd_capture_status, "the counters and switches of a namespace")
     status.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
     status.add_argument("--tenant")
+    status.add_argument("--retention-days", type=int, help="set the retention window (days) first")
+    status.add_argument("--implicit-signals", choices=["on", "off"], help="set the implicit-signals switch first")
+    status.add_argument("--distill-ready", choices=["on", "off"], help="set the distill-ready switch first")
+    status.add_argument("--actor", default=os.environ.get("USER", "cli"))
 
     tenant = verbs.add_parser("tenant", help="manage tenants")
     tenant_verbs = tenant.add_subparsers(dest="tenant_verb", required=True, metavar="ACTION")
@@ -358,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.add_argument("--poll-interval", type=float, default=0.1, help="seconds between pointer checks")
     serve_.add_argument("--grace-seconds", type=float, default=5.0,
                         help="how long a replaced adapter stays loaded (and until its requests finish)")
+    serve_.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                        help="info logs every request and every swap; warning keeps refusals and errors")
+    serve_.add_argument("--max-batch", type=int, default=4,
+                        help="closed-vocabulary requests scored together at most (transformers backend); larger "
+                             "raises throughput, smaller shortens the wait of the first request after a swap")
+    serve_.add_argument("--threads", type=int,
+                        help="torch threads for inference (transformers backend; default: torch's choice). On a "
+                             "small or shared machine, one less than the cores leaves a core for HTTP and swaps")
 
     tripwire = verbs.add_parser("tripwire", help="the collapse tripwire's halt of a namespace")
     tripwire_verbs = tripwire.add_subparsers(dest="tripwire_verb", required=True, metavar="ACTION")

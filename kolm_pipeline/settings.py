@@ -66,6 +66,49 @@ def _price_table() -> dict[str, tuple[float, float]]:
     return table
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """`record`: write captures at all (off only for benchmarks and dry runs); `max_body_bytes`: larger
+    requests are refused with 413; `key_cache_ttl_s`: how long a kolm key lookup is reused (a revoked key
+    stops working within it); `retention_sweep_s`: how often the server applies the retention windows
+    (0: never, leave it to the `triaged_captures` asset); `batch_linger_s`: how long the writer lets a
+    batch gather before one transaction writes it."""
+
+    record: bool = True
+    max_body_bytes: int = 8 * 1024 * 1024
+    key_cache_ttl_s: float = 30.0
+    batch_size: int = 200
+    queue_size: int = 50_000
+    replay_interval_s: float = 1.0
+    retention_sweep_s: float = 3600.0
+    batch_linger_s: float = 0.05
+
+
+def load_capture_config() -> CaptureConfig:
+    """The proxy's tuning from `KOLM_CAPTURE_*`."""
+    return CaptureConfig(
+        record=_env_bool("KOLM_CAPTURE_RECORD", True),
+        max_body_bytes=_env_int("KOLM_CAPTURE_MAX_BODY_BYTES", 8 * 1024 * 1024),
+        key_cache_ttl_s=_env_float("KOLM_CAPTURE_KEY_CACHE_TTL_S", 30.0),
+        batch_size=_env_int("KOLM_CAPTURE_BATCH_SIZE", 200),
+        queue_size=_env_int("KOLM_CAPTURE_QUEUE_SIZE", 50_000),
+        replay_interval_s=_env_float("KOLM_CAPTURE_REPLAY_INTERVAL_S", 1.0),
+        retention_sweep_s=_env_float("KOLM_CAPTURE_RETENTION_SWEEP_S", 3600.0),
+        batch_linger_s=_env_float("KOLM_CAPTURE_BATCH_LINGER_S", 0.05),
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved configuration. Paths are absolute so child processes see the same files."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
+import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,14 +16,16 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import psycopg
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from psycopg import sql
 
 from kolm_pipeline.capture.app import create_app
 from kolm_pipeline.capture.background import BackgroundServer
 from kolm_pipeline.demo.teacher import approx_tokens, create_teacher_app
-from kolm_pipeline.settings import load_settings
+from kolm_pipeline.settings import CaptureConfig, load_settings
 from kolm_pipeline.store import Capture, CaptureStore
 
 ANSWERS = {
@@ -28,6 +33,8 @@ ANSWERS = {
     "Where is my parcel?": "logistics, the parcel is on its way to you",
 }
 CANARY = "sk-canary-7f3e9b1c5d2a4e6f8a0b"
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+PG_DUMP = shutil.which("pg_dump") or "/usr/lib/postgresql/15/bin/pg_dump"
 SERVER_LOGGERS = [
     "kolm_pipeline",
     "uvicorn",
@@ -98,6 +105,22 @@ def broken_upstream() -> Iterator[str]:
             return JSONResponse({"error": {"message": f"Incorrect API key provided: {key}"}}, status_code=401)
         if mode == "500":
             return JSONResponse({"error": {"message": f"internal error for key {key}"}}, status_code=500)
+        if mode == "429":
+            return JSONResponse(
+                {"error": {"message": f"rate limited: {key}"}}, status_code=429, headers={"retry-after": "7"}
+            )
+        if mode == "echo-stream":
+            # A stream that spells the caller's key out, split across chunks at an awkward place.
+            half = len(key) // 2
+            chunk = '{"choices": [{"index": 0, "delta": {"content": "your key is %s"}}]}'
+
+            async def echo() -> AsyncIterator[bytes]:
+                text = f"data: {chunk % key}\n\ndata: [DONE]\n\n".encode()
+                cut = text.index(key.encode()) + half
+                yield text[:cut]
+                yield text[cut:]
+
+            return StreamingResponse(echo(), media_type="text/event-stream")
 
         async def events() -> AsyncIterator[bytes]:
             for event in cut_off:
@@ -108,9 +131,7 @@ def broken_upstream() -> Iterator[str]:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         key = request.headers["authorization"].removeprefix("Bearer ")
-        return await reply(
-            request, key, [b'data: {"choices": [{"index": 0, "delta": {"content": "half an"}}]}\n\n']
-        )
+        return await reply(request, key, [b'data: {"choices": [{"index": 0, "delta": {"content": "half an"}}]}\n\n'])
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Any:
@@ -131,10 +152,7 @@ def broken_upstream() -> Iterator[str]:
             "delta": {"type": "text_delta", "text": "half an"},
         }
         block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
-        events = [
-            f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
-            for event in (start, block, delta)
-        ]
+        events = [f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in (start, block, delta)]
         return await reply(request, request.headers["x-api-key"], events)
 
     with BackgroundServer(app) as server:
@@ -142,10 +160,10 @@ def broken_upstream() -> Iterator[str]:
 
 
 @pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[Callable[[str], Proxy]]:
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     servers: list[tuple[BackgroundServer, CaptureStore]] = []
 
-    def start(upstream: str) -> Proxy:
+    def start(upstream: str, store_url: str | None = None, config: CaptureConfig | None = None) -> Proxy:
         home = tmp_path / f"home{len(servers)}"
         settings = dataclasses.replace(
             load_settings(home),
@@ -153,9 +171,9 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[[str], Proxy]]:
             upstream_anthropic=upstream,
             retention_days=30,
         )
-        store = CaptureStore(settings.store_url)
+        store = CaptureStore(store_url or settings.store_url)
         key = store.create_tenant("acme")
-        app = create_app(settings, store)
+        app = create_app(settings, store, config or CaptureConfig(retention_sweep_s=0, replay_interval_s=0.2))
         server = BackgroundServer(app)
         servers.append((server, store))
         return Proxy(server.url, store, key, app, home)
@@ -254,9 +272,7 @@ def test_anthropic_stream_is_recorded(proxy: Proxy) -> None:
     assert rows[0].prompt_tokens == final.usage.input_tokens
 
 
-def test_first_chunk_arrives_before_upstream_finishes(
-    start_proxy: Callable[[str], Proxy], slow_teacher: str
-) -> None:
+def test_first_chunk_arrives_before_upstream_finishes(start_proxy: Callable[[str], Proxy], slow_teacher: str) -> None:
     proxy = start_proxy(slow_teacher)
     start = time.monotonic()
     arrivals = []
@@ -282,9 +298,7 @@ def test_client_disconnect_records_incomplete(start_proxy: Callable[[str], Proxy
     headers = {"authorization": f"Bearer {proxy.key}", **proxy.headers()}
     with (
         httpx.Client() as client,
-        client.stream(
-            "POST", f"{proxy.url}/v1/capture/openai/chat/completions", json=body, headers=headers
-        ) as resp,
+        client.stream("POST", f"{proxy.url}/v1/capture/openai/chat/completions", json=body, headers=headers) as resp,
     ):
         assert resp.status_code == 200
         next(resp.iter_bytes())
@@ -293,9 +307,7 @@ def test_client_disconnect_records_incomplete(start_proxy: Callable[[str], Proxy
     assert proxy.store.set_triage("acme", [row.id], "kept", "alice") == 0
 
 
-def test_stream_cut_off_upstream_is_incomplete(
-    start_proxy: Callable[[str], Proxy], broken_upstream: str
-) -> None:
+def test_stream_cut_off_upstream_is_incomplete(start_proxy: Callable[[str], Proxy], broken_upstream: str) -> None:
     proxy = start_proxy(broken_upstream)
     pieces = []
     request = {"model": "claude-haiku-4", "max_tokens": 8, "messages": [{"role": "user", "content": "cut"}]}
@@ -318,54 +330,145 @@ def test_stream_cut_off_upstream_is_incomplete(
     assert proxy.store.apply_rules("acme", "support") == {"kept": 0, "discarded": 0}
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_store_url(request: pytest.FixtureRequest) -> Iterator[Callable[[], str | None]]:
+    """Makes store URLs: None for the embedded SQLite file under KOLM_HOME, else a fresh throwaway
+    PostgreSQL database per call (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield lambda: None
+        return
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    made: list[str] = []
+
+    def make() -> str:
+        db = f"kolm_canary_{uuid.uuid4().hex[:12]}"
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        made.append(db)
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
+
+    with admin:
+        try:
+            yield make
+        finally:
+            for db in made:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+
+
 def test_upstream_key_never_stored_logged_or_echoed(
-    start_proxy: Callable[[str], Proxy], teacher: str, broken_upstream: str, caplog: pytest.LogCaptureFixture
+    start_proxy: Callable[..., Proxy],
+    teacher: str,
+    broken_upstream: str,
+    new_store_url: Callable[[], str | None],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Canary: a unique provider key, shaped so that PII redaction would not catch it, goes through every
+    kind of call, including failures whose bodies echo it; afterwards no byte of it is anywhere."""
+    canary = f"Canary.{uuid.uuid4().hex[:8]}.{uuid.uuid4().hex[:8]}"
     for name in SERVER_LOGGERS:
         caplog.set_level(logging.DEBUG, logger=name)
-    good, bad = start_proxy(teacher), start_proxy(broken_upstream)
-    question = [{"role": "user", "content": "I was charged twice"}]
-    good.openai().chat.completions.create(model="gpt-4o", messages=question)
-    list(good.openai().chat.completions.create(model="gpt-4o", messages=question, stream=True))
-    good.anthropic().messages.create(model="claude-sonnet-4", max_tokens=8, messages=question)
+    log_file = tmp_path / "server.log"
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(file_handler)
+    good_url, bad_url = new_store_url(), new_store_url()
+    good, bad = start_proxy(teacher, good_url), start_proxy(broken_upstream, bad_url)
+    headers = {"x-upstream-api-key": canary}
+    question = [{"role": "user", "content": f"I was charged twice, my key is {canary}"}]
+    seen: list[str] = []
+    try:
+        reply = good.openai(**headers).chat.completions.with_raw_response.create(model="gpt-4o", messages=question)
+        seen.append(reply.text + repr(reply.headers))
+        seen.extend(
+            repr(c)
+            for c in good.openai(**headers).chat.completions.create(model="gpt-4o", messages=question, stream=True)
+        )
+        seen.append(
+            repr(good.anthropic(**headers).messages.create(model="claude-sonnet-4", max_tokens=8, messages=question))
+        )
 
-    seen = []
-    with httpx.Client() as client:
-        for path, auth in [
-            ("/v1/capture/openai/chat/completions", {"authorization": f"Bearer {bad.key}"}),
-            ("/v1/capture/anthropic/v1/messages", {"x-api-key": bad.key}),
-        ]:
-            for mode, stream in [("401", False), ("500", False), ("401", True), ("500", True)]:
-                body = {
-                    "model": "m",
-                    "max_tokens": 8,
-                    "stream": stream,
-                    "messages": [{"role": "user", "content": mode}],
-                }
-                resp = client.post(f"{bad.url}{path}", json=body, headers={**auth, **bad.headers()})
-                assert resp.status_code == int(mode)
-                assert "redacted" in resp.json()["error"]["message"]
-                seen.append(resp.text + repr(resp.headers))
-    with pytest.raises(openai.AuthenticationError) as excinfo:
-        bad.openai().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "401"}])
-    seen.append(str(excinfo.value))
+        with httpx.Client() as client:
+            for path, auth in [
+                ("/v1/capture/openai/chat/completions", {"authorization": f"Bearer {bad.key}"}),
+                ("/v1/capture/anthropic/v1/messages", {"x-api-key": bad.key}),
+            ]:
+                for mode, stream in [("401", False), ("500", False), ("429", False), ("401", True), ("500", True)]:
+                    body = {
+                        "model": "m",
+                        "max_tokens": 8,
+                        "stream": stream,
+                        "messages": [{"role": "user", "content": mode}],
+                    }
+                    resp = client.post(f"{bad.url}{path}", json=body, headers={**auth, **bad.headers(**headers)})
+                    assert resp.status_code == int(mode)
+                    assert "redacted" in resp.json()["error"]["message"]
+                    seen.append(resp.text + repr(resp.headers))
+                    if mode == "429":
+                        assert resp.headers["retry-after"] == "7"
+            echo = "".join(
+                chunk.choices[0].delta.content or ""
+                for chunk in bad.openai(**headers).chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "echo-stream"}], stream=True
+                )
+            )
+            assert echo == "your key is [redacted]"
+            seen.append(echo)
+        with pytest.raises(openai.AuthenticationError) as excinfo:
+            bad.openai(**headers).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "401"}])
+        seen.append(str(excinfo.value))
 
-    errors = bad.captures()
-    assert len(errors) == 9
-    assert {(r.status, r.output_text) for r in errors} == {("error", "")}
-    assert {r.http_status for r in errors} == {401, 500}
-    assert len(good.captures()) == 3
-    good.store.close()
-    bad.store.close()
+        good_rows, bad_rows = good.captures(), bad.captures()
+        assert len(good_rows) == 3 and {r.status for r in good_rows} == {"ok"}
+        assert all("[redacted]" in r.messages[-1]["content"] for r in good_rows)
+        assert len(bad_rows) == 12
+        assert {r.http_status for r in bad_rows} == {401, 429, 500, 200}
+        # Artifacts: the corpus export of every kept pair, written where a user would keep it.
+        for proxy in (good, bad):
+            proxy.store.add_rule("acme", "support", "keep", {}, "canary")
+            proxy.store.apply_rules("acme", "support")
+            api = httpx.Client(base_url=proxy.url, headers={"authorization": f"Bearer {proxy.key}"})
+            export = api.get("/v1/labels/synthesize-corpus", params={"namespace": "support"})
+            api.close()
+            assert export.status_code == 200 and export.content
+            (proxy.home / "artifacts").mkdir(parents=True, exist_ok=True)
+            (proxy.home / "artifacts" / "corpus.jsonl").write_bytes(export.content)
+        dumps = []
+        if good_url is not None and bad_url is not None:
+            for url in (good_url, bad_url):
+                dump = subprocess.run(
+                    [PG_DUMP, "--no-owner", "--inserts", url.replace("postgresql+psycopg", "postgresql")],
+                    capture_output=True,
+                    check=True,
+                ).stdout
+                assert b"INSERT INTO public.captures" in dump  # the dump does hold the captures
+                dumps.append(dump)
+            # The store goes away: later captures are spooled, and the spool must be as clean.
+            with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+                db = good_url.rsplit("/", 1)[1]
+                admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+            good.openai(**headers).chat.completions.create(model="gpt-4o", messages=question)
+            good.flush()
+            assert list((good.home / "spool").glob("*.jsonl"))
+    finally:
+        logging.getLogger().removeHandler(file_handler)
+        file_handler.close()
     for proxy in (good, bad):
-        files = list(proxy.home.rglob("*"))
-        assert any(f.name == "captures.db" for f in files)
+        proxy.store.close()
+        files = [path for path in proxy.home.rglob("*") if path.is_file()]
+        if good_url is None:
+            assert any(f.name == "captures.db" for f in files)
+        assert any(f.name == "corpus.jsonl" for f in files)
         for path in files:
-            if path.is_file():
-                assert CANARY.encode() not in path.read_bytes(), path
-    assert not any(CANARY in text for text in seen)
-    assert CANARY not in caplog.text
-    assert all(CANARY not in str(record.args) for record in caplog.records)
+            assert canary.encode() not in path.read_bytes(), path
+    for dump in dumps:
+        assert canary.encode() not in dump
+    assert canary.encode() not in log_file.read_bytes()
+    assert not any(canary in text for text in seen)
+    assert canary not in caplog.text
+    assert all(canary not in str(record.args) for record in caplog.records)
 
 
 def test_unknown_kolm_key_is_401(proxy: Proxy) -> None:
@@ -425,9 +528,7 @@ def test_capture_only_key_cannot_use_inbox(proxy: Proxy) -> None:
         ("POST", "/v1/captures/1/feedback"),
         ("GET", "/v1/namespaces/support/status"),
     ]:
-        resp = httpx.request(
-            method, f"{proxy.url}{path}", json={"state": "kept", "output": "x"}, headers=auth
-        )
+        resp = httpx.request(method, f"{proxy.url}{path}", json={"state": "kept", "output": "x"}, headers=auth)
         assert resp.status_code == 403, path
         assert resp.json()["error"]["type"] == "permission_error"
     proxy.flush()
@@ -453,7 +554,11 @@ def test_inbox_routes(start_proxy: Callable[[str], Proxy], teacher: str, broken_
     }
     assert api.post(f"/v1/captures/{third_id}/triage", json={"state": "discarded"}).status_code == 200
     fixed = api.post(f"/v1/captures/{second_id}/feedback", json={"output": "logistics"})
-    assert fixed.json() == {"id": second_id, "feedback_output": "logistics"}
+    assert fixed.json() == {"id": second_id, "feedback_output": "logistics", "feedback_rating": None}
+    rated = api.post(f"/v1/captures/{second_id}/feedback", json={"rating": 4}).json()
+    assert rated == {"id": second_id, "feedback_output": None, "feedback_rating": 4}
+    single = api.get(f"/v1/captures/{second_id}").json()
+    assert (single["feedback_output"], single["feedback_rating"]) == ("logistics", 4)
     kept = api.get("/v1/captures", params={"state": "kept"}).json()["captures"]
     assert [c["id"] for c in kept] == [first_id]
     assert api.get("/v1/captures?state=untriaged").json()["captures"][0]["feedback_output"] == "logistics"
@@ -461,9 +566,52 @@ def test_inbox_routes(start_proxy: Callable[[str], Proxy], teacher: str, broken_
     status = api.get("/v1/namespaces/support/status").json()
     assert status == {
         "namespace": "support",
-        "counters": {"captured": 3, "kept": 1, "discarded": 1, "untriaged": 1},
-        "switches": {"distill_enabled": False, "implicit_signals": False, "retention_days": 30},
+        "counters": {"captured": 3, "kept": 1, "discarded": 1, "untriaged": 1, "distilled": 0, "merged": 0},
+        "switches": {"retention_days": 30, "implicit_signals": False, "distill_ready": False},
+        "redaction": "all",
     }
+    assert api.get("/v1/namespaces").json() == {"namespaces": ["support"]}
+
+    # Bulk triage is all or nothing; rules are added and applied at once.
+    resp = api.post("/v1/captures/triage", json={"ids": [second_id, 999_999], "state": "kept"})
+    assert resp.status_code == 404 and proxy.store.get_capture("acme", second_id).triage_state == "untriaged"
+    bulk = api.post("/v1/captures/triage", json={"ids": [second_id, third_id], "state": "untriaged"}).json()
+    assert bulk == {"state": "untriaged", "changed": 1, "requested": 2}
+    rule = api.post("/v1/namespaces/support/rules", json={"action": "keep", "match": {"model": "gpt-4o"}}).json()
+    assert rule["applied"] == {"kept": 2, "discarded": 0}
+    assert [r["match"] for r in api.get("/v1/namespaces/support/rules").json()["rules"]] == [
+        {"status": "ok", "model": "gpt-4o"}
+    ]
+    assert (
+        api.post("/v1/namespaces/support/rules", json={"action": "keep", "match": {"colour": "x"}}).status_code == 400
+    )
+
+    # The corpus export is exactly what the corpus stage builds from the same kept pairs.
+    from kolm_pipeline.corpus.build import build_corpus
+
+    export = api.get("/v1/labels/synthesize-corpus", params={"namespace": "support"})
+    assert export.headers["content-type"] == "application/x-ndjson"
+    assert export.content == build_corpus(proxy.store.kept_pairs("acme", "support"))[0]
+    assert [json.loads(line)["messages"][-1]["content"] for line in export.text.splitlines()] == [
+        "fin-ops",
+        "logistics",
+        "unknown",
+    ]
+    observed = api.get("/v1/bridges/observations", params={"namespace": "support"}).json()
+    assert observed["partition_key"] == "acme.support" and observed["counters"]["kept"] == 3
+    assert observed["last_capture_id"] == third_id
+
+    # Switches: every change is audited with its old and new value.
+    changed = api.post("/v1/namespaces/support/switches", json={"retention_days": 7, "distill_ready": True}).json()
+    assert changed["switches"] == {"retention_days": 7, "implicit_signals": False, "distill_ready": True}
+    redaction = api.post("/v1/namespaces/support/switches", json={"redact_entities": ["EMAIL", "API_KEY"]}).json()
+    assert redaction["redaction"] == ["API_KEY", "EMAIL"]
+    for bad in [{"retention_days": 0}, {"distill_ready": "yes"}, {"redact_entities": ["NAME"]}]:
+        assert api.post("/v1/namespaces/support/switches", json=bad).status_code == 400
+    audit = [(row["action"], row["detail"]) for row in api.get("/v1/audit?namespace=support").json()["audit"]]
+    assert ("switch.retention_days", {"from": 30, "to": 7}) in audit
+    assert ("switch.distill_ready", {"from": False, "to": True}) in audit
+    assert ("switch.redact_entities", {"from": None, "to": ["API_KEY", "EMAIL"]}) in audit
 
     for method, path, payload, code in [
         ("POST", f"/v1/captures/{first_id}/triage", {"state": "maybe"}, 400),
@@ -472,6 +620,12 @@ def test_inbox_routes(start_proxy: Callable[[str], Proxy], teacher: str, broken_
         ("POST", "/v1/captures/999999/triage", {"state": "kept"}, 404),
         ("POST", "/v1/captures/999999/feedback", {"output": "x"}, 404),
         ("POST", f"/v1/captures/{first_id}/feedback", {"output": ""}, 400),
+        ("POST", f"/v1/captures/{first_id}/feedback", {}, 400),
+        ("POST", f"/v1/captures/{first_id}/feedback", {"rating": 6}, 400),
+        ("POST", "/v1/captures/triage", {"ids": [], "state": "kept"}, 400),
+        ("GET", "/v1/labels/synthesize-corpus", None, 400),
+        ("GET", "/v1/bridges/observations?namespace=a.b", None, 400),
+        ("GET", "/v1/captures/999999", None, 404),
         ("GET", "/v1/captures?limit=0", None, 400),
         ("GET", "/v1/captures?namespace=Bad.NS", None, 400),
         ("GET", "/v1/captures?state=maybe", None, 400),
@@ -488,9 +642,7 @@ def test_inbox_routes(start_proxy: Callable[[str], Proxy], teacher: str, broken_
 
     failing = start_proxy(broken_upstream)
     with pytest.raises(openai.InternalServerError):
-        failing.openai().chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "500"}]
-        )
+        failing.openai().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "500"}])
     failing.flush()
     [error_row] = failing.store.list_captures("acme")
     failing_api = httpx.Client(base_url=failing.url, headers={"authorization": f"Bearer {failing.key}"})

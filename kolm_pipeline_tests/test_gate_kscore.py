@@ -85,5 +85,5 @@ def test_tripwire_catches_collapsed_answers_and_holdout_drop():
     assert check_collapse(references, references, 1.0, None).clear
     collapsed = check_collapse(["a"] * 20, references, 0.25, None)
     assert not collapsed.clear and "diversity" in collapsed.reasons[0]
-    dropped = check_collapse(references, references, 0.80, {"holdout_score": 0.95})
+    dropped = check_collapse(references, references, 0.80, {"last_good": {"holdout_score": 0.95}})
     assert not dropped.clear and "hold-out" in dropped.reasons[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -18,7 +18,7 @@ from kolm_pipeline.store import (
     split_partition_key,
     validate_namespace,
 )
-from kolm_pipeline.store.tables import audit_log, tenants
+from kolm_pipeline.store.tables import audit_log, metadata, tenants
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
@@ -47,9 +47,7 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[CaptureStore]:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
 
 
-def capture(
-    n: int, *, namespace: str = "support", status: str = "ok", tenant: str = "acme", **kw
-) -> NewCapture:
+def capture(n: int, *, namespace: str = "support", status: str = "ok", tenant: str = "acme", **kw) -> NewCapture:
     fields = {
         "request_id": uuid.uuid4().hex,
         "tenant": tenant,
@@ -104,9 +102,7 @@ def test_tenant_keys_are_hashed(store: CaptureStore) -> None:
 
 
 def test_insert_list_get(store: CaptureStore) -> None:
-    ids = store.insert_captures(
-        [capture(1, tags=["a", "b"]), capture(2, streamed=True), capture(3, namespace="ops")]
-    )
+    ids = store.insert_captures([capture(1, tags=["a", "b"]), capture(2, streamed=True), capture(3, namespace="ops")])
     assert ids == sorted(ids) and len(set(ids)) == 3
     assert store.insert_captures([]) == []
     newest_first = store.list_captures("acme")
@@ -209,6 +205,12 @@ def test_feedback_and_kept_pairs(store: CaptureStore) -> None:
     assert [p.id for p in pairs] == [first, second]
     assert pairs[0].output == "answer 1" and pairs[0].tags == ["x"]
     assert pairs[1].output == "corrected answer"
+    store.set_feedback("acme", first, None, "bob", rating=5)
+    assert store.get_capture("acme", first).feedback_rating == 5
+    assert store.kept_pairs("acme", "support")[0].output == "answer 1"
+    for output, rating in [(None, None), (None, 0), (None, 6), (None, True)]:
+        with pytest.raises(ValueError):
+            store.set_feedback("acme", first, output, "bob", rating=rating)
     assert pairs[0].messages == [{"role": "user", "content": "question 1"}]
     assert (pairs[0].prompt_tokens, pairs[0].completion_tokens, pairs[0].latency_us) == (3, 2, 1001)
     assert store.get_capture("acme", second).output_text == "answer 2"
@@ -216,12 +218,28 @@ def test_feedback_and_kept_pairs(store: CaptureStore) -> None:
 
 
 def test_counters_and_namespaces(store: CaptureStore) -> None:
-    assert store.counters("acme", "support") == {"captured": 0, "kept": 0, "discarded": 0, "untriaged": 0}
+    zero = {"captured": 0, "kept": 0, "discarded": 0, "untriaged": 0, "distilled": 0, "merged": 0}
+    assert store.counters("acme", "support") == zero
     ids = store.insert_captures([capture(i) for i in range(5)] + [capture(9, namespace="ops", tenant="shop")])
-    store.set_triage("acme", ids[:2], "kept", "alice")
-    store.set_triage("acme", ids[2:3], "discarded", "alice")
-    assert store.counters("acme", "support") == {"captured": 5, "kept": 2, "discarded": 1, "untriaged": 2}
+    store.set_triage("acme", ids[:3], "kept", "alice")
+    store.set_triage("acme", ids[3:4], "discarded", "alice")
+    # Only kept pairs of the named tenant and namespace are marked; marking twice counts once.
+    assert store.mark_distilled("acme", "support", [*ids[:3], ids[3], ids[5]]) == 3
+    assert store.mark_distilled("acme", "support", ids[:3]) == 0
+    assert store.mark_merged("acme", "support", ids[:1]) == 1
+    assert store.mark_merged("shop", "ops", ids[:1]) == 0
+    assert store.counters("acme", "support") == {
+        "captured": 5,
+        "kept": 3,
+        "discarded": 1,
+        "untriaged": 1,
+        "distilled": 3,
+        "merged": 1,
+    }
+    assert store.counters("shop", "ops")["captured"] == 1
     assert store.namespaces() == [("acme", "support"), ("shop", "ops")]
+    assert store.namespaces("shop") == [("shop", "ops")]
+    assert [row.action for row in store.audit_rows("acme", "support")][:2] == ["artifact.merged", "corpus.distilled"]
 
 
 def test_registry_and_audit(store: CaptureStore) -> None:
@@ -250,3 +268,176 @@ def test_rotate_key_and_delete_namespace(store: CaptureStore) -> None:
     assert store.rules("acme", "support") == []
     assert [c.id for c in store.list_captures("acme")] == [ids[2]]
     assert store.audit_rows("acme", "support")[0].action == "namespace.delete"
+
+
+class Clock:
+    """A controlled clock: the store reads it for every timestamp it writes."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clocked(store: CaptureStore) -> tuple[CaptureStore, Clock]:
+    clock = Clock()
+    store.clock = clock
+    return store, clock
+
+
+def test_retention_replaces_bodies_by_hmac(clocked: tuple[CaptureStore, Clock]) -> None:
+    store, clock = clocked
+    secret_text = "my card is 4111 and my cat is Mittens"
+    old = store.insert_captures(
+        [capture(1, messages=[{"role": "user", "content": secret_text}], output_text="Mittens reply")]
+    )[0]
+    store.set_triage("acme", [old], "kept", "alice")
+    store.set_feedback("acme", old, "Mittens corrected", "alice")
+    store.set_switches("acme", "short", "alice", retention_days=1)
+    clock.advance(days=2)
+    short = store.insert_captures([capture(2, namespace="short")])[0]
+    fresh = store.insert_captures([capture(3)])[0]
+    before = store.counters("acme", "support")
+    digest = store.get_capture("acme", old).input_hmac
+
+    clock.advance(days=29)  # `old` is 31 days old, `fresh` 29, `short` 29 in a 1-day namespace
+    assert store.apply_retention() == {"acme.support": 1, "acme.short": 1}
+    assert store.apply_retention() == {}
+    expired = store.get_capture("acme", old)
+    assert expired.expired_at == clock.now and expired.messages == [] and expired.output_text == ""
+    assert expired.input_hmac == digest == store.input_digest("acme", [{"role": "user", "content": secret_text}])
+    assert len(expired.output_hmac) == 64 and expired.output_hmac != digest
+    assert expired.feedback_output.startswith("hmac-sha256:") and "Mittens" not in expired.feedback_output
+    assert store.get_capture("acme", short).expired_at is not None
+    assert store.get_capture("acme", fresh).expired_at is None
+    # Counters keep counting; an expired pair no longer feeds a corpus and cannot be kept again.
+    assert store.counters("acme", "support") == before
+    assert [p.id for p in store.kept_pairs("acme", "support")] == []
+    store.set_triage("acme", [old], "untriaged", "alice")
+    assert store.set_triage("acme", [old], "kept", "alice") == 0
+    with pytest.raises(ValueError):
+        store.set_feedback("acme", old, "new text", "alice")
+    # Dedup still recognises the input; whitespace and case do not matter, the tenant does.
+    assert store.seen_input("acme", "support", [{"role": "user", "content": "  MY card is 4111 and my cat is mittens"}])
+    assert not store.seen_input("shop", "support", [{"role": "user", "content": secret_text}])
+    # The text is gone from every table.
+    with store.engine.connect() as conn:
+        for table in metadata.sorted_tables:
+            for row in conn.execute(select(table)):
+                assert "Mittens" not in repr(tuple(row)), table.name
+    assert "retention.expire" in [row.action for row in store.audit_rows("acme", "support")]
+
+
+def test_retention_text_gone_from_sqlite_file(tmp_path) -> None:
+    clock = Clock()
+    path = tmp_path / "captures.db"
+    store = CaptureStore(f"sqlite:///{path}", clock=clock, default_retention_days=1)
+    store.insert_captures([capture(1, output_text="Xylophone-Quartz-Secret " * 20)])
+    clock.advance(days=2)
+    assert store.apply_retention() == {"acme.support": 1}
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    for file in tmp_path.iterdir():
+        assert b"Xylophone-Quartz-Secret" not in file.read_bytes(), file.name
+
+
+def test_switches_are_audited(store: CaptureStore) -> None:
+    settings = store.namespace_settings("acme", "support")
+    assert settings.switches() == {"retention_days": 30, "implicit_signals": False, "distill_ready": False}
+    assert settings.redact_entities is None
+    store.set_switches("acme", "support", "alice", implicit_signals=True, retention_days=30)
+    store.set_switches("acme", "support", "bob", distill_ready=True, redact_entities=["EMAIL"])
+    store.set_switches("acme", "support", "bob", distill_ready=True)  # no change, no audit row
+    after = store.namespace_settings("acme", "support")
+    assert after.switches() == {"retention_days": 30, "implicit_signals": True, "distill_ready": True}
+    assert after.redact_entities == ("EMAIL",)
+    assert store.namespace_settings("shop", "support").implicit_signals is False
+    audit = [(r.action, r.detail, r.actor) for r in store.audit_rows("acme", "support")][::-1]
+    assert audit == [
+        ("switch.implicit_signals", {"from": False, "to": True}, "alice"),
+        ("switch.distill_ready", {"from": False, "to": True}, "bob"),
+        ("switch.redact_entities", {"from": None, "to": ["EMAIL"]}, "bob"),
+    ]
+    for bad in [{"retention_days": 0}, {"retention_days": True}, {"distill_ready": "on"}, {"colour": 1}]:
+        with pytest.raises(ValueError):
+            store.set_switches("acme", "support", "alice", **bad)
+
+
+def test_implicit_signals_only_when_opted_in(clocked: tuple[CaptureStore, Clock]) -> None:
+    store, clock = clocked
+    question = [{"role": "user", "content": "same question"}]
+    first = store.insert_captures([capture(1, messages=question)])[0]
+    clock.advance(minutes=1)
+    store.insert_captures([capture(2, messages=question)])
+    assert store.get_capture("acme", first).implicit_signal is None  # off by default
+    store.set_switches("acme", "support", "alice", implicit_signals=True)
+    clock.advance(minutes=1)
+    again = store.insert_captures([capture(3, messages=question)])[0]
+    assert store.get_capture("acme", first).implicit_signal == "retried"
+    clock.advance(hours=1)
+    store.insert_captures([capture(4, messages=question)])
+    assert store.get_capture("acme", again).implicit_signal is None  # too long after: no signal
+    store.add_rule("acme", "support", "discard", {"signal": "retried"}, "alice")
+    assert store.apply_rules("acme", "support") == {"kept": 0, "discarded": 2}
+
+
+def test_insert_once_is_idempotent(store: CaptureStore) -> None:
+    records = [capture(1), capture(2)]
+    store.insert_captures_once(records)
+    store.insert_captures_once([*records, capture(3)])
+    assert store.counters("acme", "support")["captured"] == 3
+
+
+def test_migrations_upgrade_an_unversioned_database(tmp_path) -> None:
+    """A database made before versioning (the colleague's first schema) is upgraded in place."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+    from sqlalchemy import create_engine, inspect, text
+
+    from kolm_pipeline.store.migrations import LATEST, MIGRATIONS, applied_versions
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        MIGRATIONS[0][2](Operations(MigrationContext.configure(conn)), conn)
+        conn.execute(
+            text(
+                "INSERT INTO captures (request_id, tenant, namespace, provider, model, input_json, output_text,"
+                " latency_us, status, http_status, tags, streamed, triage_state, created_at)"
+                " VALUES ('r1', 'acme', 'support', 'openai', 'm', '[{\"role\":\"user\",\"content\":\"hi\"}]',"
+                " 'hello', 5, 'ok', 200, '', 0, 'kept', '2020-01-01 00:00:00')"
+            )
+        )
+    engine.dispose()
+    store = CaptureStore(url)
+    with store.engine.connect() as conn:
+        assert applied_versions(conn) == set(range(1, LATEST + 1))
+        inspector = inspect(conn)
+        for table in metadata.sorted_tables:
+            assert {c["name"] for c in inspector.get_columns(table.name)} == set(table.columns.keys()), table.name
+    assert store.counters("acme", "support")["kept"] == 1
+    assert store.apply_retention() == {"acme.support": 1}
+    assert store.get_capture("acme", 1).input_hmac == store.input_digest("acme", [{"role": "user", "content": "hi"}])
+    store.close()
+
+
+def test_fresh_schema_matches_tables(store: CaptureStore) -> None:
+    from sqlalchemy import inspect
+
+    with store.engine.connect() as conn:
+        inspector = inspect(conn)
+        for table in metadata.sorted_tables:
+            columns = {c["name"]: c for c in inspector.get_columns(table.name)}
+            assert set(columns) == set(table.columns.keys()), table.name
+            for column in table.columns:
+                assert columns[column.name]["nullable"] == column.nullable, (table.name, column.name)
+            indexes = {tuple(i["column_names"]) for i in inspector.get_indexes(table.name)}
+            for index in table.indexes:
+                assert tuple(c.name for c in index.columns) in indexes, (table.name, index.name)
+    CaptureStore(store.engine.url.render_as_string(hide_password=False)).close()  # a second start is a no-op

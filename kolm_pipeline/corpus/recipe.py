@@ -2,29 +2,59 @@
 
 A recipe directory holds `spec.json` (validated against the schema shipped next to this module),
 `train.jsonl`, `eval.jsonl`, `holdout.jsonl` and `diagnostics.json`. The pipeline synthesises one from
-observations; people can write one by hand in the same format and `kolm compile` accepts it.
+observations (recipe-from-observations: output kind, verifier, intent clusters, splits, K-floor); people
+can write one by hand in the same format and `kolm compile` accepts it. A directory is written under a
+`.partial` name and renamed into place, so a reader never sees half a recipe.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jsonschema
 
 from kolm_pipeline.corpus.build import input_key
+from kolm_pipeline.corpus.clustering import choose_k, cluster, embed_sample, neighbour_purity, propagate
+from kolm_pipeline.corpus.dedup import NearDuplicateIndex
+from kolm_pipeline.corpus.kfloor import k_floor
+from kolm_pipeline.corpus.kinds import (
+    GROUNDED_SHARE,
+    MAX_LABELS,
+    VERIFIER_FOR_KIND,
+    KindDecision,
+    answer,
+    detect_output_kind,
+    infer_json_schema,
+    json_objects,
+    prompt_text,
+)
+from kolm_pipeline.corpus.text import intent_text, template_messages
+from kolm_pipeline.registry.cid import cid_for_bytes
+
+__all__ = [
+    "DEFAULT_K_FLOOR", "MAX_LABELS", "RECIPE_FORMAT", "SPEC_SCHEMA", "VERIFIER_FOR_KIND", "DryRunReport", "Recipe",
+    "RecipeError", "answer", "detect_output_kind", "dry_run", "dry_run_report", "infer_json_schema", "load_recipe",
+    "prompt_text", "read_jsonl", "synthesize_recipe",
+]
 
 SPEC_SCHEMA = json.loads((Path(__file__).with_name("recipe_spec.schema.json")).read_text())
 RECIPE_FORMAT = "kolm-recipe/1"
 DEFAULT_K_FLOOR = 0.50
 HOLDOUT_SHARE = 0.15
 EVAL_SHARE = 0.20
-MAX_LABELS = 50
+MIN_CORPUS_PAIRS = 10
+MIN_TRAIN_PAIRS = 10
+MIN_EVAL_PAIRS = 3
+SPLIT_FILES = ("train.jsonl", "eval.jsonl", "holdout.jsonl")
+_MAX_REPORTED = 5
 
 
 class RecipeError(Exception):
@@ -40,94 +70,261 @@ class Recipe:
     train: list[dict]
     eval: list[dict]
     holdout: list[dict]
+    diagnostics: dict = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str] | None:
         return self.spec.get("labels")
 
 
-VERIFIER_FOR_KIND = {
-    "categorical": "closed_vocab",
-    "json": "json_schema",
-    "extractive": "byte_grounded",
-    "free_text": "text_match",
-}
+# ---------------------------------------------------------------------------------------------------------
+# Reading and validating
 
 
-def answer(row: dict) -> str:
-    return row["messages"][-1]["content"]
+def _row_problem(row: object) -> str | None:
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or len(messages) < 2:
+        return "expected {'messages': [..., {'role': 'assistant', 'content': ...}]} with at least two messages"
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"message {position} has no string 'role'"
+        if not isinstance(message.get("content"), str):
+            return f"message {position} has no string 'content'"
+    if messages[-1]["role"] != "assistant":
+        return "the last message must be the assistant's answer"
+    return None
 
 
-def prompt_text(row: dict) -> str:
-    return "\n".join(str(m.get("content", "")) for m in row["messages"][:-1])
-
-
-def _json_type(value: object) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "null"
-
-
-def infer_json_schema(values: list[dict]) -> dict:
-    """Object schema: property types seen, keys present in every value required, enums for short
-    low-cardinality strings."""
-    properties: dict[str, dict] = {}
-    seen: dict[str, list] = defaultdict(list)
-    for value in values:
-        for key, item in value.items():
-            seen[key].append(item)
-    for key, items in seen.items():
-        types = sorted({_json_type(item) for item in items})
-        prop: dict = {"type": types[0] if len(types) == 1 else types}
-        distinct = {item for item in items if isinstance(item, str)}
-        if types == ["string"] and len(distinct) <= 10 and len(items) >= 3 * len(distinct):
-            prop["enum"] = sorted(distinct)
-        properties[key] = prop
-    required = sorted(key for key, items in seen.items() if len(items) == len(values))
-    return {"type": "object", "properties": properties, "required": required}
-
-
-def detect_output_kind(rows: list[dict]) -> tuple[str, dict]:
-    """Classify the outputs and return the kind plus what its verifier needs (labels or schema)."""
-    outputs = [answer(row) for row in rows]
-    parsed = []
-    for output in outputs:
+def scan_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows of a chat-format JSONL file and a problem line ("FILE:LINE: why") for every bad line."""
+    if not path.is_file():
+        return [], [f"{path}: missing"]
+    rows, problems = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return [], [f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            value = json.loads(output)
-        except json.JSONDecodeError:
-            break
-        if not isinstance(value, dict):
-            break
-        parsed.append(value)
-    if outputs and len(parsed) == len(outputs):
-        return "json", {"json_schema": infer_json_schema(parsed)}
-    distinct = sorted(set(outputs))
-    short = all(len(output.split()) <= 5 for output in outputs)
-    if short and 2 <= len(distinct) <= min(MAX_LABELS, max(2, len(outputs) // 3)):
-        return "categorical", {"labels": distinct}
-    if outputs and all(output.strip() and output.strip() in prompt_text(row) for row, output in
-                       zip(rows, outputs, strict=True)):
-        return "extractive", {}
-    return "free_text", {}
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        problem = _row_problem(row)
+        if problem:
+            problems.append(f"{path}:{number}: {problem}")
+            continue
+        rows.append(row)
+    return rows, problems
 
 
-def _stratified_split(rows: list[dict], share: float, key, rng: random.Random) -> tuple[list, list]:
-    """Take `share` of every stratum (at least one from strata with two or more rows)."""
-    strata: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        strata[key(row)].append(row)
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a recipe split; any bad line refuses the file, naming the file and line."""
+    rows, problems = scan_jsonl(Path(path))
+    if problems:
+        extra = len(problems) - 1
+        more = f" (and {extra} more bad line{'s' if extra > 1 else ''})" if extra else ""
+        raise RecipeError(problems[0] + more)
+    return rows
+
+
+def _spec_problem(spec_path: Path, spec: object) -> str | None:
+    validator = jsonschema.Draft202012Validator(SPEC_SCHEMA)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(spec))
+    if error is None:
+        return None
+    where = "/".join(str(part) for part in error.absolute_path) or "(top level)"
+    return f"{spec_path}: {where}: {error.message}"
+
+
+def _load_spec(path: Path) -> dict:
+    """spec.json, valid against the shipped schema, with a json_schema that is itself a valid schema."""
+    spec_path = path / "spec.json"
+    if not spec_path.is_file():
+        raise RecipeError(f"{spec_path}: missing (a recipe directory needs spec.json)")
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{spec_path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    problem = _spec_problem(spec_path, spec)
+    if problem:
+        raise RecipeError(problem)
+    if "json_schema" in spec:
+        try:
+            jsonschema.Draft202012Validator.check_schema(spec["json_schema"])
+        except jsonschema.SchemaError as exc:
+            where = "/".join(str(part) for part in exc.absolute_path)
+            raise RecipeError(f"{spec_path}: json_schema/{where}: not a valid JSON Schema ({exc.message})") from exc
+    return spec
+
+
+def _load_diagnostics(path: Path) -> dict:
+    diagnostics_path = path / "diagnostics.json"
+    if not diagnostics_path.is_file():
+        return {}
+    try:
+        return json.loads(diagnostics_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{diagnostics_path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Load and validate a recipe directory (synthesised or hand-written); `holdout.jsonl` and
+    `diagnostics.json` are optional in a hand-written one."""
+    path = Path(path)
+    spec = _load_spec(path)
+    return Recipe(
+        path=path,
+        spec=spec,
+        train=read_jsonl(path / "train.jsonl"),
+        eval=read_jsonl(path / "eval.jsonl"),
+        holdout=read_jsonl(path / "holdout.jsonl") if (path / "holdout.jsonl").exists() else [],
+        diagnostics=_load_diagnostics(path),
+    )
+
+
+@dataclass
+class DryRunReport:
+    """What a compile would meet: problems stop it, notes do not."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    recipe: Recipe | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.recipe is None:
+            return f"{self.path}: not a loadable recipe"
+        spec = self.recipe.spec
+        labels = f", {len(spec['labels'])} labels" if spec.get("labels") else ""
+        return (f"{self.path}: {spec['output_kind']} → {spec['verifier']}{labels}; train {len(self.recipe.train)}, "
+                f"eval {len(self.recipe.eval)}, holdout {len(self.recipe.holdout)}; K-floor {spec['k_floor']}")
+
+
+def _verifier_problems(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """Whether the recipe's verifier can judge its own reference answers (the teacher would score V = 1)."""
+    spec = recipe.spec
+    verifier = spec["verifier"]
+    problems, notes = [], []
+    splits = [(recipe.path / name, rows) for name, rows in
+              zip(SPLIT_FILES, (recipe.train, recipe.eval, recipe.holdout), strict=True)]
+    failures: list[str] = []
+    grounded = total = 0
+    validator = jsonschema.Draft202012Validator(spec["json_schema"]) if verifier == "json_schema" else None
+    for path, rows in splits:
+        for number, row in enumerate(rows, start=1):
+            reference = answer(row)
+            total += 1
+            if verifier == "closed_vocab" and reference.strip() not in spec["labels"]:
+                failures.append(f"{path}:{number}: answer {reference.strip()!r} is not one of the labels")
+            elif verifier == "json_schema":
+                try:
+                    value = json.loads(reference)
+                except json.JSONDecodeError as exc:
+                    failures.append(f"{path}:{number}: answer is not JSON ({exc.msg})")
+                    continue
+                error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+                if error is not None:
+                    where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+                    failures.append(f"{path}:{number}: answer fails json_schema at {where}: {error.message}")
+            elif verifier == "byte_grounded":
+                grounded += reference.strip() != "" and reference.strip() in prompt_text(row)
+            elif verifier == "text_match" and not reference.strip():
+                failures.append(f"{path}:{number}: empty answer")
+    problems.extend(failures[:_MAX_REPORTED])
+    if len(failures) > _MAX_REPORTED:
+        problems.append(f"... and {len(failures) - _MAX_REPORTED} more answers the {verifier} verifier rejects")
+    if verifier == "byte_grounded" and total:
+        share = grounded / total
+        line = f"{grounded} of {total} answers occur verbatim in their input ({share:.0%})"
+        if share < GROUNDED_SHARE:
+            problems.append(f"{recipe.path}: byte_grounded does not fit: only {line}; need {GROUNDED_SHARE:.0%}")
+        elif grounded < total:
+            notes.append(f"{recipe.path}: {line}; the others cap accuracy")
+    return problems, notes
+
+
+def dry_run_report(path: Path, min_train: int | None = None) -> DryRunReport:
+    """Validate a recipe without training: spec against its schema, every JSONL line, enough pairs, the
+    verifier applicable to the recipe's own answers, and no hold-out input in train or eval."""
+    path = Path(path)
+    report = DryRunReport(path=path)
+    spec_path = path / "spec.json"
+    try:
+        spec = _load_spec(path)
+        diagnostics = _load_diagnostics(path)
+    except RecipeError as exc:
+        report.problems.append(str(exc))
+        return report
+    splits = {}
+    for name in SPLIT_FILES:
+        if name == "holdout.jsonl" and not (path / name).exists():
+            splits[name] = []
+            continue
+        splits[name], bad = scan_jsonl(path / name)
+        report.problems.extend(bad)
+    if report.problems:
+        return report
+    recipe = Recipe(path=path, spec=spec, train=splits["train.jsonl"], eval=splits["eval.jsonl"],
+                    holdout=splits["holdout.jsonl"], diagnostics=diagnostics)
+    report.recipe = recipe
+    spec = recipe.spec
+    need_train = spec.get("min_train_pairs", min_train if min_train is not None else MIN_TRAIN_PAIRS)
+    need_eval = spec.get("min_eval_pairs", 1)
+    if len(recipe.train) < need_train:
+        report.problems.append(f"{path / 'train.jsonl'}: {len(recipe.train)} pairs, need at least {need_train}")
+    if len(recipe.eval) < need_eval:
+        report.problems.append(f"{path / 'eval.jsonl'}: {len(recipe.eval)} pairs, need at least {need_eval}")
+    from kolm_pipeline.train.distill import TrainConfig
+
+    unknown = sorted(set(spec.get("training") or {}) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        report.problems.append(f"{spec_path}: training: unknown setting(s) {unknown}; known: "
+                               f"{sorted(TrainConfig.__dataclass_fields__)}")
+    problems, notes = _verifier_problems(recipe)
+    report.problems.extend(problems)
+    report.notes.extend(notes)
+    # A hold-out input in train or eval inflates hold-out accuracy and blinds the collapse tripwire. Named
+    # here as a note, not a problem, until the shipped example recipe is free of it.
+    held = {input_key(row["messages"][:-1]): number for number, row in enumerate(recipe.holdout, start=1)}
+    for name, rows in (("train.jsonl", recipe.train), ("eval.jsonl", recipe.eval)):
+        for number, row in enumerate(rows, start=1):
+            line = held.get(input_key(row["messages"][:-1]))
+            if line is not None:
+                report.notes.append(f"{path / name}:{number}: same input as holdout.jsonl:{line}; the hold-out "
+                                    "should never be trained or tuned on")
+    counts = spec.get("counts") or {}
+    actual = {"train": len(recipe.train), "eval": len(recipe.eval), "holdout": len(recipe.holdout)}
+    stale = {split: (counts[split], actual[split]) for split in counts if counts[split] != actual[split]}
+    if stale:
+        report.notes.append(f"{spec_path}: counts differ from the files (spec, files): {stale}")
+    return report
+
+
+def dry_run(path: Path, min_train: int = MIN_TRAIN_PAIRS) -> list[str]:
+    """Problems that would stop a compile, without training; empty when the recipe is ready."""
+    return dry_run_report(path, min_train).problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Synthesis
+
+
+def _stratified_split(
+    indices: list[int], share: float, stratum: Callable[[int], Hashable], rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """Take `share` of every stratum (at least one from strata with two or more members)."""
+    strata: dict[Hashable, list[int]] = defaultdict(list)
+    for index in indices:
+        strata[stratum(index)].append(index)
     taken, rest = [], []
-    for name in sorted(strata):
+    for name in sorted(strata, key=str):
         group = strata[name][:]
         rng.shuffle(group)
         count = round(len(group) * share)
@@ -135,35 +332,28 @@ def _stratified_split(rows: list[dict], share: float, key, rng: random.Random) -
             count = 1
         taken.extend(group[:count])
         rest.extend(group[count:])
-    return taken, rest
+    return sorted(taken), sorted(rest)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows))
+def _jsonl_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows).encode()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a recipe split; a bad line is an error naming the file and line."""
-    if not path.is_file():
-        raise RecipeError(f"{path}: missing")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if (
-            not isinstance(messages, list)
-            or len(messages) < 2
-            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-            or messages[-1]["role"] != "assistant"
-        ):
-            raise RecipeError(f"{path}:{number}: expected {{'messages': [..., {{'role': 'assistant', ...}}]}}")
-        rows.append(row)
-    return rows
+def _share_with(rows: list[dict], key: str) -> float:
+    return sum(1 for row in rows if (row.get("meta") or {}).get(key)) / max(1, len(rows))
+
+
+def _max_new_tokens(rows: list[dict]) -> int:
+    """Room for the longest observed answer: 0.75 tokens per character (English runs about four characters
+    a token, digits one each) plus 16, so a student that does not stop is cut off early and its latency
+    stays measurable."""
+    longest = max((len(answer(row)) for row in rows), default=0)
+    return min(512, max(16, math.ceil(0.75 * longest) + 16))
+
+
+def _canonical_answer(row: dict, text: str) -> dict:
+    messages = [*row["messages"][:-1], {**row["messages"][-1], "content": text}]
+    return {**row, "messages": messages}
 
 
 def synthesize_recipe(
@@ -178,115 +368,169 @@ def synthesize_recipe(
     seed: int = 0,
 ) -> Recipe:
     """Write a recipe directory for a corpus. The hold-out is made once per namespace at
-    `frozen_holdout` and reused unchanged afterwards; its inputs never reach train or eval."""
-    if len(corpus_rows) < 10:
-        raise RecipeError(f"corpus has {len(corpus_rows)} pairs; a recipe needs at least 10")
+    `frozen_holdout` and reused unchanged afterwards; neither its inputs nor near-duplicates of them
+    reach train or eval."""
+    from kolm_pipeline.corpus.embeddings import embed
+
+    if len(corpus_rows) < MIN_CORPUS_PAIRS:
+        raise RecipeError(f"corpus has {len(corpus_rows)} pairs; a recipe needs at least {MIN_CORPUS_PAIRS}")
     rng = random.Random(seed)
-    kind, extra = detect_output_kind(corpus_rows)
-    stratum = answer if kind == "categorical" else (lambda row: "all")
-    if frozen_holdout.is_file():
-        holdout = read_jsonl(frozen_holdout)
-        holdout_keys = {input_key(row["messages"][:-1]) for row in holdout}
-        pool = [row for row in corpus_rows if input_key(row["messages"][:-1]) not in holdout_keys]
-        holdout_made = False
-    else:
-        holdout, pool = _stratified_split(corpus_rows, HOLDOUT_SHARE, stratum, rng)
-        holdout_made = True
-    eval_rows, train_rows = _stratified_split(pool, EVAL_SHARE, stratum, rng)
-    rng.shuffle(train_rows)
+    decision: KindDecision = detect_output_kind(corpus_rows)
+    kind = decision.kind
+    misfit_set = set(decision.misfits)
+    misfits = [
+        {"capture_id": (row.get("meta") or {}).get("capture_id"), "answer": answer(row)[:120]}
+        for index, row in enumerate(corpus_rows) if index in misfit_set
+    ]
+    rows = [row for index, row in enumerate(corpus_rows) if index not in misfit_set]
     if kind == "categorical":
-        labels = sorted({answer(row) for row in corpus_rows} | {answer(row) for row in holdout})
-        extra = {"labels": labels}
+        rows = [_canonical_answer(row, answer(row).strip()) for row in rows]
+
+    holdout_made = not frozen_holdout.is_file()
+    holdout = [] if holdout_made else read_jsonl(frozen_holdout)
+    template = template_messages(row["messages"][:-1] for row in rows + holdout)
+    texts = [intent_text(row["messages"][:-1], template) for row in rows]
+    answers = [answer(row) for row in rows]
+
+    # Intent clusters from MiniLM embeddings of a seeded sample (all requests in a small corpus); the rest
+    # join their most similar embedded request's cluster.
+    embedded = embed_sample(len(rows), seed=seed)
+    vectors = embed([texts[i] for i in embedded])
+    k = choose_k(len(embedded), labels=len(decision.labels or []))
+    sample_clusters = cluster(vectors, k, seed=seed)
+    cluster_ids = propagate(texts, embedded, sample_clusters)
+    purity = neighbour_purity(kind, vectors, sample_clusters, [answers[i] for i in embedded],
+                              [texts[i] for i in embedded], sizes=Counter(int(c) for c in cluster_ids))
+    stratum = (lambda i: answers[i]) if kind == "categorical" else (lambda i: f"cluster {cluster_ids[i]}")
+
+    all_indices = list(range(len(rows)))
+    if holdout_made:
+        held, pool = _stratified_split(all_indices, HOLDOUT_SHARE, stratum, rng)
+        holdout = [rows[i] for i in held]
+    else:
+        held_keys = {input_key(row["messages"][:-1]) for row in holdout}
+        pool = [i for i in all_indices if input_key(rows[i]["messages"][:-1]) not in held_keys]
+        held = []
+    near_holdout = NearDuplicateIndex()
+    for row in holdout:
+        near_holdout.add(intent_text(row["messages"][:-1], template))
+    leaking = {i for i in pool if near_holdout.find(texts[i]) is not None}
+    pool = [i for i in pool if i not in leaking]
+    eval_indices, train_indices = _stratified_split(pool, EVAL_SHARE, stratum, rng)
+    rng.shuffle(train_indices)
+    train_rows = [rows[i] for i in train_indices]
+    eval_rows = [rows[i] for i in eval_indices]
+    if len(train_rows) < MIN_TRAIN_PAIRS or len(eval_rows) < MIN_EVAL_PAIRS:
+        raise RecipeError(
+            f"corpus of {len(corpus_rows)} pairs leaves {len(train_rows)} train and {len(eval_rows)} eval pairs "
+            f"after the hold-out ({len(holdout)}); a recipe needs at least {MIN_TRAIN_PAIRS} train and "
+            f"{MIN_EVAL_PAIRS} eval pairs"
+        )
+
+    kind_fields = decision.spec_fields()
+    if kind == "categorical":
+        kind_fields["labels"] = sorted({answer(row).strip() for row in rows + holdout})
+    if kind == "json" and not holdout_made:
+        # The schema must admit the frozen hold-out's answers too, or a perfect student would fail them.
+        parsed, misfit = json_objects([answer(row) for row in holdout])
+        if misfit:
+            raise RecipeError(
+                f"{frozen_holdout}:{misfit[0] + 1}: the frozen hold-out has {len(misfit)} answers that are not "
+                "JSON objects, but the namespace now answers in JSON: its task changed. The hold-out is never "
+                "changed automatically; delete the file to make a new one"
+            )
+        kind_fields["json_schema"] = infer_json_schema([json.loads(answer(row)) for row in rows] + parsed)
+    latency_measured = _share_with(rows, "latency_us") >= 0.5
+    usage_measured = max(_share_with(rows, "prompt_tokens"), _share_with(rows, "completion_tokens")) >= 0.5
+    floor = k_floor(kind=kind, purity=purity.purity, train_pairs=len(train_rows), eval_cases=len(eval_rows),
+                    teacher_latency_measured=latency_measured, teacher_usage_measured=usage_measured)
+    holdout_bytes = _jsonl_bytes(holdout)
     spec = {
         "format": RECIPE_FORMAT,
         "task": task,
         "tenant": tenant,
         "namespace": namespace,
-        "output_kind": kind,
-        "verifier": VERIFIER_FOR_KIND[kind],
-        **extra,
-        "k_floor": DEFAULT_K_FLOOR,
+        **kind_fields,
+        "k_floor": floor.value,
         "corpus_cid": corpus_cid,
+        "holdout_cid": cid_for_bytes(holdout_bytes),
         "counts": {"train": len(train_rows), "eval": len(eval_rows), "holdout": len(holdout)},
-        "max_new_tokens": 128,
+        "min_train_pairs": MIN_TRAIN_PAIRS,
+        "min_eval_pairs": MIN_EVAL_PAIRS,
+        "max_new_tokens": _max_new_tokens(rows),
     }
+    split_counts: dict[str, Counter] = defaultdict(Counter)
+    for split, indices in (("holdout", held), ("eval", eval_indices), ("train", train_indices)):
+        for i in indices:
+            split_counts[stratum(i)][split] += 1
     diagnostics = {
         "output_kind": kind,
-        "why": _kind_reason(kind, corpus_rows, extra),
-        "k_floor": {"value": DEFAULT_K_FLOOR, "reasoning": "default floor; no purity estimate applied"},
-        "holdout": {"frozen_at": str(frozen_holdout), "made_now": holdout_made, "size": len(holdout)},
-        "split": {"strategy": "stratified by label" if kind == "categorical" else "random",
-                  "eval_share": EVAL_SHARE, "holdout_share": HOLDOUT_SHARE, "seed": seed},
+        "verifier": decision.verifier,
+        "why": decision.reason,
+        "evidence": decision.evidence,
+        "dropped": {"answers_not_fitting_the_kind": misfits, "near_duplicates_of_holdout": len(leaking)},
+        "clusters": {
+            "method": "k-means (scikit-learn) on all-MiniLM-L6-v2 embeddings of the intent text "
+            "(messages shared by many requests left out)",
+            "k": k,
+            "embedded_requests": len(embedded),
+            "purity": round(purity.purity, 4),
+            "purity_sampled": purity.sampled,
+            "purity_measure": "within-cluster nearest-neighbour answer agreement",
+            "per_cluster": [summary.as_dict() for summary in purity.clusters[:MAX_LABELS]],
+        },
+        "k_floor": floor.as_dict(),
+        "teacher": {"latency_measured": latency_measured, "usage_measured": usage_measured},
+        "holdout": {"file": frozen_holdout.name, "made_now": holdout_made, "size": len(holdout),
+                    "cid": spec["holdout_cid"]},
+        "split": {
+            "strategy": "stratified by label" if kind == "categorical" else "stratified by intent cluster",
+            "eval_share": EVAL_SHARE,
+            "holdout_share": HOLDOUT_SHARE,
+            "seed": seed,
+            "strata": {name: dict(sorted(counts.items())) for name, counts in sorted(split_counts.items())},
+        },
     }
+    if kind == "json":
+        diagnostics["json_schema"] = kind_fields["json_schema"]
+    return _write_recipe(out_dir, spec, train_rows, eval_rows, holdout_bytes, diagnostics,
+                         frozen_holdout if holdout_made else None)
+
+
+def _write_recipe(
+    out_dir: Path,
+    spec: dict,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    holdout_bytes: bytes,
+    diagnostics: dict,
+    freeze_to: Path | None,
+) -> Recipe:
+    """Write under `<out_dir>.partial`, validate, freeze the hold-out, then rename into place."""
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    (staging / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
-    _write_jsonl(staging / "train.jsonl", train_rows)
-    _write_jsonl(staging / "eval.jsonl", eval_rows)
-    _write_jsonl(staging / "holdout.jsonl", holdout)
-    (staging / "diagnostics.json").write_text(json.dumps(diagnostics, indent=2, sort_keys=True))
-    if holdout_made:
-        frozen_holdout.parent.mkdir(parents=True, exist_ok=True)
-        tmp = frozen_holdout.with_name(frozen_holdout.name + ".tmp")
-        shutil.copyfile(staging / "holdout.jsonl", tmp)
-        os.replace(tmp, frozen_holdout)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(staging, out_dir)
-    return load_recipe(out_dir)
-
-
-def _kind_reason(kind: str, rows: list[dict], extra: dict) -> str:
-    if kind == "categorical":
-        return f"{len(rows)} short outputs drawn from {len(extra['labels'])} distinct values"
-    if kind == "json":
-        return "every output parses as a JSON object"
-    if kind == "extractive":
-        return "every output occurs verbatim in its input"
-    return "outputs are varied free text"
-
-
-def load_recipe(path: Path) -> Recipe:
-    """Load and validate a recipe directory (synthesised or hand-written)."""
-    path = Path(path)
-    spec_path = path / "spec.json"
-    if not spec_path.is_file():
-        raise RecipeError(f"{spec_path}: missing (a recipe directory needs spec.json)")
     try:
-        spec = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RecipeError(f"{spec_path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-    try:
-        jsonschema.validate(spec, SPEC_SCHEMA)
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(part) for part in exc.absolute_path) or "(top level)"
-        raise RecipeError(f"{spec_path}: {where}: {exc.message}") from exc
-    recipe = Recipe(
-        path=path,
-        spec=spec,
-        train=read_jsonl(path / "train.jsonl"),
-        eval=read_jsonl(path / "eval.jsonl"),
-        holdout=read_jsonl(path / "holdout.jsonl") if (path / "holdout.jsonl").exists() else [],
-    )
-    return recipe
-
-
-def dry_run(path: Path, min_train: int = 10) -> list[str]:
-    """Problems that would stop a compile, without training; empty when the recipe is ready."""
-    try:
-        recipe = load_recipe(path)
-    except RecipeError as exc:
-        return [str(exc)]
-    problems = []
-    if len(recipe.train) < min_train:
-        problems.append(f"{path / 'train.jsonl'}: {len(recipe.train)} pairs, need at least {min_train}")
-    if not recipe.eval:
-        problems.append(f"{path / 'eval.jsonl'}: no eval pairs")
-    labels = recipe.labels
-    if labels:
-        for split, rows in (("train", recipe.train), ("eval", recipe.eval)):
-            stray = sorted({answer(row) for row in rows} - set(labels))
-            if stray:
-                problems.append(f"{path / (split + '.jsonl')}: answers outside the label set: {stray[:5]}")
-    return problems
-
+        staging.mkdir(parents=True)
+        (staging / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        (staging / "train.jsonl").write_bytes(_jsonl_bytes(train_rows))
+        (staging / "eval.jsonl").write_bytes(_jsonl_bytes(eval_rows))
+        (staging / "holdout.jsonl").write_bytes(holdout_bytes)
+        (staging / "diagnostics.json").write_text(
+            json.dumps(diagnostics, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        )
+        recipe = load_recipe(staging)
+        if freeze_to is not None:
+            freeze_to.parent.mkdir(parents=True, exist_ok=True)
+            tmp = freeze_to.with_name(freeze_to.name + ".tmp")
+            tmp.write_bytes(holdout_bytes)
+            os.replace(tmp, freeze_to)
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return replace(recipe, path=out_dir)

@@ -59,7 +59,7 @@ def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int) -> Corpus
 def run_recipe_stage(workdir: NamespaceWorkdir, seed: int = 0) -> RecipeResult:
     """Synthesise the recipe from the namespace's corpus (reusing its frozen hold-out)."""
     data = workdir.corpus.read_bytes()
-    rows = read_corpus(data)
+    rows = read_corpus(data, source=str(workdir.corpus))
     recipe = synthesize_recipe(
         rows,
         workdir.recipe,
@@ -75,7 +75,8 @@ def run_recipe_stage(workdir: NamespaceWorkdir, seed: int = 0) -> RecipeResult:
         "recipe",
         "recipe",
         cid,
-        {"corpus_cid": recipe.spec["corpus_cid"], "output_kind": recipe.spec["output_kind"],
-         "counts": recipe.spec["counts"], "k_floor": recipe.spec["k_floor"]},
+        {"corpus_cid": recipe.spec["corpus_cid"], "holdout_cid": recipe.spec["holdout_cid"],
+         "output_kind": recipe.spec["output_kind"], "counts": recipe.spec["counts"],
+         "k_floor": recipe.spec["k_floor"]},
     )
     return RecipeResult(recipe=recipe, cid=cid, receipt_cid=receipt)

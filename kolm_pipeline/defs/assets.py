@@ -57,12 +57,14 @@ class AdapterConfig(dg.Config):
 )
 def triaged_captures(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.MaterializeResult:
     workdir = _workdir(context, kolm)
+    expired = kolm.store.apply_retention()
     applied = kolm.store.apply_rules(workdir.tenant, workdir.namespace)
     counters = kolm.store.counters(workdir.tenant, workdir.namespace)
     return dg.MaterializeResult(
         metadata={
             **{f"counter_{name}": dg.IntMetadataValue(value) for name, value in counters.items()},
             **{f"rules_{name}": dg.IntMetadataValue(value) for name, value in applied.items()},
+            "retention_expired": dg.IntMetadataValue(expired.get(context.partition_key, 0)),
         }
     )
 

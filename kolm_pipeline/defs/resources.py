@@ -30,7 +30,7 @@ class KolmResource(dg.ConfigurableResource):
 
     @cached_property
     def store(self) -> CaptureStore:
-        return CaptureStore(self.settings.store_url)
+        return CaptureStore(self.settings.store_url, default_retention_days=self.settings.retention_days)
 
     def base(self) -> BaseModel:
         return resolve_base_model(self.settings.base_model, self.settings.models_dir)

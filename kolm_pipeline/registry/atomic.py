@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -64,3 +66,28 @@ def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
         except FileExistsError:
             raise RegistryError(f"{path} already exists; refusing to overwrite it") from None
     fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: Path, max_age_seconds: float = 3600.0) -> int:
+    """Delete the dot-named ``*.tmp`` entries a killed writer left in ``directory``; returns how many.
+
+    Only entries older than ``max_age_seconds`` go, so a write in progress elsewhere is never touched.
+    """
+    if not Path(directory).is_dir():
+        return 0
+    removed = 0
+    now = time.time()
+    for entry in os.scandir(directory):
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < max_age_seconds:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

@@ -14,14 +14,14 @@ from pathlib import Path
 from kolm_pipeline.corpus.recipe import load_recipe
 from kolm_pipeline.evaluate.tripwire import TripwireResult, record_good_cycle
 from kolm_pipeline.registry.artifact import build_kolm, extract_adapter
-from kolm_pipeline.registry.swap import publish_artifact, read_pointer, swap_pointer
+from kolm_pipeline.registry.errors import DeployRefused
+from kolm_pipeline.registry.manage import activate, artifact_cid_of, verified_artifact
+from kolm_pipeline.registry.swap import read_pointer
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.train.distill import TRAINER_VERSION
 from kolm_pipeline.workdir import NamespaceWorkdir
 
-
-class DeployRefused(Exception):
-    """The gate did not allow this candidate to replace the current adapter."""
+__all__ = ["DeployRefused", "DeployResult", "artifact_cid_of", "build_manifest", "current_champion", "deploy"]
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,6 @@ class DeployResult:
     artifact_path: Path
     previous_cid: str | None
     registry_row: int
-
-
-def artifact_cid_of(path: Path) -> str:
-    """Published artifacts are named `<cid>.kolm`."""
-    return path.name.removesuffix(".kolm")
 
 
 def current_champion(settings: Settings, task: str) -> tuple[str, Path] | None:
@@ -95,21 +90,24 @@ def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> 
         receipts=workdir.chain(),
         signer=workdir.signer(),
     )
-    published = publish_artifact(settings.artifacts_dir, workdir.task, staging)
-    staging.unlink(missing_ok=True)
-    swap_pointer(settings.adapters_dir, workdir.task, published)
-    cid = artifact_cid_of(published)
-    row = store.add_registry_row(
-        task=workdir.task,
-        from_cid=previous_cid,
-        to_cid=cid,
-        k_before=evaluation["current"]["k"],
-        k_after=evaluation["candidate"]["k"],
-        decision="swap",
-        actor=actor,
-        details={"reason": decision["reason"], "corpus_cid": manifest["corpus_cid"],
-                 "recipe_cid": manifest["recipe_cid"], "current": evaluation["current_name"]},
-    )
+    try:
+        artifact, cid = verified_artifact(settings, staging)
+        activation = activate(
+            settings,
+            store,
+            source=staging,
+            artifact=artifact,
+            cid=cid,
+            decision="swap",
+            from_cid=previous_cid,
+            k_before=evaluation["current"]["k"],
+            k_after=evaluation["candidate"]["k"],
+            actor=actor,
+            details={"reason": decision["reason"], "current": evaluation["current_name"]},
+            signer=workdir.signer(),
+        )
+    finally:
+        staging.unlink(missing_ok=True)
     record_good_cycle(workdir.tripwire_state, TripwireResult(**evaluation["tripwire"]), cid)
-    return DeployResult(task=workdir.task, artifact_cid=cid, artifact_path=published,
-                        previous_cid=previous_cid, registry_row=row)
+    return DeployResult(task=workdir.task, artifact_cid=cid, artifact_path=activation.artifact_path,
+                        previous_cid=previous_cid, registry_row=activation.registry_row)

@@ -72,6 +72,11 @@ def _link_target(pointer: Path) -> Path | None:
     return Path(os.path.normpath(pointer.parent.absolute() / os.readlink(pointer)))
 
 
+def pointer_target(adapters_dir: Path, task: str) -> Path | None:
+    """What a task's pointer names, even if that file is gone (for repairs such as a rollback)."""
+    return _link_target(_pointer_path(adapters_dir, task))
+
+
 def read_pointer(adapters_dir: Path, task: str) -> Path | None:
     """The artifact a task's pointer names, or None if the task has none; a dangling pointer is an error."""
     pointer = _pointer_path(adapters_dir, task)

@@ -1,70 +1,180 @@
-"""OpenAI-compatible `/v1/chat/completions` in front of the serving runtime; `model` names the task."""
+"""OpenAI-compatible ``/v1/chat/completions`` (streaming and not) in front of the serving runtime.
+
+``model`` names the task; the answer comes from the task's active adapter, whose artifact CID is
+returned in the ``x-kolm-adapter-cid`` header and as ``system_fingerprint``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 import uuid
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from kolm_pipeline.serve.backends import BackendError
 from kolm_pipeline.serve.runtime import ServingRuntime, UnknownTask
-from kolm_pipeline.settings import Settings
+
+log = logging.getLogger("kolm.serve")
+MAX_TOKENS_LIMIT = 4096
+_DONE = object()
+
+
+class BadRequest(Exception):
+    """The request body is not a chat completion request this server can answer."""
 
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
 
 
-def create_serving_app(settings: Settings, runtime: ServingRuntime | None = None) -> FastAPI:
-    runtime = runtime or ServingRuntime(settings)
-    app = FastAPI(title="kolm serving runtime")
+def _parse(body: Any) -> tuple[str, list[dict], int, bool]:
+    """(task, messages, max_tokens, stream) from a request body, or BadRequest saying what is wrong."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    task, messages = body.get("model"), body.get("messages")
+    if not isinstance(task, str) or not task:
+        raise BadRequest("`model` must name the task")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty list")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise BadRequest(f"messages[{index}] must be an object with string `role` and `content`")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = 128
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise BadRequest(f"`max_tokens` must be an integer from 1 to {MAX_TOKENS_LIMIT}")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("`stream` must be true or false")
+    clean = [{"role": message["role"], "content": message["content"]} for message in messages]
+    return task, clean, max_tokens, stream
+
+
+def create_serving_app(runtime: ServingRuntime) -> FastAPI:
+    """The HTTP face of ``runtime``; the runtime starts (base model, adapters, watcher) with the app."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(runtime.start)
+        yield
+        await run_in_threadpool(runtime.stop)
+
+    app = FastAPI(title="kolm serving runtime", lifespan=lifespan)
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"ok": True}
+        return {"ok": True, **runtime.status()}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        tasks = runtime.status()["tasks"]
+        return {"object": "list", "data": [
+            {"id": task, "object": "model", "owned_by": "kolm", "kolm_adapter_cid": info["cid"]}
+            for task, info in tasks.items()
+        ]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = await request.json()
+            task, messages, max_tokens, stream = _parse(await request.json())
         except json.JSONDecodeError:
-            return _error(400, "invalid_request_error", "body is not valid JSON")
-        task, messages = body.get("model"), body.get("messages")
-        if not isinstance(task, str) or not isinstance(messages, list) or not messages:
-            return _error(400, "invalid_request_error", "`model` (the task) and a non-empty `messages` are required")
+            return _error(400, "invalid_request_error", "the body is not valid JSON")
+        except BadRequest as exc:
+            return _error(400, "invalid_request_error", str(exc))
         try:
-            text, adapter = await run_in_threadpool(
-                runtime.complete, task, messages, int(body.get("max_tokens") or 128)
-            )
+            labels = runtime.peek(task).labels
         except UnknownTask as exc:
             return _error(404, "not_found_error", str(exc))
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        headers = {"x-kolm-adapter-cid": adapter.cid}
-        if body.get("stream"):
-            def events():
-                base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": task}
-                first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
-                                              "finish_reason": None}]}
-                last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-                yield f"data: {json.dumps(first)}\n\n"
-                yield f"data: {json.dumps(last)}\n\n"
-                yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-        return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": task,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-            },
-            headers=headers,
-        )
+        def described(lease) -> tuple[dict, dict]:
+            headers = {"x-kolm-adapter-cid": lease.cid, "x-kolm-adapter": lease.name}
+            return headers, {"id": completion_id, "created": created, "model": task, "system_fingerprint": lease.cid}
+
+        def chunk(base: dict, delta: dict, finish: str | None) -> str:
+            body = {**base, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        def completion(base: dict, text: str, headers: dict) -> JSONResponse:
+            return JSONResponse(
+                {**base, "object": "chat.completion",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                              "finish_reason": "stop"}]},
+                headers=headers,
+            )
+
+        classify = getattr(runtime.backend, "classify", None)
+        if labels and classify is not None:
+            # Closed vocabulary: batched with the task's other waiting requests, bound to an adapter when run.
+            try:
+                answered = await run_in_threadpool(classify, task, messages, lambda: runtime.acquire(task))
+            except UnknownTask as exc:
+                return _error(404, "not_found_error", str(exc))
+            except BackendError as exc:
+                return _error(502, "server_error", str(exc))
+            if answered is not None:
+                label, lease = answered
+                headers, base = described(lease)
+                if not stream:
+                    return completion(base, label, headers)
+                events = [chunk(base, {"role": "assistant", "content": ""}, None),
+                          chunk(base, {"content": label}, None), chunk(base, {}, "stop"), "data: [DONE]\n\n"]
+                return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
+            # the task's new adapter has no label set: answer by generation below
+
+        try:
+            lease = runtime.acquire(task)
+        except UnknownTask as exc:
+            return _error(404, "not_found_error", str(exc))
+        headers, base = described(lease)
+
+        if not stream:
+            try:
+                text = await run_in_threadpool(
+                    lambda: "".join(runtime.backend.stream(lease.name, messages, lease.labels, max_tokens))
+                )
+            except BackendError as exc:
+                return _error(502, "server_error", str(exc))
+            except Exception as exc:  # noqa: BLE001 - answer with the reason instead of a bare 500
+                log.exception("completion for %s failed", task)
+                return _error(500, "server_error", f"{type(exc).__name__}: {exc}")
+            finally:
+                lease.release()
+            return completion(base, text.strip(), headers)
+
+        pieces = runtime.backend.stream(lease.name, messages, lease.labels, max_tokens)
+
+        async def events() -> AsyncIterator[str]:
+            # (the lease is also released if the client leaves before this generator ever starts: see below)
+            try:
+                yield chunk(base, {"role": "assistant", "content": ""}, None)
+                while (piece := await run_in_threadpool(next, pieces, _DONE)) is not _DONE:
+                    yield chunk(base, {"content": piece}, None)
+                yield chunk(base, {}, "stop")
+            except Exception as exc:  # noqa: BLE001 - the status line is gone; report in the stream
+                log.exception("streamed completion for %s failed", task)
+                yield f"data: {json.dumps({'error': {'type': 'server_error', 'message': str(exc)}})}\n\n"
+            finally:
+                with contextlib.suppress(ValueError):  # still running in a worker thread after a disconnect
+                    pieces.close()
+                lease.release()
+            yield "data: [DONE]\n\n"
+
+        body = events()
+        weakref.finalize(body, lease.release)
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
     return app

@@ -1,88 +1,318 @@
-"""Serving runtime (transformers + PEFT backend): the base model plus the active adapter of each task.
+"""Serving runtime: the base model plus the active adapter of each task, swapped in the background.
 
-Before every request it reads the task's pointer; when the pointer names a new artifact, the adapter is
-loaded under a CID-derived name next to the old one, and new requests go to it while requests already
-running finish on the adapter they started with.
+A watcher thread polls the task pointers (``adapters/<task>``). When one names a new artifact it
+verifies the archive (signatures, receipt chain, CIDs, base model), extracts the adapter, loads it
+under a CID-derived name and warms it, and only then routes new requests to it. Requests already
+running hold a lease on the adapter they started with and finish on it (closed-vocabulary requests are
+bound to an adapter when their batch runs, so those still queued at the flip get the new one); a
+replaced adapter is unloaded once its grace period is over and no lease is left. Requests never wait
+for a load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import shutil
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from kolm_pipeline.evaluate.inference import predict
-from kolm_pipeline.registry.artifact import extract_adapter, read_kolm
-from kolm_pipeline.registry.swap import read_pointer
+from kolm_pipeline.registry.artifact import extract_adapter, read_kolm, verify_kolm
+from kolm_pipeline.registry.errors import RegistryError
+from kolm_pipeline.registry.keys import load_public_keys
+from kolm_pipeline.registry.swap import read_pointer, validate_task
+from kolm_pipeline.serve.backends import Backend, BackendError
 from kolm_pipeline.settings import Settings
-from kolm_pipeline.train.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+
+log = logging.getLogger("kolm.serve")
 
 
 class UnknownTask(Exception):
-    """No adapter is deployed for the requested task."""
+    """No adapter serves the requested task (never deployed, or its artifact was refused)."""
 
 
-@dataclass(frozen=True)
-class ActiveAdapter:
+class ArtifactRefused(Exception):
+    """The artifact a pointer names cannot be served; the message says what failed."""
+
+
+def adapter_name(cid: str) -> str:
+    """The name an artifact's adapter is loaded under: derived from its CID, so it never collides."""
+    return f"kolm-{cid}"
+
+
+@dataclass
+class LoadedAdapter:
     task: str
     cid: str
     name: str
     labels: list[str] | None
+    loaded_at: float
+    in_flight: int = 0
+    retired_at: float | None = None
+
+
+class Lease:
+    """One request's hold on an adapter: while any lease is open the adapter is not unloaded.
+
+    ``release`` is idempotent, so a request can release on every exit path (and on garbage collection of a
+    stream the client abandoned before it started) without miscounting.
+    """
+
+    def __init__(self, adapter: LoadedAdapter, state: threading.Lock) -> None:
+        self.adapter = adapter
+        self._state = state
+        self._released = False
+
+    @property
+    def task(self) -> str:
+        return self.adapter.task
+
+    @property
+    def cid(self) -> str:
+        return self.adapter.cid
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.adapter.labels
+
+    def release(self) -> None:
+        with self._state:
+            if not self._released:
+                self._released = True
+                self.adapter.in_flight -= 1
+
+
+@dataclass
+class _Refusal:
+    cid: str
+    stamp: tuple[int, int]
+    reason: str
+    at: float = field(default_factory=time.time)
 
 
 class ServingRuntime:
-    """Holds the base model once and every task's active adapter; thread-safe."""
+    """Routes each task to its active adapter and keeps that adapter in step with the task's pointer."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        *,
+        poll_interval: float = 0.1,
+        grace_seconds: float = 5.0,
+    ) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
-        self._model = None
-        self._tokenizer = None
-        self._active: dict[str, ActiveAdapter] = {}
+        self.backend = backend
+        self.poll_interval = poll_interval
+        self.grace_seconds = grace_seconds
+        self.cache_dir = settings.home / "serve-cache"
+        self._state = threading.Lock()
+        self._active: dict[str, LoadedAdapter] = {}
+        self._retired: list[LoadedAdapter] = []
+        self._refused: dict[str, _Refusal] = {}
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._sync_lock = threading.Lock()
 
-    def _ensure_base(self) -> None:
-        if self._model is None:
-            base = resolve_base_model(self.settings.base_model, self.settings.models_dir)
-            self._tokenizer = load_tokenizer(base)
-            self._model = load_causal_lm(base)
+    # --- lifecycle ---------------------------------------------------------------------------------------
 
-    def active(self, task: str) -> ActiveAdapter:
-        """The task's adapter as the pointer names it now, loading it on first sight."""
-        pointer = read_pointer(self.settings.adapters_dir, task)
-        if pointer is None:
+    def start(self) -> None:
+        """Load the backend and every task's current adapter, then watch the pointers in the background."""
+        if self._watcher is not None:
+            return
+        self.backend.start()
+        self.sync()
+        self._stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name="kolm-serve-watcher", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
+            self._watcher = None
+        self.backend.close()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_interval):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad sync
+                log.exception("pointer sync failed")
+
+    # --- requests ----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lease(self, task: str) -> Iterator[Lease]:
+        """The task's active adapter, held so it is not unloaded until the block ends."""
+        held = self.acquire(task)
+        try:
+            yield held
+        finally:
+            held.release()
+
+    def _active_for(self, task: str) -> LoadedAdapter:
+        """The task's active adapter; called holding ``_state``."""
+        adapter = self._active.get(task)
+        if adapter is None:
+            refusal = self._refused.get(task)
+            if refusal is not None:
+                raise UnknownTask(f"task {task!r} has no servable adapter: {refusal.reason}")
             raise UnknownTask(f"no adapter is deployed for task {task!r}")
-        cid = pointer.name.removesuffix(".kolm")
-        current = self._active.get(task)
-        if current is not None and current.cid == cid:
-            return current
-        with self._lock:
-            self._ensure_base()
-            name = "a_" + cid[-24:]
-            cache = self.settings.home / "serve-cache" / cid
-            if not (cache / "adapter_config.json").is_file():
-                shutil.rmtree(cache, ignore_errors=True)
-                extract_adapter(pointer, cache)
-            self._attach(name, cache)
-            manifest = read_kolm(pointer).manifest
-            adapter = ActiveAdapter(task=task, cid=cid, name=name, labels=manifest.get("labels"))
-            self._active[task] = adapter
-            return adapter
+        return adapter
 
-    def _attach(self, name: str, path: Path) -> None:
-        from peft import PeftModel
+    def peek(self, task: str) -> LoadedAdapter:
+        """The task's active adapter right now, without holding it (to choose how to answer)."""
+        with self._state:
+            return self._active_for(task)
 
-        if isinstance(self._model, PeftModel):
-            if name not in self._model.peft_config:
-                self._model.load_adapter(str(path), adapter_name=name)
-        else:
-            self._model = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
-        self._model.eval()
+    def acquire(self, task: str) -> Lease:
+        """A lease on the task's active adapter; release it when the request is done."""
+        with self._state:
+            adapter = self._active_for(task)
+            adapter.in_flight += 1
+            return Lease(adapter, self._state)
 
-    def complete(self, task: str, messages: list[dict], max_new_tokens: int = 128) -> tuple[str, ActiveAdapter]:
-        """Answer one conversation with the task's active adapter."""
-        adapter = self.active(task)
-        with self._lock:
-            self._model.set_adapter(adapter.name)
-            prediction = predict(self._model, self._tokenizer, [messages], adapter.labels, max_new_tokens)[0]
-        return prediction.output, adapter
+    def release(self, lease: Lease) -> None:
+        lease.release()
+
+    def status(self) -> dict:
+        """Active adapters, adapters draining after a swap, and artifacts refused (with the reason)."""
+        with self._state:
+            return {
+                "tasks": {task: {"cid": a.cid, "adapter": a.name, "labels": a.labels, "in_flight": a.in_flight}
+                          for task, a in sorted(self._active.items())},
+                "draining": [{"task": a.task, "cid": a.cid, "in_flight": a.in_flight} for a in self._retired],
+                "refused": {task: {"cid": r.cid, "reason": r.reason} for task, r in sorted(self._refused.items())},
+            }
+
+    # --- keeping up with the pointers --------------------------------------------------------------------
+
+    def _pointers(self) -> dict[str, Path]:
+        """Every task pointer and the artifact it names now."""
+        found: dict[str, Path] = {}
+        adapters_dir = self.settings.adapters_dir
+        if not adapters_dir.is_dir():
+            return found
+        for entry in os.scandir(adapters_dir):
+            if entry.name.startswith(".") or not entry.is_symlink():
+                continue
+            try:
+                target = read_pointer(adapters_dir, validate_task(entry.name))
+            except RegistryError as exc:
+                log.warning("ignoring pointer %s: %s", entry.path, exc)
+                continue
+            if target is not None:
+                found[entry.name] = target
+        return found
+
+    def sync(self) -> None:
+        """Bring every task in line with its pointer, then unload drained adapters. One sync at a time."""
+        with self._sync_lock:
+            pointers = self._pointers()
+            for task, target in pointers.items():
+                cid = target.name.removesuffix(".kolm")
+                with self._state:
+                    current = self._active.get(task)
+                    if current is not None and current.cid == cid:
+                        self._refused.pop(task, None)  # pointed back at what serves: nothing is refused now
+                        continue
+                self._switch(task, target, cid)
+            for task in set(self._active) - set(pointers):
+                self._retire(task, None)
+                log.info("task %s has no pointer any more; its adapter drains", task)
+            self._unload_drained()
+
+    def _switch(self, task: str, target: Path, cid: str) -> None:
+        try:
+            stat = target.stat()
+        except OSError:
+            return  # swapped again while we looked; the next poll sees the new target
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        refusal = self._refused.get(task)
+        if refusal is not None and refusal.cid == cid and refusal.stamp == stamp:
+            return
+        began = time.perf_counter()
+        try:
+            adapter = self._prepare(task, target, cid)
+        except (ArtifactRefused, BackendError) as exc:
+            with self._state:
+                self._refused[task] = _Refusal(cid=cid, stamp=stamp, reason=str(exc))
+            log.error("refusing %s for task %s: %s", target, task, exc)
+            return
+        self._retire(task, adapter)
+        log.info("task %s now served by %s (loaded and warmed in %.2f s)", task, cid, time.perf_counter() - began)
+
+    def _prepare(self, task: str, target: Path, cid: str) -> LoadedAdapter:
+        """Verify, extract, load and warm; raises ArtifactRefused naming what failed."""
+        began = time.perf_counter()
+        report = verify_kolm(target, load_public_keys(self.settings.keys_dir))
+        if not report.ok:
+            raise ArtifactRefused(f"{target.name} does not verify: {'; '.join(report.problems)}")
+        if report.cid != cid:
+            raise ArtifactRefused(f"{target.name} holds content with CID {report.cid}, not the CID its name claims")
+        manifest = read_kolm(target).manifest
+        if manifest.get("task") != task:
+            raise ArtifactRefused(f"{target.name} is an artifact of task {manifest.get('task')!r}, not {task!r}")
+        base = manifest.get("base_model") if isinstance(manifest.get("base_model"), dict) else {}
+        digest = base.get("digest")
+        if self.backend.base_digest and digest and digest != self.backend.base_digest:
+            raise ArtifactRefused(f"{target.name} was trained on base {base.get('id')} ({digest}), but this runtime "
+                                  f"serves a base with digest {self.backend.base_digest}")
+        labels = manifest.get("labels") if manifest.get("verifier") == "closed_vocab" else None
+        name = adapter_name(cid)
+        with self._state:
+            draining = next((a for a in self._retired if a.name == name), None)
+        if draining is not None:  # swapped back within its grace period: still loaded, keep its leases
+            return draining
+        verified = time.perf_counter()
+        cache = self.cache_dir / cid
+        if not (cache / "adapter_config.json").is_file():
+            shutil.rmtree(cache, ignore_errors=True)
+            try:
+                extract_adapter(target, cache)
+            except RegistryError as exc:
+                if not (cache / "adapter_config.json").is_file():  # not another runtime extracting it too
+                    raise ArtifactRefused(str(exc)) from exc
+        extracted = time.perf_counter()
+        self.backend.load(name, cache, labels)
+        log.info("%s: verified in %.2f s, extracted in %.2f s, loaded and warmed in %.2f s", cid,
+                 verified - began, extracted - verified, time.perf_counter() - extracted)
+        return LoadedAdapter(task=task, cid=cid, name=name, labels=labels or None, loaded_at=time.time())
+
+    def _retire(self, task: str, replacement: LoadedAdapter | None) -> None:
+        """Route new requests to ``replacement``; the old adapter drains and is unloaded later."""
+        with self._state:
+            old = self._active.pop(task, None)
+            if replacement is not None:
+                self._retired = [a for a in self._retired if a is not replacement]
+                replacement.retired_at = None
+                self._active[task] = replacement
+                self._refused.pop(task, None)
+            if old is not None and (replacement is None or old.name != replacement.name):
+                old.retired_at = time.monotonic()
+                self._retired.append(old)
+
+    def _unload_drained(self) -> None:
+        now = time.monotonic()
+        with self._state:
+            active_names = {a.name for a in self._active.values()}
+            done = [a for a in self._retired
+                    if a.in_flight == 0 and now - (a.retired_at or now) >= self.grace_seconds]
+            self._retired = [a for a in self._retired if a not in done]
+        for adapter in done:
+            if adapter.name in active_names:
+                continue
+            try:
+                self.backend.unload(adapter.name)
+                log.info("unloaded %s (task %s)", adapter.name, adapter.task)
+            except BackendError as exc:
+                log.warning("could not unload %s: %s", adapter.name, exc)

@@ -1,7 +1,9 @@
-"""The capture store: every proxied call, its triage state, rules, the registry and the audit log.
+"""The capture store: every proxied call, its triage state, rules, switches, the registry and the audit log.
 
-One class over SQLAlchemy Core so the same code runs on an embedded SQLite file and on PostgreSQL.
-Only a sha256 of each kolm key is kept; the plaintext key is shown once, at creation.
+One class over SQLAlchemy Core so the same code runs on an embedded SQLite file and on PostgreSQL; the
+schema is built and upgraded by `store/migrations.py`. Only a sha256 of each kolm key is kept; the
+plaintext key is shown once, at creation. Bodies carry an HMAC-SHA256 digest under a per-tenant secret
+from the start, so after the retention window the text can go while dedup and the counters keep working.
 """
 
 from __future__ import annotations
@@ -9,23 +11,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
+from kolm_pipeline.store.migrations import migrate
 from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
 from kolm_pipeline.store.records import (
     AuditRow,
     Capture,
     KeptPair,
+    NamespaceSettings,
     NewCapture,
     RegistryRow,
     Tenant,
@@ -36,8 +44,9 @@ from kolm_pipeline.store.tables import (
     TRIAGE_STATES,
     audit_log,
     captures,
-    metadata,
+    namespace_settings,
     registry,
+    tenant_secrets,
     tenants,
     triage_rules,
 )
@@ -45,15 +54,20 @@ from kolm_pipeline.store.tables import (
 KEY_PREFIX = "kolm_"
 _KEY_PREFIX_LEN = len(KEY_PREFIX) + 8
 _CHUNK = 500
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+DEFAULT_RETENTION_DAYS = 30
+# A second call with the same input this soon after the first is read as "the answer was not good enough".
+IMPLICIT_RETRY_WINDOW = timedelta(minutes=10)
+HMAC_PREFIX = "hmac-sha256:"
+_SWITCH_NAMES = ("retention_days", "implicit_signals", "distill_ready", "redact_entities")
 
 
 def _utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything written is UTC, so say so."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc(value)
 
 
 def _dumps(value: Any) -> str:
@@ -68,9 +82,25 @@ def _split_tags(text: str) -> list[str]:
     return [tag for tag in text.split(",") if tag]
 
 
-def _chunks(ids: list[int]) -> Iterator[list[int]]:
+def _chunks(ids: list[Any]) -> Iterator[list[Any]]:
     for start in range(0, len(ids), _CHUNK):
         yield ids[start : start + _CHUNK]
+
+
+def canonical_text(text: str) -> str:
+    """The form a body is digested in: NFC, whitespace collapsed, case folded (the corpus dedups the same
+    way, so two inputs the corpus would merge also share a digest)."""
+    return " ".join(unicodedata.normalize("NFC", text).split()).casefold()
+
+
+def canonical_messages(messages: list[dict[str, Any]]) -> str:
+    """One line `role:content` per message; non-text content is written as sorted compact JSON."""
+    lines = []
+    for message in messages:
+        content = message.get("content", "")
+        body = content if isinstance(content, str) else json.dumps(content, sort_keys=True, ensure_ascii=False)
+        lines.append(f"{message.get('role')}:{canonical_text(body)}")
+    return "\n".join(lines)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -78,6 +108,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")
+    # Freed pages are overwritten, so text removed by retention does not linger in the file.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 
@@ -116,18 +148,47 @@ def _capture(row: Any) -> Capture:
         triaged_by=row.triaged_by,
         created_at=_utc(row.created_at),
         feedback_output=row.feedback_output,
+        feedback_rating=row.feedback_rating,
+        input_hmac=row.input_hmac,
+        output_hmac=row.output_hmac,
+        expired_at=_utc_or_none(row.expired_at),
+        distilled_at=_utc_or_none(row.distilled_at),
+        merged_at=_utc_or_none(row.merged_at),
+        implicit_signal=row.implicit_signal,
     )
 
 
 class CaptureStore:
-    """Capture store on any SQLAlchemy URL (`sqlite:///path` or `postgresql+psycopg://...`)."""
+    """Capture store on any SQLAlchemy URL (`sqlite:///path` or `postgresql+psycopg://...`).
 
-    def __init__(self, url: str) -> None:
+    `clock` returns the current UTC time (tests pass a controlled one); `default_retention_days` is the
+    window of namespaces that set none (default: `KOLM_RETENTION_DAYS`, else 30)."""
+
+    def __init__(
+        self,
+        url: str,
+        clock: Callable[[], datetime] | None = None,
+        default_retention_days: int | None = None,
+    ) -> None:
         self.engine = _make_engine(url)
-        metadata.create_all(self.engine)
+        self.clock = clock or (lambda: datetime.now(UTC))
+        if default_retention_days is None:
+            default_retention_days = int(os.environ.get("KOLM_RETENTION_DAYS") or DEFAULT_RETENTION_DAYS)
+        if default_retention_days < 1:
+            raise ValueError("retention must be at least one day")
+        self.default_retention_days = default_retention_days
+        self._secrets: dict[str, bytes] = {}
+        migrate(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _now(self) -> datetime:
+        return _utc(self.clock())
+
+    def _insert(self) -> Any:
+        """The dialect's INSERT, which knows ON CONFLICT."""
+        return pg_dialect.insert if self.engine.dialect.name == "postgresql" else sqlite_dialect.insert
 
     # Tenants
 
@@ -143,7 +204,7 @@ class CaptureStore:
                         key_hash=_hash_key(key),
                         key_prefix=key[:_KEY_PREFIX_LEN],
                         capture_only=capture_only,
-                        created_at=_now(),
+                        created_at=self._now(),
                     )
                 )
                 self._audit(conn, name, None, "tenant.create", {"capture_only": capture_only}, "store")
@@ -182,43 +243,123 @@ class CaptureStore:
                 return Tenant(row.name, row.key_prefix, bool(row.capture_only), _utc(row.created_at))
         return None
 
+    def _secret(self, conn: Any, tenant: str) -> bytes:
+        """The tenant's HMAC secret, made on first use; never changes, so it is cached."""
+        cached = self._secrets.get(tenant)
+        if cached is not None:
+            return cached
+        stmt = select(tenant_secrets.c.hmac_secret).where(tenant_secrets.c.tenant == tenant)
+        value = conn.execute(stmt).scalar_one_or_none()
+        if value is None:
+            conn.execute(
+                self._insert()(tenant_secrets)
+                .values(tenant=tenant, hmac_secret=secrets.token_hex(32), created_at=self._now())
+                .on_conflict_do_nothing(index_elements=["tenant"])
+            )
+            value = conn.execute(stmt).scalar_one()
+        secret = bytes.fromhex(value)
+        self._secrets[tenant] = secret
+        return secret
+
+    @staticmethod
+    def _digest(secret: bytes, canonical: str) -> str:
+        return hmac.new(secret, canonical.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def input_digest(self, tenant: str, messages: list[dict[str, Any]]) -> str:
+        """HMAC-SHA256 of a conversation's canonical text under the tenant's secret."""
+        with self.engine.begin() as conn:
+            return self._digest(self._secret(conn, tenant), canonical_messages(messages))
+
     # Captures
 
     def insert_captures(self, records: list[NewCapture]) -> list[int]:
         """Insert a batch in one transaction; returns the new ids in the order of `records`."""
         if not records:
             return []
-        rows = [self._capture_row(record) for record in records]
         stmt = insert(captures).returning(captures.c.id, sort_by_parameter_order=True)
         with self.engine.begin() as conn:
-            return [row.id for row in conn.execute(stmt, rows)]
+            rows = self._capture_rows(conn, records)
+            ids = [row.id for row in conn.execute(stmt, rows)]
+            self._implicit_signals(conn, rows)
+        return ids
 
-    @staticmethod
-    def _capture_row(record: NewCapture) -> dict[str, Any]:
-        validate_tenant(record.tenant)
-        validate_namespace(record.namespace)
-        if any("," in tag for tag in record.tags):
-            raise ValueError("tags must not contain commas")
-        return {
-            "request_id": record.request_id,
-            "tenant": record.tenant,
-            "namespace": record.namespace,
-            "provider": record.provider,
-            "model": record.model,
-            "input_json": _dumps(record.messages),
-            "output_text": record.output_text,
-            "latency_us": int(record.latency_us),
-            "status": record.status,
-            "http_status": int(record.http_status),
-            "prompt_tokens": record.prompt_tokens,
-            "completion_tokens": record.completion_tokens,
-            "tags": ",".join(tag for tag in record.tags if tag),
-            "streamed": bool(record.streamed),
-            "triage_state": "untriaged",
-            "triaged_by": None,
-            "created_at": record.created_at or _now(),
-            "feedback_output": None,
-        }
+    def insert_captures_once(self, records: list[NewCapture]) -> None:
+        """Insert a batch, skipping records whose request id is already stored: replaying a batch whose
+        first write did commit (but was not acknowledged) leaves every capture there exactly once."""
+        if not records:
+            return
+        stmt = self._insert()(captures).on_conflict_do_nothing(index_elements=["request_id"])
+        with self.engine.begin() as conn:
+            rows = self._capture_rows(conn, records)
+            conn.execute(stmt, rows)
+            self._implicit_signals(conn, rows)
+
+    def _capture_rows(self, conn: Any, records: list[NewCapture]) -> list[dict[str, Any]]:
+        now = self._now()
+        rows = []
+        for record in records:
+            validate_tenant(record.tenant)
+            validate_namespace(record.namespace)
+            if any("," in tag for tag in record.tags):
+                raise ValueError("tags must not contain commas")
+            secret = self._secret(conn, record.tenant)
+            rows.append(
+                {
+                    "request_id": record.request_id,
+                    "tenant": record.tenant,
+                    "namespace": record.namespace,
+                    "provider": record.provider,
+                    "model": record.model,
+                    "input_json": _dumps(record.messages),
+                    "output_text": record.output_text,
+                    "latency_us": int(record.latency_us),
+                    "status": record.status,
+                    "http_status": int(record.http_status),
+                    "prompt_tokens": record.prompt_tokens,
+                    "completion_tokens": record.completion_tokens,
+                    "tags": ",".join(tag for tag in record.tags if tag),
+                    "streamed": bool(record.streamed),
+                    "triage_state": "untriaged",
+                    "triaged_by": None,
+                    "created_at": _utc(record.created_at) if record.created_at else now,
+                    "feedback_output": None,
+                    "feedback_rating": None,
+                    "input_hmac": self._digest(secret, canonical_messages(record.messages)),
+                    "output_hmac": self._digest(secret, canonical_text(record.output_text)),
+                    "expired_at": None,
+                    "distilled_at": None,
+                    "merged_at": None,
+                    "implicit_signal": None,
+                }
+            )
+        return rows
+
+    def _implicit_signals(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+        """Where a namespace opted in, mark earlier captures whose input came again soon after as 'retried'."""
+        pairs = sorted({(row["tenant"], row["namespace"]) for row in rows})
+        opted_in = set()
+        for tenant, namespace in pairs:
+            stmt = select(namespace_settings.c.implicit_signals).where(
+                namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace
+            )
+            if conn.execute(stmt).scalar_one_or_none():
+                opted_in.add((tenant, namespace))
+        for row in rows:
+            if (row["tenant"], row["namespace"]) not in opted_in:
+                continue
+            conn.execute(
+                update(captures)
+                .where(
+                    captures.c.tenant == row["tenant"],
+                    captures.c.namespace == row["namespace"],
+                    captures.c.input_hmac == row["input_hmac"],
+                    captures.c.request_id != row["request_id"],
+                    captures.c.created_at >= row["created_at"] - IMPLICIT_RETRY_WINDOW,
+                    captures.c.created_at <= row["created_at"],
+                    captures.c.implicit_signal.is_(None),
+                )
+                .values(implicit_signal="retried")
+            )
 
     def list_captures(
         self,
@@ -227,8 +368,11 @@ class CaptureStore:
         triage_state: str | None = None,
         limit: int = 100,
         offset: int = 0,
+        status: str | None = None,
+        model: str | None = None,
+        tag: str | None = None,
     ) -> list[Capture]:
-        """A tenant's captures, newest first."""
+        """A tenant's captures, newest first, filtered by any of namespace, triage state, status, model, tag."""
         stmt = select(captures).where(captures.c.tenant == tenant)
         if namespace is not None:
             stmt = stmt.where(captures.c.namespace == validate_namespace(namespace))
@@ -236,11 +380,25 @@ class CaptureStore:
             if triage_state not in TRIAGE_STATES:
                 raise ValueError(f"invalid triage state {triage_state!r}")
             stmt = stmt.where(captures.c.triage_state == triage_state)
+        if status is not None:
+            stmt = stmt.where(captures.c.status == status)
+        if model is not None:
+            stmt = stmt.where(captures.c.model == model)
         if limit < 0 or offset < 0:
             raise ValueError("limit and offset must not be negative")
-        stmt = stmt.order_by(captures.c.id.desc()).limit(limit).offset(offset)
+        stmt = stmt.order_by(captures.c.id.desc())
+        if tag is None:
+            with self.engine.connect() as conn:
+                return [_capture(row) for row in conn.execute(stmt.limit(limit).offset(offset))]
+        # Tags are a comma list; filter exactly in Python (a LIKE would also match substrings).
+        found: list[Capture] = []
         with self.engine.connect() as conn:
-            return [_capture(row) for row in conn.execute(stmt)]
+            for row in conn.execution_options(yield_per=500).execute(stmt):
+                if tag in _split_tags(row.tags):
+                    found.append(_capture(row))
+                    if len(found) >= offset + limit:
+                        break
+        return found[offset:]
 
     def get_capture(self, tenant: str, capture_id: int) -> Capture | None:
         stmt = select(captures).where(captures.c.tenant == tenant, captures.c.id == capture_id)
@@ -248,11 +406,21 @@ class CaptureStore:
             row = conn.execute(stmt).first()
         return _capture(row) if row is not None else None
 
+    def owned_ids(self, tenant: str, capture_ids: Iterable[int]) -> set[int]:
+        """Which of `capture_ids` belong to `tenant` (others are answered as if they did not exist)."""
+        ids = sorted({int(i) for i in capture_ids})
+        owned: set[int] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(ids):
+                stmt = select(captures.c.id).where(captures.c.tenant == tenant, captures.c.id.in_(chunk))
+                owned.update(conn.execute(stmt).scalars())
+        return owned
+
     # Triage
 
     def set_triage(self, tenant: str, capture_ids: list[int], state: str, actor: str) -> int:
-        """Move captures to `state` and return how many changed; a capture whose status is not 'ok'
-        is never kept, it stays as it is."""
+        """Move captures to `state` and return how many changed; a capture whose status is not 'ok', or
+        whose text retention already removed, is never kept: it stays as it is."""
         if state not in TRIAGE_STATES:
             raise ValueError(f"invalid triage state {state!r}: expected one of {', '.join(TRIAGE_STATES)}")
         ids = sorted({int(i) for i in capture_ids})
@@ -266,7 +434,7 @@ class CaptureStore:
                     captures.c.triage_state != state,
                 )
                 if state == "kept":
-                    stmt = stmt.where(captures.c.status == "ok")
+                    stmt = stmt.where(captures.c.status == "ok", captures.c.expired_at.is_(None))
                 stmt = stmt.values(triage_state=state, triaged_by=triaged_by).returning(
                     captures.c.id, captures.c.namespace
                 )
@@ -289,7 +457,7 @@ class CaptureStore:
                     action=action,
                     match_json=_dumps(match),
                     created_by=actor,
-                    created_at=_now(),
+                    created_at=self._now(),
                 )
                 .returning(triage_rules.c.id)
             ).scalar_one()
@@ -327,7 +495,7 @@ class CaptureStore:
         for row in self._untriaged(tenant, namespace):
             tags = _split_tags(row.tags)
             for rule in rules:
-                if rule_matches(rule.match, row.status, row.model, tags, row.output_text):
+                if rule_matches(rule.match, row.status, row.model, tags, row.output_text, row.implicit_signal):
                     decided[rule.id].append(row.id)
                     break
         with self.engine.begin() as conn:
@@ -340,7 +508,7 @@ class CaptureStore:
                         captures.c.triage_state == "untriaged",
                     )
                     if state == "kept":
-                        stmt = stmt.where(captures.c.status == "ok")
+                        stmt = stmt.where(captures.c.status == "ok", captures.c.expired_at.is_(None))
                     result = conn.execute(stmt.values(triage_state=state, triaged_by=f"rule:{rule.id}"))
                     counts[state] += result.rowcount
             if counts["kept"] or counts["discarded"]:
@@ -348,20 +516,21 @@ class CaptureStore:
         return counts
 
     def _untriaged(self, tenant: str, namespace: str) -> Iterable[Any]:
-        """Untriaged captures in id order, read a page at a time."""
+        """Untriaged captures whose text is still there, in id order, read a page at a time."""
         last_id = 0
         c = captures.c
-        columns = (c.id, c.status, c.model, c.tags, c.output_text)
+        columns = (c.id, c.status, c.model, c.tags, c.output_text, c.implicit_signal)
         while True:
             stmt = (
                 select(*columns)
                 .where(
-                    captures.c.tenant == tenant,
-                    captures.c.namespace == namespace,
-                    captures.c.triage_state == "untriaged",
-                    captures.c.id > last_id,
+                    c.tenant == tenant,
+                    c.namespace == namespace,
+                    c.triage_state == "untriaged",
+                    c.expired_at.is_(None),
+                    c.id > last_id,
                 )
-                .order_by(captures.c.id)
+                .order_by(c.id)
                 .limit(1000)
             )
             with self.engine.connect() as conn:
@@ -371,23 +540,45 @@ class CaptureStore:
             yield from rows
             last_id = rows[-1].id
 
-    def set_feedback(self, tenant: str, capture_id: int, corrected_output: str, actor: str) -> None:
-        """Record an explicit correction; it replaces the teacher's output in `kept_pairs`."""
-        if not isinstance(corrected_output, str):
+    def set_feedback(
+        self,
+        tenant: str,
+        capture_id: int,
+        corrected_output: str | None,
+        actor: str,
+        rating: int | None = None,
+    ) -> None:
+        """Record explicit feedback: a correction (it replaces the teacher's output in `kept_pairs`), a
+        rating from 1 to 5, or both. A capture whose text retention removed takes no correction."""
+        if corrected_output is not None and not isinstance(corrected_output, str):
             raise ValueError("corrected output must be a string")
+        if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5):
+            raise ValueError("rating must be an integer from 1 to 5")
+        if corrected_output is None and rating is None:
+            raise ValueError("feedback needs a corrected output or a rating")
+        values: dict[str, Any] = {}
+        if corrected_output is not None:
+            values["feedback_output"] = corrected_output
+        if rating is not None:
+            values["feedback_rating"] = rating
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(captures)
-                .where(captures.c.tenant == tenant, captures.c.id == capture_id)
-                .values(feedback_output=corrected_output)
-                .returning(captures.c.namespace)
+            found = conn.execute(
+                select(captures.c.namespace, captures.c.expired_at).where(
+                    captures.c.tenant == tenant, captures.c.id == capture_id
+                )
             ).first()
-            if result is None:
+            if found is None:
                 raise LookupError(f"no capture {capture_id} for tenant {tenant!r}")
-            self._audit(conn, tenant, result.namespace, "feedback.set", {"id": capture_id}, actor)
+            if found.expired_at is not None and corrected_output is not None:
+                raise ValueError(f"capture {capture_id} is past its retention window; its text is gone")
+            conn.execute(
+                update(captures).where(captures.c.tenant == tenant, captures.c.id == capture_id).values(**values)
+            )
+            detail = {"id": capture_id, "correction": corrected_output is not None, "rating": rating}
+            self._audit(conn, tenant, found.namespace, "feedback.set", detail, actor)
 
     def delete_namespace(self, tenant: str, namespace: str, actor: str = "store") -> int:
-        """Delete a namespace's captures and rules; the audit log keeps a row saying so.
+        """Delete a namespace's captures and rules; the audit log keeps a row saying so. Its switches stay.
 
         Returns how many captures were deleted."""
         with self.engine.begin() as conn:
@@ -395,16 +586,214 @@ class CaptureStore:
                 delete(captures).where(captures.c.tenant == tenant, captures.c.namespace == namespace)
             ).rowcount
             conn.execute(
-                delete(triage_rules).where(
-                    triage_rules.c.tenant == tenant, triage_rules.c.namespace == namespace
-                )
+                delete(triage_rules).where(triage_rules.c.tenant == tenant, triage_rules.c.namespace == namespace)
             )
             self._audit(conn, tenant, namespace, "namespace.delete", {"captures": deleted}, actor)
         return deleted
 
+    # Switches, retention, distilled and merged marks
+
+    def namespace_settings(self, tenant: str, namespace: str) -> NamespaceSettings:
+        """The namespace's switches; defaults (retention window of the store, the rest off) until set."""
+        stmt = select(namespace_settings).where(
+            namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).first()
+        return self._settings_of(row)
+
+    def _settings_of(self, row: Any) -> NamespaceSettings:
+        if row is None:
+            return NamespaceSettings(self.default_retention_days, False, False, None)
+        entities = None if row.redact_entities is None else tuple(e for e in row.redact_entities.split(",") if e)
+        return NamespaceSettings(
+            row.retention_days or self.default_retention_days,
+            bool(row.implicit_signals),
+            bool(row.distill_ready),
+            entities,
+        )
+
+    def all_namespace_settings(self) -> dict[tuple[str, str], NamespaceSettings]:
+        """Every namespace that set a switch; the others run on the defaults."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(namespace_settings)).all()
+        return {(row.tenant, row.namespace): self._settings_of(row) for row in rows}
+
+    def set_switches(self, tenant: str, namespace: str, actor: str, **changes: Any) -> NamespaceSettings:
+        """Change switches (`retention_days`, `implicit_signals`, `distill_ready`, `redact_entities`); each
+        change is written to the audit log with its old and new value, in the same transaction."""
+        validate_tenant(tenant)
+        validate_namespace(namespace)
+        unknown = sorted(set(changes) - set(_SWITCH_NAMES))
+        if unknown:
+            raise ValueError(f"unknown switches {unknown}: allowed are {', '.join(_SWITCH_NAMES)}")
+        changes = {name: value for name, value in changes.items() if value is not None or name == "redact_entities"}
+        if "retention_days" in changes:
+            days = changes["retention_days"]
+            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
+                raise ValueError("retention_days must be an integer from 1 to 3650")
+        for name in ("implicit_signals", "distill_ready"):
+            if name in changes and not isinstance(changes[name], bool):
+                raise ValueError(f"{name} must be true or false")
+        if "redact_entities" in changes and changes["redact_entities"] is not None:
+            entities = changes["redact_entities"]
+            if not isinstance(entities, list | tuple) or not all(
+                isinstance(e, str) and e.isidentifier() and e.isupper() for e in entities
+            ):
+                raise ValueError("redact_entities must be a list of entity names such as EMAIL")
+            changes["redact_entities"] = tuple(sorted(set(entities)))
+        key = (namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(namespace_settings).where(*key)).first()
+            before = self._settings_of(row)
+            after = {
+                "retention_days": before.retention_days,
+                "implicit_signals": before.implicit_signals,
+                "distill_ready": before.distill_ready,
+                "redact_entities": before.redact_entities,
+                **changes,
+            }
+            stored = {
+                "retention_days": after["retention_days"],
+                "implicit_signals": after["implicit_signals"],
+                "distill_ready": after["distill_ready"],
+                "redact_entities": None if after["redact_entities"] is None else ",".join(after["redact_entities"]),
+                "updated_at": self._now(),
+            }
+            if row is None:
+                conn.execute(insert(namespace_settings).values(tenant=tenant, namespace=namespace, **stored))
+            else:
+                conn.execute(update(namespace_settings).where(*key).values(**stored))
+            for name in _SWITCH_NAMES:
+                old, new = getattr(before, name), after[name]
+                if old != new:
+                    detail = {
+                        "from": list(old) if isinstance(old, tuple) else old,
+                        "to": list(new) if isinstance(new, tuple) else new,
+                    }
+                    self._audit(conn, tenant, namespace, f"switch.{name}", detail, actor)
+        return NamespaceSettings(
+            after["retention_days"], after["implicit_signals"], after["distill_ready"], after["redact_entities"]
+        )
+
+    def apply_retention(self, now: datetime | None = None) -> dict[str, int]:
+        """Past each namespace's window, replace bodies by their HMAC-SHA256 and delete the text.
+
+        The row stays (counters, triage state, token usage and latency keep working) and so do the
+        digests taken at insert, so a later identical input is still recognised. Returns the number of
+        captures expired per `tenant.namespace`."""
+        now = _utc(now) if now is not None else self._now()
+        custom = self.all_namespace_settings()
+        expired: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            pairs = conn.execute(
+                select(captures.c.tenant, captures.c.namespace).where(captures.c.expired_at.is_(None)).distinct()
+            ).all()
+        for tenant, namespace in pairs:
+            settings = custom.get((tenant, namespace)) or self._settings_of(None)
+            cutoff = now - timedelta(days=settings.retention_days)
+            count = self._expire(tenant, namespace, cutoff, now)
+            if count:
+                expired[f"{tenant}.{namespace}"] = count
+        return expired
+
+    def _expire(self, tenant: str, namespace: str, cutoff: datetime, now: datetime) -> int:
+        c = captures.c
+        total = 0
+        while True:
+            with self.engine.begin() as conn:
+                rows = conn.execute(
+                    select(c.id, c.input_json, c.output_text, c.feedback_output, c.input_hmac, c.output_hmac)
+                    .where(
+                        c.tenant == tenant,
+                        c.namespace == namespace,
+                        c.expired_at.is_(None),
+                        c.created_at < cutoff,
+                    )
+                    .order_by(c.id)
+                    .limit(_CHUNK)
+                ).all()
+                if not rows:
+                    break
+                secret = self._secret(conn, tenant)
+                params = []
+                for row in rows:
+                    feedback = row.feedback_output
+                    params.append(
+                        {
+                            "row_id": row.id,
+                            "new_input_hmac": row.input_hmac
+                            or self._digest(secret, canonical_messages(json.loads(row.input_json))),
+                            "new_output_hmac": row.output_hmac or self._digest(secret, canonical_text(row.output_text)),
+                            "new_feedback": None
+                            if feedback is None
+                            else HMAC_PREFIX + self._digest(secret, canonical_text(feedback)),
+                        }
+                    )
+                conn.execute(
+                    update(captures)
+                    .where(c.id == bindparam("row_id"))
+                    .values(
+                        input_json="[]",
+                        output_text="",
+                        feedback_output=bindparam("new_feedback"),
+                        input_hmac=bindparam("new_input_hmac"),
+                        output_hmac=bindparam("new_output_hmac"),
+                        expired_at=now,
+                    ),
+                    params,
+                )
+                self._audit(conn, tenant, namespace, "retention.expire", {"captures": len(rows)}, "retention")
+                total += len(rows)
+        return total
+
+    def seen_input(self, tenant: str, namespace: str, messages: list[dict[str, Any]]) -> bool:
+        """Whether this conversation was captured before in the namespace, expired text included."""
+        digest = self.input_digest(tenant, messages)
+        stmt = select(captures.c.id).where(
+            captures.c.tenant == tenant, captures.c.namespace == namespace, captures.c.input_hmac == digest
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(stmt.limit(1)).first() is not None
+
+    def mark_distilled(self, tenant: str, namespace: str, capture_ids: Iterable[int], actor: str = "corpus") -> int:
+        """Record that these kept pairs went into a corpus (the `distilled` counter); returns how many
+        were newly marked. Ids of other tenants or namespaces, or not kept, are ignored."""
+        return self._mark(tenant, namespace, capture_ids, captures.c.distilled_at, "corpus.distilled", actor)
+
+    def mark_merged(self, tenant: str, namespace: str, capture_ids: Iterable[int], actor: str = "deployment") -> int:
+        """Record that these pairs are in a deployed artifact (the `merged` counter); they count as
+        distilled too."""
+        self._mark(tenant, namespace, capture_ids, captures.c.distilled_at, None, actor)
+        return self._mark(tenant, namespace, capture_ids, captures.c.merged_at, "artifact.merged", actor)
+
+    def _mark(
+        self, tenant: str, namespace: str, capture_ids: Iterable[int], column: Any, action: str | None, actor: str
+    ) -> int:
+        ids = sorted({int(i) for i in capture_ids})
+        now = self._now()
+        marked = 0
+        with self.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                marked += conn.execute(
+                    update(captures)
+                    .where(
+                        captures.c.tenant == tenant,
+                        captures.c.namespace == namespace,
+                        captures.c.id.in_(chunk),
+                        captures.c.triage_state == "kept",
+                        column.is_(None),
+                    )
+                    .values({column.name: now})
+                ).rowcount
+            if action and marked:
+                self._audit(conn, tenant, namespace, action, {"captures": marked}, actor)
+        return marked
+
     # Reading for the later stages
 
     def kept_pairs(self, tenant: str, namespace: str) -> list[KeptPair]:
+        """Kept, complete pairs whose text is still there, in id order."""
         stmt = (
             select(captures)
             .where(
@@ -412,6 +801,7 @@ class CaptureStore:
                 captures.c.namespace == namespace,
                 captures.c.triage_state == "kept",
                 captures.c.status == "ok",
+                captures.c.expired_at.is_(None),
             )
             .order_by(captures.c.id)
         )
@@ -432,24 +822,54 @@ class CaptureStore:
             ]
 
     def counters(self, tenant: str, namespace: str) -> dict[str, int]:
-        """The four counters: captured, kept, discarded, untriaged."""
+        """The counters of a namespace: captured, kept, discarded, untriaged, distilled (kept pairs that
+        went into a corpus) and merged (pairs in a deployed artifact). Retention changes none of them."""
+        c = captures.c
         stmt = (
-            select(captures.c.triage_state, func.count())
-            .where(captures.c.tenant == tenant, captures.c.namespace == namespace)
-            .group_by(captures.c.triage_state)
+            select(c.triage_state, func.count(), func.count(c.distilled_at), func.count(c.merged_at))
+            .where(c.tenant == tenant, c.namespace == namespace)
+            .group_by(c.triage_state)
         )
         with self.engine.connect() as conn:
-            by_state = {state: count for state, count in conn.execute(stmt)}
-        counts = {state: int(by_state.get(state, 0)) for state in ("kept", "discarded", "untriaged")}
-        return {"captured": sum(counts.values()), **counts}
+            rows = conn.execute(stmt).all()
+        by_state = {row[0]: int(row[1]) for row in rows}
+        counts = {state: by_state.get(state, 0) for state in ("kept", "discarded", "untriaged")}
+        return {
+            "captured": sum(counts.values()),
+            **counts,
+            "distilled": sum(int(row[2]) for row in rows),
+            "merged": sum(int(row[3]) for row in rows),
+        }
 
-    def namespaces(self) -> list[tuple[str, str]]:
-        """Every (tenant, namespace) with at least one capture."""
-        stmt = (
-            select(captures.c.tenant, captures.c.namespace)
-            .distinct()
-            .order_by(captures.c.tenant, captures.c.namespace)
+    def status(self, tenant: str, namespace: str) -> dict[str, Any]:
+        """Counters and switches of a namespace, as the status route and `kolm capture status` show them."""
+        settings = self.namespace_settings(tenant, namespace)
+        return {
+            "namespace": namespace,
+            "counters": self.counters(tenant, namespace),
+            "switches": settings.switches(),
+            "redaction": sorted(settings.redact_entities) if settings.redact_entities is not None else "all",
+        }
+
+    def observation(self, tenant: str, namespace: str) -> dict[str, Any]:
+        """What a Dagster observation of the namespace's captures reports: counters and the newest capture."""
+        stmt = select(func.max(captures.c.id), func.max(captures.c.created_at)).where(
+            captures.c.tenant == tenant, captures.c.namespace == namespace
         )
+        with self.engine.connect() as conn:
+            last_id, last_at = conn.execute(stmt).one()
+        return {
+            "counters": self.counters(tenant, namespace),
+            "last_capture_id": last_id,
+            "last_capture_at": _utc(last_at).isoformat() if last_at is not None else None,
+        }
+
+    def namespaces(self, tenant: str | None = None) -> list[tuple[str, str]]:
+        """Every (tenant, namespace) with at least one capture, optionally of one tenant."""
+        stmt = select(captures.c.tenant, captures.c.namespace).distinct()
+        if tenant is not None:
+            stmt = stmt.where(captures.c.tenant == tenant)
+        stmt = stmt.order_by(captures.c.tenant, captures.c.namespace)
         with self.engine.connect() as conn:
             return [(row[0], row[1]) for row in conn.execute(stmt)]
 
@@ -478,7 +898,7 @@ class CaptureStore:
                     decision=decision,
                     actor=actor,
                     details_json=_dumps(details),
-                    created_at=_now(),
+                    created_at=self._now(),
                 )
                 .returning(registry.c.id)
             ).scalar_one()
@@ -505,15 +925,12 @@ class CaptureStore:
                 for row in conn.execute(stmt)
             ]
 
-    def audit(
-        self, tenant: str, namespace: str | None, action: str, detail: dict[str, Any], actor: str
-    ) -> None:
+    def audit(self, tenant: str, namespace: str | None, action: str, detail: dict[str, Any], actor: str) -> None:
         with self.engine.begin() as conn:
             self._audit(conn, tenant, namespace, action, detail, actor)
 
-    @staticmethod
     def _audit(
-        conn: Any, tenant: str, namespace: str | None, action: str, detail: dict[str, Any], actor: str
+        self, conn: Any, tenant: str, namespace: str | None, action: str, detail: dict[str, Any], actor: str
     ) -> None:
         conn.execute(
             insert(audit_log).values(
@@ -522,7 +939,7 @@ class CaptureStore:
                 action=action,
                 detail_json=_dumps(detail),
                 actor=actor,
-                created_at=_now(),
+                created_at=self._now(),
             )
         )
 

@@ -57,6 +57,31 @@ class Capture:
     triaged_by: str | None
     created_at: datetime
     feedback_output: str | None
+    feedback_rating: int | None = None
+    input_hmac: str | None = None
+    output_hmac: str | None = None
+    expired_at: datetime | None = None
+    distilled_at: datetime | None = None
+    merged_at: datetime | None = None
+    implicit_signal: str | None = None
+
+
+@dataclass(frozen=True)
+class NamespaceSettings:
+    """The switches of one namespace. `redact_entities` None means every entity the redactor knows."""
+
+    retention_days: int
+    implicit_signals: bool
+    distill_ready: bool
+    redact_entities: tuple[str, ...] | None
+
+    def switches(self) -> dict[str, int | bool]:
+        """The three switches shown with the counters."""
+        return {
+            "retention_days": self.retention_days,
+            "implicit_signals": self.implicit_signals,
+            "distill_ready": self.distill_ready,
+        }
 
 
 @dataclass(frozen=True)

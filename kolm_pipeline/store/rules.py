@@ -7,7 +7,7 @@ from typing import Any
 
 from kolm_pipeline.store.tables import CAPTURE_STATUSES, RULE_ACTIONS
 
-MATCH_KEYS = ("status", "model", "tag", "output_regex")
+MATCH_KEYS = ("status", "model", "tag", "output_regex", "signal")
 
 
 def validate_rule(action: str, match: dict[str, Any]) -> dict[str, str]:
@@ -35,12 +35,17 @@ def validate_rule(action: str, match: dict[str, Any]) -> dict[str, str]:
     return full
 
 
-def rule_matches(match: dict[str, str], status: str, model: str, tags: list[str], output_text: str) -> bool:
-    """True when every key present in `match` holds (status defaults to 'ok')."""
+def rule_matches(
+    match: dict[str, str], status: str, model: str, tags: list[str], output_text: str, signal: str | None = None
+) -> bool:
+    """True when every key present in `match` holds (status defaults to 'ok'); `signal` matches the
+    implicit signal a capture got (only namespaces that opted in have any)."""
     if status != match.get("status", "ok"):
         return False
     if "model" in match and model != match["model"]:
         return False
     if "tag" in match and match["tag"] not in tags:
+        return False
+    if "signal" in match and match["signal"] != signal:
         return False
     return not ("output_regex" in match and re.search(match["output_regex"], output_text) is None)

@@ -1,6 +1,8 @@
 """Table definitions of the capture store (SQLAlchemy Core), portable across SQLite and PostgreSQL.
 
-JSON payloads are stored as text so both backends behave the same; timestamps are written in UTC.
+This is the schema as of the newest migration (`store/migrations.py` builds it step by step; a test
+checks that both agree). JSON payloads are stored as text so both backends behave the same; timestamps
+are written in UTC.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ tenants = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+# Key of HMAC-SHA256 over bodies: dedup digests at insert, and what a body becomes after retention.
+# Apart from `tenants` because captures may name a tenant that has no key (imports, tests).
+tenant_secrets = Table(
+    "tenant_secrets",
+    metadata,
+    Column("tenant", String(63), primary_key=True),
+    Column("hmac_secret", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 captures = Table(
     "captures",
     metadata,
@@ -64,10 +76,39 @@ captures = Table(
     Column("triaged_by", String(255)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("feedback_output", Text),
+    Column("feedback_rating", Integer),
+    Column("input_hmac", String(64)),
+    Column("output_hmac", String(64)),
+    Column("expired_at", DateTime(timezone=True)),
+    Column("distilled_at", DateTime(timezone=True)),
+    Column("merged_at", DateTime(timezone=True)),
+    Column("implicit_signal", String(32)),
     CheckConstraint(_one_of("provider", PROVIDERS), name="ck_captures_provider"),
     CheckConstraint(_one_of("status", CAPTURE_STATUSES), name="ck_captures_status"),
     CheckConstraint(_one_of("triage_state", TRIAGE_STATES), name="ck_captures_triage_state"),
     Index("ix_captures_tenant_namespace_triage", "tenant", "namespace", "triage_state"),
+    Index("ix_captures_tenant_namespace_input_hmac", "tenant", "namespace", "input_hmac"),
+    Index("ix_captures_expired_created", "expired_at", "created_at"),
+)
+
+namespace_settings = Table(
+    "namespace_settings",
+    metadata,
+    Column("tenant", String(63), primary_key=True),
+    Column("namespace", String(63), primary_key=True),
+    Column("retention_days", Integer),
+    Column("implicit_signals", Boolean, nullable=False, default=False),
+    Column("distill_ready", Boolean, nullable=False, default=False),
+    Column("redact_entities", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+schema_versions = Table(
+    "kolm_schema_versions",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(255), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
 )
 
 triage_rules = Table(

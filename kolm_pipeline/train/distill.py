@@ -45,6 +45,8 @@ class TrainConfig:
     max_length: int = 256
     warmup_steps: int = 2
     seed: int = 0
+    packing: bool = False
+    bf16: bool | None = None
 
     @classmethod
     def from_dict(cls, values: dict | None) -> TrainConfig:
@@ -171,6 +173,7 @@ def train_adapter(
                 self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
     use_cuda = torch.cuda.is_available()
+    bf16 = use_cuda if config.bf16 is None else config.bf16
     args = SFTConfig(
         output_dir=str(staging / "trainer"),
         num_train_epochs=config.epochs,
@@ -185,7 +188,10 @@ def train_adapter(
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=not use_cuda,
-        bf16=use_cuda,
+        bf16=bf16,
+        # Packing concatenates pairs (best-fit decreasing) padding-free; position ids keep them apart.
+        packing=config.packing,
+        packing_strategy="bfd",
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,
     )

@@ -1,0 +1,347 @@
+"""Capture-proxy overhead, side by side in one run: direct to a local mock upstream, through `kolm capture
+serve` with capture on and off, and through the LiteLLM proxy (installed by this script in its own
+throwaway venv) as the reference peer. Plain and streamed chat completions at concurrency 1 and 64.
+
+    .venv/bin/python bench/proxy.py                 # full run (installs LiteLLM under /tmp on first use)
+    .venv/bin/python bench/proxy.py --no-litellm    # kolm only
+    .venv/bin/python bench/proxy.py --requests 400 --concurrent-requests 3000
+
+Every server runs in its own process (uvicorn with uvloop and httptools, access log off); the load
+generator is one asyncio process with aiohttp. Latency is measured per request: a whole reply for plain
+calls, the first content chunk for streams (time to first chunk). "added" is a target's p50 minus the
+direct p50 in the same run. On a small shared machine, load generator, proxy and upstream compete for the
+same cores, so read concurrency-64 figures as relative, not absolute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+LITELLM_VENV = Path(os.environ.get("KOLM_BENCH_LITELLM_VENV", "/tmp/kolm-bench-litellm"))
+LITELLM_SPEC = os.environ.get("KOLM_BENCH_LITELLM_SPEC", "litellm[proxy]")
+
+MOCK_UPSTREAM = r"""
+import json, sys, uvicorn
+ANSWER = "fin-ops"
+PLAIN = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-4o",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}).encode()
+def chunk(delta, finish=None):
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+STREAM = [chunk({"role": "assistant", "content": ""}), chunk({"content": "fin-"}), chunk({"content": "ops"}),
+          chunk({}, "stop"), b"data: [DONE]\n\n"]
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    stream = b'"stream":true' in body.replace(b" ", b"")
+    if not stream:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(PLAIN)).encode())]})
+        await send({"type": "http.response.body", "body": PLAIN})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for piece in STREAM:
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False,
+            loop="uvloop", http="httptools")
+"""
+
+KOLM_PROXY = r"""
+import dataclasses, sys, uvicorn
+from kolm_pipeline.capture.app import create_app
+from kolm_pipeline.settings import load_settings
+from kolm_pipeline.store import CaptureStore
+settings = dataclasses.replace(load_settings(), upstream_openai=sys.argv[2])
+uvicorn.run(create_app(settings, CaptureStore(settings.store_url)), host="127.0.0.1", port=int(sys.argv[1]),
+            log_level="warning", access_log=False, loop="uvloop", http="httptools")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not start in {timeout:.0f}s")
+
+
+def ensure_litellm() -> Path:
+    """The LiteLLM proxy in its own venv (created on first use; never inside the project's venv)."""
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if not exe.exists():
+        print(f"installing {LITELLM_SPEC} into {LITELLM_VENV} (first run only) …", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(LITELLM_VENV)], check=True)
+        subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", LITELLM_SPEC], check=True)
+    return exe
+
+
+@dataclass
+class Result:
+    target: str
+    mode: str
+    concurrency: int
+    latencies_ms: list[float]
+    seconds: float
+    errors: int
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies_ms) if self.latencies_ms else float("nan")
+
+    @property
+    def p99(self) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.seconds if self.seconds else 0.0
+
+
+async def one_call(session: aiohttp.ClientSession, url: str, headers: dict[str, str], stream: bool) -> float:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "I was charged twice"}], "stream": stream}
+    start = time.perf_counter()
+    async with session.post(url, json=body, headers=headers) as resp:
+        if resp.status != 200:
+            await resp.read()
+            raise RuntimeError(f"HTTP {resp.status}")
+        if not stream:
+            await resp.read()
+            return (time.perf_counter() - start) * 1000
+        first: float | None = None
+        async for line in resp.content:
+            if first is None and line.startswith(b"data: {") and b"fin-" in line:
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if (choices[0].get("delta") or {}).get("content"):
+                    first = (time.perf_counter() - start) * 1000
+        if first is None:
+            raise RuntimeError("stream ended without content")
+        return first
+
+
+async def load(
+    url: str, headers: dict[str, str], stream: bool, concurrency: int, total: int
+) -> tuple[list[float], float, int]:
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    latencies: list[float] = []
+    errors = 0
+    remaining = iter(range(total))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for _ in range(min(20, total)):  # warm connections and caches
+            await one_call(session, url, headers, stream)
+
+        async def worker() -> None:
+            nonlocal errors
+            for _ in remaining:
+                try:
+                    latencies.append(await one_call(session, url, headers, stream))
+                except Exception:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return latencies, seconds, errors
+
+
+def start(command: list[str], env: dict[str, str], port: int, timeout: float = 60) -> subprocess.Popen:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, process, timeout)
+    except RuntimeError:
+        process.kill()
+        err = process.stderr.read().decode(errors="replace")[-3000:] if process.stderr else ""
+        raise RuntimeError(f"{command[0]} did not start:\n{err}") from None
+    return process
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=300, help="requests per cell at concurrency 1")
+    parser.add_argument("--concurrent-requests", type=int, default=2000, help="requests per cell at concurrency 64")
+    parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM reference")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="kolm-bench-"))
+    env = {**os.environ, "KOLM_HOME": str(home), "PYTHONPATH": str(ROOT), "KOLM_CAPTURE_RETENTION_SWEEP_S": "0"}
+    sys.path.insert(0, str(ROOT))
+    from kolm_pipeline.settings import load_settings
+    from kolm_pipeline.store import CaptureStore
+
+    store = CaptureStore(load_settings(home).store_url)
+    kolm_key = store.create_tenant("bench")
+
+    processes: list[subprocess.Popen] = []
+    upstream_port = free_port()
+    processes.append(start([sys.executable, "-c", MOCK_UPSTREAM, str(upstream_port)], env, upstream_port))
+    upstream = f"http://127.0.0.1:{upstream_port}/v1"
+    targets: dict[str, tuple[str, dict[str, str]]] = {
+        "direct": (f"{upstream}/chat/completions", {"authorization": "Bearer sk-upstream"}),
+    }
+    kolm_headers = {
+        "authorization": f"Bearer {kolm_key}",
+        "x-upstream-api-key": "sk-upstream",
+        "x-kolm-namespace": "bench",
+    }
+    for name, record in (("kolm capture on", "1"), ("kolm capture off", "0")):
+        port = free_port()
+        command = [sys.executable, "-c", KOLM_PROXY, str(port), upstream]
+        processes.append(start(command, {**env, "KOLM_CAPTURE_RECORD": record}, port))
+        targets[name] = (f"http://127.0.0.1:{port}/v1/capture/openai/chat/completions", kolm_headers)
+    if not args.no_litellm:
+        litellm = ensure_litellm()
+        port = free_port()
+        config = home / "litellm.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "model_list": [
+                        {
+                            "model_name": "gpt-4o",
+                            "litellm_params": {
+                                "model": "openai/gpt-4o",
+                                "api_base": upstream,
+                                "api_key": "sk-upstream",
+                            },
+                        }
+                    ],
+                    "litellm_settings": {"telemetry": False, "drop_params": True, "set_verbose": False},
+                }
+            )
+        )
+        # Like kolm, LiteLLM authenticates every call (its master key, checked in memory: no database).
+        master_key = "sk-" + os.urandom(32).hex()
+        litellm_env = {
+            **env,
+            "LITELLM_MASTER_KEY": master_key,
+            "LITELLM_LOG": "ERROR",
+            "LITELLM_TELEMETRY": "False",
+            "DISABLE_SCHEMA_UPDATE": "true",
+        }
+        command = [
+            str(litellm),
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--num_workers",
+            "1",
+        ]
+        processes.append(start(command, litellm_env, port, timeout=180))
+        targets["litellm"] = (f"http://127.0.0.1:{port}/chat/completions", {"authorization": f"Bearer {master_key}"})
+
+    results: list[Result] = []
+    try:
+        for stream in (False, True):
+            for concurrency, total in ((1, args.requests), (64, args.concurrent_requests)):
+                for name, (url, headers) in targets.items():
+                    latencies, seconds, errors = asyncio.run(load(url, headers, stream, concurrency, total))
+                    mode = "stream (TTFC)" if stream else "plain"
+                    results.append(Result(name, mode, concurrency, latencies, seconds, errors))
+                    print(f"  {name:<17} {mode:<14} c={concurrency:<3} p50 {results[-1].p50:7.3f} ms", flush=True)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    captured = store.counters("bench", "bench")["captured"]
+    print()
+    print(
+        f"{'target':<17} {'mode':<14} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'req/s':>8} {'errors':>6}"
+    )
+    table = []
+    for result in results:
+        direct = next(
+            r for r in results if r.target == "direct" and r.mode == result.mode and r.concurrency == result.concurrency
+        )
+        added = result.p50 - direct.p50
+        table.append(
+            {
+                **result.__dict__,
+                "latencies_ms": None,
+                "p50": result.p50,
+                "p99": result.p99,
+                "added_p50": added,
+                "throughput": result.throughput,
+            }
+        )
+        print(
+            f"{result.target:<17} {result.mode:<14} {result.concurrency:>3} {result.p50:8.3f} {result.p99:8.3f} "
+            f"{added:10.3f} {result.throughput:8.0f} {result.errors:>6}"
+        )
+
+    def cell(target: str, mode: str, concurrency: int) -> Result | None:
+        return next((r for r in results if (r.target, r.mode, r.concurrency) == (target, mode, concurrency)), None)
+
+    print()
+    print("goals:")
+    for mode in ("plain", "stream (TTFC)"):
+        on, off, direct = cell("kolm capture on", mode, 1), cell("kolm capture off", mode, 1), cell("direct", mode, 1)
+        assert on and off and direct
+        print(f"  {mode:<14} added p50 at c=1: {on.p50 - direct.p50:.3f} ms (goal ≤ 1 ms)")
+        for concurrency in (1, 64):
+            on_c, off_c = cell("kolm capture on", mode, concurrency), cell("kolm capture off", mode, concurrency)
+            assert on_c and off_c
+            print(f"  {mode:<14} capture on/off p50 at c={concurrency}: {on_c.p50 / off_c.p50:.3f}× (goal ≤ 1.10×)")
+        lite, lite64, on64 = cell("litellm", mode, 1), cell("litellm", mode, 64), cell("kolm capture on", mode, 64)
+        if lite and lite64 and on64:
+            lite_added = lite.p50 - direct.p50
+            print(
+                f"  {mode:<14} throughput at c=64, kolm / LiteLLM: "
+                f"{on64.throughput / lite64.throughput:.2f}× (goal ≥ 3×)"
+            )
+            print(
+                f"  {mode:<14} added p50 at c=1, kolm / LiteLLM: {(on.p50 - direct.p50) / lite_added:.3f}× "
+                f"(goal ≤ 0.25×; LiteLLM adds {lite_added:.3f} ms)"
+            )
+    print(f"captures recorded by the capture-on proxy: {captured}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""PII redaction applied to every capture before it is stored or spooled: typed placeholders such as
+`<EMAIL>` replace emails, phone numbers, card numbers (Luhn-checked), US SSNs, IBANs (mod-97 checked),
+IP addresses and API-key-shaped strings.
+
+Pattern recognizers with validators, in the spirit of Presidio's, but with no NLP model and no network:
+nothing to download, a few microseconds per message, and it runs on the recorder's worker thread, never
+on the response path. Recognizers run in a fixed order (most specific first) over text in which earlier
+matches are already placeholders, so a card number is never half-taken for a phone number.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kolm_pipeline.store import NewCapture
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char)
+        if index % 2 == 1:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def _card(match: str) -> bool:
+    digits = re.sub(r"[ -]", "", match)
+    return 13 <= len(digits) <= 19 and len(set(digits)) > 1 and _luhn(digits)
+
+
+def _iban(match: str) -> bool:
+    compact = match.replace(" ", "").upper()
+    if not 15 <= len(compact) <= 34:
+        return False
+    moved = compact[4:] + compact[:4]
+    number = "".join(str(int(char, 36)) for char in moved)
+    return int(number) % 97 == 1
+
+
+def _ip(match: str) -> bool:
+    try:
+        ipaddress.ip_address(match)
+    except ValueError:
+        return False
+    return True
+
+
+def _phone(match: str) -> bool:
+    digits = re.sub(r"\D", "", match)
+    return 10 <= len(digits) <= 15
+
+
+def _key_shaped(match: str) -> bool:
+    """A long token that mixes letters and digits, as generated keys do (plain words and numbers do not)."""
+    return bool(re.search(r"[A-Za-z]", match) and re.search(r"\d", match)) and len(set(match)) >= 10
+
+
+@dataclass(frozen=True)
+class Recognizer:
+    entity: str
+    pattern: re.Pattern[str]
+    validate: Callable[[str], bool] | None = None
+
+    def redact(self, text: str) -> str:
+        placeholder = f"<{self.entity}>"
+
+        def replace_match(match: re.Match[str]) -> str:
+            """The whole match, or only its `value` group when the pattern has one (a label before it stays)."""
+            whole = match.group(0)
+            if "value" not in match.re.groupindex:
+                return placeholder if self.validate is None or self.validate(whole) else whole
+            value = match.group("value")
+            if self.validate is not None and not self.validate(value):
+                return whole
+            start = match.start("value") - match.start()
+            return whole[:start] + placeholder + whole[start + len(value) :]
+
+        return self.pattern.sub(replace_match, text)
+
+
+_KEY_PREFIXES = (
+    r"sk-(?:ant-|proj-|live-|test-)?[A-Za-z0-9_\-]{16,}",  # OpenAI, Anthropic, Stripe-like secret keys
+    r"(?:pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}",
+    r"kolm_[A-Za-z0-9_\-]{20,}",
+    r"AKIA[0-9A-Z]{16}",  # AWS access key id
+    r"AIza[0-9A-Za-z_\-]{35}",  # Google API key
+    r"gh[pousr]_[A-Za-z0-9]{30,}",  # GitHub tokens
+    r"github_pat_[A-Za-z0-9_]{30,}",
+    r"xox[abposr]-[A-Za-z0-9\-]{10,}",  # Slack tokens
+    r"hf_[A-Za-z0-9]{30,}",  # Hugging Face tokens
+    r"eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWT
+)
+
+# Order matters: keys and structured numbers before the looser phone and IP patterns.
+RECOGNIZERS: tuple[Recognizer, ...] = (
+    Recognizer("API_KEY", re.compile(r"(?<![A-Za-z0-9_\-])(?:" + "|".join(_KEY_PREFIXES) + r")")),
+    Recognizer(
+        "API_KEY",
+        re.compile(
+            r"(?i)\b(?:api[_-]?key|secret|token|password|passwd|bearer)[\"']?\s*[:=]?\s*[\"']?"
+            r"(?P<value>[A-Za-z0-9_\-./+=]{12,})"
+        ),
+        _key_shaped,
+    ),
+    Recognizer(
+        "API_KEY", re.compile(r"(?<![A-Za-z0-9_\-+/])[A-Za-z0-9_\-+/]{32,}={0,2}(?![A-Za-z0-9_\-+/])"), _key_shaped
+    ),
+    Recognizer("EMAIL", re.compile(r"(?i)\b[a-z0-9._%+\-]+@[a-z0-9\-]+(?:\.[a-z0-9\-]+)*\.[a-z]{2,}\b")),
+    Recognizer("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"), _iban),
+    Recognizer("CREDIT_CARD", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _card),
+    Recognizer("US_SSN", re.compile(r"\b(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}\b")),
+    Recognizer("IP_ADDRESS", re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])"), _ip),
+    Recognizer("IP_ADDRESS", re.compile(r"(?i)(?<![0-9a-f:.])[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?![0-9a-f:])"), _ip),
+    Recognizer(
+        "PHONE",
+        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){2,4}(?!\w)"),
+        _phone,
+    ),
+)
+ENTITIES: tuple[str, ...] = tuple(dict.fromkeys(r.entity for r in RECOGNIZERS))
+_NOT_REDACTED_KEYS = frozenset({"role", "type", "tool_call_id", "id"})
+
+
+class Redactor:
+    """Redacts the entities named (all of `ENTITIES` by default); an empty selection redacts nothing."""
+
+    def __init__(self, entities: Iterable[str] | None = None) -> None:
+        chosen = ENTITIES if entities is None else tuple(entities)
+        unknown = sorted(set(chosen) - set(ENTITIES))
+        if unknown:
+            raise ValueError(f"unknown PII entities {unknown}: known are {', '.join(ENTITIES)}")
+        self.entities = frozenset(chosen)
+        self._recognizers = tuple(r for r in RECOGNIZERS if r.entity in self.entities)
+
+    def text(self, text: str) -> str:
+        for recognizer in self._recognizers:
+            text = recognizer.redact(text)
+        return text
+
+    def value(self, value: Any) -> Any:
+        """Every string of a JSON-like value, except structural fields such as a message's role."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self.value(item) for item in value]
+        if isinstance(value, dict):
+            return {k: v if k in _NOT_REDACTED_KEYS else self.value(v) for k, v in value.items()}
+        return value
+
+    def capture(self, record: NewCapture) -> NewCapture:
+        if not self._recognizers:
+            return record
+        return replace(record, messages=self.value(record.messages), output_text=self.text(record.output_text))
+
+
+def validate_entities(entities: Iterable[str] | None) -> list[str] | None:
+    """Check a namespace's redaction choice; None means all entities."""
+    if entities is None:
+        return None
+    return sorted(Redactor(entities).entities)

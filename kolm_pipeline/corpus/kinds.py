@@ -1,0 +1,183 @@
+"""What kind of output a namespace produces, decided from the observed answers alone.
+
+The kind picks the verifier (ARCHITECTURE.md): categorical → `closed_vocab` (and constrained decoding),
+JSON → `json_schema` with a schema inferred from the answers, extractive → `byte_grounded`, anything
+else → `text_match`. Every decision comes with the evidence behind it, for diagnostics.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+MAX_LABELS = 50
+MAX_LABEL_WORDS = 5
+MAX_LABEL_CHARS = 64
+MIN_PER_LABEL = 3  # a closed vocabulary repeats itself: at least this many answers per label on average
+JSON_SHARE = 0.95  # answers that must parse as JSON objects for a JSON task (the rest are dropped, listed)
+GROUNDED_SHARE = 0.90  # answers that must occur verbatim in their input for an extractive task
+MAX_ENUM = 12
+
+VERIFIER_FOR_KIND = {
+    "categorical": "closed_vocab",
+    "json": "json_schema",
+    "extractive": "byte_grounded",
+    "free_text": "text_match",
+}
+
+
+def answer(row: dict) -> str:
+    return row["messages"][-1]["content"]
+
+
+def prompt_text(row: dict) -> str:
+    return "\n".join(str(m.get("content", "")) for m in row["messages"][:-1])
+
+
+@dataclass
+class KindDecision:
+    """The output kind, what its verifier needs, and why."""
+
+    kind: str
+    labels: list[str] | None = None
+    json_schema: dict | None = None
+    reason: str = ""
+    evidence: dict = field(default_factory=dict)
+    # Rows (by index) whose answer does not fit the kind, e.g. unparseable JSON in a JSON task.
+    misfits: list[int] = field(default_factory=list)
+
+    @property
+    def verifier(self) -> str:
+        return VERIFIER_FOR_KIND[self.kind]
+
+    def spec_fields(self) -> dict:
+        fields: dict = {"output_kind": self.kind, "verifier": self.verifier}
+        if self.labels is not None:
+            fields["labels"] = self.labels
+        if self.json_schema is not None:
+            fields["json_schema"] = self.json_schema
+        return fields
+
+
+def json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def infer_json_schema(values: list) -> dict:
+    """A JSON Schema that every observed value satisfies: the types seen (integer widened to number when
+    both occur), object keys present in every value required, array items inferred from all elements,
+    and an enum for strings that look like a closed set: at most MAX_ENUM distinct values, none of them
+    seen only once (Good–Turing: no singletons means an unseen value is unlikely), each seen MIN_PER_LABEL
+    times on average."""
+    types = {json_type(value) for value in values}
+    if {"integer", "number"} <= types:
+        types.discard("integer")
+    schema: dict = {"type": sorted(types)[0] if len(types) == 1 else sorted(types)}
+    objects = [value for value in values if isinstance(value, dict)]
+    if objects:
+        seen: dict[str, list] = defaultdict(list)
+        for value in objects:
+            for key, item in value.items():
+                seen[key].append(item)
+        schema["properties"] = {key: infer_json_schema(items) for key, items in sorted(seen.items())}
+        schema["required"] = sorted(key for key, items in seen.items() if len(items) == len(objects))
+    arrays = [value for value in values if isinstance(value, list)]
+    elements = [item for value in arrays for item in value]
+    if elements:
+        schema["items"] = infer_json_schema(elements)
+    strings = [value for value in values if isinstance(value, str)]
+    if strings and types == {"string"}:
+        counts = Counter(strings)
+        if (
+            len(counts) <= MAX_ENUM
+            and min(counts.values()) >= 2
+            and len(strings) >= MIN_PER_LABEL * len(counts)
+        ):
+            schema["enum"] = sorted(counts)
+    return schema
+
+
+def json_objects(outputs: list[str]) -> tuple[list[dict], list[int]]:
+    """The outputs that parse as JSON objects, and the indices of those that do not."""
+    parsed, misfits = [], []
+    for index, output in enumerate(outputs):
+        try:
+            value = json.loads(output)
+        except json.JSONDecodeError:
+            misfits.append(index)
+            continue
+        if isinstance(value, dict):
+            parsed.append(value)
+        else:
+            misfits.append(index)
+    return parsed, misfits
+
+
+def detect_output_kind(rows: list[dict]) -> KindDecision:
+    """Classify the answers: JSON, then categorical, then extractive, else free text."""
+    outputs = [answer(row) for row in rows]
+    count = len(outputs)
+    if not count:
+        return KindDecision("free_text", reason="no answers")
+
+    parsed, misfits = json_objects(outputs)
+    if len(parsed) >= JSON_SHARE * count:
+        evidence = {"json_objects": len(parsed), "unparseable": len(misfits)}
+        reason = f"{len(parsed)} of {count} answers parse as JSON objects"
+        if misfits:
+            reason += f"; the other {len(misfits)} are left out of the recipe"
+        return KindDecision("json", json_schema=infer_json_schema(parsed), reason=reason, evidence=evidence,
+                            misfits=misfits)
+
+    stripped = [output.strip() for output in outputs]
+    prompts = [prompt_text(row) for row in rows]
+    grounded = [output in prompt for output, prompt in zip(stripped, prompts, strict=True)]
+    grounded_share = sum(grounded) / count
+    distinct = Counter(stripped)
+    short = all(len(o.split()) <= MAX_LABEL_WORDS and len(o) <= MAX_LABEL_CHARS for o in stripped)
+    if short and 2 <= len(distinct) <= MAX_LABELS and count >= MIN_PER_LABEL * len(distinct):
+        labels = sorted(distinct)
+        # A short answer copied out of its input, where the input names no other label, is an extraction
+        # that happens to have few values in this sample (names, ids); a real closed set either does not
+        # occur in the input or the input lists the options.
+        exclusive = sum(
+            1 for output, prompt, ok in zip(stripped, prompts, grounded, strict=True)
+            if ok and not any(label != output and label in prompt for label in labels)
+        )
+        evidence = {"distinct_answers": len(distinct), "grounded_share": round(grounded_share, 4),
+                    "grounded_and_exclusive": exclusive}
+        if grounded_share >= GROUNDED_SHARE and exclusive >= GROUNDED_SHARE * count:
+            return KindDecision(
+                "extractive",
+                reason=f"{exclusive} of {count} short answers are copied from an input that names no other "
+                f"answer: an extraction, not a closed set",
+                evidence=evidence,
+            )
+        return KindDecision(
+            "categorical",
+            labels=labels,
+            reason=f"{count} short answers drawn from {len(labels)} distinct values",
+            evidence={**evidence, "label_counts": dict(sorted(distinct.items()))},
+        )
+    evidence = {"grounded_share": round(grounded_share, 4), "distinct_answers": len(distinct)}
+    if grounded_share >= GROUNDED_SHARE and all(stripped):
+        return KindDecision(
+            "extractive",
+            reason=f"{sum(grounded)} of {count} answers occur verbatim in their input",
+            evidence=evidence,
+        )
+    return KindDecision("free_text", reason="answers are varied text, not JSON, not a closed set, not copied "
+                        "from the input", evidence=evidence)

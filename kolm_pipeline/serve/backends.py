@@ -1,0 +1,397 @@
+"""Serving backends: what actually runs the base model plus LoRA adapters.
+
+* ``TransformersBackend`` keeps the base model in this process (PEFT multi-adapter). Decoding goes one
+  token per lock hold, so concurrent requests interleave and a request keeps the adapter it started with
+  even after new requests have moved to a newer one; label requests waiting together are scored as a batch.
+* ``VLLMBackend`` drives a vLLM server through its runtime LoRA endpoints (``/v1/load_lora_adapter``,
+  ``/v1/unload_lora_adapter``) and forwards completions to it with ``model`` set to the adapter name.
+
+The runtime (``serve/runtime.py``) decides when to load, flip and unload; a backend only does it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from kolm_pipeline.serve.runtime import Lease
+
+log = logging.getLogger("kolm.serve")
+
+WARM_MESSAGES = [{"role": "user", "content": "ping"}]
+
+
+class BackendError(Exception):
+    """The backend could not load, run or unload an adapter; the message says which and why."""
+
+
+class Backend(Protocol):
+    """Loads adapters under a name and answers conversations with a named adapter."""
+
+    base_digest: str | None
+
+    def start(self) -> None:
+        """Get ready to load adapters (load the base model, check the server answers)."""
+        ...
+
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None) -> None:
+        """Load the PEFT adapter in ``adapter_dir`` as ``name`` and warm it with one short inference."""
+        ...
+
+    def unload(self, name: str) -> None: ...
+
+    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int) -> Iterator[str]:
+        """Answer with adapter ``name``, piece by piece; with ``labels``, exactly one of them."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FairLock:
+    """A FIFO lock with a front lane.
+
+    ``threading.Lock`` lets a busy thread take the lock again and again while others starve; under steady
+    load that would hold back the warm-up of a new adapter (and so the swap) indefinitely. Here waiters
+    are served in arrival order, the front lane first, and a waiter can give up once ``unless()`` holds
+    (its work was done by the holder, see label batching).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._front: deque[object] = deque()
+        self._back: deque[object] = deque()
+
+    @contextlib.contextmanager
+    def hold(self, front: bool = False, unless: Callable[[], bool] | None = None) -> Iterator[bool]:
+        """Yield True holding the lock, or False (not holding it) if ``unless()`` became true first."""
+        ticket, lane = object(), (self._front if front else self._back)
+        with self._cond:
+            lane.append(ticket)
+            while True:
+                if unless is not None and unless():
+                    lane.remove(ticket)
+                    self._cond.notify_all()
+                    acquired = False
+                    break
+                head = self._front[0] if self._front else self._back[0]
+                if not self._held and head is ticket:
+                    lane.popleft()
+                    self._held = acquired = True
+                    break
+                self._cond.wait()
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                with self._cond:
+                    self._held = False
+                    self._cond.notify_all()
+
+
+@dataclass
+class _LabelRequest:
+    key: tuple
+    messages: list[dict]
+    done: bool = False
+    result: Any = None
+    error: Exception | None = None
+
+
+class TransformersBackend:
+    """Base model + PEFT adapters in this process (CPU or one GPU).
+
+    Locking: forward passes hold ``_lock`` (a FairLock), one decoding step or one label batch at a time.
+    Loading an adapter does *not* take it: PEFT only adds new modules and dict entries next to the ones a
+    running forward pass reads, and re-sets each layer's active adapter to the value it already has. The
+    one unsafe interleaving, switching the active adapter while PEFT re-sets it, is excluded by
+    ``_switch``, which a load holds and every adapter switch needs. So requests keep flowing while an
+    adapter loads; only the warm-up pass (front lane) and unloads wait their turn.
+    """
+
+    def __init__(self, base_model: str, models_dir: Path, max_batch: int = 4) -> None:
+        self._spec = (base_model, Path(models_dir))
+        self.max_batch = max_batch
+        self._lock = FairLock()
+        self._switch = threading.Lock()
+        self._pending: list[_LabelRequest] = []
+        self._pending_lock = threading.Lock()
+        self._model = None
+        self._tokenizer = None
+        self._selected: str | None = None
+        self._eos: set[int] = set()
+        self.base_digest: str | None = None
+
+    def start(self) -> None:
+        if self._model is not None:
+            return
+        from kolm_pipeline.train.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+
+        base = resolve_base_model(*self._spec)
+        self._tokenizer = load_tokenizer(base)
+        self._model = load_causal_lm(base)
+        self.base_digest = base.digest
+        eos = {self._tokenizer.eos_token_id}
+        configured = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
+        eos |= set(configured) if isinstance(configured, list) else {configured}
+        self._eos = {token for token in eos if token is not None}
+
+    def _names(self) -> list[str]:
+        from peft import PeftModel
+
+        return sorted(self._model.peft_config) if isinstance(self._model, PeftModel) else []
+
+    def loaded(self) -> list[str]:
+        """Names of the adapters in the model now."""
+        with self._switch:
+            return self._names()
+
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None) -> None:
+        from peft import PeftModel
+
+        began = time.perf_counter()
+        try:
+            if isinstance(self._model, PeftModel):
+                with self._switch:
+                    if name not in self._model.peft_config:
+                        self._model.load_adapter(str(adapter_dir), adapter_name=name)
+            else:  # the first adapter wraps the base model's modules: nothing may run meanwhile
+                with self._lock.hold(front=True), self._switch:
+                    self._model = PeftModel.from_pretrained(self._model, str(adapter_dir), adapter_name=name)
+                    self._model.eval()
+                    self._selected = name
+        except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a bad adapter
+            raise BackendError(f"cannot load adapter {adapter_dir} into the base model: {exc}") from exc
+        loaded = time.perf_counter()
+        self._warm(name, labels)
+        log.info("%s: PEFT load %.2f s, warm-up %.2f s (waiting for the model included)", name,
+                 loaded - began, time.perf_counter() - loaded)
+
+    def _warm(self, name: str, labels: list[str] | None) -> None:
+        """One short pass through the new adapter, ahead of queued requests, before any request uses it."""
+        import torch
+
+        from kolm_pipeline.evaluate.inference import predict_labels, render_prompt
+
+        with self._lock.hold(front=True), torch.inference_mode():
+            self._select(name)
+            if labels:
+                predict_labels(self._model, self._tokenizer, [WARM_MESSAGES], labels)
+            else:
+                ids = self._tokenizer(render_prompt(self._tokenizer, WARM_MESSAGES), add_special_tokens=False)
+                self._model(input_ids=torch.tensor([ids.input_ids], device=self._device()))
+
+    def unload(self, name: str) -> None:
+        with self._lock.hold(), self._switch:
+            loaded = self._names()
+            if name not in loaded:
+                return
+            try:
+                if loaded == [name]:
+                    self._model = self._model.unload()  # PEFT cannot run with zero adapters: back to the bare base
+                else:
+                    self._model.delete_adapter(name)
+            except Exception as exc:  # noqa: BLE001 - PEFT raises many types
+                raise BackendError(f"cannot unload adapter {name}: {exc}") from exc
+            if self._selected == name:
+                self._selected = None
+
+    def _device(self):
+        return next(self._model.parameters()).device
+
+    def _select(self, name: str) -> None:
+        """Make ``name`` the adapter the next forward pass uses; called holding ``_lock``."""
+        if self._selected != name:
+            with self._switch:
+                if name not in self._names():
+                    raise BackendError(f"adapter {name} is not loaded")
+                self._model.set_adapter(name, inference_mode=True)
+                self._selected = name
+
+    def _combined(self, key: tuple, messages: list[dict], run: Callable[[list[_LabelRequest]], None]) -> _LabelRequest:
+        """Flat combining: queue this request; whoever gets the model lock first runs every queued request
+        with the same key as one batch (``run`` fills in the results), the others just collect theirs."""
+        mine = _LabelRequest(key=key, messages=messages)
+        with self._pending_lock:
+            self._pending.append(mine)
+        with self._lock.hold(unless=lambda: mine.done) as held:
+            if held:
+                with self._pending_lock:
+                    batch = [mine] + [r for r in self._pending if r.key == key and r is not mine]
+                    batch = batch[: self.max_batch]
+                    for request in batch:
+                        self._pending.remove(request)
+                try:
+                    run(batch)
+                except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
+                    for request in batch:
+                        request.error = exc
+                finally:
+                    for request in batch:
+                        request.done = True
+        if mine.error is not None:
+            if isinstance(mine.error, BackendError):
+                raise BackendError(str(mine.error))
+            raise type(mine.error)(*mine.error.args)
+        return mine
+
+    def _score(self, name: str, labels: list[str], batch: list[_LabelRequest]) -> list[str]:
+        from kolm_pipeline.evaluate.inference import predict_labels
+
+        self._select(name)
+        try:
+            outputs = predict_labels(self._model, self._tokenizer, [r.messages for r in batch], labels,
+                                     batch_size=len(batch))
+        except Exception as exc:  # noqa: BLE001 - e.g. a chat template that cannot render the messages
+            raise BackendError(f"scoring the label set failed: {exc}") from exc
+        return [output.output for output in outputs]
+
+    def _label(self, name: str, messages: list[dict], labels: list[str]) -> str:
+        """Constrained choice among ``labels`` with adapter ``name`` (batched with identical requests)."""
+
+        def run(batch: list[_LabelRequest]) -> None:
+            for request, output in zip(batch, self._score(name, labels, batch), strict=True):
+                request.result = output
+
+        return self._combined(("adapter", name, tuple(labels)), messages, run).result or ""
+
+    def classify(self, task: str, messages: list[dict], acquire: Callable[[], Lease]) -> tuple[str, Lease] | None:
+        """Closed-vocabulary answer for ``task``, batched with the task's other waiting requests.
+
+        The adapter is bound when the batch runs, not when the request arrived: a request still waiting
+        when a swap lands is answered by the new adapter (one that has started is never moved). Returns
+        (label, the lease it ran under, already released), or None if the task's adapter has no label set.
+        """
+
+        def run(batch: list[_LabelRequest]) -> None:
+            lease = acquire()
+            try:
+                labels = lease.labels
+                outputs = self._score(lease.name, labels, batch) if labels else [None] * len(batch)
+                for request, output in zip(batch, outputs, strict=True):
+                    request.result = None if output is None else (output, lease)
+            finally:
+                lease.release()
+
+        return self._combined(("task", task), messages, run).result
+
+    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int) -> Iterator[str]:
+        import torch
+
+        from kolm_pipeline.evaluate.inference import render_prompt
+
+        if labels:
+            yield self._label(name, messages, labels)
+            return
+        try:
+            prompt = render_prompt(self._tokenizer, messages)
+        except Exception as exc:  # noqa: BLE001 - the chat template rejects malformed conversations
+            raise BackendError(f"the chat template cannot render these messages: {exc}") from exc
+        device = self._device()
+        ids = torch.tensor([self._tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
+        cache, generated, emitted = None, [], ""
+        for _ in range(max_tokens):
+            with self._lock.hold(), torch.inference_mode():
+                self._select(name)
+                out = self._model(input_ids=ids, past_key_values=cache, use_cache=True)
+                token = int(out.logits[0, -1].argmax())
+            cache = out.past_key_values
+            if token in self._eos:
+                break
+            generated.append(token)
+            ids = torch.tensor([[token]], device=device)
+            text = self._tokenizer.decode(generated, skip_special_tokens=True).lstrip()
+            if text.endswith("\ufffd"):
+                continue  # a multi-byte character is still incomplete
+            piece, emitted = text[len(emitted) :], text
+            if piece:
+                yield piece
+
+    def close(self) -> None:
+        with self._lock.hold():
+            self._model = None
+
+
+class VLLMBackend:
+    """A vLLM server started with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``.
+
+    ``adapter_root`` is where vLLM sees the runtime's adapter cache (``KOLM_HOME/serve-cache``) when it
+    mounts the shared volume at another path; without it the local path is sent as is.
+    """
+
+    def __init__(self, url: str, cache_dir: Path, adapter_root: str | None = None, timeout: float = 60.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.cache_dir = Path(cache_dir)
+        self.adapter_root = adapter_root
+        self.base_digest: str | None = None
+        self._client = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def _remote_path(self, adapter_dir: Path) -> str:
+        if self.adapter_root is None:
+            return str(adapter_dir)
+        return f"{self.adapter_root.rstrip('/')}/{Path(adapter_dir).relative_to(self.cache_dir).as_posix()}"
+
+    def _post(self, path: str, body: dict) -> None:
+        import httpx
+
+        try:
+            response = self._client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"vLLM at {self.url} did not answer {path}: {exc}") from exc
+        if response.status_code >= 400:
+            raise BackendError(f"vLLM {path} answered {response.status_code}: {response.text[:500]}")
+
+    def start(self) -> None:
+        import httpx
+
+        try:
+            self._client.get("/v1/models").raise_for_status()
+        except httpx.HTTPError as exc:
+            raise BackendError(f"vLLM at {self.url} is not answering /v1/models: {exc}") from exc
+
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None) -> None:
+        self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": self._remote_path(adapter_dir)})
+        for _ in self.stream(name, WARM_MESSAGES, labels, max_tokens=1):
+            pass
+
+    def unload(self, name: str) -> None:
+        self._post("/v1/unload_lora_adapter", {"lora_name": name})
+
+    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int) -> Iterator[str]:
+        import httpx
+
+        body: dict = {"model": name, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                      "stream": True}
+        if labels:
+            body["structured_outputs"] = {"choice": labels}
+        try:
+            with self._client.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise BackendError(f"vLLM answered {response.status_code}: {response.text[:500]}")
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[len("data:") :].strip()
+                    if data == "[DONE]":
+                        break
+                    choices = json.loads(data).get("choices") or [{}]
+                    piece = (choices[0].get("delta") or {}).get("content")
+                    if piece:
+                        yield piece
+        except httpx.HTTPError as exc:
+            raise BackendError(f"vLLM at {self.url} failed mid-answer: {exc}") from exc
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,185 @@
+"""Schema migrations of the capture store: a numbered list of steps and a version table.
+
+Each step is written against the schema the step before it left, with alembic's operations (so column
+additions work on SQLite and PostgreSQL alike) and never edited once shipped; `tables.py` is the result
+of running them all. A database made before versioning existed (it has `captures` but no version table)
+is taken to be at version 1. On PostgreSQL an advisory lock makes concurrent starters wait for one another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    String,
+    Text,
+    insert,
+    inspect,
+    select,
+    text,
+)
+
+from kolm_pipeline.store.tables import schema_versions
+
+_LOCK_ID = 0x6B6F6C6D  # "kolm"
+
+
+def _v1_baseline(op: Operations, _conn: Connection) -> None:
+    """The tables as they were before versioning."""
+    op.create_table(
+        "tenants",
+        Column("name", String(63), primary_key=True),
+        Column("key_hash", String(64), nullable=False, unique=True),
+        Column("key_prefix", String(16), nullable=False, index=True),
+        Column("capture_only", Boolean, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
+        "captures",
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("request_id", String(64), nullable=False, unique=True),
+        Column("tenant", String(63), nullable=False),
+        Column("namespace", String(63), nullable=False),
+        Column("provider", String(16), nullable=False),
+        Column("model", String(255), nullable=False),
+        Column("input_json", Text, nullable=False),
+        Column("output_text", Text, nullable=False),
+        Column("latency_us", BigInteger, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("http_status", Integer, nullable=False),
+        Column("prompt_tokens", Integer),
+        Column("completion_tokens", Integer),
+        Column("tags", Text, nullable=False),
+        Column("streamed", Boolean, nullable=False),
+        Column("triage_state", String(16), nullable=False),
+        Column("triaged_by", String(255)),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("feedback_output", Text),
+        CheckConstraint("provider IN ('openai', 'anthropic')", name="ck_captures_provider"),
+        CheckConstraint("status IN ('ok', 'error', 'incomplete')", name="ck_captures_status"),
+        CheckConstraint("triage_state IN ('untriaged', 'kept', 'discarded')", name="ck_captures_triage_state"),
+    )
+    op.create_index("ix_captures_tenant_namespace_triage", "captures", ["tenant", "namespace", "triage_state"])
+    op.create_table(
+        "triage_rules",
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("tenant", String(63), nullable=False),
+        Column("namespace", String(63), nullable=False),
+        Column("action", String(16), nullable=False),
+        Column("match_json", Text, nullable=False),
+        Column("created_by", String(255), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        CheckConstraint("action IN ('keep', 'discard')", name="ck_triage_rules_action"),
+    )
+    op.create_index("ix_triage_rules_tenant_namespace", "triage_rules", ["tenant", "namespace"])
+    op.create_table(
+        "registry",
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("task", String(255), nullable=False, index=True),
+        Column("from_cid", String(128)),
+        Column("to_cid", String(128)),
+        Column("k_before", Float),
+        Column("k_after", Float),
+        Column("decision", Text, nullable=False),
+        Column("actor", String(255), nullable=False),
+        Column("details_json", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
+        "audit_log",
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("tenant", String(63), nullable=False),
+        Column("namespace", String(63)),
+        Column("action", String(64), nullable=False),
+        Column("detail_json", Text, nullable=False),
+        Column("actor", String(255), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    op.create_index("ix_audit_log_tenant_namespace", "audit_log", ["tenant", "namespace"])
+
+
+def _v2_retention_and_counters(op: Operations, conn: Connection) -> None:
+    """Per-tenant HMAC secrets (made on first use, also for tenants that only exist in captures), body
+    digests, retention, distilled/merged marks, ratings, implicit signals and per-namespace switches."""
+    op.create_table(
+        "tenant_secrets",
+        Column("tenant", String(63), primary_key=True),
+        Column("hmac_secret", String(64), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    for column in (
+        Column("feedback_rating", Integer),
+        Column("input_hmac", String(64)),
+        Column("output_hmac", String(64)),
+        Column("expired_at", DateTime(timezone=True)),
+        Column("distilled_at", DateTime(timezone=True)),
+        Column("merged_at", DateTime(timezone=True)),
+        Column("implicit_signal", String(32)),
+    ):
+        op.add_column("captures", column)
+    op.create_index("ix_captures_tenant_namespace_input_hmac", "captures", ["tenant", "namespace", "input_hmac"])
+    op.create_index("ix_captures_expired_created", "captures", ["expired_at", "created_at"])
+    op.create_table(
+        "namespace_settings",
+        Column("tenant", String(63), primary_key=True),
+        Column("namespace", String(63), primary_key=True),
+        Column("retention_days", Integer),
+        Column("implicit_signals", Boolean, nullable=False),
+        Column("distill_ready", Boolean, nullable=False),
+        Column("redact_entities", Text),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
+    (1, "baseline tables", _v1_baseline),
+    (2, "retention, counters and switches", _v2_retention_and_counters),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def applied_versions(conn: Connection) -> set[int]:
+    if not inspect(conn).has_table(schema_versions.name):
+        return set()
+    return set(conn.execute(select(schema_versions.c.version)).scalars())
+
+
+def migrate(engine: Engine) -> list[int]:
+    """Bring the database to the newest schema; returns the versions applied now (empty when current)."""
+    applied_now: list[int] = []
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+        done = applied_versions(conn)
+        if len(done) == len(MIGRATIONS) and max(done) == LATEST:
+            return []
+        inspector = inspect(conn)
+        if not inspector.has_table(schema_versions.name):
+            schema_versions.create(conn)
+            if inspector.has_table("captures"):
+                _record(conn, 1, MIGRATIONS[0][1])
+                done = {1}
+        op = Operations(MigrationContext.configure(conn))
+        for version, name, step in MIGRATIONS:
+            if version in done:
+                continue
+            step(op, conn)
+            _record(conn, version, name)
+            applied_now.append(version)
+    return applied_now
+
+
+def _record(conn: Connection, version: int, name: str) -> None:
+    conn.execute(insert(schema_versions).values(version=version, name=name, applied_at=datetime.now(UTC)))

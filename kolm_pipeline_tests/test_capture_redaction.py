@@ -1,0 +1,79 @@
+"""PII redaction: typed placeholders, validators that spare look-alikes, per-namespace choice, and the
+proxy storing only redacted text while the client still gets the upstream's answer untouched."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from kolm_pipeline.capture.redact import ENTITIES, Redactor
+from kolm_pipeline_tests.test_capture import Proxy, start_proxy, teacher  # noqa: F401 (fixtures)
+
+CASES = [
+    ("write to jane.doe+billing@example.co.uk today", "write to <EMAIL> today"),
+    ("call +1 (415) 555-2671 or 020 7946 0958", "call <PHONE> or <PHONE>"),
+    ("card 4111 1111 1111 1111, also 5500-0000-0000-0004", "card <CREDIT_CARD>, also <CREDIT_CARD>"),
+    ("ssn 123-45-6789", "ssn <US_SSN>"),
+    ("IBAN DE89 3704 0044 0532 0130 00 or GB82WEST12345698765432", "IBAN <IBAN> or <IBAN>"),
+    ("from 192.168.1.20 and 2001:db8::ff00:42:8329", "from <IP_ADDRESS> and <IP_ADDRESS>"),
+    ("keys sk-proj-abcdefghijklmnop1234 AKIAIOSFODNN7EXAMPLE", "keys <API_KEY> <API_KEY>"),
+    ("api_key=Zx9Qw8Er7Ty6Ui5Op4 and ghp_abcdefghijklmnopqrstuvwxyz0123456789", "api_key=<API_KEY> and <API_KEY>"),
+]
+# Things that look like PII but are not: they must survive untouched.
+LOOKALIKES = [
+    "card 4111 1111 1111 1112 fails the Luhn check",
+    "ssn 000-12-3456 is not a valid SSN",
+    "IBAN DE00 3704 0044 0532 0130 00 has a bad checksum",
+    "version 1.2.3, address 999.1.1.1, time 12:30:45",
+    "order 12345 shipped 2024-05-01 for $1,234.56",
+    "I was charged twice",
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CASES)
+def test_redacts_each_entity(text: str, expected: str) -> None:
+    assert Redactor().text(text) == expected
+
+
+@pytest.mark.parametrize("text", LOOKALIKES)
+def test_leaves_lookalikes(text: str) -> None:
+    assert Redactor().text(text) == text
+
+
+def test_selection_and_structure() -> None:
+    only_email = Redactor(["EMAIL"])
+    assert only_email.text("a@b.io 123-45-6789") == "<EMAIL> 123-45-6789"
+    assert Redactor([]).text("a@b.io") == "a@b.io"
+    with pytest.raises(ValueError):
+        Redactor(["NAME"])
+    assert set(ENTITIES) == {"API_KEY", "EMAIL", "IBAN", "CREDIT_CARD", "US_SSN", "IP_ADDRESS", "PHONE"}
+    message = {"role": "user", "content": [{"type": "text", "text": "mail a@b.io"}], "name": "a@b.io"}
+    assert Redactor().value(message) == {
+        "role": "user",
+        "content": [{"type": "text", "text": "mail <EMAIL>"}],
+        "name": "<EMAIL>",
+    }
+
+
+def test_proxy_stores_only_redacted_text(start_proxy: Callable[..., Proxy], teacher: str) -> None:  # noqa: F811
+    proxy = start_proxy(teacher)
+    api = httpx.Client(base_url=proxy.url, headers={"authorization": f"Bearer {proxy.key}"})
+    assert api.post("/v1/namespaces/emails-only/switches", json={"redact_entities": ["EMAIL"]}).status_code == 200
+    pii = "I am jane@example.com, card 4111 1111 1111 1111, ssn 123-45-6789"
+    for namespace in ("support", "emails-only"):
+        reply = proxy.openai(namespace=namespace).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "system", "content": "from 10.0.0.7"}, {"role": "user", "content": pii}]
+        )
+        assert reply.choices[0].message.content == "unknown"  # the upstream saw the real text
+    proxy.flush()
+    by_namespace = {row.namespace: row for row in proxy.store.list_captures("acme")}
+    assert by_namespace["support"].messages == [
+        {"role": "system", "content": "from <IP_ADDRESS>"},
+        {"role": "user", "content": "I am <EMAIL>, card <CREDIT_CARD>, ssn <US_SSN>"},
+    ]
+    assert by_namespace["emails-only"].messages[1]["content"] == (
+        "I am <EMAIL>, card 4111 1111 1111 1111, ssn 123-45-6789"
+    )
+    api.close()

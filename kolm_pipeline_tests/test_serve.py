@@ -1,0 +1,267 @@
+"""The serving runtime on a tiny random-weight model behind a real HTTP server: OpenAI-compatible chat
+completions (streaming and not, through the `openai` SDK), background hot swap with in-flight requests
+finishing on the old adapter, constrained decoding for closed-vocabulary tasks, and refusals."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kolm_pipeline.registry import read_kolm, swap_pointer
+from kolm_pipeline.registry.swap import publish_artifact
+from kolm_pipeline.serve.app import create_serving_app
+from kolm_pipeline.serve.backends import TransformersBackend
+from kolm_pipeline.serve.runtime import ServingRuntime, adapter_name
+from kolm_pipeline.settings import Settings, load_settings
+from kolm_pipeline_tests.test_registry_support import LABELS, free_port, real_adapter, signed_artifact, wait_until
+
+GRACE = 0.3
+PROMPT = [{"role": "user", "content": "My parcel never arrived, where is it?"}]
+
+
+@dataclass
+class World:
+    settings: Settings
+    artifacts: dict[str, Path]
+    runtime: ServingRuntime
+    url: str
+
+    def point(self, task: str, name: str) -> str:
+        """Swap ``task``'s pointer to artifact ``name`` exactly as a deployment does; returns its CID."""
+        published = publish_artifact(self.settings.artifacts_dir, task, self.artifacts[name])
+        swap_pointer(self.settings.adapters_dir, task, published)
+        return published.stem
+
+    def serving(self, task: str) -> str | None:
+        return self.runtime.status()["tasks"].get(task, {}).get("cid")
+
+
+def _tampered(source: Path, dest: Path) -> Path:
+    """The same archive with one byte of the adapter weights changed, repacked canonically."""
+    files = dict(read_kolm(source).files)
+    weights = bytearray(files["adapter/adapter_model.safetensors"])
+    weights[-5] ^= 0x20
+    files["adapter/adapter_model.safetensors"] = bytes(weights)
+    with tarfile.open(dest, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(files[name]), 0, 0o644
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(files[name]))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def world(tiny_base, tmp_path_factory):
+    import uvicorn
+
+    from kolm_pipeline.train.base_model import resolve_base_model
+
+    root = tmp_path_factory.mktemp("serve")
+    settings = load_settings(root / "home")
+    digest = resolve_base_model(str(tiny_base), settings.models_dir).digest
+    build = root / "build"
+    artifacts = {}
+    for name, task, seed, labels in [("chat-a", "acme.chat", 1, None), ("chat-b", "acme.chat", 2, None),
+                                     ("labels", "acme.labels", 3, LABELS), ("other-base", "acme.base", 4, None),
+                                     ("labels-2", "acme.labels", 5, LABELS), ("labels-3", "acme.labels", 6, LABELS)]:
+        adapter = real_adapter(tiny_base, build / name, seed=seed)
+        artifacts[name] = signed_artifact(build / f"{name}.kolm", adapter_dir=adapter, keys_dir=settings.keys_dir,
+                                          task=task, labels=labels, salt=name,
+                                          base_digest="f" * 64 if name == "other-base" else digest)
+    artifacts["tampered"] = _tampered(artifacts["chat-b"], build / "tampered.kolm")
+    world = World(settings, artifacts, runtime=None, url="")  # type: ignore[arg-type]
+    world.point("acme.chat", "chat-a")
+    world.point("acme.labels", "labels")
+
+    runtime = ServingRuntime(settings, TransformersBackend(str(tiny_base), settings.models_dir), poll_interval=0.05,
+                             grace_seconds=GRACE)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_serving_app(runtime), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, timeout=60, what="the serving app to start")
+    world.runtime, world.url = runtime, f"http://127.0.0.1:{port}"
+    yield world
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def _chat(world: World, task: str, **extra) -> httpx.Response:
+    return httpx.post(f"{world.url}/v1/chat/completions", timeout=60,
+                      json={"model": task, "messages": PROMPT, "max_tokens": 12, **extra})
+
+
+def test_openai_sdk_streaming_and_not(world):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{world.url}/v1", api_key="unused")
+    cid = world.serving("acme.chat")
+    raw = client.chat.completions.with_raw_response.create(model="acme.chat", messages=PROMPT, max_tokens=12)
+    completion = raw.parse()
+    assert raw.headers["x-kolm-adapter-cid"] == cid == completion.system_fingerprint
+    text = completion.choices[0].message.content
+    assert text and completion.model == "acme.chat"
+
+    stream = client.chat.completions.create(model="acme.chat", messages=PROMPT, max_tokens=12, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == text
+    assert len([c for c in chunks if c.choices[0].delta.content]) > 1  # streamed piece by piece
+
+    models = client.models.list()
+    assert {"acme.chat", "acme.labels"} <= {model.id for model in models.data}
+
+
+def test_closed_vocabulary_decodes_to_a_label(world):
+    for content in ("I was charged twice", "The app crashes on start", "Where is my order?", "hello"):
+        response = httpx.post(f"{world.url}/v1/chat/completions", timeout=60, json={
+            "model": "acme.labels", "messages": [{"role": "user", "content": content}]})
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"] in LABELS
+
+
+def test_concurrent_label_requests_get_the_answers_they_get_alone(world):
+    """Waiting label requests are scored as one batch; batching must not change anyone's answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    contents = [f"ticket {index}: {text}" for index, text in enumerate(
+        ["charged twice", "app crashes", "parcel lost", "cannot log in", "refund please", "slow dashboard",
+         "wrong address", "invoice wrong"])]
+
+    def ask(content: str) -> str:
+        response = httpx.post(f"{world.url}/v1/chat/completions", timeout=60, json={
+            "model": "acme.labels", "messages": [{"role": "user", "content": content}]})
+        return response.json()["choices"][0]["message"]["content"]
+
+    alone = [ask(content) for content in contents]
+    with ThreadPoolExecutor(len(contents)) as pool:
+        together = list(pool.map(ask, contents * 3))
+    assert together == alone * 3
+
+
+@pytest.mark.parametrize(("body", "status", "text"), [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": "acme.chat"}, 400, "`messages` must be a non-empty list"),
+    ({"model": "acme.chat", "messages": [{"role": "user"}]}, 400, "messages[0]"),
+    ({"model": "acme.chat", "messages": PROMPT, "max_tokens": 0}, 400, "`max_tokens`"),
+    ({"model": "acme.chat", "messages": PROMPT, "stream": "yes"}, 400, "`stream`"),
+    ({"model": "acme.nosuch", "messages": PROMPT}, 404, "no adapter is deployed for task 'acme.nosuch'"),
+])
+def test_bad_requests_get_clear_errors(world, body, status, text):
+    if isinstance(body, bytes):
+        response = httpx.post(f"{world.url}/v1/chat/completions", content=body, timeout=30,
+                              headers={"content-type": "application/json"})
+    else:
+        response = httpx.post(f"{world.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == status
+    assert text in response.json()["error"]["message"]
+
+
+def test_swap_in_background_in_flight_finishes_on_old_adapter(world):
+    runtime, backend = world.runtime, world.runtime.backend
+    old_cid = world.serving("acme.chat")
+    expected_old = _chat(world, "acme.chat", max_tokens=24).json()["choices"][0]["message"]["content"]
+
+    # A request in flight on the old adapter: it has produced part of its answer when the pointer moves.
+    lease = runtime.acquire("acme.chat")
+    assert lease.cid == old_cid
+    pieces = backend.stream(lease.name, PROMPT, lease.labels, 24)
+    head = [next(pieces), next(pieces)]
+
+    new_cid = world.point("acme.chat", "chat-b")
+    wait_until(lambda: world.serving("acme.chat") == new_cid, what="the watcher to flip acme.chat")
+    response = _chat(world, "acme.chat", max_tokens=24)
+    assert response.headers["x-kolm-adapter-cid"] == new_cid
+    expected_new = response.json()["choices"][0]["message"]["content"]
+    assert expected_new != expected_old
+
+    # Past the grace period the old adapter stays loaded while the request holds it, and it finishes there.
+    threading.Event().wait(GRACE * 3)
+    assert adapter_name(old_cid) in backend.loaded()
+    assert "".join([*head, *pieces]).strip() == expected_old
+    runtime.release(lease)
+    wait_until(lambda: adapter_name(old_cid) not in backend.loaded(), what="the old adapter to be unloaded")
+    assert backend.loaded().count(adapter_name(new_cid)) == 1
+
+
+def test_answers_do_not_change_while_other_adapters_load_and_switch(world):
+    """Loading runs beside live forward passes (see TransformersBackend); it must never change an answer."""
+    expected = _chat(world, "acme.chat", max_tokens=16).json()["choices"][0]["message"]["content"]
+    chat_answers: list[str] = []
+    label_answers: list[str] = []
+    stop = threading.Event()
+
+    def chat() -> None:
+        while not stop.is_set():
+            chat_answers.append(_chat(world, "acme.chat", max_tokens=16).json()["choices"][0]["message"]["content"])
+
+    def labels() -> None:
+        while not stop.is_set():
+            label_answers.append(_chat(world, "acme.labels").json()["choices"][0]["message"]["content"])
+
+    clients = [threading.Thread(target=chat), threading.Thread(target=chat), threading.Thread(target=labels)]
+    for client in clients:
+        client.start()
+    try:
+        for name in ("labels-2", "labels-3", "labels") * 2:
+            cid = world.point("acme.labels", name)
+            wait_until(lambda cid=cid: world.serving("acme.labels") == cid, what=f"acme.labels to serve {name}")
+            threading.Event().wait(GRACE * 1.5)  # the replaced adapter unloads, so the next flip loads afresh
+        wait_until(lambda: len(chat_answers) >= 6, what="a few answers")
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    assert set(chat_answers) == {expected}
+    assert label_answers and set(label_answers) <= set(LABELS)
+
+
+def test_tampered_or_foreign_artifacts_are_refused_and_the_old_one_keeps_serving(world):
+    serving = world.serving("acme.chat")
+    tampered = world.settings.artifacts_dir / "acme.chat" / "tampered-copy.kolm"
+    tampered.write_bytes(world.artifacts["tampered"].read_bytes())
+    swap_pointer(world.settings.adapters_dir, "acme.chat", tampered)
+    reason = wait_until(lambda: world.runtime.status()["refused"].get("acme.chat"), what="the refusal")["reason"]
+    assert "adapter/adapter_model.safetensors: content does not match its CID in the manifest" in reason
+    response = _chat(world, "acme.chat")
+    assert response.status_code == 200 and response.headers["x-kolm-adapter-cid"] == serving
+
+    # A task whose only artifact was trained on another base model is refused with that reason.
+    world.point("acme.base", "other-base")
+    wait_until(lambda: world.runtime.status()["refused"].get("acme.base"), what="the base-model refusal")
+    response = _chat(world, "acme.base")
+    assert response.status_code == 404
+    assert "trained on base tiny-base" in response.json()["error"]["message"]
+
+
+def test_removed_pointer_drains_and_the_last_adapter_unloads_to_the_bare_base(tiny_base, tmp_path):
+    settings = load_settings(tmp_path / "home")
+    source = signed_artifact(tmp_path / "only.kolm", adapter_dir=real_adapter(tiny_base, tmp_path / "ad", seed=9),
+                             keys_dir=settings.keys_dir, task="acme.only", base_digest="")
+    swap_pointer(settings.adapters_dir, "acme.only", publish_artifact(settings.artifacts_dir, "acme.only", source))
+    runtime = ServingRuntime(settings, TransformersBackend(str(tiny_base), settings.models_dir), grace_seconds=0)
+    runtime.start()
+    try:
+        cid = runtime.status()["tasks"]["acme.only"]["cid"]
+        assert runtime.backend.loaded() == [adapter_name(cid)]
+        (settings.adapters_dir / "acme.only").unlink()
+        runtime.sync()
+        runtime.sync()
+        assert runtime.status()["tasks"] == {} and runtime.backend.loaded() == []
+        with pytest.raises(Exception, match="no adapter is deployed for task 'acme.only'"):
+            runtime.acquire("acme.only")
+        swap_pointer(settings.adapters_dir, "acme.only", settings.artifacts_dir / "acme.only" / f"{cid}.kolm")
+        runtime.sync()
+        with runtime.lease("acme.only") as adapter:
+            assert "".join(runtime.backend.stream(adapter.name, PROMPT, None, 4))
+    finally:
+        runtime.stop()
