@@ -66,6 +66,8 @@ def test_loop_materializes_every_asset(kolm_settings, autoreply_store, tiny_base
     report = verify_kolm(pointer, load_public_keys(kolm_settings.keys_dir))
     assert report.ok, report.problems
     assert [row.decision for row in autoreply_store.registry_rows("acme.support")] == ["swap"]
+    counters = autoreply_store.counters("acme", "support")
+    assert counters["distilled"] == counters["merged"] == corpus["written"]
 
     workdir = NamespaceWorkdir(kolm_settings, "acme.support")
     saved = json.loads(workdir.evaluation.read_text())

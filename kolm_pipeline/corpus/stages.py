@@ -28,6 +28,11 @@ class RecipeResult:
     receipt_cid: str
 
 
+def corpus_capture_ids(data: bytes) -> list[int]:
+    """The captures a corpus was written from (its rows' provenance)."""
+    return [row["meta"]["capture_id"] for row in read_corpus(data) if "capture_id" in row.get("meta", {})]
+
+
 def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int) -> CorpusResult:
     """Build the corpus from kept pairs; refuse below the threshold and say how many more are needed."""
     pairs = store.kept_pairs(workdir.tenant, workdir.namespace)
@@ -42,6 +47,7 @@ def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int) -> Corpus
     tmp = workdir.corpus.with_name(workdir.corpus.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, workdir.corpus)
+    store.mark_distilled(workdir.tenant, workdir.namespace, corpus_capture_ids(data))
     capture_ids = [pair.id for pair in pairs]
     receipt = workdir.write_receipt(
         "corpus",
