@@ -176,6 +176,7 @@ def main() -> int:
     parser.add_argument("--task-kind", choices=["closed-vocab", "free-text"], default="closed-vocab")
     parser.add_argument("--max-tokens", type=int, default=16, help="free-text answer length")
     parser.add_argument("--settle", type=float, default=4.0, help="seconds of steady state after each swap")
+    parser.add_argument("--baseline", type=float, default=15.0, help="seconds of load before the first swap")
     parser.add_argument("--grace-seconds", type=float, default=5.0)
     parser.add_argument("--poll-interval", type=float, default=0.1)
     parser.add_argument("--home", help="KOLM_HOME for the run (default: a fresh temp dir, removed afterwards)")
@@ -236,7 +237,7 @@ def main() -> int:
 
         load = Load(url, args.clients, args.max_tokens if labels is None else 1)
         load.start()
-        time.sleep(max(3.0, args.settle))  # steady state before the first swap
+        time.sleep(args.baseline)  # steady state before the first swap: the latency baseline
         swaps: list[tuple[float, float]] = []  # (pointer change, first new response end)
         for index in range(1, args.swaps + 1):
             target = artifacts[index]
