@@ -25,7 +25,18 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _store(settings: Settings):
     from kolm_pipeline.store import CaptureStore
 
-    return CaptureStore(settings.store_url)
+    return CaptureStore(settings.store_url, source_weights=settings.source_weights)
+
+
+def _progress_bar(description: str, total: int):
+    """A progress bar on stderr, shown only on a terminal (so logs and pipes stay clean)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="line", disable=None, file=sys.stderr, leave=False)
+
+
+def _tag_list(text: str | None) -> list[str]:
+    return [tag.strip() for tag in (text or "").split(",") if tag.strip()]
 
 
 def _namespace(args: argparse.Namespace) -> tuple[str, str]:
@@ -70,6 +81,20 @@ def cmd_capture_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture_import(args: argparse.Namespace) -> int:
+    """Import a JSONL file of pairs into a namespace, all or nothing."""
+    from kolm_pipeline.capture.importer import import_file
+
+    tenant, namespace = _namespace(args)
+    settings = _settings(args)
+    store = _store(settings)
+    summary = import_file(store, Path(args.file), tenant, namespace, args.source, tags=_tag_list(args.tags),
+                          model=args.model, actor=f"cli:{args.actor}", progress=_progress_bar)
+    weight = settings.source_weights[args.source]
+    print(f"{args.file} → {tenant}.{namespace} (source {args.source}, weight {weight:g}): {summary.line()}")
+    return 0
+
+
 def cmd_tenant_create(args: argparse.Namespace) -> int:
     from kolm_pipeline.registry.keys import ensure_tenant_keys
 
@@ -82,20 +107,43 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
 
 
 def cmd_triage(args: argparse.Namespace) -> int:
+    from kolm_pipeline.store import EVAL_CANDIDATE_TAG
+
     tenant, namespace = _namespace(args)
     store = _store(_settings(args))
+    tags = list(args.tag or [])
     if args.action == "rule":
+        if len(tags) > 1 or args.untag or args.eval_candidate:
+            raise CliError("a rule matches at most one --tag; --untag and --eval-candidate are for keep/discard/tag")
         match = {key: value for key, value in (("status", args.status), ("model", args.model),
-                                               ("tag", args.tag), ("output_regex", args.output_regex)) if value}
+                                               ("tag", tags[0] if tags else None),
+                                               ("output_regex", args.output_regex)) if value}
         action = "discard" if args.discard else "keep"
         rule_id = store.add_rule(tenant, namespace, action, match, actor=args.actor)
         applied = store.apply_rules(tenant, namespace)
         print(f"rule {rule_id}: {action} where {match or 'status=ok'}; applied now: {applied}")
         return 0
+    add = tags + ([EVAL_CANDIDATE_TAG] if args.eval_candidate else [])
+    remove = list(args.untag or [])
+    owned = store.owned_ids(tenant, args.ids)
+    missing = sorted(set(args.ids) - owned)
+    if missing:
+        print(f"no capture(s) {missing[:20]} for tenant {tenant}; skipped", file=sys.stderr)
+    if args.action == "tag":
+        if not add and not remove:
+            raise CliError("triage tag needs --tag TAG, --untag TAG or --eval-candidate")
+        changed = store.retag(tenant, owned, add, remove, actor=args.actor)
+        print(f"tags of {changed} of {len(args.ids)} captures changed ({_tag_change(add, remove)})")
+        return 0
     state = "kept" if args.action == "keep" else "discarded"
-    changed = store.set_triage(tenant, args.ids, state, actor=args.actor)
-    print(f"{changed} of {len(args.ids)} captures marked {state}")
+    changed = store.set_triage(tenant, args.ids, state, actor=args.actor, add_tags=add, remove_tags=remove)
+    tagged = f"; tags {_tag_change(add, remove)} on {len(owned)}" if add or remove else ""
+    print(f"{changed} of {len(args.ids)} captures marked {state}{tagged}")
     return 0
+
+
+def _tag_change(add: list[str], remove: list[str]) -> str:
+    return " ".join([*(f"+{tag}" for tag in add), *(f"-{tag}" for tag in remove)])
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -313,6 +361,29 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--implicit-signals", choices=["on", "off"], help="set the implicit-signals switch first")
     status.add_argument("--distill-ready", choices=["on", "off"], help="set the distill-ready switch first")
     status.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    import_ = capture_verbs.add_parser(
+        "import",
+        help="bring existing pairs (chat or prompt/completion JSONL) into a namespace as if captured",
+        description="Bring existing pairs into a namespace as if the proxy had captured them. Each line of FILE "
+        'is {"messages": [..., {"role": "assistant", "content": ANSWER}]} or {"prompt": P, "completion": C}, '
+        'optionally with "model" and "tags". Every line is checked first: bad lines are listed as FILE:LINE and '
+        "nothing is imported. Pairs are redacted as the proxy redacts, written in one transaction, tagged "
+        "source:SOURCE and triaged: human pairs are kept (a person approved them), ai and import pairs go "
+        "through the namespace's triage rules. Importing the same pairs again skips them.",
+        epilog="Training weight by source: KOLM_SOURCE_WEIGHTS (default human=1.0,ai=0.5,import=1.0,capture=1.0). "
+        "Pairs tagged eval-candidate are held out for evaluation, never trained on.",
+    )
+    import_.set_defaults(handler=cmd_capture_import)
+    import_.add_argument("file", metavar="FILE.jsonl", help="the pairs, one JSON object per line")
+    import_.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
+    import_.add_argument("--tenant")
+    import_.add_argument("--source", required=True, choices=["human", "ai", "import"],
+                         help="who wrote the answers: human (people; kept at once), ai (an AI peer; weighs less) "
+                              "or import (other existing pairs)")
+    import_.add_argument("--tags", help="comma-separated tags for every pair, e.g. eval-candidate")
+    import_.add_argument("--model", default="imported",
+                         help="model name for lines that give none (triage rules can match it; default imported)")
+    import_.add_argument("--actor", default=os.environ.get("USER", "cli"))
 
     tenant = verbs.add_parser("tenant", help="manage tenants")
     tenant_verbs = tenant.add_subparsers(dest="tenant_verb", required=True, metavar="ACTION")
@@ -320,16 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--capture-only", action="store_true", help="the key can capture but not read the inbox")
 
-    triage = verb(verbs, "triage", cmd_triage, "keep or discard captures, or add a triage rule")
-    triage.add_argument("action", choices=["keep", "discard", "rule"])
-    triage.add_argument("ids", nargs="*", type=int, help="capture ids (keep/discard)")
+    triage = verb(verbs, "triage", cmd_triage, "keep, discard or tag captures, or add a triage rule")
+    triage.add_argument("action", choices=["keep", "discard", "tag", "rule"],
+                        help="keep/discard: set the state of the ids (and their tags); tag: only change tags; "
+                             "rule: add a rule and apply it to untriaged captures")
+    triage.add_argument("ids", nargs="*", type=int, help="capture ids (keep/discard/tag)")
     triage.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
     triage.add_argument("--tenant")
     triage.add_argument("--keep", action="store_true", help="rule: keep matching captures (default)")
     triage.add_argument("--discard", action="store_true", help="rule: discard matching captures")
     triage.add_argument("--status", default="ok", help="rule: capture status to match (default ok)")
     triage.add_argument("--model", help="rule: upstream model to match")
-    triage.add_argument("--tag", help="rule: tag to match")
+    triage.add_argument("--tag", action="append",
+                        help="rule: tag to match; keep/discard/tag: tag to add (repeatable)")
+    triage.add_argument("--untag", action="append", help="keep/discard/tag: tag to remove (repeatable)")
+    triage.add_argument("--eval-candidate", action="store_true",
+                        help="keep/discard/tag: add the eval-candidate tag (held out for evaluation, never trained on)")
     triage.add_argument("--output-regex", help="rule: regular expression the output must match")
     triage.add_argument("--actor", default=os.environ.get("USER", "cli"))
 
@@ -410,7 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives the optional `ids` of `triage` its (empty) turn right after the action, so ids written
+    # after options (`triage keep --namespace NS 12 13`) arrive as leftovers: take those, refuse the rest.
+    if args.verb == "triage" and extra and all(item.isdigit() for item in extra):
+        args.ids = [*args.ids, *(int(item) for item in extra)]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verb == "triage" and args.action != "rule" and not args.ids:
         parser.error(f"triage {args.action} needs one or more capture ids")
     from kolm_pipeline.errors import USER_ERRORS

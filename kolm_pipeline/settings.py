@@ -6,6 +6,7 @@ One place for configuration: the CLI, the Dagster resources and the servers all 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,44 @@ DEFAULT_PRICE_TABLE: dict[str, tuple[float, float]] = {
     "claude-haiku-4": (0.80, 4.00),
     "default": (2.50, 10.00),
 }
+
+
+# Training weight of a pair by where its answer came from. A person's correction weighs more than an AI
+# peer's answer; proxy traffic and plain imports count as usual. Keys are the capture sources of the store.
+DEFAULT_SOURCE_WEIGHTS: dict[str, float] = {"capture": 1.0, "human": 1.0, "ai": 0.5, "import": 1.0}
+
+
+def parse_source_weights(raw: str | None, name: str = "KOLM_SOURCE_WEIGHTS") -> dict[str, float]:
+    """`source=weight` pairs separated by commas (`human=1.0,ai=0.5`), merged over the defaults; a
+    weight is a finite number >= 0 (0: never learn from that source)."""
+    weights = dict(DEFAULT_SOURCE_WEIGHTS)
+    if not raw or not raw.strip():
+        return weights
+    seen: set[str] = set()
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        source, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not source:
+            raise ValueError(f"{name}: expected source=weight pairs such as human=1.0,ai=0.5, got {item.strip()!r}")
+        if source not in DEFAULT_SOURCE_WEIGHTS:
+            raise ValueError(f"{name}: unknown source {source!r}: known are {', '.join(DEFAULT_SOURCE_WEIGHTS)}")
+        if source in seen:
+            raise ValueError(f"{name}: source {source!r} is given twice")
+        seen.add(source)
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{name}: the weight of {source!r} must be a number >= 0, got {value!r}")
+        weights[source] = weight
+    return weights
+
+
+def load_source_weights() -> dict[str, float]:
+    """`KOLM_SOURCE_WEIGHTS` over the defaults."""
+    return parse_source_weights(os.environ.get("KOLM_SOURCE_WEIGHTS"))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -126,6 +165,7 @@ class Settings:
     model_cache: Path
     alert_webhook: str | None = None
     price_table: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICE_TABLE))
+    source_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
 
     @property
     def dagster_home(self) -> Path:
@@ -177,4 +217,5 @@ def load_settings(home: str | Path | None = None) -> Settings:
         model_cache=Path(os.environ.get("KOLM_MODEL_CACHE") or root / "models").expanduser().resolve(),
         alert_webhook=os.environ.get("KOLM_ALERT_WEBHOOK") or None,
         price_table=_price_table(),
+        source_weights=load_source_weights(),
     )

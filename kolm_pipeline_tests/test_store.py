@@ -441,3 +441,56 @@ def test_fresh_schema_matches_tables(store: CaptureStore) -> None:
             for index in table.indexes:
                 assert tuple(c.name for c in index.columns) in indexes, (table.name, index.name)
     CaptureStore(store.engine.url.render_as_string(hide_password=False)).close()  # a second start is a no-op
+
+
+def test_source_column_defaults_to_capture_and_is_checked(store: CaptureStore) -> None:
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    from kolm_pipeline.store.tables import captures
+
+    store.insert_captures([capture(1), capture(2, source="ai")])
+    assert [c.source for c in store.list_captures("acme")[::-1]] == ["capture", "ai"]
+    with pytest.raises(ValueError, match="invalid source 'robot'"):
+        store.insert_captures([capture(3, source="robot")])
+    row = {
+        "request_id": "raw", "tenant": "acme", "namespace": "support", "provider": "openai", "model": "m",
+        "input_json": "[]", "output_text": "", "latency_us": 0, "status": "ok", "http_status": 200, "tags": "",
+        "streamed": False, "triage_state": "untriaged", "created_at": datetime.now(UTC),
+    }
+    with pytest.raises(IntegrityError), store.engine.begin() as conn:
+        conn.execute(insert(captures).values(**row, source="robot"))
+    with store.engine.begin() as conn:
+        conn.execute(insert(captures).values(**row))  # the database default, as for rows from before version 3
+    assert store.get_capture("acme", max(c.id for c in store.list_captures("acme"))).source == "capture"
+
+
+def test_version_2_rows_become_captures(tmp_path) -> None:
+    """Upgrading a store made at version 2 marks every existing row as proxy traffic (weight of `capture`)."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+    from sqlalchemy import create_engine, text
+
+    from kolm_pipeline.store.migrations import MIGRATIONS, _record
+    from kolm_pipeline.store.tables import schema_versions
+
+    url = f"sqlite:///{tmp_path / 'v2.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        schema_versions.create(conn)
+        for version, name, step in MIGRATIONS[:2]:
+            step(Operations(MigrationContext.configure(conn)), conn)
+            _record(conn, version, name)
+        conn.execute(
+            text(
+                "INSERT INTO captures (request_id, tenant, namespace, provider, model, input_json, output_text,"
+                " latency_us, status, http_status, tags, streamed, triage_state, created_at)"
+                " VALUES ('r1', 'acme', 'support', 'openai', 'm', '[{\"role\":\"user\",\"content\":\"hi\"}]',"
+                " 'hello', 5, 'ok', 200, '', 0, 'kept', '2999-01-01 00:00:00')"
+            )
+        )
+    engine.dispose()
+    upgraded = CaptureStore(url, source_weights={"capture": 0.75, "human": 1.0, "ai": 0.5, "import": 1.0})
+    (pair,) = upgraded.kept_pairs("acme", "support")
+    assert (pair.source, pair.weight) == ("capture", 0.75)
+    upgraded.close()

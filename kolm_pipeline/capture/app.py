@@ -377,7 +377,11 @@ InboxTenant = Annotated[Tenant, Depends(inbox_tenant)]
 
 
 class TriageBody(BaseModel):
+    """`tags` are added and `remove_tags` removed with the state change, e.g. `["eval-candidate"]`."""
+
     state: Literal["kept", "discarded", "untriaged"]
+    tags: list[str] = Field(default_factory=list, max_length=_MAX_TAGS)
+    remove_tags: list[str] = Field(default_factory=list, max_length=_MAX_TAGS)
 
 
 class BulkTriageBody(BaseModel):
@@ -648,8 +652,16 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
         if body.state == "kept" and (capture.status != "ok" or capture.expired_at is not None):
             reason = f"has status {capture.status!r}" if capture.status != "ok" else "is past its retention window"
             raise ApiError(409, "conflict_error", f"capture {capture_id} {reason}; it cannot be kept")
-        await asyncio.to_thread(store.set_triage, tenant.name, [capture_id], body.state, _actor(tenant))
-        return {"id": capture_id, "triage_state": body.state}
+        try:
+            await asyncio.to_thread(
+                store.set_triage, tenant.name, [capture_id], body.state, _actor(tenant), body.tags, body.remove_tags
+            )
+        except ValueError as exc:
+            raise ApiError(400, "invalid_request_error", str(exc)) from exc
+        if not body.tags and not body.remove_tags:
+            return {"id": capture_id, "triage_state": body.state}
+        updated = await asyncio.to_thread(store.get_capture, tenant.name, capture_id)
+        return {"id": capture_id, "triage_state": body.state, "tags": updated.tags if updated else capture.tags}
 
     @app.post("/v1/captures/{capture_id}/feedback")
     async def feedback(capture_id: int, body: FeedbackBody, tenant: InboxTenant) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Capture store: tables, namespaces and the `CaptureStore` queries, on SQLite or PostgreSQL."""
 
-from kolm_pipeline.store.capture_store import CaptureStore
+from kolm_pipeline.store.capture_store import EVAL_CANDIDATE_TAG, CaptureStore, validate_tags
 from kolm_pipeline.store.namespaces import (
     NAMESPACE_RE,
     partition_key,
@@ -11,6 +11,7 @@ from kolm_pipeline.store.namespaces import (
 from kolm_pipeline.store.records import (
     AuditRow,
     Capture,
+    ImportOutcome,
     KeptPair,
     NamespaceSettings,
     NewCapture,
@@ -18,10 +19,12 @@ from kolm_pipeline.store.records import (
     Tenant,
     TriageRule,
 )
-from kolm_pipeline.store.tables import CAPTURE_STATUSES, PROVIDERS, RULE_ACTIONS, TRIAGE_STATES
+from kolm_pipeline.store.tables import CAPTURE_SOURCES, CAPTURE_STATUSES, PROVIDERS, RULE_ACTIONS, TRIAGE_STATES
 
 __all__ = [
+    "CAPTURE_SOURCES",
     "CAPTURE_STATUSES",
+    "EVAL_CANDIDATE_TAG",
     "NAMESPACE_RE",
     "PROVIDERS",
     "RULE_ACTIONS",
@@ -29,6 +32,7 @@ __all__ = [
     "AuditRow",
     "Capture",
     "CaptureStore",
+    "ImportOutcome",
     "KeptPair",
     "NamespaceSettings",
     "NewCapture",
@@ -38,5 +42,6 @@ __all__ = [
     "partition_key",
     "split_partition_key",
     "validate_namespace",
+    "validate_tags",
     "validate_tenant",
 ]

@@ -15,7 +15,7 @@ import os
 import secrets
 import unicodedata
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
 from kolm_pipeline.store.records import (
     AuditRow,
     Capture,
+    ImportOutcome,
     KeptPair,
     NamespaceSettings,
     NewCapture,
@@ -41,6 +42,7 @@ from kolm_pipeline.store.records import (
 )
 from kolm_pipeline.store.rules import rule_matches, validate_rule
 from kolm_pipeline.store.tables import (
+    CAPTURE_SOURCES,
     TRIAGE_STATES,
     audit_log,
     captures,
@@ -59,6 +61,9 @@ DEFAULT_RETENTION_DAYS = 30
 IMPLICIT_RETRY_WINDOW = timedelta(minutes=10)
 HMAC_PREFIX = "hmac-sha256:"
 _SWITCH_NAMES = ("retention_days", "implicit_signals", "distill_ready", "redact_entities")
+TAG_MAX_LENGTH = 64
+# Captures tagged so (at capture with `x-kolm-tags`, or at triage) are held out for evaluation: never trained on.
+EVAL_CANDIDATE_TAG = "eval-candidate"
 
 
 def _utc(value: datetime) -> datetime:
@@ -80,6 +85,18 @@ def _hash_key(key: str) -> str:
 
 def _split_tags(text: str) -> list[str]:
     return [tag for tag in text.split(",") if tag]
+
+
+def validate_tags(tags: Iterable[str], what: str = "tag") -> list[str]:
+    """Tags as stored: printable, no commas (the column is a comma list), at most 64 characters; duplicates
+    dropped, order kept."""
+    found: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str) or not tag or len(tag) > TAG_MAX_LENGTH or "," in tag or not tag.isprintable():
+            raise ValueError(f"invalid {what} {tag!r}: 1-{TAG_MAX_LENGTH} printable characters, no commas")
+        if tag not in found:
+            found.append(tag)
+    return found
 
 
 def _chunks(ids: list[Any]) -> Iterator[list[Any]]:
@@ -155,6 +172,7 @@ def _capture(row: Any) -> Capture:
         distilled_at=_utc_or_none(row.distilled_at),
         merged_at=_utc_or_none(row.merged_at),
         implicit_signal=row.implicit_signal,
+        source=row.source,
     )
 
 
@@ -162,14 +180,24 @@ class CaptureStore:
     """Capture store on any SQLAlchemy URL (`sqlite:///path` or `postgresql+psycopg://...`).
 
     `clock` returns the current UTC time (tests pass a controlled one); `default_retention_days` is the
-    window of namespaces that set none (default: `KOLM_RETENTION_DAYS`, else 30)."""
+    window of namespaces that set none (default: `KOLM_RETENTION_DAYS`, else 30); `source_weights` is the
+    training weight of each capture source (default: `KOLM_SOURCE_WEIGHTS` over the built-in weights)."""
 
     def __init__(
         self,
         url: str,
         clock: Callable[[], datetime] | None = None,
         default_retention_days: int | None = None,
+        source_weights: Mapping[str, float] | None = None,
     ) -> None:
+        if source_weights is None:
+            from kolm_pipeline.settings import load_source_weights
+
+            source_weights = load_source_weights()
+        missing = sorted(set(CAPTURE_SOURCES) - set(source_weights))
+        if missing:
+            raise ValueError(f"source_weights lacks a weight for {missing}")
+        self.source_weights = {source: float(source_weights[source]) for source in CAPTURE_SOURCES}
         self.engine = _make_engine(url)
         self.clock = clock or (lambda: datetime.now(UTC))
         if default_retention_days is None:
@@ -270,6 +298,13 @@ class CaptureStore:
         with self.engine.begin() as conn:
             return self._digest(self._secret(conn, tenant), canonical_messages(messages))
 
+    def keyed_digests(self, tenant: str, texts: Iterable[str]) -> list[str]:
+        """HMAC-SHA256 of each exact text under the tenant's secret: stable ids derived from content that
+        cannot be checked against a guessed text without the secret."""
+        with self.engine.begin() as conn:
+            secret = self._secret(conn, tenant)
+        return [self._digest(secret, text) for text in texts]
+
     # Captures
 
     def insert_captures(self, records: list[NewCapture]) -> list[int]:
@@ -302,6 +337,8 @@ class CaptureStore:
             validate_namespace(record.namespace)
             if any("," in tag for tag in record.tags):
                 raise ValueError("tags must not contain commas")
+            if record.source not in CAPTURE_SOURCES:
+                raise ValueError(f"invalid source {record.source!r}: expected one of {', '.join(CAPTURE_SOURCES)}")
             secret = self._secret(conn, record.tenant)
             rows.append(
                 {
@@ -330,9 +367,77 @@ class CaptureStore:
                     "distilled_at": None,
                     "merged_at": None,
                     "implicit_signal": None,
+                    "source": record.source,
                 }
             )
         return rows
+
+    def import_captures(
+        self,
+        records: list[NewCapture],
+        actor: str,
+        kept_by: str | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> ImportOutcome:
+        """Insert imported pairs of one namespace all or nothing, in one transaction with their triage.
+
+        Records whose request id is already stored (or repeats an earlier record) are skipped, so importing
+        the same file twice stores each pair once. With `kept_by` (who approved them, e.g. `import:human`)
+        the new rows are kept at once; otherwise the namespace's rules triage them exactly as `apply_rules`
+        triages captured rows, and what no rule matches stays untriaged for a person. Imports set no
+        implicit signals: rows written together are not retries. `progress` is called with the number of
+        rows written after each chunk."""
+        namespaces = {(record.tenant, record.namespace) for record in records}
+        if len(namespaces) > 1:
+            raise ValueError("an import writes to one namespace")
+        if not records:
+            return ImportOutcome(imported=0, skipped=0, kept=0, discarded=0, ids=[])
+        tenant, namespace = next(iter(namespaces))
+        rules = [] if kept_by is not None else self.rules(tenant, namespace)
+        with self.engine.begin() as conn:
+            rows = self._capture_rows(conn, records)
+            stored: set[str] = set()
+            for chunk in _chunks([row["request_id"] for row in rows]):
+                stored.update(
+                    conn.execute(select(captures.c.request_id).where(captures.c.request_id.in_(chunk))).scalars()
+                )
+            fresh: list[dict[str, Any]] = []
+            for row in rows:
+                if row["request_id"] in stored:
+                    continue
+                stored.add(row["request_id"])
+                if kept_by is not None:
+                    row.update(triage_state="kept", triaged_by=kept_by)
+                else:
+                    self._triage_by_rules(row, rules)
+                fresh.append(row)
+            ids: list[int] = []
+            stmt = insert(captures).returning(captures.c.id, sort_by_parameter_order=True)
+            for start in range(0, len(fresh), _CHUNK):
+                chunk_rows = fresh[start : start + _CHUNK]
+                ids.extend(row.id for row in conn.execute(stmt, chunk_rows))
+                if progress is not None:
+                    progress(len(chunk_rows))
+            states = [row["triage_state"] for row in fresh]
+            outcome = ImportOutcome(
+                imported=len(ids),
+                skipped=len(rows) - len(ids),
+                kept=states.count("kept"),
+                discarded=states.count("discarded"),
+                ids=ids,
+            )
+            detail = {"source": sorted({row["source"] for row in rows}), **outcome.counts()}
+            self._audit(conn, tenant, namespace, "captures.import", detail, actor)
+        return outcome
+
+    @staticmethod
+    def _triage_by_rules(row: dict[str, Any], rules: list[TriageRule]) -> None:
+        """The first matching rule decides a new row's state, as `apply_rules` decides an untriaged one."""
+        tags = _split_tags(row["tags"])
+        for rule in rules:
+            if rule_matches(rule.match, row["status"], row["model"], tags, row["output_text"]):
+                row.update(triage_state="kept" if rule.action == "keep" else "discarded", triaged_by=f"rule:{rule.id}")
+                return
 
     def _implicit_signals(self, conn: Any, rows: list[dict[str, Any]]) -> None:
         """Where a namespace opted in, mark earlier captures whose input came again soon after as 'retried'."""
@@ -400,6 +505,17 @@ class CaptureStore:
                         break
         return found[offset:]
 
+    def stored_request_ids(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of `request_ids` are stored already (an importer skips those before redacting them)."""
+        ids = sorted(set(request_ids))
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(ids):
+                found.update(
+                    conn.execute(select(captures.c.request_id).where(captures.c.request_id.in_(chunk))).scalars()
+                )
+        return found
+
     def get_capture(self, tenant: str, capture_id: int) -> Capture | None:
         stmt = select(captures).where(captures.c.tenant == tenant, captures.c.id == capture_id)
         with self.engine.connect() as conn:
@@ -418,15 +534,28 @@ class CaptureStore:
 
     # Triage
 
-    def set_triage(self, tenant: str, capture_ids: list[int], state: str, actor: str) -> int:
+    def set_triage(
+        self,
+        tenant: str,
+        capture_ids: list[int],
+        state: str,
+        actor: str,
+        add_tags: Sequence[str] = (),
+        remove_tags: Sequence[str] = (),
+    ) -> int:
         """Move captures to `state` and return how many changed; a capture whose status is not 'ok', or
-        whose text retention already removed, is never kept: it stays as it is."""
+        whose text retention already removed, is never kept: it stays as it is. `add_tags`/`remove_tags`
+        change the tags of every named capture of the tenant in the same transaction (e.g. keep a pair and
+        mark it `eval-candidate`, so it is held out for evaluation and never trained on)."""
         if state not in TRIAGE_STATES:
             raise ValueError(f"invalid triage state {state!r}: expected one of {', '.join(TRIAGE_STATES)}")
+        add, remove = validate_tags(add_tags), validate_tags(remove_tags)
         ids = sorted({int(i) for i in capture_ids})
         triaged_by = None if state == "untriaged" else actor
         changed: dict[str, list[int]] = defaultdict(list)
         with self.engine.begin() as conn:
+            if add or remove:
+                self._retag(conn, tenant, ids, add, remove, actor)
             for chunk in _chunks(ids):
                 stmt = update(captures).where(
                     captures.c.tenant == tenant,
@@ -443,6 +572,42 @@ class CaptureStore:
             for namespace, changed_ids in sorted(changed.items()):
                 self._audit(conn, tenant, namespace, f"triage.{state}", {"ids": sorted(changed_ids)}, actor)
         return sum(len(v) for v in changed.values())
+
+    def retag(
+        self, tenant: str, capture_ids: Iterable[int], add: Sequence[str], remove: Sequence[str], actor: str
+    ) -> int:
+        """Add and remove tags on the tenant's captures (ids of other tenants are ignored); returns how many
+        captures' tags changed. A tag both added and removed is added."""
+        add_list, remove_list = validate_tags(add), validate_tags(remove)
+        ids = sorted({int(i) for i in capture_ids})
+        with self.engine.begin() as conn:
+            return self._retag(conn, tenant, ids, add_list, remove_list, actor)
+
+    def _retag(self, conn: Any, tenant: str, ids: list[int], add: list[str], remove: list[str], actor: str) -> int:
+        changed: dict[str, list[int]] = defaultdict(list)
+        new_tags: list[dict[str, Any]] = []
+        for chunk in _chunks(ids):
+            rows = conn.execute(
+                select(captures.c.id, captures.c.namespace, captures.c.tags).where(
+                    captures.c.tenant == tenant, captures.c.id.in_(chunk)
+                )
+            ).all()
+            for row in rows:
+                before = _split_tags(row.tags)
+                after = [tag for tag in before if tag not in remove or tag in add]
+                after += [tag for tag in add if tag not in after]
+                if after != before:
+                    new_tags.append({"row_id": row.id, "new_tags": ",".join(after)})
+                    changed[row.namespace].append(row.id)
+        if new_tags:
+            conn.execute(
+                update(captures).where(captures.c.id == bindparam("row_id")).values(tags=bindparam("new_tags")),
+                new_tags,
+            )
+        for namespace, changed_ids in sorted(changed.items()):
+            detail = {"ids": sorted(changed_ids), "added": add, "removed": remove}
+            self._audit(conn, tenant, namespace, "tags.update", detail, actor)
+        return len(new_tags)
 
     def add_rule(self, tenant: str, namespace: str, action: str, match: dict[str, Any], actor: str) -> int:
         """Store a triage rule; `apply_rules` runs the namespace's rules in the order they were added."""
@@ -793,7 +958,11 @@ class CaptureStore:
     # Reading for the later stages
 
     def kept_pairs(self, tenant: str, namespace: str) -> list[KeptPair]:
-        """Kept, complete pairs whose text is still there, in id order."""
+        """Kept, complete pairs whose text is still there, in id order.
+
+        Each pair's `source` is where its output came from: a person's feedback correction counts as
+        `human` whatever the capture's own source, since a person wrote that output; otherwise the
+        capture's source. Its `weight` is that source's weight in `source_weights`."""
         stmt = (
             select(captures)
             .where(
@@ -817,9 +986,15 @@ class CaptureStore:
                     completion_tokens=row.completion_tokens,
                     created_at=_utc(row.created_at),
                     tags=_split_tags(row.tags),
+                    source=self._output_source(row),
+                    weight=self.source_weights[self._output_source(row)],
                 )
                 for row in conn.execute(stmt)
             ]
+
+    @staticmethod
+    def _output_source(row: Any) -> str:
+        return "human" if row.feedback_output is not None else row.source
 
     def counters(self, tenant: str, namespace: str) -> dict[str, int]:
         """The counters of a namespace: captured, kept, discarded, untriaged, distilled (kept pairs that

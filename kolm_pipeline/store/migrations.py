@@ -143,9 +143,25 @@ def _v2_retention_and_counters(op: Operations, conn: Connection) -> None:
     )
 
 
+def _v3_capture_source(op: Operations, _conn: Connection) -> None:
+    """Where each pair came from (proxy traffic, or an import by a person, an AI peer or a plain file);
+    every row captured before this step came through the proxy."""
+    op.add_column(
+        "captures",
+        Column(
+            "source",
+            String(16),
+            CheckConstraint("source IN ('capture', 'human', 'ai', 'import')", name="ck_captures_source"),
+            nullable=False,
+            server_default="capture",
+        ),
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (1, "baseline tables", _v1_baseline),
     (2, "retention, counters and switches", _v2_retention_and_counters),
+    (3, "capture source", _v3_capture_source),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -17,7 +17,7 @@ class Tenant:
 
 @dataclass(frozen=True)
 class NewCapture:
-    """One proxied call as the recorder hands it to the store."""
+    """One proxied call as the recorder hands it to the store (or one imported pair: `source` says which)."""
 
     request_id: str
     tenant: str
@@ -34,6 +34,7 @@ class NewCapture:
     tags: list[str] = field(default_factory=list)
     streamed: bool = False
     created_at: datetime | None = None
+    source: str = "capture"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Capture:
     distilled_at: datetime | None = None
     merged_at: datetime | None = None
     implicit_signal: str | None = None
+    source: str = "capture"
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,12 @@ class NamespaceSettings:
 
 @dataclass(frozen=True)
 class KeptPair:
-    """A training pair: the request's messages and the output to learn (the correction if one exists)."""
+    """A training pair: the request's messages and the output to learn (the correction if one exists).
+
+    `source` is the provenance of `output`: the capture's source (`capture`, `human`, `ai`, `import`), or
+    `human` when a person's feedback correction replaced the output. `weight` is that source's training
+    weight (`KOLM_SOURCE_WEIGHTS`): the trainer scales the pair's loss by it. `tags` carries the capture's
+    tags, e.g. `eval-candidate` (never trained on)."""
 
     id: int
     messages: list[dict[str, Any]]
@@ -97,6 +104,23 @@ class KeptPair:
     completion_tokens: int | None
     created_at: datetime
     tags: list[str]
+    source: str = "capture"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    """What an import wrote: new rows (`ids`), rows skipped as already stored, and how triage sorted the
+    new rows (kept by approval or a rule, discarded by a rule; the rest stay untriaged)."""
+
+    imported: int
+    skipped: int
+    kept: int
+    discarded: int
+    ids: list[int]
+
+    def counts(self) -> dict[str, int]:
+        return {"imported": self.imported, "skipped": self.skipped, "kept": self.kept, "discarded": self.discarded}
 
 
 @dataclass(frozen=True)

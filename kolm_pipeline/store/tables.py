@@ -26,6 +26,9 @@ PROVIDERS = ("openai", "anthropic")
 CAPTURE_STATUSES = ("ok", "error", "incomplete")
 TRIAGE_STATES = ("untriaged", "kept", "discarded")
 RULE_ACTIONS = ("keep", "discard")
+# Where a pair came from: proxy traffic, or `kolm capture import --source human|ai|import`. The source sets
+# the pair's training weight (`KOLM_SOURCE_WEIGHTS`, see settings.py).
+CAPTURE_SOURCES = ("capture", "human", "ai", "import")
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
@@ -83,9 +86,11 @@ captures = Table(
     Column("distilled_at", DateTime(timezone=True)),
     Column("merged_at", DateTime(timezone=True)),
     Column("implicit_signal", String(32)),
+    Column("source", String(16), nullable=False, default="capture", server_default="capture"),
     CheckConstraint(_one_of("provider", PROVIDERS), name="ck_captures_provider"),
     CheckConstraint(_one_of("status", CAPTURE_STATUSES), name="ck_captures_status"),
     CheckConstraint(_one_of("triage_state", TRIAGE_STATES), name="ck_captures_triage_state"),
+    CheckConstraint(_one_of("source", CAPTURE_SOURCES), name="ck_captures_source"),
     Index("ix_captures_tenant_namespace_triage", "tenant", "namespace", "triage_state"),
     Index("ix_captures_tenant_namespace_input_hmac", "tenant", "namespace", "input_hmac"),
     Index("ix_captures_expired_created", "expired_at", "created_at"),
