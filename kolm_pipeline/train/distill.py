@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kolm_pipeline.train.base_model import BaseModel, load_tokenizer
+from kolm_pipeline.train.examples import ExampleError, tokenize_pairs
 
 TRAINER_VERSION = "kolm-distill/0.1"
 
@@ -101,20 +102,6 @@ def read_chat_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _prompt_completion(rows: list[dict]) -> list[dict]:
-    return [{"prompt": row["messages"][:-1], "completion": [row["messages"][-1]]} for row in rows]
-
-
-def count_truncated(tokenizer, rows: list[dict], max_length: int) -> int:
-    """Pairs longer than `max_length` tokens: trained on truncated (reported, not fatal)."""
-    return sum(
-        1
-        for row in rows
-        if len(tokenizer(tokenizer.apply_chat_template(row["messages"], tokenize=False), add_special_tokens=False)
-               .input_ids) > max_length
-    )
-
-
 def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -137,7 +124,9 @@ def train_adapter(
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
     from transformers.trainer_callback import ProgressCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, pack_dataset
+
+    from kolm_pipeline.train.answer_loss import AnswerLossTrainer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = read_chat_jsonl(train_path)
@@ -153,7 +142,12 @@ def train_adapter(
         if unknown:
             raise TrainingError(f"unknown target module(s) {unknown}; this base has {available}")
 
-    truncated = count_truncated(tokenizer, rows, config.max_length)
+    try:
+        tokenized = tokenize_pairs(tokenizer, rows, config.max_length, source=str(train_path))
+    except ExampleError as exc:
+        raise TrainingError(str(exc)) from exc
+    if not tokenized.examples:
+        raise TrainingError(f"{train_path}: no pair has answer tokens within max_length={config.max_length}")
     staging = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     loss_curve: list[tuple[int, float]] = []
@@ -184,14 +178,13 @@ def train_adapter(
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        max_length=config.max_length,
+        max_length=None,  # examples are truncated at tokenization (and counted there)
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=not use_cuda,
         bf16=bf16,
-        # Packing concatenates pairs (best-fit decreasing) padding-free; position ids keep them apart.
-        packing=config.packing,
-        packing_strategy="bfd",
+        # Packed examples (below) go through padding-free: position ids keep the pairs apart.
+        padding_free=config.packing,
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,
     )
@@ -209,10 +202,14 @@ def train_adapter(
         if not (init_adapter / "adapter_config.json").is_file():
             raise TrainingError(f"{init_adapter}: not a PEFT adapter directory (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    trainer = SFTTrainer(
+    dataset = Dataset.from_list(tokenized.examples)
+    if config.packing:
+        # Best-fit decreasing into rows of max_length, weights packed alongside the labels.
+        dataset = pack_dataset(dataset, config.max_length, "bfd")
+    trainer = AnswerLossTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(_prompt_completion(rows)),
+        train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=None if init_adapter is not None else lora,
         callbacks=[_Reporter()],
@@ -220,7 +217,7 @@ def train_adapter(
     if show_progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_QuietProgress())
-    train_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    train_tokens = tokenized.tokens
     began = time.perf_counter()
     outcome = trainer.train()
     wall = time.perf_counter() - began
@@ -236,7 +233,7 @@ def train_adapter(
         tokens_per_second=train_tokens * epochs_run / wall if wall > 0 else 0.0,
         final_loss=loss_curve[-1][1] if loss_curve else float(outcome.training_loss),
         peak_memory_mb=_peak_memory_mb(),
-        truncated=truncated,
+        truncated=tokenized.truncated,
         loss_curve=loss_curve,
         config=asdict(config),
     )

@@ -1,0 +1,108 @@
+"""The trainer: answer-only loss, provenance weights honoured, determinism, truncation, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kolm_pipeline.train.base_model import BaseModel, load_tokenizer
+from kolm_pipeline.train.distill import TrainConfig, TrainingError, train_adapter
+from kolm_pipeline.train.examples import tokenize_pairs
+
+QUESTION = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Which queue?"}]
+
+
+def _base(path: Path) -> BaseModel:
+    return BaseModel(model_id=str(path), path=path, digest="tiny")
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _answer_logprob(base: BaseModel, adapter: Path, answer: str) -> float:
+    """Log-probability of `answer` after QUESTION under base + adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base.path)), str(adapter)).eval()
+    prompt = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0].log_softmax(-1)
+    return sum(float(logits[len(prompt_ids) - 1 + i, token]) for i, token in enumerate(answer_ids))
+
+
+def _conflicting(weight_alpha: float, weight_beta: float) -> list[dict]:
+    """Eight people say 'alpha', eight AI peers say 'beta' to the same question: only weights break the tie."""
+    def pair(answer: str, weight: float) -> dict:
+        return {"messages": [*QUESTION, {"role": "assistant", "content": answer}], "weight": weight}
+    return [pair("alpha", weight_alpha) if i % 2 == 0 else pair("beta", weight_beta) for i in range(16)]
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_provenance_weights_decide_between_conflicting_answers(tiny_base, tmp_path, packing):
+    base = _base(tiny_base)
+    config = TrainConfig(epochs=3, learning_rate=0.01, batch_size=4, packing=packing)
+    preferences = {}
+    for name, weights in (("people-alpha", (1.0, 0.5)), ("people-beta", (0.5, 1.0))):
+        adapter = tmp_path / name
+        train_adapter(_write(tmp_path / f"{name}.jsonl", _conflicting(*weights)), base, adapter, config,
+                      show_progress=False)
+        preferences[name] = _answer_logprob(base, adapter, "alpha") - _answer_logprob(base, adapter, "beta")
+    assert preferences["people-alpha"] > 0, preferences
+    assert preferences["people-beta"] < 0, preferences
+
+
+def test_same_seed_same_adapter_other_seed_differs(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    base = _base(tiny_base)
+    train = _write(tmp_path / "train.jsonl", _conflicting(1.0, 1.0))
+    tensors = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        train_adapter(train, base, tmp_path / name, TrainConfig(epochs=1, batch_size=4, seed=seed),
+                      show_progress=False)
+        tensors[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    assert tensors["a"].keys() == tensors["b"].keys()
+    assert all(tensors["a"][key].equal(tensors["b"][key]) for key in tensors["a"])
+    assert any(not tensors["a"][key].equal(tensors["c"][key]) for key in tensors["a"])
+
+
+def test_examples_mask_the_prompt_and_count_truncation(tiny_base):
+    tokenizer = load_tokenizer(_base(tiny_base))
+    rows = [{"messages": [*QUESTION, {"role": "assistant", "content": "alpha"}], "weight": 0.5},
+            {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "x"}]}]
+    result = tokenize_pairs(tokenizer, rows, max_length=64)
+    assert result.truncated == 1
+    assert len(result.examples) == 1, "the long pair's answer lies beyond max_length: nothing to learn from it"
+    example = result.examples[0]
+    answer = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+    assert tokenizer.decode(answer).startswith("alpha")
+    assert {w for w, label in zip(example["token_weights"], example["labels"], strict=True) if label != -100} == {0.5}
+    assert all(w == 0.0 for w, label in zip(example["token_weights"], example["labels"], strict=True) if label == -100)
+
+
+def test_long_pairs_are_trained_truncated_and_counted(tiny_base, tmp_path):
+    long_question = [{"role": "user", "content": "please route this " * 30}]
+    rows = [{"messages": [*long_question, {"role": "assistant", "content": "alpha"}]} for _ in range(4)]
+    rows += _conflicting(1.0, 1.0)[:4]
+    result = train_adapter(_write(tmp_path / "train.jsonl", rows), _base(tiny_base), tmp_path / "adapter",
+                           TrainConfig(epochs=1, batch_size=4, max_length=48), show_progress=False)
+    assert result.truncated == 4
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_bad_weight_names_the_line_and_leaves_no_adapter(tiny_base, tmp_path):
+    rows = _conflicting(1.0, 1.0)[:3] + [{"messages": [*QUESTION, {"role": "assistant", "content": "a"}],
+                                           "weight": "heavy"}]
+    train = _write(tmp_path / "train.jsonl", rows)
+    with pytest.raises(TrainingError, match=r"train\.jsonl:4: 'weight' must be a non-negative number"):
+        train_adapter(train, _base(tiny_base), tmp_path / "adapter", TrainConfig(epochs=1), show_progress=False)
+    assert not (tmp_path / "adapter").exists()
