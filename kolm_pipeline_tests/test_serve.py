@@ -121,6 +121,18 @@ def test_openai_sdk_streaming_and_not(world):
     assert {"acme.chat", "acme.labels"} <= {model.id for model in models.data}
 
 
+def test_live_monitor_is_on_by_default_and_takes_feedback(world):
+    response = _chat(world, "acme.chat")
+    cid = response.headers["x-kolm-adapter-cid"]
+    active = httpx.get(f"{world.url}/v1/monitor", timeout=30).json()["tasks"]["acme.chat"]["active"]
+    assert (active["cid"], active["verifier"], active["state"]) == (cid, "text_match", "watching")
+    assert active["served"] >= 1
+    assert active["not_judged_for_lack_of"] == ["accuracy", "coverage"]  # these test artifacts record only K
+    feedback = httpx.post(f"{world.url}/v1/feedback", json={"id": response.json()["id"], "rating": 1}, timeout=30)
+    assert feedback.status_code == 200
+    assert (feedback.json()["adapter_cid"], feedback.json()["monitor"]["feedback_good"]) == (cid, 1)
+
+
 def test_closed_vocabulary_decodes_to_a_label(world):
     for content in ("I was charged twice", "The app crashes on start", "Where is my order?", "hello"):
         response = httpx.post(f"{world.url}/v1/chat/completions", timeout=60, json={

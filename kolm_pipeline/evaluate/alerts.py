@@ -1,4 +1,8 @@
-"""Regression alerts: a gate refusal at Δ ≤ −0.03 is logged and POSTed to the configured webhook.
+"""Regression alerts, logged and POSTed as JSON to the configured webhook (``KOLM_ALERT_WEBHOOK``):
+
+* ``kolm.regression``: the gate refused a candidate at Δ ≤ −0.03;
+* ``kolm.live_regression``: the live monitor saw a serving adapter score below its evaluation in
+  production and rolled it back (or could not, and says why).
 
 Delivery failures are reported, never raised: an unreachable webhook must not hide the gate's decision.
 """
@@ -6,8 +10,12 @@ Delivery failures are reported, never raised: an unreachable webhook must not hi
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from kolm_pipeline.serve.monitor import Trip
 
 log = logging.getLogger("kolm.alerts")
 
@@ -28,9 +36,29 @@ def regression_alert(task: str, evaluation: dict) -> dict:
     }
 
 
+def live_regression_alert(trip: Trip, *, rolled_back_to: str | None, registry_row: int | None,
+                          outcome: str) -> dict:
+    """The alert body: which adapter did worse live than evaluated, by how much, and what was done."""
+    return {
+        "kind": "kolm.live_regression",
+        "task": trip.task,
+        "reason": trip.reason,
+        "adapter_cid": trip.cid,
+        "live_score": round(trip.live_score, 4),
+        "evaluated_score": round(trip.evaluated_score, 4),
+        "tolerance": trip.tolerance,
+        "observed": trip.observed,
+        "counts": dict(trip.counts),
+        "action": "rollback" if rolled_back_to else "none",
+        "rolled_back_to": rolled_back_to,
+        "registry_row": registry_row,
+        "outcome": outcome,
+    }
+
+
 def send_alert(webhook: str | None, payload: dict, timeout: float = 5.0) -> str:
     """Log the alert and POST it as JSON; returns a one-line delivery status for metadata."""
-    log.error("kolm regression alert for %s: %s", payload.get("task"), payload.get("reason"))
+    log.error("kolm alert %s for %s: %s", payload.get("kind"), payload.get("task"), payload.get("reason"))
     if not webhook:
         return "logged (no KOLM_ALERT_WEBHOOK configured)"
     try:

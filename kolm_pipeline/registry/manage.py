@@ -36,6 +36,11 @@ from kolm_pipeline.settings import Settings
 
 STRATEGIES = ("higher-k-wins", "force")
 SERVING_DECISIONS = ("swap", "rollback")
+LIVE_MONITOR_ACTOR = "live-monitor"
+
+
+class PointerMoved(DeployRefused):
+    """A rollback meant for one CID found the pointer naming another: someone else acted first."""
 
 
 @dataclass(frozen=True)
@@ -257,14 +262,37 @@ def deployment_stack(rows: list) -> list[str]:
     return stack
 
 
-def rollback(settings: Settings, store, task: str, actor: str) -> Activation:
-    """Restore the version that served before the current one, in one step, and record it as a row."""
+def condemned_cids(rows: list) -> set[str]:
+    """CIDs the live monitor took out of service: never restored automatically, so a rollback cannot loop."""
+    return {row.from_cid for row in rows
+            if row.actor == LIVE_MONITOR_ACTOR and row.decision in ("rollback", "alert") and row.from_cid}
+
+
+def rollback(
+    settings: Settings,
+    store,
+    task: str,
+    actor: str,
+    *,
+    details: dict[str, Any] | None = None,
+    expected_cid: str | None = None,
+    refuse_condemned: bool = False,
+) -> Activation:
+    """Restore the version that served before the current one, in one step, and record it as a row.
+
+    ``details`` (a ``reason`` above all) go into the registry row. ``expected_cid`` rolls back only if the
+    pointer still names that CID (PointerMoved otherwise), so several serving replicas that condemn the
+    same adapter roll back once. ``refuse_condemned`` refuses to restore a CID the live monitor condemned.
+    """
     if not known_task(settings, store, task):
         raise DeployRefused(f"unknown task {task!r}: it has never been deployed")
     current_cid, current = _current(settings, task)
     if current_cid is None:
         raise DeployRefused(f"{task}: nothing is deployed, nothing to roll back")
-    stack = deployment_stack(store.registry_rows(task))
+    if expected_cid is not None and current_cid != expected_cid:
+        raise PointerMoved(f"{task}: the pointer names {current_cid}, not {expected_cid}; it was moved already")
+    rows = store.registry_rows(task)
+    stack = deployment_stack(rows)
     if not stack or stack[-1] != current_cid:
         last = stack[-1] if stack else "nothing"
         raise DeployRefused(f"{task}: the pointer names {current_cid} but the registry's last deployment is {last}; "
@@ -272,11 +300,14 @@ def rollback(settings: Settings, store, task: str, actor: str) -> Activation:
     if len(stack) < 2:
         raise DeployRefused(f"{task}: no previous version to roll back to ({current_cid} is its first deployment)")
     previous_cid = stack[-2]
+    if refuse_condemned and previous_cid in condemned_cids(rows):
+        raise DeployRefused(f"{task}: the previous version {previous_cid} was itself taken out of service by the "
+                            f"live monitor; pick a version with `kolm swap --task {task} --cid CID`")
     parsed, cid = verified_artifact(settings, local_artifact(settings, task, previous_cid))
     k_before = candidate_k(current.manifest) if current is not None else None
     return activate(settings, store, source=settings.artifacts_dir / task / f"{cid}.kolm", artifact=parsed, cid=cid,
                     decision="rollback", from_cid=current_cid, k_before=k_before,
-                    k_after=candidate_k(parsed.manifest), actor=actor)
+                    k_after=candidate_k(parsed.manifest), actor=actor, details=details)
 
 
 # --- the registry's account -------------------------------------------------------------------------------
@@ -297,7 +328,7 @@ def log_lines(rows: list) -> list[str]:
             lines += [f"    {line}" for line in summary_lines(info)]
             lines.append(f"    replaced: {row.from_cid or '(bare base)'} (K {_k(row.k_before)})")
         reason = row.details.get("reason") if isinstance(row.details, dict) else None
-        if reason and row.decision not in SERVING_DECISIONS:
+        if reason and row.decision != "swap":
             lines.append(f"    {reason}")
     return lines
 
@@ -319,7 +350,7 @@ def describe_cid(settings: Settings, store, cid: str) -> dict[str, Any]:
         raise DeployRefused(f"the registry knows no artifact {cid}")
     events = [{"row": row.id, "time": row.created_at.isoformat(timespec="seconds"), "task": row.task,
                "decision": row.decision, "from_cid": row.from_cid, "to_cid": row.to_cid, "k_before": row.k_before,
-               "k_after": row.k_after, "actor": row.actor,
+               "k_after": row.k_after, "actor": row.actor, "reason": row.details.get("reason"),
                "artifact_url": row.details.get("artifact_url"), "receipt_cid": row.details.get("receipt_cid"),
                "mlflow": row.details.get("mlflow")} for row in rows]
     return {"cid": cid, "provenance": info, "events": events}
@@ -337,6 +368,8 @@ def describe_cid_text(description: dict[str, Any]) -> str:
         lines.append(f"  #{event['row']} {event['time']} {event['decision']:<9} {event['from_cid'] or '(base)'} → "
                      f"{event['to_cid'] or '-'}  K {_k(event['k_before'])} → {_k(event['k_after'])}  "
                      f"by {event['actor']}")
+        if event.get("reason") and event["decision"] != "swap":
+            lines.append(f"      {event['reason']}")
         if event.get("artifact_url"):
             lines.append(f"      deployed from {event['artifact_url']}; deployment receipt {event['receipt_cid']}; "
                          f"MLflow {json.dumps(event.get('mlflow'))}")

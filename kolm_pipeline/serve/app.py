@@ -2,6 +2,9 @@
 
 ``model`` names the task; the answer comes from the task's active adapter, whose artifact CID is
 returned in the ``x-kolm-adapter-cid`` header and as ``system_fingerprint``.
+
+``POST /v1/feedback`` takes a verdict on a served answer (by its completion ``id``) and ``GET /v1/monitor``
+shows each task's live score against its evaluated score (see ``serve/monitor.py``).
 """
 
 from __future__ import annotations
@@ -61,6 +64,25 @@ def _parse(body: Any) -> tuple[str, list[dict], int, bool]:
     return task, clean, max_tokens, stream
 
 
+def _parse_feedback(body: Any) -> tuple[str, bool]:
+    """(completion id, judged good) from ``{"id", "rating": 1 | -1}`` or ``{"id", "correct": bool}``."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    response_id = body.get("id")
+    if not isinstance(response_id, str) or not response_id:
+        raise BadRequest("`id` must be the `id` of a chat completion this server returned")
+    rating, correct = body.get("rating"), body.get("correct")
+    if (rating is None) == (correct is None):
+        raise BadRequest("give exactly one of `rating` (1 or -1) and `correct` (true or false)")
+    if rating is not None:
+        if isinstance(rating, bool) or rating not in (1, -1):
+            raise BadRequest("`rating` must be 1 (good) or -1 (bad)")
+        return response_id, rating == 1
+    if not isinstance(correct, bool):
+        raise BadRequest("`correct` must be true or false")
+    return response_id, correct
+
+
 def create_serving_app(runtime: ServingRuntime) -> FastAPI:
     """The HTTP face of ``runtime``; the runtime starts (base model, adapters, watcher) with the app."""
 
@@ -83,6 +105,30 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
             {"id": task, "object": "model", "owned_by": "kolm", "kolm_adapter_cid": info["cid"]}
             for task, info in tasks.items()
         ]}
+
+    @app.get("/v1/monitor")
+    def monitor() -> JSONResponse:
+        if runtime.monitor is None:
+            return JSONResponse({"enabled": False, "tasks": {}})
+        return JSONResponse({"enabled": True, **runtime.monitor.status()})
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        try:
+            response_id, good = _parse_feedback(await request.json())
+        except json.JSONDecodeError:
+            return _error(400, "invalid_request_error", "the body is not valid JSON")
+        except BadRequest as exc:
+            return _error(422, "invalid_request_error", str(exc))
+        if runtime.monitor is None:
+            return _error(503, "unavailable_error", "live monitoring is off on this server, so feedback is not kept")
+        try:
+            recorded = runtime.monitor.feedback(response_id, good)
+        except KeyError:
+            return _error(404, "not_found_error", f"no served response {response_id!r} is remembered (unknown, or "
+                                                  "older than the monitor keeps responses)")
+        return JSONResponse({"id": response_id, "task": recorded["task"], "adapter_cid": recorded["cid"],
+                             "recorded": "good" if good else "bad", "monitor": recorded["session"]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -128,6 +174,7 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
             if answered is not None:
                 label, lease = answered
                 headers, base = described(lease)
+                runtime.observe(task, lease.cid, completion_id, messages, label)
                 if not stream:
                     return completion(base, label, headers)
                 events = [chunk(base, {"role": "assistant", "content": ""}, None),
@@ -153,17 +200,21 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
                 return _error(500, "server_error", f"{type(exc).__name__}: {exc}")
             finally:
                 lease.release()
+            runtime.observe(task, lease.cid, completion_id, messages, text.strip())
             return completion(base, text.strip(), headers)
 
         pieces = runtime.backend.stream(lease.name, messages, lease.labels, max_tokens)
 
         async def events() -> AsyncIterator[str]:
             # (the lease is also released if the client leaves before this generator ever starts: see below)
+            streamed: list[str] = []
             try:
                 yield chunk(base, {"role": "assistant", "content": ""}, None)
                 while (piece := await run_in_threadpool(next, pieces, _DONE)) is not _DONE:
+                    streamed.append(piece)
                     yield chunk(base, {"content": piece}, None)
                 yield chunk(base, {}, "stop")
+                runtime.observe(task, lease.cid, completion_id, messages, "".join(streamed).strip())
             except Exception as exc:  # noqa: BLE001 - the status line is gone; report in the stream
                 log.exception("streamed completion for %s failed", task)
                 yield f"data: {json.dumps({'error': {'type': 'server_error', 'message': str(exc)}})}\n\n"

@@ -7,6 +7,9 @@ running hold a lease on the adapter they started with and finish on it (closed-v
 bound to an adapter when their batch runs, so those still queued at the flip get the new one); a
 replaced adapter is unloaded once its grace period is over and no lease is left. Requests never wait
 for a load.
+
+Every answer is also shown to the live monitor (``serve/monitor.py``), which rolls a task back when its
+adapter does worse in service than its evaluation said; the watcher then swaps back like for any move.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from kolm_pipeline.registry.errors import RegistryError
 from kolm_pipeline.registry.keys import load_public_keys
 from kolm_pipeline.registry.swap import read_pointer, validate_task
 from kolm_pipeline.serve.backends import Backend, BackendError
+from kolm_pipeline.serve.monitor import LiveMonitor, MonitorConfig, Profile, roll_back_on_trip
 from kolm_pipeline.settings import Settings
 
 log = logging.getLogger("kolm.serve")
@@ -53,6 +57,7 @@ class LoadedAdapter:
     loaded_at: float
     in_flight: int = 0
     retired_at: float | None = None
+    profile: Profile = field(default_factory=lambda: Profile(verifier=None))
 
 
 class Lease:
@@ -108,6 +113,7 @@ class ServingRuntime:
         *,
         poll_interval: float = 0.1,
         grace_seconds: float = 5.0,
+        monitor: MonitorConfig | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -121,6 +127,8 @@ class ServingRuntime:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._sync_lock = threading.Lock()
+        config = monitor or MonitorConfig()
+        self.monitor = LiveMonitor(config, lambda trip: roll_back_on_trip(settings, trip)) if config.enabled else None
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -135,6 +143,8 @@ class ServingRuntime:
         self._watcher.start()
 
     def stop(self) -> None:
+        if self.monitor is not None:
+            self.monitor.wait()  # a rollback under way finishes: registry row, pointer and alert agree
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=30)
@@ -183,6 +193,15 @@ class ServingRuntime:
 
     def release(self, lease: Lease) -> None:
         lease.release()
+
+    def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str) -> None:
+        """Show one served answer to the live monitor; monitoring never fails a request."""
+        if self.monitor is None:
+            return
+        try:
+            self.monitor.observe(task, cid, response_id, messages, text)
+        except Exception:  # noqa: BLE001 - the answer was already given; log and go on
+            log.exception("live monitor could not observe response %s", response_id)
 
     def status(self) -> dict:
         """Active adapters, adapters draining after a swap, and artifacts refused (with the reason)."""
@@ -259,7 +278,8 @@ class ServingRuntime:
             raise ArtifactRefused(f"{target.name} does not verify: {'; '.join(report.problems)}")
         if report.cid != cid:
             raise ArtifactRefused(f"{target.name} holds content with CID {report.cid}, not the CID its name claims")
-        manifest = read_kolm(target).manifest
+        artifact = read_kolm(target)
+        manifest = artifact.manifest
         if manifest.get("task") != task:
             raise ArtifactRefused(f"{target.name} is an artifact of task {manifest.get('task')!r}, not {task!r}")
         base = manifest.get("base_model") if isinstance(manifest.get("base_model"), dict) else {}
@@ -286,7 +306,8 @@ class ServingRuntime:
         self.backend.load(name, cache, labels)
         log.info("%s: verified in %.2f s, extracted in %.2f s, loaded and warmed in %.2f s", cid,
                  verified - began, extracted - verified, time.perf_counter() - extracted)
-        return LoadedAdapter(task=task, cid=cid, name=name, labels=labels or None, loaded_at=time.time())
+        return LoadedAdapter(task=task, cid=cid, name=name, labels=labels or None, loaded_at=time.time(),
+                             profile=Profile.from_artifact(manifest, artifact.evals))
 
     def _retire(self, task: str, replacement: LoadedAdapter | None) -> None:
         """Route new requests to ``replacement``; the old adapter drains and is unloaded later."""
@@ -300,6 +321,11 @@ class ServingRuntime:
             if old is not None and (replacement is None or old.name != replacement.name):
                 old.retired_at = time.monotonic()
                 self._retired.append(old)
+            if self.monitor is not None:  # in the same step, so every answer of the new adapter is seen
+                if replacement is not None:
+                    self.monitor.activate(task, replacement.cid, replacement.profile)
+                else:
+                    self.monitor.deactivate(task)
 
     def _unload_drained(self) -> None:
         now = time.monotonic()
