@@ -292,7 +292,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.max_batch < 1:
             raise CliError("--max-batch must be at least 1")
         backend = TransformersBackend(settings.base_model, settings.models_dir, max_batch=args.max_batch)
-    runtime = ServingRuntime(settings, backend, poll_interval=args.poll_interval, grace_seconds=args.grace_seconds)
+    from kolm_pipeline.serve.monitor import MonitorConfig
+
+    monitor = MonitorConfig(enabled=not args.no_live_monitor, sample_share=args.monitor_sample_share,
+                            tolerance=args.monitor_tolerance, min_requests=args.monitor_min_requests,
+                            window=args.monitor_window)
+    runtime = ServingRuntime(settings, backend, poll_interval=args.poll_interval,
+                             grace_seconds=args.grace_seconds, monitor=monitor)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         runtime.start()  # base model (or vLLM) and every task's adapter, before accepting requests
@@ -463,6 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.add_argument("--poll-interval", type=float, default=0.1, help="seconds between pointer checks")
     serve_.add_argument("--grace-seconds", type=float, default=5.0,
                         help="how long a replaced adapter stays loaded (and until its requests finish)")
+    serve_.add_argument("--no-live-monitor", action="store_true",
+                        help="do not watch served answers or roll back automatically (docs/live-monitoring.md)")
+    serve_.add_argument("--monitor-sample-share", type=float, default=0.2,
+                        help="share of answers format-checked without a reference (default 0.2)")
+    serve_.add_argument("--monitor-tolerance", type=float, default=0.10,
+                        help="how far the live score may fall below the evaluated one before rollback (default 0.10)")
+    serve_.add_argument("--monitor-min-requests", type=int, default=50,
+                        help="judged answers needed before an automatic rollback (default 50)")
+    serve_.add_argument("--monitor-window", type=int, default=1000,
+                        help="most recent judged answers the live score covers (default 1000)")
     serve_.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                         help="info logs every request and every swap; warning keeps refusals and errors")
     serve_.add_argument("--max-batch", type=int, default=4,
