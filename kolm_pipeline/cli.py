@@ -240,6 +240,16 @@ def cmd_registry_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_registry_diff(args: argparse.Namespace) -> int:
+    from kolm_pipeline.registry.diff import diff_text, registry_diff
+
+    settings = _settings(args)
+    refs = [ref for ref in (args.from_version, args.to_version) if ref]
+    diff = registry_diff(settings, _store(settings), args.task, refs)
+    print(json.dumps(diff.as_dict(args.limit), indent=2) if args.json else diff_text(diff, args.limit))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from kolm_pipeline.registry.artifact import read_kolm, verify_kolm
     from kolm_pipeline.registry.deployment import sibling_receipt, verify_deployment
@@ -452,6 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--task")
     log.add_argument("--cid", help="everything the registry knows about one artifact")
     log.add_argument("--json", action="store_true")
+    diff = verb(registry_verbs, "diff", cmd_registry_diff,
+                "what changed between two versions of a task: corpus, recipe, K-score parts, and the eval cases "
+                "whose verdict flipped")
+    diff.add_argument("--task", required=True)
+    diff.add_argument("from_version", nargs="?", metavar="FROM_CID",
+                      help="a CID, a .kolm path, `candidate` (the last evaluated, not deployed) or `base`; with no "
+                           "version: the previous deployment -> the current one; with one: the current one -> it")
+    diff.add_argument("to_version", nargs="?", metavar="TO_CID")
+    diff.add_argument("--limit", type=int, default=20, help="flipped cases listed per direction (default 20)")
+    diff.add_argument("--json", action="store_true", help="print the diff as JSON")
 
     verify = verb(verbs, "verify", cmd_verify,
                   "check an artifact's files, signatures and receipt chain offline (and its deployment receipt)")

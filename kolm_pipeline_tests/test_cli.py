@@ -83,3 +83,9 @@ def test_tenant_triage_and_status(kolm_settings, ticket_store, capsys):
     assert main(["capture", "status", "--namespace", "support", "--tenant", "acme"]) == 0
     assert '"kept": 160' in capsys.readouterr().out
     assert main(["capture", "status", "--namespace", "Bad Namespace!"]) == 1
+
+
+def test_registry_diff_of_an_unknown_task_is_one_clear_line(kolm_settings, capsys):
+    assert main(["registry", "diff", "--task", "acme.nothing"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kolm: error:") and "acme.nothing" in err and "\n" not in err

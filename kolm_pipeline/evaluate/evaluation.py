@@ -6,11 +6,13 @@ is evaluated with the adapters disabled, so the comparison differs in nothing bu
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolm_pipeline.corpus.build import input_key
 from kolm_pipeline.corpus.recipe import Recipe, answer, prompt_text
 from kolm_pipeline.evaluate.inference import predict
 from kolm_pipeline.evaluate.kscore import KScore, compute_kscore, teacher_cost_per_call
@@ -18,6 +20,11 @@ from kolm_pipeline.evaluate.verifiers import VERIFIERS
 from kolm_pipeline.train.base_model import BaseModel, load_causal_lm, load_tokenizer
 
 LATENCY_PROBE_CASES = 8
+# A case passes when its answer is in format and scores at least this; the same rule for every verifier,
+# so a version diff can say which cases flipped between two evaluations.
+CASE_PASS_SCORE = 0.5
+# Texts kept with each case verdict are previews, so evals.json stays small whatever the answers' length.
+CASE_PREVIEW_CHARS = 120
 
 
 @dataclass
@@ -28,6 +35,7 @@ class SplitScore:
     coverage: float
     outputs: list[str]
     scores: list[float]
+    in_format: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -89,7 +97,44 @@ def score_split(recipe: Recipe, rows: list[dict], outputs: list[str]) -> SplitSc
         coverage=sum(1 for _, ok in results if ok) / count,
         outputs=outputs,
         scores=[score for score, _ in results],
+        in_format=[ok for _, ok in results],
     )
+
+
+def case_key(messages: list[dict]) -> str:
+    """A short, stable id of an eval case: a digest of its input key (`corpus.build.input_key`), so two
+    evaluations on different splits are matched on the same conversation, without keeping its text."""
+    return hashlib.sha256(input_key(messages).encode()).hexdigest()[:16]
+
+
+def preview(text: str, limit: int = CASE_PREVIEW_CHARS) -> str:
+    """One line of at most `limit` characters, for tables of cases."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    """What a reader recognises a case by: its last user message (system prompts are shared by all)."""
+    users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def case_verdicts(rows: list[dict], sides: dict[str, SplitScore]) -> dict:
+    """Per-case verdicts of every side on one split (the `case_verdicts` block of evaluation.json).
+
+    Each case: `key` (see `case_key`), previews of the input and expected answer, and per side the output
+    preview, verifier score, in-format flag and pass (score ≥ CASE_PASS_SCORE and in format)."""
+    cases = []
+    for index, row in enumerate(rows):
+        conversation = row["messages"][:-1]
+        case = {"key": case_key(conversation), "input": preview(_last_user_text(conversation)),
+                "expected": preview(answer(row))}
+        for name, split in sides.items():
+            score, ok = float(split.scores[index]), bool(split.in_format[index])
+            case[name] = {"output": preview(split.outputs[index]), "score": round(score, 4), "in_format": ok,
+                          "pass": ok and score >= CASE_PASS_SCORE}
+        cases.append(case)
+    return {"pass_score": CASE_PASS_SCORE, "key": "sha256(corpus.build.input_key)[:16]", "cases": cases}
 
 
 def evaluate_models(

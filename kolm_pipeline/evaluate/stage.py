@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from kolm_pipeline.corpus.build import corpus_cid
 from kolm_pipeline.corpus.recipe import answer, load_recipe
 from kolm_pipeline.evaluate.alerts import regression_alert, send_alert
-from kolm_pipeline.evaluate.evaluation import ModelReport, evaluate_models
+from kolm_pipeline.evaluate.evaluation import ModelReport, case_verdicts, evaluate_models
 from kolm_pipeline.evaluate.gate import decide
 from kolm_pipeline.evaluate.tripwire import check_collapse, read_state, record_trip
 from kolm_pipeline.registry.cid import cid_for_file
@@ -67,6 +68,9 @@ def run_evaluation_stage(
         "tripwire": asdict(tripwire),
         "eval_cases": len(recipe.eval),
         "holdout_cases": len(recipe.holdout),
+        "case_verdicts": case_verdicts(recipe.eval, {"candidate": candidate.eval, "current": current.eval}),
+        "recipe_spec": recipe.spec,
+        "corpus": corpus_summary(workdir, recipe.spec.get("corpus_cid")),
         "alert": send_alert(settings.alert_webhook, regression_alert(workdir.task, gate_summary))
         if decision.alert
         else None,
@@ -94,6 +98,16 @@ def run_evaluation_stage(
                      "tripwire": tripwire.reasons},
         )
     return result
+
+
+def corpus_summary(workdir: NamespaceWorkdir, cid: str | None) -> dict:
+    """The corpus the recipe was made from: its CID and, when the workdir still holds it, its size."""
+    pairs = None
+    if cid and workdir.corpus.is_file():
+        data = workdir.corpus.read_bytes()
+        if corpus_cid(data) == cid:
+            pairs = sum(1 for line in data.splitlines() if line.strip())
+    return {"cid": cid, "pairs": pairs}
 
 
 def _report(report: ModelReport) -> dict:
