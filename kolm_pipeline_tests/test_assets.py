@@ -46,7 +46,8 @@ def test_loop_materializes_every_asset(kolm_settings, autoreply_store, tiny_base
 
     recipe = _metadata(instance, "recipe", "acme.support")
     assert recipe["output_kind"] == "free_text" and recipe["verifier"] == "text_match"
-    assert recipe["train_pairs"] + recipe["eval_pairs"] + recipe["holdout_pairs"] == corpus["written"]
+    assert (recipe["train_pairs"] + recipe["eval_pairs"] + recipe["holdout_pairs"] + recipe["decontaminated"]
+            == corpus["written"])
 
     adapter = _metadata(instance, "adapter", "acme.support")
     assert adapter["tokens_per_second"] > 0 and adapter["steps"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -97,3 +98,19 @@ def test_minhash_index_agrees_with_exact_jaccard():
         assert index.add(text) is not exact
         if not exact:
             kept.append(text)
+
+
+def test_provenance_weight_rides_along_and_a_bad_one_is_refused():
+    """A pair's weight (a person's correction 1.0, an AI peer's answer 0.5) becomes the row's `weight`;
+    1.0 is left out, so ordinary corpora keep their bytes."""
+    pairs = [replace(_pair(1, "Where is my order?", "logistics"), weight=0.5),
+             replace(_pair(2, "Reset my password", "iam"), weight=1.0),
+             replace(_pair(3, "Refund please", "fin-ops"), weight=0)]
+    data, _ = build_corpus(pairs)
+    assert [row.get("weight") for row in read_corpus(data)] == [0.5, None, 0.0]
+    assert build_corpus(pairs[1:2])[0] == build_corpus([_pair(2, "Reset my password", "iam")])[0]
+    with pytest.raises(CorpusError, match=r"capture 9: 'weight' must be a non-negative number, got -1"):
+        build_corpus([replace(_pair(9, "x", "y"), weight=-1)])
+    row = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "weight": "%s"}\n'
+    with pytest.raises(CorpusError, match=r"c\.jsonl:1: 'weight' must be a non-negative number, got 'heavy'"):
+        read_corpus((row % "heavy").encode(), source="c.jsonl")

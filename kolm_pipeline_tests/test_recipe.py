@@ -123,7 +123,7 @@ def test_fixture_becomes_the_right_recipe(name, fixture_recipes):
     assert FLOOR_MIN <= spec["k_floor"] <= FLOOR_MAX
     assert dry_run_report(recipe.path).problems == []
     dropped = recipe.diagnostics["dropped"]
-    assert sum(spec["counts"].values()) + dropped["near_duplicates_of_holdout"] == len(rows)
+    assert sum(spec["counts"].values()) + dropped["decontaminated"] == len(rows)
     assert not dropped["answers_not_fitting_the_kind"]
     # Every reference answer passes its own verifier: the teacher would score A = V = 1.
     verify = VERIFIERS[spec["verifier"]]
@@ -206,7 +206,7 @@ def test_holdout_is_frozen_across_recipes(tmp_path):
     trained = {json.dumps(r["messages"][:-1]) for r in second.train + second.eval}
     assert not {json.dumps(r["messages"][:-1]) for r in second.holdout} & trained
     assert not any(r["messages"][0]["content"] == held_text + " thx" for r in second.train + second.eval)
-    assert second.diagnostics["dropped"]["near_duplicates_of_holdout"] >= 1
+    assert second.diagnostics["decontamination"]["by_source"]["holdout"] >= 1
     assert set(first.spec["labels"]) == {t.queue for t in generate_tickets(60)}
 
 
@@ -298,3 +298,26 @@ def test_frozen_holdout_that_no_longer_fits_the_task_is_refused_not_changed(tmp_
     with pytest.raises(RecipeError, match=r"holdout\.frozen\.jsonl:1: .* its task changed"):
         _synth(unique_rows(FIXTURES["order_intake"][0](40, 0)), tmp_path, "json", frozen)
     assert frozen.read_bytes() == before and not (tmp_path / "json").exists()
+
+
+def test_provenance_weights_reach_train_jsonl_and_bad_ones_are_named(tmp_path):
+    rows = unique_rows(FIXTURES["tickets"][0](40, 0))
+    for index, row in enumerate(rows):
+        if index % 2:
+            row["weight"] = 0.5
+    recipe = _synth(rows, tmp_path)
+    weight_of = {json.dumps(row["messages"], sort_keys=True): row.get("weight", 1.0) for row in rows}
+    trained = [json.loads(line) for line in (recipe.path / "train.jsonl").read_text().splitlines()]
+    assert [row.get("weight", 1.0) for row in trained] == [weight_of[json.dumps(row["messages"], sort_keys=True)]
+                                                           for row in trained]
+    assert {row.get("weight", 1.0) for row in trained} == {0.5, 1.0}
+
+    handwritten = _copy_example(tmp_path)
+    lines = (handwritten / "train.jsonl").read_text().splitlines()
+    for number, weight in ((1, 2.5), (2, -1), (3, "heavy"), (4, True)):
+        lines[number - 1] = json.dumps({**json.loads(lines[number - 1]), "weight": weight})
+    (handwritten / "train.jsonl").write_text("\n".join(lines) + "\n")
+    problems = [p.rsplit("/", 1)[-1] for p in dry_run(handwritten)]
+    assert problems == ["train.jsonl:2: 'weight' must be a non-negative number, got -1",
+                        "train.jsonl:3: 'weight' must be a non-negative number, got 'heavy'",
+                        "train.jsonl:4: 'weight' must be a non-negative number, got True"]

@@ -8,22 +8,32 @@ Dedup, in this order: exact duplicates of a request (normalised text; the newest
 correction or a changed teacher takes over), then near-duplicates (MinHash, see dedup.py) that carry the
 same answer, keeping the earliest. The bytes depend only on the pairs, so the Dagster asset and the
 `GET /v1/labels/synthesize-corpus` route produce the same corpus and CID.
+
+Pairs tagged `eval-candidate` are written too, marked `meta.eval_candidate` (rotation.py): they are deduped
+among themselves only, so a training pair asking the same thing never pushes a candidate out; the recipe
+keeps them out of training and removes the training pairs that overlap them (decontaminate.py).
+
+A pair's provenance weight (the store's `KeptPair.weight`: a person's correction counts more than an AI
+peer's answer) rides along as the row's top-level `"weight"`, written only when it is not 1.0, so a corpus
+of ordinary captures keeps its bytes; the trainer reads `row.get("weight", 1.0)`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from kolm_pipeline.corpus.dedup import NEAR_DUPLICATE_JACCARD, NearDuplicateIndex
+from kolm_pipeline.corpus.rotation import EVAL_CANDIDATE_META, EVAL_CANDIDATE_TAG
 from kolm_pipeline.corpus.text import intent_text, normalise, template_messages
 from kolm_pipeline.registry.cid import cid_for_bytes
 
 SERVED_TAG = "kolm-served"
 
-__all__ = ["SERVED_TAG", "CorpusError", "CorpusStats", "build_corpus", "corpus_cid", "input_key", "normalise",
-           "read_corpus"]
+__all__ = ["EVAL_CANDIDATE_TAG", "SERVED_TAG", "CorpusError", "CorpusStats", "build_corpus", "corpus_cid",
+           "input_key", "normalise", "pair_weight", "read_corpus", "weight_problem"]
 
 
 class CorpusError(ValueError):
@@ -46,7 +56,7 @@ class CorpusStats:
     """Counts behind a corpus, shown as asset metadata (every field an int).
 
     `duplicates_dropped` is exact plus near duplicates, so written + every *_dropped + excluded_served
-    adds up to kept_pairs."""
+    adds up to kept_pairs. `eval_candidates` of the written rows are eval candidates, never trained on."""
 
     kept_pairs: int
     excluded_served: int
@@ -56,6 +66,7 @@ class CorpusStats:
     empty_dropped: int
     unsupported_dropped: int
     written: int
+    eval_candidates: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -64,6 +75,22 @@ class CorpusStats:
 def input_key(messages: list[dict]) -> str:
     """A conversation's identity for dedup and split bookkeeping."""
     return "\n".join(f"{m.get('role')}:{normalise(str(m.get('content', '')))}" for m in messages)
+
+
+def weight_problem(weight: object) -> str | None:
+    """Why a row's `"weight"` is unusable, or None: it must be a finite number >= 0."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+        return f"'weight' must be a non-negative number, got {weight!r}"
+    return None
+
+
+def pair_weight(pair: PairLike) -> float:
+    """The pair's provenance weight (1.0 for a store that does not weigh pairs)."""
+    weight = getattr(pair, "weight", 1.0)
+    problem = weight_problem(weight)
+    if problem:
+        raise CorpusError(f"capture {pair.id}: {problem}")
+    return float(weight)
 
 
 def text_content(content: object) -> str | None:
@@ -109,7 +136,7 @@ def build_corpus(
     """Deterministic JSONL bytes, ordered by capture id. `near_duplicate_threshold=None` turns the
     near-duplicate pass off (exact dedup always runs)."""
     served = empty = unsupported = 0
-    by_input: dict[str, tuple[PairLike, list[dict]]] = {}
+    by_input: dict[tuple[bool, str], tuple[PairLike, list[dict]]] = {}
     for pair in sorted(pairs, key=lambda p: p.id):
         if SERVED_TAG in pair.tags:
             served += 1
@@ -121,7 +148,7 @@ def build_corpus(
         if messages is None:
             unsupported += 1
             continue
-        by_input[input_key(messages)] = (pair, messages)
+        by_input[(EVAL_CANDIDATE_TAG in pair.tags, input_key(messages))] = (pair, messages)
     unique = sorted(by_input.values(), key=lambda item: item[0].id)
     exact = len(pairs) - served - empty - unsupported - len(unique)
 
@@ -132,11 +159,12 @@ def build_corpus(
         kept = [
             (pair, messages)
             for pair, messages in unique
-            if index.add(intent_text(messages, template), group=normalise(pair.output))
+            if index.add(intent_text(messages, template), group=_dedup_group(pair))
         ]
     lines = []
+    candidates = 0
     for pair, messages in kept:
-        row = {
+        row: dict = {
             "messages": [*messages, {"role": "assistant", "content": pair.output}],
             "meta": {
                 "capture_id": pair.id,
@@ -146,6 +174,12 @@ def build_corpus(
                 "completion_tokens": pair.completion_tokens or 0,
             },
         }
+        if EVAL_CANDIDATE_TAG in pair.tags:
+            row["meta"][EVAL_CANDIDATE_META] = True
+            candidates += 1
+        weight = pair_weight(pair)
+        if weight != 1.0:
+            row["weight"] = weight
         lines.append(json.dumps(row, ensure_ascii=False, sort_keys=True))
     data = ("\n".join(lines) + "\n").encode() if lines else b""
     near = len(unique) - len(kept)
@@ -158,8 +192,15 @@ def build_corpus(
         empty_dropped=empty,
         unsupported_dropped=unsupported,
         written=len(lines),
+        eval_candidates=candidates,
     )
     return data, stats
+
+
+def _dedup_group(pair: PairLike) -> str:
+    """Near-duplicates are dropped only within one answer, and candidates only against candidates."""
+    answer = normalise(pair.output)
+    return f"{EVAL_CANDIDATE_TAG}\n{answer}" if EVAL_CANDIDATE_TAG in pair.tags else answer
 
 
 def corpus_cid(data: bytes) -> str:
@@ -184,5 +225,7 @@ def read_corpus(data: bytes, source: str = "corpus.jsonl") -> list[dict]:
             or messages[-1].get("role") != "assistant"
         ):
             raise CorpusError(f"{source}:{number}: expected {{'messages': [..., {{'role': 'assistant', ...}}]}}")
+        if "weight" in row and (problem := weight_problem(row["weight"])):
+            raise CorpusError(f"{source}:{number}: {problem}")
         rows.append(row)
     return rows

@@ -86,12 +86,6 @@ class NearDuplicateIndex:
         self._sets: list[frozenset[int]] = []
         self._signatures = np.zeros((64, NUM_PERM), dtype=np.uint64)
 
-    def find(self, text: str, group: str = "") -> int | None:
-        """Index (in order of adding) of a kept item this text nearly duplicates, or None."""
-        values = shingle_values(text)
-        sig = signature(values)
-        return self._match(frozenset(values.tolist()), sig, self._band_keys(sig, group))
-
     def add(self, text: str, group: str = "") -> bool:
         """Keep `text` (True) unless it nearly duplicates a kept item in its group (False)."""
         values = shingle_values(text)

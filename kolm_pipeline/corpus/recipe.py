@@ -5,6 +5,10 @@ A recipe directory holds `spec.json` (validated against the schema shipped next 
 observations (recipe-from-observations: output kind, verifier, intent clusters, splits, K-floor); people
 can write one by hand in the same format and `kolm compile` accepts it. A directory is written under a
 `.partial` name and renamed into place, so a reader never sees half a recipe.
+
+No input the student is judged on is trained on: eval candidates (rotation.py) never reach train.jsonl, and
+decontamination (decontaminate.py) removes every training pair that overlaps a hold-out, eval or candidate
+input. A row may carry a provenance `"weight"` (a number >= 0, default 1.0) that the trainer scales its loss by.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from pathlib import Path
 
 import jsonschema
 
-from kolm_pipeline.corpus.build import input_key
+from kolm_pipeline.corpus.build import input_key, weight_problem
 from kolm_pipeline.corpus.clustering import choose_k, cluster, embed_sample, neighbour_purity, propagate
-from kolm_pipeline.corpus.dedup import NearDuplicateIndex
+from kolm_pipeline.corpus.decontaminate import EMBEDDING_COSINE, MIN_NGRAM_TOKENS, NGRAM, Decontaminator
 from kolm_pipeline.corpus.kfloor import k_floor
 from kolm_pipeline.corpus.kinds import (
     GROUNDED_SHARE,
@@ -36,6 +40,7 @@ from kolm_pipeline.corpus.kinds import (
     json_objects,
     prompt_text,
 )
+from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE, capture_ids, check_share, is_eval_candidate, rotate
 from kolm_pipeline.corpus.text import intent_text, template_messages
 from kolm_pipeline.registry.cid import cid_for_bytes
 
@@ -55,6 +60,7 @@ MIN_TRAIN_PAIRS = 10
 MIN_EVAL_PAIRS = 3
 SPLIT_FILES = ("train.jsonl", "eval.jsonl", "holdout.jsonl")
 _MAX_REPORTED = 5
+_MAX_LISTED = 50  # removals named one by one in diagnostics.json; the counts cover all of them
 
 
 class RecipeError(Exception):
@@ -92,6 +98,8 @@ def _row_problem(row: object) -> str | None:
             return f"message {position} has no string 'content'"
     if messages[-1]["role"] != "assistant":
         return "the last message must be the assistant's answer"
+    if "weight" in row:
+        return weight_problem(row["weight"])
     return None
 
 
@@ -274,6 +282,10 @@ def dry_run_report(path: Path, min_train: int | None = None) -> DryRunReport:
     recipe = Recipe(path=path, spec=spec, train=splits["train.jsonl"], eval=splits["eval.jsonl"],
                     holdout=splits["holdout.jsonl"], diagnostics=diagnostics)
     report.recipe = recipe
+    for number, row in enumerate(recipe.train, start=1):
+        if is_eval_candidate(row):
+            report.problems.append(f"{path / 'train.jsonl'}:{number}: an eval candidate (meta.eval_candidate) "
+                                   "is never trained on")
     spec = recipe.spec
     need_train = spec.get("min_train_pairs", min_train if min_train is not None else MIN_TRAIN_PAIRS)
     need_eval = spec.get("min_eval_pairs", 1)
@@ -366,12 +378,20 @@ def synthesize_recipe(
     corpus_cid: str,
     frozen_holdout: Path,
     seed: int = 0,
+    eval_rotation_share: float = EVAL_ROTATION_SHARE,
+    embedding_cosine: float = EMBEDDING_COSINE,
 ) -> Recipe:
     """Write a recipe directory for a corpus. The hold-out is made once per namespace at
-    `frozen_holdout` and reused unchanged afterwards; neither its inputs nor near-duplicates of them
-    reach train or eval."""
+    `frozen_holdout` and reused unchanged afterwards; neither its inputs nor overlaps of them reach train
+    or eval. Eval candidates never reach train; `eval_rotation_share` of them, newest first, join eval.
+    Training pairs overlapping any eval, hold-out or candidate input are removed (decontaminate.py;
+    `embedding_cosine` is its embedding threshold)."""
     from kolm_pipeline.corpus.embeddings import embed
 
+    try:
+        eval_rotation_share = check_share(eval_rotation_share)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
     if len(corpus_rows) < MIN_CORPUS_PAIRS:
         raise RecipeError(f"corpus has {len(corpus_rows)} pairs; a recipe needs at least {MIN_CORPUS_PAIRS}")
     rng = random.Random(seed)
@@ -382,24 +402,29 @@ def synthesize_recipe(
         {"capture_id": (row.get("meta") or {}).get("capture_id"), "answer": answer(row)[:120]}
         for index, row in enumerate(corpus_rows) if index in misfit_set
     ]
-    rows = [row for index, row in enumerate(corpus_rows) if index not in misfit_set]
+    fitting = [row for index, row in enumerate(corpus_rows) if index not in misfit_set]
     if kind == "categorical":
-        rows = [_canonical_answer(row, answer(row).strip()) for row in rows]
+        fitting = [_canonical_answer(row, answer(row).strip()) for row in fitting]
+    rows = [row for row in fitting if not is_eval_candidate(row)]
+    candidates = [row for row in fitting if is_eval_candidate(row)]
 
     holdout_made = not frozen_holdout.is_file()
     holdout = [] if holdout_made else read_jsonl(frozen_holdout)
-    template = template_messages(row["messages"][:-1] for row in rows + holdout)
-    texts = [intent_text(row["messages"][:-1], template) for row in rows]
+    template = template_messages(row["messages"][:-1] for row in fitting + holdout)
+    # One index space for every input: the corpus's rows, then its eval candidates, then the frozen hold-out.
+    inputs = rows + candidates + holdout
+    texts = [intent_text(row["messages"][:-1], template) for row in inputs]
+    vectors = embed(texts)
     answers = [answer(row) for row in rows]
 
     # Intent clusters from MiniLM embeddings of a seeded sample (all requests in a small corpus); the rest
     # join their most similar embedded request's cluster.
     embedded = embed_sample(len(rows), seed=seed)
-    vectors = embed([texts[i] for i in embedded])
+    sample_vectors = vectors[embedded]
     k = choose_k(len(embedded), labels=len(decision.labels or []))
-    sample_clusters = cluster(vectors, k, seed=seed)
-    cluster_ids = propagate(texts, embedded, sample_clusters)
-    purity = neighbour_purity(kind, vectors, sample_clusters, [answers[i] for i in embedded],
+    sample_clusters = cluster(sample_vectors, k, seed=seed)
+    cluster_ids = propagate(texts[: len(rows)], embedded, sample_clusters)
+    purity = neighbour_purity(kind, sample_vectors, sample_clusters, [answers[i] for i in embedded],
                               [texts[i] for i in embedded], sizes=Counter(int(c) for c in cluster_ids))
     stratum = (lambda i: answers[i]) if kind == "categorical" else (lambda i: f"cluster {cluster_ids[i]}")
 
@@ -407,29 +432,35 @@ def synthesize_recipe(
     if holdout_made:
         held, pool = _stratified_split(all_indices, HOLDOUT_SHARE, stratum, rng)
         holdout = [rows[i] for i in held]
+        holdout_inputs = held
     else:
         held_keys = {input_key(row["messages"][:-1]) for row in holdout}
         pool = [i for i in all_indices if input_key(rows[i]["messages"][:-1]) not in held_keys]
         held = []
-    near_holdout = NearDuplicateIndex()
-    for row in holdout:
-        near_holdout.add(intent_text(row["messages"][:-1], template))
-    leaking = {i for i in pool if near_holdout.find(texts[i]) is not None}
-    pool = [i for i in pool if i not in leaking]
+        holdout_inputs = list(range(len(rows) + len(candidates), len(inputs)))
+    # Overlaps of the hold-out and of the eval candidates go first, so they reach neither train nor eval;
+    # then training pairs that overlap the eval split drawn from what is left.
+    decontaminator = Decontaminator(texts, vectors, embed, cosine=embedding_cosine)
+    candidate_inputs = range(len(rows), len(rows) + len(candidates))
+    pool = decontaminator.clean(pool, {**dict.fromkeys(holdout_inputs, "holdout"),
+                                       **dict.fromkeys(candidate_inputs, "eval_candidate")})
     eval_indices, train_indices = _stratified_split(pool, EVAL_SHARE, stratum, rng)
+    train_indices = decontaminator.clean(train_indices, dict.fromkeys(eval_indices, "eval"))
     rng.shuffle(train_indices)
+    rotated, waiting = rotate(candidates, eval_rotation_share)
     train_rows = [rows[i] for i in train_indices]
-    eval_rows = [rows[i] for i in eval_indices]
+    eval_rows = [rows[i] for i in eval_indices] + [candidates[c] for c in rotated]
+    removed = decontaminator.counts()
     if len(train_rows) < MIN_TRAIN_PAIRS or len(eval_rows) < MIN_EVAL_PAIRS:
         raise RecipeError(
             f"corpus of {len(corpus_rows)} pairs leaves {len(train_rows)} train and {len(eval_rows)} eval pairs "
-            f"after the hold-out ({len(holdout)}); a recipe needs at least {MIN_TRAIN_PAIRS} train and "
-            f"{MIN_EVAL_PAIRS} eval pairs"
+            f"after the hold-out ({len(holdout)}) and decontamination ({removed['decontaminated']} removed); "
+            f"a recipe needs at least {MIN_TRAIN_PAIRS} train and {MIN_EVAL_PAIRS} eval pairs"
         )
 
     kind_fields = decision.spec_fields()
     if kind == "categorical":
-        kind_fields["labels"] = sorted({answer(row).strip() for row in rows + holdout})
+        kind_fields["labels"] = sorted({answer(row).strip() for row in fitting + holdout})
     if kind == "json" and not holdout_made:
         # The schema must admit the frozen hold-out's answers too, or a perfect student would fail them.
         parsed, misfit = json_objects([answer(row) for row in holdout])
@@ -439,7 +470,7 @@ def synthesize_recipe(
                 "JSON objects, but the namespace now answers in JSON: its task changed. The hold-out is never "
                 "changed automatically; delete the file to make a new one"
             )
-        kind_fields["json_schema"] = infer_json_schema([json.loads(answer(row)) for row in rows] + parsed)
+        kind_fields["json_schema"] = infer_json_schema([json.loads(answer(row)) for row in fitting] + parsed)
     latency_measured = _share_with(rows, "latency_us") >= 0.5
     usage_measured = max(_share_with(rows, "prompt_tokens"), _share_with(rows, "completion_tokens")) >= 0.5
     floor = k_floor(kind=kind, purity=purity.purity, train_pairs=len(train_rows), eval_cases=len(eval_rows),
@@ -457,18 +488,42 @@ def synthesize_recipe(
         "counts": {"train": len(train_rows), "eval": len(eval_rows), "holdout": len(holdout)},
         "min_train_pairs": MIN_TRAIN_PAIRS,
         "min_eval_pairs": MIN_EVAL_PAIRS,
-        "max_new_tokens": _max_new_tokens(rows),
+        "max_new_tokens": _max_new_tokens(fitting),
     }
     split_counts: dict[str, Counter] = defaultdict(Counter)
     for split, indices in (("holdout", held), ("eval", eval_indices), ("train", train_indices)):
         for i in indices:
             split_counts[stratum(i)][split] += 1
+    input_ids = capture_ids(inputs)
     diagnostics = {
         "output_kind": kind,
         "verifier": decision.verifier,
         "why": decision.reason,
         "evidence": decision.evidence,
-        "dropped": {"answers_not_fitting_the_kind": misfits, "near_duplicates_of_holdout": len(leaking)},
+        "dropped": {"answers_not_fitting_the_kind": misfits, "decontaminated": removed["decontaminated"]},
+        "decontamination": {
+            "method": f"a training pair is removed when its intent text has the words of a protected one in "
+                      f"the same order (exact), shares a run of {NGRAM} words with it, or the whole of either "
+                      f"when shorter and at least {MIN_NGRAM_TOKENS} words (ngram13), or has all-MiniLM-L6-v2 "
+                      f"cosine >= {embedding_cosine} (embedding); protected: the hold-out, eval and every eval "
+                      f"candidate; {NGRAM}-grams in a quarter of all inputs are template and left out first",
+            "embedding_cosine": embedding_cosine,
+            "inputs_with_template_left_out": len(decontaminator.template_stripped),
+            **removed,
+            "by_source": decontaminator.by_source(),
+            "removed": [{"capture_id": input_ids[r.row], "reason": r.reason, "source": r.source,
+                         "overlaps_capture_id": input_ids[r.protected]}
+                        for r in decontaminator.removals[:_MAX_LISTED]],
+        },
+        "eval_rotation": {
+            "share": eval_rotation_share,
+            "candidates": len(candidates),
+            "rotated_in": len(rotated),
+            "rotated_in_capture_ids": [input_ids[len(rows) + c] for c in rotated],
+            "waiting_capture_ids": [input_ids[len(rows) + c] for c in waiting],
+            "rule": "the newest ceil(share x candidates) by capture id join eval; none is ever trained on; "
+                    "the frozen hold-out does not rotate",
+        },
         "clusters": {
             "method": "k-means (scikit-learn) on all-MiniLM-L6-v2 embeddings of the intent text "
             "(messages shared by many requests left out)",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kolm_pipeline.corpus.build import CorpusStats, build_corpus, corpus_cid, read_corpus
 from kolm_pipeline.corpus.recipe import Recipe, synthesize_recipe
+from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
 from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
 
 
@@ -28,19 +29,31 @@ class RecipeResult:
     receipt_cid: str
 
 
+def recipe_counts(recipe: Recipe) -> dict[str, int]:
+    """What decontamination removed from training (per reason and in all) and what rotated into eval."""
+    diagnostics = recipe.diagnostics
+    removed = {name: value for name, value in diagnostics["decontamination"].items()
+               if name.startswith("decontaminated")}
+    rotation = diagnostics["eval_rotation"]
+    return {**removed, "eval_candidates": rotation["candidates"], "eval_rotated_in": rotation["rotated_in"]}
+
+
 def corpus_capture_ids(data: bytes) -> list[int]:
     """The captures a corpus was written from (its rows' provenance)."""
     return [row["meta"]["capture_id"] for row in read_corpus(data) if "capture_id" in row.get("meta", {})]
 
 
 def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int) -> CorpusResult:
-    """Build the corpus from kept pairs; refuse below the threshold and say how many more are needed."""
+    """Build the corpus from kept pairs; refuse below the threshold and say how many more are needed.
+    Eval candidates are written but never trained on, so they do not count towards the threshold."""
     pairs = store.kept_pairs(workdir.tenant, workdir.namespace)
     data, stats = build_corpus(pairs)
-    if stats.written < min_pairs:
+    usable = stats.written - stats.eval_candidates
+    if usable < min_pairs:
+        candidates = f" (and {stats.eval_candidates} eval candidates)" if stats.eval_candidates else ""
         raise NotEnoughPairs(
-            f"{workdir.partition}: {stats.written} usable kept pairs, the distill threshold is {min_pairs}; "
-            f"{min_pairs - stats.written} more needed"
+            f"{workdir.partition}: {usable} usable kept pairs{candidates}, the distill threshold is {min_pairs}; "
+            f"{min_pairs - usable} more needed"
         )
     cid = corpus_cid(data)
     workdir.root.mkdir(parents=True, exist_ok=True)
@@ -62,8 +75,11 @@ def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int) -> Corpus
     return CorpusResult(cid=cid, stats=stats, receipt_cid=receipt)
 
 
-def run_recipe_stage(workdir: NamespaceWorkdir, seed: int = 0) -> RecipeResult:
-    """Synthesise the recipe from the namespace's corpus (reusing its frozen hold-out)."""
+def run_recipe_stage(
+    workdir: NamespaceWorkdir, seed: int = 0, eval_rotation_share: float = EVAL_ROTATION_SHARE
+) -> RecipeResult:
+    """Synthesise the recipe from the namespace's corpus (reusing its frozen hold-out, rotating
+    `eval_rotation_share` of its eval candidates into eval)."""
     data = workdir.corpus.read_bytes()
     rows = read_corpus(data, source=str(workdir.corpus))
     recipe = synthesize_recipe(
@@ -75,6 +91,7 @@ def run_recipe_stage(workdir: NamespaceWorkdir, seed: int = 0) -> RecipeResult:
         corpus_cid=corpus_cid(data),
         frozen_holdout=workdir.frozen_holdout,
         seed=seed,
+        eval_rotation_share=eval_rotation_share,
     )
     cid = directory_cid(workdir.recipe)
     receipt = workdir.write_receipt(
@@ -83,6 +100,6 @@ def run_recipe_stage(workdir: NamespaceWorkdir, seed: int = 0) -> RecipeResult:
         cid,
         {"corpus_cid": recipe.spec["corpus_cid"], "holdout_cid": recipe.spec["holdout_cid"],
          "output_kind": recipe.spec["output_kind"], "counts": recipe.spec["counts"],
-         "k_floor": recipe.spec["k_floor"]},
+         "k_floor": recipe.spec["k_floor"], **recipe_counts(recipe)},
     )
     return RecipeResult(recipe=recipe, cid=cid, receipt_cid=receipt)

@@ -6,7 +6,9 @@ import time
 
 import dagster as dg
 
-from kolm_pipeline.corpus.stages import NotEnoughPairs, run_corpus_stage, run_recipe_stage
+from kolm_pipeline.corpus.recipe import RecipeError
+from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
+from kolm_pipeline.corpus.stages import NotEnoughPairs, recipe_counts, run_corpus_stage, run_recipe_stage
 from kolm_pipeline.defs.partitions import namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
 from kolm_pipeline.evaluate.stage import run_evaluation_stage
@@ -33,6 +35,12 @@ class CorpusConfig(dg.Config):
     """`min_pairs` overrides the distill threshold (KOLM_DISTILL_THRESHOLD, default 1,000)."""
 
     min_pairs: int | None = None
+
+
+class RecipeConfig(dg.Config):
+    """`eval_rotation_share`: the share of eval candidates (newest first) that join the eval split."""
+
+    eval_rotation_share: float = EVAL_ROTATION_SHARE
 
 
 class AdapterConfig(dg.Config):
@@ -97,11 +105,15 @@ def corpus(context: dg.AssetExecutionContext, kolm: KolmResource, config: Corpus
     deps=[corpus],
     partitions_def=namespace_partitions,
     group_name=KOLM_GROUP,
-    description="Recipe from observations: output kind, verifier, splits, frozen hold-out, K-floor.",
+    description="Recipe from observations: output kind, verifier, splits, frozen hold-out, K-floor; eval "
+    "candidates rotated into eval, training pairs overlapping eval, hold-out or candidate inputs removed.",
 )
-def recipe(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.MaterializeResult:
+def recipe(context: dg.AssetExecutionContext, kolm: KolmResource, config: RecipeConfig) -> dg.MaterializeResult:
     workdir = _workdir(context, kolm)
-    result = run_recipe_stage(workdir)
+    try:
+        result = run_recipe_stage(workdir, eval_rotation_share=config.eval_rotation_share)
+    except RecipeError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     spec = result.recipe.spec
     return dg.MaterializeResult(
         metadata={
@@ -112,6 +124,9 @@ def recipe(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Material
             "k_floor": dg.FloatMetadataValue(spec["k_floor"]),
             "labels": dg.JsonMetadataValue(spec.get("labels")),
             **{f"{split}_pairs": dg.IntMetadataValue(count) for split, count in spec["counts"].items()},
+            **{name: dg.IntMetadataValue(count) for name, count in recipe_counts(result.recipe).items()},
+            "eval_rotated_capture_ids": dg.JsonMetadataValue(
+                result.recipe.diagnostics["eval_rotation"]["rotated_in_capture_ids"]),
             "dagster/uri": workdir.recipe.as_uri(),
         }
     )
