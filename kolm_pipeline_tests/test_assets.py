@@ -57,6 +57,12 @@ def test_loop_materializes_every_asset(kolm_settings, autoreply_store, tiny_base
     assert evaluation["current"] == "base"
     table = evaluation["side_by_side"]
     assert [record.data["model"] for record in table.records] == ["base", "candidate"]
+    # The version diff against the bare base: the trained candidate fixes cases, none regress.
+    assert evaluation["cases_improved"] > 0 and evaluation["cases_regressed"] == 0
+    assert evaluation["cases_compared"] == evaluation["eval_cases"]
+    assert f"Improved (fail → pass), {min(20, evaluation['cases_improved'])} of {evaluation['cases_improved']}" \
+        in evaluation["version_diff"]
+    assert "Regressed (pass → fail)" not in evaluation["version_diff"]
 
     checks = {c.asset_check_key.name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks == {"k_gate": True, "collapse_tripwire": True}

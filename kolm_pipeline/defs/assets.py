@@ -13,6 +13,7 @@ from kolm_pipeline.defs.partitions import namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
 from kolm_pipeline.evaluate.stage import run_evaluation_stage
 from kolm_pipeline.registry.deploy import DeployRefused, current_champion, deploy
+from kolm_pipeline.registry.diff import candidate_diff, diff_markdown
 from kolm_pipeline.train.stage import record_adapter, training_job
 from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
 
@@ -221,6 +222,7 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
     began = time.perf_counter()
     result = run_evaluation_stage(workdir, kolm.settings, kolm.base(), champion, store=kolm.store)
     seconds = time.perf_counter() - began
+    diff = candidate_diff(kolm.settings, result)
     tags = {"dagster_run_id": context.run_id, "partition": context.partition_key,
             "recipe_cid": result["recipe_cid"]}
     settings = kolm.settings
@@ -230,6 +232,7 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
             mlflow.log_metrics({f"{side}.{key}": float(value) for key, value in result[side].items()
                                 if isinstance(value, int | float)})
         mlflow.log_metrics({"gate.delta": result["decision"]["delta"], "gate.swap": float(result["decision"]["swap"])})
+        mlflow.log_metrics({"cases.improved": len(diff.improved), "cases.regressed": len(diff.regressed)})
         url = run_url(settings.mlflow_tracking_uri, run)
     decision = result["decision"]
     if result.get("alert"):
@@ -247,6 +250,10 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
             "current": result["current_name"],
             "receipt_cid": result["receipt_cid"],
             "eval_cases": dg.IntMetadataValue(result["eval_cases"]),
+            "version_diff": dg.MarkdownMetadataValue(diff_markdown(diff)),
+            "cases_improved": dg.IntMetadataValue(len(diff.improved)),
+            "cases_regressed": dg.IntMetadataValue(len(diff.regressed)),
+            "cases_compared": dg.IntMetadataValue(diff.compared or 0),
             "stage_seconds": dg.FloatMetadataValue(round(seconds, 2)),
             "mlflow_run": dg.UrlMetadataValue(url) if url.startswith("http") else url,
             "dagster/uri": workdir.evaluation.as_uri(),
