@@ -42,10 +42,14 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The demo's instance (KOLM_HOME/dagster), so `make demo`'s runs show. Fails in seconds, naming host:port,
+# when its dagster.yaml names a database that does not answer. Run from DAGSTER_HOME: `dagster dev` would
+# warn about the repository's own dagster.yaml otherwise. Another port: `make ui UI_PORT=3001`.
 ui: setup
 	mkdir -p $(DAGSTER_HOME)
 	test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/python -m kolm_pipeline.defs.instance_check $(DAGSTER_HOME)
+	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml -p $(or $(UI_PORT),3000)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from kolm_pipeline.defs.instance_check import check_instance_reachable
 from kolm_pipeline.defs.partitions import NAMESPACE_PARTITIONS_NAME
 from kolm_pipeline.settings import Settings
 
@@ -29,12 +30,16 @@ class StageOutcome:
 
 
 def ensure_instance(settings: Settings) -> dg.DagsterInstance:
-    """The instance under DAGSTER_HOME (default KOLM_HOME/dagster), created on first use."""
-    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home)
+    """The instance under DAGSTER_HOME (default KOLM_HOME/dagster), created on first use.
+
+    A database that dagster.yaml names but that does not answer raises `InstanceUnreachable` (naming the
+    file and host:port) within seconds, instead of dagster-postgres' long retries."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
         config.write_text(DAGSTER_YAML)
+    check_instance_reachable(home)
     os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
 

@@ -1,0 +1,174 @@
+"""The production files under infra/, checked offline (no docker, no cluster): dagster.yaml and workspace.yaml
+against Dagster's own config schemas, the compose file's references, the Dockerfiles' build context, the Helm
+values' launcher and code location, and the GPU training pod that PipesK8sClient would create."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+REPO = INFRA.parent
+PG_ENV = {"DAGSTER_PG_USERNAME": "kolm", "DAGSTER_PG_PASSWORD": "pw", "DAGSTER_PG_HOST": "postgres",
+          "DAGSTER_PG_DB": "dagster"}
+
+
+def _yaml(name: str) -> dict:
+    return yaml.safe_load((INFRA / name).read_text())
+
+
+def _compose() -> dict:
+    return _yaml("docker-compose.yml")
+
+
+def test_dagster_yaml_is_a_valid_postgres_instance(tmp_path, monkeypatch):
+    from dagster._config import process_config
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster._serdes.config_class import class_from_code_pointer
+    from dagster_postgres import DagsterPostgresStorage
+
+    for name, value in PG_ENV.items():
+        monkeypatch.setenv(name, value)
+    shutil.copy(INFRA / "dagster.yaml", tmp_path / "dagster.yaml")
+    config, _ = dagster_instance_config(str(tmp_path))  # raises on an unknown top-level key or a bad value
+
+    def section_errors(klass, section_config) -> list:
+        result = process_config(klass.config_type(), section_config)
+        return [] if result.success else result.errors
+
+    storage = process_config(DagsterPostgresStorage.config_type(), config["storage"]["postgres"])
+    assert storage.success, storage.errors
+    database = storage.value["postgres_db"]  # env: indirection resolved the way Dagster does
+    assert (database["hostname"], database["db_name"], database["port"]) == ("postgres", "dagster", 5432)
+    assert database["scheme"] == "postgresql+psycopg2"
+    assert config["telemetry"] == {"enabled": False}
+    for section in ("run_coordinator", "run_launcher", "compute_logs", "local_artifact_storage"):
+        klass = class_from_code_pointer(config[section]["module"], config[section]["class"])
+        assert section_errors(klass, config[section].get("config") or {}) == [], section
+    # The same validation refuses a misspelt key.
+    coordinator = class_from_code_pointer(config["run_coordinator"]["module"], config["run_coordinator"]["class"])
+    assert section_errors(coordinator, {**config["run_coordinator"]["config"], "max_concurent_runs": 2})
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    limits = {limit["key"]: limit["limit"] for limit in config["run_coordinator"]["config"]["tag_concurrency_limits"]}
+    assert limits == {"kolm/namespace": 1, "dagster/partition": 1}
+
+
+def test_workspace_points_at_the_compose_code_server():
+    from dagster._core.workspace.config_schema import process_workspace_config
+
+    workspace = _yaml("workspace.yaml")
+    assert process_workspace_config(workspace).success
+    (server,) = [entry["grpc_server"] for entry in workspace["load_from"]]
+    code_server = _compose()["services"][server["host"]]
+    command = code_server["command"]
+    assert command[:3] == ["dagster", "code-server", "start"]
+    assert command[command.index("-p") + 1] == str(server["port"])
+    assert command[command.index("-m") + 1] == "kolm_pipeline.definitions"
+    assert importlib.util.find_spec("kolm_pipeline.definitions") is not None
+
+
+def test_compose_services_reference_what_exists():
+    compose = _compose()
+    services = compose["services"]
+    assert {"postgres", "seaweedfs", "mlflow", "code-server", "dagster-webserver", "dagster-daemon",
+            "capture-proxy", "serving"} <= set(services)
+    for name, service in services.items():
+        assert service.get("image"), f"{name} has no image"
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+        for mount in service.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("."):
+                assert (INFRA / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in compose["volumes"], f"{name} mounts undeclared volume {source}"
+    # Every variable infra/dagster.yaml reads is set for the Dagster services, and DAGSTER_HOME holds the file.
+    env = services["code-server"]["environment"]
+    assert set(re.findall(r"env: (\w+)", (INFRA / "dagster.yaml").read_text())) <= set(env)
+    assert f"./dagster.yaml:{env['DAGSTER_HOME']}/dagster.yaml:ro" in services["code-server"]["volumes"]
+    # The databases that the services name are the ones the init script creates.
+    created = set(re.findall(r"CREATE DATABASE (\w+)", (INFRA / "postgres" / "init-databases.sql").read_text()))
+    mlflow_uri = next(arg for arg in services["mlflow"]["command"] if arg.startswith("--backend-store-uri="))
+    assert mlflow_uri.startswith("--backend-store-uri=postgresql+psycopg2://")
+    assert {env["DAGSTER_PG_DB"], mlflow_uri.rsplit("/", 1)[1], env["KOLM_STORE_URL"].rsplit("/", 1)[1]} == created
+    # Every ${VAR} without a default is documented in .env.example.
+    example = set(re.findall(r"^(\w+)=", (INFRA / ".env.example").read_text(), flags=re.M))
+    undefaulted = set(re.findall(r"\$\{(\w+)\}", (INFRA / "docker-compose.yml").read_text()))
+    assert undefaulted <= example
+
+
+def test_healthchecks_hit_routes_the_apps_serve():
+    services = _compose()["services"]
+    sources = {"capture-proxy": "capture/app.py", "serving": "serve/app.py"}
+    for name, source in sources.items():
+        probe = " ".join(services[name]["healthcheck"]["test"])
+        route = re.search(r"localhost:\d+(/\w+)", probe).group(1)
+        assert f'@app.get("{route}")' in (REPO / "kolm_pipeline" / source).read_text(), (name, route)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.trainer"])
+def test_dockerfile_copies_only_what_its_context_keeps(dockerfile):
+    text = (INFRA / dockerfile).read_text()
+    kept = [line[1:].rstrip("/") for line in (INFRA / f"{dockerfile}.dockerignore").read_text().splitlines()
+            if line.startswith("!")]
+    for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):
+        for source in sources.split():
+            assert (REPO / source).exists(), f"{dockerfile} copies missing {source}"
+            assert any(source == k or source.startswith(k + "/") for k in kept), f"{source} is not in the context"
+    assert 'ARG TORCH_VERSION=2.13.0' in text  # the same pin as pyproject.toml
+    assert '"torch==2.13.0"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_helm_values_run_each_run_as_a_kubernetes_job():
+    values = _yaml("helm/values.yaml")
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    # Keys the chart's schema requires of a K8sRunLauncher config.
+    assert {"imagePullPolicy", "loadInclusterConfig", "envConfigMaps", "envSecrets", "envVars", "volumeMounts",
+            "volumes"} <= set(launcher)
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    assert deployment["codeServerArgs"] == ["-m", "kolm_pipeline.definitions"]
+    assert deployment["includeConfigInLaunchedRuns"] == {"enabled": True}
+    assert all(isinstance(value, str) for value in deployment["env"].values())  # the chart's schema: strings
+    assert values["postgresql"]["enabled"] is False
+    assert values["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
+    coordinator = values["dagsterDaemon"]["runCoordinator"]
+    assert coordinator["type"] == "QueuedRunCoordinator"
+    limits = coordinator["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
+    assert {limit["key"] for limit in limits} == {"kolm/namespace", "dagster/partition"}
+
+
+def test_gpu_training_pod_requests_a_gpu_and_mounts_kolm_home(monkeypatch):
+    from dagster_k8s.pipes import build_pod_body
+
+    monkeypatch.setenv("KOLM_TRAINER_IMAGE", "registry.example.com/kolm/kolm-trainer:test")
+    spec = importlib.util.spec_from_file_location("kolm_infra_pipes_k8s", INFRA / "helm" / "pipes_k8s.py")
+    pipes_k8s = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipes_k8s)
+
+    client = pipes_k8s.gpu_training_client()
+    assert client.env["MALLOC_MMAP_MAX_"] == "0"
+    pod = build_pod_body(
+        pod_name="dagster-kolm-train",
+        image=pipes_k8s.TRAINER_IMAGE,
+        command=pipes_k8s.TRAINER_COMMAND,
+        env_vars={"DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs"},
+        base_pod_meta=pipes_k8s.base_pod_meta,
+        base_pod_spec=pipes_k8s.base_pod_spec,
+    )
+    (container,) = pod.spec.containers
+    assert container.image == "registry.example.com/kolm/kolm-trainer:test"
+    assert container.command == ["python", "-m", "kolm_pipeline.train.pipes_entry"]
+    assert importlib.util.find_spec("kolm_pipeline.train.pipes_entry") is not None
+    assert container.resources.requests["nvidia.com/gpu"] == container.resources.limits["nvidia.com/gpu"] == "1"
+    assert {(m.name, m.mount_path) for m in container.volume_mounts} >= {("kolm-home", pipes_k8s.KOLM_HOME)}
+    claims = {v.name: v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim}
+    assert claims == {"kolm-home": "kolm-home"}
+    assert {e.name for e in container.env} >= {"KOLM_HOME", "DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"}
+    assert pod.spec.restart_policy == "Never"
+    assert any(t.key == "nvidia.com/gpu" for t in pod.spec.tolerations)
