@@ -3,13 +3,7 @@
 import dagster as dg
 
 from kolm_pipeline.defs.assets import captures, loop_assets
-from kolm_pipeline.defs.automation import (
-    automation_sensor,
-    distill_job,
-    namespace_discovery_sensor,
-    nightly_distill,
-    volume_sensor,
-)
+from kolm_pipeline.defs.automation import distill_job, kolm_schedules, kolm_sensors
 from kolm_pipeline.defs.checks import loop_checks
 from kolm_pipeline.defs.resources import KolmResource
 from kolm_pipeline.train.distill import TRAINER_ENV
@@ -18,8 +12,8 @@ defs = dg.Definitions(
     assets=[captures, *loop_assets],
     asset_checks=loop_checks,
     jobs=[distill_job],
-    sensors=[namespace_discovery_sensor, volume_sensor, automation_sensor],
-    schedules=[nightly_distill],
+    sensors=kolm_sensors,
+    schedules=kolm_schedules,
     resources={
         "kolm": KolmResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(env=TRAINER_ENV),

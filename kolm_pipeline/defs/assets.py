@@ -249,6 +249,8 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
             "tripwire_clear": dg.BoolMetadataValue(result["tripwire"]["clear"]),
             "current": result["current_name"],
             "receipt_cid": result["receipt_cid"],
+            "adapter_cid": result["adapter_cid"],
+            "recipe_cid": result["recipe_cid"],
             "eval_cases": dg.IntMetadataValue(result["eval_cases"]),
             "version_diff": dg.MarkdownMetadataValue(diff_markdown(diff)),
             "cases_improved": dg.IntMetadataValue(len(diff.improved)),

@@ -132,6 +132,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        # A host that swallows packets must not hang a proxy write or a sensor tick until the OS gives up.
+        return create_engine(parsed, hide_parameters=True, pool_pre_ping=True, connect_args={"connect_timeout": 10})
     if parsed.get_backend_name() != "sqlite":
         return create_engine(parsed, hide_parameters=True, pool_pre_ping=True)
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
