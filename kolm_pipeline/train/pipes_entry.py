@@ -46,7 +46,8 @@ def write_error(job: dict, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
             size = job.get("config", {}).get("batch_size", 16)
-            message += f" — out of memory at batch size {size}; try batch_size={max(1, size // 2)}"
+            message += (f" — out of memory at batch size {size}; try batch_size={max(1, size // 2)}"
+                        " or activation_checkpointing=true")
         Path(job["error_path"]).write_text(message)
 
 
