@@ -6,17 +6,24 @@ throwaway venv) as the reference peer. Plain and streamed chat completions at co
     .venv/bin/python bench/proxy.py --no-litellm    # kolm only
     .venv/bin/python bench/proxy.py --requests 400 --concurrent-requests 3000
 
-Every server runs in its own process (uvicorn with uvloop and httptools, access log off); the load
-generator is one asyncio process with aiohttp. Latency is measured per request: a whole reply for plain
-calls, the first content chunk for streams (time to first chunk). "added" is a target's p50 minus the
-direct p50 in the same run. On a small shared machine, load generator, proxy and upstream compete for the
-same cores, so read concurrency-64 figures as relative, not absolute.
+Every server runs in its own process (the kolm proxy exactly as `kolm_pipeline.capture.background.serve`
+runs it: uvicorn with uvloop and httptools, access log off); the load generator is one asyncio process with
+aiohttp. Latency is measured per request: a whole reply for plain calls, the first content chunk for
+streams (time to first chunk). "added" is a target's p50 minus the direct p50 in the same run.
+
+Each cell is run in `--rounds` rounds, and in each round every target takes its share of the requests in
+turn (the order rotating), so a change in the machine's load during the run hits all targets alike and the
+ratios stay fair. Capture on/off is also given as the median of the per-round ratios (on and off measured
+close together in time), with their range: how wide that range is shows the machine's noise. The 1-minute
+load average is printed with every cell: on a small shared machine, load generator, proxy and upstream
+compete for the same cores, so read absolute figures with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import socket
@@ -25,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -70,13 +77,13 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 """
 
 KOLM_PROXY = r"""
-import dataclasses, sys, uvicorn
+import dataclasses, sys
 from kolm_pipeline.capture.app import create_app
+from kolm_pipeline.capture.background import serve
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.store import CaptureStore
 settings = dataclasses.replace(load_settings(), upstream_openai=sys.argv[2])
-uvicorn.run(create_app(settings, CaptureStore(settings.store_url)), host="127.0.0.1", port=int(sys.argv[1]),
-            log_level="warning", access_log=False, loop="uvloop", http="httptools")
+serve(create_app(settings, CaptureStore(settings.store_url)), "127.0.0.1", int(sys.argv[1]), log_level="warning")
 """
 
 
@@ -117,6 +124,8 @@ class Result:
     latencies_ms: list[float]
     seconds: float
     errors: int
+    load: float
+    round_p50s: list[float] = field(default_factory=list)
 
     @property
     def p50(self) -> float:
@@ -155,9 +164,13 @@ async def one_call(session: aiohttp.ClientSession, url: str, headers: dict[str, 
         return first
 
 
+ERRORS: collections.Counter[str] = collections.Counter()
+
+
 async def load(
     url: str, headers: dict[str, str], stream: bool, concurrency: int, total: int
 ) -> tuple[list[float], float, int]:
+    """`total` calls from `concurrency` workers over kept-alive connections, after a short warm-up."""
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     latencies: list[float] = []
     errors = 0
@@ -171,8 +184,9 @@ async def load(
             for _ in remaining:
                 try:
                     latencies.append(await one_call(session, url, headers, stream))
-                except Exception:
+                except Exception as exc:
                     errors += 1
+                    ERRORS[f"{url}: {str(exc)[:200] or type(exc).__name__}"] += 1
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -180,14 +194,15 @@ async def load(
     return latencies, seconds, errors
 
 
-def start(command: list[str], env: dict[str, str], port: int, timeout: float = 60) -> subprocess.Popen:
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start(command: list[str], env: dict[str, str], port: int, log: Path, timeout: float = 60) -> subprocess.Popen:
+    """A server process, its output going to `log` (a pipe nobody reads would block it once full)."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_port(port, process, timeout)
     except RuntimeError:
         process.kill()
-        err = process.stderr.read().decode(errors="replace")[-3000:] if process.stderr else ""
-        raise RuntimeError(f"{command[0]} did not start:\n{err}") from None
+        raise RuntimeError(f"{command[0]} did not start:\n{log.read_text(errors='replace')[-3000:]}") from None
     return process
 
 
@@ -195,6 +210,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300, help="requests per cell at concurrency 1")
     parser.add_argument("--concurrent-requests", type=int, default=2000, help="requests per cell at concurrency 64")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per cell, targets taking turns in each")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM reference")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -210,7 +226,8 @@ def main() -> int:
 
     processes: list[subprocess.Popen] = []
     upstream_port = free_port()
-    processes.append(start([sys.executable, "-c", MOCK_UPSTREAM, str(upstream_port)], env, upstream_port))
+    command = [sys.executable, "-c", MOCK_UPSTREAM, str(upstream_port)]
+    processes.append(start(command, env, upstream_port, home / "upstream.log"))
     upstream = f"http://127.0.0.1:{upstream_port}/v1"
     targets: dict[str, tuple[str, dict[str, str]]] = {
         "direct": (f"{upstream}/chat/completions", {"authorization": "Bearer sk-upstream"}),
@@ -223,7 +240,7 @@ def main() -> int:
     for name, record in (("kolm capture on", "1"), ("kolm capture off", "0")):
         port = free_port()
         command = [sys.executable, "-c", KOLM_PROXY, str(port), upstream]
-        processes.append(start(command, {**env, "KOLM_CAPTURE_RECORD": record}, port))
+        processes.append(start(command, {**env, "KOLM_CAPTURE_RECORD": record}, port, home / f"kolm-{record}.log"))
         targets[name] = (f"http://127.0.0.1:{port}/v1/capture/openai/chat/completions", kolm_headers)
     if not args.no_litellm:
         litellm = ensure_litellm()
@@ -266,18 +283,37 @@ def main() -> int:
             "--num_workers",
             "1",
         ]
-        processes.append(start(command, litellm_env, port, timeout=180))
+        processes.append(start(command, litellm_env, port, home / "litellm.log", timeout=180))
         targets["litellm"] = (f"http://127.0.0.1:{port}/chat/completions", {"authorization": f"Bearer {master_key}"})
 
     results: list[Result] = []
+    rounds = max(1, args.rounds)
+    names = list(targets)
     try:
         for stream in (False, True):
+            mode = "stream (TTFC)" if stream else "plain"
             for concurrency, total in ((1, args.requests), (64, args.concurrent_requests)):
-                for name, (url, headers) in targets.items():
-                    latencies, seconds, errors = asyncio.run(load(url, headers, stream, concurrency, total))
-                    mode = "stream (TTFC)" if stream else "plain"
-                    results.append(Result(name, mode, concurrency, latencies, seconds, errors))
-                    print(f"  {name:<17} {mode:<14} c={concurrency:<3} p50 {results[-1].p50:7.3f} ms", flush=True)
+                cells = {name: Result(name, mode, concurrency, [], 0.0, 0, 0.0) for name in names}
+                for round_ in range(rounds):
+                    shift = round_ % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        url, headers = targets[name]
+                        latencies, seconds, errors = asyncio.run(
+                            load(url, headers, stream, concurrency, max(1, total // rounds))
+                        )
+                        cell = cells[name]
+                        cell.latencies_ms += latencies
+                        cell.round_p50s.append(statistics.median(latencies) if latencies else float("nan"))
+                        cell.seconds += seconds
+                        cell.errors += errors
+                        cell.load += os.getloadavg()[0] / rounds
+                for cell in cells.values():
+                    results.append(cell)
+                    print(
+                        f"  {cell.target:<17} {mode:<14} c={concurrency:<3} p50 {cell.p50:7.3f} ms  "
+                        f"load {cell.load:.2f}",
+                        flush=True,
+                    )
     finally:
         for process in processes:
             process.terminate()
@@ -290,7 +326,8 @@ def main() -> int:
     captured = store.counters("bench", "bench")["captured"]
     print()
     print(
-        f"{'target':<17} {'mode':<14} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'req/s':>8} {'errors':>6}"
+        f"{'target':<17} {'mode':<14} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'req/s':>8} "
+        f"{'errors':>6} {'load':>5}"
     )
     table = []
     for result in results:
@@ -302,6 +339,7 @@ def main() -> int:
             {
                 **result.__dict__,
                 "latencies_ms": None,
+                "round_p50s": result.round_p50s,
                 "p50": result.p50,
                 "p99": result.p99,
                 "added_p50": added,
@@ -310,7 +348,7 @@ def main() -> int:
         )
         print(
             f"{result.target:<17} {result.mode:<14} {result.concurrency:>3} {result.p50:8.3f} {result.p99:8.3f} "
-            f"{added:10.3f} {result.throughput:8.0f} {result.errors:>6}"
+            f"{added:10.3f} {result.throughput:8.0f} {result.errors:>6} {result.load:5.2f}"
         )
 
     def cell(target: str, mode: str, concurrency: int) -> Result | None:
@@ -325,7 +363,12 @@ def main() -> int:
         for concurrency in (1, 64):
             on_c, off_c = cell("kolm capture on", mode, concurrency), cell("kolm capture off", mode, concurrency)
             assert on_c and off_c
-            print(f"  {mode:<14} capture on/off p50 at c={concurrency}: {on_c.p50 / off_c.p50:.3f}× (goal ≤ 1.10×)")
+            paired = sorted(a / b for a, b in zip(on_c.round_p50s, off_c.round_p50s, strict=True))
+            print(
+                f"  {mode:<14} capture on/off p50 at c={concurrency}: {on_c.p50 / off_c.p50:.3f}× overall, "
+                f"{statistics.median(paired):.3f}× median of {len(paired)} paired rounds "
+                f"(range {paired[0]:.2f}–{paired[-1]:.2f}) (goal ≤ 1.10×)"
+            )
         lite, lite64, on64 = cell("litellm", mode, 1), cell("litellm", mode, 64), cell("kolm capture on", mode, 64)
         if lite and lite64 and on64:
             lite_added = lite.p50 - direct.p50
@@ -338,6 +381,9 @@ def main() -> int:
                 f"(goal ≤ 0.25×; LiteLLM adds {lite_added:.3f} ms)"
             )
     print(f"captures recorded by the capture-on proxy: {captured}")
+    for error, count in ERRORS.most_common(10):
+        print(f"error ×{count}: {error}")
+    print(f"server logs: {home}")
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))
     return 0

@@ -52,14 +52,13 @@ def _namespace(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def cmd_capture_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from kolm_pipeline.capture.app import create_app
+    from kolm_pipeline.capture.background import serve
 
     settings = _settings(args)
     print(f"kolm capture proxy on http://{args.host}:{args.port} → OpenAI {settings.upstream_openai}, "
           f"Anthropic {settings.upstream_anthropic}")
-    uvicorn.run(create_app(settings, _store(settings)), host=args.host, port=args.port, log_level="info")
+    serve(create_app(settings, _store(settings)), args.host, args.port)
     return 0
 
 

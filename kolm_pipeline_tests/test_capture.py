@@ -40,6 +40,7 @@ SERVER_LOGGERS = [
     "uvicorn",
     "httpx",
     "httpcore",
+    "aiohttp",
     "fastapi",
     "starlette",
     "sqlalchemy.engine",
@@ -651,3 +652,55 @@ def test_inbox_routes(start_proxy: Callable[[str], Proxy], teacher: str, broken_
     assert failing.store.get_capture("acme", error_row.id).triage_state == "untriaged"
     for client_ in (api, rival, failing_api):
         client_.close()
+
+
+def test_escaped_or_odd_provider_keys(proxy: Proxy) -> None:
+    """A provider key written with JSON escapes in the request body is still scrubbed from the record; a
+    key that is not printable ASCII is refused before anything is forwarded."""
+    canary = f"sk/{uuid.uuid4().hex}"
+    url = f"{proxy.url}/v1/capture/openai/chat/completions"
+    auth = {"authorization": f"Bearer {proxy.key}", "content-type": "application/json"}
+    escaped = canary.replace("/", "\\/")
+    unicode_escaped = "\\u0073" + canary[1:]
+    headers = {**auth, **proxy.headers(**{"x-upstream-api-key": canary})}
+    for written in (escaped, unicode_escaped):
+        body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "my key is ' + written.encode() + b'"}]}'
+        assert httpx.post(url, content=body, headers=headers).status_code == 200
+    rows = proxy.captures()
+    assert [row.messages[0]["content"] for row in rows] == ["my key is [redacted]"] * 2
+    odd = httpx.post(
+        url,
+        json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+        headers={**auth, "x-kolm-namespace": "support", "x-upstream-api-key": "clé-secrète".encode("latin-1")},
+    )
+    assert odd.status_code == 400 and odd.json()["error"]["type"] == "invalid_request_error"
+    assert len(proxy.captures()) == 2
+
+
+@pytest.fixture(scope="module")
+def cookie_upstream() -> Iterator[str]:
+    """An upstream that sets a cookie on every reply and answers with the cookie header it was sent."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> JSONResponse:
+        seen = request.headers.get("cookie", "none")
+        body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": seen}}]}
+        return JSONResponse(body, headers={"set-cookie": f"session={uuid.uuid4().hex}; Path=/"})
+
+    with BackgroundServer(app) as server:
+        yield server.url.replace("127.0.0.1", "localhost")  # cookie jars ignore cookies set by IP addresses
+
+
+def test_upstream_cookies_are_not_carried_between_calls(
+    start_proxy: Callable[[str], Proxy], cookie_upstream: str
+) -> None:
+    """One upstream connection pool serves every tenant: a cookie one call's reply set must never ride
+    along on the next call (someone else's, maybe)."""
+    proxy = start_proxy(cookie_upstream)
+    rival_key = proxy.store.create_tenant("rival")
+    replies = [
+        proxy.openai(key=key).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        for key in (proxy.key, rival_key, proxy.key)
+    ]
+    assert [reply.choices[0].message.content for reply in replies] == ["none"] * 3

@@ -7,12 +7,13 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -179,3 +180,46 @@ def test_store_down_mid_traffic_loses_nothing(cluster: Cluster, tmp_path: Path) 
     assert len(stored) - len(acknowledged) <= 4
     assert not list((home / "spool").glob("*.jsonl"))
     store.close()
+
+
+def _wait_for(condition: Callable[[], object], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("ending", ["killed", "terminated"])
+def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> None:
+    """Captures sit in a writer process that is frozen and then killed (or asked to stop with SIGTERM):
+    none is lost or stored twice; the proxy writes what the writer never acknowledged and starts a new one."""
+    home = tmp_path / "home"
+    teacher = BackgroundServer(create_teacher_app({}))
+    settings = dataclasses.replace(load_settings(home), upstream_openai=f"{teacher.url}/v1")
+    store = CaptureStore(settings.store_url)
+    key = store.create_tenant("acme")
+    app = create_app(settings, store, CaptureConfig(retention_sweep_s=0, batch_linger_s=0.01))
+    recorder = app.state.recorder
+    headers = {"authorization": f"Bearer {key}", "x-kolm-namespace": "support", "x-upstream-api-key": "k-1"}
+    acknowledged: list[str] = []
+    try:
+        with BackgroundServer(app) as proxy, httpx.Client(timeout=10) as client:
+            url = f"{proxy.url}/v1/capture/openai/chat/completions"
+            first = recorder.writer_pid
+            assert first is not None, "captures are written by a separate process"
+            os.kill(first, signal.SIGSTOP)
+            acknowledged += [_send(client, url, headers, n) for n in range(12)]
+            time.sleep(0.2)  # the batches are on their way to the frozen writer, not acknowledged
+            os.kill(first, signal.SIGKILL if ending == "killed" else signal.SIGTERM)
+            os.kill(first, signal.SIGCONT)
+            _wait_for(lambda: recorder.writer_pid not in (None, first))
+            acknowledged += [_send(client, url, headers, n) for n in range(12, 18)]
+            recorder.flush_threadsafe()
+        assert all(acknowledged) and recorder.stats["lost"] == 0
+        with store.engine.connect() as conn:
+            rows = dict(conn.execute(select(captures.c.request_id, func.count()).group_by(captures.c.request_id)).all())
+        assert sorted(rows) == sorted(acknowledged)  # type: ignore[type-var]
+        assert set(rows.values()) == {1}
+    finally:
+        teacher.stop()
+        store.close()

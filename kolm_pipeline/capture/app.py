@@ -3,74 +3,60 @@ the caller's own provider key, and records the request/response pair for later d
 server answers the inbox: listing, triage, feedback, switches, corpus export and the `/inbox` page.
 
 The tenant comes only from the kolm key in the client's API-key slot; the provider key travels in
-`x-upstream-api-key`, is forwarded upstream and is never stored, logged or echoed. The response path
-does no database round trip (kolm keys are cached for a few seconds) and no parsing beyond the request
-body; the reply is parsed, scrubbed, redacted and written by the recorder off that path.
+`x-upstream-api-key`, is forwarded upstream and is never stored, logged or echoed. The two capture routes
+are answered by `forward.Forwarder` as bare ASGI ahead of FastAPI (see there for what the response path
+does); everything else is an ordinary FastAPI route.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-import httpx
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
 
-from kolm_pipeline.capture.providers import ANTHROPIC, OPENAI, Provider, RequestError, StreamState
-from kolm_pipeline.capture.recorder import REDACTED, Pending, Recorder
+from kolm_pipeline.capture.forward import (
+    CAPTURE_ID_HEADER,
+    MAX_TAG_LENGTH,
+    MAX_TAGS,
+    ApiError,
+    Forwarder,
+    KeyCache,
+    Receive,
+    Scope,
+    Send,
+    parse_namespace,
+)
+from kolm_pipeline.capture.providers import ANTHROPIC, OPENAI, PROVIDERS, Provider
+from kolm_pipeline.capture.recorder import Recorder
 from kolm_pipeline.capture.redact import validate_entities
 from kolm_pipeline.capture.spool import Spool
 from kolm_pipeline.settings import CaptureConfig, Settings, load_capture_config
-from kolm_pipeline.store import (
-    Capture,
-    CaptureStore,
-    NewCapture,
-    Tenant,
-    partition_key,
-    validate_namespace,
-)
+from kolm_pipeline.store import Capture, CaptureStore, Tenant, partition_key
 from kolm_pipeline.store.rules import MATCH_KEYS
+
+__all__ = ["CAPTURE_ID_HEADER", "CaptureApp", "create_app"]
 
 logger = logging.getLogger(__name__)
 
-UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=10.0)
-CAPTURE_ID_HEADER = "x-kolm-capture-id"
-PROVIDERS: dict[str, Provider] = {OPENAI.name: OPENAI, ANTHROPIC.name: ANTHROPIC}
+CAPTURE_ROUTES: dict[str, Provider] = {
+    "/v1/capture/openai/chat/completions": OPENAI,
+    "/v1/capture/anthropic/v1/messages": ANTHROPIC,
+}
 _ENDPOINTS = {"openai": "chat/completions", "anthropic": "v1/messages"}
-_FORWARDED_RESPONSE_HEADERS = ("retry-after", "x-request-id", "request-id", "openai-processing-ms")
-_FORWARDED_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
-_MAX_TAGS = 32
-_MAX_TAG_LENGTH = 64
-_NEGATIVE_KEY_TTL_S = 2.0
-_KEY_CACHE_MAX = 10_000
 _INBOX_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-
-
-class ApiError(Exception):
-    """An error answered as `{"error": {"type", "message"}}` with an HTTP status."""
-
-    def __init__(self, status: int, type_: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.type = type_
-        self.message = message
 
 
 def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -81,86 +67,6 @@ def _not_found(what: str) -> ApiError:
     return ApiError(404, "not_found_error", what)
 
 
-def _scrub_bytes(content: bytes, secret: str) -> bytes:
-    return content.replace(secret.encode("utf-8"), REDACTED.encode("utf-8"))
-
-
-class _KeyFilter:
-    """Removes the provider key from a byte stream even when it straddles two chunks: only a tail that
-    could be the start of the key is held back, so ordinary chunks pass at once."""
-
-    def __init__(self, secret: str) -> None:
-        self._key = secret.encode("utf-8")
-        self._held = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = (self._held + chunk).replace(self._key, REDACTED.encode("utf-8"))
-        keep = 0
-        first = self._key[:1]
-        start = max(0, len(data) - len(self._key) + 1)
-        position = data.find(first, start)
-        while position != -1:
-            if self._key.startswith(data[position:]):
-                keep = len(data) - position
-                break
-            position = data.find(first, position + 1)
-        self._held = data[len(data) - keep :] if keep else b""
-        return data[: len(data) - keep] if keep else data
-
-    def flush(self) -> bytes:
-        held, self._held = self._held, b""
-        return held
-
-
-def _kolm_keys(request: Request) -> list[str]:
-    """Candidates for the kolm key from the client's API-key slot: `Authorization: Bearer`, `x-api-key`
-    (SDKs differ in which one carries `api_key`)."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    candidates = [
-        token.strip() if scheme.lower() == "bearer" else "",
-        request.headers.get("x-api-key", "").strip(),
-    ]
-    return [key for key in candidates if key]
-
-
-def _tags(header: str | None) -> list[str]:
-    tags: list[str] = []
-    for raw in (header or "").split(","):
-        tag = raw.strip()
-        if not tag or tag in tags:
-            continue
-        if len(tag) > _MAX_TAG_LENGTH or not tag.isprintable():
-            raise ApiError(
-                400,
-                "invalid_request_error",
-                f"invalid tag in x-kolm-tags: at most {_MAX_TAG_LENGTH} printable characters per tag",
-            )
-        tags.append(tag)
-    if len(tags) > _MAX_TAGS:
-        raise ApiError(400, "invalid_request_error", f"x-kolm-tags: at most {_MAX_TAGS} tags")
-    return tags
-
-
-def _namespace(value: str | None) -> str:
-    if not value:
-        raise ApiError(400, "invalid_request_error", "missing x-kolm-namespace header")
-    try:
-        return validate_namespace(value)
-    except ValueError as exc:
-        raise ApiError(400, "invalid_request_error", str(exc)) from exc
-
-
-def _response_headers(upstream: httpx.Response, secret: str, request_id: str | None) -> dict[str, str]:
-    headers = {
-        name: value.replace(secret, REDACTED)
-        for name, value in upstream.headers.items()
-        if name in _FORWARDED_RESPONSE_HEADERS or name.startswith(_FORWARDED_RESPONSE_PREFIXES)
-    }
-    if request_id is not None:
-        headers[CAPTURE_ID_HEADER] = request_id
-    return headers
-
-
 def _capture_json(capture: Capture) -> dict[str, Any]:
     data = asdict(capture)
     for name in ("created_at", "expired_at", "distilled_at", "merged_at"):
@@ -169,200 +75,29 @@ def _capture_json(capture: Capture) -> dict[str, Any]:
     return data
 
 
-class _Call:
-    """One proxied call: what is known from the request, and the single record it ends in."""
+class CaptureApp(FastAPI):
+    """FastAPI for the inbox; a POST to a capture route goes straight to the forwarder, skipping FastAPI's
+    routing, dependency injection and middleware on the path every proxied call takes."""
 
-    def __init__(
-        self,
-        recorder: Recorder | None,
-        provider: Provider,
-        tenant: str,
-        namespace: str,
-        model: str,
-        messages: list[dict[str, Any]],
-        tags: list[str],
-        upstream_key: str,
-        streamed: bool,
-    ) -> None:
-        self.request_id = uuid.uuid4().hex if recorder is not None else None
-        self.recorder = recorder
-        self.provider = provider
-        self.tenant = tenant
-        self.namespace = namespace
-        self.model = model
-        self.messages = messages
-        self.tags = tags
-        self.upstream_key = upstream_key
-        self.streamed = streamed
-        self.recorded = recorder is None
-        self.start_ns = time.perf_counter_ns()
+    forwarder: Forwarder | None = None
 
-    def _record(
-        self,
-        output_text: str,
-        status: str,
-        http_status: int,
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-        end_ns: int,
-    ) -> NewCapture:
-        assert self.request_id is not None
-        return NewCapture(
-            request_id=self.request_id,
-            tenant=self.tenant,
-            namespace=self.namespace,
-            provider=self.provider.name,
-            model=self.model,
-            messages=self.messages,
-            output_text=output_text,
-            latency_us=(end_ns - self.start_ns) // 1000,
-            status=status,
-            http_status=http_status,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            tags=self.tags,
-            streamed=self.streamed,
-        )
-
-    def _submit(self, build: Callable[[], NewCapture]) -> None:
-        """Queue the capture once; later calls are ignored."""
-        if self.recorded or self.recorder is None:
-            return
-        self.recorded = True
-        self.recorder.submit(Pending(build, self.upstream_key))
-
-    def record_failure(self, http_status: int, end_ns: int | None = None) -> None:
-        done = end_ns or time.perf_counter_ns()
-        self._submit(lambda: self._record("", "error", http_status, None, None, done))
-
-    def record_reply(self, http_status: int, content: bytes, end_ns: int) -> None:
-        """A complete non-streamed reply; it is parsed later, on the recorder's thread."""
-
-        def build() -> NewCapture:
-            if not 200 <= http_status < 300:
-                return self._record("", "error", http_status, None, None, end_ns)
-            try:
-                completion = self.provider.completion(json.loads(content))
-            except (ValueError, RecursionError):
-                return self._record("", "error", http_status, None, None, end_ns)
-            return self._record(
-                completion.output_text,
-                "ok",
-                http_status,
-                completion.prompt_tokens,
-                completion.completion_tokens,
-                end_ns,
-            )
-
-        self._submit(build)
-
-    def record_stream(self, state: StreamState, http_status: int, end_ns: int) -> None:
-        """'ok' only if the provider's end marker arrived, else 'incomplete' (or 'error')."""
-        if state.failed:
-            status, output = "error", ""
-        elif state.complete:
-            status, output = "ok", state.text
-        else:
-            status, output = "incomplete", state.text
-        prompt, completion = state.prompt_tokens, state.completion_tokens
-        self._submit(lambda: self._record(output, status, http_status, prompt, completion, end_ns))
-
-
-class _Relay:
-    """Passes an upstream SSE stream through chunk by chunk while reading the text and usage out of it."""
-
-    def __init__(self, call: _Call, upstream: httpx.Response, state: StreamState) -> None:
-        self.call = call
-        self.upstream = upstream
-        self.state = state
-        self.keys = _KeyFilter(call.upstream_key)
-        self.last_chunk_ns: int | None = None
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self.upstream.aiter_bytes():
-                self.last_chunk_ns = time.perf_counter_ns()
-                if not self.call.recorded:
-                    self.state.feed(chunk)
-                out = self.keys.feed(chunk)
-                if out:
-                    yield out
-            tail = self.keys.flush()
-            if tail:
-                yield tail
-        except httpx.HTTPError as exc:
-            logger.warning("upstream stream of capture %s broke off: %s", self.call.request_id, type(exc).__name__)
-        finally:
-            self.finish()
-
-    def finish(self) -> None:
-        self.call.record_stream(self.state, self.upstream.status_code, self.last_chunk_ns or time.perf_counter_ns())
-
-
-class _RelayResponse(StreamingResponse):
-    """A streaming response that records its call however it ends: done, upstream cut, client gone."""
-
-    def __init__(self, relay: _Relay, **kwargs: Any) -> None:
-        super().__init__(relay.chunks(), **kwargs)
-        self._relay = relay
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._relay.finish()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            await self._relay.upstream.aclose()
-
-
-class _KeyCache:
-    """kolm key → tenant, reused for `ttl` seconds so the response path makes no database round trip.
-
-    Entries are keyed by the key's sha256, never by the key itself; unknown keys are remembered briefly
-    so a client hammering with a bad key does not hammer the database either."""
-
-    def __init__(self, store: CaptureStore, ttl: float) -> None:
-        self._store = store
-        self._ttl = ttl
-        self._entries: dict[str, tuple[Tenant | None, float]] = {}
-
-    async def tenant(self, key: str) -> Tenant | None:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        now = time.monotonic()
-        entry = self._entries.get(digest)
-        if entry is not None and entry[1] > now:
-            return entry[0]
-        try:
-            tenant = await asyncio.to_thread(self._store.tenant_for_key, key)
-        except Exception as exc:
-            # The store is down: a key seen before keeps working (captures are spooled meanwhile).
-            if entry is not None and entry[0] is not None:
-                return entry[0]
-            logger.warning("kolm key lookup failed: %s", type(exc).__name__)
-            raise ApiError(503, "unavailable_error", "the capture store is unavailable; retry shortly") from exc
-        if len(self._entries) >= _KEY_CACHE_MAX:
-            self._entries.clear()
-        self._entries[digest] = (
-            tenant,
-            now + (self._ttl if tenant is not None else min(self._ttl, _NEGATIVE_KEY_TTL_S)),
-        )
-        return tenant
-
-    def clear(self) -> None:
-        self._entries.clear()
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+        if scope["type"] == "http" and scope["method"] == "POST" and self.forwarder is not None:
+            path = scope["path"]
+            root = scope.get("root_path")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            provider = CAPTURE_ROUTES.get(path)
+            if provider is not None:
+                await self.forwarder(scope, receive, send, provider)
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def tenant_of(request: Request) -> Tenant:
     """The tenant whose kolm key the request carries; 401 when there is none or it is unknown."""
-    keys = _kolm_keys(request)
-    if not keys:
-        raise ApiError(401, "authentication_error", "missing kolm key: send it as the client's API key")
-    cache: _KeyCache = request.app.state.keys
-    for key in keys:
-        tenant = await cache.tenant(key)
-        if tenant is not None:
-            return tenant
-    raise ApiError(401, "authentication_error", "unknown kolm key")
+    keys: KeyCache = request.app.state.keys
+    return await keys.tenant_of(request.headers)
 
 
 async def inbox_tenant(request: Request) -> Tenant:
@@ -380,8 +115,8 @@ class TriageBody(BaseModel):
     """`tags` are added and `remove_tags` removed with the state change, e.g. `["eval-candidate"]`."""
 
     state: Literal["kept", "discarded", "untriaged"]
-    tags: list[str] = Field(default_factory=list, max_length=_MAX_TAGS)
-    remove_tags: list[str] = Field(default_factory=list, max_length=_MAX_TAGS)
+    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
+    remove_tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
 
 
 class BulkTriageBody(BaseModel):
@@ -416,7 +151,7 @@ def _actor(tenant: Tenant) -> str:
     return f"key:{tenant.key_prefix}"
 
 
-def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | None = None) -> FastAPI:
+def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | None = None) -> CaptureApp:
     """The proxy and inbox API over `store`, forwarding to the upstreams named in `settings`."""
     config = config or load_capture_config()
     recorder = (
@@ -431,6 +166,8 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
         if config.record
         else None
     )
+    keys = KeyCache(store, config.key_cache_ttl_s)
+    forwarder = Forwarder(settings, config, keys, recorder)
 
     async def sweep_retention() -> None:
         while True:
@@ -444,8 +181,7 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        app.state.http = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=limits)
+        await forwarder.start()
         if recorder is not None:
             await recorder.start()
         sweeper = asyncio.create_task(sweep_retention()) if config.retention_sweep_s > 0 else None
@@ -458,13 +194,14 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
                     await sweeper
             if recorder is not None:
                 await recorder.stop()
-            await app.state.http.aclose()
+            await forwarder.close()
 
-    app = FastAPI(title="kolm capture proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = CaptureApp(title="kolm capture proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.forwarder = forwarder
     app.state.settings = settings
     app.state.store = store
     app.state.recorder = recorder
-    app.state.keys = _KeyCache(store, config.key_cache_ttl_s)
+    app.state.keys = keys
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -488,106 +225,6 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
         logger.error("unexpected error: %s", type(exc).__name__)
         return error_response(500, "internal_error", "internal server error")
 
-    async def read_body(request: Request) -> bytes:
-        """The request body, refused with 413 past `max_body_bytes` without reading further."""
-        limit = config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, "request_too_large", f"request body exceeds {limit} bytes")
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "request_too_large", f"request body exceeds {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
-
-    async def proxy(request: Request, provider: Provider) -> Response:
-        tenant = await tenant_of(request)
-        namespace = _namespace(request.headers.get("x-kolm-namespace"))
-        tags = _tags(request.headers.get("x-kolm-tags"))
-        upstream_key = request.headers.get("x-upstream-api-key", "").strip()
-        if not upstream_key:
-            raise ApiError(401, "authentication_error", "missing x-upstream-api-key header (the provider key)")
-        raw = await read_body(request)
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(400, "invalid_request_error", "request body is not valid JSON") from exc
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_request_error", "request body must be a JSON object")
-        try:
-            messages = provider.messages(body)
-        except RequestError as exc:
-            raise ApiError(400, "invalid_request_error", str(exc)) from exc
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "invalid_request_error", "'model' must be a non-empty string")
-        streamed = body.get("stream") is True
-        call = _Call(recorder, provider, tenant.name, namespace, model, messages, tags, upstream_key, streamed)
-        headers = provider.upstream_headers(request.headers, upstream_key)
-        upstream_request = app.state.http.build_request(
-            "POST", provider.upstream_url(settings), content=raw, headers=headers
-        )
-        if recorder is not None:
-            recorder.begin()
-        relay_started = False
-        try:
-            call.start_ns = time.perf_counter_ns()
-            try:
-                upstream = await app.state.http.send(upstream_request, stream=streamed)
-            except httpx.TimeoutException as exc:
-                call.record_failure(504)
-                return _upstream_error(504, provider, exc, call)
-            except httpx.HTTPError as exc:
-                call.record_failure(502)
-                return _upstream_error(502, provider, exc, call)
-            response_headers = _response_headers(upstream, upstream_key, call.request_id)
-            content_type = upstream.headers.get("content-type", "")
-            if streamed and upstream.is_success and content_type.startswith("text/event-stream"):
-                relay = _Relay(call, upstream, provider.new_stream())
-                relay_started = True
-                return _RelayResponse(
-                    relay,
-                    status_code=upstream.status_code,
-                    headers={**response_headers, "cache-control": "no-cache"},
-                    media_type=content_type,
-                )
-            try:
-                content = await upstream.aread()
-            except httpx.HTTPError as exc:
-                call.record_failure(502)
-                return _upstream_error(502, provider, exc, call)
-            finally:
-                await upstream.aclose()
-            done_ns = time.perf_counter_ns()
-            call.record_reply(upstream.status_code, content, done_ns)
-            if not upstream.is_success:
-                content = _scrub_bytes(content, upstream_key)
-            media_type = upstream.headers.get("content-type", "application/json")
-            return Response(
-                content=content, status_code=upstream.status_code, headers=response_headers, media_type=media_type
-            )
-        finally:
-            if recorder is not None and not relay_started and not call.recorded:
-                recorder.abandon()
-
-    def _upstream_error(status: int, provider: Provider, exc: Exception, call: _Call) -> JSONResponse:
-        what = "timed out" if status == 504 else "unreachable or broke off"
-        headers = {CAPTURE_ID_HEADER: call.request_id} if call.request_id else None
-        return error_response(
-            status, "upstream_error", f"{provider.name} upstream {what} ({type(exc).__name__})", headers=headers
-        )
-
-    @app.post("/v1/capture/openai/chat/completions")
-    async def capture_openai(request: Request) -> Response:
-        return await proxy(request, OPENAI)
-
-    @app.post("/v1/capture/anthropic/v1/messages")
-    async def capture_anthropic(request: Request) -> Response:
-        return await proxy(request, ANTHROPIC)
-
     @app.api_route(
         "/v1/capture/{provider}/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     )
@@ -605,7 +242,7 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
     # Inbox
 
     def _ns(namespace: str | None) -> str | None:
-        return None if namespace is None else _namespace(namespace)
+        return None if namespace is None else parse_namespace(namespace)
 
     @app.get("/v1/namespaces")
     async def list_namespaces(tenant: InboxTenant) -> dict[str, Any]:
@@ -619,7 +256,7 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
         state: Literal["untriaged", "kept", "discarded"] | None = None,
         status: Literal["ok", "error", "incomplete"] | None = None,
         model: Annotated[str | None, Query(max_length=255)] = None,
-        tag: Annotated[str | None, Query(max_length=_MAX_TAG_LENGTH)] = None,
+        tag: Annotated[str | None, Query(max_length=MAX_TAG_LENGTH)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     ) -> dict[str, Any]:
@@ -677,14 +314,14 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
 
     @app.get("/v1/namespaces/{namespace}/rules")
     async def list_rules(namespace: str, tenant: InboxTenant) -> dict[str, Any]:
-        rules = await asyncio.to_thread(store.rules, tenant.name, _namespace(namespace))
+        rules = await asyncio.to_thread(store.rules, tenant.name, parse_namespace(namespace))
         return {
             "rules": [{"id": r.id, "action": r.action, "match": r.match, "created_by": r.created_by} for r in rules]
         }
 
     @app.post("/v1/namespaces/{namespace}/rules")
     async def add_rule(namespace: str, body: RuleBody, tenant: InboxTenant) -> dict[str, Any]:
-        namespace = _namespace(namespace)
+        namespace = parse_namespace(namespace)
         try:
             rule_id = await asyncio.to_thread(
                 store.add_rule, tenant.name, namespace, body.action, body.match, _actor(tenant)
@@ -696,15 +333,15 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
 
     @app.post("/v1/namespaces/{namespace}/rules/apply")
     async def apply_rules(namespace: str, tenant: InboxTenant) -> dict[str, Any]:
-        return {"applied": await asyncio.to_thread(store.apply_rules, tenant.name, _namespace(namespace))}
+        return {"applied": await asyncio.to_thread(store.apply_rules, tenant.name, parse_namespace(namespace))}
 
     @app.get("/v1/namespaces/{namespace}/status")
     async def status(namespace: str, tenant: InboxTenant) -> dict[str, Any]:
-        return await asyncio.to_thread(store.status, tenant.name, _namespace(namespace))
+        return await asyncio.to_thread(store.status, tenant.name, parse_namespace(namespace))
 
     @app.post("/v1/namespaces/{namespace}/switches")
     async def switches(namespace: str, body: SwitchesBody, tenant: InboxTenant) -> dict[str, Any]:
-        namespace = _namespace(namespace)
+        namespace = parse_namespace(namespace)
         changes = body.model_dump(exclude_unset=True)
         if "redact_entities" in changes:
             try:
@@ -736,7 +373,7 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
     async def synthesize_corpus(namespace: str, tenant: InboxTenant) -> Response:
         from kolm_pipeline.corpus.build import build_corpus
 
-        namespace = _namespace(namespace)
+        namespace = parse_namespace(namespace)
 
         def build() -> bytes:
             return build_corpus(store.kept_pairs(tenant.name, namespace))[0]
@@ -750,7 +387,7 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
 
     @app.get("/v1/bridges/observations")
     async def observations(namespace: str, tenant: InboxTenant) -> dict[str, Any]:
-        namespace = _namespace(namespace)
+        namespace = parse_namespace(namespace)
         observed = await asyncio.to_thread(store.observation, tenant.name, namespace)
         return {"namespace": namespace, "partition_key": partition_key(tenant.name, namespace), **observed}
 

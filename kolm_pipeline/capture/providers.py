@@ -258,3 +258,4 @@ class AnthropicProvider(Provider):
 
 OPENAI = OpenAIProvider()
 ANTHROPIC = AnthropicProvider()
+PROVIDERS: dict[str, Provider] = {OPENAI.name: OPENAI, ANTHROPIC.name: ANTHROPIC}

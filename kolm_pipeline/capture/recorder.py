@@ -1,28 +1,41 @@
-"""Background batched writer: the proxy hands each finished call to a queue and answers the client at once;
-a task drains the queue in batches on a worker thread, where the record is built (the reply parsed), the
-provider key scrubbed, PII redacted and the batch written. No response waits on any of it.
+"""Recording off the response path. The proxy hands each finished call to the `Recorder` as raw bytes (the
+request body and the reply, as they went over the wire) and answers the client at once. A separate writer
+process (`writer.py`) does the rest: it parses the reply, scrubs the provider key, redacts PII and writes
+batches to the store. Keeping that CPU work out of the proxy's process keeps it off the proxy's GIL, so a
+response never waits on it; the proxy pays one pickled tuple per call.
 
-When the store is down the batch goes to the local spool instead and a replay task writes it back once
-the store answers; a full queue hands the call to a worker thread directly. Nothing acknowledged to a
-client is dropped on the way to the store.
+When the store is down a batch goes to the local spool instead, and is replayed once the store answers.
+Every batch sent to the writer is kept until the writer acknowledges it (written or spooled); if the writer
+process dies, what it had not acknowledged is written from the proxy's own worker threads, and a new
+writer is started. The store skips request ids it already has, so a batch written twice is stored once.
+Nothing acknowledged to a client is dropped on the way to the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import pickle
+import socket
+import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from contextlib import suppress
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from kolm_pipeline.capture.providers import PROVIDERS
 from kolm_pipeline.capture.redact import Redactor
 from kolm_pipeline.capture.spool import Spool
 from kolm_pipeline.store import CaptureStore, NewCapture
@@ -30,7 +43,32 @@ from kolm_pipeline.store import CaptureStore, NewCapture
 logger = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
-_STORE_DOWN = (OperationalError, DBAPIError, PoolTimeout, ConnectionError)
+STORE_DOWN = (OperationalError, DBAPIError, PoolTimeout, ConnectionError)
+FRAME_HEADER = struct.Struct("!I")
+_STATS = ("written", "spooled", "replayed", "lost")
+_WRITER_RESTART_S = (1.0, 60.0)  # first and longest wait before a new writer, doubling in between
+
+
+class Pending(NamedTuple):
+    """A finished call, as plain data that pickles cheaply. `outcome` is `failure` (no reply: `reply` is
+    empty), `reply` (a complete body) or `stream` (the raw event stream as far as it came). `secret` (the
+    provider key) is scrubbed from every text of the record and then dropped: it never reaches the store,
+    the spool or a log."""
+
+    request_id: str
+    tenant: str
+    namespace: str
+    provider: str
+    model: str
+    request: bytes
+    tags: list[str]
+    streamed: bool
+    secret: str
+    outcome: str
+    http_status: int
+    reply: bytes
+    latency_us: int
+    created_at: float
 
 
 def scrub(value: Any, secret: str) -> Any:
@@ -44,166 +82,117 @@ def scrub(value: Any, secret: str) -> Any:
     return value
 
 
-def scrub_record(record: NewCapture, secret: str) -> NewCapture:
-    return replace(
-        record,
-        model=scrub(record.model, secret),
-        messages=scrub(record.messages, secret),
-        output_text=scrub(record.output_text, secret),
-        tags=[scrub(tag, secret) for tag in record.tags],
+def build(pending: Pending) -> NewCapture:
+    """The capture record of a finished call, with the provider key scrubbed (not yet PII-redacted)."""
+    provider = PROVIDERS[pending.provider]
+    messages = provider.messages(json.loads(pending.request))
+    status, output, prompt_tokens, completion_tokens = "error", "", None, None
+    if pending.outcome == "reply" and 200 <= pending.http_status < 300:
+        try:
+            completion = provider.completion(json.loads(pending.reply))
+        except (ValueError, RecursionError):
+            pass
+        else:
+            status, output = "ok", completion.output_text
+            prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+    elif pending.outcome == "stream":
+        state = provider.new_stream()
+        state.feed(pending.reply)
+        if not state.failed:
+            status = "ok" if state.complete else "incomplete"
+            output = state.text
+        prompt_tokens, completion_tokens = state.prompt_tokens, state.completion_tokens
+    record = NewCapture(
+        request_id=pending.request_id,
+        tenant=pending.tenant,
+        namespace=pending.namespace,
+        provider=pending.provider,
+        model=pending.model,
+        messages=messages,
+        output_text=output,
+        latency_us=pending.latency_us,
+        status=status,
+        http_status=pending.http_status,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        tags=list(pending.tags),
+        streamed=pending.streamed,
+        created_at=datetime.fromtimestamp(pending.created_at, UTC),
     )
+    secret = pending.secret
+    # Model and messages come from the request body. Without escapes every string parsed from it is a
+    # piece of its bytes, so a key not in the bytes is in none of them; with escapes, scrub to be sure.
+    in_request = bool(secret) and (b"\\" in pending.request or secret.encode("utf-8") in pending.request)
+    if secret and (in_request or secret in output or any(secret in tag for tag in record.tags)):
+        record = replace(
+            record,
+            model=record.model.replace(secret, REDACTED),
+            messages=scrub(record.messages, secret),
+            output_text=output.replace(secret, REDACTED),
+            tags=[tag.replace(secret, REDACTED) for tag in record.tags],
+        )
+    return record
 
 
 @dataclass(frozen=True)
-class Pending:
-    """A finished call whose record is built off the response path. `secret` (the provider key) is
-    scrubbed from every text of the record and then dropped; it never reaches the store or the spool."""
+class StoreSpec:
+    """How to open the proxy's store again in another process (the same database, the same defaults)."""
 
-    build: Callable[[], NewCapture]
-    secret: str = ""
-    created_at: datetime | None = None
+    url: str
+    default_retention_days: int
+    source_weights: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, store: CaptureStore) -> StoreSpec | None:
+        """None for a store another process cannot open (in-memory SQLite)."""
+        url = make_url(store.engine.url)
+        if url.get_backend_name() == "sqlite":
+            if url.database in (None, "", ":memory:") or url.database.startswith("file:"):
+                return None
+            url = url.set(database=os.path.abspath(url.database))
+        return cls(
+            url.render_as_string(hide_password=False),
+            store.default_retention_days,
+            dict(store.source_weights),
+        )
+
+    def open(self) -> CaptureStore:
+        return CaptureStore(
+            self.url, default_retention_days=self.default_retention_days, source_weights=self.source_weights
+        )
 
 
-class Recorder:
-    """Queue of finished calls to record. Calls in flight are counted (`begin` … `submit`/`abandon`) so
-    that `flush` also waits for streams that have not finished yet."""
+class BatchWriter:
+    """Builds, redacts and writes batches of finished calls; spools a batch when the store is down and
+    replays the spool once it answers. Runs in the writer process, and in the proxy as its fallback."""
 
     def __init__(
         self,
-        store: CaptureStore,
-        spool: Spool | None = None,
-        batch_size: int = 200,
-        max_queue: int = 50_000,
+        store: CaptureStore | Callable[[], CaptureStore],
+        spool: Spool | None,
         retry_interval: float = 1.0,
         settings_ttl: float = 5.0,
-        linger: float = 0.05,
     ) -> None:
-        self._store = store
+        self._store = store if isinstance(store, CaptureStore) else None
+        self._open_store = None if isinstance(store, CaptureStore) else store
         self.spool = spool
-        self._batch_size = batch_size
-        self._max_queue = max_queue
         self._retry_interval = retry_interval
         self._settings_ttl = settings_ttl
-        self._linger = linger
-        self._queue: asyncio.Queue[Pending] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._in_flight = 0
-        self._idle: asyncio.Event | None = None
-        self._overflow: set[asyncio.Future[None]] = set()
         self._down_until = 0.0
         self._replay_lock = threading.Lock()
         self._redactors: dict[tuple[str, str], tuple[Redactor, float]] = {}
         self._default_redactor = Redactor()
-        self.stats = {"written": 0, "spooled": 0, "replayed": 0, "lost": 0}
+        self.stats = dict.fromkeys(_STATS, 0)
 
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(self._max_queue)
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._tasks = [asyncio.create_task(self._drain(), name="kolm-capture-recorder")]
-        if self.spool is not None:
-            self._tasks.append(asyncio.create_task(self._replay_loop(), name="kolm-capture-replay"))
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Write (or spool) what is queued, then end the background tasks."""
-        if not self._tasks:
-            return
-        await self.flush(timeout)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.wait(self._tasks)
-        self._tasks = []
-
-    def begin(self) -> None:
-        """A call started that will end in exactly one `submit` or `abandon`."""
-        self._in_flight += 1
-        if self._idle is not None:
-            self._idle.clear()
-
-    def submit(self, pending: Pending) -> None:
-        """Queue a finished call without waiting; when the queue is full a worker thread takes it."""
-        if pending.created_at is None:
-            pending = replace(pending, created_at=datetime.now(UTC))
-        try:
-            if self._queue is None or self._loop is None:
-                raise RuntimeError("recorder not started")
+    def _store_now(self) -> CaptureStore | None:
+        """The store, opened on first use in the writer process (and retried while the database is down)."""
+        if self._store is None and self._open_store is not None and self._store_up():
             try:
-                self._queue.put_nowait(pending)
-            except asyncio.QueueFull:
-                future = self._loop.run_in_executor(None, self._write, [pending])
-                self._overflow.add(future)
-                future.add_done_callback(self._overflow.discard)
-        except RuntimeError:
-            self.stats["lost"] += 1
-            logger.error("capture recorder not running; a capture was lost")
-        finally:
-            self._done()
-
-    def abandon(self) -> None:
-        """A call begun with `begin` produced no record."""
-        self._done()
-
-    def _done(self) -> None:
-        self._in_flight = max(0, self._in_flight - 1)
-        if self._in_flight == 0 and self._idle is not None:
-            self._idle.set()
-
-    async def flush(self, timeout: float = 10.0) -> None:
-        """Wait for calls in flight to be recorded and for everything queued to be written or spooled."""
-        if self._queue is None or self._idle is None:
-            return
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            logger.warning("flush: %d capture(s) still in flight after %.1fs", self._in_flight, timeout)
-        await asyncio.wait_for(self._queue.join(), timeout)
-        if self._overflow:
-            await asyncio.wait(list(self._overflow), timeout=timeout)
-
-    def _threadsafe(self, coro: Any, timeout: float) -> Any:
-        if self._loop is None:
-            coro.close()
-            return None
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(timeout)
-
-    def flush_threadsafe(self, timeout: float = 10.0) -> None:
-        """`flush` from another thread, e.g. a test driving a server that runs in a background thread."""
-        self._threadsafe(self.flush(timeout), timeout * 2 + 1)
-
-    async def replay(self) -> int:
-        """Write spooled batches back now; returns how many captures were replayed."""
-        return await asyncio.to_thread(self._replay_files)
-
-    def replay_threadsafe(self, timeout: float = 30.0) -> int:
-        return self._threadsafe(self.replay(), timeout) or 0
-
-    def spooled(self) -> int:
-        """Captures waiting in the spool."""
-        return self.spool.pending() if self.spool is not None else 0
-
-    # Worker-thread side
-
-    def _redactor(self, tenant: str, namespace: str) -> Redactor:
-        """The namespace's redactor, re-read every few seconds; every entity while the store is down."""
-        now = time.monotonic()
-        cached = self._redactors.get((tenant, namespace))
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        if not self._store_up():
-            return cached[0] if cached is not None else self._default_redactor
-        try:
-            entities = self._store.namespace_settings(tenant, namespace).redact_entities
-            redactor = self._default_redactor if entities is None else Redactor(entities)
-        except ValueError:
-            redactor = self._default_redactor
-        except _STORE_DOWN:
-            self._mark_down()
-            return cached[0] if cached is not None else self._default_redactor
-        self._redactors[(tenant, namespace)] = (redactor, now + self._settings_ttl)
-        return redactor
+                self._store = self._open_store()
+            except STORE_DOWN as exc:
+                self._mark_down()
+                logger.warning("capture store unavailable (%s); spooling meanwhile", type(exc).__name__)
+        return self._store
 
     def _store_up(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -211,31 +200,48 @@ class Recorder:
     def _mark_down(self) -> None:
         self._down_until = time.monotonic() + self._retry_interval
 
+    def _redactor(self, tenant: str, namespace: str) -> Redactor:
+        """The namespace's redactor, re-read every few seconds; every entity while the store is down."""
+        now = time.monotonic()
+        cached = self._redactors.get((tenant, namespace))
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        store = self._store_now()
+        if store is None or not self._store_up():
+            return cached[0] if cached is not None else self._default_redactor
+        try:
+            entities = store.namespace_settings(tenant, namespace).redact_entities
+            redactor = self._default_redactor if entities is None else Redactor(entities)
+        except ValueError:
+            redactor = self._default_redactor
+        except STORE_DOWN:
+            self._mark_down()
+            return cached[0] if cached is not None else self._default_redactor
+        self._redactors[(tenant, namespace)] = (redactor, now + self._settings_ttl)
+        return redactor
+
     def _build(self, batch: list[Pending]) -> list[NewCapture]:
         records = []
         for pending in batch:
             try:
-                record = pending.build()
-                if record.created_at is None:
-                    record = replace(record, created_at=pending.created_at)
-                if pending.secret:
-                    record = scrub_record(record, pending.secret)
+                record = build(pending)
                 records.append(self._redactor(record.tenant, record.namespace).capture(record))
             except Exception as exc:  # a record that cannot be built must not take the batch with it
                 self.stats["lost"] += 1
                 logger.error("could not build a capture record: %s", type(exc).__name__)
         return records
 
-    def _write(self, batch: list[Pending]) -> None:
+    def write(self, batch: list[Pending]) -> None:
         records = self._build(batch)
         if not records:
             return
-        if self._store_up():
+        store = self._store_now()
+        if store is not None and self._store_up():
             try:
-                self._store.insert_captures_once(records)
+                store.insert_captures_once(records)
                 self.stats["written"] += len(records)
                 return
-            except _STORE_DOWN as exc:
+            except STORE_DOWN as exc:
                 self._mark_down()
                 logger.warning(
                     "capture store unavailable (%s); spooling %d capture(s)", type(exc).__name__, len(records)
@@ -258,8 +264,12 @@ class Recorder:
             self.stats["lost"] += len(records)
             logger.error("could not spool %d capture(s): %s", len(records), type(exc).__name__)
 
-    def _replay_files(self) -> int:
+    def replay(self) -> int:
+        """Write spooled batches back, oldest first; returns how many captures were replayed."""
         if self.spool is None:
+            return 0
+        store = self._store_now()
+        if store is None:
             return 0
         replayed = 0
         with self._replay_lock:
@@ -270,8 +280,8 @@ class Recorder:
                     self._quarantine(path, exc)
                     continue
                 try:
-                    self._store.insert_captures_once(records)
-                except _STORE_DOWN:
+                    store.insert_captures_once(records)
+                except STORE_DOWN:
                     self._mark_down()
                     break
                 except Exception as exc:
@@ -292,32 +302,316 @@ class Recorder:
         path.replace(target)
         logger.error("spooled batch %s refused (%s); moved to %s", path.name, type(exc).__name__, target.parent)
 
-    # Event-loop side
 
-    async def _drain(self) -> None:
-        assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
-            if self._linger > 0 and self._queue.qsize() < self._batch_size:
-                # Let a batch gather: one transaction per burst, not one per call, keeps the writer's share
-                # of the CPU (and of the GIL) away from the responses in flight.
-                await asyncio.sleep(self._linger)
-            while len(batch) < self._batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+@dataclass(frozen=True)
+class WriterOptions:
+    """What the writer process needs: where to write, where to spool, how many records per transaction."""
+
+    store: StoreSpec
+    spool_dir: Path | None
+    batch_size: int
+    retry_interval: float
+    settings_ttl: float
+
+
+class _Writer:
+    """The parent's handle on one writer process: the socket to it and the batches it has not acknowledged."""
+
+    def __init__(self, process: subprocess.Popen[bytes], reader: asyncio.StreamReader, stream: Any) -> None:
+        self.process = process
+        self.reader = reader
+        self.stream = stream
+        self.unacked: dict[int, list[Pending]] = {}
+        self.unacked_count = 0
+        self.stats = dict.fromkeys(_STATS, 0)
+        self.task: asyncio.Task[None] | None = None
+
+
+class Recorder:
+    """Takes finished calls from the proxy and gets them recorded. Calls in flight are counted (`begin` …
+    `submit`/`abandon`) so that `flush` also waits for streams that have not finished yet.
+
+    `separate_process=False` (or a store another process cannot open) writes on worker threads of the
+    proxy's own process instead."""
+
+    def __init__(
+        self,
+        store: CaptureStore,
+        spool: Spool | None = None,
+        batch_size: int = 200,
+        max_queue: int = 50_000,
+        retry_interval: float = 1.0,
+        settings_ttl: float = 5.0,
+        linger: float = 0.05,
+        separate_process: bool = True,
+    ) -> None:
+        self._store = store
+        self.spool = spool
+        self._batch_size = batch_size
+        self._max_queue = max_queue
+        self._retry_interval = retry_interval
+        self._linger = linger
+        self._local = BatchWriter(store, spool, retry_interval, settings_ttl)
+        spec = StoreSpec.of(store) if separate_process else None
+        self._options = (
+            WriterOptions(
+                spec,
+                spool.directory.resolve() if spool is not None else None,
+                batch_size,
+                retry_interval,
+                settings_ttl,
+            )
+            if spec is not None
+            else None
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: _Writer | None = None
+        self._retired = dict.fromkeys(_STATS, 0)
+        self._outbox: list[Pending] = []
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._seq = 0
+        self._acked = asyncio.Event()
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self._local_jobs: set[asyncio.Future[Any]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._lost = 0
+        self._restart_delay = _WRITER_RESTART_S[0]
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Captures written, spooled, replayed and lost, by the writer processes and the proxy together."""
+        live = self._writer.stats if self._writer is not None else {}
+        totals = {name: self._retired[name] + live.get(name, 0) + self._local.stats[name] for name in _STATS}
+        totals["lost"] += self._lost
+        return totals
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's id; None while captures are written in the proxy's own process."""
+        return self._writer.process.pid if self._writer is not None else None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._acked = asyncio.Event()
+        self._acked.set()
+        self._stopping = False
+        if self._options is not None:
+            await self._start_writer()
+        if self.spool is not None and self._options is None:
+            self._tasks.append(asyncio.create_task(self._replay_loop(), name="kolm-capture-replay"))
+
+    async def _start_writer(self) -> None:
+        """Start a writer process and the task that reads its acknowledgements."""
+        from kolm_pipeline.capture import writer
+
+        assert self._options is not None
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.to_thread(writer.spawn, theirs)
+            ours.sendall(frame(self._options))
+        except Exception as exc:
+            ours.close()
+            logger.error("could not start the capture writer process (%s); writing in-process", type(exc).__name__)
+            self._options = None
+            if self.spool is not None:
+                self._tasks.append(asyncio.create_task(self._replay_loop(), name="kolm-capture-replay"))
+            return
+        finally:
+            theirs.close()
+        reader, stream = await asyncio.open_connection(sock=ours)
+        writer = _Writer(process, reader, stream)
+        writer.task = asyncio.create_task(self._read_acks(writer), name="kolm-capture-writer-acks")
+        self._writer = writer
+        self._tasks.append(writer.task)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Record what is in flight and queued, then stop the writer process and the background tasks."""
+        if self._loop is None:
+            return
+        await self.flush(timeout)
+        self._stopping = True
+        writer = self._writer
+        if writer is not None:
+            self._send()
+            with suppress(OSError):
+                writer.stream.write(frame(("stop", 0, None)))
+                await writer.stream.drain()
             try:
-                await asyncio.to_thread(self._write, batch)
-            except Exception as exc:
-                logger.error("capture writer failed: %s", type(exc).__name__)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+                await asyncio.to_thread(writer.process.wait, timeout)
+            except subprocess.TimeoutExpired:
+                logger.error("capture writer process did not stop in %.0fs; terminating it", timeout)
+                writer.process.terminate()
+                await asyncio.to_thread(writer.process.wait)
+            # The writer has exited, so its socket ends: the acknowledgement reader finishes by itself.
+            if writer.task is not None:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(writer.task), timeout)
+            writer.stream.close()
+        if self._local_jobs:
+            await asyncio.wait(list(self._local_jobs), timeout=timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._loop = None
+
+    def begin(self) -> None:
+        """A call started that will end in exactly one `submit` or `abandon`."""
+        self._in_flight += 1
+        if self._idle is not None:
+            self._idle.clear()
+
+    def submit(self, pending: Pending) -> None:
+        """Queue a finished call without waiting. Calls go to the writer in batches, `linger` seconds or
+        `batch_size` calls at a time: one write to the socket and one wake-up of the writer per batch."""
+        try:
+            if self._loop is None:
+                self._lost += 1
+                logger.error("capture recorder not running; a capture was lost")
+                return
+            self._outbox.append(pending)
+            if len(self._outbox) >= self._batch_size:
+                self._send()
+            elif self._send_timer is None:
+                self._send_timer = self._loop.call_later(self._linger, self._send)
+        finally:
+            self._done()
+
+    def abandon(self) -> None:
+        """A call begun with `begin` produced no record."""
+        self._done()
+
+    def _done(self) -> None:
+        self._in_flight = max(0, self._in_flight - 1)
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def _send(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        batch, self._outbox = self._outbox, []
+        writer = self._writer
+        if writer is not None and batch and writer.unacked_count + len(batch) <= self._max_queue:
+            self._seq += 1
+            writer.unacked[self._seq] = batch
+            writer.unacked_count += len(batch)
+            self._acked.clear()
+            writer.stream.write(frame(("batch", self._seq, batch)))
+        elif batch:
+            self._write_locally(batch)
+
+    def _write_locally(self, batch: list[Pending]) -> None:
+        """Write on a worker thread of this process: no writer process, or it is too far behind."""
+        assert self._loop is not None
+        job = self._loop.run_in_executor(None, self._local.write, batch)
+        self._local_jobs.add(job)
+        job.add_done_callback(self._local_jobs.discard)
+
+    async def _read_acks(self, writer: _Writer) -> None:
+        try:
+            while True:
+                header = await writer.reader.readexactly(FRAME_HEADER.size)
+                (length,) = FRAME_HEADER.unpack(header)
+                seqs, stats = pickle.loads(await writer.reader.readexactly(length))
+                for seq in seqs:
+                    writer.unacked_count -= len(writer.unacked.pop(seq, ()))
+                writer.stats = stats
+                self._restart_delay = _WRITER_RESTART_S[0]
+                if not writer.unacked:
+                    self._acked.set()
+        except (asyncio.IncompleteReadError, OSError):
+            pass
+        except Exception as exc:  # a garbled frame: this writer cannot be trusted any more
+            logger.error("bad frame from the capture writer (%s); replacing it", type(exc).__name__)
+            with suppress(OSError):
+                writer.process.kill()
+        if self._writer is writer:
+            self._writer_gone(writer)
+
+    def _writer_gone(self, writer: _Writer) -> None:
+        """The writer process ended: whatever it had not acknowledged is written here, and, unless the
+        recorder is stopping, a new writer is started."""
+        self._writer = None
+        unacked = [pending for batch in writer.unacked.values() for pending in batch]
+        writer.unacked.clear()
+        writer.unacked_count = 0
+        self._retire(writer)
+        if unacked:
+            self._write_locally(unacked)
+        self._acked.set()
+        if self._stopping:
+            return
+        logger.error("capture writer process ended; %d unacknowledged capture(s) written in-process", len(unacked))
+        self._tasks.append(asyncio.create_task(self._restart_writer(writer), name="kolm-capture-writer-restart"))
+
+    def _retire(self, writer: _Writer) -> None:
+        for name in _STATS:
+            self._retired[name] += writer.stats.get(name, 0)
+        writer.stats = dict.fromkeys(_STATS, 0)
+
+    async def _restart_writer(self, old: _Writer) -> None:
+        old.stream.close()
+        await asyncio.to_thread(old.process.wait)
+        delay, self._restart_delay = self._restart_delay, min(self._restart_delay * 2, _WRITER_RESTART_S[1])
+        await asyncio.sleep(delay)
+        if not self._stopping and self._writer is None and self._options is not None:
+            await self._start_writer()
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait for calls in flight to be recorded and for everything queued to be written or spooled."""
+        if self._loop is None or self._idle is None:
+            return
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            logger.warning("flush: %d capture(s) still in flight after %.1fs", self._in_flight, timeout)
+        self._send()
+        try:
+            await asyncio.wait_for(self._acked.wait(), timeout)
+        except TimeoutError:
+            logger.warning("flush: the capture writer has not acknowledged everything after %.1fs", timeout)
+        if self._local_jobs:
+            await asyncio.wait(list(self._local_jobs), timeout=timeout)
+
+    def _threadsafe(self, coro: Any, timeout: float) -> Any:
+        if self._loop is None:
+            coro.close()
+            return None
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    def flush_threadsafe(self, timeout: float = 10.0) -> None:
+        """`flush` from another thread, e.g. a test driving a server that runs in a background thread."""
+        self._threadsafe(self.flush(timeout), timeout * 2 + 1)
+
+    async def replay(self) -> int:
+        """Write spooled batches back now; returns how many captures were replayed."""
+        return await asyncio.to_thread(self._local.replay)
+
+    def replay_threadsafe(self, timeout: float = 30.0) -> int:
+        return self._threadsafe(self.replay(), timeout) or 0
+
+    def spooled(self) -> int:
+        """Captures waiting in the spool."""
+        return self.spool.pending() if self.spool is not None else 0
 
     async def _replay_loop(self) -> None:
+        """Without a writer process, the proxy replays the spool itself."""
         assert self.spool is not None
         while True:
             await asyncio.sleep(self._retry_interval)
             try:
                 if await asyncio.to_thread(self.spool.files):
-                    await asyncio.to_thread(self._replay_files)
+                    await asyncio.to_thread(self._local.replay)
             except Exception as exc:
                 logger.error("spool replay failed: %s", type(exc).__name__)
+
+
+def frame(message: Any) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return FRAME_HEADER.pack(len(payload)) + payload
