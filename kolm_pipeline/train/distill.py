@@ -90,20 +90,13 @@ class TrainResult:
 
 
 def read_chat_jsonl(path: Path) -> list[dict]:
-    """Rows of a chat-format JSONL file; a bad line is an error naming the file and line."""
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainingError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not messages or messages[-1].get("role") != "assistant":
-                raise TrainingError(f"{path}:{number}: expected {{'messages': [..., assistant answer]}}")
-            rows.append(row)
+    """Rows of a chat-format JSONL file under the recipe's own row rules; bad lines are an error naming
+    the file and each line."""
+    from kolm_pipeline.corpus.recipe import scan_jsonl
+
+    rows, problems = scan_jsonl(path)
+    if problems:
+        raise TrainingError("; ".join(problems))
     return rows
 
 

@@ -8,8 +8,9 @@ tokens and are counted, not dropped (unless nothing of the answer is left within
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from kolm_pipeline.corpus.build import weight_problem
 
 
 class ExampleError(ValueError):
@@ -27,10 +28,12 @@ class TokenizedPairs:
 
 
 def row_weight(row: dict, where: str) -> float:
-    """The provenance weight of a row (`"weight"`, default 1.0); a bad value names the row."""
+    """The provenance weight of a row (`"weight"`, default 1.0); a bad value names the row (the rule is the
+    corpus's own, `weight_problem`)."""
     weight = row.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
-        raise ExampleError(f"{where}: 'weight' must be a non-negative number, got {weight!r}")
+    problem = weight_problem(weight)
+    if problem is not None:
+        raise ExampleError(f"{where}: {problem}")
     return float(weight)
 
 
