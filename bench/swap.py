@@ -3,14 +3,15 @@
     .venv/bin/python bench/swap.py                       # embedded SmolLM2-135M, 20 swaps, 4 clients
     .venv/bin/python bench/swap.py --base /path/to/model --swaps 20 --clients 4 --task-kind free-text
 
-What it does: builds 21 distinct LoRA adapters (rank 16 on every linear layer, random weights) for the base
-model and packs each into a signed `.kolm`, starts `kolm serve` (transformers backend) as its own process on
-a fresh KOLM_HOME, puts the clients in a closed loop of chat completions, then swaps the task's pointer 20
-times, each time to an adapter the runtime has never seen (so every swap verifies, extracts, loads and warms
-a cold adapter). Measured per swap: the time from the pointer change (`os.replace` returned) to the end of
-the first response served by the new adapter (its `x-kolm-adapter-cid` header). Over the run: failed
-requests (anything but HTTP 200 with a non-empty answer) and request latency during swaps (requests in
-flight between a pointer change and one second after its first new response) against steady state.
+What it does: builds 21 distinct LoRA adapters (rank 16 on every linear layer; by default variants of one
+adapter really distilled from demo tickets, see `build_adapters`) for the base model and packs each into a
+signed `.kolm`, starts `kolm serve` (transformers backend) as its own process on a fresh KOLM_HOME, puts the
+clients in a closed loop of chat completions, then swaps the task's pointer 20 times, each time to an adapter
+the runtime has never seen (so every swap verifies, extracts, loads and warms a cold adapter). Measured per
+swap: the time from the pointer change (`os.replace` returned) to the end of the first response served by the
+new adapter (its `x-kolm-adapter-cid` header). Over the run: failed requests (anything but HTTP 200 with a
+non-empty answer) and request latency during swaps (requests in flight between a pointer change and one second
+after its first new response) against steady state.
 
 The default task is closed-vocabulary (the demo's ticket queues, decoded constrained to the label set);
 `--task-kind free-text` generates `--max-tokens` tokens instead. Requests, swaps and the server share the
@@ -74,24 +75,48 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def build_adapters(base_path: Path, out: Path, count: int, rank: int) -> list[Path]:
-    """``count`` LoRA adapters with distinct random weights, saved as PEFT saves a trained one."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def build_adapters(base_path: Path, out: Path, count: int, rank: int, kind: str) -> list[Path]:
+    """``count`` distinct LoRA adapters (rank ``rank`` on every linear layer), saved as PEFT saves one.
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_path))
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
-                                                  task_type="CAUSAL_LM"))
+    ``trained``: one adapter distilled from 160 demo tickets (1 epoch, kolm's trainer), then each copy's
+    matrices nudged by seeded noise (std 1e-3): distinct weights and CIDs, a trained adapter's confident
+    label choices, like a nightly retrain replacing yesterday's. ``random``: LoRA matrices drawn at random
+    (std 0.02): an untrained adapter whose label scores are flat, the worst case for constrained decoding.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    template = out / "template"
+    if kind == "trained":
+        from kolm_pipeline.train.base_model import BaseModel
+        from kolm_pipeline.train.distill import TrainConfig, train_adapter
+
+        train = out / "train.jsonl"
+        train.parent.mkdir(parents=True, exist_ok=True)
+        train.write_text("".join(json.dumps({"messages": [*t.messages(), {"role": "assistant", "content": t.queue}]})
+                                 + "\n" for t in generate_tickets(160, seed=11)))
+        train_adapter(train, BaseModel(model_id=str(base_path), path=base_path, digest="bench"), template,
+                      TrainConfig(rank=rank, alpha=2 * rank, epochs=1), show_progress=False)
+        noise = 1e-3
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_path)),
+                               LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                          task_type="CAUSAL_LM"))
+        model.save_pretrained(str(template))
+        noise = None
+    weights = load_file(str(template / "adapter_model.safetensors"))
     paths = []
     for index in range(count):
-        torch.manual_seed(1000 + index)
-        with torch.no_grad():
-            for name, parameter in peft_model.named_parameters():
-                if "lora_" in name:
-                    parameter.normal_(0.0, 0.02)
+        generator = torch.Generator().manual_seed(1000 + index)
+        varied = {key: (tensor + noise * torch.randn(tensor.shape, generator=generator) if noise
+                        else 0.02 * torch.randn(tensor.shape, generator=generator)) for key, tensor in weights.items()}
         path = out / f"adapter-{index:02d}"
-        peft_model.save_pretrained(str(path))
+        path.mkdir(parents=True)
+        shutil.copy(template / "adapter_config.json", path / "adapter_config.json")
+        save_file(varied, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
         paths.append(path)
     return paths
 
@@ -173,6 +198,8 @@ def main() -> int:
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--adapters", choices=["trained", "random"], default="trained",
+                        help="trained: variants of one really distilled adapter; random: untrained LoRA weights")
     parser.add_argument("--task-kind", choices=["closed-vocab", "free-text"], default="closed-vocab")
     parser.add_argument("--max-tokens", type=int, default=16, help="free-text answer length")
     parser.add_argument("--settle", type=float, default=4.0, help="seconds of steady state after each swap")
@@ -197,14 +224,14 @@ def main() -> int:
     base = resolve_base_model(args.base, settings.models_dir)
     labels = sorted(QUEUES) if args.task_kind == "closed-vocab" else None
     began = time.monotonic()
-    adapters = build_adapters(base.path, home / "bench-adapters", args.swaps + 1, args.rank)
+    adapters = build_adapters(base.path, home / "bench-adapters", args.swaps + 1, args.rank, args.adapters)
     artifacts = []
     for index, adapter in enumerate(adapters):
         built = sign_artifact(home / "bench-artifacts" / f"{index:02d}.kolm", adapter, settings.keys_dir,
                               base.model_id, base.digest, labels, index)
         artifacts.append(publish_artifact(settings.artifacts_dir, TASK, built))
     size_mb = artifacts[0].stat().st_size / 1e6
-    print(f"built {len(artifacts)} artifacts of {size_mb:.1f} MB (rank {args.rank}, all linear layers) "
+    print(f"built {len(artifacts)} {args.adapters} artifacts of {size_mb:.1f} MB (rank {args.rank}, all linear layers) "
           f"in {time.monotonic() - began:.0f} s")
     swap_pointer(settings.adapters_dir, TASK, artifacts[0])
 
@@ -272,7 +299,8 @@ def main() -> int:
     failures = [r for r in records if not r.ok]
     to_new = [first - changed for changed, first in swaps]
     figures = {
-        "base_model": base.model_id, "task_kind": args.task_kind, "swaps": len(swaps), "clients": args.clients,
+        "base_model": base.model_id, "task_kind": args.task_kind, "adapters": args.adapters,
+        "swaps": len(swaps), "clients": args.clients,
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "artifact_mb": round(size_mb, 1),
         "swap_to_first_new_response_s": {"p50": _percentile(to_new, 50), "p99": _percentile(to_new, 99),
                                          "max": max(to_new), "mean": statistics.fmean(to_new)},

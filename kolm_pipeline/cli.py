@@ -298,7 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        if args.max_batch < 1:
+        if args.max_batch is not None and args.max_batch < 1:
             raise CliError("--max-batch must be at least 1")
         backend = TransformersBackend(settings.base_model, settings.models_dir, max_batch=args.max_batch)
     from kolm_pipeline.serve.monitor import MonitorConfig
@@ -500,9 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most recent judged answers the live score covers (default 1000)")
     serve_.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                         help="info logs every request and every swap; warning keeps refusals and errors")
-    serve_.add_argument("--max-batch", type=int, default=4,
-                        help="closed-vocabulary requests scored together at most (transformers backend); larger "
-                             "raises throughput, smaller shortens the wait of the first request after a swap")
+    serve_.add_argument("--max-batch", type=int,
+                        help="closed-vocabulary requests scored together at most (transformers backend; default "
+                             "2 on CPU, where larger batches lowered throughput in bench/swap.py, 16 on a GPU); "
+                             "smaller also shortens the wait of the first request after a swap")
     serve_.add_argument("--threads", type=int,
                         help="torch threads for inference (transformers backend; default: torch's choice). On a "
                              "small or shared machine, one less than the cores leaves a core for HTTP and swaps")

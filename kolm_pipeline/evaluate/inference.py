@@ -1,13 +1,15 @@
 """Batched inference for evaluation and serving.
 
-Categorical tasks are decoded constrained to the label set: every label (plus the end-of-turn marker)
-is scored under the model and the most likely one wins, so the output is always a valid label. The
-prompt is run once per case and its KV cache is shared by all labels, which makes scoring a label set
-cost little more than one forward pass of the prompt.
+Categorical tasks are decoded constrained to the label set: the label (plus the end-of-turn marker) with
+the highest log-probability under the model wins, so the output is always a valid label. The prompt is
+run once per case and its KV cache is shared by the label continuations, and only the continuations that
+can still win are run (see ``choose_labels``), which makes a label choice cost little more than one
+forward pass of the prompt.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -56,67 +58,86 @@ def _left_padded(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, t
     return input_ids.to(device), attention.to(device)
 
 
+def _continuation_logps(model, cache, prompt_mask, pending: list[tuple[int, list[int]]]) -> list[float]:
+    """Sum of log-probabilities of each continuation's tokens after its first, given the prompt's KV cache.
+
+    ``pending`` holds (row of the prompt batch, continuation token ids). The pass feeds each continuation but
+    its last token (which is only predicted) on a copy of the cache narrowed to the rows it needs."""
+    device = prompt_mask.device
+    rows = torch.tensor([row for row, _ in pending], device=device)
+    narrowed = copy.deepcopy(cache)
+    narrowed.batch_select_indices(rows)
+    width = max(1, max(len(ids) for _, ids in pending) - 1)
+    fed_ids = torch.zeros((len(pending), width), dtype=torch.long)
+    fed_mask = torch.zeros((len(pending), width), dtype=torch.long)
+    for index, (_, ids) in enumerate(pending):
+        fed = ids[:-1]
+        fed_ids[index, : len(fed)] = torch.tensor(fed, dtype=torch.long)
+        fed_mask[index, : len(fed)] = 1
+    mask = prompt_mask.index_select(0, rows)
+    start = mask.sum(-1, keepdim=True)
+    out = model(
+        input_ids=fed_ids.to(device),
+        attention_mask=torch.cat([mask, fed_mask.to(device)], dim=1),
+        position_ids=start + torch.arange(width, device=device).unsqueeze(0),
+        past_key_values=narrowed,
+        use_cache=False,
+    )
+    logp = out.logits.float().log_softmax(-1)
+    return [sum(logp[index, step - 1, ids[step]].item() for step in range(1, len(ids)))
+            for index, (_, ids) in enumerate(pending)]
+
+
 @torch.inference_mode()
-def score_labels(model, tokenizer, batch: list[list[dict]], labels: list[str]) -> list[list[float]]:
-    """Log-probability of every label for every conversation in `batch`."""
+def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str]) -> list[int]:
+    """Index of the most likely label (log-probability of its whole continuation) for each conversation.
+
+    Exact, and cheap by branch and bound: a label's log-probability is at most its first token's, which the
+    prompt pass gives for every label at once. The first continuation pass scores each conversation's
+    top-bound label in full; a second pass, only where needed, scores every label whose bound still beats
+    that score. A trained adapter puts nearly all its mass on one label, so usually one short continuation
+    per conversation is run after the prompt instead of every label's.
+    """
     device = next(model.parameters()).device
     continuations = label_continuations(tokenizer, batch[0], labels)
     prompt_ids, prompt_mask = _left_padded(tokenizer, [render_prompt(tokenizer, m) for m in batch], device)
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    prompt_out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True
+    prompt_out = model(  # only the last position's logits: the one that predicts each label's first token
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
     )
     first_logp = prompt_out.logits[:, -1, :].float().log_softmax(-1)
-    cache = prompt_out.past_key_values
-    n_labels = len(labels)
-    cache.batch_repeat_interleave(n_labels)
+    bounds = first_logp[:, [ids[0] for ids in continuations]].tolist()
+    def score(pending: list[tuple[int, int]]) -> list[float]:
+        """Full log-probabilities of (case, label) pairs; one-token continuations need no pass."""
+        long = [(case, label) for case, label in pending if len(continuations[label]) > 1]
+        tails = dict(zip(long, _continuation_logps(model, prompt_out.past_key_values, prompt_mask,
+                                                   [(case, continuations[label]) for case, label in long]),
+                         strict=True)) if long else {}
+        return [bounds[case][label] + tails.get((case, label), 0.0) for case, label in pending]
 
-    width = max(len(ids) for ids in continuations)
-    label_ids = torch.zeros((n_labels, width), dtype=torch.long)
-    label_mask = torch.zeros((n_labels, width), dtype=torch.long)
-    for row, ids in enumerate(continuations):
-        label_ids[row, : len(ids)] = torch.tensor(ids)
-        label_mask[row, : len(ids)] = 1
-    label_ids = label_ids.repeat(len(batch), 1).to(device)
-    label_mask = label_mask.repeat(len(batch), 1).to(device)
-    full_mask = torch.cat([prompt_mask.repeat_interleave(n_labels, dim=0), label_mask], dim=1)
-    start = prompt_mask.sum(-1).repeat_interleave(n_labels).unsqueeze(1)
-    label_positions = start + torch.arange(width, device=device).unsqueeze(0)
-    label_out = model(
-        input_ids=label_ids,
-        attention_mask=full_mask,
-        position_ids=label_positions,
-        past_key_values=cache,
-        use_cache=False,
-    )
-    next_logp = label_out.logits.float().log_softmax(-1)
-
-    scores: list[list[float]] = []
-    for case in range(len(batch)):
-        row_scores = []
-        for index, ids in enumerate(continuations):
-            flat = case * n_labels + index
-            total = first_logp[case, ids[0]].item()
-            for step in range(1, len(ids)):
-                total += next_logp[flat, step - 1, ids[step]].item()
-            row_scores.append(total)
-        scores.append(row_scores)
-    return scores
+    # Ties go to the lower label index, as a plain argmax over the full scores would.
+    leaders = [max(range(len(labels)), key=lambda j, row=row: (row[j], -j)) for row in bounds]
+    best = [(value, label) for value, label in zip(score(list(enumerate(leaders))), leaders, strict=True)]
+    challengers = [(case, label) for case, row in enumerate(bounds) for label in range(len(labels))
+                   if label != leaders[case] and (row[label], -label) > (best[case][0], -best[case][1])]
+    if challengers:
+        for (case, label), value in zip(challengers, score(challengers), strict=True):
+            if (value, -label) > (best[case][0], -best[case][1]):
+                best[case] = (value, label)
+    return [label for _, label in best]
 
 
 def predict_labels(
     model, tokenizer, conversations: list[list[dict]], labels: list[str], batch_size: int = 16
 ) -> list[Prediction]:
-    """The most likely label for each conversation, scored in batches."""
+    """The most likely label for each conversation, chosen in batches."""
     predictions: list[Prediction] = []
     for start in range(0, len(conversations), batch_size):
         batch = conversations[start : start + batch_size]
         began = time.perf_counter()
-        scores = score_labels(model, tokenizer, batch, labels)
+        chosen = choose_labels(model, tokenizer, batch, labels)
         per_case = (time.perf_counter() - began) / len(batch)
-        for row in scores:
-            best = max(range(len(labels)), key=row.__getitem__)
-            predictions.append(Prediction(output=labels[best], seconds=per_case))
+        predictions.extend(Prediction(output=labels[index], seconds=per_case) for index in chosen)
     return predictions
 
 

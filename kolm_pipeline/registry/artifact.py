@@ -65,6 +65,8 @@ class VerifyReport:
     cid: str
     problems: list[str] = field(default_factory=list)
     chain: ChainReport | None = None
+    # The parsed archive (when it could be read), so a caller that goes on to use it reads the file once.
+    artifact: KolmArtifact | None = None
 
 
 class _HashingReader:
@@ -287,21 +289,23 @@ def _manifest_files(manifest: dict[str, Any]) -> dict[str, str]:
     return files
 
 
-def extract_adapter(path: Path, dest: Path) -> Path:
+def extract_adapter(path: Path, dest: Path, verified: VerifyReport | None = None) -> Path:
     """Write the archive's PEFT adapter files into ``dest`` (which must not exist) and return ``dest``.
 
-    Files are checked against the manifest CIDs first, and land in a temp dir renamed into place, so
-    ``dest`` either holds the whole adapter or does not exist.
+    Files are checked against the manifest CIDs first (unless ``verified``, a passing ``verify_kolm``
+    report of this file, already did: then the archive is neither read nor hashed again), and land in a
+    temp dir renamed into place, so ``dest`` either holds the whole adapter or does not exist.
     """
     path, dest = Path(path), Path(dest)
-    artifact = read_kolm(path)
+    trusted = verified is not None and verified.ok and verified.artifact is not None
+    artifact = verified.artifact if trusted else read_kolm(path)
     expected = _manifest_files(artifact.manifest)
     adapter = {name: data for name, data in artifact.files.items() if name.startswith(ADAPTER_PREFIX)}
     for required in REQUIRED_ADAPTER_FILES:
         if ADAPTER_PREFIX + required not in adapter:
             raise RegistryError(f"{path}: archive lacks {ADAPTER_PREFIX + required}")
     for name, data in adapter.items():
-        if expected.get(name) != cid_for_bytes(data):
+        if not trusted and expected.get(name) != cid_for_bytes(data):
             raise RegistryError(f"{path}: {name} does not match the CID in the manifest")
     if dest.exists() or dest.is_symlink():
         raise RegistryError(f"{dest} already exists; extract into a fresh directory")
@@ -424,4 +428,4 @@ def verify_kolm(path: Path, public_keys: dict[str, Ed25519PublicKey]) -> VerifyR
     if not chain.ok:
         problems.append(f"receipt chain broken: {chain.reason}")
     problems.extend(_check_final_receipt(artifact))
-    return VerifyReport(ok=not problems, cid=cid, problems=problems, chain=chain)
+    return VerifyReport(ok=not problems, cid=cid, problems=problems, chain=chain, artifact=artifact)

@@ -1,6 +1,7 @@
 """Serving backends: what actually runs the base model plus LoRA adapters.
 
-* ``TransformersBackend`` keeps the base model in this process (PEFT multi-adapter). Decoding goes one
+* ``TransformersBackend`` keeps the base model in this process with every loaded adapter beside it
+  (``LoraSlots``: PEFT-format adapters, switched per forward pass). Decoding goes one
   token per lock hold, so concurrent requests interleave and a request keeps the adapter it started with
   even after new requests have moved to a newer one; label requests waiting together are scored as a batch.
 * ``VLLMBackend`` drives a vLLM server through its runtime LoRA endpoints (``/v1/load_lora_adapter``,
@@ -22,12 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kolm_pipeline.serve.lora_slots import AdapterFormatError, LoraSlots
+
 if TYPE_CHECKING:
     from kolm_pipeline.serve.runtime import Lease
 
 log = logging.getLogger("kolm.serve")
 
+# Label requests scored together at most. On 2 CPU cores a batch of 2 gave more throughput and a shorter
+# swap than 1, 3 or 4 (bench/swap.py --max-batch N); a GPU has room for many more.
+CPU_MAX_BATCH = 2
+GPU_MAX_BATCH = 16
+
 WARM_MESSAGES = [{"role": "user", "content": "ping"}]
+WARM_TEXT = "ping: warm-up"
 
 
 class BackendError(Exception):
@@ -43,8 +52,9 @@ class Backend(Protocol):
         """Get ready to load adapters (load the base model, check the server answers)."""
         ...
 
-    def load(self, name: str, adapter_dir: Path, labels: list[str] | None) -> None:
-        """Load the PEFT adapter in ``adapter_dir`` as ``name`` and warm it with one short inference."""
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None]) -> None:
+        """Load the PEFT adapter in ``adapter_dir`` as ``name``, warm it with one short inference, then call
+        ``ready`` (which routes new requests to it) before any queued request can run on the old one."""
         ...
 
     def unload(self, name: str) -> None: ...
@@ -108,26 +118,23 @@ class _LabelRequest:
 
 
 class TransformersBackend:
-    """Base model + PEFT adapters in this process (CPU or one GPU).
+    """Base model + LoRA adapters in this process (CPU or one GPU), kept in ``LoraSlots``.
 
     Locking: forward passes hold ``_lock`` (a FairLock), one decoding step or one label batch at a time.
-    Loading an adapter does *not* take it: PEFT only adds new modules and dict entries next to the ones a
-    running forward pass reads, and re-sets each layer's active adapter to the value it already has. The
-    one unsafe interleaving, switching the active adapter while PEFT re-sets it, is excluded by
-    ``_switch``, which a load holds and every adapter switch needs. So requests keep flowing while an
-    adapter loads; only the warm-up pass (front lane) and unloads wait their turn.
+    Loading an adapter does *not* take it: it only fills new slots next to the ones a running forward pass
+    reads (see ``LoraSlots``). Selecting the adapter for a pass happens holding ``_lock``. So requests keep
+    flowing while an adapter loads; only the warm-up pass (front lane) and unloads wait their turn.
     """
 
-    def __init__(self, base_model: str, models_dir: Path, max_batch: int = 4) -> None:
+    def __init__(self, base_model: str, models_dir: Path, max_batch: int | None = None) -> None:
         self._spec = (base_model, Path(models_dir))
-        self.max_batch = max_batch
+        self.max_batch = max_batch or 0  # 0: chosen for the device at start
         self._lock = FairLock()
-        self._switch = threading.Lock()
         self._pending: list[_LabelRequest] = []
         self._pending_lock = threading.Lock()
         self._model = None
+        self._slots: LoraSlots | None = None
         self._tokenizer = None
-        self._selected: str | None = None
         self._eos: set[int] = set()
         self.base_digest: str | None = None
 
@@ -139,83 +146,56 @@ class TransformersBackend:
         base = resolve_base_model(*self._spec)
         self._tokenizer = load_tokenizer(base)
         self._model = load_causal_lm(base)
+        self._model.eval()
+        if not self.max_batch:
+            self.max_batch = CPU_MAX_BATCH if self._device().type == "cpu" else GPU_MAX_BATCH
+        self._slots = LoraSlots(self._model)
         self.base_digest = base.digest
         eos = {self._tokenizer.eos_token_id}
         configured = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
         eos |= set(configured) if isinstance(configured, list) else {configured}
         self._eos = {token for token in eos if token is not None}
 
-    def _names(self) -> list[str]:
-        from peft import PeftModel
-
-        return sorted(self._model.peft_config) if isinstance(self._model, PeftModel) else []
-
     def loaded(self) -> list[str]:
         """Names of the adapters in the model now."""
-        with self._switch:
-            return self._names()
+        return self._slots.names() if self._slots is not None else []
 
-    def load(self, name: str, adapter_dir: Path, labels: list[str] | None) -> None:
-        from peft import PeftModel
-
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None]) -> None:
         began = time.perf_counter()
         try:
-            if isinstance(self._model, PeftModel):
-                with self._switch:
-                    if name not in self._model.peft_config:
-                        self._model.load_adapter(str(adapter_dir), adapter_name=name)
-            else:  # the first adapter wraps the base model's modules: nothing may run meanwhile
-                with self._lock.hold(front=True), self._switch:
-                    self._model = PeftModel.from_pretrained(self._model, str(adapter_dir), adapter_name=name)
-                    self._model.eval()
-                    self._selected = name
-        except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a bad adapter
+            self._slots.load(name, adapter_dir)
+        except AdapterFormatError as exc:
             raise BackendError(f"cannot load adapter {adapter_dir} into the base model: {exc}") from exc
         loaded = time.perf_counter()
-        self._warm(name, labels)
-        log.info("%s: PEFT load %.2f s, warm-up %.2f s (waiting for the model included)", name,
+        self._warm(name, ready)
+        log.info("%s: load %.3f s, warm-up %.3f s (waiting for the model included)", name,
                  loaded - began, time.perf_counter() - loaded)
 
-    def _warm(self, name: str, labels: list[str] | None) -> None:
-        """One short pass through the new adapter, ahead of queued requests, before any request uses it."""
+    def _warm(self, name: str, ready: Callable[[], None]) -> None:
+        """One short pass through every layer of the new adapter, ahead of queued requests, before any
+        request uses it (a few tokens: it only has to touch each LoRA layer once, not answer). ``ready`` runs
+        before the model is let go, so the next queued batch already binds to the new adapter."""
         import torch
 
-        from kolm_pipeline.evaluate.inference import predict_labels, render_prompt
-
+        ids = self._tokenizer(WARM_TEXT, add_special_tokens=False).input_ids
         with self._lock.hold(front=True), torch.inference_mode():
             self._select(name)
-            if labels:
-                predict_labels(self._model, self._tokenizer, [WARM_MESSAGES], labels)
-            else:
-                ids = self._tokenizer(render_prompt(self._tokenizer, WARM_MESSAGES), add_special_tokens=False)
-                self._model(input_ids=torch.tensor([ids.input_ids], device=self._device()))
+            self._model(input_ids=torch.tensor([ids], device=self._device()), logits_to_keep=1)
+            ready()
 
     def unload(self, name: str) -> None:
-        with self._lock.hold(), self._switch:
-            loaded = self._names()
-            if name not in loaded:
-                return
-            try:
-                if loaded == [name]:
-                    self._model = self._model.unload()  # PEFT cannot run with zero adapters: back to the bare base
-                else:
-                    self._model.delete_adapter(name)
-            except Exception as exc:  # noqa: BLE001 - PEFT raises many types
-                raise BackendError(f"cannot unload adapter {name}: {exc}") from exc
-            if self._selected == name:
-                self._selected = None
+        with self._lock.hold():
+            self._slots.unload(name)
 
     def _device(self):
         return next(self._model.parameters()).device
 
     def _select(self, name: str) -> None:
         """Make ``name`` the adapter the next forward pass uses; called holding ``_lock``."""
-        if self._selected != name:
-            with self._switch:
-                if name not in self._names():
-                    raise BackendError(f"adapter {name} is not loaded")
-                self._model.set_adapter(name, inference_mode=True)
-                self._selected = name
+        try:
+            self._slots.select(name)
+        except KeyError:
+            raise BackendError(f"adapter {name} is not loaded") from None
 
     def _combined(self, key: tuple, messages: list[dict], run: Callable[[list[_LabelRequest]], None]) -> _LabelRequest:
         """Flat combining: queue this request; whoever gets the model lock first runs every queued request
@@ -360,10 +340,11 @@ class VLLMBackend:
         except httpx.HTTPError as exc:
             raise BackendError(f"vLLM at {self.url} is not answering /v1/models: {exc}") from exc
 
-    def load(self, name: str, adapter_dir: Path, labels: list[str] | None) -> None:
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None]) -> None:
         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": self._remote_path(adapter_dir)})
         for _ in self.stream(name, WARM_MESSAGES, labels, max_tokens=1):
             pass
+        ready()
 
     def unload(self, name: str) -> None:
         self._post("/v1/unload_lora_adapter", {"lora_name": name})

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kolm_pipeline.registry.artifact import extract_adapter, read_kolm, verify_kolm
+from kolm_pipeline.registry.artifact import extract_adapter, verify_kolm
 from kolm_pipeline.registry.errors import RegistryError
 from kolm_pipeline.registry.keys import load_public_keys
 from kolm_pipeline.registry.swap import read_pointer, validate_task
@@ -261,24 +261,24 @@ class ServingRuntime:
             return
         began = time.perf_counter()
         try:
-            adapter = self._prepare(task, target, cid)
+            self._prepare(task, target, cid)
         except (ArtifactRefused, BackendError) as exc:
             with self._state:
                 self._refused[task] = _Refusal(cid=cid, stamp=stamp, reason=str(exc))
             log.error("refusing %s for task %s: %s", target, task, exc)
             return
-        self._retire(task, adapter)
         log.info("task %s now served by %s (loaded and warmed in %.2f s)", task, cid, time.perf_counter() - began)
 
-    def _prepare(self, task: str, target: Path, cid: str) -> LoadedAdapter:
-        """Verify, extract, load and warm; raises ArtifactRefused naming what failed."""
+    def _prepare(self, task: str, target: Path, cid: str) -> None:
+        """Verify, extract, load and warm, then route the task to the new adapter; raises ArtifactRefused
+        naming what failed (and then nothing was routed)."""
         began = time.perf_counter()
         report = verify_kolm(target, load_public_keys(self.settings.keys_dir))
         if not report.ok:
             raise ArtifactRefused(f"{target.name} does not verify: {'; '.join(report.problems)}")
         if report.cid != cid:
             raise ArtifactRefused(f"{target.name} holds content with CID {report.cid}, not the CID its name claims")
-        artifact = read_kolm(target)
+        artifact = report.artifact
         manifest = artifact.manifest
         if manifest.get("task") != task:
             raise ArtifactRefused(f"{target.name} is an artifact of task {manifest.get('task')!r}, not {task!r}")
@@ -292,22 +292,24 @@ class ServingRuntime:
         with self._state:
             draining = next((a for a in self._retired if a.name == name), None)
         if draining is not None:  # swapped back within its grace period: still loaded, keep its leases
-            return draining
+            self._retire(task, draining)
+            return
         verified = time.perf_counter()
         cache = self.cache_dir / cid
         if not (cache / "adapter_config.json").is_file():
             shutil.rmtree(cache, ignore_errors=True)
             try:
-                extract_adapter(target, cache)
+                extract_adapter(target, cache, verified=report)
             except RegistryError as exc:
                 if not (cache / "adapter_config.json").is_file():  # not another runtime extracting it too
                     raise ArtifactRefused(str(exc)) from exc
         extracted = time.perf_counter()
-        self.backend.load(name, cache, labels)
-        log.info("%s: verified in %.2f s, extracted in %.2f s, loaded and warmed in %.2f s", cid,
+        adapter = LoadedAdapter(task=task, cid=cid, name=name, labels=labels or None, loaded_at=time.time(),
+                                profile=Profile.from_artifact(manifest, artifact.evals))
+        # Routed while the warm-up still holds the model: no queued request can start on the old one between.
+        self.backend.load(name, cache, labels, ready=lambda: self._retire(task, adapter))
+        log.info("%s: verified in %.2f s, extracted in %.2f s, loaded, warmed and routed in %.2f s", cid,
                  verified - began, extracted - verified, time.perf_counter() - extracted)
-        return LoadedAdapter(task=task, cid=cid, name=name, labels=labels or None, loaded_at=time.time(),
-                             profile=Profile.from_artifact(manifest, artifact.evals))
 
     def _retire(self, task: str, replacement: LoadedAdapter | None) -> None:
         """Route new requests to ``replacement``; the old adapter drains and is unloaded later."""
