@@ -148,8 +148,7 @@ async def one_call(session: aiohttp.ClientSession, url: str, headers: dict[str, 
     start = time.perf_counter()
     async with session.post(url, json=body, headers=headers) as resp:
         if resp.status != 200:
-            await resp.read()
-            raise RuntimeError(f"HTTP {resp.status}")
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.read())[:160].decode(errors='replace')}")
         if not stream:
             await resp.read()
             return (time.perf_counter() - start) * 1000

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -704,3 +707,63 @@ def test_upstream_cookies_are_not_carried_between_calls(
         for key in (proxy.key, rival_key, proxy.key)
     ]
     assert [reply.choices[0].message.content for reply in replies] == ["none"] * 3
+
+
+class DroppingUpstream:
+    """A stand-in teacher on raw sockets that keeps connections alive, but closes the first connection
+    without answering when its second request arrives: an upstream whose idle timeout crossed the proxy's
+    reuse of a pooled connection."""
+
+    def __init__(self) -> None:
+        self.requests_per_connection: list[int] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = len(self.requests_per_connection)
+        self.requests_per_connection.append(0)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                self.requests_per_connection[connection] += 1
+                if connection == 0 and self.requests_per_connection[connection] == 2:
+                    return
+                body = json.dumps({
+                    "id": "chatcmpl-drop", "object": "chat.completion", "created": 0, "model": "gpt-4o",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "fin-ops"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+                }).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+def dropping_upstream() -> Iterator[tuple[DroppingUpstream, str]]:
+    upstream = DroppingUpstream()
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(upstream.handle, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield upstream, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    loop.call_soon_threadsafe(server.close)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+
+
+def test_pooled_connection_the_upstream_dropped_is_sent_again(
+    start_proxy: Callable[[str], Proxy], dropping_upstream: tuple[DroppingUpstream, str]
+) -> None:
+    upstream, url = dropping_upstream
+    proxy = start_proxy(url)
+    client = proxy.openai()
+    for _ in range(2):
+        reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "fin-ops"
+    assert upstream.requests_per_connection == [2, 1], "the second call reused the pooled connection and went again"
+    assert [(row.status, row.http_status) for row in proxy.captures()] == [("ok", 200), ("ok", 200)]

@@ -51,6 +51,10 @@ _NEGATIVE_KEY_TTL_S = 2.0
 _KEY_CACHE_MAX = 10_000
 
 
+# Sends of one call when the upstream drops the connection before any reply (see `_forward`).
+STALE_CONNECTION_ATTEMPTS = 2
+
+
 class ApiError(Exception):
     """An error answered as `{"error": {"type", "message"}}` with an HTTP status."""
 
@@ -403,17 +407,26 @@ class Forwarder:
         provider = call.provider
         secret = call.secret.encode("ascii")
         call.start_ns = time.perf_counter_ns()
-        try:
-            upstream = await self._session.post(
-                self._url(provider),
-                data=raw,
-                headers=provider.upstream_headers(headers, call.secret),
-                allow_redirects=False,
-            )
-        except TimeoutError as exc:
-            return await self._upstream_error(send, call, 504, exc)
-        except aiohttp.ClientError as exc:
-            return await self._upstream_error(send, call, 502, exc)
+        for attempt in range(1, STALE_CONNECTION_ATTEMPTS + 1):
+            try:
+                upstream = await self._session.post(
+                    self._url(provider),
+                    data=raw,
+                    headers=provider.upstream_headers(headers, call.secret),
+                    allow_redirects=False,
+                )
+                break
+            except TimeoutError as exc:
+                return await self._upstream_error(send, call, 504, exc)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A kept-alive connection the upstream closed as we sent on it (its idle timeout and our reuse
+                # crossed): nothing was answered, so the call goes once more, as the provider SDKs do.
+                if attempt == STALE_CONNECTION_ATTEMPTS:
+                    return await self._upstream_error(send, call, 502, exc)
+                logger.info("capture %s: upstream connection dropped before a reply (%s); sending again",
+                            call.request_id, type(exc).__name__)
+            except aiohttp.ClientError as exc:
+                return await self._upstream_error(send, call, 502, exc)
         try:
             forwarded, content_type = _response_headers(upstream.raw_headers, secret)
             forwarded += call.id_header
