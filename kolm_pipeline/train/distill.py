@@ -46,9 +46,10 @@ class TrainConfig:
     max_length: int = 256
     warmup_steps: int = 2
     seed: int = 0
-    # Batches of similar lengths (shuffled megabatches sorted by length, trl/transformers' length-grouped
-    # sampler): less padding to compute on when packing is off.
-    length_grouped: bool = True
+    # Batches of similar lengths (transformers' length-grouped sampler): less padding, but batches whose
+    # lengths correlate with their labels; off by default, as it cost the loop test's small corpus hold-out
+    # accuracy (0.41 instead of >= 0.67) for a speed gain within noise on short pairs.
+    length_grouped: bool = False
     # Packing suits GPUs with varlen attention; on CPU the packed row's masked attention made it 2x slower.
     packing: bool = False
     # None: bf16 autocast where the hardware has bf16 matmuls (see _bf16_fast).
