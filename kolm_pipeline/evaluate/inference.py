@@ -107,6 +107,7 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str]) 
     )
     first_logp = prompt_out.logits[:, -1, :].float().log_softmax(-1)
     bounds = first_logp[:, [ids[0] for ids in continuations]].tolist()
+
     def score(pending: list[tuple[int, int]]) -> list[float]:
         """Full log-probabilities of (case, label) pairs; one-token continuations need no pass."""
         long = [(case, label) for case, label in pending if len(continuations[label]) > 1]
