@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kolm_pipeline.serve.lora_slots import AdapterFormatError, LoraSlots
-
 if TYPE_CHECKING:
+    from kolm_pipeline.serve.lora_slots import LoraSlots
     from kolm_pipeline.serve.runtime import Lease
 
 log = logging.getLogger("kolm.serve")
@@ -141,6 +140,7 @@ class TransformersBackend:
     def start(self) -> None:
         if self._model is not None:
             return
+        from kolm_pipeline.serve.lora_slots import LoraSlots
         from kolm_pipeline.train.base_model import load_causal_lm, load_tokenizer, resolve_base_model
 
         base = resolve_base_model(*self._spec)
@@ -161,6 +161,8 @@ class TransformersBackend:
         return self._slots.names() if self._slots is not None else []
 
     def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None]) -> None:
+        from kolm_pipeline.serve.lora_slots import AdapterFormatError
+
         began = time.perf_counter()
         try:
             self._slots.load(name, adapter_dir)
