@@ -64,20 +64,23 @@ def run_plain(train: Path, base_path: Path, epochs: float, batch_size: int) -> d
     return {"wall_seconds": wall, "tokens_per_second": tokens * epochs / wall}
 
 
-def run_kolm(train: Path, base_path: Path, epochs: float, batch_size: int) -> dict:
+def run_kolm(train: Path, base_path: Path, epochs: float, batch_size: int, attention: str = "sdpa") -> dict:
     from kolm_pipeline.train.base_model import BaseModel
     from kolm_pipeline.train.distill import TrainConfig, train_adapter
 
     base = BaseModel(model_id=str(base_path), path=base_path, digest="bench")
     with tempfile.TemporaryDirectory() as out:
         result = train_adapter(train, base, Path(out) / "adapter",
-                               TrainConfig(epochs=epochs, batch_size=batch_size), show_progress=False)
+                               TrainConfig(epochs=epochs, batch_size=batch_size, attention=attention),
+                               show_progress=False)
     return {"wall_seconds": result.wall_seconds, "tokens_per_second": result.tokens_per_second}
 
 
 def child(args: argparse.Namespace) -> None:
-    runner = {"plain": run_plain, "kolm": run_kolm}[args.child]
-    figures = runner(Path(args.train), Path(args.base_path), args.epochs, args.batch_size)
+    if args.child == "kolm":
+        figures = run_kolm(Path(args.train), Path(args.base_path), args.epochs, args.batch_size, args.attention)
+    else:
+        figures = run_plain(Path(args.train), Path(args.base_path), args.epochs, args.batch_size)
     print("RESULT " + json.dumps(figures))
 
 
@@ -88,6 +91,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", choices=["plain", "kolm"])
+    parser.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
+                        help="kolm trainer's attention kernel (TrainConfig.attention)")
     parser.add_argument("--child", choices=["plain", "kolm"], help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--base-path", help=argparse.SUPPRESS)
@@ -115,7 +120,8 @@ def main() -> None:
                 if name == "kolm":
                     env.update(TRAINER_ENV)
                 command = [sys.executable, __file__, "--child", name, "--train", str(train), "--base-path",
-                           str(base.path), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+                           str(base.path), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                           "--attention", args.attention]
                 done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
                 line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if line is None:
