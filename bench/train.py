@@ -1,8 +1,8 @@
 """Trainer throughput, side by side in one run: kolm's trainer vs a plain trl `SFTTrainer` with default
 settings (padding, no packing, fp32, trl's default activation checkpointing, default allocator), on the same
 pairs, the same base, the same LoRA. kolm's differences: the LM head scores answer positions only, no
-activation checkpointing, bf16 autocast where the CPU has bf16 matmuls, and an allocator that keeps freed
-memory (TRAINER_ENV).
+activation checkpointing, bf16 autocast where the CPU has bf16 matmuls, plain matmul attention on CPU
+(`--attention` picks another), and an allocator that keeps freed memory (TRAINER_ENV).
 
     .venv/bin/python bench/train.py                 # embedded base, 240 ticket pairs, 2 rounds
     .venv/bin/python bench/train.py --pairs 1000 --epochs 1 --rounds 1 --only kolm   # time to distill 1,000
@@ -64,14 +64,15 @@ def run_plain(train: Path, base_path: Path, epochs: float, batch_size: int) -> d
     return {"wall_seconds": wall, "tokens_per_second": tokens * epochs / wall}
 
 
-def run_kolm(train: Path, base_path: Path, epochs: float, batch_size: int, attention: str = "sdpa") -> dict:
+def run_kolm(train: Path, base_path: Path, epochs: float, batch_size: int, attention: str | None = None) -> dict:
     from kolm_pipeline.train.base_model import BaseModel
     from kolm_pipeline.train.distill import TrainConfig, train_adapter
 
     base = BaseModel(model_id=str(base_path), path=base_path, digest="bench")
     with tempfile.TemporaryDirectory() as out:
         result = train_adapter(train, base, Path(out) / "adapter",
-                               TrainConfig(epochs=epochs, batch_size=batch_size, attention=attention),
+                               TrainConfig(epochs=epochs, batch_size=batch_size,
+                                           attention=None if attention == "auto" else attention),
                                show_progress=False)
     return {"wall_seconds": result.wall_seconds, "tokens_per_second": result.tokens_per_second}
 
@@ -91,8 +92,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", choices=["plain", "kolm"])
-    parser.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
-                        help="kolm trainer's attention kernel (TrainConfig.attention)")
+    parser.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
+                        help="kolm trainer's attention kernel (TrainConfig.attention); auto: the trainer's "
+                             "default, eager on CPU and SDPA on CUDA")
     parser.add_argument("--child", choices=["plain", "kolm"], help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--base-path", help=argparse.SUPPRESS)

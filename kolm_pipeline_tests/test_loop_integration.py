@@ -20,12 +20,13 @@ TASK = f"{DEMO_TENANT}.{DEMO_NAMESPACE}"
 
 
 def test_loop_on_embedded_base_swaps_then_refuses(kolm_settings):
-    report = run_demo(kolm_settings, tickets=150, epochs=2, log=lambda *_: None)
+    report = run_demo(kolm_settings, tickets=200, epochs=2, log=lambda *_: None)
     assert report.success, report.failures
     evaluation = report.evaluation
     assert evaluation["current_name"] == "base"
     assert evaluation["decision"]["swap"] is True
-    # Real learning on the frozen hold-out (the demo's 320 tickets reach >= 0.90; this corpus is half that).
+    # Real learning on the frozen hold-out (the demo's 320 tickets reach >= 0.90; with 200 tickets the splits,
+    # drawn in content order, leave 96 training pairs and a 26-pair hold-out: 0.81 against the base's 0.27).
     assert evaluation["current"]["holdout_accuracy"] < 0.5
     assert evaluation["candidate"]["holdout_accuracy"] >= evaluation["current"]["holdout_accuracy"] + 0.4
 

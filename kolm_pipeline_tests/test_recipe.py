@@ -157,6 +157,16 @@ def test_split_is_stratified_by_label_or_cluster(fixture_recipes):
     assert all(counts.get("eval", 0) >= 1 for counts in strata.values() if sum(counts.values()) >= 5)
 
 
+def test_splits_do_not_depend_on_arrival_order(tmp_path):
+    rows = unique_rows(FIXTURES["tickets"][0](90, 0))
+    arrived = rows[:]
+    random.Random(3).shuffle(arrived)  # the same pairs, captured by concurrent clients in another order
+    first, second = _synth(rows, tmp_path, "first"), _synth(arrived, tmp_path, "second",
+                                                           frozen=tmp_path / "second.frozen.jsonl")
+    for split in ("train", "eval", "holdout"):
+        assert [r["messages"] for r in getattr(first, split)] == [r["messages"] for r in getattr(second, split)]
+
+
 def test_purity_separates_consistent_from_noisy_answers(tmp_path):
     rows = unique_rows(FIXTURES["tickets"][0](90, 0))
     consistent = _synth(rows, tmp_path, "consistent")

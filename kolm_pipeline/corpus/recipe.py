@@ -13,6 +13,7 @@ input. A row may carry a provenance `"weight"` (a number >= 0, default 1.0) that
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -328,6 +329,12 @@ def dry_run(path: Path, min_train: int = MIN_TRAIN_PAIRS) -> list[str]:
 # Synthesis
 
 
+def content_order(row: dict) -> str:
+    """A pair's place in the split order: a digest of its conversation, so arrival order does not matter
+    and no alphabetical bias reaches the strata."""
+    return hashlib.sha256(json.dumps(row["messages"], sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def _stratified_split(
     indices: list[int], share: float, stratum: Callable[[int], Hashable], rng: random.Random
 ) -> tuple[list[int], list[int]]:
@@ -405,7 +412,9 @@ def synthesize_recipe(
     fitting = [row for index, row in enumerate(corpus_rows) if index not in misfit_set]
     if kind == "categorical":
         fitting = [_canonical_answer(row, answer(row).strip()) for row in fitting]
-    rows = [row for row in fitting if not is_eval_candidate(row)]
+    # Splits are drawn from the pairs in content order, not arrival order: the same pairs captured by
+    # concurrent clients in another order make the same hold-out, eval and train splits.
+    rows = sorted((row for row in fitting if not is_eval_candidate(row)), key=content_order)
     candidates = [row for row in fitting if is_eval_candidate(row)]
 
     holdout_made = not frozen_holdout.is_file()
