@@ -7,8 +7,10 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kolm_pipeline.capture.redact import ENTITIES, Redactor
+from kolm_pipeline.capture.redact import ENTITIES, RECOGNIZERS, Redactor
 from kolm_pipeline_tests.test_capture import Proxy, start_proxy, teacher  # noqa: F401 (fixtures)
 
 CASES = [
@@ -41,6 +43,33 @@ def test_redacts_each_entity(text: str, expected: str) -> None:
 @pytest.mark.parametrize("text", LOOKALIKES)
 def test_leaves_lookalikes(text: str) -> None:
     assert Redactor().text(text) == text
+
+
+# Pieces of text that recognizers react to, near-misses, and the characters around them.
+FRAGMENTS = [text for text, _ in CASES] + LOOKALIKES + [
+    "eyJ" + "hbGciOiJIUzI1.eyJzdWIiOiIx.SflKxwRJSMeKKF2QT4", "eyJ" + "abcdefgh.abcdefgh.abcdefgh",  # JWT-shaped
+    "sk-ant-" + "abcdefghijklmnopqrstuv", "fe80::1", "::", "a:b:c", "token: abcdefghijkl", "@", "x@y",
+    "informational", "0", "+44", "-", "_", " ", "\n", ":", ".", "é", "٣",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=12)), max_size=8))
+def test_redacting_only_text_that_may_hold_pii_changes_nothing(pieces: list[str]) -> None:
+    """The scan that lets text without digits, @, IPv6 colons or long tokens through must never skip text a
+    recognizer would have changed: the result equals every recognizer applied in turn."""
+    text = "".join(pieces)
+    expected = text
+    for recognizer in RECOGNIZERS:
+        expected = recognizer.redact(expected)
+    assert Redactor().text(text) == expected
+
+
+def test_unchanged_records_are_not_copied() -> None:
+    message = {"role": "user", "content": [{"type": "text", "text": "I was charged twice"}]}
+    assert Redactor().value(message) is message
+    changed = Redactor().value({**message, "name": "a@b.io"})
+    assert changed["name"] == "<EMAIL>" and changed["content"] is message["content"]
 
 
 def test_selection_and_structure() -> None:

@@ -124,6 +124,11 @@ RECOGNIZERS: tuple[Recognizer, ...] = (
     ),
 )
 ENTITIES: tuple[str, ...] = tuple(dict.fromkeys(r.entity for r in RECOGNIZERS))
+# Every recognizer's match holds one of these: a digit (numbers, IBANs, IPv4, and the validators of the two
+# unprefixed key patterns want one), an `@`, two colons at most four hex digits apart (IPv6), or a run of 11+
+# key characters (the shortest prefixed key, a JWT's first part, is 11). Text with none of them cannot hold
+# anything to redact: one scan instead of one per recognizer, and most chat text ends there.
+_MAY_HOLD_PII = re.compile(r"[\d@]|:[0-9A-Fa-f]{0,4}:|[A-Za-z0-9_\-]{11,}")
 _NOT_REDACTED_KEYS = frozenset({"role", "type", "tool_call_id", "id"})
 
 
@@ -139,24 +144,32 @@ class Redactor:
         self._recognizers = tuple(r for r in RECOGNIZERS if r.entity in self.entities)
 
     def text(self, text: str) -> str:
+        """The text with every chosen entity replaced; `text` itself when there was nothing to replace."""
+        if not self._recognizers or not _MAY_HOLD_PII.search(text):
+            return text
+        redacted = text
         for recognizer in self._recognizers:
-            text = recognizer.redact(text)
-        return text
+            redacted = recognizer.redact(redacted)
+        return text if redacted == text else redacted
 
     def value(self, value: Any) -> Any:
-        """Every string of a JSON-like value, except structural fields such as a message's role."""
+        """Every string of a JSON-like value, except structural fields such as a message's role; `value`
+        itself when nothing in it changed."""
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, list):
-            return [self.value(item) for item in value]
+            items = [self.value(item) for item in value]
+            return value if all(new is old for new, old in zip(items, value, strict=True)) else items
         if isinstance(value, dict):
-            return {k: v if k in _NOT_REDACTED_KEYS else self.value(v) for k, v in value.items()}
+            fields = {k: v if k in _NOT_REDACTED_KEYS else self.value(v) for k, v in value.items()}
+            return value if all(fields[k] is v for k, v in value.items()) else fields
         return value
 
     def capture(self, record: NewCapture) -> NewCapture:
-        if not self._recognizers:
+        messages, output = self.value(record.messages), self.text(record.output_text)
+        if messages is record.messages and output is record.output_text:
             return record
-        return replace(record, messages=self.value(record.messages), output_text=self.text(record.output_text))
+        return replace(record, messages=messages, output_text=output)
 
 
 def validate_entities(entities: Iterable[str] | None) -> list[str] | None:

@@ -335,9 +335,12 @@ class CaptureStore:
     def _capture_rows(self, conn: Any, records: list[NewCapture]) -> list[dict[str, Any]]:
         now = self._now()
         rows = []
+        checked: set[tuple[str, str]] = set()
         for record in records:
-            validate_tenant(record.tenant)
-            validate_namespace(record.namespace)
+            if (record.tenant, record.namespace) not in checked:
+                validate_tenant(record.tenant)
+                validate_namespace(record.namespace)
+                checked.add((record.tenant, record.namespace))
             if any("," in tag for tag in record.tags):
                 raise ValueError("tags must not contain commas")
             if record.source not in CAPTURE_SOURCES:
