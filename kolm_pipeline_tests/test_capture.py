@@ -27,6 +27,7 @@ from psycopg import sql
 
 from kolm_pipeline.capture.app import create_app
 from kolm_pipeline.capture.background import BackgroundServer
+from kolm_pipeline.capture.forward import new_request_id
 from kolm_pipeline.demo.teacher import approx_tokens, create_teacher_app
 from kolm_pipeline.settings import CaptureConfig, load_settings
 from kolm_pipeline.store import Capture, CaptureStore
@@ -210,6 +211,19 @@ def test_openai_plain_is_recorded(proxy: Proxy) -> None:
     assert (row.output_text, row.status, row.http_status, row.streamed) == ("fin-ops", "ok", 200, False)
     assert (row.prompt_tokens, row.completion_tokens) == (approx_tokens("Route it. I was charged twice"), 1)
     assert row.tags == ["gold", "web"] and row.latency_us > 0 and row.triage_state == "untriaged"
+
+
+def test_request_ids_are_uuid7_in_the_order_they_were_made() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = [new_request_id() for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
+    parsed = [uuid.UUID(value) for value in ids]
+    assert all(len(value) == 32 and u.hex == value for value, u in zip(ids, parsed, strict=True))
+    assert {u.version for u in parsed} == {7} and {u.variant for u in parsed} == {uuid.RFC_4122}
+    assert all(before <= u.int >> 80 <= after for u in parsed)
+    assert len(set(ids)) == len(ids)
+    stamps = [u.int >> 80 for u in parsed]
+    assert stamps == sorted(stamps)
 
 
 def test_openai_stream_is_recorded(proxy: Proxy) -> None:

@@ -5,6 +5,7 @@ without a subprocess. Both use uvloop and httptools and keep the access log off.
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -17,7 +18,13 @@ import uvicorn
 def serve(app: Any, host: str, port: int, log_level: str = "info") -> None:
     """Serve `app` until interrupted. The access log stays off (a log line per proxied call costs a good
     part of what proxying the call costs) and so does forwarded-header rewriting: nothing here reads the
-    client's address."""
+    client's address.
+
+    What is alive once the app is built (modules, the app, its routes) lives as long as the process: it is
+    frozen out of the garbage collector's reach, so a full collection no longer walks ~100k objects that
+    cannot be garbage (each one paused the event loop for tens of ms under load)."""
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
         app,
         host=host,
