@@ -143,13 +143,7 @@ def main(sock: socket.socket) -> None:
                 stopping = True
         frames = []
         if batch:
-            probe = os.environ.get("KOLM_PROBE_WRITER")
             for start in range(0, len(batch), options.batch_size):
-                if probe == "noop":
-                    continue
-                if probe == "build":
-                    writer._build(batch[start : start + options.batch_size])
-                    continue
                 writer.write(batch[start : start + options.batch_size])
             if not _acknowledge(sock, seqs, writer.stats):
                 break
