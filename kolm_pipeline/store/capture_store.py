@@ -294,7 +294,7 @@ class CaptureStore:
 
     @staticmethod
     def _digest(secret: bytes, canonical: str) -> str:
-        return hmac.new(secret, canonical.encode("utf-8"), hashlib.sha256).hexdigest()
+        return hmac.digest(secret, canonical.encode("utf-8"), "sha256").hex()
 
     def input_digest(self, tenant: str, messages: list[dict[str, Any]]) -> str:
         """HMAC-SHA256 of a conversation's canonical text under the tenant's secret."""
