@@ -6,8 +6,12 @@ import os
 import uuid
 from pathlib import Path
 
+import hypothesis  # noqa: F401
 import pytest
 
+# hypothesis is imported here, before any test runs, not first by its pytest plugin at the terminal summary:
+# on CPython 3.11.7, assertion-rewriting a module after a test has run into a RecursionError (deeply nested
+# JSON refused with a 400) can fail with "SystemError: AST constructor recursion depth mismatch".
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The dequantized embedded base is cached once for every test (and shared with `make demo`).
