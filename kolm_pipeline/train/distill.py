@@ -210,7 +210,7 @@ def train_adapter(
         # Packed examples (below) go through padding-free: position ids keep the pairs apart.
         padding_free=config.packing,
         train_sampling_strategy="group_by_length" if config.length_grouped and not config.packing else "random",
-        gradient_checkpointing=config.activation_checkpointing,
+        activation_checkpointing=config.activation_checkpointing,
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,
     )
