@@ -61,15 +61,18 @@ def test_provenance_weights_decide_between_conflicting_answers(tiny_base, tmp_pa
 
 
 def test_same_seed_same_adapter_other_seed_differs(tiny_base, tmp_path):
+    import torch
     from safetensors.torch import load_file
 
     base = _base(tiny_base)
     train = _write(tmp_path / "train.jsonl", _conflicting(1.0, 1.0))
     tensors = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        train_adapter(train, base, tmp_path / name, TrainConfig(epochs=1, batch_size=4, seed=seed),
-                      show_progress=False)
+        result = train_adapter(train, base, tmp_path / name, TrainConfig(epochs=1, batch_size=4, seed=seed),
+                               show_progress=False)
         tensors[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        # What trained it is recorded as resolved: plain matmul attention on CPU, SDPA on CUDA.
+        assert result.config["attention"] == ("sdpa" if torch.cuda.is_available() else "eager")
     assert tensors["a"].keys() == tensors["b"].keys()
     assert all(tensors["a"][key].equal(tensors["b"][key]) for key in tensors["a"])
     assert any(not tensors["a"][key].equal(tensors["c"][key]) for key in tensors["a"])

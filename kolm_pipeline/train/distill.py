@@ -13,7 +13,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kolm_pipeline.train.base_model import BaseModel, load_tokenizer
@@ -158,8 +158,9 @@ def train_adapter(
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base)
     use_cuda = torch.cuda.is_available()
+    config = replace(config, attention=config.attention or _attention(use_cuda))  # recorded as it was trained
     model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32,
-                                                 attn_implementation=config.attention or _attention(use_cuda))
+                                                 attn_implementation=config.attention)
     available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                         if isinstance(module, torch.nn.Linear)})
     if config.target_modules != "all-linear":
