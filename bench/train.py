@@ -71,15 +71,15 @@ def run_kolm(train: Path, base_path: Path, epochs: float, batch_size: int, atten
     base = BaseModel(model_id=str(base_path), path=base_path, digest="bench")
     with tempfile.TemporaryDirectory() as out:
         result = train_adapter(train, base, Path(out) / "adapter",
-                               TrainConfig(epochs=epochs, batch_size=batch_size,
-                                           attention=None if attention == "auto" else attention),
+                               TrainConfig(epochs=epochs, batch_size=batch_size, attention=attention),
                                show_progress=False)
     return {"wall_seconds": result.wall_seconds, "tokens_per_second": result.tokens_per_second}
 
 
 def child(args: argparse.Namespace) -> None:
     if args.child == "kolm":
-        figures = run_kolm(Path(args.train), Path(args.base_path), args.epochs, args.batch_size, args.attention)
+        attention = None if args.attention == "auto" else args.attention
+        figures = run_kolm(Path(args.train), Path(args.base_path), args.epochs, args.batch_size, attention)
     else:
         figures = run_plain(Path(args.train), Path(args.base_path), args.epochs, args.batch_size)
     print("RESULT " + json.dumps(figures))

@@ -765,7 +765,15 @@ def dropping_upstream() -> Iterator[tuple[DroppingUpstream, str]]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     yield upstream, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    loop.call_soon_threadsafe(server.close)
+
+    async def shut_down() -> None:
+        server.close()
+        handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(shut_down(), loop).result(timeout=5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=5)
 

@@ -97,7 +97,8 @@ _KEY_PREFIXES = (
     r"eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWT
 )
 
-# Order matters: keys and structured numbers before the looser phone and IP patterns.
+# Order matters: keys and structured numbers before the looser phone and IP patterns. Every match must hold
+# something `_MAY_HOLD_PII` finds (below), or text is let through unredacted: a new recognizer extends both.
 RECOGNIZERS: tuple[Recognizer, ...] = (
     Recognizer("API_KEY", re.compile(r"(?<![A-Za-z0-9_\-])(?:" + "|".join(_KEY_PREFIXES) + r")")),
     Recognizer(
