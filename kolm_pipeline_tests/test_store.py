@@ -394,6 +394,36 @@ def test_insert_once_is_idempotent(store: CaptureStore) -> None:
     assert store.counters("acme", "support")["captured"] == 3
 
 
+def test_insert_once_stores_what_insert_stores(store: CaptureStore) -> None:
+    """The writer's driver-level INSERT converts every column as SQLAlchemy's does: a capture reads back
+    the same whichever path wrote it (times, booleans, nulls, non-ASCII text, tags)."""
+    shared = {
+        "messages": [{"role": "system", "content": "Tu es utile ✓"}, {"role": "user", "content": [{"t": 1}]}],
+        "output_text": "réponse — ok",
+        "tags": ["a", "b-2"],
+        "streamed": True,
+        "prompt_tokens": None,
+        "created_at": datetime(2026, 3, 4, 5, 6, 7, 890123, tzinfo=UTC),
+    }
+    first = capture(1, **shared)
+    second = capture(1, **{**shared, "request_id": uuid.uuid4().hex})
+    [by_insert] = store.insert_captures([first])
+    store.insert_captures_once([second])
+    by_writer = next(c.id for c in store.list_captures("acme", "support") if c.request_id == second.request_id)
+    left, right = store.get_capture("acme", by_insert), store.get_capture("acme", by_writer)
+    ignored = {"id", "request_id"}
+    assert {k: v for k, v in vars(left).items() if k not in ignored} == {
+        k: v for k, v in vars(right).items() if k not in ignored
+    }
+    assert right.created_at == shared["created_at"] and right.streamed is True and right.prompt_tokens is None
+    assert right.messages == shared["messages"] and right.tags == ["a", "b-2"]
+    with store.engine.connect() as conn:  # as the database holds them: SQL compares these, not Python
+        raw = {row.id: row._asdict() for row in conn.exec_driver_sql("SELECT * FROM captures")}
+    assert {k: v for k, v in raw[by_insert].items() if k not in ignored} == {
+        k: v for k, v in raw[by_writer].items() if k not in ignored
+    }
+
+
 def test_migrations_upgrade_an_unversioned_database(tmp_path) -> None:
     """A database made before versioning (the colleague's first schema) is upgraded in place."""
     from alembic.migration import MigrationContext

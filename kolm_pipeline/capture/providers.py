@@ -4,10 +4,10 @@ read the request's messages, the output text and the token usage from plain and 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from kolm_pipeline import jsontext
 from kolm_pipeline.settings import Settings
 
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
@@ -30,7 +30,7 @@ def _int_or_none(value: Any) -> int | None:
 
 def _loads(data: str) -> Any:
     try:
-        return json.loads(data)
+        return jsontext.loads(data)
     except ValueError:
         return None
 

@@ -14,7 +14,6 @@ Nothing acknowledged to a client is dropped on the way to the store.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import pickle
@@ -35,6 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from kolm_pipeline import jsontext
 from kolm_pipeline.capture.providers import PROVIDERS
 from kolm_pipeline.capture.redact import Redactor
 from kolm_pipeline.capture.spool import Spool
@@ -85,11 +85,11 @@ def scrub(value: Any, secret: str) -> Any:
 def build(pending: Pending) -> NewCapture:
     """The capture record of a finished call, with the provider key scrubbed (not yet PII-redacted)."""
     provider = PROVIDERS[pending.provider]
-    messages = provider.messages(json.loads(pending.request))
+    messages = provider.messages(jsontext.loads(pending.request))
     status, output, prompt_tokens, completion_tokens = "error", "", None, None
     if pending.outcome == "reply" and 200 <= pending.http_status < 300:
         try:
-            completion = provider.completion(json.loads(pending.reply))
+            completion = provider.completion(jsontext.loads(pending.reply))
         except (ValueError, RecursionError):
             pass
         else:

@@ -17,8 +17,10 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -27,6 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
+from kolm_pipeline.jsontext import dumps_compact
 from kolm_pipeline.store.migrations import migrate
 from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
 from kolm_pipeline.store.records import (
@@ -97,6 +100,29 @@ def validate_tags(tags: Iterable[str], what: str = "tag") -> list[str]:
         if tag not in found:
             found.append(tag)
     return found
+
+
+_CAPTURE_COLUMNS = tuple(column.name for column in captures.columns if column.name != "id")
+_capture_values = itemgetter(*_CAPTURE_COLUMNS)
+
+
+class _DriverInsert(NamedTuple):
+    """An INSERT in the driver's own SQL and parameter style. The capture writer inserts every proxied
+    call, and SQLAlchemy's per-row parameter handling cost about as much as SQLite's insert itself."""
+
+    sql: str
+    converters: tuple[tuple[int, Callable[[Any], Any]], ...]
+
+    def parameters(self, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        if not self.converters:
+            return [_capture_values(row) for row in rows]
+        parameters = []
+        for row in rows:
+            values = list(_capture_values(row))
+            for index, convert in self.converters:
+                values[index] = convert(values[index])
+            parameters.append(tuple(values))
+        return parameters
 
 
 def _chunks(ids: list[Any]) -> Iterator[list[Any]]:
@@ -221,6 +247,27 @@ class CaptureStore:
         """The dialect's INSERT, which knows ON CONFLICT."""
         return pg_dialect.insert if self.engine.dialect.name == "postgresql" else sqlite_dialect.insert
 
+    @cached_property
+    def _capture_insert_sql(self) -> _DriverInsert | None:
+        """The capture writer's INSERT … ON CONFLICT DO NOTHING as the driver's own SQL, with the type
+        conversions SQLAlchemy would apply; None where the driver's parameter style is not positional."""
+        dialect = self.engine.dialect
+        placeholder = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
+        if placeholder is None:
+            return None
+        quote = dialect.identifier_preparer.quote
+        sql = (
+            f"INSERT INTO {quote(captures.name)} ({', '.join(quote(name) for name in _CAPTURE_COLUMNS)}) "
+            f"VALUES ({', '.join([placeholder] * len(_CAPTURE_COLUMNS))}) "
+            f"ON CONFLICT ({quote('request_id')}) DO NOTHING"
+        )
+        converters = []
+        for index, name in enumerate(_CAPTURE_COLUMNS):
+            convert = captures.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            if convert is not None:
+                converters.append((index, convert))
+        return _DriverInsert(sql, tuple(converters))
+
     # Tenants
 
     def create_tenant(self, name: str, capture_only: bool = False) -> str:
@@ -326,10 +373,13 @@ class CaptureStore:
         first write did commit (but was not acknowledged) leaves every capture there exactly once."""
         if not records:
             return
-        stmt = self._insert()(captures).on_conflict_do_nothing(index_elements=["request_id"])
+        driver_insert = self._capture_insert_sql
         with self.engine.begin() as conn:
             rows = self._capture_rows(conn, records)
-            conn.execute(stmt, rows)
+            if driver_insert is None:
+                conn.execute(self._insert()(captures).on_conflict_do_nothing(index_elements=["request_id"]), rows)
+            else:
+                conn.exec_driver_sql(driver_insert.sql, driver_insert.parameters(rows))
             self._implicit_signals(conn, rows)
 
     def _capture_rows(self, conn: Any, records: list[NewCapture]) -> list[dict[str, Any]]:
@@ -353,7 +403,7 @@ class CaptureStore:
                     "namespace": record.namespace,
                     "provider": record.provider,
                     "model": record.model,
-                    "input_json": _dumps(record.messages),
+                    "input_json": dumps_compact(record.messages),
                     "output_text": record.output_text,
                     "latency_us": int(record.latency_us),
                     "status": record.status,
