@@ -3,8 +3,9 @@ library everywhere else. The capture writer parses every proxied request and rep
 conversation; orjson does each in a fraction of the time.
 
 orjson reads integers wider than 64 bits as floats, and refuses NaN, Infinity and lone surrogates, which the
-standard library accepts. Text holding a long run of digits, or anything orjson refuses, is parsed by the
-standard library, so both parse every input to the same value.
+standard library accepts. `loads` hands text holding a long run of digits, and anything orjson refuses, to
+the standard library, so both parse every input to the same value. `loads_replies` skips the digit scan
+(a fifth of what parsing a stream chunk costs) where only strings and token counts are read.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ def loads(data: bytes | str) -> Any:
         except orjson.JSONDecodeError:
             pass
     return json.loads(data)
+
+
+def loads_replies(data: bytes | str) -> Any:
+    """`loads` for provider replies and stream events, of which only text and token counts are kept: the
+    same values, except that an integer wider than 64 bits (a count no reply holds) comes back a float."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def dumps_compact(value: Any) -> str:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kolm_pipeline.jsontext import dumps_compact, loads
+from kolm_pipeline.jsontext import dumps_compact, loads, loads_replies
 
 JSON_VALUES = st.recursive(
     st.none()
@@ -29,6 +29,16 @@ def test_loads_and_dumps_agree_with_the_standard_library(value: object) -> None:
         assert loads(text) == json.loads(text)
         assert loads(text.encode("utf-8", "surrogatepass")) == json.loads(text)
     assert json.loads(dumps_compact(value)) == value
+    if not any(isinstance(v, int) and abs(v) >= 2**63 for v in _leaves(value)):
+        assert loads_replies(json.dumps(value)) == json.loads(json.dumps(value))
+
+
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return [value]
 
 
 def test_what_orjson_refuses_is_read_as_the_standard_library_reads_it() -> None:
@@ -36,5 +46,7 @@ def test_what_orjson_refuses_is_read_as_the_standard_library_reads_it() -> None:
     assert loads('{"big": 123456789012345678901234567890}')["big"] == 123456789012345678901234567890
     assert loads('["\\ud800"]') == ["\ud800"]
     assert dumps_compact(["\ud800", 2**70]) == json.dumps(["\ud800", 2**70], ensure_ascii=False, separators=(",", ":"))
-    with pytest.raises(ValueError):
-        loads(b'{"unterminated": ')
+    assert loads_replies('["\\ud800", NaN]')[0] == "\ud800"
+    for parse in (loads, loads_replies):
+        with pytest.raises(ValueError):
+            parse(b'{"unterminated": ')

@@ -30,7 +30,7 @@ def _int_or_none(value: Any) -> int | None:
 
 def _loads(data: str) -> Any:
     try:
-        return jsontext.loads(data)
+        return jsontext.loads_replies(data)
     except ValueError:
         return None
 
@@ -66,6 +66,9 @@ class SSEParser:
         *blocks, self._buffer = self._buffer.split(b"\n\n")
         events = []
         for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:  # the usual block: one data line
+                events.append(("message", block[6:].decode("utf-8", errors="replace")))
+                continue
             event, data = "message", []
             for line in block.decode("utf-8", errors="replace").split("\n"):
                 field, _, value = line.partition(":")

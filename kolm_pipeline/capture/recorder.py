@@ -89,7 +89,7 @@ def build(pending: Pending) -> NewCapture:
     status, output, prompt_tokens, completion_tokens = "error", "", None, None
     if pending.outcome == "reply" and 200 <= pending.http_status < 300:
         try:
-            completion = provider.completion(jsontext.loads(pending.reply))
+            completion = provider.completion(jsontext.loads_replies(pending.reply))
         except (ValueError, RecursionError):
             pass
         else:
