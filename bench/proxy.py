@@ -4,16 +4,19 @@ throwaway venv) as the reference peer. Plain and streamed chat completions at co
 
     .venv/bin/python bench/proxy.py                 # full run (installs LiteLLM under /tmp on first use)
     .venv/bin/python bench/proxy.py --no-litellm    # kolm only
-    .venv/bin/python bench/proxy.py --requests 400 --concurrent-requests 3000
+    .venv/bin/python bench/proxy.py --requests 1000 --concurrent-seconds 2 --rounds 10
 
 Every server runs in its own process (the kolm proxy exactly as `kolm_pipeline.capture.background.serve`
 runs it: uvicorn with uvloop and httptools, access log off); the load generator is one asyncio process with
 aiohttp. Latency is measured per request: a whole reply for plain calls, the first content chunk for
 streams (time to first chunk). "added" is a target's p50 minus the direct p50 in the same run.
 
-Each cell is run in `--rounds` rounds, and in each round every target takes its share of the requests in
-turn (the order rotating), so a change in the machine's load during the run hits all targets alike and the
-ratios stay fair. Capture on/off is also given as the median of the per-round ratios (on and off measured
+Each cell is run in `--rounds` rounds, and in each round every target takes its turn (the order rotating):
+at concurrency 1 its share of `--requests`, at concurrency 64 as many calls as fit in `--concurrent-seconds`.
+A change in the machine's load during the run so hits all targets alike and the ratios stay fair. After
+each round of the capture-on proxy the script waits until its writer has stored every capture, so no
+target's round carries the writer's leftover work; how long that took is printed, with the throughput
+counting it. Capture on/off is also given as the median of the per-round ratios (on and off measured
 close together in time), with their range: how wide that range is shows the machine's noise. The 1-minute
 load average is printed with every cell: on a small shared machine, load generator, proxy and upstream
 compete for the same cores, so read absolute figures with it.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import os
 import socket
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,8 +148,13 @@ class Result:
         return len(self.latencies_ms) / self.seconds if self.seconds else 0.0
 
 
+CALLS = itertools.count()
+
+
 async def one_call(session: aiohttp.ClientSession, url: str, headers: dict[str, str], stream: bool) -> float:
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "I was charged twice"}], "stream": stream}
+    # Every prompt differs, as real traffic's do: the store's digest index sees a new key on every write.
+    prompt = f"I was charged twice for order {next(CALLS)}"
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}], "stream": stream}
     start = time.perf_counter()
     async with session.post(url, json=body, headers=headers) as resp:
         if resp.status != 200:
@@ -167,20 +177,26 @@ ERRORS: collections.Counter[str] = collections.Counter()
 
 
 async def load(
-    url: str, headers: dict[str, str], stream: bool, concurrency: int, total: int
-) -> tuple[list[float], float, int]:
-    """`total` calls from `concurrency` workers over kept-alive connections, after a short warm-up."""
+    url: str, headers: dict[str, str], stream: bool, concurrency: int, total: int | None, seconds: float | None
+) -> tuple[list[float], float, int, int]:
+    """`total` calls, or as many as fit in `seconds`, from `concurrency` workers over kept-alive
+    connections, after a short warm-up. Returns the latencies, the wall time, the errors and the calls
+    answered (warm-up included)."""
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     latencies: list[float] = []
     errors = 0
-    remaining = iter(range(total))
+    warm = 20 if total is None else min(20, total)
+    remaining = iter(range(total)) if total is not None else iter(int, 1)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        for _ in range(min(20, total)):  # warm connections and caches
+        for _ in range(warm):  # warm connections and caches
             await one_call(session, url, headers, stream)
+        deadline = float("inf") if seconds is None else time.perf_counter() + seconds
 
         async def worker() -> None:
             nonlocal errors
             for _ in remaining:
+                if time.perf_counter() >= deadline:
+                    return
                 try:
                     latencies.append(await one_call(session, url, headers, stream))
                 except Exception as exc:
@@ -189,8 +205,18 @@ async def load(
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
-    return latencies, seconds, errors
+        elapsed = time.perf_counter() - start
+    return latencies, elapsed, errors, warm + len(latencies)
+
+
+def caught_up(count: Callable[[], int], expected: int, timeout: float = 120.0) -> float:
+    """Wait until the capture-on proxy has stored `expected` captures; the seconds it took."""
+    start = time.perf_counter()
+    while count() < expected:
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError(f"the capture writer stored {count()} of {expected} captures in {timeout:.0f}s")
+        time.sleep(0.01)
+    return time.perf_counter() - start
 
 
 def start(command: list[str], env: dict[str, str], port: int, log: Path, timeout: float = 60) -> subprocess.Popen:
@@ -208,7 +234,9 @@ def start(command: list[str], env: dict[str, str], port: int, log: Path, timeout
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300, help="requests per cell at concurrency 1")
-    parser.add_argument("--concurrent-requests", type=int, default=2000, help="requests per cell at concurrency 64")
+    parser.add_argument(
+        "--concurrent-seconds", type=float, default=1.5, help="seconds per target and round at concurrency 64"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="rounds per cell, targets taking turns in each")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM reference")
     parser.add_argument("--json", help="also write the results to this file")
@@ -285,25 +313,36 @@ def main() -> int:
         processes.append(start(command, litellm_env, port, home / "litellm.log", timeout=180))
         targets["litellm"] = (f"http://127.0.0.1:{port}/chat/completions", {"authorization": f"Bearer {master_key}"})
 
+    def captured() -> int:
+        return store.counters("bench", "bench")["captured"]
+
     results: list[Result] = []
     rounds = max(1, args.rounds)
     names = list(targets)
+    answered_on = 0  # captures the capture-on proxy owes the store
+    drains: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     try:
         for stream in (False, True):
             mode = "stream (TTFC)" if stream else "plain"
-            for concurrency, total in ((1, args.requests), (64, args.concurrent_requests)):
+            for concurrency in (1, 64):
+                total = max(1, args.requests // rounds) if concurrency == 1 else None
+                seconds = args.concurrent_seconds if concurrency == 64 else None
                 cells = {name: Result(name, mode, concurrency, [], 0.0, 0, 0.0) for name in names}
                 for round_ in range(rounds):
                     shift = round_ % len(names)
                     for name in names[shift:] + names[:shift]:
                         url, headers = targets[name]
-                        latencies, seconds, errors = asyncio.run(
-                            load(url, headers, stream, concurrency, max(1, total // rounds))
+                        latencies, elapsed, errors, answered = asyncio.run(
+                            load(url, headers, stream, concurrency, total, seconds)
                         )
+                        if name == "kolm capture on":
+                            # The writer's leftover work must not land on the next target's round.
+                            answered_on += answered
+                            drains[(mode, concurrency)].append(caught_up(captured, answered_on))
                         cell = cells[name]
                         cell.latencies_ms += latencies
                         cell.round_p50s.append(statistics.median(latencies) if latencies else float("nan"))
-                        cell.seconds += seconds
+                        cell.seconds += elapsed
                         cell.errors += errors
                         cell.load += os.getloadavg()[0] / rounds
                 for cell in cells.values():
@@ -322,7 +361,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
 
-    captured = store.counters("bench", "bench")["captured"]
+    stored = captured()
     print()
     print(
         f"{'target':<17} {'mode':<14} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'req/s':>8} "
@@ -368,7 +407,14 @@ def main() -> int:
                 f"{statistics.median(paired):.3f}× median of {len(paired)} paired rounds "
                 f"(range {paired[0]:.2f}–{paired[-1]:.2f}) (goal ≤ 1.10×)"
             )
-        lite, lite64, on64 = cell("litellm", mode, 1), cell("litellm", mode, 64), cell("kolm capture on", mode, 64)
+        on64, waits = cell("kolm capture on", mode, 64), drains[(mode, 64)]
+        assert on64
+        print(
+            f"  {mode:<14} writer caught up after a c=64 round in {statistics.median(waits) * 1000:.0f} ms "
+            f"(median; max {max(waits) * 1000:.0f} ms): {on64.throughput:.0f} req/s during the rounds, "
+            f"{len(on64.latencies_ms) / (on64.seconds + sum(waits)):.0f} req/s counting the catch-up"
+        )
+        lite, lite64 = cell("litellm", mode, 1), cell("litellm", mode, 64)
         if lite and lite64 and on64:
             lite_added = lite.p50 - direct.p50
             print(
@@ -379,7 +425,7 @@ def main() -> int:
                 f"  {mode:<14} added p50 at c=1, kolm / LiteLLM: {(on.p50 - direct.p50) / lite_added:.3f}× "
                 f"(goal ≤ 0.25×; LiteLLM adds {lite_added:.3f} ms)"
             )
-    print(f"captures recorded by the capture-on proxy: {captured}")
+    print(f"captures recorded by the capture-on proxy: {stored} of {answered_on} answered")
     for error, count in ERRORS.most_common(10):
         print(f"error ×{count}: {error}")
     print(f"server logs: {home}")
