@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -523,4 +524,61 @@ def test_version_2_rows_become_captures(tmp_path) -> None:
     upgraded = CaptureStore(url, source_weights={"capture": 0.75, "human": 1.0, "ai": 0.5, "import": 1.0})
     (pair,) = upgraded.kept_pairs("acme", "support")
     assert (pair.source, pair.weight) == ("capture", 0.75)
+    upgraded.close()
+
+
+
+def test_version_3_store_keeps_finding_retries(tmp_path) -> None:
+    """Upgrading to version 4 gives the captures of namespaces with implicit signals on their retry digest
+    (a retry after the upgrade still marks them) and leaves every other capture out of the retry index."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+    from sqlalchemy import create_engine, inspect, text
+
+    from kolm_pipeline.store.capture_store import canonical_messages
+    from kolm_pipeline.store.migrations import MIGRATIONS, _record
+    from kolm_pipeline.store.tables import captures, schema_versions
+
+    question = [{"role": "user", "content": "where is my parcel"}]
+    secret = "ab" * 32
+    digest = CaptureStore._digest(bytes.fromhex(secret), canonical_messages(question))
+    now = datetime.now(UTC).replace(tzinfo=None)
+    url = f"sqlite:///{tmp_path / 'v3.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        schema_versions.create(conn)
+        for version, name, step in MIGRATIONS[:3]:
+            step(Operations(MigrationContext.configure(conn)), conn)
+            _record(conn, version, name)
+        conn.execute(
+            text("INSERT INTO tenant_secrets (tenant, hmac_secret, created_at) VALUES ('acme', :secret, :at)"),
+            {"secret": secret, "at": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO namespace_settings (tenant, namespace, implicit_signals, distill_ready, updated_at)"
+                " VALUES ('acme', 'support', 1, 0, :at)"
+            ),
+            {"at": now},
+        )
+        for request_id, namespace in (("r1", "support"), ("r2", "billing")):
+            conn.execute(
+                text(
+                    "INSERT INTO captures (request_id, tenant, namespace, provider, model, input_json, output_text,"
+                    " latency_us, status, http_status, tags, streamed, triage_state, created_at, input_hmac)"
+                    " VALUES (:id, 'acme', :ns, 'openai', 'm', :input, 'x', 5, 'ok', 200, '', 0, 'untriaged',"
+                    " :at, :digest)"
+                ),
+                {"id": request_id, "ns": namespace, "input": json.dumps(question), "at": now, "digest": digest},
+            )
+    engine.dispose()
+    upgraded = CaptureStore(url)
+    with upgraded.engine.connect() as conn:
+        names = {index["name"] for index in inspect(conn).get_indexes("captures")}
+        kept = dict(conn.execute(select(captures.c.request_id, captures.c.retry_digest)).all())
+    assert "ix_captures_tenant_namespace_input_hmac" not in names and "ix_captures_retry_digest" in names
+    assert kept == {"r1": digest, "r2": None}
+    upgraded.insert_captures([capture(1, messages=question), capture(2, messages=question, namespace="billing")])
+    signals = {c.request_id: c.implicit_signal for c in upgraded.list_captures("acme")}
+    assert (signals["r1"], signals["r2"]) == ("retried", None)
     upgraded.close()

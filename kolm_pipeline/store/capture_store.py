@@ -383,19 +383,21 @@ class CaptureStore:
             self._implicit_signals(conn, rows)
 
     def _capture_rows(self, conn: Any, records: list[NewCapture]) -> list[dict[str, Any]]:
+        """Rows to insert; in namespaces with implicit signals on they carry their retry digest."""
         now = self._now()
         rows = []
-        checked: set[tuple[str, str]] = set()
+        signals: dict[tuple[str, str], bool] = {}
         for record in records:
-            if (record.tenant, record.namespace) not in checked:
+            if (record.tenant, record.namespace) not in signals:
                 validate_tenant(record.tenant)
                 validate_namespace(record.namespace)
-                checked.add((record.tenant, record.namespace))
+                signals[(record.tenant, record.namespace)] = self._signals_on(conn, record.tenant, record.namespace)
             if any("," in tag for tag in record.tags):
                 raise ValueError("tags must not contain commas")
             if record.source not in CAPTURE_SOURCES:
                 raise ValueError(f"invalid source {record.source!r}: expected one of {', '.join(CAPTURE_SOURCES)}")
             secret = self._secret(conn, record.tenant)
+            input_hmac = self._digest(secret, canonical_messages(record.messages))
             rows.append(
                 {
                     "request_id": record.request_id,
@@ -417,16 +419,24 @@ class CaptureStore:
                     "created_at": _utc(record.created_at) if record.created_at else now,
                     "feedback_output": None,
                     "feedback_rating": None,
-                    "input_hmac": self._digest(secret, canonical_messages(record.messages)),
+                    "input_hmac": input_hmac,
                     "output_hmac": self._digest(secret, canonical_text(record.output_text)),
                     "expired_at": None,
                     "distilled_at": None,
                     "merged_at": None,
                     "implicit_signal": None,
                     "source": record.source,
+                    "retry_digest": input_hmac if signals[(record.tenant, record.namespace)] else None,
                 }
             )
         return rows
+
+    @staticmethod
+    def _signals_on(conn: Any, tenant: str, namespace: str) -> bool:
+        stmt = select(namespace_settings.c.implicit_signals).where(
+            namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace
+        )
+        return bool(conn.execute(stmt).scalar_one_or_none())
 
     def import_captures(
         self,
@@ -497,23 +507,15 @@ class CaptureStore:
 
     def _implicit_signals(self, conn: Any, rows: list[dict[str, Any]]) -> None:
         """Where a namespace opted in, mark earlier captures whose input came again soon after as 'retried'."""
-        pairs = sorted({(row["tenant"], row["namespace"]) for row in rows})
-        opted_in = set()
-        for tenant, namespace in pairs:
-            stmt = select(namespace_settings.c.implicit_signals).where(
-                namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace
-            )
-            if conn.execute(stmt).scalar_one_or_none():
-                opted_in.add((tenant, namespace))
         for row in rows:
-            if (row["tenant"], row["namespace"]) not in opted_in:
+            if row["retry_digest"] is None:
                 continue
             conn.execute(
                 update(captures)
                 .where(
                     captures.c.tenant == row["tenant"],
                     captures.c.namespace == row["namespace"],
-                    captures.c.input_hmac == row["input_hmac"],
+                    captures.c.retry_digest == row["retry_digest"],
                     captures.c.request_id != row["request_id"],
                     captures.c.created_at >= row["created_at"] - IMPLICIT_RETRY_WINDOW,
                     captures.c.created_at <= row["created_at"],
@@ -885,6 +887,19 @@ class CaptureStore:
                 conn.execute(insert(namespace_settings).values(tenant=tenant, namespace=namespace, **stored))
             else:
                 conn.execute(update(namespace_settings).where(*key).values(**stored))
+            if after["implicit_signals"] and not before.implicit_signals:
+                # Captures from the window before the switch count: a retry of one of them is a signal too.
+                conn.execute(
+                    update(captures)
+                    .where(
+                        captures.c.tenant == tenant,
+                        captures.c.namespace == namespace,
+                        captures.c.retry_digest.is_(None),
+                        captures.c.expired_at.is_(None),
+                        captures.c.created_at >= self._now() - IMPLICIT_RETRY_WINDOW,
+                    )
+                    .values(retry_digest=captures.c.input_hmac)
+                )
             for name in _SWITCH_NAMES:
                 old, new = getattr(before, name), after[name]
                 if old != new:

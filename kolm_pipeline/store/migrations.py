@@ -158,10 +158,33 @@ def _v3_capture_source(op: Operations, _conn: Connection) -> None:
     )
 
 
+def _v4_retry_digest(op: Operations, conn: Connection) -> None:
+    """Retries are looked up by a copy of the input digest that only namespaces with implicit signals keep,
+    under a partial index. The index of every capture's digest it replaces sat on random keys: each insert
+    dirtied a page of its own, which cost the capture writer about 40 µs of its ~100 per call."""
+    op.add_column("captures", Column("retry_digest", String(64)))
+    op.drop_index("ix_captures_tenant_namespace_input_hmac", table_name="captures")
+    only_kept = text("retry_digest IS NOT NULL")
+    op.create_index(
+        "ix_captures_retry_digest",
+        "captures",
+        ["tenant", "namespace", "retry_digest"],
+        sqlite_where=only_kept,
+        postgresql_where=only_kept,
+    )
+    conn.execute(
+        text(
+            "UPDATE captures SET retry_digest = input_hmac WHERE EXISTS (SELECT 1 FROM namespace_settings s"
+            " WHERE s.tenant = captures.tenant AND s.namespace = captures.namespace AND s.implicit_signals)"
+        )
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (1, "baseline tables", _v1_baseline),
     (2, "retention, counters and switches", _v2_retention_and_counters),
     (3, "capture source", _v3_capture_source),
+    (4, "retry digest", _v4_retry_digest),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 PROVIDERS = ("openai", "anthropic")
@@ -87,12 +88,21 @@ captures = Table(
     Column("merged_at", DateTime(timezone=True)),
     Column("implicit_signal", String(32)),
     Column("source", String(16), nullable=False, default="capture", server_default="capture"),
+    # The input digest again, only where the namespace has implicit signals on: retries are found by it.
+    Column("retry_digest", String(64)),
     CheckConstraint(_one_of("provider", PROVIDERS), name="ck_captures_provider"),
     CheckConstraint(_one_of("status", CAPTURE_STATUSES), name="ck_captures_status"),
     CheckConstraint(_one_of("triage_state", TRIAGE_STATES), name="ck_captures_triage_state"),
     CheckConstraint(_one_of("source", CAPTURE_SOURCES), name="ck_captures_source"),
     Index("ix_captures_tenant_namespace_triage", "tenant", "namespace", "triage_state"),
-    Index("ix_captures_tenant_namespace_input_hmac", "tenant", "namespace", "input_hmac"),
+    Index(
+        "ix_captures_retry_digest",
+        "tenant",
+        "namespace",
+        "retry_digest",
+        sqlite_where=text("retry_digest IS NOT NULL"),
+        postgresql_where=text("retry_digest IS NOT NULL"),
+    ),
     Index("ix_captures_expired_created", "expired_at", "created_at"),
 )
 
