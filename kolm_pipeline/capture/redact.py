@@ -125,11 +125,13 @@ RECOGNIZERS: tuple[Recognizer, ...] = (
     ),
 )
 ENTITIES: tuple[str, ...] = tuple(dict.fromkeys(r.entity for r in RECOGNIZERS))
-# Every recognizer's match holds one of these: a digit (numbers, IBANs, IPv4, and the validators of the two
-# unprefixed key patterns want one), an `@`, two colons at most four hex digits apart (IPv6), or a run of 11+
-# key characters (the shortest prefixed key, a JWT's first part, is 11). Text with none of them cannot hold
-# anything to redact: one scan instead of one per recognizer, and most chat text ends there.
-_MAY_HOLD_PII = re.compile(r"[\d@]|:[0-9A-Fa-f]{0,4}:|[A-Za-z0-9_\-]{11,}")
+# Every recognizer's match holds one of these: an `@`; two colons at most four hex digits apart (IPv6); a run
+# of 11+ key characters (the shortest prefixed key, a JWT's first part, is 11; a labelled key's value is 12+;
+# an unprefixed key 32+); a run of 10+ digits and separators that starts and ends with a digit (phone numbers
+# have 10+ digits, cards 13+, SSNs are 11 characters); a digit, a dot and a digit (IPv4); or two capitals and
+# two digits (an IBAN's start). Text with none of them cannot hold anything to redact: one scan instead of
+# one per recognizer, and most chat text, short numbers such as order ids and prices included, ends there.
+_MAY_HOLD_PII = re.compile(r"@|:[0-9A-Fa-f]{0,4}:|[A-Za-z0-9_\-./+=]{11,}|\d[\d .()+\-]{8,}\d|\d\.\d|[A-Z]{2}\d\d")
 _NOT_REDACTED_KEYS = frozenset({"role", "type", "tool_call_id", "id"})
 
 
