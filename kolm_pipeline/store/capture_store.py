@@ -120,7 +120,8 @@ class _DriverInsert(NamedTuple):
         for row in rows:
             values = list(_capture_values(row))
             for index, convert in self.converters:
-                values[index] = convert(values[index])
+                if values[index] is not None:  # these columns' processors map None to None
+                    values[index] = convert(values[index])
             parameters.append(tuple(values))
         return parameters
 
