@@ -124,18 +124,19 @@ def cmd_triage(args: argparse.Namespace) -> int:
         return 0
     add = tags + ([EVAL_CANDIDATE_TAG] if args.eval_candidate else [])
     remove = list(args.untag or [])
-    owned = store.owned_ids(tenant, args.ids)
-    missing = sorted(set(args.ids) - owned)
+    if args.action == "tag" and not add and not remove:
+        raise CliError("triage tag needs --tag TAG, --untag TAG or --eval-candidate")
+    # Only ids of the namespace named: an id of the tenant's other namespaces is skipped, not changed.
+    owned = sorted(store.owned_ids(tenant, args.ids, namespace=namespace))
+    missing = sorted(set(args.ids) - set(owned))
     if missing:
-        print(f"no capture(s) {missing[:20]} for tenant {tenant}; skipped", file=sys.stderr)
+        print(f"no capture(s) {missing[:20]} in {tenant}.{namespace}; skipped", file=sys.stderr)
     if args.action == "tag":
-        if not add and not remove:
-            raise CliError("triage tag needs --tag TAG, --untag TAG or --eval-candidate")
         changed = store.retag(tenant, owned, add, remove, actor=args.actor)
         print(f"tags of {changed} of {len(args.ids)} captures changed ({_tag_change(add, remove)})")
         return 0
     state = "kept" if args.action == "keep" else "discarded"
-    changed = store.set_triage(tenant, args.ids, state, actor=args.actor, add_tags=add, remove_tags=remove)
+    changed = store.set_triage(tenant, owned, state, actor=args.actor, add_tags=add, remove_tags=remove)
     tagged = f"; tags {_tag_change(add, remove)} on {len(owned)}" if add or remove else ""
     print(f"{changed} of {len(args.ids)} captures marked {state}{tagged}")
     return 0

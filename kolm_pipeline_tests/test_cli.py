@@ -85,6 +85,26 @@ def test_tenant_triage_and_status(kolm_settings, ticket_store, capsys):
     assert main(["capture", "status", "--namespace", "Bad Namespace!"]) == 1
 
 
+def test_triage_ids_stay_in_the_namespace_named(kolm_settings, ticket_store, capsys):
+    """`kolm triage … --namespace acme.support ID` never changes a capture of the tenant's other namespaces."""
+    from kolm_pipeline.demo.tickets import generate_tickets
+    from kolm_pipeline_tests.conftest import capture_tickets
+
+    capture_tickets(ticket_store, "acme", "billing", generate_tickets(2, seed=5))
+    billing = [c.id for c in ticket_store.list_captures("acme", "billing")]
+    support = ticket_store.list_captures("acme", "support")[0].id
+    capsys.readouterr()
+    assert main(["triage", "discard", "--namespace", "acme.support", str(support), *map(str, billing)]) == 0
+    captured = capsys.readouterr()
+    assert f"no capture(s) {sorted(billing)} in acme.billing" not in captured.err
+    assert f"no capture(s) {sorted(billing)} in acme.support; skipped" in captured.err
+    assert "1 of 3 captures marked discarded" in captured.out
+    assert ticket_store.get_capture("acme", support).triage_state == "discarded"
+    assert {ticket_store.get_capture("acme", i).triage_state for i in billing} == {"untriaged"}
+    assert main(["triage", "tag", "--namespace", "acme.support", "--tag", "x", *map(str, billing)]) == 0
+    assert all("x" not in ticket_store.get_capture("acme", i).tags for i in billing)
+
+
 def test_registry_diff_of_an_unknown_task_is_one_clear_line(kolm_settings, capsys):
     assert main(["registry", "diff", "--task", "acme.nothing"]) == 1
     err = capsys.readouterr().err.strip()

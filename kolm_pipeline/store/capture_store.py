@@ -581,13 +581,16 @@ class CaptureStore:
             row = conn.execute(stmt).first()
         return _capture(row) if row is not None else None
 
-    def owned_ids(self, tenant: str, capture_ids: Iterable[int]) -> set[int]:
-        """Which of `capture_ids` belong to `tenant` (others are answered as if they did not exist)."""
+    def owned_ids(self, tenant: str, capture_ids: Iterable[int], namespace: str | None = None) -> set[int]:
+        """Which of `capture_ids` belong to `tenant` (others are answered as if they did not exist), and
+        to `namespace` when one is given."""
         ids = sorted({int(i) for i in capture_ids})
         owned: set[int] = set()
         with self.engine.connect() as conn:
             for chunk in _chunks(ids):
                 stmt = select(captures.c.id).where(captures.c.tenant == tenant, captures.c.id.in_(chunk))
+                if namespace is not None:
+                    stmt = stmt.where(captures.c.namespace == namespace)
                 owned.update(conn.execute(stmt).scalars())
         return owned
 
