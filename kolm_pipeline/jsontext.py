@@ -43,6 +43,9 @@ def dumps_compact(value: Any) -> str:
     """`json.dumps(value, ensure_ascii=False, separators=(",", ":"))`, faster: the text parses back to the
     same value (floats may be spelled differently: `1e16` rather than `1e+16`)."""
     try:
-        return orjson.dumps(value).decode("utf-8")
+        text = orjson.dumps(value)
     except (TypeError, UnicodeDecodeError):
+        text = b"null"
+    if b"null" in text:  # orjson writes NaN and Infinity as null (json writes NaN): a real null costs the slow path
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.decode("utf-8")

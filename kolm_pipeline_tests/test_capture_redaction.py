@@ -51,6 +51,7 @@ FRAGMENTS = [text for text, _ in CASES] + LOOKALIKES + [
     "sk-ant-" + "abcdefghijklmnopqrstuv", "fe80::1", "::", "a:b:c", "token: abcdefghijkl", "@", "x@y",
     "informational", "0", "+44", "-", "_", " ", "\n", ":", ".", "é", "٣",
     "DE89", "GB82WEST", "(415)", "555", "2671", "4111", "1111", "123-45-", "6789", "10.0.", "a/b+c=d.e",
+    "\u017f", "\u212a", "\u0131", "\u0130",  # letters only to a case-insensitive [A-Za-z]
 ]
 # Numbers with the separators phone, card, SSN and IP patterns allow, in any arrangement.
 NUMBERISH = st.text(alphabet="0123456789٣ .-()+/", max_size=20)
@@ -87,6 +88,8 @@ def _iban(country: str, bban: str) -> str:
         ("4111111111111111", "CREDIT_CARD"),
         (_iban("GB", "WESTABCDEFGH"), "IBAN"),  # letters in every group: only its start looks like an IBAN
         ("token: ab.cd/ef+gh=12", "API_KEY"),  # punctuation breaks every run of plain key characters
+        ("password: abcde12345\u017ffghij67890", "API_KEY"),  # ſ: a letter only when case is ignored
+        ("Bearer abcde12345\u212afghij67890", "API_KEY"),  # the Kelvin sign, likewise
     ],
 )
 def test_smallest_instances_get_past_the_scan(text: str, entity: str) -> None:

@@ -45,7 +45,8 @@ def test_what_orjson_refuses_is_read_as_the_standard_library_reads_it() -> None:
     assert math.isnan(loads(b'{"x": NaN}')["x"])
     assert loads('{"big": 123456789012345678901234567890}')["big"] == 123456789012345678901234567890
     assert loads('["\\ud800"]') == ["\ud800"]
-    assert dumps_compact(["\ud800", 2**70]) == json.dumps(["\ud800", 2**70], ensure_ascii=False, separators=(",", ":"))
+    for awkward in (["\ud800", 2**70], [float("nan"), float("inf"), -float("inf"), None]):
+        assert dumps_compact(awkward) == json.dumps(awkward, ensure_ascii=False, separators=(",", ":"))
     assert loads_replies('["\\ud800", NaN]')[0] == "\ud800"
     for parse in (loads, loads_replies):
         with pytest.raises(ValueError):

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from psycopg import sql
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from kolm_pipeline.store import (
     CaptureStore,
@@ -19,7 +19,7 @@ from kolm_pipeline.store import (
     split_partition_key,
     validate_namespace,
 )
-from kolm_pipeline.store.tables import audit_log, metadata, tenants
+from kolm_pipeline.store.tables import audit_log, captures, metadata, tenants
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
@@ -386,6 +386,25 @@ def test_implicit_signals_only_when_opted_in(clocked: tuple[CaptureStore, Clock]
     assert store.get_capture("acme", again).implicit_signal is None  # too long after: no signal
     store.add_rule("acme", "support", "discard", {"signal": "retried"}, "alice")
     assert store.apply_rules("acme", "support") == {"kept": 0, "discarded": 2}
+
+
+def test_retries_of_captures_written_while_signals_were_switched_on_are_found(
+    clocked: tuple[CaptureStore, Clock],
+) -> None:
+    """A writer that read the switch as off just before it was turned on commits its rows without a retry
+    digest, after the switch's backfill ran; once it sees the switch on it backfills the window itself."""
+    store, clock = clocked
+    question = [{"role": "user", "content": "is my refund through"}]
+    writer = CaptureStore(store.engine.url.render_as_string(hide_password=False), clock=clock)
+    writer.insert_captures([capture(1, messages=[{"role": "user", "content": "warm-up"}])])  # sees off
+    first = writer.insert_captures([capture(2, messages=question)])[0]
+    store.set_switches("acme", "support", "alice", implicit_signals=True)
+    with store.engine.begin() as conn:  # the race's outcome: the row committed after the switch's backfill
+        conn.execute(update(captures).where(captures.c.id == first).values(retry_digest=None))
+    clock.advance(minutes=1)
+    writer.insert_captures([capture(3, messages=question)])
+    assert store.get_capture("acme", first).implicit_signal == "retried"
+    writer.close()
 
 
 def test_insert_once_is_idempotent(store: CaptureStore) -> None:

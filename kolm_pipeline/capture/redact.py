@@ -131,7 +131,9 @@ ENTITIES: tuple[str, ...] = tuple(dict.fromkeys(r.entity for r in RECOGNIZERS))
 # have 10+ digits, cards 13+, SSNs are 11 characters); a digit, a dot and a digit (IPv4); or two capitals and
 # two digits (an IBAN's start). Text with none of them cannot hold anything to redact: one scan instead of
 # one per recognizer, and most chat text, short numbers such as order ids and prices included, ends there.
-_MAY_HOLD_PII = re.compile(r"@|:[0-9A-Fa-f]{0,4}:|[A-Za-z0-9_\-./+=]{11,}|\d[\d .()+\-]{8,}\d|\d\.\d|[A-Z]{2}\d\d")
+# The run is matched ignoring case as the labelled-key recognizer is: with IGNORECASE `[A-Za-z]` also takes
+# İ, ı, ſ and the Kelvin sign, so a key with one of them every ten characters has no 11-run otherwise.
+_MAY_HOLD_PII = re.compile(r"@|:[0-9A-Fa-f]{0,4}:|(?i:[A-Za-z0-9_\-./+=]{11,})|\d[\d .()+\-]{8,}\d|\d\.\d|[A-Z]{2}\d\d")
 _NOT_REDACTED_KEYS = frozenset({"role", "type", "tool_call_id", "id"})
 
 

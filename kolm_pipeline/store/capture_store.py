@@ -236,6 +236,7 @@ class CaptureStore:
             raise ValueError("retention must be at least one day")
         self.default_retention_days = default_retention_days
         self._secrets: dict[str, bytes] = {}
+        self._signals_seen: dict[tuple[str, str], bool] = {}
         migrate(self.engine)
 
     def close(self) -> None:
@@ -432,12 +433,32 @@ class CaptureStore:
             )
         return rows
 
-    @staticmethod
-    def _signals_on(conn: Any, tenant: str, namespace: str) -> bool:
+    def _signals_on(self, conn: Any, tenant: str, namespace: str) -> bool:
+        """Whether the namespace has implicit signals on. The first time this store sees them on (at start,
+        or after it saw them off) it gives the window's captures their retry digest: rows it wrote while the
+        switch was being turned on (read as off, committed after the switch's own backfill) are found too."""
         stmt = select(namespace_settings.c.implicit_signals).where(
             namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace
         )
-        return bool(conn.execute(stmt).scalar_one_or_none())
+        on = bool(conn.execute(stmt).scalar_one_or_none())
+        if on and not self._signals_seen.get((tenant, namespace), False):
+            self._backfill_retry_digests(conn, tenant, namespace)
+        self._signals_seen[(tenant, namespace)] = on
+        return on
+
+    def _backfill_retry_digests(self, conn: Any, tenant: str, namespace: str) -> None:
+        """Give the namespace's captures of the retry window their retry digest: a retry of them is a signal."""
+        conn.execute(
+            update(captures)
+            .where(
+                captures.c.tenant == tenant,
+                captures.c.namespace == namespace,
+                captures.c.retry_digest.is_(None),
+                captures.c.expired_at.is_(None),
+                captures.c.created_at >= self._now() - IMPLICIT_RETRY_WINDOW,
+            )
+            .values(retry_digest=captures.c.input_hmac)
+        )
 
     def import_captures(
         self,
@@ -892,18 +913,7 @@ class CaptureStore:
             else:
                 conn.execute(update(namespace_settings).where(*key).values(**stored))
             if after["implicit_signals"] and not before.implicit_signals:
-                # Captures from the window before the switch count: a retry of one of them is a signal too.
-                conn.execute(
-                    update(captures)
-                    .where(
-                        captures.c.tenant == tenant,
-                        captures.c.namespace == namespace,
-                        captures.c.retry_digest.is_(None),
-                        captures.c.expired_at.is_(None),
-                        captures.c.created_at >= self._now() - IMPLICIT_RETRY_WINDOW,
-                    )
-                    .values(retry_digest=captures.c.input_hmac)
-                )
+                self._backfill_retry_digests(conn, tenant, namespace)
             for name in _SWITCH_NAMES:
                 old, new = getattr(before, name), after[name]
                 if old != new:
