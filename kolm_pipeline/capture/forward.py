@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from kolm_pipeline import jsontext
 from kolm_pipeline.capture.providers import Provider, RequestError
 from kolm_pipeline.capture.recorder import REDACTED, Pending, Recorder
 from kolm_pipeline.settings import CaptureConfig, Settings
@@ -396,7 +397,7 @@ class Forwarder:
             raise ApiError(400, "invalid_request_error", "x-upstream-api-key must be printable ASCII")
         raw = await _read_body(receive, self._config.max_body_bytes, headers.get("content-length"))
         try:
-            body = json.loads(raw)
+            body = jsontext.loads(raw)
         except (ValueError, RecursionError) as exc:
             raise ApiError(400, "invalid_request_error", "request body is not valid JSON") from exc
         if not isinstance(body, dict):
