@@ -515,22 +515,29 @@ def test_source_column_defaults_to_capture_and_is_checked(store: CaptureStore) -
     assert store.get_capture("acme", max(c.id for c in store.list_captures("acme"))).source == "capture"
 
 
-def test_version_2_rows_become_captures(tmp_path) -> None:
-    """Upgrading a store made at version 2 marks every existing row as proxy traffic (weight of `capture`)."""
+def _migrate_to(conn, version: int) -> None:
+    """Build the schema as the store's migrations left it at `version`."""
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
-    from sqlalchemy import create_engine, text
 
     from kolm_pipeline.store.migrations import MIGRATIONS, _record
     from kolm_pipeline.store.tables import schema_versions
 
+    schema_versions.create(conn)
+    for number, name, step in MIGRATIONS[:version]:
+        step(Operations(MigrationContext.configure(conn)), conn)
+        _record(conn, number, name)
+
+
+def test_version_2_rows_become_captures(tmp_path) -> None:
+    """Upgrading a store made at version 2 marks every existing row as proxy traffic (weight of `capture`)."""
+    from sqlalchemy import create_engine, text
+
+
     url = f"sqlite:///{tmp_path / 'v2.db'}"
     engine = create_engine(url)
     with engine.begin() as conn:
-        schema_versions.create(conn)
-        for version, name, step in MIGRATIONS[:2]:
-            step(Operations(MigrationContext.configure(conn)), conn)
-            _record(conn, version, name)
+        _migrate_to(conn, 2)
         conn.execute(
             text(
                 "INSERT INTO captures (request_id, tenant, namespace, provider, model, input_json, output_text,"
@@ -550,13 +557,10 @@ def test_version_2_rows_become_captures(tmp_path) -> None:
 def test_version_3_store_keeps_finding_retries(tmp_path) -> None:
     """Upgrading to version 4 gives the captures of namespaces with implicit signals on their retry digest
     (a retry after the upgrade still marks them) and leaves every other capture out of the retry index."""
-    from alembic.migration import MigrationContext
-    from alembic.operations import Operations
     from sqlalchemy import create_engine, inspect, text
 
     from kolm_pipeline.store.capture_store import canonical_messages
-    from kolm_pipeline.store.migrations import MIGRATIONS, _record
-    from kolm_pipeline.store.tables import captures, schema_versions
+    from kolm_pipeline.store.tables import captures
 
     question = [{"role": "user", "content": "where is my parcel"}]
     secret = "ab" * 32
@@ -565,10 +569,7 @@ def test_version_3_store_keeps_finding_retries(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'v3.db'}"
     engine = create_engine(url)
     with engine.begin() as conn:
-        schema_versions.create(conn)
-        for version, name, step in MIGRATIONS[:3]:
-            step(Operations(MigrationContext.configure(conn)), conn)
-            _record(conn, version, name)
+        _migrate_to(conn, 3)
         conn.execute(
             text("INSERT INTO tenant_secrets (tenant, hmac_secret, created_at) VALUES ('acme', :secret, :at)"),
             {"secret": secret, "at": now},
