@@ -44,8 +44,9 @@ def dumps_compact(value: Any) -> str:
     same value (floats may be spelled differently: `1e16` rather than `1e+16`)."""
     try:
         text = orjson.dumps(value)
-    except (TypeError, UnicodeDecodeError):
-        text = b"null"
-    if b"null" in text:  # orjson writes NaN and Infinity as null (json writes NaN): a real null costs the slow path
+    except orjson.JSONEncodeError:  # wide integers, lone surrogates, non-string keys
+        text = None
+    # orjson writes NaN and Infinity as null where json writes NaN: text with a null takes the slow path.
+    if text is None or b"null" in text:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return text.decode("utf-8")
