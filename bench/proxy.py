@@ -17,9 +17,13 @@ A change in the machine's load during the run so hits all targets alike and the 
 each round of the capture-on proxy the script waits until its writer has stored every capture, so no
 target's round carries the writer's leftover work; how long that took is printed, with the throughput
 counting it. Capture on/off is also given as the median of the per-round ratios (on and off measured
-close together in time), with their range: how wide that range is shows the machine's noise. The 1-minute
-load average is printed with every cell: on a small shared machine, load generator, proxy and upstream
-compete for the same cores, so read absolute figures with it.
+close together in time), with their range: how wide that range is shows the machine's noise. A second,
+identical capture-off proxy runs as a control (`--no-control` drops it): its ratio to the first is what
+noise alone makes of two proxies that do exactly the same, so read capture on/off against it. The CPU time
+each kolm proxy process (and its capture writer) spent per call is read from /proc around every round:
+unlike latency it hardly moves with the machine's load, and it says where the cost of capturing goes.
+The 1-minute load average is printed with every cell: on a small shared machine, load generator, proxy
+and upstream compete for the same cores, so read absolute figures with it.
 """
 
 from __future__ import annotations
@@ -121,6 +125,30 @@ def ensure_litellm() -> Path:
     return exe
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds a process and its running children (a kolm proxy's capture writer) have run, summed over
+    their threads from /proc's schedstat (nanoseconds, where /proc/PID/stat counts 10 ms ticks); zeros
+    where there is no /proc."""
+
+    def run_time(process: int) -> float:
+        total = 0
+        for task in Path(f"/proc/{process}/task").glob("*"):
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total / 1e9
+
+    children = 0.0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        children += sum(run_time(int(kid)) for kid in kids)
+    return run_time(pid), children
+
+
 @dataclass
 class Result:
     target: str
@@ -131,6 +159,12 @@ class Result:
     errors: int
     load: float
     round_p50s: list[float] = field(default_factory=list)
+    calls: int = 0  # answered, warm-up included: what the CPU time below was spent on
+    cpu_s: float = 0.0  # the server process's CPU time during the rounds (kolm proxies only)
+    child_cpu_s: float = 0.0  # its capture writer's, the catch-up after each round included
+
+    def cpu_us_per_call(self, child: bool = False) -> float:
+        return (self.child_cpu_s if child else self.cpu_s) / self.calls * 1e6 if self.calls else float("nan")
 
     @property
     def p50(self) -> float:
@@ -219,6 +253,18 @@ def caught_up(count: Callable[[], int], expected: int, timeout: float = 120.0) -
     return time.perf_counter() - start
 
 
+CONTROL = "kolm capture off 2"
+
+
+def ratio_text(first: Result, second: Result) -> str:
+    """p50 ratio over all calls, and the median and range of the per-round ratios."""
+    paired = sorted(a / b for a, b in zip(first.round_p50s, second.round_p50s, strict=True))
+    return (
+        f"{first.p50 / second.p50:.3f}× overall, {statistics.median(paired):.3f}× median of {len(paired)} "
+        f"paired rounds (range {paired[0]:.2f}–{paired[-1]:.2f})"
+    )
+
+
 def start(command: list[str], env: dict[str, str], port: int, log: Path, timeout: float = 60) -> subprocess.Popen:
     """A server process, its output going to `log` (a pipe nobody reads would block it once full)."""
     with log.open("ab") as out:
@@ -239,6 +285,9 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=5, help="rounds per cell, targets taking turns in each")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM reference")
+    parser.add_argument(
+        "--no-control", action="store_true", help="skip the second capture-off proxy (the A/A noise control)"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
@@ -267,10 +316,16 @@ def main() -> int:
         "x-upstream-api-key": "sk-upstream",
         "x-kolm-namespace": "bench",
     }
-    for name, record in (("kolm capture on", "1"), ("kolm capture off", "0")):
+    kolm_targets = [("kolm capture on", "1"), ("kolm capture off", "0")]
+    if not args.no_control:
+        kolm_targets.append((CONTROL, "0"))
+    pids: dict[str, int] = {}
+    for index, (name, record) in enumerate(kolm_targets):
         port = free_port()
         command = [sys.executable, "-c", KOLM_PROXY, str(port), upstream]
-        processes.append(start(command, {**env, "KOLM_CAPTURE_RECORD": record}, port, home / f"kolm-{record}.log"))
+        log = home / f"kolm-{index}-record-{record}.log"
+        processes.append(start(command, {**env, "KOLM_CAPTURE_RECORD": record}, port, log))
+        pids[name] = processes[-1].pid
         targets[name] = (f"http://127.0.0.1:{port}/v1/capture/openai/chat/completions", kolm_headers)
     if not args.no_litellm:
         litellm = ensure_litellm()
@@ -339,14 +394,20 @@ def main() -> int:
                     shift = round_ % len(names)
                     for name in names[shift:] + names[:shift]:
                         url, headers = targets[name]
+                        cpu_before = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
                         latencies, elapsed, errors, answered = asyncio.run(
                             load(url, headers, stream, concurrency, total, seconds)
                         )
+                        cpu_during = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
                         if name == "kolm capture on":
                             # The writer's leftover work must not land on the next target's round.
                             answered_on += answered
                             drains[(mode, concurrency)].append(caught_up(captured, answered_on))
+                        cpu_after = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
                         cell = cells[name]
+                        cell.calls += answered
+                        cell.cpu_s += cpu_during[0] - cpu_before[0]
+                        cell.child_cpu_s += cpu_after[1] - cpu_before[1]
                         cell.latencies_ms += latencies
                         cell.round_p50s.append(statistics.median(latencies) if latencies else float("nan"))
                         cell.seconds += elapsed
@@ -355,7 +416,7 @@ def main() -> int:
                 for cell in cells.values():
                     results.append(cell)
                     print(
-                        f"  {cell.target:<17} {mode:<14} c={concurrency:<3} p50 {cell.p50:7.3f} ms  "
+                        f"  {cell.target:<18} {mode:<14} c={concurrency:<3} p50 {cell.p50:7.3f} ms  "
                         f"load {cell.load:.2f}",
                         flush=True,
                     )
@@ -371,7 +432,7 @@ def main() -> int:
     stored = captured()
     print()
     print(
-        f"{'target':<17} {'mode':<14} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'req/s':>8} "
+        f"{'target':<18} {'mode':<14} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'req/s':>8} "
         f"{'errors':>6} {'load':>5}"
     )
     table = []
@@ -389,15 +450,26 @@ def main() -> int:
                 "p99": result.p99,
                 "added_p50": added,
                 "throughput": result.throughput,
+                "cpu_us_per_call": result.cpu_us_per_call() if result.target in pids else None,
+                "writer_cpu_us_per_call": result.cpu_us_per_call(child=True) if result.target in pids else None,
             }
         )
         print(
-            f"{result.target:<17} {result.mode:<14} {result.concurrency:>3} {result.p50:8.3f} {result.p99:8.3f} "
+            f"{result.target:<18} {result.mode:<14} {result.concurrency:>3} {result.p50:8.3f} {result.p99:8.3f} "
             f"{added:10.3f} {result.throughput:8.0f} {result.errors:>6} {result.load:5.2f}"
         )
 
     def cell(target: str, mode: str, concurrency: int) -> Result | None:
         return next((r for r in results if (r.target, r.mode, r.concurrency) == (target, mode, concurrency)), None)
+
+    print()
+    print("CPU per call (µs, from /proc; the proxy's during the rounds, its writer's including the catch-up):")
+    for result in results:
+        if result.target in pids:
+            print(
+                f"  {result.target:<18} {result.mode:<14} c={result.concurrency:<3} "
+                f"proxy {result.cpu_us_per_call():6.1f}  writer {result.cpu_us_per_call(child=True):6.1f}"
+            )
 
     print()
     print("goals:")
@@ -408,12 +480,10 @@ def main() -> int:
         for concurrency in (1, 64):
             on_c, off_c = cell("kolm capture on", mode, concurrency), cell("kolm capture off", mode, concurrency)
             assert on_c and off_c
-            paired = sorted(a / b for a, b in zip(on_c.round_p50s, off_c.round_p50s, strict=True))
-            print(
-                f"  {mode:<14} capture on/off p50 at c={concurrency}: {on_c.p50 / off_c.p50:.3f}× overall, "
-                f"{statistics.median(paired):.3f}× median of {len(paired)} paired rounds "
-                f"(range {paired[0]:.2f}–{paired[-1]:.2f}) (goal ≤ 1.10×)"
-            )
+            print(f"  {mode:<14} capture on/off p50 at c={concurrency}: {ratio_text(on_c, off_c)} (goal ≤ 1.10×)")
+            control = cell(CONTROL, mode, concurrency)
+            if control:
+                print(f"  {mode:<14}   A/A control, off/off again at c={concurrency}: {ratio_text(off_c, control)}")
         on64, waits = cell("kolm capture on", mode, 64), drains[(mode, 64)]
         assert on64
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import uuid
 from collections.abc import Iterator
@@ -564,7 +565,7 @@ def test_version_3_store_keeps_finding_retries(tmp_path) -> None:
 
     question = [{"role": "user", "content": "where is my parcel"}]
     secret = "ab" * 32
-    digest = CaptureStore._digest(bytes.fromhex(secret), canonical_messages(question))
+    digest = hmac.new(bytes.fromhex(secret), canonical_messages(question).encode(), "sha256").hexdigest()
     now = datetime.now(UTC).replace(tzinfo=None)
     url = f"sqlite:///{tmp_path / 'v3.db'}"
     engine = create_engine(url)

@@ -501,7 +501,9 @@ class Recorder:
             writer.unacked[self._seq] = batch
             writer.unacked_count += len(batch)
             self._acked.clear()
-            writer.stream.write(frame(("batch", self._seq, batch)))
+            # As plain tuples: pickling a NamedTuple calls back into Python per record (1.0 against 0.3 µs a
+            # call, on the proxy's event loop); the writer makes them `Pending` again.
+            writer.stream.write(frame(("batch", self._seq, list(map(tuple, batch)))))
         elif batch:
             self._write_locally(batch)
 

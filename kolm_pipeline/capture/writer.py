@@ -3,7 +3,7 @@ scrubs, redacts and writes them (or spools them while the store is down), replay
 acknowledges every batch once it is written or spooled.
 
 Frames both ways are a 4-byte length and a pickle. Proxy → writer: first its `WriterOptions`, then
-`("batch", seq, [Pending, …])` or `("stop", 0, None)`. Writer → proxy: `([seq, …], stats)`.
+`("batch", seq, [Pending's fields as a plain tuple, …])` or `("stop", 0, None)`. Writer → proxy: `([seq, …], stats)`.
 
 The writer ignores SIGINT (the proxy's own shutdown flushes and then stops it) and treats SIGTERM, a
 `stop` frame or the end of the socket (the proxy is gone) alike: it writes everything it has received and
@@ -140,7 +140,7 @@ def main(sock: socket.socket) -> None:
         seqs: list[int] = []
         for kind, seq, items in frames:
             if kind == "batch":
-                batch.extend(items)
+                batch.extend(map(Pending._make, items))
                 seqs.append(seq)
             elif kind == "stop":
                 stopping = True

@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from kolm_pipeline.jsontext import dumps_compact
+from kolm_pipeline.store.keyed_digest import KeyedDigest
 from kolm_pipeline.store.migrations import migrate
 from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
 from kolm_pipeline.store.records import (
@@ -235,7 +236,7 @@ class CaptureStore:
         if default_retention_days < 1:
             raise ValueError("retention must be at least one day")
         self.default_retention_days = default_retention_days
-        self._secrets: dict[str, bytes] = {}
+        self._secrets: dict[str, KeyedDigest] = {}
         self._signals_seen: dict[tuple[str, str], bool] = {}
         migrate(self.engine)
 
@@ -323,8 +324,8 @@ class CaptureStore:
                 return Tenant(row.name, row.key_prefix, bool(row.capture_only), _utc(row.created_at))
         return None
 
-    def _secret(self, conn: Any, tenant: str) -> bytes:
-        """The tenant's HMAC secret, made on first use; never changes, so it is cached."""
+    def _secret(self, conn: Any, tenant: str) -> KeyedDigest:
+        """HMAC under the tenant's secret, made on first use; the secret never changes, so it is cached."""
         cached = self._secrets.get(tenant)
         if cached is not None:
             return cached
@@ -337,13 +338,13 @@ class CaptureStore:
                 .on_conflict_do_nothing(index_elements=["tenant"])
             )
             value = conn.execute(stmt).scalar_one()
-        secret = bytes.fromhex(value)
+        secret = KeyedDigest(bytes.fromhex(value))
         self._secrets[tenant] = secret
         return secret
 
     @staticmethod
-    def _digest(secret: bytes, canonical: str) -> str:
-        return hmac.digest(secret, canonical.encode("utf-8"), "sha256").hex()
+    def _digest(secret: KeyedDigest, canonical: str) -> str:
+        return secret.hexdigest(canonical)
 
     def input_digest(self, tenant: str, messages: list[dict[str, Any]]) -> str:
         """HMAC-SHA256 of a conversation's canonical text under the tenant's secret."""
