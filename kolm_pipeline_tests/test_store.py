@@ -408,6 +408,24 @@ def test_retries_of_captures_written_while_signals_were_switched_on_are_found(
     writer.close()
 
 
+def test_a_rolled_back_write_does_not_count_as_having_backfilled(clocked: tuple[CaptureStore, Clock]) -> None:
+    """The first write that sees signals on backfills the window in its own transaction; when that write
+    fails and rolls back, so does the backfill, and the next write runs it again."""
+    store, clock = clocked
+    question = [{"role": "user", "content": "is my refund through"}]
+    writer = CaptureStore(store.engine.url.render_as_string(hide_password=False), clock=clock)
+    first = writer.insert_captures([capture(1, messages=question)])[0]  # sees off
+    store.set_switches("acme", "support", "alice", implicit_signals=True)
+    with store.engine.begin() as conn:  # committed after the switch's own backfill, as in the race above
+        conn.execute(update(captures).where(captures.c.id == first).values(retry_digest=None))
+    with pytest.raises(ValueError, match="commas"):  # backfills, then refuses the batch: all rolled back
+        writer.insert_captures_once([capture(2), capture(3, tags=["a,b"])])
+    clock.advance(minutes=1)
+    writer.insert_captures_once([capture(4, messages=question)])
+    assert store.get_capture("acme", first).implicit_signal == "retried"
+    writer.close()
+
+
 def test_insert_once_is_idempotent(store: CaptureStore) -> None:
     records = [capture(1), capture(2)]
     store.insert_captures_once(records)

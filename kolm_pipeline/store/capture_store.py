@@ -442,9 +442,12 @@ class CaptureStore:
             namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace
         )
         on = bool(conn.execute(stmt).scalar_one_or_none())
-        if on and not self._signals_seen.get((tenant, namespace), False):
+        key = (tenant, namespace)
+        if on and not self._signals_seen.get(key, False):
             self._backfill_retry_digests(conn, tenant, namespace)
-        self._signals_seen[(tenant, namespace)] = on
+            # The backfill is undone if this transaction is: then the next write must run it again.
+            event.listen(conn, "rollback", lambda _conn: self._signals_seen.pop(key, None), once=True)
+        self._signals_seen[key] = on
         return on
 
     def _backfill_retry_digests(self, conn: Any, tenant: str, namespace: str) -> None:
