@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kolm_pipeline.jsontext import dumps_compact, loads, loads_replies
+from kolm_pipeline.jsontext import dumps_compact, has_long_number, loads, loads_replies
 
 JSON_VALUES = st.recursive(
     st.none()
@@ -51,3 +52,10 @@ def test_what_orjson_refuses_is_read_as_the_standard_library_reads_it() -> None:
     for parse in (loads, loads_replies):
         with pytest.raises(ValueError):
             parse(b'{"unterminated": ')
+
+
+@given(st.lists(st.one_of(st.binary(max_size=8), st.text(alphabet="0123456789", max_size=24).map(str.encode))))
+def test_long_number_scan_is_the_regex(pieces: list[bytes]) -> None:
+    """The translate-and-find scan sees 19 digits in a row exactly where `\\d{19}` does (bytes: ASCII digits)."""
+    raw = b"".join(pieces)
+    assert has_long_number(raw) == (re.search(rb"\d{19}", raw) is not None)

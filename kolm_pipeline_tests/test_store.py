@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from psycopg import sql
 from sqlalchemy import select, update
 
@@ -433,6 +435,21 @@ def test_insert_once_is_idempotent(store: CaptureStore) -> None:
     assert store.counters("acme", "support")["captured"] == 3
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.datetimes(timezones=st.one_of(st.none(), st.timezones())))
+def test_writer_formats_sqlite_times_as_sqlalchemy_does(moment: datetime) -> None:
+    """The writer's driver-level INSERT writes times with its own formatter; SQLite compares them as
+    text, so it must give exactly what SQLAlchemy's DATETIME processor gives, zone or none."""
+    from sqlalchemy import DateTime
+    from sqlalchemy.dialects import sqlite
+
+    from kolm_pipeline.store.capture_store import sqlite_datetime_text
+
+    dialect = sqlite.dialect()
+    expected = DateTime().dialect_impl(dialect).bind_processor(dialect)(moment)
+    assert sqlite_datetime_text(moment) == expected
+
+
 def test_insert_once_stores_what_insert_stores(store: CaptureStore) -> None:
     """The writer's driver-level INSERT converts every column as SQLAlchemy's does: a capture reads back
     the same whichever path wrote it (times, booleans, nulls, non-ASCII text, tags)."""
@@ -571,6 +588,62 @@ def test_version_2_rows_become_captures(tmp_path) -> None:
     assert (pair.source, pair.weight) == ("capture", 0.75)
     upgraded.close()
 
+
+
+@pytest.mark.parametrize("column", ["provider", "status", "triage_state", "source"])
+def test_capture_checks_refuse_unknown_values(store: CaptureStore, column: str) -> None:
+    """Migration 5 rewrote the captures table's CHECK constraints; they still refuse what they refused."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    row = {
+        "request_id": uuid.uuid4().hex, "tenant": "acme", "namespace": "support", "provider": "openai",
+        "model": "m", "input_json": "[]", "output_text": "", "latency_us": 1, "status": "ok", "http_status": 200,
+        "tags": "", "streamed": False, "triage_state": "untriaged", "created_at": datetime.now(UTC),
+        "source": "capture",
+    }  # fmt: skip
+    with store.engine.begin() as conn:
+        conn.execute(insert(captures).values(row))
+    with pytest.raises(IntegrityError), store.engine.begin() as conn:
+        conn.execute(insert(captures).values({**row, "request_id": uuid.uuid4().hex, column: "bogus"}))
+
+
+def test_sqlite_capture_checks_build_no_temporary_tables(tmp_path) -> None:
+    """SQLite ran an IN-list CHECK of three or more values through a temporary b-tree for every row the
+    writer inserted. Neither a fresh store's INSERT nor that of a store upgraded from version 4 opens one
+    any more, and the upgrade keeps every row with its id."""
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'v4.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        _migrate_to(conn, 4)
+        for number in (1, 7):
+            conn.execute(
+                text(
+                    "INSERT INTO captures (id, request_id, tenant, namespace, provider, model, input_json,"
+                    " output_text, latency_us, status, http_status, tags, streamed, triage_state, created_at)"
+                    " VALUES (:id, :request, 'acme', 'support', 'openai', 'm', '[]', :out, 5, 'ok', 200, '', 0,"
+                    " 'kept', '2026-01-01 00:00:00')"
+                ),
+                {"id": number, "request": f"r{number}", "out": f"answer {number}"},
+            )
+    engine.dispose()
+    upgraded = CaptureStore(url)
+    fresh = CaptureStore(f"sqlite:///{tmp_path / 'fresh.db'}")
+    assert [(c.id, c.output_text) for c in upgraded.list_captures("acme")] == [(7, "answer 7"), (1, "answer 1")]
+    for store in (fresh, upgraded):
+        statement = store._capture_insert_sql
+        assert statement is not None
+        with store.engine.connect() as conn:
+            program = conn.exec_driver_sql("EXPLAIN " + statement.sql, (None,) * statement.sql.count("?")).all()
+        opcodes = {row[1] for row in program}
+        assert "Insert" in opcodes and "OpenEphemeral" not in opcodes
+        store.insert_captures_once([capture(2)])
+        store.close()
+    reopened = CaptureStore(url)
+    assert len(reopened.list_captures("acme")) == 3
+    reopened.close()
 
 
 def test_version_3_store_keeps_finding_retries(tmp_path) -> None:

@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from operator import is_
 from typing import Any
 
 from kolm_pipeline.store import NewCapture
@@ -164,10 +165,10 @@ class Redactor:
             return self.text(value)
         if isinstance(value, list):
             items = [self.value(item) for item in value]
-            return value if all(new is old for new, old in zip(items, value, strict=True)) else items
+            return value if all(map(is_, items, value)) else items
         if isinstance(value, dict):
             fields = {k: v if k in _NOT_REDACTED_KEYS else self.value(v) for k, v in value.items()}
-            return value if all(fields[k] is v for k, v in value.items()) else fields
+            return value if all(map(is_, fields.values(), value.values())) else fields
         return value
 
     def capture(self, record: NewCapture) -> NewCapture:

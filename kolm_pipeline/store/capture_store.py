@@ -22,7 +22,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import DateTime, Engine, bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
@@ -125,6 +125,12 @@ class _DriverInsert(NamedTuple):
                     values[index] = convert(values[index])
             parameters.append(tuple(values))
         return parameters
+
+
+def sqlite_datetime_text(value: datetime) -> str:
+    """A time as SQLAlchemy's SQLite DATETIME stores it (`YYYY-MM-DD HH:MM:SS.ffffff`, any zone dropped),
+    from one C call: its own processor formats a dict of eight fields, 1.5 µs a value for the writer."""
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def _chunks(ids: list[Any]) -> Iterator[list[Any]]:
@@ -266,7 +272,11 @@ class CaptureStore:
         )
         converters = []
         for index, name in enumerate(_CAPTURE_COLUMNS):
-            convert = captures.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            column_type = captures.c[name].type
+            if dialect.name == "sqlite" and isinstance(column_type, DateTime):
+                convert: Callable[[Any], Any] | None = sqlite_datetime_text
+            else:
+                convert = column_type.dialect_impl(dialect).bind_processor(dialect)
             if convert is not None:
                 converters.append((index, convert))
         return _DriverInsert(sql, tuple(converters))

@@ -15,9 +15,12 @@ class Tenant:
     created_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NewCapture:
-    """One proxied call as the recorder hands it to the store (or one imported pair: `source` says which)."""
+    """One proxied call as the recorder hands it to the store (or one imported pair: `source` says which).
+
+    Not frozen, unlike the records read back: the capture writer makes one per proxied call, and a frozen
+    dataclass's `__init__` (a guarded `object.__setattr__` per field) cost 3.5 µs of the writer's ≈ 45."""
 
     request_id: str
     tenant: str
