@@ -3,6 +3,8 @@ proxy storing only redacted text while the client still gets the upstream's answ
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable
 
 import httpx
@@ -10,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kolm_pipeline.capture.redact import ENTITIES, RECOGNIZERS, Redactor
+from kolm_pipeline.capture.redact import ENTITIES, KEY_CHARACTERS, RECOGNIZERS, Redactor, may_hold_pii
 from kolm_pipeline_tests.test_capture import Proxy, start_proxy, teacher  # noqa: F401 (fixtures)
 
 CASES = [
@@ -68,6 +70,30 @@ def test_redacting_only_text_that_may_hold_pii_changes_nothing(pieces: list[str]
     for recognizer in RECOGNIZERS:
         expected = recognizer.redact(expected)
     assert Redactor().text(text) == expected
+
+
+# The scan as one pattern, as it was first written: `may_hold_pii` must say exactly what this says.
+SINGLE_PATTERN = re.compile(
+    r"@|:[0-9A-Fa-f]{0,4}:|(?i:[A-Za-z0-9_\-./+=]{11,})|\d[\d .()+\-]{8,}\d|\d\.\d|[A-Z]{2}\d\d"
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=12), NUMBERISH), max_size=8))
+def test_scan_in_steps_is_the_single_pattern(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    assert may_hold_pii(text) == (SINGLE_PATTERN.search(text) is not None)
+
+
+def test_key_characters_are_the_case_insensitive_class() -> None:
+    """The spelled-out class takes exactly the code points `(?i)[A-Za-z0-9_\-./+=]` takes, all of them."""
+    spelled, ignoring_case = re.compile(f"[{KEY_CHARACTERS}]"), re.compile(r"(?i)[A-Za-z0-9_\-./+=]")
+    differ = [
+        f"U+{point:04X}"
+        for point in range(sys.maxunicode + 1)
+        if (spelled.fullmatch(chr(point)) is None) != (ignoring_case.fullmatch(chr(point)) is None)
+    ]
+    assert differ == []
 
 
 def _iban(country: str, bban: str) -> str:

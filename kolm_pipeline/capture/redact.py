@@ -99,7 +99,7 @@ _KEY_PREFIXES = (
 )
 
 # Order matters: keys and structured numbers before the looser phone and IP patterns. Every match must hold
-# something `_MAY_HOLD_PII` finds (below), or text is let through unredacted: a new recognizer extends both.
+# something `may_hold_pii` finds (below), or text is let through unredacted: a new recognizer extends both.
 RECOGNIZERS: tuple[Recognizer, ...] = (
     Recognizer("API_KEY", re.compile(r"(?<![A-Za-z0-9_\-])(?:" + "|".join(_KEY_PREFIXES) + r")")),
     Recognizer(
@@ -132,9 +132,27 @@ ENTITIES: tuple[str, ...] = tuple(dict.fromkeys(r.entity for r in RECOGNIZERS))
 # have 10+ digits, cards 13+, SSNs are 11 characters); a digit, a dot and a digit (IPv4); or two capitals and
 # two digits (an IBAN's start). Text with none of them cannot hold anything to redact: one scan instead of
 # one per recognizer, and most chat text, short numbers such as order ids and prices included, ends there.
-# The run is matched ignoring case as the labelled-key recognizer is: with IGNORECASE `[A-Za-z]` also takes
-# İ, ı, ſ and the Kelvin sign, so a key with one of them every ten characters has no 11-run otherwise.
-_MAY_HOLD_PII = re.compile(r"@|:[0-9A-Fa-f]{0,4}:|(?i:[A-Za-z0-9_\-./+=]{11,})|\d[\d .()+\-]{8,}\d|\d\.\d|[A-Z]{2}\d\d")
+# Key characters are those the labelled-key recognizer's `(?i)[A-Za-z0-9_\-./+=]` takes: with IGNORECASE
+# `[A-Za-z]` also takes İ, ı, ſ and the Kelvin sign, so a key with one of them every ten characters has no
+# 11-run otherwise. They are spelled out rather than matched ignoring case (a test compares the two classes
+# on every code point), and the scan is four cheap ones rather than one alternation tried at every
+# position: together a third of what the single case-insensitive pattern cost the writer.
+_IPV6_COLONS = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_NUMBER_SHAPES = re.compile(r"[\dA-Z](?:(?<=\d)[\d .()+\-]{8,}\d|(?<=\d)\.\d|(?<=[A-Z])[A-Z]\d\d)")
+KEY_CHARACTERS = "A-Za-z0-9_\\-./+=\u0130\u0131\u017f\u212a"
+_KEY_RUN = re.compile(f"[{KEY_CHARACTERS}]{{11}}")
+
+
+def may_hold_pii(text: str) -> bool:
+    """Whether `text` holds anything a recognizer could match (see above); False means nothing to redact."""
+    return (
+        "@" in text
+        or (":" in text and _IPV6_COLONS.search(text) is not None)
+        or _NUMBER_SHAPES.search(text) is not None
+        or _KEY_RUN.search(text) is not None
+    )
+
+
 _NOT_REDACTED_KEYS = frozenset({"role", "type", "tool_call_id", "id"})
 
 
@@ -151,7 +169,7 @@ class Redactor:
 
     def text(self, text: str) -> str:
         """The text with every chosen entity replaced; `text` itself when there was nothing to replace."""
-        if not self._recognizers or not _MAY_HOLD_PII.search(text):
+        if not self._recognizers or not may_hold_pii(text):
             return text
         redacted = text
         for recognizer in self._recognizers:
