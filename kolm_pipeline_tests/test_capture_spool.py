@@ -223,3 +223,28 @@ def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> Non
     finally:
         teacher.stop()
         store.close()
+
+
+def test_records_held_for_the_writer_leave_the_collectors_care(tmp_path: Path) -> None:
+    """The proxy keeps every finished call until the writer acknowledges it. What it keeps holds no
+    container, so the garbage collector stops tracking it at its first pass instead of walking it again at
+    each of the collections it lives through."""
+    import asyncio
+    import gc
+
+    from kolm_pipeline.capture.recorder import Pending, Recorder
+
+    async def held() -> list[object]:
+        recorder = Recorder(CaptureStore(f"sqlite:///{tmp_path / 'captures.db'}"), separate_process=False)
+        await recorder.start()
+        recorder.begin()
+        recorder.submit(
+            Pending("r", "t", "n", "openai", "m", b"{}", ("a", "b"), False, "sk", "reply", 200, b"{}", 1, 0.0)
+        )
+        outbox = list(recorder._outbox)
+        await recorder.stop()
+        return outbox
+
+    [record] = asyncio.run(held())
+    gc.collect()
+    assert not gc.is_tracked(record)

@@ -266,7 +266,7 @@ class Call:
         namespace: str,
         model: str,
         request: bytes,
-        tags: list[str],
+        tags: tuple[str, ...],
         secret: str,
         streamed: bool,
     ) -> None:
@@ -411,7 +411,7 @@ class Forwarder:
             raise ApiError(400, "invalid_request_error", "'model' must be a non-empty string")
         streamed = body.get("stream") is True
         recorder = self._recorder
-        call = Call(recorder, provider, tenant.name, namespace, model, raw, tags, upstream_key, streamed)
+        call = Call(recorder, provider, tenant.name, namespace, model, raw, tuple(tags), upstream_key, streamed)
         if recorder is not None:
             recorder.begin()
         try:
