@@ -379,21 +379,17 @@ class CaptureStore:
         self._secrets[tenant] = secret
         return secret
 
-    @staticmethod
-    def _digest(secret: KeyedDigest, canonical: str) -> str:
-        return secret.hexdigest(canonical)
-
     def input_digest(self, tenant: str, messages: list[dict[str, Any]]) -> str:
         """HMAC-SHA256 of a conversation's canonical text under the tenant's secret."""
         with self.engine.begin() as conn:
-            return self._digest(self._secret(conn, tenant), canonical_messages(messages))
+            return self._secret(conn, tenant).hexdigest(canonical_messages(messages))
 
     def keyed_digests(self, tenant: str, texts: Iterable[str]) -> list[str]:
         """HMAC-SHA256 of each exact text under the tenant's secret: stable ids derived from content that
         cannot be checked against a guessed text without the secret."""
         with self.engine.begin() as conn:
             secret = self._secret(conn, tenant)
-        return [self._digest(secret, text) for text in texts]
+        return [secret.hexdigest(text) for text in texts]
 
     # Captures
 
@@ -437,7 +433,7 @@ class CaptureStore:
             if record.source not in CAPTURE_SOURCES:
                 raise ValueError(f"invalid source {record.source!r}: expected one of {', '.join(CAPTURE_SOURCES)}")
             secret = self._secret(conn, record.tenant)
-            input_hmac = self._digest(secret, canonical_messages(record.messages))
+            input_hmac = secret.hexdigest(canonical_messages(record.messages))
             rows.append(
                 {
                     "request_id": record.request_id,
@@ -456,7 +452,7 @@ class CaptureStore:
                     "streamed": bool(record.streamed),
                     "created_at": _utc(record.created_at) if record.created_at else now,
                     "input_hmac": input_hmac,
-                    "output_hmac": self._digest(secret, canonical_text(record.output_text)),
+                    "output_hmac": secret.hexdigest(canonical_text(record.output_text)),
                     "source": record.source,
                     "retry_digest": input_hmac if signals[(record.tenant, record.namespace)] else None,
                     **_NEW_CAPTURE_CONSTANTS,
@@ -1007,11 +1003,11 @@ class CaptureStore:
                         {
                             "row_id": row.id,
                             "new_input_hmac": row.input_hmac
-                            or self._digest(secret, canonical_messages(json.loads(row.input_json))),
-                            "new_output_hmac": row.output_hmac or self._digest(secret, canonical_text(row.output_text)),
+                            or secret.hexdigest(canonical_messages(json.loads(row.input_json))),
+                            "new_output_hmac": row.output_hmac or secret.hexdigest(canonical_text(row.output_text)),
                             "new_feedback": None
                             if feedback is None
-                            else HMAC_PREFIX + self._digest(secret, canonical_text(feedback)),
+                            else HMAC_PREFIX + secret.hexdigest(canonical_text(feedback)),
                         }
                     )
                 conn.execute(
