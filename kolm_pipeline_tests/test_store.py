@@ -646,6 +646,44 @@ def test_sqlite_capture_checks_build_no_temporary_tables(tmp_path) -> None:
     reopened.close()
 
 
+def test_upgrade_to_5_survives_a_cut_off_attempt_and_keeps_views_and_triggers(tmp_path) -> None:
+    """An attempt cut off after its CREATE TABLE (committed at once by Python's sqlite3) leaves an empty
+    `captures_v5`; the next start still upgrades. A view and a trigger an operator added on `captures`
+    work on the rebuilt table."""
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'v4.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        _migrate_to(conn, 4)
+        conn.execute(text("CREATE TABLE captures_v5 (id INTEGER)"))  # what a cut-off attempt leaves
+        conn.execute(text("CREATE VIEW kept_pairs AS SELECT id, output_text FROM captures WHERE triage_state = 'kept'"))
+        conn.execute(text("CREATE TABLE deletions (request_id TEXT)"))
+        conn.execute(
+            text(
+                "CREATE TRIGGER log_deletions AFTER DELETE ON captures"
+                " BEGIN INSERT INTO deletions VALUES (old.request_id); END"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO captures (request_id, tenant, namespace, provider, model, input_json, output_text,"
+                " latency_us, status, http_status, tags, streamed, triage_state, created_at)"
+                " VALUES ('r1', 'acme', 'support', 'openai', 'm', '[]', 'kept answer', 5, 'ok', 200, '', 0,"
+                " 'kept', '2026-01-01 00:00:00')"
+            )
+        )
+    engine.dispose()
+    upgraded = CaptureStore(url)
+    with upgraded.engine.begin() as conn:
+        assert conn.execute(text("SELECT output_text FROM kept_pairs")).scalars().all() == ["kept answer"]
+        conn.execute(text("DELETE FROM captures WHERE request_id = 'r1'"))
+        assert conn.execute(text("SELECT request_id FROM deletions")).scalars().all() == ["r1"]
+        tables = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'")).scalars().all()
+    assert "captures_v5" not in tables
+    upgraded.close()
+
+
 def test_version_3_store_keeps_finding_retries(tmp_path) -> None:
     """Upgrading to version 4 gives the captures of namespaces with implicit signals on their retry digest
     (a retry after the upgrade still marks them) and leaves every other capture out of the retry index."""

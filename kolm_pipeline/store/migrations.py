@@ -201,19 +201,26 @@ def _v5_checks_without_in_lists(op: Operations, conn: Connection) -> None:
     once per statement run, and an executemany runs the INSERT once per row: the status, triage-state and
     source checks cost the capture writer about a quarter of its instructions per capture. SQLite cannot
     alter a constraint, so the table is rebuilt as its documentation prescribes (a new table, the rows
-    copied with their ids, the old table dropped, the new one renamed, its indexes made again). PostgreSQL
-    has no such cost; its constraints are rewritten the same way so both schemas say the same."""
+    copied with their ids, the old table dropped, the new one renamed, its indexes and any triggers made
+    again; views keep naming `captures`). PostgreSQL has no such cost; its constraints are rewritten the
+    same way so both schemas say the same.
+
+    Python's sqlite3 commits a CREATE TABLE at once when no transaction is open yet (it opens one only for
+    INSERT, UPDATE, DELETE): an attempt cut off after it leaves an empty `captures_v5` behind, which the
+    next attempt drops. Everything after the CREATE runs in the migration's transaction."""
     if conn.dialect.name != "sqlite":
         for name, (column, values) in _V5_CHECKS.items():
             op.drop_constraint(name, "captures", type_="check")
             op.create_check_constraint(name, "captures", _any_of(column, values))
         return
+    conn.exec_driver_sql("DROP TABLE IF EXISTS captures_v5")
     table_sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'captures'")
     ddl = table_sql.scalar_one()
-    index_sql = conn.exec_driver_sql(
-        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'captures' AND sql IS NOT NULL"
+    dependent_sql = conn.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') AND tbl_name = 'captures'"
+        " AND sql IS NOT NULL ORDER BY type"
     )
-    indexes = list(index_sql.scalars())
+    dependents = list(dependent_sql.scalars())
     found = {match.group(1) for match in _SQLITE_IN_CHECK.finditer(ddl)}
     if found != set(_V5_CHECKS):
         raise RuntimeError(f"captures has CHECK constraints {sorted(found)}; expected {sorted(_V5_CHECKS)}")
@@ -227,8 +234,14 @@ def _v5_checks_without_in_lists(op: Operations, conn: Connection) -> None:
     conn.exec_driver_sql(new_ddl)
     conn.exec_driver_sql(f"INSERT INTO captures_v5 ({columns}) SELECT {columns} FROM captures")
     conn.exec_driver_sql("DROP TABLE captures")
-    conn.exec_driver_sql("ALTER TABLE captures_v5 RENAME TO captures")
-    for statement in indexes:
+    # Without the legacy rename SQLite re-checks every view while `captures` is missing, and fails on one
+    # that reads it; with it, such a view simply reads the new table, which has the old one's name.
+    conn.exec_driver_sql("PRAGMA legacy_alter_table = ON")
+    try:
+        conn.exec_driver_sql("ALTER TABLE captures_v5 RENAME TO captures")
+    finally:
+        conn.exec_driver_sql("PRAGMA legacy_alter_table = OFF")
+    for statement in dependents:
         conn.exec_driver_sql(statement)
 
 
