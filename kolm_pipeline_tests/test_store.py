@@ -484,7 +484,7 @@ def test_migrations_upgrade_an_unversioned_database(tmp_path) -> None:
     """A database made before versioning (the colleague's first schema) is upgraded in place."""
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
-    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy import create_engine, inspect
 
     from kolm_pipeline.store.migrations import LATEST, MIGRATIONS, applied_versions
 
@@ -492,14 +492,7 @@ def test_migrations_upgrade_an_unversioned_database(tmp_path) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         MIGRATIONS[0][2](Operations(MigrationContext.configure(conn)), conn)
-        conn.execute(
-            text(
-                "INSERT INTO captures (request_id, tenant, namespace, provider, model, input_json, output_text,"
-                " latency_us, status, http_status, tags, streamed, triage_state, created_at)"
-                " VALUES ('r1', 'acme', 'support', 'openai', 'm', '[{\"role\":\"user\",\"content\":\"hi\"}]',"
-                " 'hello', 5, 'ok', 200, '', 0, 'kept', '2020-01-01 00:00:00')"
-            )
-        )
+        _insert_old_capture(conn, input_json='[{"role":"user","content":"hi"}]')
     engine.dispose()
     store = CaptureStore(url)
     with store.engine.connect() as conn:
@@ -551,6 +544,20 @@ def test_source_column_defaults_to_capture_and_is_checked(store: CaptureStore) -
     assert store.get_capture("acme", max(c.id for c in store.list_captures("acme"))).source == "capture"
 
 
+def _insert_old_capture(conn, **columns: object) -> None:
+    """A capture row written straight into an older schema: the columns every version has, with `columns`
+    added or overriding."""
+    from sqlalchemy import text
+
+    row = {
+        "request_id": "r1", "tenant": "acme", "namespace": "support", "provider": "openai", "model": "m",
+        "input_json": "[]", "output_text": "hello", "latency_us": 5, "status": "ok", "http_status": 200, "tags": "",
+        "streamed": 0, "triage_state": "kept", "created_at": "2020-01-01 00:00:00", **columns,
+    }  # fmt: skip
+    names = ", ".join(row)
+    conn.execute(text(f"INSERT INTO captures ({names}) VALUES ({', '.join(':' + name for name in row)})"), row)
+
+
 def _migrate_to(conn, version: int) -> None:
     """Build the schema as the store's migrations left it at `version`."""
     from alembic.migration import MigrationContext
@@ -567,21 +574,14 @@ def _migrate_to(conn, version: int) -> None:
 
 def test_version_2_rows_become_captures(tmp_path) -> None:
     """Upgrading a store made at version 2 marks every existing row as proxy traffic (weight of `capture`)."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
 
 
     url = f"sqlite:///{tmp_path / 'v2.db'}"
     engine = create_engine(url)
     with engine.begin() as conn:
         _migrate_to(conn, 2)
-        conn.execute(
-            text(
-                "INSERT INTO captures (request_id, tenant, namespace, provider, model, input_json, output_text,"
-                " latency_us, status, http_status, tags, streamed, triage_state, created_at)"
-                " VALUES ('r1', 'acme', 'support', 'openai', 'm', '[{\"role\":\"user\",\"content\":\"hi\"}]',"
-                " 'hello', 5, 'ok', 200, '', 0, 'kept', '2999-01-01 00:00:00')"
-            )
-        )
+        _insert_old_capture(conn, input_json='[{"role":"user","content":"hi"}]', created_at="2999-01-01 00:00:00")
     engine.dispose()
     upgraded = CaptureStore(url, source_weights={"capture": 0.75, "human": 1.0, "ai": 0.5, "import": 1.0})
     (pair,) = upgraded.kept_pairs("acme", "support")
@@ -612,22 +612,14 @@ def test_sqlite_capture_checks_build_no_temporary_tables(tmp_path) -> None:
     """SQLite ran an IN-list CHECK of three or more values through a temporary b-tree for every row the
     writer inserted. Neither a fresh store's INSERT nor that of a store upgraded from version 4 opens one
     any more, and the upgrade keeps every row with its id."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
 
     url = f"sqlite:///{tmp_path / 'v4.db'}"
     engine = create_engine(url)
     with engine.begin() as conn:
         _migrate_to(conn, 4)
         for number in (1, 7):
-            conn.execute(
-                text(
-                    "INSERT INTO captures (id, request_id, tenant, namespace, provider, model, input_json,"
-                    " output_text, latency_us, status, http_status, tags, streamed, triage_state, created_at)"
-                    " VALUES (:id, :request, 'acme', 'support', 'openai', 'm', '[]', :out, 5, 'ok', 200, '', 0,"
-                    " 'kept', '2026-01-01 00:00:00')"
-                ),
-                {"id": number, "request": f"r{number}", "out": f"answer {number}"},
-            )
+            _insert_old_capture(conn, id=number, request_id=f"r{number}", output_text=f"answer {number}")
     engine.dispose()
     upgraded = CaptureStore(url)
     fresh = CaptureStore(f"sqlite:///{tmp_path / 'fresh.db'}")
@@ -665,14 +657,7 @@ def test_upgrade_to_5_survives_a_cut_off_attempt_and_keeps_views_and_triggers(tm
                 " BEGIN INSERT INTO deletions VALUES (old.request_id); END"
             )
         )
-        conn.execute(
-            text(
-                "INSERT INTO captures (request_id, tenant, namespace, provider, model, input_json, output_text,"
-                " latency_us, status, http_status, tags, streamed, triage_state, created_at)"
-                " VALUES ('r1', 'acme', 'support', 'openai', 'm', '[]', 'kept answer', 5, 'ok', 200, '', 0,"
-                " 'kept', '2026-01-01 00:00:00')"
-            )
-        )
+        _insert_old_capture(conn, output_text="kept answer")
     engine.dispose()
     upgraded = CaptureStore(url)
     with upgraded.engine.begin() as conn:
@@ -712,14 +697,15 @@ def test_version_3_store_keeps_finding_retries(tmp_path) -> None:
             {"at": now},
         )
         for request_id, namespace in (("r1", "support"), ("r2", "billing")):
-            conn.execute(
-                text(
-                    "INSERT INTO captures (request_id, tenant, namespace, provider, model, input_json, output_text,"
-                    " latency_us, status, http_status, tags, streamed, triage_state, created_at, input_hmac)"
-                    " VALUES (:id, 'acme', :ns, 'openai', 'm', :input, 'x', 5, 'ok', 200, '', 0, 'untriaged',"
-                    " :at, :digest)"
-                ),
-                {"id": request_id, "ns": namespace, "input": json.dumps(question), "at": now, "digest": digest},
+            _insert_old_capture(
+                conn,
+                request_id=request_id,
+                namespace=namespace,
+                input_json=json.dumps(question),
+                output_text="x",
+                triage_state="untriaged",
+                created_at=now,
+                input_hmac=digest,
             )
     engine.dispose()
     upgraded = CaptureStore(url)
