@@ -50,8 +50,8 @@ _WRITER_RESTART_S = (1.0, 60.0)  # first and longest wait before a new writer, d
 
 
 class Pending(NamedTuple):
-    """A finished call, as plain data that pickles cheaply and, holding no container, that the garbage
-    collector stops tracking at its first pass (the proxy keeps each one until the writer acknowledges it).
+    """A finished call, as plain data: no field is a container (tags are a tuple), so the plain tuple of its
+    fields that the proxy holds until the writer acknowledges it leaves the garbage collector's care.
     `outcome` is `failure` (no reply: `reply` is empty), `reply` (a complete body) or `stream` (the raw
     event stream as far as it came). `secret` (the provider key) is scrubbed from every text of the record
     and then dropped: it never reaches the store, the spool or a log."""
