@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
@@ -29,7 +29,7 @@ from yarl import URL
 
 from kolm_pipeline import jsontext
 from kolm_pipeline.capture.providers import Provider, RequestError
-from kolm_pipeline.capture.recorder import REDACTED, Pending, Recorder
+from kolm_pipeline.capture.recorder import REDACTED, Recorder
 from kolm_pipeline.settings import CaptureConfig, Settings
 from kolm_pipeline.store import CaptureStore, Tenant, validate_namespace
 
@@ -41,6 +41,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 RawHeaders = list[tuple[bytes, bytes]]
 
 CAPTURE_ID_HEADER = "x-kolm-capture-id"
+_CAPTURE_ID_HEADER_BYTES = CAPTURE_ID_HEADER.encode()
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=20.0, sock_connect=10.0, sock_read=300.0)
 _REDACTED_BYTES = REDACTED.encode("utf-8")
 _FORWARDED_RESPONSE_HEADERS = frozenset({b"retry-after", b"x-request-id", b"request-id", b"openai-processing-ms"})
@@ -222,21 +223,21 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes, hea
     await send({"type": "http.response.body", "body": body})
 
 
+_UUID7_MARKS = 0x7 << 76 | 0b10 << 62  # version 7, variant RFC 9562
+_UUID7_RANDOM = ((1 << 76) - 1) & ~(0b11 << 62)  # the 74 bits below the version, less the variant's two
+_random_bits = random.getrandbits
+
+
 def new_request_id() -> str:
     """A capture's request id: a UUIDv7 (RFC 9562) in 32 hex digits, its first 48 bits the time in ms.
 
     Ids made later sort later, so the store's unique index on them grows at its end instead of touching a
     random page per capture: on SQLite, writing a batch of 80 cost 3.6 instead of 9.4 us a row at commit.
-    74 random bits keep ids made in the same millisecond apart."""
-    random_bits = int.from_bytes(os.urandom(10), "big")
-    value = (
-        time.time_ns() // 1_000_000 << 80
-        | 0x7 << 76
-        | (random_bits >> 62 & 0xFFF) << 64
-        | 0b10 << 62
-        | random_bits & (1 << 62) - 1
-    )
-    return f"{value:032x}"
+    74 random bits keep ids made in the same millisecond apart. They come from the process's Mersenne
+    Twister, which Python seeds from the OS at start and again in a forked child: an id must be unique,
+    not secret (another tenant's id answers 404 like one that does not exist), and `os.urandom` is a system
+    call per proxied call (0.87 against 0.42 us an id)."""
+    return f"{time.time_ns() // 1_000_000 << 80 | _random_bits(76) & _UUID7_RANDOM | _UUID7_MARKS:032x}"
 
 
 class Call:
@@ -285,17 +286,17 @@ class Call:
 
     @property
     def id_header(self) -> RawHeaders:
-        return [] if self.request_id is None else [(CAPTURE_ID_HEADER.encode(), self.request_id.encode())]
+        return [] if self.request_id is None else [(_CAPTURE_ID_HEADER_BYTES, self.request_id.encode())]
 
     def record(self, outcome: str, http_status: int, reply: bytes = b"", end_ns: int | None = None) -> None:
-        """Queue the capture once (`outcome`: failure, reply or stream); later calls are ignored."""
+        """Queue the capture once (`outcome`: failure, reply or stream); later calls are ignored. The
+        record goes as a plain tuple of `Pending`'s fields: the NamedTuple would cost a Python-level
+        constructor call per proxied call, and the recorder holds plain tuples anyway."""
         if self.recorded or self.recorder is None:
             return
         self.recorded = True
-        assert self.request_id is not None
-        latency_us = ((end_ns or time.perf_counter_ns()) - self.start_ns) // 1000
         self.recorder.submit(
-            Pending(
+            (
                 self.request_id,
                 self.tenant,
                 self.namespace,
@@ -308,7 +309,7 @@ class Call:
                 outcome,
                 http_status,
                 reply,
-                latency_us,
+                ((end_ns or time.perf_counter_ns()) - self.start_ns) // 1000,
                 time.time(),
             )
         )
