@@ -11,9 +11,13 @@ runs it: uvicorn with uvloop and httptools, access log off); the load generator 
 aiohttp. Latency is measured per request: a whole reply for plain calls, the first content chunk for
 streams (time to first chunk). "added" is a target's p50 minus the direct p50 in the same run.
 
-Each cell is run in `--rounds` rounds, and in each round every target takes its turn (the order rotating):
-at concurrency 1 its share of `--requests`, at concurrency 64 as many calls as fit in `--concurrent-seconds`.
-A change in the machine's load during the run so hits all targets alike and the ratios stay fair. After
+The run is `--rounds` rounds; in each round every cell is run once, and in each cell every target takes its
+turn (the order rotating): at concurrency 1 its share of `--requests`, at concurrency 64 as many calls as
+fit in `--concurrent-seconds`. A change in the machine's load during the run so hits all targets alike and
+the ratios stay fair. Every round starts fresh kolm proxies: a Python process's speed depends on luck it
+keeps for life (its hash seed, where its memory lands), and two identical proxies were measured up to 11%
+apart in CPU per call for a whole run, so one process per target would tilt a whole run either way; new
+processes each round let that luck average out in the median of the per-round ratios. After
 each round of the capture-on proxy the script waits until its writer has stored every capture, so no
 target's round carries the writer's leftover work; how long that took is printed, with the throughput
 counting it. Capture on/off is also given as the median of the per-round ratios (on and off measured
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import collections
 import itertools
 import json
@@ -254,6 +259,7 @@ def caught_up(count: Callable[[], int], expected: int, timeout: float = 120.0) -
 
 
 CONTROL = "kolm capture off 2"
+MODES = {False: "plain", True: "stream (TTFC)"}
 
 
 def ratio_text(first: Result, second: Result) -> str:
@@ -265,16 +271,35 @@ def ratio_text(first: Result, second: Result) -> str:
     )
 
 
-def start(command: list[str], env: dict[str, str], port: int, log: Path, timeout: float = 60) -> subprocess.Popen:
+def launch(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """A server process, its output going to `log` (a pipe nobody reads would block it once full)."""
     with log.open("ab") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def await_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
     try:
         wait_port(port, process, timeout)
     except RuntimeError:
         process.kill()
-        raise RuntimeError(f"{command[0]} did not start:\n{log.read_text(errors='replace')[-3000:]}") from None
+        raise RuntimeError(f"server did not start:\n{log.read_text(errors='replace')[-3000:]}") from None
+
+
+def start(command: list[str], env: dict[str, str], port: int, log: Path, timeout: float = 60) -> subprocess.Popen:
+    process = launch(command, env, log)
+    await_port(port, process, log, timeout)
     return process
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    """Stop servers the way an operator would (SIGTERM: the capture-on proxy flushes its recorder)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def main() -> int:
@@ -303,7 +328,16 @@ def main() -> int:
     store = CaptureStore(load_settings(home).store_url)
     kolm_key = store.create_tenant("bench")
 
+    def captured() -> int:
+        """Captures stored so far. Every answered call adds one row to this fresh store, so the highest id is
+        their count, read from the end of the primary key: this runs in the load generator every 10 ms, where
+        `counters()` would scan the whole table each time."""
+        with store.engine.connect() as conn:
+            return conn.execute(select(func.max(captures.c.id))).scalar() or 0
+
     processes: list[subprocess.Popen] = []
+    kolm_processes: list[subprocess.Popen] = []
+    atexit.register(lambda: (stop(kolm_processes), stop(processes)))  # also when a start fails
     upstream_port = free_port()
     command = [sys.executable, "-c", MOCK_UPSTREAM, str(upstream_port)]
     processes.append(start(command, env, upstream_port, home / "upstream.log"))
@@ -320,13 +354,34 @@ def main() -> int:
     if not args.no_control:
         kolm_targets.append((CONTROL, "0"))
     pids: dict[str, int] = {}
-    for index, (name, record) in enumerate(kolm_targets):
-        port = free_port()
-        command = [sys.executable, "-c", KOLM_PROXY, str(port), upstream]
-        log = home / f"kolm-{index}-record-{record}.log"
-        processes.append(start(command, {**env, "KOLM_CAPTURE_RECORD": record}, port, log))
-        pids[name] = processes[-1].pid
-        targets[name] = (f"http://127.0.0.1:{port}/v1/capture/openai/chat/completions", kolm_headers)
+    starts = itertools.count()
+    owed = {"captures": 0}  # captures the capture-on proxies have answered, all stored by the end of a round
+
+    def start_kolm() -> None:
+        """Fresh kolm proxies, one per kolm target, started side by side."""
+        launched = []
+        for name, record in kolm_targets:
+            port = free_port()
+            command = [sys.executable, "-c", KOLM_PROXY, str(port), upstream]
+            log = home / f"kolm-{next(starts)}-record-{record}.log"
+            launched.append((name, port, log, launch(command, {**env, "KOLM_CAPTURE_RECORD": record}, log)))
+        for name, port, log, process in launched:
+            kolm_processes.append(process)
+            await_port(port, process, log)
+            pids[name] = process.pid
+            targets[name] = (f"http://127.0.0.1:{port}/v1/capture/openai/chat/completions", kolm_headers)
+        # Warm up, and let the capture writer start (imports, store) before any round counts its CPU time.
+        for name, _record in kolm_targets:
+            answered = asyncio.run(load(*targets[name], stream=False, concurrency=1, total=20, seconds=None))[3]
+            if name == "kolm capture on":
+                owed["captures"] += answered
+                caught_up(captured, owed["captures"])
+
+    def stop_kolm() -> None:
+        stop(kolm_processes)
+        kolm_processes.clear()
+
+    start_kolm()
     if not args.no_litellm:
         litellm = ensure_litellm()
         port = free_port()
@@ -371,63 +426,49 @@ def main() -> int:
         processes.append(start(command, litellm_env, port, home / "litellm.log", timeout=180))
         targets["litellm"] = (f"http://127.0.0.1:{port}/chat/completions", {"authorization": f"Bearer {master_key}"})
 
-    def captured() -> int:
-        """Captures stored so far. Every answered call adds one row to this fresh store, so the highest id is
-        their count, read from the end of the primary key: this runs in the load generator every 10 ms, where
-        `counters()` would scan the whole table each time."""
-        with store.engine.connect() as conn:
-            return conn.execute(select(func.max(captures.c.id))).scalar() or 0
-
-    results: list[Result] = []
     rounds = max(1, args.rounds)
     names = list(targets)
-    answered_on = 0  # captures the capture-on proxy owes the store
+    cell_keys = [(stream, concurrency) for stream in (False, True) for concurrency in (1, 64)]
+    cells = {
+        key: {name: Result(name, MODES[key[0]], key[1], [], 0.0, 0, 0.0) for name in names} for key in cell_keys
+    }
     drains: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     try:
-        for stream in (False, True):
-            mode = "stream (TTFC)" if stream else "plain"
-            for concurrency in (1, 64):
+        for round_ in range(rounds):
+            if round_:
+                stop_kolm()
+                start_kolm()
+            shift = round_ % len(names)
+            for stream, concurrency in cell_keys:
+                mode = MODES[stream]
                 total = max(1, args.requests // rounds) if concurrency == 1 else None
                 seconds = args.concurrent_seconds if concurrency == 64 else None
-                cells = {name: Result(name, mode, concurrency, [], 0.0, 0, 0.0) for name in names}
-                for round_ in range(rounds):
-                    shift = round_ % len(names)
-                    for name in names[shift:] + names[:shift]:
-                        url, headers = targets[name]
-                        cpu_before = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
-                        latencies, elapsed, errors, answered = asyncio.run(
-                            load(url, headers, stream, concurrency, total, seconds)
-                        )
-                        cpu_during = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
-                        if name == "kolm capture on":
-                            # The writer's leftover work must not land on the next target's round.
-                            answered_on += answered
-                            drains[(mode, concurrency)].append(caught_up(captured, answered_on))
-                        cpu_after = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
-                        cell = cells[name]
-                        cell.calls += answered
-                        cell.cpu_s += cpu_during[0] - cpu_before[0]
-                        cell.child_cpu_s += cpu_after[1] - cpu_before[1]
-                        cell.latencies_ms += latencies
-                        cell.round_p50s.append(statistics.median(latencies) if latencies else float("nan"))
-                        cell.seconds += elapsed
-                        cell.errors += errors
-                        cell.load += os.getloadavg()[0] / rounds
-                for cell in cells.values():
-                    results.append(cell)
-                    print(
-                        f"  {cell.target:<18} {mode:<14} c={concurrency:<3} p50 {cell.p50:7.3f} ms  "
-                        f"load {cell.load:.2f}",
-                        flush=True,
+                for name in names[shift:] + names[:shift]:
+                    url, headers = targets[name]
+                    cpu_before = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
+                    latencies, elapsed, errors, answered = asyncio.run(
+                        load(url, headers, stream, concurrency, total, seconds)
                     )
+                    cpu_during = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
+                    if name == "kolm capture on":
+                        # The writer's leftover work must not land on the next target's round.
+                        owed["captures"] += answered
+                        drains[(mode, concurrency)].append(caught_up(captured, owed["captures"]))
+                    cpu_after = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
+                    cell = cells[(stream, concurrency)][name]
+                    cell.calls += answered
+                    cell.cpu_s += cpu_during[0] - cpu_before[0]
+                    cell.child_cpu_s += cpu_after[1] - cpu_before[1]
+                    cell.latencies_ms += latencies
+                    cell.round_p50s.append(statistics.median(latencies) if latencies else float("nan"))
+                    cell.seconds += elapsed
+                    cell.errors += errors
+                    cell.load += os.getloadavg()[0] / rounds
+            print(f"  round {round_ + 1} of {rounds} done", flush=True)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(kolm_processes)
+        stop(processes)
+    results = [cell for key in cell_keys for cell in cells[key].values()]
 
     stored = captured()
     print()
@@ -502,7 +543,7 @@ def main() -> int:
                 f"  {mode:<14} added p50 at c=1, kolm / LiteLLM: {(on.p50 - direct.p50) / lite_added:.3f}× "
                 f"(goal ≤ 0.25×; LiteLLM adds {lite_added:.3f} ms)"
             )
-    print(f"captures recorded by the capture-on proxy: {stored} of {answered_on} answered")
+    print(f"captures recorded by the capture-on proxies: {stored} of {owed['captures']} answered")
     for error, count in ERRORS.most_common(10):
         print(f"error ×{count}: {error}")
     print(f"server logs: {home}")
