@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kolm_pipeline.capture.redact import ENTITIES, KEY_CHARACTERS, RECOGNIZERS, Redactor, may_hold_pii
+from kolm_pipeline.store import NewCapture
 from kolm_pipeline_tests.test_capture import Proxy, start_proxy, teacher  # noqa: F401 (fixtures)
 
 CASES = [
@@ -83,6 +84,36 @@ SINGLE_PATTERN = re.compile(
 def test_scan_in_steps_is_the_single_pattern(pieces: list[str]) -> None:
     text = "".join(pieces)
     assert may_hold_pii(text) == (SINGLE_PATTERN.search(text) is not None)
+
+
+# Characters JSON escapes (a quote, a backslash, control characters) next to the fragments above.
+ESCAPED = ["\"", "\\", "\n", "\t", "\x00", "\x1f", "\u2028"]
+PIECES = st.lists(st.one_of(st.sampled_from(FRAGMENTS + ESCAPED), st.text(max_size=12), NUMBERISH), max_size=6)
+MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant"])},
+        optional={
+            "content": st.one_of(
+                PIECES.map("".join),
+                st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": PIECES.map("".join)}), max_size=2),
+            ),
+            "name": PIECES.map("".join),
+        },
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(MESSAGES, PIECES.map("".join))
+def test_record_scan_as_json_redacts_what_the_walk_redacts(messages: list[dict[str, object]], output: str) -> None:
+    """`capture` scans a record's messages once, as JSON text, before walking them: escaping can only add
+    false alarms, so it redacts exactly what walking every message and field redacts."""
+    record = NewCapture("r", "t", "n", "openai", "m", messages, output, 1, "ok", 200)
+    redacted = Redactor().capture(record)
+    assert redacted.messages == Redactor().value(messages)
+    assert redacted.output_text == Redactor().text(output)
+    assert (redacted.messages is messages) == (Redactor().value(messages) is messages)
 
 
 def test_key_characters_are_the_case_insensitive_class() -> None:

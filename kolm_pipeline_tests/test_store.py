@@ -391,6 +391,35 @@ def test_implicit_signals_only_when_opted_in(clocked: tuple[CaptureStore, Clock]
     assert store.apply_rules("acme", "support") == {"kept": 0, "discarded": 2}
 
 
+def test_writer_batch_mixing_empty_columns_is_stored_whole_and_finds_retries(
+    clocked: tuple[CaptureStore, Clock],
+) -> None:
+    """The writer inserts a batch as one INSERT per pattern of empty token counts and retry digests:
+    every row of a mixed batch is stored as given, and with implicit signals on a retry in it is found."""
+    store, clock = clocked
+    question = [{"role": "user", "content": "same question"}]
+    first = store.insert_captures([capture(0, messages=question)])[0]
+    store.set_switches("acme", "support", "alice", implicit_signals=True)
+    clock.advance(minutes=1)
+    tokens = [(3, 2), (None, 2), (3, None), (None, None), (7, 1)]
+    batch = [capture(n, prompt_tokens=p, completion_tokens=c) for n, (p, c) in enumerate(tokens, start=1)]
+    batch.append(capture(9, messages=question, prompt_tokens=None, completion_tokens=None))
+    batch.append(capture(10, namespace="sales", prompt_tokens=None))  # signals off there: no retry digest
+    store.insert_captures_once(batch)
+    stored = {c.request_id: c for ns in ("support", "sales") for c in store.list_captures("acme", ns)}
+    assert len(stored) == 8
+    for record in batch:
+        row = stored[record.request_id]
+        assert (row.prompt_tokens, row.completion_tokens, row.output_text) == (
+            record.prompt_tokens, record.completion_tokens, record.output_text,
+        )  # fmt: skip
+    assert store.get_capture("acme", first).implicit_signal == "retried"
+    with store.engine.connect() as conn:
+        digests = dict(conn.exec_driver_sql("SELECT request_id, retry_digest FROM captures").all())
+    assert all(digests[record.request_id] is not None for record in batch[:-1])
+    assert digests[batch[-1].request_id] is None
+
+
 def test_retries_of_captures_written_while_signals_were_switched_on_are_found(
     clocked: tuple[CaptureStore, Clock],
 ) -> None:

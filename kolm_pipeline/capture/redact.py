@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from operator import is_
 from typing import Any
 
+from kolm_pipeline.jsontext import dumps_compact
 from kolm_pipeline.store import NewCapture
 
 
@@ -190,7 +191,18 @@ class Redactor:
         return value
 
     def capture(self, record: NewCapture) -> NewCapture:
-        messages, output = self.value(record.messages), self.text(record.output_text)
+        """The record with every string of its messages and its output redacted; `record` itself when
+        nothing changed.
+
+        The messages are first scanned once as compact JSON: every string of them is in that text, escaped
+        only where it holds a quote, a backslash or a control character, none of which a recognizer or the
+        pre-scan matches, so text with nothing PII-shaped has none in any message (structure and the
+        structural fields can only add false alarms, which take the walk below). One scan instead of a walk
+        over every message and field: most conversations end there."""
+        messages = record.messages
+        if self._recognizers and may_hold_pii(dumps_compact(messages)):
+            messages = self.value(messages)
+        output = self.text(record.output_text)
         if messages is record.messages and output is record.output_text:
             return record
         return replace(record, messages=messages, output_text=output)

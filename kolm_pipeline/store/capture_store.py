@@ -22,7 +22,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import DateTime, Engine, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
@@ -115,32 +115,90 @@ _NEW_CAPTURE_CONSTANTS: dict[str, str | None] = {
     "implicit_signal": None,
 }
 _CAPTURE_COLUMNS = tuple(column.name for column in captures.columns if column.name != "id")
-# The writer's INSERT binds only these; the constants above are written into its SQL.
-_CAPTURE_BOUND_COLUMNS = tuple(name for name in _CAPTURE_COLUMNS if name not in _NEW_CAPTURE_CONSTANTS)
-_capture_values = itemgetter(*_CAPTURE_BOUND_COLUMNS)
+# What the writer binds, in the order `_capture_values` gives them; the constants above are written into its SQL.
+_CAPTURE_BOUND_COLUMNS = (
+    "request_id", "tenant", "namespace", "provider", "model", "input_json", "output_text", "latency_us", "status",
+    "http_status", "prompt_tokens", "completion_tokens", "tags", "streamed", "created_at", "input_hmac",
+    "output_hmac", "source", "retry_digest",
+)  # fmt: skip
+if tuple(name for name in _CAPTURE_COLUMNS if name not in _NEW_CAPTURE_CONSTANTS) != _CAPTURE_BOUND_COLUMNS:
+    raise RuntimeError("_CAPTURE_BOUND_COLUMNS no longer lists the captures table's columns in order")
+# Columns a new capture often leaves empty (token counts a stream did not report; the retry digest of a
+# namespace without implicit signals): where a row has None there, a variant of the INSERT writes NULL.
+_OFTEN_NULL = tuple(
+    _CAPTURE_BOUND_COLUMNS.index(name) for name in ("prompt_tokens", "completion_tokens", "retry_digest")
+)
+_PROMPT_TOKENS, _COMPLETION_TOKENS, _RETRY_DIGEST = _OFTEN_NULL
 
 
-class _DriverInsert(NamedTuple):
-    """An INSERT in the driver's own SQL and parameter style. The capture writer inserts every proxied
-    call, and SQLAlchemy's per-row parameter handling cost about as much as SQLite's insert itself. The
-    columns every new capture starts alike are SQL constants, not parameters: binding a None costs
-    Python's sqlite3 module a formatted and discarded AttributeError (its adapter lookup), ≈ 3,000
-    instructions each."""
+class _Retry(NamedTuple):
+    """A new capture in a namespace with implicit signals on: earlier captures of its input may be retries."""
 
-    sql: str
-    converters: tuple[tuple[int, Callable[[Any], Any]], ...]
+    tenant: str
+    namespace: str
+    digest: str
+    request_id: str
+    created_at: datetime
 
-    def parameters(self, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-        if not self.converters:
-            return [_capture_values(row) for row in rows]
-        parameters = []
-        for row in rows:
-            values = list(_capture_values(row))
-            for index, convert in self.converters:
-                if values[index] is not None:  # these columns' processors map None to None
-                    values[index] = convert(values[index])
-            parameters.append(tuple(values))
-        return parameters
+
+class _DriverInsert:
+    """The capture writer's INSERT … ON CONFLICT DO NOTHING in the driver's own SQL and parameter style.
+    The writer inserts every proxied call, and SQLAlchemy's per-row parameter handling cost about as much as
+    SQLite's insert itself.
+
+    The columns every new capture starts alike are SQL constants, not parameters, and so is NULL where a row
+    leaves one of the `_OFTEN_NULL` columns empty (a batch is written as one executemany per such pattern):
+    binding a None costs Python's sqlite3 module a formatted and discarded AttributeError (its adapter
+    lookup), ≈ 3,000 instructions each. On SQLite the values come converted already (`prepared`: the
+    boolean as 0/1, the time as SQLAlchemy writes it); elsewhere `converters` are SQLAlchemy's own."""
+
+    def __init__(
+        self,
+        render: Callable[[frozenset[int]], str],
+        converters: tuple[tuple[int, Callable[[Any], Any]], ...],
+        prepared: bool,
+    ) -> None:
+        self._render = render
+        self.converters = converters
+        self.prepared = prepared
+        self.sql = render(frozenset())
+        self._variants: dict[tuple[bool, bool, bool], tuple[str, Callable[[Any], tuple[Any, ...]] | None]] = {}
+
+    def statements(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """(SQL, parameters) per pattern of empty columns among `rows` (values from `_capture_values`)."""
+        groups: dict[tuple[bool, bool, bool], list[tuple[Any, ...]]] = {}
+        for values in rows if not self.converters else map(self._convert, rows):
+            key = (values[_PROMPT_TOKENS] is None, values[_COMPLETION_TOKENS] is None, values[_RETRY_DIGEST] is None)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [values]
+            else:
+                group.append(values)
+        statements = []
+        for key, group in groups.items():
+            sql, kept = self._variant(key)
+            statements.append((sql, group if kept is None else list(map(kept, group))))
+        return statements
+
+    def _variant(self, key: tuple[bool, bool, bool]) -> tuple[str, Callable[[Any], tuple[Any, ...]] | None]:
+        variant = self._variants.get(key)
+        if variant is None:
+            nulls = frozenset(index for index, empty in zip(_OFTEN_NULL, key, strict=True) if empty)
+            kept = itemgetter(*(index for index in range(len(_CAPTURE_BOUND_COLUMNS)) if index not in nulls))
+            variant = self._variants[key] = (self._render(nulls), kept if nulls else None)
+        return variant
+
+    def _convert(self, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        converted = list(values)
+        for index, convert in self.converters:
+            if converted[index] is not None:  # these columns' processors map None to None
+                converted[index] = convert(converted[index])
+        return tuple(converted)
+
+
+def _rows_of(values: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """`_capture_values`' tuples as rows by column name, with a new capture's constant columns."""
+    return [{**dict(zip(_CAPTURE_BOUND_COLUMNS, row, strict=True)), **_NEW_CAPTURE_CONSTANTS} for row in values]
 
 
 def _sql_literal(value: str | None) -> str:
@@ -289,24 +347,30 @@ class CaptureStore:
         if placeholder is None:
             return None
         quote = dialect.identifier_preparer.quote
-        values = [
-            placeholder if name not in _NEW_CAPTURE_CONSTANTS else _sql_literal(_NEW_CAPTURE_CONSTANTS[name])
-            for name in _CAPTURE_COLUMNS
-        ]
-        sql = (
-            f"INSERT INTO {quote(captures.name)} ({', '.join(quote(name) for name in _CAPTURE_COLUMNS)}) "
-            f"VALUES ({', '.join(values)}) ON CONFLICT ({quote('request_id')}) DO NOTHING"
-        )
+        bound = {name: index for index, name in enumerate(_CAPTURE_BOUND_COLUMNS)}
+
+        def render(nulls: frozenset[int]) -> str:
+            values = [
+                _sql_literal(_NEW_CAPTURE_CONSTANTS[name])
+                if name not in bound
+                else "NULL"
+                if bound[name] in nulls
+                else placeholder
+                for name in _CAPTURE_COLUMNS
+            ]
+            return (
+                f"INSERT INTO {quote(captures.name)} ({', '.join(quote(name) for name in _CAPTURE_COLUMNS)}) "
+                f"VALUES ({', '.join(values)}) ON CONFLICT ({quote('request_id')}) DO NOTHING"
+            )
+
+        if dialect.name == "sqlite":
+            return _DriverInsert(render, (), prepared=True)
         converters = []
         for index, name in enumerate(_CAPTURE_BOUND_COLUMNS):
-            column_type = captures.c[name].type
-            if dialect.name == "sqlite" and isinstance(column_type, DateTime):
-                convert: Callable[[Any], Any] | None = sqlite_datetime_text
-            else:
-                convert = column_type.dialect_impl(dialect).bind_processor(dialect)
+            convert = captures.c[name].type.dialect_impl(dialect).bind_processor(dialect)
             if convert is not None:
                 converters.append((index, convert))
-        return _DriverInsert(sql, tuple(converters))
+        return _DriverInsert(render, tuple(converters), prepared=False)
 
     # Tenants
 
@@ -399,9 +463,9 @@ class CaptureStore:
             return []
         stmt = insert(captures).returning(captures.c.id, sort_by_parameter_order=True)
         with self.engine.begin() as conn:
-            rows = self._capture_rows(conn, records)
-            ids = [row.id for row in conn.execute(stmt, rows)]
-            self._implicit_signals(conn, rows)
+            values, retries = self._capture_values(conn, records)
+            ids = [row.id for row in conn.execute(stmt, _rows_of(values))]
+            self._implicit_signals(conn, retries)
         return ids
 
     def insert_captures_once(self, records: list[NewCapture]) -> None:
@@ -411,54 +475,71 @@ class CaptureStore:
             return
         driver_insert = self._capture_insert_sql
         with self.engine.begin() as conn:
-            rows = self._capture_rows(conn, records)
             if driver_insert is None:
-                conn.execute(self._insert()(captures).on_conflict_do_nothing(index_elements=["request_id"]), rows)
+                values, retries = self._capture_values(conn, records)
+                stmt = self._insert()(captures).on_conflict_do_nothing(index_elements=["request_id"])
+                conn.execute(stmt, _rows_of(values))
             else:
-                conn.exec_driver_sql(driver_insert.sql, driver_insert.parameters(rows))
-            self._implicit_signals(conn, rows)
+                values, retries = self._capture_values(conn, records, driver_insert.prepared)
+                for sql, parameters in driver_insert.statements(values):
+                    conn.exec_driver_sql(sql, parameters)
+            self._implicit_signals(conn, retries)
 
     def _capture_rows(self, conn: Any, records: list[NewCapture]) -> list[dict[str, Any]]:
-        """Rows to insert; in namespaces with implicit signals on they carry their retry digest."""
+        """Rows to insert, by column name; in namespaces with implicit signals on they carry their retry digest."""
+        return _rows_of(self._capture_values(conn, records)[0])
+
+    def _capture_values(
+        self, conn: Any, records: list[NewCapture], for_sqlite_driver: bool = False
+    ) -> tuple[list[tuple[Any, ...]], list[_Retry]]:
+        """Each record's values in `_CAPTURE_BOUND_COLUMNS` order, and the retries to look for. With
+        `for_sqlite_driver` the boolean and the time come as SQLAlchemy would write them to SQLite, so the
+        writer's INSERT binds the tuples as they are."""
         now = self._now()
         rows = []
+        retries = []
         signals: dict[tuple[str, str], bool] = {}
         for record in records:
-            if (record.tenant, record.namespace) not in signals:
+            where = (record.tenant, record.namespace)
+            if where not in signals:
                 validate_tenant(record.tenant)
                 validate_namespace(record.namespace)
-                signals[(record.tenant, record.namespace)] = self._signals_on(conn, record.tenant, record.namespace)
+                signals[where] = self._signals_on(conn, record.tenant, record.namespace)
             if any("," in tag for tag in record.tags):
                 raise ValueError("tags must not contain commas")
             if record.source not in CAPTURE_SOURCES:
                 raise ValueError(f"invalid source {record.source!r}: expected one of {', '.join(CAPTURE_SOURCES)}")
             secret = self._secret(conn, record.tenant)
             input_hmac = secret.hexdigest(canonical_messages(record.messages))
+            created_at = _utc(record.created_at) if record.created_at else now
+            retry_digest = None
+            if signals[where]:
+                retry_digest = input_hmac
+                retries.append(_Retry(record.tenant, record.namespace, input_hmac, record.request_id, created_at))
             rows.append(
-                {
-                    "request_id": record.request_id,
-                    "tenant": record.tenant,
-                    "namespace": record.namespace,
-                    "provider": record.provider,
-                    "model": record.model,
-                    "input_json": dumps_compact(record.messages),
-                    "output_text": record.output_text,
-                    "latency_us": int(record.latency_us),
-                    "status": record.status,
-                    "http_status": int(record.http_status),
-                    "prompt_tokens": record.prompt_tokens,
-                    "completion_tokens": record.completion_tokens,
-                    "tags": ",".join(tag for tag in record.tags if tag),
-                    "streamed": bool(record.streamed),
-                    "created_at": _utc(record.created_at) if record.created_at else now,
-                    "input_hmac": input_hmac,
-                    "output_hmac": secret.hexdigest(canonical_text(record.output_text)),
-                    "source": record.source,
-                    "retry_digest": input_hmac if signals[(record.tenant, record.namespace)] else None,
-                    **_NEW_CAPTURE_CONSTANTS,
-                }
+                (
+                    record.request_id,
+                    record.tenant,
+                    record.namespace,
+                    record.provider,
+                    record.model,
+                    dumps_compact(record.messages),
+                    record.output_text,
+                    int(record.latency_us),
+                    record.status,
+                    int(record.http_status),
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                    ",".join(tag for tag in record.tags if tag),
+                    int(bool(record.streamed)) if for_sqlite_driver else bool(record.streamed),
+                    sqlite_datetime_text(created_at) if for_sqlite_driver else created_at,
+                    input_hmac,
+                    secret.hexdigest(canonical_text(record.output_text)),
+                    record.source,
+                    retry_digest,
+                )
             )
-        return rows
+        return rows, retries
 
     def _signals_on(self, conn: Any, tenant: str, namespace: str) -> bool:
         """Whether the namespace has implicit signals on. The first time this store sees them on (at start,
@@ -557,20 +638,18 @@ class CaptureStore:
                 row.update(triage_state="kept" if rule.action == "keep" else "discarded", triaged_by=f"rule:{rule.id}")
                 return
 
-    def _implicit_signals(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+    def _implicit_signals(self, conn: Any, retries: list[_Retry]) -> None:
         """Where a namespace opted in, mark earlier captures whose input came again soon after as 'retried'."""
-        for row in rows:
-            if row["retry_digest"] is None:
-                continue
+        for retry in retries:
             conn.execute(
                 update(captures)
                 .where(
-                    captures.c.tenant == row["tenant"],
-                    captures.c.namespace == row["namespace"],
-                    captures.c.retry_digest == row["retry_digest"],
-                    captures.c.request_id != row["request_id"],
-                    captures.c.created_at >= row["created_at"] - IMPLICIT_RETRY_WINDOW,
-                    captures.c.created_at <= row["created_at"],
+                    captures.c.tenant == retry.tenant,
+                    captures.c.namespace == retry.namespace,
+                    captures.c.retry_digest == retry.digest,
+                    captures.c.request_id != retry.request_id,
+                    captures.c.created_at >= retry.created_at - IMPLICIT_RETRY_WINDOW,
+                    captures.c.created_at <= retry.created_at,
                     captures.c.implicit_signal.is_(None),
                 )
                 .values(implicit_signal="retried")
