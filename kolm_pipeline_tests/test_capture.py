@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 import re
 import shutil
 import subprocess
@@ -224,6 +225,10 @@ def test_request_ids_are_uuid7_in_the_order_they_were_made() -> None:
     assert len(set(ids)) == len(ids)
     stamps = [u.int >> 80 for u in parsed]
     assert stamps == sorted(stamps)
+    random.seed(7)  # another library seeding the global generator must not make ids repeat
+    first = new_request_id()
+    random.seed(7)
+    assert new_request_id()[13:] != first[13:]
 
 
 def test_openai_stream_is_recorded(proxy: Proxy) -> None:

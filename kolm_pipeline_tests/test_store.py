@@ -415,7 +415,9 @@ def test_writer_batch_mixing_empty_columns_is_stored_whole_and_finds_retries(
         )  # fmt: skip
     assert store.get_capture("acme", first).implicit_signal == "retried"
     with store.engine.connect() as conn:
+        in_order = conn.exec_driver_sql("SELECT request_id FROM captures ORDER BY id").scalars().all()
         digests = dict(conn.exec_driver_sql("SELECT request_id, retry_digest FROM captures").all())
+    assert in_order[1:] == [record.request_id for record in batch]  # ids follow the batch's order
     assert all(digests[record.request_id] is not None for record in batch[:-1])
     assert digests[batch[-1].request_id] is None
 

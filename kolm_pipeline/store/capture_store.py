@@ -165,19 +165,18 @@ class _DriverInsert:
         self._variants: dict[tuple[bool, bool, bool], tuple[str, Callable[[Any], tuple[Any, ...]] | None]] = {}
 
     def statements(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        """(SQL, parameters) per pattern of empty columns among `rows` (values from `_capture_values`)."""
-        groups: dict[tuple[bool, bool, bool], list[tuple[Any, ...]]] = {}
+        """(SQL, parameters) per run of consecutive `rows` (values from `_capture_values`) that leave the
+        same columns empty: runs, not groups, so ids keep the order the calls came in."""
+        runs: list[tuple[tuple[bool, bool, bool], list[tuple[Any, ...]]]] = []
         for values in rows if not self.converters else map(self._convert, rows):
             key = (values[_PROMPT_TOKENS] is None, values[_COMPLETION_TOKENS] is None, values[_RETRY_DIGEST] is None)
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [values]
-            else:
-                group.append(values)
+            if not runs or runs[-1][0] != key:
+                runs.append((key, []))
+            runs[-1][1].append(values)
         statements = []
-        for key, group in groups.items():
+        for key, run in runs:
             sql, kept = self._variant(key)
-            statements.append((sql, group if kept is None else list(map(kept, group))))
+            statements.append((sql, run if kept is None else list(map(kept, run))))
         return statements
 
     def _variant(self, key: tuple[bool, bool, bool]) -> tuple[str, Callable[[Any], tuple[Any, ...]] | None]:
