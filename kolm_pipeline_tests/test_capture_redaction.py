@@ -86,6 +86,22 @@ def test_scan_in_steps_is_the_single_pattern(pieces: list[str]) -> None:
     assert may_hold_pii(text) == (SINGLE_PATTERN.search(text) is not None)
 
 
+ASCII_FRAGMENTS = [fragment for fragment in FRAGMENTS if fragment.isascii()]
+ASCII_PIECES = st.one_of(
+    st.sampled_from(ASCII_FRAGMENTS), st.text(alphabet=st.characters(max_codepoint=127), max_size=12), NUMBERISH.map(
+        lambda text: text.replace("٣", "3")
+    )
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(ASCII_PIECES, min_size=2, max_size=8))
+def test_scan_of_ascii_text_as_class_strings_is_the_single_pattern(pieces: list[str]) -> None:
+    """ASCII text of 24 characters or more is scanned as class strings of its bytes, not by the patterns."""
+    text = "".join(pieces).ljust(24, "_")
+    assert may_hold_pii(text) == (SINGLE_PATTERN.search(text) is not None)
+
+
 # Characters JSON escapes (a quote, a backslash, control characters) next to the fragments above.
 ESCAPED = ["\"", "\\", "\n", "\t", "\x00", "\x1f", "\u2028"]
 PIECES = st.lists(st.one_of(st.sampled_from(FRAGMENTS + ESCAPED), st.text(max_size=12), NUMBERISH), max_size=6)

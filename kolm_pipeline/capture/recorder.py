@@ -83,47 +83,51 @@ def scrub(value: Any, secret: str) -> Any:
     return value
 
 
-def build(pending: Pending) -> NewCapture:
-    """The capture record of a finished call, with the provider key scrubbed (not yet PII-redacted)."""
-    provider = PROVIDERS[pending.provider]
-    messages = provider.messages(jsontext.loads(pending.request))
+def build(pending: Pending | tuple[Any, ...]) -> NewCapture:
+    """The capture record of a finished call, with the provider key scrubbed (not yet PII-redacted).
+    `pending` may be the plain tuple of `Pending`'s fields, as the writer receives it."""
+    (
+        request_id, tenant, namespace, provider_name, model, request, tags, streamed, secret, outcome,
+        http_status, reply, latency_us, created_at,
+    ) = pending  # fmt: skip
+    provider = PROVIDERS[provider_name]
+    messages = provider.messages(jsontext.loads(request))
     status, output, prompt_tokens, completion_tokens = "error", "", None, None
-    if pending.outcome == "reply" and 200 <= pending.http_status < 300:
+    if outcome == "reply" and 200 <= http_status < 300:
         try:
-            completion = provider.completion(jsontext.loads_replies(pending.reply))
+            completion = provider.completion(jsontext.loads_replies(reply))
         except (ValueError, RecursionError):
             pass
         else:
             status, output = "ok", completion.output_text
             prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
-    elif pending.outcome == "stream":
+    elif outcome == "stream":
         state = provider.new_stream()
-        state.feed(pending.reply)
+        state.feed(reply)
         if not state.failed:
             status = "ok" if state.complete else "incomplete"
             output = state.text
         prompt_tokens, completion_tokens = state.prompt_tokens, state.completion_tokens
     record = NewCapture(
-        request_id=pending.request_id,
-        tenant=pending.tenant,
-        namespace=pending.namespace,
-        provider=pending.provider,
-        model=pending.model,
+        request_id=request_id,
+        tenant=tenant,
+        namespace=namespace,
+        provider=provider_name,
+        model=model,
         messages=messages,
         output_text=output,
-        latency_us=pending.latency_us,
+        latency_us=latency_us,
         status=status,
-        http_status=pending.http_status,
+        http_status=http_status,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        tags=list(pending.tags),
-        streamed=pending.streamed,
-        created_at=datetime.fromtimestamp(pending.created_at, UTC),
+        tags=list(tags),
+        streamed=streamed,
+        created_at=datetime.fromtimestamp(created_at, UTC),
     )
-    secret = pending.secret
     # Model and messages come from the request body. Without escapes every string parsed from it is a
     # piece of its bytes, so a key not in the bytes is in none of them; with escapes, scrub to be sure.
-    in_request = bool(secret) and (b"\\" in pending.request or secret.encode("utf-8") in pending.request)
+    in_request = bool(secret) and (b"\\" in request or secret.encode("utf-8") in request)
     if secret and (in_request or secret in output or any(secret in tag for tag in record.tags)):
         record = replace(
             record,
@@ -221,7 +225,7 @@ class BatchWriter:
         self._redactors[(tenant, namespace)] = (redactor, now + self._settings_ttl)
         return redactor
 
-    def _build(self, batch: list[Pending]) -> list[NewCapture]:
+    def _build(self, batch: list[Pending] | list[tuple[Any, ...]]) -> list[NewCapture]:
         records = []
         for pending in batch:
             try:
@@ -232,7 +236,8 @@ class BatchWriter:
                 logger.error("could not build a capture record: %s", type(exc).__name__)
         return records
 
-    def write(self, batch: list[Pending]) -> None:
+    def write(self, batch: list[Pending] | list[tuple[Any, ...]]) -> None:
+        """Build, redact and write `batch` (`Pending`s, or their fields as plain tuples), or spool it."""
         records = self._build(batch)
         if not records:
             return
@@ -516,7 +521,7 @@ class Recorder:
     def _write_locally(self, batch: list[tuple[Any, ...]]) -> None:
         """Write on a worker thread of this process: no writer process, or it is too far behind."""
         assert self._loop is not None
-        job = self._loop.run_in_executor(None, self._local.write, [Pending._make(fields) for fields in batch])
+        job = self._loop.run_in_executor(None, self._local.write, batch)
         self._local_jobs.add(job)
         job.add_done_callback(self._local_jobs.discard)
 

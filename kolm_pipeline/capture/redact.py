@@ -144,14 +144,33 @@ KEY_CHARACTERS = "A-Za-z0-9_\\-./+=\u0130\u0131\u017f\u212a"
 _KEY_RUN = re.compile(f"[{KEY_CHARACTERS}]{{11}}")
 
 
+# ASCII text is scanned as two class strings of its bytes, one C pass each: key characters as `k` (then an
+# 11-run is a substring), and digits as `0`, capitals as `A`, the number separators ` ()+-` as `s` (the dot
+# stays a dot): then two number shapes are substrings too, and the long number a pattern that starts with a
+# literal. Less than half of what the two patterns cost on a chat message.
+_KEY_CLASSES = bytes(
+    ord("k") if c < 128 and re.fullmatch(f"[{KEY_CHARACTERS}]", chr(c)) else ord(" ") for c in range(256)
+)
+_NUMBER_CLASSES = bytes(
+    ord("0") if chr(c) in "0123456789" else ord("A") if "A" <= chr(c) <= "Z" else ord("s") if chr(c) in " ()+-"
+    else ord(".") if chr(c) == "." else ord("_") for c in range(256)
+)  # fmt: skip
+_KEY_RUN_CLASSES = b"k" * 11
+_LONG_NUMBER_CLASSES = re.compile(rb"0[0.s]{8,}0")
+_SHORT = 24  # shorter texts: the two patterns cost less than building the class strings
+
+
 def may_hold_pii(text: str) -> bool:
     """Whether `text` holds anything a recognizer could match (see above); False means nothing to redact."""
-    return (
-        "@" in text
-        or (":" in text and _IPV6_COLONS.search(text) is not None)
-        or _NUMBER_SHAPES.search(text) is not None
-        or _KEY_RUN.search(text) is not None
-    )
+    if "@" in text or (":" in text and _IPV6_COLONS.search(text) is not None):
+        return True
+    if len(text) < _SHORT or not text.isascii():  # non-ASCII digits are `\d` too; İ, ı, ſ, K key characters
+        return _NUMBER_SHAPES.search(text) is not None or _KEY_RUN.search(text) is not None
+    raw = text.encode("ascii")
+    if raw.translate(_KEY_CLASSES).find(_KEY_RUN_CLASSES) >= 0:
+        return True
+    numbers = raw.translate(_NUMBER_CLASSES)
+    return numbers.find(b"0.0") >= 0 or numbers.find(b"AA00") >= 0 or _LONG_NUMBER_CLASSES.search(numbers) is not None
 
 
 _NOT_REDACTED_KEYS = frozenset({"role", "type", "tool_call_id", "id"})

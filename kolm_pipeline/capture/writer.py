@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kolm_pipeline.capture.recorder import FRAME_HEADER, BatchWriter, Pending, WriterOptions, frame
+from kolm_pipeline.capture.recorder import FRAME_HEADER, BatchWriter, WriterOptions, frame
 from kolm_pipeline.capture.spool import Spool
 
 _POLL_S = 0.2
@@ -136,11 +136,11 @@ def main(sock: socket.socket) -> None:
         # The proxy batches already (one frame per `linger`): a frame is written as soon as it arrives.
         wait = 0.0 if terminated or frames else min(_POLL_S, max(0.0, next_replay - time.monotonic()))
         frames += inbox.receive(wait)
-        batch: list[Pending] = []
+        batch: list[tuple[Any, ...]] = []  # `Pending`'s fields, as the proxy sent them
         seqs: list[int] = []
         for kind, seq, items in frames:
             if kind == "batch":
-                batch.extend(map(Pending._make, items))
+                batch.extend(items)
                 seqs.append(seq)
             elif kind == "stop":
                 stopping = True
