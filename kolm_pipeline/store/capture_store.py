@@ -504,7 +504,8 @@ class CaptureStore:
                 validate_tenant(record.tenant)
                 validate_namespace(record.namespace)
                 signals[where] = self._signals_on(conn, record.tenant, record.namespace)
-            if any("," in tag for tag in record.tags):
+            tags = record.tags
+            if tags and any("," in tag for tag in tags):
                 raise ValueError("tags must not contain commas")
             if record.source not in CAPTURE_SOURCES:
                 raise ValueError(f"invalid source {record.source!r}: expected one of {', '.join(CAPTURE_SOURCES)}")
@@ -529,7 +530,7 @@ class CaptureStore:
                     int(record.http_status),
                     record.prompt_tokens,
                     record.completion_tokens,
-                    ",".join(tag for tag in record.tags if tag),
+                    ",".join(filter(None, tags)) if tags else "",
                     int(bool(record.streamed)) if for_sqlite_driver else bool(record.streamed),
                     sqlite_datetime_text(created_at) if for_sqlite_driver else created_at,
                     input_hmac,
