@@ -212,13 +212,12 @@ class OpenAIProvider(Provider):
         message = first.get("message") if type(first) is dict else None
         content = message.get("content") if type(message) is dict else None
         usage = body.get("usage")
-        prompt_tokens = completion_tokens = None
-        if type(usage) is dict:
-            prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(usage) is not dict:
+            return Completion(content if type(content) is str else "", None, None)
         return Completion(
             content if type(content) is str else "",
-            prompt_tokens if type(prompt_tokens) is int else None,
-            completion_tokens if type(completion_tokens) is int else None,
+            _int_or_none(usage.get("prompt_tokens")),
+            _int_or_none(usage.get("completion_tokens")),
         )
 
     def new_stream(self) -> StreamState:

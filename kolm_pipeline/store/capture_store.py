@@ -147,7 +147,7 @@ class _DriverInsert:
     SQLite's insert itself.
 
     The columns every new capture starts alike are SQL constants, not parameters, and so is NULL where a row
-    leaves one of the `_OFTEN_NULL` columns empty (a batch is written as one executemany per such pattern):
+    leaves one of the `_OFTEN_NULL` columns empty (a batch is one executemany per run of rows alike there):
     binding a None costs Python's sqlite3 module a formatted and discarded AttributeError (its adapter
     lookup), ≈ 3,000 instructions each. On SQLite the values come converted already (`prepared`: the
     boolean as 0/1, the time as SQLAlchemy writes it); elsewhere `converters` are SQLAlchemy's own."""
