@@ -12,22 +12,26 @@ aiohttp. Latency is measured per request: a whole reply for plain calls, the fir
 streams (time to first chunk). "added" is a target's p50 minus the direct p50 in the same run.
 
 The run is `--rounds` rounds; in each round every cell is run once, and in each cell every target takes its
-turn (the order rotating): at concurrency 1 its share of `--requests`, at concurrency 64 as many calls as
-fit in `--concurrent-seconds`. A change in the machine's load during the run so hits all targets alike and
-the ratios stay fair. Every round starts fresh kolm proxies: a Python process's speed depends on luck it
-keeps for life (its hash seed, where its memory lands), and two identical proxies were measured up to 11%
-apart in CPU per call for a whole run, so one process per target would tilt a whole run either way; new
-processes each round let that luck average out in the median of the per-round ratios. After
-each round of the capture-on proxy the script waits until its writer has stored every capture, so no
-target's round carries the writer's leftover work; how long that took is printed, with the throughput
-counting it. Capture on/off is also given as the median of the per-round ratios (on and off measured
-close together in time), with their range: how wide that range is shows the machine's noise. A second,
-identical capture-off proxy runs as a control (`--no-control` drops it): its ratio to the first is what
-noise alone makes of two proxies that do exactly the same, so read capture on/off against it. The CPU time
-each kolm proxy process (and its capture writer) spent per call is read from /proc around every round:
-unlike latency it hardly moves with the machine's load, and it says where the cost of capturing goes.
-The 1-minute load average is printed with every cell: on a small shared machine, load generator, proxy
-and upstream compete for the same cores, so read absolute figures with it.
+turn: at concurrency 1 its share of `--requests`, at concurrency 64 as many calls as fit in
+`--concurrent-seconds`. A change in the machine's load during the run so hits all targets alike and the ratios
+stay fair. The turns follow a balanced order (a Williams design): over a cycle of rounds (as many as targets,
+twice that for an odd number; make `--rounds` a multiple of it) every target goes first equally often and
+follows every other target equally often. A plain rotation had the first capture-off proxy always follow the
+capture-on one, and it came out 4-7% slower in CPU per call than the identical control for it. Every round
+starts fresh kolm proxies: a Python process's speed depends on luck it keeps for life (its hash seed, where
+its memory lands), and two identical proxies were measured up to 11% apart in CPU per call for a whole run, so
+one process per target would tilt a whole run either way; new processes each round let that luck average out
+in the median of the per-round ratios. After each round of the capture-on proxy the script waits until its
+writer has stored every capture, so no target's round carries the writer's leftover work (the pages it wrote
+are synced to disk too); how long that took is printed, with the throughput counting it. Capture on/off is
+also given as the median of the per-round ratios (on and off measured close together in time), with their
+range: how wide that range is shows the machine's noise. A second, identical capture-off proxy runs as a
+control (`--no-control` drops it): its ratio to the first is what noise alone makes of two proxies that do
+exactly the same, so read capture on/off against it. The CPU time each kolm proxy process (and its capture
+writer) spent per call is read from /proc around every round: unlike latency it hardly moves with the
+machine's load, and it says where the cost of capturing goes. The 1-minute load average is printed with every
+cell: on a small shared machine, load generator, proxy and upstream compete for the same cores, so read
+absolute figures with it.
 """
 
 from __future__ import annotations
@@ -249,13 +253,35 @@ async def load(
 
 
 def caught_up(count: Callable[[], int], expected: int, timeout: float = 120.0) -> float:
-    """Wait until the capture-on proxy has stored `expected` captures; the seconds it took."""
+    """Wait until the capture-on proxy has stored `expected` captures and the pages it wrote are on disk;
+    the seconds it took. Without the sync the kernel wrote them back during the next target's round."""
     start = time.perf_counter()
     while count() < expected:
         if time.perf_counter() - start > timeout:
             raise RuntimeError(f"the capture writer stored {count()} of {expected} captures in {timeout:.0f}s")
         time.sleep(0.01)
+    os.sync()
     return time.perf_counter() - start
+
+
+def balanced_order(names: list[str], round_: int) -> list[str]:
+    """The order the targets take their turns in round `round_`: a Williams design, in which over a full
+    cycle (as many rounds as targets, twice that for an odd number) every target runs first equally often
+    and follows every other target exactly once (a plain rotation has each always follow the same one), so
+    whatever one target leaves behind on the machine lands on all others alike."""
+    count = len(names)
+    first_row, low, high = [0], 1, count - 1
+    while len(first_row) < count:
+        first_row.append(low)
+        low += 1
+        if len(first_row) < count:
+            first_row.append(high)
+            high -= 1
+    cycle = count if count % 2 == 0 else 2 * count
+    row = [(index + round_) % count for index in first_row]
+    if round_ % cycle >= count:
+        row.reverse()
+    return [names[index] for index in row]
 
 
 CONTROL = "kolm capture off 2"
@@ -308,7 +334,12 @@ def main() -> int:
     parser.add_argument(
         "--concurrent-seconds", type=float, default=1.5, help="seconds per target and round at concurrency 64"
     )
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per cell, targets taking turns in each")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds per cell, targets taking turns in each (default: the fewest full cycles of the balanced "
+        "order, at least 8)",
+    )
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM reference")
     parser.add_argument(
         "--no-control", action="store_true", help="skip the second capture-off proxy (the A/A noise control)"
@@ -426,8 +457,11 @@ def main() -> int:
         processes.append(start(command, litellm_env, port, home / "litellm.log", timeout=180))
         targets["litellm"] = (f"http://127.0.0.1:{port}/chat/completions", {"authorization": f"Bearer {master_key}"})
 
-    rounds = max(1, args.rounds)
     names = list(targets)
+    cycle = len(names) if len(names) % 2 == 0 else 2 * len(names)
+    rounds = max(1, args.rounds) if args.rounds is not None else cycle * -(-8 // cycle)
+    if rounds % cycle:
+        print(f"note: {rounds} rounds do not balance the order of {len(names)} targets (a multiple of {cycle} would)")
     cell_keys = [(stream, concurrency) for stream in (False, True) for concurrency in (1, 64)]
     cells = {
         key: {name: Result(name, MODES[key[0]], key[1], [], 0.0, 0, 0.0) for name in names} for key in cell_keys
@@ -438,12 +472,12 @@ def main() -> int:
             if round_:
                 stop_kolm()
                 start_kolm()
-            shift = round_ % len(names)
+            order = balanced_order(names, round_)
             for stream, concurrency in cell_keys:
                 mode = MODES[stream]
                 total = max(1, args.requests // rounds) if concurrency == 1 else None
                 seconds = args.concurrent_seconds if concurrency == 64 else None
-                for name in names[shift:] + names[:shift]:
+                for name in order:
                     url, headers = targets[name]
                     cpu_before = cpu_seconds(pids[name]) if name in pids else (0.0, 0.0)
                     latencies, elapsed, errors, answered = asyncio.run(
