@@ -240,8 +240,9 @@ def new_request_id() -> str:
     74 random bits keep ids made in the same millisecond apart. They come from a Mersenne Twister of the
     ids' own, seeded from the OS at start and again in a forked child: an id must be unique, not secret
     (another tenant's id answers 404 like one that does not exist), and `os.urandom` is a system call per
-    proxied call (0.87 against 0.42 us an id)."""
-    return f"{time.time_ns() // 1_000_000 << 80 | _random_bits(76) & _UUID7_RANDOM | _UUID7_MARKS:032x}"
+    proxied call (0.87 against 0.42 us an id). The hex digits come from the id's 16 bytes, not from a format
+    spec: 0.32 against 0.51 us."""
+    return (time.time_ns() // 1_000_000 << 80 | _random_bits(76) & _UUID7_RANDOM | _UUID7_MARKS).to_bytes(16).hex()
 
 
 class Call:
