@@ -749,3 +749,36 @@ def test_version_3_store_keeps_finding_retries(tmp_path) -> None:
     signals = {c.request_id: c.implicit_signal for c in upgraded.list_captures("acme")}
     assert (signals["r1"], signals["r2"]) == ("retried", None)
     upgraded.close()
+
+
+def test_stores_started_together_on_a_new_sqlite_file_migrate_it_once(tmp_path) -> None:
+    """Processes that open the same new SQLite store at the same moment (a proxy, its writer, Dagster)
+    take turns: every one starts, and each migration is applied exactly once."""
+    import subprocess
+    import sys
+    import time
+
+    from sqlalchemy import create_engine, func, select
+
+    from kolm_pipeline.store.migrations import MIGRATIONS
+    from kolm_pipeline.store.tables import schema_versions
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    start_at = time.time() + 3.0  # after every interpreter has imported the store
+    opener = (
+        "import sys, time\n"
+        "from kolm_pipeline.store import CaptureStore\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "CaptureStore(sys.argv[1]).close()\n"
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", opener, url, str(start_at)], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    errors = [process.communicate(timeout=120)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0] * 4, errors
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(schema_versions.c.version, func.count()).group_by(schema_versions.c.version)).all()
+    engine.dispose()
+    assert {version: count for version, count in rows} == {version: 1 for version, _, _ in MIGRATIONS}

@@ -3,12 +3,14 @@
 Each step is written against the schema the step before it left, with alembic's operations (so column
 additions work on SQLite and PostgreSQL alike) and never edited once shipped; `tables.py` is the result
 of running them all. A database made before versioning existed (it has `captures` but no version table)
-is taken to be at version 1. On PostgreSQL an advisory lock makes concurrent starters wait for one another.
+is taken to be at version 1. Concurrent starters wait for one another: on PostgreSQL behind an advisory
+lock, on SQLite behind the database's write lock, taken before the versions are read (`BEGIN IMMEDIATE`).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -31,10 +33,13 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.exc import OperationalError
 
 from kolm_pipeline.store.tables import schema_versions
 
 _LOCK_ID = 0x6B6F6C6D  # "kolm"
+# How long a SQLite starter waits for another one's migration (each attempt waits the busy timeout).
+_SQLITE_LOCK_WAIT_S = 600.0
 
 
 def _v1_baseline(op: Operations, _conn: Connection) -> None:
@@ -263,12 +268,35 @@ def applied_versions(conn: Connection) -> set[int]:
 
 def migrate(engine: Engine) -> list[int]:
     """Bring the database to the newest schema; returns the versions applied now (empty when current)."""
+    with engine.connect() as conn:
+        if _current(applied_versions(conn)):
+            return []
+    if engine.dialect.name != "sqlite":
+        return _migrate(engine)
+    deadline = time.monotonic() + _SQLITE_LOCK_WAIT_S
+    while True:
+        try:
+            return _migrate(engine)
+        except OperationalError as exc:  # another starter holds the write lock longer than the busy timeout
+            if "locked" not in str(exc.orig) or time.monotonic() > deadline:
+                raise
+
+
+def _current(done: set[int]) -> bool:
+    return len(done) == len(MIGRATIONS) and max(done) == LATEST
+
+
+def _migrate(engine: Engine) -> list[int]:
+    """Apply the missing steps in one transaction that holds the lock against other starters."""
     applied_now: list[int] = []
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+        elif conn.dialect.name == "sqlite":
+            # Python's sqlite3 would begin a transaction only at the first INSERT: DDL before it ran on its own.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         done = applied_versions(conn)
-        if len(done) == len(MIGRATIONS) and max(done) == LATEST:
+        if _current(done):
             return []
         inspector = inspect(conn)
         if not inspector.has_table(schema_versions.name):
