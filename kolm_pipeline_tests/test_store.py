@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 from sqlalchemy import select, update
@@ -22,7 +22,7 @@ from kolm_pipeline.store import (
     split_partition_key,
     validate_namespace,
 )
-from kolm_pipeline.store.tables import audit_log, captures, metadata, tenants
+from kolm_pipeline.store.tables import TRIAGE_STATES, audit_log, captures, metadata, tenants
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
@@ -531,7 +531,9 @@ def test_migrations_upgrade_an_unversioned_database(tmp_path) -> None:
         inspector = inspect(conn)
         for table in metadata.sorted_tables:
             assert {c["name"] for c in inspector.get_columns(table.name)} == set(table.columns.keys()), table.name
-    assert store.counters("acme", "support")["kept"] == 1
+    assert store.counters("acme", "support")["kept"] == 1  # migration 6 counted the rows already there
+    assert store.counters("acme", "support") == _recounted(store, "acme", "support")
+    assert store.namespaces() == [("acme", "support")]
     assert store.apply_retention() == {"acme.support": 1}
     assert store.get_capture("acme", 1).input_hmac == store.input_digest("acme", [{"role": "user", "content": "hi"}])
     store.close()
@@ -782,3 +784,89 @@ def test_stores_started_together_on_a_new_sqlite_file_migrate_it_once(tmp_path) 
         rows = conn.execute(select(schema_versions.c.version, func.count()).group_by(schema_versions.c.version)).all()
     engine.dispose()
     assert {version: count for version, count in rows} == {version: 1 for version, _, _ in MIGRATIONS}
+
+
+def _recounted(store: CaptureStore, tenant: str, namespace: str) -> dict[str, int]:
+    """The counters as the captures themselves give them, counted row by row."""
+    from sqlalchemy import func, select
+
+    c = captures.c
+    stmt = select(c.triage_state, func.count(c.id), func.count(c.distilled_at), func.count(c.merged_at)).where(
+        c.tenant == tenant, c.namespace == namespace
+    )
+    with store.engine.connect() as conn:
+        rows = conn.execute(stmt.group_by(c.triage_state)).all()
+    by_state = {state: int(count) for state, count, _, _ in rows}
+    return {
+        "captured": sum(by_state.values()),
+        "kept": by_state.get("kept", 0),
+        "discarded": by_state.get("discarded", 0),
+        "untriaged": by_state.get("untriaged", 0),
+        "distilled": sum(int(row[2]) for row in rows),
+        "merged": sum(int(row[3]) for row in rows),
+    }
+
+
+_COUNTED_NAMESPACES = ("support", "ops")
+_counter_steps = st.one_of(
+    st.tuples(st.just("insert"), st.sampled_from(_COUNTED_NAMESPACES), st.integers(1, 4), st.booleans()),
+    st.tuples(st.just("write"), st.lists(st.sampled_from(_COUNTED_NAMESPACES), min_size=1, max_size=6), st.booleans()),
+    st.tuples(st.just("import"), st.sampled_from(_COUNTED_NAMESPACES), st.integers(1, 3), st.booleans()),
+    st.tuples(st.just("triage"), st.lists(st.integers(0, 40), max_size=6), st.sampled_from(TRIAGE_STATES)),
+    st.tuples(st.just("rule"), st.sampled_from(_COUNTED_NAMESPACES), st.sampled_from(["keep", "discard"])),
+    st.tuples(st.just("distill"), st.sampled_from(_COUNTED_NAMESPACES), st.lists(st.integers(0, 40), max_size=6)),
+    st.tuples(st.just("merge"), st.sampled_from(_COUNTED_NAMESPACES), st.lists(st.integers(0, 40), max_size=6)),
+    st.tuples(st.just("delete"), st.sampled_from(_COUNTED_NAMESPACES)),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(_counter_steps, min_size=1, max_size=14))
+def test_stored_counters_always_equal_the_captures_counted(store: CaptureStore, steps: list[tuple]) -> None:
+    """Whatever inserts (the writer's replays of a batch included), imports, triage, rules, marks and
+    deletions a namespace sees, its stored counters equal its captures counted one by one."""
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    made: list[NewCapture] = []
+    serial = iter(range(10_000))
+
+    def fresh(namespace: str, status: str = "ok", **kw: object) -> NewCapture:
+        record = capture(next(serial), namespace=namespace, tenant=tenant, status=status, **kw)
+        made.append(record)
+        return record
+
+    def ids() -> list[int]:
+        return sorted(c.id for c in store.list_captures(tenant, limit=10_000))
+
+    for step in steps:
+        kind = step[0]
+        if kind == "insert":
+            _, namespace, count, failed = step
+            store.insert_captures([fresh(namespace, "error" if failed else "ok") for _ in range(count)])
+        elif kind == "write":  # the capture writer's batch, mixed namespaces; optionally a replay of earlier ones
+            _, namespaces, replay = step
+            batch = [fresh(ns, prompt_tokens=None if i % 2 else 3) for i, ns in enumerate(namespaces)]
+            store.insert_captures_once(batch + (made[: len(made) // 2] if replay else []))
+        elif kind == "import":
+            _, namespace, count, approved = step
+            again = [r for r in made if r.namespace == namespace][:1]
+            records = [*again, *(fresh(namespace) for _ in range(count))]
+            store.import_captures(records, "test", kept_by="import:human" if approved else None)
+        elif kind == "triage":
+            _, picks, state = step
+            known = ids()
+            store.set_triage(tenant, [known[i % len(known)] for i in picks] if known else [], state, "alice")
+        elif kind == "rule":
+            _, namespace, action = step
+            store.add_rule(tenant, namespace, action, {"status": "ok"}, "alice")
+            store.apply_rules(tenant, namespace)
+        elif kind in ("distill", "merge"):
+            _, namespace, picks = step
+            known = ids()
+            chosen = [known[i % len(known)] for i in picks] if known else []
+            (store.mark_distilled if kind == "distill" else store.mark_merged)(tenant, namespace, chosen)
+        else:
+            store.delete_namespace(tenant, step[1])
+        for namespace in _COUNTED_NAMESPACES:
+            assert store.counters(tenant, namespace) == _recounted(store, tenant, namespace), (step, namespace)
+    holding = [(tenant, ns) for ns in sorted(_COUNTED_NAMESPACES) if _recounted(store, tenant, ns)["captured"]]
+    assert store.namespaces(tenant) == holding

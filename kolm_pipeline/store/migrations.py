@@ -250,12 +250,34 @@ def _v5_checks_without_in_lists(op: Operations, conn: Connection) -> None:
         conn.exec_driver_sql(statement)
 
 
+def _v6_namespace_counters(op: Operations, conn: Connection) -> None:
+    """Counters kept per namespace instead of counted from the captures on every read; filled from them."""
+    op.create_table(
+        "namespace_counters",
+        Column("tenant", String(63), primary_key=True),
+        Column("namespace", String(63), primary_key=True),
+        Column("captured", BigInteger, nullable=False),
+        Column("kept", BigInteger, nullable=False),
+        Column("discarded", BigInteger, nullable=False),
+        Column("distilled", BigInteger, nullable=False),
+        Column("merged", BigInteger, nullable=False),
+    )
+    conn.exec_driver_sql(
+        "INSERT INTO namespace_counters (tenant, namespace, captured, kept, discarded, distilled, merged) "
+        "SELECT tenant, namespace, COUNT(*), "
+        "SUM(CASE WHEN triage_state = 'kept' THEN 1 ELSE 0 END), "
+        "SUM(CASE WHEN triage_state = 'discarded' THEN 1 ELSE 0 END), "
+        "COUNT(distilled_at), COUNT(merged_at) FROM captures GROUP BY tenant, namespace"
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (1, "baseline tables", _v1_baseline),
     (2, "retention, counters and switches", _v2_retention_and_counters),
     (3, "capture source", _v3_capture_source),
     (4, "retry digest", _v4_retry_digest),
     (5, "checks without IN lists", _v5_checks_without_in_lists),
+    (6, "namespace counters", _v6_namespace_counters),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -108,6 +108,21 @@ captures = Table(
     Index("ix_captures_expired_created", "expired_at", "created_at"),
 )
 
+# The counters of each namespace, kept up to date in the same transactions that insert, triage and mark
+# captures: reading them costs one row, however many captures the namespace holds (counting the captures
+# took 0.1 s at 200,000). Untriaged is captured less kept and discarded.
+namespace_counters = Table(
+    "namespace_counters",
+    metadata,
+    Column("tenant", String(63), primary_key=True),
+    Column("namespace", String(63), primary_key=True),
+    Column("captured", BigInteger, nullable=False, default=0),
+    Column("kept", BigInteger, nullable=False, default=0),
+    Column("discarded", BigInteger, nullable=False, default=0),
+    Column("distilled", BigInteger, nullable=False, default=0),
+    Column("merged", BigInteger, nullable=False, default=0),
+)
+
 namespace_settings = Table(
     "namespace_settings",
     metadata,
