@@ -16,22 +16,22 @@ turn: at concurrency 1 its share of `--requests`, at concurrency 64 as many call
 `--concurrent-seconds`. A change in the machine's load during the run so hits all targets alike and the ratios
 stay fair. The turns follow a balanced order (a Williams design): over a cycle of rounds (as many as targets,
 twice that for an odd number; make `--rounds` a multiple of it) every target goes first equally often and
-follows every other target equally often. A plain rotation had the first capture-off proxy always follow the
-capture-on one, and it came out 4-7% slower in CPU per call than the identical control for it. Every round
-starts fresh kolm proxies: a Python process's speed depends on luck it keeps for life (its hash seed, where
-its memory lands), and two identical proxies were measured up to 11% apart in CPU per call for a whole run, so
-one process per target would tilt a whole run either way; new processes each round let that luck average out
-in the median of the per-round ratios. After each round of the capture-on proxy the script waits until its
-writer has stored every capture, so no target's round carries the writer's leftover work (the pages it wrote
-are synced to disk too); how long that took is printed, with the throughput counting it. Capture on/off is
-also given as the median of the per-round ratios (on and off measured close together in time), with their
-range: how wide that range is shows the machine's noise. A second, identical capture-off proxy runs as a
-control (`--no-control` drops it): its ratio to the first is what noise alone makes of two proxies that do
-exactly the same, so read capture on/off against it. The CPU time each kolm proxy process (and its capture
-writer) spent per call is read from /proc around every round: unlike latency it hardly moves with the
-machine's load, and it says where the cost of capturing goes. The 1-minute load average is printed with every
-cell: on a small shared machine, load generator, proxy and upstream compete for the same cores, so read
-absolute figures with it.
+follows every other target equally often. A plain rotation had the first capture-off proxy run right after the
+capture-on one in nearly every cell, and in four runs out of four it spent 3-7% more CPU per call than the
+identical control. Every round starts fresh kolm proxies: a Python process's speed depends on luck it keeps
+for life (its hash seed, where its memory lands), and two identical proxies were measured up to 11% apart in
+CPU per call for a whole run, so one process per target would tilt a whole run either way; new processes each
+round let that luck average out in the median of the per-round ratios. After each round of the capture-on
+proxy the script waits until its writer has stored every capture, so no target's round carries the writer's
+leftover work (the pages it wrote are synced to disk too); how long that took is printed, with the throughput
+counting it. Capture on/off is also given as the median of the per-round ratios (on and off measured close
+together in time), with their range: how wide that range is shows the machine's noise. A second, identical
+capture-off proxy runs as a control (`--no-control` drops it): its ratio to the first is what noise alone
+makes of two proxies that do exactly the same, so read capture on/off against it. The CPU time each kolm proxy
+process (and its capture writer) spent per call is read from /proc around every round: unlike latency it
+hardly moves with the machine's load, and it says where the cost of capturing goes. The 1-minute load average
+is printed with every cell: on a small shared machine, load generator, proxy and upstream compete for the same
+cores, so read absolute figures with it.
 """
 
 from __future__ import annotations
