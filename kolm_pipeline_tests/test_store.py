@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from kolm_pipeline.store import (
     CaptureStore,
@@ -870,3 +870,59 @@ def test_stored_counters_always_equal_the_captures_counted(store: CaptureStore, 
             assert store.counters(tenant, namespace) == _recounted(store, tenant, namespace), (step, namespace)
     holding = [(tenant, ns) for ns in sorted(_COUNTED_NAMESPACES) if _recounted(store, tenant, ns)["captured"]]
     assert store.namespaces(tenant) == holding
+
+
+def test_triage_waiting_on_a_concurrent_change_applies_to_the_state_that_change_left(store: CaptureStore) -> None:
+    """Two triages of one capture at once on PostgreSQL: the second waits for the first and then moves the
+    capture from the state the first left, whatever that state is, and counts the move."""
+    import threading
+
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: its triages never wait on each other's rows")
+    [capture_id] = store.insert_captures([capture(1)])
+    store.set_triage("acme", [capture_id], "kept", "alice")
+    with store.engine.connect() as other:  # the first triage, still open: kept → untriaged, the same way
+        other.execute(
+            update(captures).where(captures.c.id == capture_id).values(triage_state="untriaged", triaged_by=None)
+        )
+        other.execute(text("UPDATE namespace_counters SET kept = kept - 1 WHERE tenant = 'acme'"))
+        moved: list[int] = []
+        second = threading.Thread(
+            target=lambda: moved.append(store.set_triage("acme", [capture_id], "discarded", "bob"))
+        )
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive()  # waiting for the first triage's row lock
+        other.commit()
+        second.join(timeout=30)
+    assert moved == [1]
+    assert store.get_capture("acme", capture_id).triage_state == "discarded"
+    assert store.counters("acme", "support") == _recounted(store, "acme", "support")
+
+
+def test_deleting_a_namespace_while_a_writer_commits_leaves_counters_that_match(store: CaptureStore) -> None:
+    """A namespace deleted on PostgreSQL while a writer's batch is still open: whichever way the two
+    interleave, the captures left and the counters agree."""
+    import threading
+
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: a delete never overlaps a batch")
+    store.insert_captures([capture(1)])
+    with store.engine.connect() as writer:  # a batch written and counted, not yet committed
+        _insert_old_capture(writer, request_id="late", triage_state="untriaged", streamed=False)
+        writer.execute(
+            text(
+                "INSERT INTO namespace_counters VALUES ('acme', 'support', 1, 0, 0, 0, 0) ON CONFLICT (tenant, "
+                "namespace) DO UPDATE SET captured = namespace_counters.captured + 1"
+            )
+        )
+        deleted: list[int] = []
+        deleter = threading.Thread(target=lambda: deleted.append(store.delete_namespace("acme", "support")))
+        deleter.start()
+        deleter.join(timeout=1.0)
+        assert deleter.is_alive()  # waiting for the batch's counters row
+        writer.commit()
+        deleter.join(timeout=30)
+    left = _recounted(store, "acme", "support")
+    assert deleted and store.counters("acme", "support") == left
+    assert store.namespaces("acme") == ([("acme", "support")] if left["captured"] else [])

@@ -778,6 +778,12 @@ class CaptureStore:
             if add or remove:
                 self._retag(conn, tenant, ids, add, remove, actor)
             for chunk in _chunks(ids):
+                if conn.dialect.name == "postgresql":
+                    # Lock the rows first, in id order (chunks ascend too): the updates below then see every
+                    # state a concurrent triage committed, and two triages never lock each other's rows
+                    # crosswise. SQLite has one writer at a time; a read here would only make its snapshot old.
+                    locked = select(captures.c.id).where(captures.c.tenant == tenant, captures.c.id.in_(chunk))
+                    conn.execute(locked.order_by(captures.c.id).with_for_update())
                 for before in TRIAGE_STATES:  # one state at a time: the counters move from it to `state`
                     if before == state:
                         continue
@@ -976,16 +982,18 @@ class CaptureStore:
 
         Returns how many captures were deleted."""
         with self.engine.begin() as conn:
+            # The counters first: on PostgreSQL that locks their row, so a writer whose captures this delete
+            # cannot see yet waits, and then counts them in a fresh row instead of into the deleted one.
+            conn.execute(
+                delete(namespace_counters).where(
+                    namespace_counters.c.tenant == tenant, namespace_counters.c.namespace == namespace
+                )
+            )
             deleted = conn.execute(
                 delete(captures).where(captures.c.tenant == tenant, captures.c.namespace == namespace)
             ).rowcount
             conn.execute(
                 delete(triage_rules).where(triage_rules.c.tenant == tenant, triage_rules.c.namespace == namespace)
-            )
-            conn.execute(
-                delete(namespace_counters).where(
-                    namespace_counters.c.tenant == tenant, namespace_counters.c.namespace == namespace
-                )
             )
             self._audit(conn, tenant, namespace, "namespace.delete", {"captures": deleted}, actor)
         return deleted
@@ -1272,7 +1280,8 @@ class CaptureStore:
         }
 
     def observation(self, tenant: str, namespace: str) -> dict[str, Any]:
-        """What a Dagster observation of the namespace's captures reports: counters and the newest capture."""
+        """What a Dagster observation of the namespace's captures reports: counters and the newest capture
+        (the last stored, highest id) with the time it was made."""
         c = captures.c
         ours = (c.tenant == tenant, c.namespace == namespace)
         if self.engine.dialect.name == "sqlite":
@@ -1280,7 +1289,8 @@ class CaptureStore:
             # triage_state) index, which ends in the row id: three lookups. Ordering the namespace's rows by
             # id sorted them all (0.12 s at 200,000).
             newest = [select(func.max(c.id)).where(*ours, c.triage_state == state) for state in TRIAGE_STATES]
-            stmt = select(c.id, c.created_at).where(c.id == select(func.max(union_all(*newest).subquery().c[0])))
+            newest_id = select(func.max(union_all(*newest).subquery().c[0])).scalar_subquery()
+            stmt = select(c.id, c.created_at).where(c.id == newest_id)
         else:  # PostgreSQL walks its primary key backwards
             stmt = select(c.id, c.created_at).where(*ours).order_by(c.id.desc()).limit(1)
         with self.engine.connect() as conn:
