@@ -64,7 +64,8 @@ def cmd_capture_serve(args: argparse.Namespace) -> int:
 
 def cmd_capture_status(args: argparse.Namespace) -> int:
     """Print the counters and switches of a namespace; `--retention-days`, `--implicit-signals` and
-    `--distill-ready` change a switch first (each change is written to the audit log)."""
+    `--distill-ready` change a switch first, `--recount` counts the captures again (each change is written to
+    the audit log)."""
     tenant, namespace = _namespace(args)
     settings = _settings(args)
     store = _store(settings)
@@ -74,6 +75,11 @@ def cmd_capture_status(args: argparse.Namespace) -> int:
     changes = {name: value for name, value in changes.items() if value is not None}
     if changes:
         store.set_switches(tenant, namespace, f"cli:{args.actor}", **changes)
+    if args.recount:
+        before = store.recount(tenant, namespace, f"cli:{args.actor}")
+        after = store.counters(tenant, namespace)
+        print(f"recounted {tenant}.{namespace}: " + (", ".join(
+            f"{name} {before[name]} → {after[name]}" for name in after if before[name] != after[name]) or "no change"))
     status = store.status(tenant, namespace)
     print(json.dumps({**status, "namespace": f"{tenant}.{namespace}",
                       "distill_threshold": settings.distill_threshold}, indent=2))
@@ -376,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--retention-days", type=int, help="set the retention window (days) first")
     status.add_argument("--implicit-signals", choices=["on", "off"], help="set the implicit-signals switch first")
     status.add_argument("--distill-ready", choices=["on", "off"], help="set the distill-ready switch first")
+    status.add_argument("--recount", action="store_true",
+                        help="count the captures row by row first and store that as the counters (a repair)")
     status.add_argument("--actor", default=os.environ.get("USER", "cli"))
     import_ = capture_verbs.add_parser(
         "import",

@@ -109,3 +109,18 @@ def test_registry_diff_of_an_unknown_task_is_one_clear_line(kolm_settings, capsy
     assert main(["registry", "diff", "--task", "acme.nothing"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("kolm: error:") and "acme.nothing" in err and "\n" not in err
+
+
+def test_capture_status_recount(kolm_settings, ticket_store, capsys):
+    """`kolm capture status --recount` stores the captures counted row by row and says what changed."""
+    from sqlalchemy import delete
+
+    from kolm_pipeline.store.tables import captures
+
+    with ticket_store.engine.begin() as conn:  # rows gone without the counters hearing of it
+        conn.execute(delete(captures).where(captures.c.id <= 10))
+    assert main(["capture", "status", "--namespace", "acme.support", "--recount"]) == 0
+    out = capsys.readouterr().out
+    assert "recounted acme.support: captured 160 → 150, untriaged 160 → 150" in out and '"captured": 150' in out
+    assert main(["capture", "status", "--namespace", "acme.support", "--recount"]) == 0
+    assert "recounted acme.support: no change" in capsys.readouterr().out

@@ -926,3 +926,20 @@ def test_deleting_a_namespace_while_a_writer_commits_leaves_counters_that_match(
     left = _recounted(store, "acme", "support")
     assert deleted and store.counters("acme", "support") == left
     assert store.namespaces("acme") == ([("acme", "support")] if left["captured"] else [])
+
+
+def test_recount_repairs_counters_a_writer_left_behind(store: CaptureStore) -> None:
+    """Captures inserted without counting them (a process of a version from before stored counters) are
+    counted by `recount`, which audits the change; a recount that changes nothing is not audited."""
+    ids = store.insert_captures([capture(1), capture(2)])
+    store.set_triage("acme", ids[:1], "kept", "alice")
+    with store.engine.begin() as conn:
+        _insert_old_capture(conn, request_id="uncounted", triage_state="kept", streamed=False)
+    assert store.counters("acme", "support")["captured"] == 2
+    assert store.recount("acme", "support", "cli:alice")["kept"] == 1  # the counters as they were
+    assert store.counters("acme", "support") == _recounted(store, "acme", "support")
+    assert store.counters("acme", "support")["kept"] == 2
+    [audit] = [row for row in store.audit_rows("acme", "support") if row.action == "counters.recount"]
+    assert audit.actor == "cli:alice" and audit.detail["after"]["captured"] == 3
+    store.recount("acme", "support", "cli:alice")
+    assert [row.action for row in store.audit_rows("acme", "support")].count("counters.recount") == 1

@@ -1246,10 +1246,14 @@ class CaptureStore:
     def counters(self, tenant: str, namespace: str) -> dict[str, int]:
         """The counters of a namespace: captured, kept, discarded, untriaged, distilled (kept pairs that
         went into a corpus) and merged (pairs in a deployed artifact). Retention changes none of them."""
+        with self.engine.connect() as conn:
+            return self._counters_in(conn, tenant, namespace)
+
+    @staticmethod
+    def _counters_in(conn: Any, tenant: str, namespace: str) -> dict[str, int]:
         c = namespace_counters.c
         stmt = select(*(c[name] for name in _COUNTERS)).where(c.tenant == tenant, c.namespace == namespace)
-        with self.engine.connect() as conn:
-            row = conn.execute(stmt).first()
+        row = conn.execute(stmt).first()
         counts = dict(zip(_COUNTERS, map(int, row), strict=True)) if row is not None else dict.fromkeys(_COUNTERS, 0)
         return {
             "captured": counts["captured"],
@@ -1259,6 +1263,39 @@ class CaptureStore:
             "distilled": counts["distilled"],
             "merged": counts["merged"],
         }
+
+    def recount(self, tenant: str, namespace: str, actor: str) -> dict[str, int]:
+        """Count the namespace's captures row by row and store the result as its counters; returns the
+        counters as they were. The repair for counters a writer left behind: a process of a version from
+        before migration 6 still running against an upgraded store inserts captures without counting them.
+        A change is written to the audit log. Writers and triages may go on meanwhile: the counters row is
+        locked first, so what they commit before the count is in it and what they add after waits for it."""
+        c = captures.c
+        with self.engine.begin() as conn:
+            conn.execute(_ADD_TO_COUNTERS, {"tenant": tenant, "namespace": namespace, **dict.fromkeys(_COUNTERS, 0)})
+            before = self._counters_in(conn, tenant, namespace)
+            rows = conn.execute(
+                select(c.triage_state, func.count(c.id), func.count(c.distilled_at), func.count(c.merged_at))
+                .where(c.tenant == tenant, c.namespace == namespace)
+                .group_by(c.triage_state)
+            ).all()
+            by_state = {state: int(count) for state, count, _, _ in rows}
+            counted = {
+                "captured": sum(by_state.values()),
+                "kept": by_state.get("kept", 0),
+                "discarded": by_state.get("discarded", 0),
+                "distilled": sum(int(row[2]) for row in rows),
+                "merged": sum(int(row[3]) for row in rows),
+            }
+            conn.execute(
+                update(namespace_counters)
+                .where(namespace_counters.c.tenant == tenant, namespace_counters.c.namespace == namespace)
+                .values(**counted)
+            )
+            if counted != {name: before[name] for name in _COUNTERS}:
+                detail = {"before": {name: before[name] for name in _COUNTERS}, "after": counted}
+                self._audit(conn, tenant, namespace, "counters.recount", detail, actor)
+        return before
 
     def _add_to_counters(self, conn: Any, changes: Mapping[tuple[str, str], Mapping[str, int]]) -> None:
         """Add `changes` (counter name → amount, per tenant and namespace) to the stored counters, in the
