@@ -210,9 +210,9 @@ def _v5_checks_without_in_lists(op: Operations, conn: Connection) -> None:
     again; views keep naming `captures`). PostgreSQL has no such cost; its constraints are rewritten the
     same way so both schemas say the same.
 
-    Python's sqlite3 commits a CREATE TABLE at once when no transaction is open yet (it opens one only for
-    INSERT, UPDATE, DELETE): an attempt cut off after it leaves an empty `captures_v5` behind, which the
-    next attempt drops. Everything after the CREATE runs in the migration's transaction."""
+    Stores migrated before `migrate` began SQLite's transaction itself (`BEGIN IMMEDIATE`) ran this CREATE
+    outside it, committed at once (Python's sqlite3 opens one only for INSERT, UPDATE, DELETE): an attempt
+    cut off after it may have left an empty `captures_v5` behind, which this step drops first."""
     if conn.dialect.name != "sqlite":
         for name, (column, values) in _V5_CHECKS.items():
             op.drop_constraint(name, "captures", type_="check")
