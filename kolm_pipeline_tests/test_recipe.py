@@ -271,6 +271,13 @@ def test_bad_spec_names_the_failing_field(tmp_path):
     _edit_spec(recipe, output_kind="categorical", verifier="closed_vocab", json_schema=None,
                training={"epoch": 2})
     assert "training: unknown setting(s) ['epoch']" in dry_run(recipe)[0]
+    _edit_spec(recipe, training={"epochs": "two", "attention": "flash", "rank": 0, "packing": 1, "max_length": 512})
+    assert [problem.split("training: ")[1] for problem in dry_run(recipe)] == [
+        "epochs: 'two' is not a number > 0",
+        "attention: 'flash' is not null or one of ['eager', 'sdpa', 'flash_attention_2', 'flex_attention']",
+        "rank: 0 is not a whole number >= 1",
+        "packing: 1 is not true or false",
+    ]
 
 
 def test_bad_jsonl_lines_are_named_with_file_and_line(tmp_path):

@@ -296,10 +296,8 @@ def dry_run_report(path: Path, min_train: int | None = None) -> DryRunReport:
         report.problems.append(f"{path / 'eval.jsonl'}: {len(recipe.eval)} pairs, need at least {need_eval}")
     from kolm_pipeline.train.distill import TrainConfig
 
-    unknown = sorted(set(spec.get("training") or {}) - set(TrainConfig.__dataclass_fields__))
-    if unknown:
-        report.problems.append(f"{spec_path}: training: unknown setting(s) {unknown}; known: "
-                               f"{sorted(TrainConfig.__dataclass_fields__)}")
+    report.problems.extend(f"{spec_path}: training: {problem}"
+                           for problem in TrainConfig.problems(spec.get("training") or {}))
     problems, notes = _verifier_problems(recipe)
     report.problems.extend(problems)
     report.notes.extend(notes)

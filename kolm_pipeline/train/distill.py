@@ -65,6 +65,58 @@ class TrainConfig:
         known = {key: value for key, value in (values or {}).items() if key in cls.__dataclass_fields__}
         return cls(**known)
 
+    @classmethod
+    def problems(cls, values: dict) -> list[str]:
+        """What is wrong with `values` as training settings (a recipe's `training`): unknown names, values
+        of the wrong type or out of range, an attention kernel transformers does not have. Empty when
+        none; found before a run starts, not as an error deep in transformers or a silent default."""
+        found = []
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            found.append(f"unknown setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        for name, value in values.items():
+            check = _SETTING_CHECKS.get(name)
+            if check is not None and not check[0](value):
+                found.append(f"{name}: {value!r} is not {check[1]}")
+        return found
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) and item for item in value)
+
+
+# Each setting's test and what it expects, as a recipe's author reads it.
+_ATTENTION_KERNELS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+_SETTING_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "rank": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    "alpha": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number from 0 up to (not including) 1"),
+    "target_modules": (lambda v: (isinstance(v, str) and bool(v)) or (_names(v) and bool(v)),
+                       "a module name pattern or a list of module names"),
+    "modules_to_save": (lambda v: v is None or _names(v), "a list of module names or null"),
+    "epochs": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "learning_rate": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1"),
+    "batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    "max_length": (lambda v: _whole(v) and v >= 8, "a whole number >= 8"),
+    "warmup_steps": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "seed": (_whole, "a whole number"),
+    "length_grouped": (lambda v: isinstance(v, bool), "true or false"),
+    "attention": (lambda v: v is None or v in _ATTENTION_KERNELS, f"null or one of {list(_ATTENTION_KERNELS)}"),
+    "packing": (lambda v: isinstance(v, bool), "true or false"),
+    "bf16": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "activation_checkpointing": (lambda v: isinstance(v, bool), "true or false"),
+}
+if set(_SETTING_CHECKS) != set(TrainConfig.__dataclass_fields__):
+    raise RuntimeError("_SETTING_CHECKS must check every TrainConfig setting")
+
 
 @dataclass
 class TrainResult:
