@@ -264,12 +264,18 @@ def caught_up(count: Callable[[], int], expected: int, timeout: float = 120.0) -
     return time.perf_counter() - start
 
 
+def order_cycle(count: int) -> int:
+    """Rounds in a full cycle of `balanced_order` for `count` targets."""
+    return count if count % 2 == 0 else 2 * count
+
+
 def balanced_order(names: list[str], round_: int) -> list[str]:
     """The order the targets take their turns in round `round_`: a Williams design, in which over a full
     cycle (as many rounds as targets, twice that for an odd number) every target runs first equally often
     and follows every other target exactly once (a plain rotation has each always follow the same one), so
     whatever one target leaves behind on the machine lands on all others alike."""
     count = len(names)
+    cycle = order_cycle(count)
     first_row, low, high = [0], 1, count - 1
     while len(first_row) < count:
         first_row.append(low)
@@ -277,7 +283,6 @@ def balanced_order(names: list[str], round_: int) -> list[str]:
         if len(first_row) < count:
             first_row.append(high)
             high -= 1
-    cycle = count if count % 2 == 0 else 2 * count
     row = [(index + round_) % count for index in first_row]
     if round_ % cycle >= count:
         row.reverse()
@@ -458,7 +463,7 @@ def main() -> int:
         targets["litellm"] = (f"http://127.0.0.1:{port}/chat/completions", {"authorization": f"Bearer {master_key}"})
 
     names = list(targets)
-    cycle = len(names) if len(names) % 2 == 0 else 2 * len(names)
+    cycle = order_cycle(len(names))
     rounds = max(1, args.rounds) if args.rounds is not None else cycle * -(-8 // cycle)
     if rounds % cycle:
         print(f"note: {rounds} rounds do not balance the order of {len(names)} targets (a multiple of {cycle} would)")

@@ -180,22 +180,17 @@ class _DriverInsert:
         """(SQL, parameters, (tenant, namespace)) per run of consecutive `rows` (values from
         `_capture_values`) of one namespace that leave the same columns empty: runs, not groups, so ids keep
         the order the calls came in; one namespace each, so a run's row count is what its counters gain."""
-        runs: list[tuple[tuple[str, str, bool, bool, bool], list[tuple[Any, ...]]]] = []
+        runs: list[tuple[tuple[tuple[str, str], tuple[bool, bool, bool]], list[tuple[Any, ...]]]] = []
         for values in rows if not self.converters else map(self._convert, rows):
-            key = (
-                values[_TENANT],
-                values[_NAMESPACE],
-                values[_PROMPT_TOKENS] is None,
-                values[_COMPLETION_TOKENS] is None,
-                values[_RETRY_DIGEST] is None,
-            )
-            if not runs or runs[-1][0] != key:
-                runs.append((key, []))
+            where = (values[_TENANT], values[_NAMESPACE])
+            empty = (values[_PROMPT_TOKENS] is None, values[_COMPLETION_TOKENS] is None, values[_RETRY_DIGEST] is None)
+            if not runs or runs[-1][0] != (where, empty):
+                runs.append(((where, empty), []))
             runs[-1][1].append(values)
         statements = []
-        for (tenant, namespace, *empty), run in runs:
-            sql, kept = self._variant((empty[0], empty[1], empty[2]))
-            statements.append((sql, run if kept is None else list(map(kept, run)), (tenant, namespace)))
+        for (where, empty), run in runs:
+            sql, kept = self._variant(empty)
+            statements.append((sql, run if kept is None else list(map(kept, run)), where))
         return statements
 
     def _variant(self, key: tuple[bool, bool, bool]) -> tuple[str, Callable[[Any], tuple[Any, ...]] | None]:
@@ -1274,6 +1269,7 @@ class CaptureStore:
         with self.engine.begin() as conn:
             conn.execute(_ADD_TO_COUNTERS, {"tenant": tenant, "namespace": namespace, **dict.fromkeys(_COUNTERS, 0)})
             before = self._counters_in(conn, tenant, namespace)
+            stored = {name: before[name] for name in _COUNTERS}
             rows = conn.execute(
                 select(c.triage_state, func.count(c.id), func.count(c.distilled_at), func.count(c.merged_at))
                 .where(c.tenant == tenant, c.namespace == namespace)
@@ -1292,9 +1288,8 @@ class CaptureStore:
                 .where(namespace_counters.c.tenant == tenant, namespace_counters.c.namespace == namespace)
                 .values(**counted)
             )
-            if counted != {name: before[name] for name in _COUNTERS}:
-                detail = {"before": {name: before[name] for name in _COUNTERS}, "after": counted}
-                self._audit(conn, tenant, namespace, "counters.recount", detail, actor)
+            if counted != stored:
+                self._audit(conn, tenant, namespace, "counters.recount", {"before": stored, "after": counted}, actor)
         return before
 
     def _add_to_counters(self, conn: Any, changes: Mapping[tuple[str, str], Mapping[str, int]]) -> None:
