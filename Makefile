@@ -36,11 +36,14 @@ demo: setup
 test: setup
 	mkdir -p $(DAGSTER_HOME)
 	$(BIN)/ruff check .
+	# The import contract (pyproject.toml [tool.importlinter]): layers point down, lazy imports included.
+	$(BIN)/lint-imports
 	$(BIN)/dagster definitions validate -w workspace.yaml
 	$(BIN)/pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # The demo's instance (KOLM_HOME/dagster), so `make demo`'s runs show. Fails in seconds, naming host:port,
 # when its dagster.yaml names a database that does not answer. Run from DAGSTER_HOME: `dagster dev` would

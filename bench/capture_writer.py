@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kolm_pipeline.capture.batch import BatchWriter, Pending, build  # noqa: E402
 from kolm_pipeline.capture.forward import new_request_id  # noqa: E402
-from kolm_pipeline.capture.recorder import BatchWriter, Pending, build  # noqa: E402
 from kolm_pipeline.capture.redact import Redactor  # noqa: E402
 from kolm_pipeline.settings import load_settings  # noqa: E402
 from kolm_pipeline.store import CaptureStore  # noqa: E402

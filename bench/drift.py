@@ -39,15 +39,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from kolm_pipeline.corpus.build import read_corpus  # noqa: E402
 from kolm_pipeline.corpus.embedding_cache import EmbeddingCache  # noqa: E402
-from kolm_pipeline.corpus.stages import run_corpus_stage  # noqa: E402
 from kolm_pipeline.demo.tickets import QUEUES, Ticket, generate_tickets  # noqa: E402
 from kolm_pipeline.evaluate.drift import mmd_test  # noqa: E402
-from kolm_pipeline.evaluate.drift_check import DriftConfig, check_drift, recent_requests, request_text  # noqa: E402
 from kolm_pipeline.registry.artifact import build_kolm  # noqa: E402
 from kolm_pipeline.registry.swap import publish_artifact, swap_pointer  # noqa: E402
 from kolm_pipeline.settings import load_settings  # noqa: E402
+from kolm_pipeline.stages.corpus import run_corpus_stage  # noqa: E402
+from kolm_pipeline.stages.drift import DriftConfig, check_drift, recent_requests, request_text  # noqa: E402
+from kolm_pipeline.stages.workdir import NamespaceWorkdir  # noqa: E402
 from kolm_pipeline.store import CaptureStore, NewCapture  # noqa: E402
-from kolm_pipeline.workdir import NamespaceWorkdir  # noqa: E402
 
 PARTITION = "bench.support"
 HELD_OUT_QUEUE = "growth"

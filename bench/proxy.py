@@ -96,7 +96,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 
 KOLM_PROXY = r"""
 import dataclasses, sys
-from kolm_pipeline.capture.app import create_app
+from kolm_pipeline.capture_server import create_app
 from kolm_pipeline.capture.background import serve
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.store import CaptureStore

@@ -8,7 +8,7 @@ the wall clock; CPU seconds do not depend on them). The embedding model's one-ti
 separately from synthesis, which reuses it like a long-running Dagster code server does.
 
 `kfloor` synthesizes one recipe per fixture in kolm_pipeline_tests/fixtures/observations.py and compiles
-it with the configured base model (`kolm_pipeline.train.compile.compile_recipe`; set KOLM_MODEL_CACHE to
+it with the configured base model (`kolm_pipeline.stages.compile.compile_recipe`; set KOLM_MODEL_CACHE to
 reuse the dequantized embedded base), then reports whether the candidate's K reaches the recipe's own
 K-floor. Results are appended to --out as they arrive, so an interrupted run still reports.
 """
@@ -108,7 +108,7 @@ def timing(args: argparse.Namespace) -> None:
 
 def kfloor(args: argparse.Namespace) -> None:
     from kolm_pipeline.settings import load_settings
-    from kolm_pipeline.train.compile import compile_recipe
+    from kolm_pipeline.stages.compile import compile_recipe
 
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.is_file() and args.resume else []

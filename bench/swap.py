@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kolm_pipeline.demo.tickets import QUEUES, generate_tickets  # noqa: E402
+from kolm_pipeline.provenance.receipts import make_receipt, receipt_cid  # noqa: E402
 from kolm_pipeline.registry import build_kolm, cid_for_bytes, ensure_tenant_keys, load_private_key  # noqa: E402
-from kolm_pipeline.registry.receipts import make_receipt, receipt_cid  # noqa: E402
 from kolm_pipeline.registry.swap import publish_artifact, swap_pointer  # noqa: E402
 from kolm_pipeline.settings import EMBEDDED_BASE_MODEL, load_settings  # noqa: E402
 

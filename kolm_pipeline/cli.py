@@ -9,10 +9,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.settings import Settings, load_settings
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user-facing error: printed as `kolm: error: …`, exit status 1."""
 
 
@@ -52,8 +53,8 @@ def _namespace(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def cmd_capture_serve(args: argparse.Namespace) -> int:
-    from kolm_pipeline.capture.app import create_app
     from kolm_pipeline.capture.background import serve
+    from kolm_pipeline.capture_server import create_app
 
     settings = _settings(args)
     print(f"kolm capture proxy on http://{args.host}:{args.port} → OpenAI {settings.upstream_openai}, "
@@ -101,7 +102,7 @@ def cmd_capture_import(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_create(args: argparse.Namespace) -> int:
-    from kolm_pipeline.registry.keys import ensure_tenant_keys
+    from kolm_pipeline.provenance.keys import ensure_tenant_keys
 
     settings = _settings(args)
     key = _store(settings).create_tenant(args.name, capture_only=args.capture_only)
@@ -175,7 +176,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from kolm_pipeline.corpus.recipe import dry_run
-    from kolm_pipeline.train.compile import compile_recipe
+    from kolm_pipeline.stages.compile import compile_recipe
 
     recipe_dir = Path(args.recipe)
     problems = dry_run(recipe_dir)
@@ -194,7 +195,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kolm_pipeline.evaluate.suite import evaluate_artifact
+    from kolm_pipeline.stages.suite import evaluate_artifact
 
     settings = _settings(args)
     print(evaluate_artifact(settings, Path(args.artifact), Path(args.suite)))
@@ -247,7 +248,7 @@ def cmd_registry_log(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_diff(args: argparse.Namespace) -> int:
-    from kolm_pipeline.registry.diff import diff_text, registry_diff
+    from kolm_pipeline.stages.diff import diff_text, registry_diff
 
     settings = _settings(args)
     refs = [ref for ref in (args.from_version, args.to_version) if ref]
@@ -257,9 +258,9 @@ def cmd_registry_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from kolm_pipeline.provenance.keys import load_public_keys
     from kolm_pipeline.registry.artifact import read_kolm, verify_kolm
     from kolm_pipeline.registry.deployment import sibling_receipt, verify_deployment
-    from kolm_pipeline.registry.keys import load_public_keys
     from kolm_pipeline.registry.provenance import provenance, summary_lines
 
     path = Path(args.artifact)
@@ -331,7 +332,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_tripwire_clear(args: argparse.Namespace) -> int:
     from kolm_pipeline.evaluate.tripwire import clear_halt
-    from kolm_pipeline.workdir import NamespaceWorkdir
+    from kolm_pipeline.stages.workdir import NamespaceWorkdir
 
     tenant, namespace = _namespace(args)
     settings = _settings(args)
@@ -541,11 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verb == "triage" and args.action != "rule" and not args.ids:
         parser.error(f"triage {args.action} needs one or more capture ids")
-    from kolm_pipeline.errors import USER_ERRORS
-
     try:
         return args.handler(args)
-    except (CliError, *USER_ERRORS) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"kolm: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

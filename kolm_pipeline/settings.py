@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolm_pipeline.provenance.errors import InvalidInput
+
 EMBEDDED_BASE_MODEL = "embedded:smollm2-135m-instruct"
 
 # Dollars per million tokens (input, output) used to price the teacher's captured usage.
@@ -42,18 +44,18 @@ def parse_source_weights(raw: str | None, name: str = "KOLM_SOURCE_WEIGHTS") -> 
             continue
         source, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not source:
-            raise ValueError(f"{name}: expected source=weight pairs such as human=1.0,ai=0.5, got {item.strip()!r}")
+            raise InvalidInput(f"{name}: expected source=weight pairs such as human=1.0,ai=0.5, got {item.strip()!r}")
         if source not in DEFAULT_SOURCE_WEIGHTS:
-            raise ValueError(f"{name}: unknown source {source!r}: known are {', '.join(DEFAULT_SOURCE_WEIGHTS)}")
+            raise InvalidInput(f"{name}: unknown source {source!r}: known are {', '.join(DEFAULT_SOURCE_WEIGHTS)}")
         if source in seen:
-            raise ValueError(f"{name}: source {source!r} is given twice")
+            raise InvalidInput(f"{name}: source {source!r} is given twice")
         seen.add(source)
         try:
             weight = float(value)
         except ValueError:
             weight = math.nan
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"{name}: the weight of {source!r} must be a number >= 0, got {value!r}")
+            raise InvalidInput(f"{name}: the weight of {source!r} must be a number >= 0, got {value!r}")
         weights[source] = weight
     return weights
 
@@ -70,7 +72,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+        raise InvalidInput(f"{name} must be an integer, got {raw!r}") from exc
 
 
 def _env_float(name: str, default: float) -> float:
@@ -80,7 +82,7 @@ def _env_float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+        raise InvalidInput(f"{name} must be a number, got {raw!r}") from exc
 
 
 def _price_table() -> dict[str, tuple[float, float]]:
@@ -95,13 +97,13 @@ def _price_table() -> dict[str, tuple[float, float]]:
         try:
             text = Path(raw).read_text()
         except OSError as exc:
-            raise ValueError(f"KOLM_PRICE_TABLE: cannot read {raw}: {exc}") from exc
+            raise InvalidInput(f"KOLM_PRICE_TABLE: cannot read {raw}: {exc}") from exc
     try:
         loaded = json.loads(text)
         for model, (price_in, price_out) in loaded.items():
             table[model] = (float(price_in), float(price_out))
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"KOLM_PRICE_TABLE must map model prefixes to [input, output] $/Mtok: {exc}") from exc
+        raise InvalidInput(f"KOLM_PRICE_TABLE must map model prefixes to [input, output] $/Mtok: {exc}") from exc
     return table
 
 
@@ -113,7 +115,7 @@ def _env_bool(name: str, default: bool) -> bool:
         return True
     if raw.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{name} must be true or false, got {raw!r}")
+    raise InvalidInput(f"{name} must be true or false, got {raw!r}")
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ import json
 import dagster as dg
 
 from kolm_pipeline.defs.launch import ensure_instance, materialize_namespace
+from kolm_pipeline.provenance.keys import load_public_keys
 from kolm_pipeline.registry.artifact import verify_kolm
-from kolm_pipeline.registry.keys import load_public_keys
 from kolm_pipeline.registry.swap import read_pointer
-from kolm_pipeline.workdir import NamespaceWorkdir
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 
 TINY_RUN = {
     "ops": {

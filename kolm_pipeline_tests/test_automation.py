@@ -15,8 +15,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from kolm_pipeline.capture.background import BackgroundServer
-from kolm_pipeline.corpus.backlog import last_distill
-from kolm_pipeline.corpus.stages import run_corpus_stage
 from kolm_pipeline.definitions import defs
 from kolm_pipeline.defs.automation import (
     build_drift_sensor,
@@ -30,13 +28,15 @@ from kolm_pipeline.defs.automation import (
 from kolm_pipeline.defs.partitions import NAMESPACE_PARTITIONS_NAME
 from kolm_pipeline.defs.resources import KolmResource
 from kolm_pipeline.demo.tickets import Ticket, generate_tickets
-from kolm_pipeline.evaluate.drift_check import DriftConfig
 from kolm_pipeline.evaluate.gate import decide
 from kolm_pipeline.registry.artifact import build_kolm
 from kolm_pipeline.registry.swap import publish_artifact, swap_pointer
 from kolm_pipeline.settings import Settings
+from kolm_pipeline.stages.backlog import last_distill
+from kolm_pipeline.stages.corpus import run_corpus_stage
+from kolm_pipeline.stages.drift import DriftConfig
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store import CaptureStore
-from kolm_pipeline.workdir import NamespaceWorkdir
 
 from .conftest import capture_tickets
 

@@ -26,9 +26,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from psycopg import sql
 
-from kolm_pipeline.capture.app import create_app
 from kolm_pipeline.capture.background import BackgroundServer
 from kolm_pipeline.capture.forward import new_request_id
+from kolm_pipeline.capture_server import create_app
 from kolm_pipeline.demo.teacher import approx_tokens, create_teacher_app
 from kolm_pipeline.settings import CaptureConfig, load_settings
 from kolm_pipeline.store import Capture, CaptureStore

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from kolm_pipeline.capture.app import CAPTURE_ID_HEADER
+from kolm_pipeline.capture_server import CAPTURE_ID_HEADER
 from kolm_pipeline.settings import CaptureConfig
 from kolm_pipeline.store.tables import captures
 from kolm_pipeline_tests.test_capture import Proxy, start_proxy, teacher  # noqa: F401 (fixtures)

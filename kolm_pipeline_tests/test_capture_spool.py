@@ -20,8 +20,8 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from kolm_pipeline.capture.app import CAPTURE_ID_HEADER, create_app
 from kolm_pipeline.capture.background import BackgroundServer
+from kolm_pipeline.capture_server import CAPTURE_ID_HEADER, create_app
 from kolm_pipeline.demo.teacher import create_teacher_app
 from kolm_pipeline.settings import CaptureConfig, load_settings
 from kolm_pipeline.store import CaptureStore
@@ -232,7 +232,8 @@ def test_records_held_for_the_writer_leave_the_collectors_care(tmp_path: Path) -
     import asyncio
     import gc
 
-    from kolm_pipeline.capture.recorder import Pending, Recorder
+    from kolm_pipeline.capture.batch import Pending
+    from kolm_pipeline.capture.recorder import Recorder
 
     async def held() -> list[object]:
         recorder = Recorder(CaptureStore(f"sqlite:///{tmp_path / 'captures.db'}"), separate_process=False)

@@ -20,9 +20,9 @@ from kolm_pipeline.corpus.recipe import synthesize_recipe
 from kolm_pipeline.corpus.text import normalise
 from kolm_pipeline.defs.launch import ensure_instance, materialize_namespace
 from kolm_pipeline.demo.tickets import SYSTEM_PROMPT, generate_tickets
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store import CaptureStore, KeptPair, NewCapture
 from kolm_pipeline.train.distill import read_chat_jsonl
-from kolm_pipeline.workdir import NamespaceWorkdir
 from kolm_pipeline_tests.conftest import capture_tickets
 
 LONG_CANDIDATE = ("Our nightly export of the billing ledger to the finance warehouse has failed three nights in a row "

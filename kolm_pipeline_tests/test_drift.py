@@ -11,7 +11,7 @@ import pytest
 from kolm_pipeline.corpus import embeddings
 from kolm_pipeline.corpus.embedding_cache import EmbeddingCache
 from kolm_pipeline.evaluate.drift import mmd_test
-from kolm_pipeline.evaluate.drift_check import DriftConfig, request_text, sample_texts
+from kolm_pipeline.stages.drift import DriftConfig, request_text, sample_texts
 
 DIMENSIONS = 24
 

@@ -12,19 +12,19 @@ from fastapi import FastAPI, Request
 
 from kolm_pipeline.capture.background import BackgroundServer
 from kolm_pipeline.cli import main
-from kolm_pipeline.corpus.stages import run_corpus_stage, run_recipe_stage
 from kolm_pipeline.definitions import defs
 from kolm_pipeline.defs.launch import STAGES, ensure_instance, materialize_namespace
 from kolm_pipeline.demo.tickets import generate_tickets
-from kolm_pipeline.evaluate.stage import run_evaluation_stage
 from kolm_pipeline.evaluate.tripwire import read_state
 from kolm_pipeline.registry.swap import read_pointer
 from kolm_pipeline.settings import load_settings
+from kolm_pipeline.stages.adapter import record_adapter
+from kolm_pipeline.stages.corpus import run_corpus_stage, run_recipe_stage
+from kolm_pipeline.stages.evaluation import run_evaluation_stage
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store import CaptureStore
 from kolm_pipeline.train.base_model import resolve_base_model
 from kolm_pipeline.train.distill import TrainConfig, train_adapter
-from kolm_pipeline.train.stage import record_adapter
-from kolm_pipeline.workdir import NamespaceWorkdir
 
 from .conftest import capture_tickets
 

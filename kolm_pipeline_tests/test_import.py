@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kolm_pipeline.capture.app import create_app
 from kolm_pipeline.capture.background import BackgroundServer
 from kolm_pipeline.capture.importer import ImportFileError, import_file
+from kolm_pipeline.capture_server import create_app
 from kolm_pipeline.cli import main
 from kolm_pipeline.settings import CaptureConfig, load_settings, parse_source_weights
 from kolm_pipeline.store import CAPTURE_SOURCES, EVAL_CANDIDATE_TAG, CaptureStore, NewCapture

@@ -104,7 +104,7 @@ def test_compose_services_reference_what_exists():
 
 def test_healthchecks_hit_routes_the_apps_serve():
     services = _compose()["services"]
-    sources = {"capture-proxy": "capture/app.py", "serving": "serve/app.py"}
+    sources = {"capture-proxy": "capture_server.py", "serving": "serve/app.py"}
     for name, source in sources.items():
         probe = " ".join(services[name]["healthcheck"]["test"])
         route = re.search(r"localhost:\d+(/\w+)", probe).group(1)

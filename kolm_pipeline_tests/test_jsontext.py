@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kolm_pipeline.jsontext import dumps_compact, has_long_number, loads, loads_replies
+from kolm_pipeline.provenance.jsontext import dumps_compact, has_long_number, loads, loads_replies
 
 JSON_VALUES = st.recursive(
     st.none()

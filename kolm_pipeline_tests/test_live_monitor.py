@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from kolm_pipeline.cli import main
+from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import (
     build_kolm,
     cid_for_bytes,
@@ -31,7 +32,6 @@ from kolm_pipeline.registry import (
     read_pointer,
 )
 from kolm_pipeline.registry.manage import LIVE_MONITOR_ACTOR, PointerMoved, rollback, swap_artifact
-from kolm_pipeline.registry.receipts import receipt_cid
 from kolm_pipeline.serve.monitor import LiveMonitor, MonitorConfig, MonitorConfigError, Profile, Trip, sampled
 from kolm_pipeline.settings import Settings, load_settings
 from kolm_pipeline.store import CaptureStore

@@ -10,8 +10,8 @@ import pytest
 
 from kolm_pipeline.defs.launch import ensure_instance, materialize_namespace
 from kolm_pipeline.demo.run import DEMO_NAMESPACE, DEMO_TENANT, run_demo
+from kolm_pipeline.provenance.keys import load_public_keys
 from kolm_pipeline.registry.artifact import read_kolm, verify_kolm
-from kolm_pipeline.registry.keys import load_public_keys
 from kolm_pipeline.registry.swap import read_pointer
 from kolm_pipeline.store import CaptureStore
 

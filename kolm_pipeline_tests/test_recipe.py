@@ -24,8 +24,8 @@ from kolm_pipeline.corpus.recipe import (
 )
 from kolm_pipeline.demo.tickets import generate_tickets
 from kolm_pipeline.evaluate.verifiers import VERIFIERS
+from kolm_pipeline.stages.workdir import directory_cid
 from kolm_pipeline.store import KeptPair
-from kolm_pipeline.workdir import directory_cid
 from kolm_pipeline_tests.fixtures.observations import FIXTURES, unique_rows
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,28 +16,28 @@ import pytest
 
 from kolm_pipeline.corpus.build import input_key
 from kolm_pipeline.corpus.recipe import read_jsonl
-from kolm_pipeline.corpus.stages import run_corpus_stage, run_recipe_stage
 from kolm_pipeline.demo.tickets import generate_tickets
 from kolm_pipeline.evaluate.evaluation import CASE_PASS_SCORE
-from kolm_pipeline.evaluate.stage import run_evaluation_stage
+from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
+from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import build_kolm, cid_for_bytes, ensure_tenant_keys, load_private_key, make_receipt
-from kolm_pipeline.registry.deploy import build_manifest, current_champion, deploy
-from kolm_pipeline.registry.diff import (
+from kolm_pipeline.registry.manage import publish, swap_artifact
+from kolm_pipeline.settings import load_settings
+from kolm_pipeline.stages.adapter import record_adapter
+from kolm_pipeline.stages.corpus import run_corpus_stage, run_recipe_stage
+from kolm_pipeline.stages.deployment import build_manifest, current_champion, deploy
+from kolm_pipeline.stages.diff import (
     DiffError,
     candidate_diff,
     diff_markdown,
     diff_text,
     registry_diff,
 )
-from kolm_pipeline.registry.errors import DeployRefused, RegistryError
-from kolm_pipeline.registry.manage import publish, swap_artifact
-from kolm_pipeline.registry.receipts import receipt_cid
-from kolm_pipeline.settings import load_settings
+from kolm_pipeline.stages.evaluation import run_evaluation_stage
+from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 from kolm_pipeline.store import CaptureStore
 from kolm_pipeline.train.base_model import resolve_base_model
 from kolm_pipeline.train.distill import TrainConfig, train_adapter
-from kolm_pipeline.train.stage import record_adapter
-from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
 from kolm_pipeline_tests.conftest import capture_tickets
 from kolm_pipeline_tests.test_registry_support import clean_env, fake_adapter, shared_mlflow_uri, signed_artifact
 

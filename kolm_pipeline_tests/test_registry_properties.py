@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kolm_pipeline.provenance.keys import keyid_for, load_private_key
 from kolm_pipeline.registry import load_public_keys, read_kolm, read_statement, verify_kolm
 from kolm_pipeline.registry.deployment import make_deployment_receipt, verify_deployment
-from kolm_pipeline.registry.keys import keyid_for, load_private_key
 from kolm_pipeline_tests.test_registry_support import fake_adapter, signed_artifact
 
 PROPERTY = settings(max_examples=150, deadline=None, database=None,

@@ -13,8 +13,8 @@ import socket
 import time
 from pathlib import Path
 
+from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import build_kolm, cid_for_bytes, ensure_tenant_keys, load_private_key, make_receipt
-from kolm_pipeline.registry.receipts import receipt_cid
 
 LABELS = ["billing", "shipping", "technical"]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from kolm_pipeline.cli import main
+from kolm_pipeline.provenance.keys import create_tenant_keys
+from kolm_pipeline.provenance.receipts import read_statement, receipt_cid
 from kolm_pipeline.registry import read_pointer
 from kolm_pipeline.registry.champion import champion_cid
 from kolm_pipeline.registry.deployment import receipt_path
-from kolm_pipeline.registry.keys import create_tenant_keys
-from kolm_pipeline.registry.receipts import read_statement, receipt_cid
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.store import CaptureStore
 from kolm_pipeline_tests.test_registry_support import clean_env, fake_adapter, shared_mlflow_uri, signed_artifact

@@ -14,10 +14,10 @@ import pytest
 from kolm_pipeline.corpus.build import EVAL_CANDIDATE_TAG, build_corpus, corpus_cid, read_corpus
 from kolm_pipeline.corpus.recipe import RecipeError, dry_run, dry_run_report, synthesize_recipe
 from kolm_pipeline.corpus.rotation import rotate
-from kolm_pipeline.corpus.stages import NotEnoughPairs, run_corpus_stage
 from kolm_pipeline.demo.tickets import SYSTEM_PROMPT, generate_tickets
+from kolm_pipeline.stages.corpus import NotEnoughPairs, run_corpus_stage
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store import CaptureStore, KeptPair, NewCapture
-from kolm_pipeline.workdir import NamespaceWorkdir
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "recipes" / "support-tickets"
 # What users newly ask, each a different request (the demo's queues, other wording).

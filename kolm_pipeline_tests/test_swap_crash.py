@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from kolm_pipeline.provenance.atomic import remove_stale_temps
+from kolm_pipeline.provenance.keys import keyid_for, load_private_key
 from kolm_pipeline.registry import cid_for_file, load_public_keys, read_pointer, swap_pointer, verify_kolm
-from kolm_pipeline.registry.atomic import remove_stale_temps
 from kolm_pipeline.registry.deployment import make_deployment_receipt, write_deployment_receipt
-from kolm_pipeline.registry.keys import keyid_for, load_private_key
 from kolm_pipeline.registry.swap import publish_artifact
 from kolm_pipeline_tests.test_registry_support import fake_adapter, signed_artifact
 

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from kolm_pipeline import cli
-from kolm_pipeline.capture.app import CAPTURE_ID_HEADER, create_app
 from kolm_pipeline.capture.background import BackgroundServer
+from kolm_pipeline.capture_server import CAPTURE_ID_HEADER, create_app
 from kolm_pipeline.demo.teacher import create_teacher_app
 from kolm_pipeline.settings import CaptureConfig, load_settings
 from kolm_pipeline.store import CaptureStore

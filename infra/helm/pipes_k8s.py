@@ -121,7 +121,7 @@ def launch_training(
 ) -> dg.MaterializeResult:
     """Run one training pod for the `adapter` asset and return the materialization it reported.
 
-    `job` is the Pipes extras built by `kolm_pipeline.train.stage.training_job`. The pod is deleted when it ends
+    `job` is the Pipes extras built by `kolm_pipeline.stages.adapter.training_job`. The pod is deleted when it ends
     (`delete_pod_on_completion`); `namespace` defaults to the run pod's own.
     """
     result = client.run(

@@ -28,9 +28,10 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from kolm_pipeline import jsontext
+from kolm_pipeline.capture.batch import REDACTED
 from kolm_pipeline.capture.providers import Provider, RequestError
-from kolm_pipeline.capture.recorder import REDACTED, Recorder
+from kolm_pipeline.capture.recorder import Recorder
+from kolm_pipeline.provenance import jsontext
 from kolm_pipeline.settings import CaptureConfig, Settings
 from kolm_pipeline.store import CaptureStore, Tenant, validate_namespace
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kolm_pipeline.capture.redact import Redactor
+from kolm_pipeline.provenance.errors import InvalidInput, UserError
 from kolm_pipeline.store import CaptureStore, ImportOutcome, NewCapture, validate_tags
 
 IMPORT_SOURCES = ("human", "ai", "import")
@@ -37,7 +38,7 @@ _MAX_MODEL_LENGTH = 255
 _REQUEST_ID_PREFIX = "import-"
 
 
-class ImportFileError(ValueError):
+class ImportFileError(UserError, ValueError):
     """A file that cannot be imported; `problems` lists every bad line as `FILE:LINE: why`."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -110,33 +111,33 @@ def _text(content: object) -> str | None:
 
 def _chat_pair(messages: object) -> tuple[list[dict[str, Any]], str]:
     if not isinstance(messages, list) or len(messages) < 2:
-        raise ValueError("'messages' must be a list of at least a user message and the final assistant message")
+        raise InvalidInput("'messages' must be a list of at least a user message and the final assistant message")
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"message {index} is not an object")
+            raise InvalidInput(f"message {index} is not an object")
         if message.get("role") not in _ROLES:
-            raise ValueError(f"message {index} has role {message.get('role')!r}: expected one of {', '.join(_ROLES)}")
+            raise InvalidInput(f"message {index} has role {message.get('role')!r}: expected one of {', '.join(_ROLES)}")
         content = message.get("content")
         tool_call = message["role"] == "assistant" and content is None  # an earlier turn that called a tool
         if index < len(messages) - 1 and not tool_call and _text(content) is None:
-            raise ValueError(f"message {index}: 'content' must be a string or a list of text parts")
+            raise InvalidInput(f"message {index}: 'content' must be a string or a list of text parts")
     *prompt, last = messages
     if last["role"] != "assistant":
-        raise ValueError(f"the last message must be the assistant's answer, not {last['role']!r}")
+        raise InvalidInput(f"the last message must be the assistant's answer, not {last['role']!r}")
     answer = _text(last.get("content"))
     if answer is None or not answer.strip():
-        raise ValueError("the final assistant message has no text content")
+        raise InvalidInput("the final assistant message has no text content")
     if not any(message["role"] == "user" for message in prompt):
-        raise ValueError("no user message before the answer")
+        raise InvalidInput("no user message before the answer")
     return prompt, answer
 
 
 def _completion_pair(data: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     prompt, completion = data.get("prompt"), data.get("completion")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("'prompt' must be a non-empty string")
+        raise InvalidInput("'prompt' must be a non-empty string")
     if not isinstance(completion, str) or not completion.strip():
-        raise ValueError("'completion' must be a non-empty string")
+        raise InvalidInput("'completion' must be a non-empty string")
     return [{"role": "user", "content": prompt}], completion
 
 
@@ -145,30 +146,30 @@ def parse_line(raw: bytes) -> ImportedPair | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 (byte {exc.start})") from None
+        raise InvalidInput(f"not UTF-8 (byte {exc.start})") from None
     if not text.strip():
         return None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise InvalidInput(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(data, dict):
-        raise ValueError("expected a JSON object")
+        raise InvalidInput("expected a JSON object")
     has_chat, has_completion = "messages" in data, "prompt" in data or "completion" in data
     if has_chat and has_completion:
-        raise ValueError("give either 'messages' or 'prompt'/'completion', not both")
+        raise InvalidInput("give either 'messages' or 'prompt'/'completion', not both")
     if has_chat:
         messages, output = _chat_pair(data["messages"])
     elif has_completion:
         messages, output = _completion_pair(data)
     else:
-        raise ValueError("expected 'messages' (chat format) or 'prompt' and 'completion'")
+        raise InvalidInput("expected 'messages' (chat format) or 'prompt' and 'completion'")
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip() or len(model) > _MAX_MODEL_LENGTH):
-        raise ValueError(f"'model' must be a non-empty string of at most {_MAX_MODEL_LENGTH} characters")
+        raise InvalidInput(f"'model' must be a non-empty string of at most {_MAX_MODEL_LENGTH} characters")
     tags = data.get("tags", [])
     if not isinstance(tags, list):
-        raise ValueError("'tags' must be a list of strings")
+        raise InvalidInput("'tags' must be a list of strings")
     return ImportedPair(messages, output, model, validate_tags(tags))
 
 
@@ -226,9 +227,9 @@ def import_file(
 ) -> ImportSummary:
     """Check, redact and store every pair of `path` in `tenant.namespace`, all or nothing."""
     if source not in IMPORT_SOURCES:
-        raise ValueError(f"invalid source {source!r}: expected one of {', '.join(IMPORT_SOURCES)}")
+        raise InvalidInput(f"invalid source {source!r}: expected one of {', '.join(IMPORT_SOURCES)}")
     if not model.strip() or len(model) > _MAX_MODEL_LENGTH:
-        raise ValueError(f"the model name must be 1-{_MAX_MODEL_LENGTH} characters")
+        raise InvalidInput(f"the model name must be 1-{_MAX_MODEL_LENGTH} characters")
     extra_tags = validate_tags([f"source:{source}", *tags])
     pairs = parse_file(Path(path), progress)
     redactor = _redactor(store, tenant, namespace)

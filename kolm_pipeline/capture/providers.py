@@ -7,13 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kolm_pipeline import jsontext
+from kolm_pipeline.provenance import jsontext
+from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.settings import Settings
 
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """The client's request body cannot be proxied or recorded."""
 
 

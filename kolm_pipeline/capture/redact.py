@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from operator import is_
 from typing import Any
 
-from kolm_pipeline.jsontext import dumps_compact
+from kolm_pipeline.provenance.jsontext import dumps_compact
 from kolm_pipeline.store import NewCapture
 
 

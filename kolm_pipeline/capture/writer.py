@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kolm_pipeline.capture.recorder import FRAME_HEADER, BatchWriter, WriterOptions, frame
+from kolm_pipeline.capture.batch import FRAME_HEADER, BatchWriter, WriterOptions, frame
 from kolm_pipeline.capture.spool import Spool
 
 _POLL_S = 0.2

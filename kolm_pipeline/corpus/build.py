@@ -28,7 +28,8 @@ from typing import Protocol
 from kolm_pipeline.corpus.dedup import NEAR_DUPLICATE_JACCARD, NearDuplicateIndex
 from kolm_pipeline.corpus.rotation import EVAL_CANDIDATE_META, EVAL_CANDIDATE_TAG
 from kolm_pipeline.corpus.text import intent_text, normalise, template_messages
-from kolm_pipeline.registry.cid import cid_for_bytes
+from kolm_pipeline.provenance.cid import cid_for_bytes
+from kolm_pipeline.provenance.errors import UserError
 
 SERVED_TAG = "kolm-served"
 
@@ -36,7 +37,7 @@ __all__ = ["EVAL_CANDIDATE_TAG", "SERVED_TAG", "CorpusError", "CorpusStats", "bu
            "input_key", "normalise", "pair_weight", "read_corpus", "weight_problem"]
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A corpus file is malformed; the message names the file and line."""
 
 

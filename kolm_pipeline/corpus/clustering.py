@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kolm_pipeline.evaluate.verifiers import token_f1
+from kolm_pipeline.corpus.text import token_f1
 
 MAX_CLUSTERS = 64
 # Requests embedded per recipe: MiniLM costs ~8 ms of CPU per short request, so embedding every request of

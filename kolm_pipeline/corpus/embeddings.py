@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kolm_pipeline.provenance.errors import UserError
+
 MAX_TOKENS = 128
 BATCH_SIZE = 128
 DIMENSIONS = 384
@@ -23,7 +25,7 @@ _lock = threading.Lock()
 _model = None
 
 
-class EmbeddingModelError(RuntimeError):
+class EmbeddingModelError(UserError, RuntimeError):
     """The offline embedding model is not installed where it should be."""
 
 

@@ -43,7 +43,9 @@ from kolm_pipeline.corpus.kinds import (
 )
 from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE, capture_ids, check_share, is_eval_candidate, rotate
 from kolm_pipeline.corpus.text import intent_text, template_messages
-from kolm_pipeline.registry.cid import cid_for_bytes
+from kolm_pipeline.corpus.train_config import TrainConfig
+from kolm_pipeline.provenance.cid import cid_for_bytes
+from kolm_pipeline.provenance.errors import UserError
 
 __all__ = [
     "DEFAULT_K_FLOOR", "MAX_LABELS", "RECIPE_FORMAT", "SPEC_SCHEMA", "VERIFIER_FOR_KIND", "DryRunReport", "Recipe",
@@ -51,7 +53,13 @@ __all__ = [
     "prompt_text", "read_jsonl", "synthesize_recipe",
 ]
 
-SPEC_SCHEMA = json.loads((Path(__file__).with_name("recipe_spec.schema.json")).read_text())
+_SPEC_FILE_SCHEMA = json.loads((Path(__file__).with_name("recipe_spec.schema.json")).read_text())
+# The published schema: the shipped file's, with `training` generated from TrainConfig (declared once).
+SPEC_SCHEMA = {**_SPEC_FILE_SCHEMA,
+               "properties": {**_SPEC_FILE_SCHEMA["properties"], "training": TrainConfig.model_json_schema()}}
+# spec.json is checked against the file's schema, whose `training` is only "an object": TrainConfig.problems
+# then checks the settings with lines that name the setting and what it expects.
+_SPEC_VALIDATOR = jsonschema.Draft202012Validator(_SPEC_FILE_SCHEMA)
 RECIPE_FORMAT = "kolm-recipe/1"
 DEFAULT_K_FLOOR = 0.50
 HOLDOUT_SHARE = 0.15
@@ -64,7 +72,7 @@ _MAX_REPORTED = 5
 _MAX_LISTED = 50  # removals named one by one in diagnostics.json; the counts cover all of them
 
 
-class RecipeError(Exception):
+class RecipeError(UserError):
     """A recipe is invalid; the message names the file and, where it applies, the line."""
 
 
@@ -140,8 +148,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def _spec_problem(spec_path: Path, spec: object) -> str | None:
-    validator = jsonschema.Draft202012Validator(SPEC_SCHEMA)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(spec))
+    error = jsonschema.exceptions.best_match(_SPEC_VALIDATOR.iter_errors(spec))
     if error is None:
         return None
     where = "/".join(str(part) for part in error.absolute_path) or "(top level)"
@@ -294,8 +301,6 @@ def dry_run_report(path: Path, min_train: int | None = None) -> DryRunReport:
         report.problems.append(f"{path / 'train.jsonl'}: {len(recipe.train)} pairs, need at least {need_train}")
     if len(recipe.eval) < need_eval:
         report.problems.append(f"{path / 'eval.jsonl'}: {len(recipe.eval)} pairs, need at least {need_eval}")
-    from kolm_pipeline.train.distill import TrainConfig
-
     report.problems.extend(f"{spec_path}: training: {problem}"
                            for problem in TrainConfig.problems(spec.get("training") or {}))
     problems, notes = _verifier_problems(recipe)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.store import EVAL_CANDIDATE_TAG
 
 __all__ = ["EVAL_CANDIDATE_META", "EVAL_CANDIDATE_TAG", "EVAL_ROTATION_SHARE", "capture_ids", "check_share",
@@ -29,7 +30,7 @@ def is_eval_candidate(row: dict) -> bool:
 def check_share(share: float) -> float:
     """The rotation share, refused with a clear message unless it is a number in [0, 1]."""
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
-        raise ValueError(f"eval rotation share must be a number from 0 to 1, got {share!r}")
+        raise InvalidInput(f"eval rotation share must be a number from 0 to 1, got {share!r}")
     return float(share)
 
 

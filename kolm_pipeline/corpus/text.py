@@ -46,3 +46,22 @@ def intent_text(messages: list[dict], template: frozenset[tuple[str, str]]) -> s
     if not any(part.strip() for part in parts):
         parts = [str(m.get("content", "")) for m in messages]
     return "\n".join(parts)
+
+
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1; 1.0 when both are empty."""
+    pred, ref = _tokens(prediction), _tokens(reference)
+    if not pred and not ref:
+        return 1.0
+    overlap = sum((Counter(pred) & Counter(ref)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)

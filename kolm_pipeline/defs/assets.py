@@ -3,19 +3,22 @@
 
 import sys
 import time
+from typing import Any
 
 import dagster as dg
+from pydantic import Field, create_model
 
 from kolm_pipeline.corpus.recipe import RecipeError
 from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
-from kolm_pipeline.corpus.stages import NotEnoughPairs, recipe_counts, run_corpus_stage, run_recipe_stage
+from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.defs.partitions import namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
-from kolm_pipeline.evaluate.stage import run_evaluation_stage
-from kolm_pipeline.registry.deploy import DeployRefused, current_champion, deploy
-from kolm_pipeline.registry.diff import candidate_diff, diff_markdown
-from kolm_pipeline.train.stage import record_adapter, training_job
-from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
+from kolm_pipeline.stages.adapter import record_adapter, training_job
+from kolm_pipeline.stages.corpus import NotEnoughPairs, recipe_counts, run_corpus_stage, run_recipe_stage
+from kolm_pipeline.stages.deployment import DeployRefused, current_champion, deploy
+from kolm_pipeline.stages.diff import candidate_diff, diff_markdown
+from kolm_pipeline.stages.evaluation import run_evaluation_stage
+from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 
 KOLM_GROUP = "kolm_loop"
 
@@ -44,18 +47,30 @@ class RecipeConfig(dg.Config):
     eval_rotation_share: float = EVAL_ROTATION_SHARE
 
 
-class AdapterConfig(dg.Config):
-    """LoRA settings; anything left out uses the trainer's defaults (rank 16, all linear layers)."""
+# The type each training setting takes in Dagster's config system, which has no unions of values or literals;
+# defaults and descriptions come from TrainConfig. A setting left null uses TrainConfig's own default.
+_ADAPTER_CONFIG_TYPES: dict[str, type] = {
+    "rank": int, "alpha": float, "dropout": float, "epochs": float, "learning_rate": float, "batch_size": int,
+    "max_length": int, "warmup_steps": int, "seed": int, "length_grouped": bool, "packing": bool,
+    "activation_checkpointing": bool, "bf16": bool | None, "attention": str | None,
+    "target_modules": list[str] | None, "modules_to_save": list[str] | None,
+}
 
-    rank: int = 16
-    alpha: int = 32
-    epochs: float = 2.0
-    learning_rate: float = 2e-3
-    batch_size: int = 8
-    max_length: int = 256
-    seed: int = 0
-    target_modules: list[str] | None = None
-    continue_from_champion: bool = False
+
+def _adapter_config_field(name: str, kind: type) -> tuple[type, Any]:
+    setting = TrainConfig.model_fields[name]
+    default = setting.default if isinstance(setting.default, bool | int | float) else None
+    return kind, Field(default, description=setting.description)
+
+
+AdapterConfig = create_model(
+    "AdapterConfig",
+    __base__=dg.Config,
+    __doc__="The recipe's training settings (TrainConfig); `continue_from_champion` trains on from the deployed "
+            "adapter instead of a fresh one.",
+    continue_from_champion=(bool, False),
+    **{name: _adapter_config_field(name, kind) for name, kind in _ADAPTER_CONFIG_TYPES.items()},
+)
 
 
 @dg.asset(

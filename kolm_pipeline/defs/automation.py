@@ -12,16 +12,16 @@ import time
 import dagster as dg
 from sqlalchemy.exc import SQLAlchemyError
 
-from kolm_pipeline.corpus.backlog import distill_backlog, unrequested_kept
 from kolm_pipeline.corpus.embeddings import EmbeddingModelError
 from kolm_pipeline.defs.assets import captures, evaluation, loop_assets
 from kolm_pipeline.defs.partitions import NAMESPACE_PARTITIONS_NAME, namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
 from kolm_pipeline.evaluate.alerts import regression_alert, send_alert
-from kolm_pipeline.evaluate.drift_check import DriftConfig, DriftOutcome, check_drift, embedding_cache
 from kolm_pipeline.evaluate.gate import ALERT_DELTA
+from kolm_pipeline.stages.backlog import distill_backlog, unrequested_kept
+from kolm_pipeline.stages.drift import DriftConfig, DriftOutcome, check_drift, embedding_cache
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store import partition_key
-from kolm_pipeline.workdir import NamespaceWorkdir
 
 # What an unreachable or broken store raises: a refused or dropped connection, an unwritable SQLite path.
 STORE_ERRORS = (SQLAlchemyError, OSError)

@@ -8,7 +8,7 @@ import dagster as dg
 
 from kolm_pipeline.defs.assets import evaluation
 from kolm_pipeline.defs.resources import KolmResource
-from kolm_pipeline.workdir import NamespaceWorkdir
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 
 
 def _evaluation_result(context: dg.AssetCheckExecutionContext, kolm: KolmResource) -> dict:

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from kolm_pipeline.provenance.errors import UserError
+
 #: Seconds one connection attempt may take before the database counts as unreachable.
 CONNECT_TIMEOUT_S = 3
 #: Storage config keys of dagster-postgres and dagster-mysql, wherever they sit in dagster.yaml
@@ -25,7 +27,7 @@ DATABASE_KEYS = ("postgres_url", "postgres_db", "mysql_url", "mysql_db")
 DEFAULT_PORTS = {"postgres": 5432, "mysql": 3306}
 
 
-class InstanceConfigError(ValueError):
+class InstanceConfigError(UserError, ValueError):
     """dagster.yaml cannot be read or names an environment variable that is not set."""
 
 

@@ -55,7 +55,7 @@ def materialize_namespace(
     """Materialize the whole loop for `partition`; returns the result and per-stage outcomes.
 
     Console output stays at `log_level`; the instance's event log keeps everything for the UI."""
-    from kolm_pipeline.definitions import defs
+    from kolm_pipeline.defs.definitions import defs
 
     if not instance.has_dynamic_partition(NAMESPACE_PARTITIONS_NAME, partition):
         instance.add_dynamic_partitions(NAMESPACE_PARTITIONS_NAME, [partition])

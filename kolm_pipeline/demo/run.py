@@ -13,13 +13,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kolm_pipeline.capture.app import create_app
 from kolm_pipeline.capture.background import BackgroundServer
+from kolm_pipeline.capture_server import create_app
 from kolm_pipeline.demo.teacher import create_teacher_app
 from kolm_pipeline.demo.tickets import Ticket, generate_tickets
 from kolm_pipeline.settings import Settings
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store import CaptureStore, partition_key
-from kolm_pipeline.workdir import NamespaceWorkdir
 
 DEMO_TENANT = "demo"
 DEMO_NAMESPACE = "support"

@@ -2,7 +2,7 @@
 
 * ``kolm.regression``: the gate refused a candidate at Δ ≤ −0.03;
 * ``kolm.live_regression``: the live monitor saw a serving adapter score below its evaluation in
-  production and rolled it back (or could not, and says why).
+  production and rolled it back (or could not, and says why); its body is built in ``serve/monitor.py``.
 
 Delivery failures are reported, never raised: an unreachable webhook must not hide the gate's decision.
 """
@@ -10,12 +10,8 @@ Delivery failures are reported, never raised: an unreachable webhook must not hi
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import httpx
-
-if TYPE_CHECKING:
-    from kolm_pipeline.serve.monitor import Trip
 
 log = logging.getLogger("kolm.alerts")
 
@@ -33,26 +29,6 @@ def regression_alert(task: str, evaluation: dict) -> dict:
         "current": evaluation["current_name"],
         "adapter_cid": evaluation["adapter_cid"],
         "recipe_cid": evaluation["recipe_cid"],
-    }
-
-
-def live_regression_alert(trip: Trip, *, rolled_back_to: str | None, registry_row: int | None,
-                          outcome: str) -> dict:
-    """The alert body: which adapter did worse live than evaluated, by how much, and what was done."""
-    return {
-        "kind": "kolm.live_regression",
-        "task": trip.task,
-        "reason": trip.reason,
-        "adapter_cid": trip.cid,
-        "live_score": round(trip.live_score, 4),
-        "evaluated_score": round(trip.evaluated_score, 4),
-        "tolerance": trip.tolerance,
-        "observed": trip.observed,
-        "counts": dict(trip.counts),
-        "action": "rollback" if rolled_back_to else "none",
-        "rolled_back_to": rolled_back_to,
-        "registry_row": registry_row,
-        "outcome": outcome,
     }
 
 

@@ -7,32 +7,13 @@ the same pass. The recipe names which verifier a task uses.
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
 from collections.abc import Callable
 
 import jsonschema
 
+from kolm_pipeline.corpus.text import token_f1
+
 VerifierResult = tuple[float, bool]
-
-_TOKEN = re.compile(r"\w+", re.UNICODE)
-
-
-def _tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style token F1; 1.0 when both are empty."""
-    pred, ref = _tokens(prediction), _tokens(reference)
-    if not pred and not ref:
-        return 1.0
-    overlap = sum((Counter(pred) & Counter(ref)).values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(pred), overlap / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
 
 def closed_vocab(prediction: str, reference: str, *, labels: list[str], **_: object) -> VerifierResult:
     """Exact label match; in format when the answer is one of the labels."""

@@ -1,5 +1,21 @@
 """The registry: content IDs, tenant keys, signed receipts, the ``.kolm`` archive and per-task swaps."""
 
+from kolm_pipeline.provenance.cid import cid_for_bytes, cid_for_file, sha256_of_cid
+from kolm_pipeline.provenance.errors import RegistryError
+from kolm_pipeline.provenance.keys import (
+    create_tenant_keys,
+    ensure_tenant_keys,
+    keyid_for,
+    load_private_key,
+    load_public_keys,
+)
+from kolm_pipeline.provenance.receipts import (
+    ChainReport,
+    make_receipt,
+    read_statement,
+    receipt_cid,
+    verify_chain,
+)
 from kolm_pipeline.registry.artifact import (
     KolmArtifact,
     VerifyReport,
@@ -7,22 +23,6 @@ from kolm_pipeline.registry.artifact import (
     extract_adapter,
     read_kolm,
     verify_kolm,
-)
-from kolm_pipeline.registry.cid import cid_for_bytes, cid_for_file, sha256_of_cid
-from kolm_pipeline.registry.errors import RegistryError
-from kolm_pipeline.registry.keys import (
-    create_tenant_keys,
-    ensure_tenant_keys,
-    keyid_for,
-    load_private_key,
-    load_public_keys,
-)
-from kolm_pipeline.registry.receipts import (
-    ChainReport,
-    make_receipt,
-    read_statement,
-    receipt_cid,
-    verify_chain,
 )
 from kolm_pipeline.registry.swap import publish_artifact, read_pointer, swap_pointer
 

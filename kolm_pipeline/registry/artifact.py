@@ -21,12 +21,12 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from kolm_pipeline.registry.atomic import atomic_output, fsync_dir
-from kolm_pipeline.registry.cid import cid_for_bytes, cid_for_file, cid_for_sha256
-from kolm_pipeline.registry.encoding import pretty_json
-from kolm_pipeline.registry.errors import RegistryError
-from kolm_pipeline.registry.keys import keyid_for
-from kolm_pipeline.registry.receipts import (
+from kolm_pipeline.provenance.atomic import atomic_output, fsync_dir
+from kolm_pipeline.provenance.cid import cid_for_bytes, cid_for_file, cid_for_sha256
+from kolm_pipeline.provenance.encoding import pretty_json
+from kolm_pipeline.provenance.errors import RegistryError
+from kolm_pipeline.provenance.keys import keyid_for
+from kolm_pipeline.provenance.receipts import (
     ChainReport,
     make_receipt,
     read_statement,

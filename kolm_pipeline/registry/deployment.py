@@ -14,11 +14,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from kolm_pipeline.provenance.atomic import write_atomic
+from kolm_pipeline.provenance.cid import cid_for_file
+from kolm_pipeline.provenance.errors import RegistryError
+from kolm_pipeline.provenance.receipts import ChainReport, make_receipt, read_statement, receipt_cid, verify_chain
 from kolm_pipeline.registry.artifact import KolmArtifact
-from kolm_pipeline.registry.atomic import write_atomic
-from kolm_pipeline.registry.cid import cid_for_file
-from kolm_pipeline.registry.errors import RegistryError
-from kolm_pipeline.registry.receipts import ChainReport, make_receipt, read_statement, receipt_cid, verify_chain
 
 DEPLOYMENT_STAGE = "deployment"
 SUFFIX = ".deployment.dsse.json"

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from kolm_pipeline.evaluate.gate import decide
+from kolm_pipeline.provenance.atomic import remove_stale_temps
+from kolm_pipeline.provenance.cid import sha256_of_cid
+from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
+from kolm_pipeline.provenance.keys import keyid_for, load_private_key, load_public_keys
+from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import champion
 from kolm_pipeline.registry.artifact import KolmArtifact, read_kolm, verify_kolm
-from kolm_pipeline.registry.atomic import remove_stale_temps
-from kolm_pipeline.registry.cid import sha256_of_cid
 from kolm_pipeline.registry.deployment import SUFFIX, make_deployment_receipt, write_deployment_receipt
-from kolm_pipeline.registry.errors import DeployRefused, RegistryError
-from kolm_pipeline.registry.keys import keyid_for, load_private_key, load_public_keys
 from kolm_pipeline.registry.objectstore import (
     DirectoryStore,
     ObjectStore,
@@ -30,7 +31,6 @@ from kolm_pipeline.registry.objectstore import (
     open_store,
 )
 from kolm_pipeline.registry.provenance import candidate_k, provenance, summary_lines
-from kolm_pipeline.registry.receipts import receipt_cid
 from kolm_pipeline.registry.swap import pointer_target, publish_artifact, swap_pointer, validate_task
 from kolm_pipeline.settings import Settings
 

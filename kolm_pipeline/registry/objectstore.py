@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from kolm_pipeline.registry.atomic import atomic_output, fsync_dir
-from kolm_pipeline.registry.cid import cid_for_file
-from kolm_pipeline.registry.errors import RegistryError
+from kolm_pipeline.provenance.atomic import atomic_output, fsync_dir
+from kolm_pipeline.provenance.cid import cid_for_file
+from kolm_pipeline.provenance.errors import RegistryError
 
 ARTIFACTS_URL_ENV = "KOLM_ARTIFACTS_URL"
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")

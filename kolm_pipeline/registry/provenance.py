@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kolm_pipeline.provenance.errors import RegistryError
+from kolm_pipeline.provenance.receipts import read_statement
 from kolm_pipeline.registry.artifact import KolmArtifact
-from kolm_pipeline.registry.errors import RegistryError
-from kolm_pipeline.registry.receipts import read_statement
 
 
 def _stage_predicates(artifact: KolmArtifact) -> dict[str, dict[str, Any]]:

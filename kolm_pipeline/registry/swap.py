@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
-from kolm_pipeline.registry.atomic import atomic_output, fsync_dir
-from kolm_pipeline.registry.cid import cid_for_file, cid_for_sha256
-from kolm_pipeline.registry.errors import RegistryError
+from kolm_pipeline.provenance.atomic import atomic_output, fsync_dir
+from kolm_pipeline.provenance.cid import cid_for_file, cid_for_sha256
+from kolm_pipeline.provenance.errors import RegistryError
 
 _TASK_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from kolm_pipeline.serve.lease import Lease
     from kolm_pipeline.serve.lora_slots import LoraSlots
-    from kolm_pipeline.serve.runtime import Lease
 
 log = logging.getLogger("kolm.serve")
 

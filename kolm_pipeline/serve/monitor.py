@@ -34,7 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kolm_pipeline.evaluate.alerts import send_alert
 from kolm_pipeline.evaluate.verifiers import VERIFIERS
+from kolm_pipeline.provenance.errors import UserError
 
 log = logging.getLogger("kolm.monitor")
 
@@ -44,7 +46,7 @@ _NO_REFERENCE = "null"
 _HISTORY_PER_TASK = 4
 
 
-class MonitorConfigError(ValueError):
+class MonitorConfigError(UserError, ValueError):
     """A monitoring setting is out of range; the message names it."""
 
 
@@ -381,8 +383,7 @@ def roll_back_on_trip(settings, trip: Trip) -> str:
     operator, moved it first: no row, no alert), or when the previous CID was itself condemned by the live
     monitor (then an ``alert`` row and an alert say that an operator must choose a version).
     """
-    from kolm_pipeline.evaluate.alerts import live_regression_alert, send_alert
-    from kolm_pipeline.registry.errors import DeployRefused, RegistryError
+    from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
     from kolm_pipeline.registry.manage import LIVE_MONITOR_ACTOR, PointerMoved, rollback
     from kolm_pipeline.store import CaptureStore
 
@@ -405,3 +406,23 @@ def roll_back_on_trip(settings, trip: Trip) -> str:
         trip, rolled_back_to=activation.to_cid, registry_row=activation.registry_row,
         outcome=f"rolled back to {activation.to_cid}"))
     return f"rolled back {trip.cid} → {activation.to_cid} (registry row {activation.registry_row}; alert {delivery})"
+
+
+def live_regression_alert(trip: Trip, *, rolled_back_to: str | None, registry_row: int | None,
+                          outcome: str) -> dict:
+    """The alert body: which adapter did worse live than evaluated, by how much, and what was done."""
+    return {
+        "kind": "kolm.live_regression",
+        "task": trip.task,
+        "reason": trip.reason,
+        "adapter_cid": trip.cid,
+        "live_score": round(trip.live_score, 4),
+        "evaluated_score": round(trip.evaluated_score, 4),
+        "tolerance": trip.tolerance,
+        "observed": trip.observed,
+        "counts": dict(trip.counts),
+        "action": "rollback" if rolled_back_to else "none",
+        "rolled_back_to": rolled_back_to,
+        "registry_row": registry_row,
+        "outcome": outcome,
+    }

@@ -24,11 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolm_pipeline.provenance.errors import RegistryError
+from kolm_pipeline.provenance.keys import load_public_keys
 from kolm_pipeline.registry.artifact import extract_adapter, verify_kolm
-from kolm_pipeline.registry.errors import RegistryError
-from kolm_pipeline.registry.keys import load_public_keys
 from kolm_pipeline.registry.swap import read_pointer, validate_task
 from kolm_pipeline.serve.backends import Backend, BackendError
+from kolm_pipeline.serve.lease import Lease, LoadedAdapter
 from kolm_pipeline.serve.monitor import LiveMonitor, MonitorConfig, Profile, roll_back_on_trip
 from kolm_pipeline.settings import Settings
 
@@ -46,53 +47,6 @@ class ArtifactRefused(Exception):
 def adapter_name(cid: str) -> str:
     """The name an artifact's adapter is loaded under: derived from its CID, so it never collides."""
     return f"kolm-{cid}"
-
-
-@dataclass
-class LoadedAdapter:
-    task: str
-    cid: str
-    name: str
-    labels: list[str] | None
-    loaded_at: float
-    in_flight: int = 0
-    retired_at: float | None = None
-    profile: Profile = field(default_factory=lambda: Profile(verifier=None))
-
-
-class Lease:
-    """One request's hold on an adapter: while any lease is open the adapter is not unloaded.
-
-    ``release`` is idempotent, so a request can release on every exit path (and on garbage collection of a
-    stream the client abandoned before it started) without miscounting.
-    """
-
-    def __init__(self, adapter: LoadedAdapter, state: threading.Lock) -> None:
-        self.adapter = adapter
-        self._state = state
-        self._released = False
-
-    @property
-    def task(self) -> str:
-        return self.adapter.task
-
-    @property
-    def cid(self) -> str:
-        return self.adapter.cid
-
-    @property
-    def name(self) -> str:
-        return self.adapter.name
-
-    @property
-    def labels(self) -> list[str] | None:
-        return self.adapter.labels
-
-    def release(self) -> None:
-        with self._state:
-            if not self._released:
-                self._released = True
-                self.adapter.in_flight -= 1
 
 
 @dataclass

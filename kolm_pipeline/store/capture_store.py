@@ -29,7 +29,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
-from kolm_pipeline.jsontext import dumps_compact
+from kolm_pipeline.provenance.errors import InvalidInput
+from kolm_pipeline.provenance.jsontext import dumps_compact
 from kolm_pipeline.store.keyed_digest import KeyedDigest
 from kolm_pipeline.store.migrations import migrate
 from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
@@ -98,7 +99,7 @@ def validate_tags(tags: Iterable[str], what: str = "tag") -> list[str]:
     found: list[str] = []
     for tag in tags:
         if not isinstance(tag, str) or not tag or len(tag) > TAG_MAX_LENGTH or "," in tag or not tag.isprintable():
-            raise ValueError(f"invalid {what} {tag!r}: 1-{TAG_MAX_LENGTH} printable characters, no commas")
+            raise InvalidInput(f"invalid {what} {tag!r}: 1-{TAG_MAX_LENGTH} printable characters, no commas")
         if tag not in found:
             found.append(tag)
     return found
@@ -218,7 +219,7 @@ def _sql_literal(value: str | None) -> str:
     if value is None:
         return "NULL"
     if not value.isidentifier():  # the constants are plain words; anything else would need quoting rules
-        raise ValueError(f"not a plain word: {value!r}")
+        raise InvalidInput(f"not a plain word: {value!r}")
     return f"'{value}'"
 
 
@@ -328,14 +329,14 @@ class CaptureStore:
             source_weights = load_source_weights()
         missing = sorted(set(CAPTURE_SOURCES) - set(source_weights))
         if missing:
-            raise ValueError(f"source_weights lacks a weight for {missing}")
+            raise InvalidInput(f"source_weights lacks a weight for {missing}")
         self.source_weights = {source: float(source_weights[source]) for source in CAPTURE_SOURCES}
         self.engine = _make_engine(url)
         self.clock = clock or (lambda: datetime.now(UTC))
         if default_retention_days is None:
             default_retention_days = int(os.environ.get("KOLM_RETENTION_DAYS") or DEFAULT_RETENTION_DAYS)
         if default_retention_days < 1:
-            raise ValueError("retention must be at least one day")
+            raise InvalidInput("retention must be at least one day")
         self.default_retention_days = default_retention_days
         self._secrets: dict[str, KeyedDigest] = {}
         self._signals_seen: dict[tuple[str, str], bool] = {}
@@ -404,7 +405,7 @@ class CaptureStore:
                 )
                 self._audit(conn, name, None, "tenant.create", {"capture_only": capture_only}, "store")
         except IntegrityError as exc:
-            raise ValueError(f"tenant {name!r} already exists") from exc
+            raise InvalidInput(f"tenant {name!r} already exists") from exc
         return key
 
     def create_tenant_key(self, name: str, capture_only: bool = False) -> str:
@@ -527,9 +528,9 @@ class CaptureStore:
                 signals[where] = self._signals_on(conn, record.tenant, record.namespace)
             tags = record.tags
             if tags and any("," in tag for tag in tags):
-                raise ValueError("tags must not contain commas")
+                raise InvalidInput("tags must not contain commas")
             if record.source not in CAPTURE_SOURCES:
-                raise ValueError(f"invalid source {record.source!r}: expected one of {', '.join(CAPTURE_SOURCES)}")
+                raise InvalidInput(f"invalid source {record.source!r}: expected one of {', '.join(CAPTURE_SOURCES)}")
             secret = self._secret(conn, record.tenant)
             input_hmac = secret.hexdigest(canonical_messages(record.messages))
             created_at = _utc(record.created_at) if record.created_at else now
@@ -609,7 +610,7 @@ class CaptureStore:
         rows written after each chunk."""
         namespaces = {(record.tenant, record.namespace) for record in records}
         if len(namespaces) > 1:
-            raise ValueError("an import writes to one namespace")
+            raise InvalidInput("an import writes to one namespace")
         if not records:
             return ImportOutcome(imported=0, skipped=0, kept=0, discarded=0, ids=[])
         tenant, namespace = next(iter(namespaces))
@@ -695,14 +696,14 @@ class CaptureStore:
             stmt = stmt.where(captures.c.namespace == validate_namespace(namespace))
         if triage_state is not None:
             if triage_state not in TRIAGE_STATES:
-                raise ValueError(f"invalid triage state {triage_state!r}")
+                raise InvalidInput(f"invalid triage state {triage_state!r}")
             stmt = stmt.where(captures.c.triage_state == triage_state)
         if status is not None:
             stmt = stmt.where(captures.c.status == status)
         if model is not None:
             stmt = stmt.where(captures.c.model == model)
         if limit < 0 or offset < 0:
-            raise ValueError("limit and offset must not be negative")
+            raise InvalidInput("limit and offset must not be negative")
         stmt = stmt.order_by(captures.c.id.desc())
         if tag is None:
             with self.engine.connect() as conn:
@@ -763,7 +764,7 @@ class CaptureStore:
         change the tags of every named capture of the tenant in the same transaction (e.g. keep a pair and
         mark it `eval-candidate`, so it is held out for evaluation and never trained on)."""
         if state not in TRIAGE_STATES:
-            raise ValueError(f"invalid triage state {state!r}: expected one of {', '.join(TRIAGE_STATES)}")
+            raise InvalidInput(f"invalid triage state {state!r}: expected one of {', '.join(TRIAGE_STATES)}")
         add, remove = validate_tags(add_tags), validate_tags(remove_tags)
         ids = sorted({int(i) for i in capture_ids})
         triaged_by = None if state == "untriaged" else actor
@@ -946,11 +947,11 @@ class CaptureStore:
         """Record explicit feedback: a correction (it replaces the teacher's output in `kept_pairs`), a
         rating from 1 to 5, or both. A capture whose text retention removed takes no correction."""
         if corrected_output is not None and not isinstance(corrected_output, str):
-            raise ValueError("corrected output must be a string")
+            raise InvalidInput("corrected output must be a string")
         if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5):
-            raise ValueError("rating must be an integer from 1 to 5")
+            raise InvalidInput("rating must be an integer from 1 to 5")
         if corrected_output is None and rating is None:
-            raise ValueError("feedback needs a corrected output or a rating")
+            raise InvalidInput("feedback needs a corrected output or a rating")
         values: dict[str, Any] = {}
         if corrected_output is not None:
             values["feedback_output"] = corrected_output
@@ -965,7 +966,7 @@ class CaptureStore:
             if found is None:
                 raise LookupError(f"no capture {capture_id} for tenant {tenant!r}")
             if found.expired_at is not None and corrected_output is not None:
-                raise ValueError(f"capture {capture_id} is past its retention window; its text is gone")
+                raise InvalidInput(f"capture {capture_id} is past its retention window; its text is gone")
             conn.execute(
                 update(captures).where(captures.c.tenant == tenant, captures.c.id == capture_id).values(**values)
             )
@@ -1028,21 +1029,21 @@ class CaptureStore:
         validate_namespace(namespace)
         unknown = sorted(set(changes) - set(_SWITCH_NAMES))
         if unknown:
-            raise ValueError(f"unknown switches {unknown}: allowed are {', '.join(_SWITCH_NAMES)}")
+            raise InvalidInput(f"unknown switches {unknown}: allowed are {', '.join(_SWITCH_NAMES)}")
         changes = {name: value for name, value in changes.items() if value is not None or name == "redact_entities"}
         if "retention_days" in changes:
             days = changes["retention_days"]
             if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
-                raise ValueError("retention_days must be an integer from 1 to 3650")
+                raise InvalidInput("retention_days must be an integer from 1 to 3650")
         for name in ("implicit_signals", "distill_ready"):
             if name in changes and not isinstance(changes[name], bool):
-                raise ValueError(f"{name} must be true or false")
+                raise InvalidInput(f"{name} must be true or false")
         if "redact_entities" in changes and changes["redact_entities"] is not None:
             entities = changes["redact_entities"]
             if not isinstance(entities, list | tuple) or not all(
                 isinstance(e, str) and e.isidentifier() and e.isupper() for e in entities
             ):
-                raise ValueError("redact_entities must be a list of entity names such as EMAIL")
+                raise InvalidInput("redact_entities must be a list of entity names such as EMAIL")
             changes["redact_entities"] = tuple(sorted(set(entities)))
         key = (namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace)
         with self.engine.begin() as conn:

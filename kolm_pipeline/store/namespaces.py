@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import re
 
+from kolm_pipeline.provenance.errors import InvalidInput
+
 NAMESPACE_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _SLUG = re.compile(NAMESPACE_RE)
 
 
 def _validate_slug(value: object, what: str) -> str:
     if not isinstance(value, str) or not _SLUG.fullmatch(value):
-        raise ValueError(
+        raise InvalidInput(
             f"invalid {what} {value!r}: use 1-63 characters of a-z, 0-9, '_' or '-', "
             "starting with a letter or digit"
         )
@@ -39,6 +41,6 @@ def partition_key(tenant: str, namespace: str) -> str:
 def split_partition_key(key: str) -> tuple[str, str]:
     """Inverse of `partition_key`."""
     if not isinstance(key, str) or key.count(".") != 1:
-        raise ValueError(f"invalid partition key {key!r}: expected 'tenant.namespace'")
+        raise InvalidInput(f"invalid partition key {key!r}: expected 'tenant.namespace'")
     tenant, namespace = key.split(".")
     return validate_tenant(tenant), validate_namespace(namespace)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.store.tables import CAPTURE_STATUSES, RULE_ACTIONS
 
 MATCH_KEYS = ("status", "model", "tag", "output_regex", "signal")
@@ -13,25 +14,25 @@ MATCH_KEYS = ("status", "model", "tag", "output_regex", "signal")
 def validate_rule(action: str, match: dict[str, Any]) -> dict[str, str]:
     """Check a rule before it is stored; returns the match with the default status filled in."""
     if action not in RULE_ACTIONS:
-        raise ValueError(f"invalid rule action {action!r}: expected one of {', '.join(RULE_ACTIONS)}")
+        raise InvalidInput(f"invalid rule action {action!r}: expected one of {', '.join(RULE_ACTIONS)}")
     if not isinstance(match, dict):
-        raise ValueError("rule match must be a dict")
+        raise InvalidInput("rule match must be a dict")
     unknown = sorted(set(match) - set(MATCH_KEYS))
     if unknown:
-        raise ValueError(f"unknown rule match keys {unknown}: allowed are {', '.join(MATCH_KEYS)}")
+        raise InvalidInput(f"unknown rule match keys {unknown}: allowed are {', '.join(MATCH_KEYS)}")
     for key, value in match.items():
         if not isinstance(value, str):
-            raise ValueError(f"rule match value for {key!r} must be a string")
+            raise InvalidInput(f"rule match value for {key!r} must be a string")
     full = {"status": "ok", **match}
     if full["status"] not in CAPTURE_STATUSES:
-        raise ValueError(f"invalid status {full['status']!r} in rule match")
+        raise InvalidInput(f"invalid status {full['status']!r} in rule match")
     if action == "keep" and full["status"] != "ok":
-        raise ValueError("a keep rule can only match captures with status 'ok'")
+        raise InvalidInput("a keep rule can only match captures with status 'ok'")
     if "output_regex" in full:
         try:
             re.compile(full["output_regex"])
         except re.error as exc:
-            raise ValueError(f"invalid output_regex: {exc}") from exc
+            raise InvalidInput(f"invalid output_regex: {exc}") from exc
     return full
 
 

@@ -16,13 +16,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.settings import EMBEDDED_BASE_MODEL
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 
 
-class BaseModelError(Exception):
+class BaseModelError(UserError):
     """The base model could not be found or loaded; the message says which and why."""
 
 

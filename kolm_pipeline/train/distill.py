@@ -13,9 +13,11 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolm_pipeline.corpus.train_config import TrainConfig
+from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.train.base_model import BaseModel, load_tokenizer
 from kolm_pipeline.train.examples import ExampleError, tokenize_pairs
 
@@ -27,95 +29,8 @@ TRAINER_VERSION = "kolm-distill/0.1"
 TRAINER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "TOKENIZERS_PARALLELISM": "false"}
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """Training could not run; the message names the input that is wrong."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """LoRA and optimisation settings; defaults suit small (100M–1B) bases."""
-
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
-    modules_to_save: list[str] | None = None
-    epochs: float = 2.0
-    learning_rate: float = 2e-3
-    batch_size: int = 8
-    max_length: int = 256
-    warmup_steps: int = 2
-    seed: int = 0
-    # Batches of similar lengths (transformers' length-grouped sampler): less padding, but batches whose
-    # lengths correlate with their labels; off by default, as it cost the loop test's small corpus hold-out
-    # accuracy (0.41 instead of >= 0.67) for a speed gain within noise on short pairs.
-    length_grouped: bool = False
-    # The attention kernel; None: plain matmul attention ("eager") on CPU, SDPA on CUDA (see _attention).
-    attention: str | None = None
-    # Packing suits GPUs with varlen attention; on CPU the packed row's masked attention made it 2x slower.
-    packing: bool = False
-    # None: bf16 autocast where the hardware has bf16 matmuls (see _bf16_fast).
-    bf16: bool | None = None
-    # trl turns activation checkpointing on by default; a small base fits without it, and trained 2.5x
-    # faster on 2 CPU cores (bench/train.py). Turn it on when memory is short.
-    activation_checkpointing: bool = False
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> TrainConfig:
-        known = {key: value for key, value in (values or {}).items() if key in cls.__dataclass_fields__}
-        return cls(**known)
-
-    @classmethod
-    def problems(cls, values: dict) -> list[str]:
-        """What is wrong with `values` as training settings (a recipe's `training`): unknown names, values
-        of the wrong type or out of range, an attention kernel transformers does not have. Empty when
-        none; found before a run starts, not as an error deep in transformers or a silent default."""
-        found = []
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            found.append(f"unknown setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        for name, value in values.items():
-            check = _SETTING_CHECKS.get(name)
-            if check is not None and not check[0](value):
-                found.append(f"{name}: {value!r} is not {check[1]}")
-        return found
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _names(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) and item for item in value)
-
-
-# Each setting's test and what it expects, as a recipe's author reads it.
-_ATTENTION_KERNELS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
-_SETTING_CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
-    "rank": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    "alpha": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number from 0 up to (not including) 1"),
-    "target_modules": (lambda v: (isinstance(v, str) and bool(v)) or (_names(v) and bool(v)),
-                       "a module name pattern or a list of module names"),
-    "modules_to_save": (lambda v: v is None or _names(v), "a list of module names or null"),
-    "epochs": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "learning_rate": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1"),
-    "batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    "max_length": (lambda v: _whole(v) and v >= 8, "a whole number >= 8"),
-    "warmup_steps": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
-    "seed": (_whole, "a whole number"),
-    "length_grouped": (lambda v: isinstance(v, bool), "true or false"),
-    "attention": (lambda v: v is None or v in _ATTENTION_KERNELS, f"null or one of {list(_ATTENTION_KERNELS)}"),
-    "packing": (lambda v: isinstance(v, bool), "true or false"),
-    "bf16": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
-    "activation_checkpointing": (lambda v: isinstance(v, bool), "true or false"),
-}
-if set(_SETTING_CHECKS) != set(TrainConfig.__dataclass_fields__):
-    raise RuntimeError("_SETTING_CHECKS must check every TrainConfig setting")
 
 
 @dataclass
@@ -210,7 +125,8 @@ def train_adapter(
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base)
     use_cuda = torch.cuda.is_available()
-    config = replace(config, attention=config.attention or _attention(use_cuda))  # recorded as it was trained
+    # Recorded as it was trained: the kernel chosen for this hardware, not null.
+    config = config.model_copy(update={"attention": config.attention or _attention(use_cuda)})
     model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32,
                                                  attn_implementation=config.attention)
     available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
@@ -314,7 +230,7 @@ def train_adapter(
         peak_memory_mb=_peak_memory_mb(),
         truncated=tokenized.truncated,
         loss_curve=loss_curve,
-        config=asdict(config),
+        config=config.model_dump(),
     )
     (staging / "adapter" / "kolm_training.json").write_text(
         json.dumps({"trainer_version": TRAINER_VERSION, "base_model": base.model_id,

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kolm_pipeline.corpus.build import weight_problem
+from kolm_pipeline.provenance.errors import UserError
 
 
-class ExampleError(ValueError):
+class ExampleError(UserError, ValueError):
     """A training row cannot be turned into an example; the message names the row."""
 
 

@@ -21,7 +21,7 @@ def run_training(job: dict, log=print) -> tuple[TrainResult, str, str]:
     from kolm_pipeline.tracking import mlflow_run, run_url
 
     base = BaseModel(model_id=job["base_model_id"], path=Path(job["base_model_path"]), digest=job["base_digest"])
-    config = TrainConfig.from_dict(job.get("config"))
+    config = TrainConfig.parse(job.get("config"))
     tags = {key: str(value) for key, value in job.get("tags", {}).items()}
     with mlflow_run(job["mlflow_uri"], job["task"], Path(job["mlflow_artifacts"]), "distill", tags) as run:
         mlflow.log_params({f"lora.{key}": value for key, value in vars(config).items()})

@@ -7,7 +7,7 @@ import binascii
 import json
 from typing import Any
 
-from kolm_pipeline.registry.errors import RegistryError
+from kolm_pipeline.provenance.errors import RegistryError
 
 
 def canonical_json(value: Any) -> bytes:

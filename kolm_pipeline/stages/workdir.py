@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kolm_pipeline.registry.cid import cid_for_bytes, cid_for_file
-from kolm_pipeline.registry.keys import ensure_tenant_keys, load_private_key
-from kolm_pipeline.registry.receipts import make_receipt, receipt_cid
+from kolm_pipeline.provenance.cid import cid_for_bytes, cid_for_file
+from kolm_pipeline.provenance.keys import ensure_tenant_keys, load_private_key
+from kolm_pipeline.provenance.receipts import make_receipt, receipt_cid
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.store.namespaces import split_partition_key
 

@@ -12,9 +12,9 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from kolm_pipeline.registry.cid import cid_for_bytes, sha256_of_cid
-from kolm_pipeline.registry.encoding import b64decode_strict, b64encode, canonical_json
-from kolm_pipeline.registry.errors import RegistryError
+from kolm_pipeline.provenance.cid import cid_for_bytes, sha256_of_cid
+from kolm_pipeline.provenance.encoding import b64decode_strict, b64encode, canonical_json
+from kolm_pipeline.provenance.errors import RegistryError
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kolm_pipeline.corpus.recipe import load_recipe
-from kolm_pipeline.corpus.stages import corpus_capture_ids
 from kolm_pipeline.evaluate.tripwire import TripwireResult, record_good_cycle
+from kolm_pipeline.provenance.errors import DeployRefused
 from kolm_pipeline.registry.artifact import build_kolm, extract_adapter
-from kolm_pipeline.registry.errors import DeployRefused
 from kolm_pipeline.registry.manage import activate, artifact_cid_of, verified_artifact
 from kolm_pipeline.registry.swap import read_pointer
 from kolm_pipeline.settings import Settings
+from kolm_pipeline.stages.corpus import corpus_capture_ids
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.train.distill import TRAINER_VERSION
-from kolm_pipeline.workdir import NamespaceWorkdir
 
 __all__ = ["DeployRefused", "DeployResult", "artifact_cid_of", "build_manifest", "current_champion", "deploy"]
 

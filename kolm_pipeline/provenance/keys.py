@@ -11,8 +11,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from kolm_pipeline.registry.atomic import write_atomic, write_new
-from kolm_pipeline.registry.errors import RegistryError
+from kolm_pipeline.provenance.atomic import write_atomic, write_new
+from kolm_pipeline.provenance.errors import RegistryError
 
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _KEYID_PREFIX = "ed25519:"

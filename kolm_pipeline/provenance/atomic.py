@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from kolm_pipeline.registry.errors import RegistryError
+from kolm_pipeline.provenance.errors import RegistryError
 
 
 def fsync_dir(directory: Path) -> None:

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kolm_pipeline.corpus.recipe import load_recipe
-from kolm_pipeline.evaluate.stage import run_evaluation_stage
+from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.registry.artifact import build_kolm
-from kolm_pipeline.registry.cid import cid_for_file
-from kolm_pipeline.registry.deploy import build_manifest
 from kolm_pipeline.settings import Settings
+from kolm_pipeline.stages.adapter import record_adapter
+from kolm_pipeline.stages.deployment import build_manifest
+from kolm_pipeline.stages.evaluation import run_evaluation_stage
+from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 from kolm_pipeline.train.base_model import resolve_base_model
 from kolm_pipeline.train.distill import TrainConfig, train_adapter
-from kolm_pipeline.train.stage import record_adapter
-from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def compile_recipe(
         overrides = dict(recipe.spec.get("training") or {})
         if epochs is not None:
             overrides["epochs"] = epochs
-        result = train_adapter(workdir.recipe / "train.jsonl", base, workdir.adapter, TrainConfig.from_dict(overrides))
+        result = train_adapter(workdir.recipe / "train.jsonl", base, workdir.adapter, TrainConfig.parse(overrides))
         record_adapter(workdir, base, recipe_cid, result.metrics())
         evaluation = run_evaluation_stage(workdir, settings, base, champion=None)
         manifest = build_manifest(workdir, evaluation, counters={}, parent_cid=None)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from kolm_pipeline.settings import Settings
+from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 from kolm_pipeline.train.base_model import BaseModel
 from kolm_pipeline.train.distill import TRAINER_VERSION
-from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
 
 
 def training_job(

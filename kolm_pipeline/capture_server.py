@@ -40,6 +40,7 @@ from kolm_pipeline.capture.providers import ANTHROPIC, OPENAI, PROVIDERS, Provid
 from kolm_pipeline.capture.recorder import Recorder
 from kolm_pipeline.capture.redact import validate_entities
 from kolm_pipeline.capture.spool import Spool
+from kolm_pipeline.corpus.build import build_corpus
 from kolm_pipeline.settings import CaptureConfig, Settings, load_capture_config
 from kolm_pipeline.store import Capture, CaptureStore, Tenant, partition_key
 from kolm_pipeline.store.rules import MATCH_KEYS
@@ -371,8 +372,6 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
 
     @app.get("/v1/labels/synthesize-corpus")
     async def synthesize_corpus(namespace: str, tenant: InboxTenant) -> Response:
-        from kolm_pipeline.corpus.build import build_corpus
-
         namespace = parse_namespace(namespace)
 
         def build() -> bytes:

@@ -10,7 +10,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from kolm_pipeline.registry.errors import RegistryError
+from kolm_pipeline.provenance.errors import RegistryError
 
 # CID version 1, multicodec raw (0x55), multihash sha2-256 (0x12) with a 32-byte digest (0x20).
 _PREFIX = bytes([0x01, 0x55, 0x12, 0x20])

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from kolm_pipeline.corpus.build import CorpusStats, build_corpus, corpus_cid, read_corpus
 from kolm_pipeline.corpus.recipe import Recipe, synthesize_recipe
 from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
-from kolm_pipeline.workdir import NamespaceWorkdir, directory_cid
+from kolm_pipeline.provenance.errors import UserError
+from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 
 
-class NotEnoughPairs(Exception):
+class NotEnoughPairs(UserError):
     """The namespace has fewer kept pairs than its distill threshold."""
 
 

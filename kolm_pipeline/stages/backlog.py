@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kolm_pipeline.registry.errors import RegistryError
-from kolm_pipeline.registry.receipts import read_statement, receipt_cid
-from kolm_pipeline.workdir import NamespaceWorkdir
+from kolm_pipeline.provenance.errors import RegistryError
+from kolm_pipeline.provenance.receipts import read_statement, receipt_cid
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 
 
 @dataclass(frozen=True)

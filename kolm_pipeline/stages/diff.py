@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
 from kolm_pipeline.registry.artifact import KolmArtifact
-from kolm_pipeline.registry.errors import DeployRefused, RegistryError
 from kolm_pipeline.registry.manage import (
     SERVING_DECISIONS,
     artifact_cid_of,
@@ -27,7 +27,7 @@ from kolm_pipeline.registry.manage import (
 from kolm_pipeline.registry.provenance import _stage_predicates  # one reading of the receipts for both
 from kolm_pipeline.registry.swap import pointer_target, validate_task
 from kolm_pipeline.settings import Settings
-from kolm_pipeline.workdir import NamespaceWorkdir
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 
 CANDIDATE = "candidate"
 BASE = "base"

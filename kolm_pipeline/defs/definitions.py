@@ -1,0 +1,21 @@
+"""The one Definitions object of kolm pipeline (`kolm_pipeline.definitions` re-exports it for Dagster)."""
+
+import dagster as dg
+
+from kolm_pipeline.defs.assets import captures, loop_assets
+from kolm_pipeline.defs.automation import distill_job, kolm_schedules, kolm_sensors
+from kolm_pipeline.defs.checks import loop_checks
+from kolm_pipeline.defs.resources import KolmResource
+from kolm_pipeline.train.distill import TRAINER_ENV
+
+defs = dg.Definitions(
+    assets=[captures, *loop_assets],
+    asset_checks=loop_checks,
+    jobs=[distill_job],
+    sensors=kolm_sensors,
+    schedules=kolm_schedules,
+    resources={
+        "kolm": KolmResource(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(env=TRAINER_ENV),
+    },
+)

@@ -1,0 +1,55 @@
+"""A loaded adapter and a request's hold on it: the runtime never unloads an adapter while a lease is open."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from kolm_pipeline.serve.monitor import Profile
+
+
+@dataclass
+class LoadedAdapter:
+    task: str
+    cid: str
+    name: str
+    labels: list[str] | None
+    loaded_at: float
+    in_flight: int = 0
+    retired_at: float | None = None
+    profile: Profile = field(default_factory=lambda: Profile(verifier=None))
+
+
+class Lease:
+    """One request's hold on an adapter: while any lease is open the adapter is not unloaded.
+
+    ``release`` is idempotent, so a request can release on every exit path (and on garbage collection of a
+    stream the client abandoned before it started) without miscounting.
+    """
+
+    def __init__(self, adapter: LoadedAdapter, state: threading.Lock) -> None:
+        self.adapter = adapter
+        self._state = state
+        self._released = False
+
+    @property
+    def task(self) -> str:
+        return self.adapter.task
+
+    @property
+    def cid(self) -> str:
+        return self.adapter.cid
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.adapter.labels
+
+    def release(self) -> None:
+        with self._state:
+            if not self._released:
+                self._released = True
+                self.adapter.in_flight -= 1
