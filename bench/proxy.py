@@ -95,12 +95,12 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 """
 
 KOLM_PROXY = r"""
-import dataclasses, sys
+import sys
 from kolm_pipeline.capture_server import create_app
 from kolm_pipeline.capture.background import serve
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.store import CaptureStore
-settings = dataclasses.replace(load_settings(), upstream_openai=sys.argv[2])
+settings = load_settings().model_copy(update={"upstream_openai": sys.argv[2]})
 serve(create_app(settings, CaptureStore(settings.store_url)), "127.0.0.1", int(sys.argv[1]), log_level="warning")
 """
 

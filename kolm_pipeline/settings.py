@@ -1,15 +1,18 @@
 """Every setting of kolm pipeline, read from `KOLM_*` environment variables with embedded defaults.
 
-One place for configuration: the CLI, the Dagster resources and the servers all call `load_settings()`.
+One place for configuration: the CLI, the Dagster resources and the servers all call `load_settings()` (and the
+proxy `load_capture_config()`); each setting and its default is declared once, in the models below.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kolm_pipeline.provenance.errors import InvalidInput
 
@@ -62,33 +65,12 @@ def parse_source_weights(raw: str | None, name: str = "KOLM_SOURCE_WEIGHTS") -> 
 
 def load_source_weights() -> dict[str, float]:
     """`KOLM_SOURCE_WEIGHTS` over the defaults."""
-    return parse_source_weights(os.environ.get("KOLM_SOURCE_WEIGHTS"))
+    return load_settings().source_weights
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise InvalidInput(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise InvalidInput(f"{name} must be a number, got {raw!r}") from exc
-
-
-def _price_table() -> dict[str, tuple[float, float]]:
+def _price_table(raw: str | None) -> dict[str, tuple[float, float]]:
     """KOLM_PRICE_TABLE: JSON (inline or a file path) of {model prefix: [input $/Mtok, output $/Mtok]},
     merged over the defaults."""
-    raw = os.environ.get("KOLM_PRICE_TABLE")
     table = dict(DEFAULT_PRICE_TABLE)
     if not raw:
         return table
@@ -107,24 +89,30 @@ def _price_table() -> dict[str, tuple[float, float]]:
     return table
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise InvalidInput(f"{name} must be true or false, got {raw!r}")
+def _env_error(model: type[BaseSettings], exc: ValidationError) -> InvalidInput:
+    """One line naming each bad variable: our own parsers' messages as they are, pydantic's after the name."""
+    prefix = model.model_config.get("env_prefix", "")
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        field = model.model_fields.get(name)
+        alias = field.validation_alias if field is not None and isinstance(field.validation_alias, str) else None
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidInput):
+            problems.append(str(cause))
+        else:
+            problems.append(f"{alias or (prefix + name).upper()}: {error['msg']}, got {error.get('input')!r}")
+    return InvalidInput("; ".join(problems))
 
 
-@dataclass(frozen=True)
-class CaptureConfig:
-    """`record`: write captures at all (off only for benchmarks and dry runs); `max_body_bytes`: larger
-    requests are refused with 413; `key_cache_ttl_s`: how long a kolm key lookup is reused (a revoked key
-    stops working within it); `retention_sweep_s`: how often the server applies the retention windows
-    (0: never, leave it to the `triaged_captures` asset); `batch_linger_s`: how long the writer lets a
-    batch gather before one transaction writes it."""
+class CaptureConfig(BaseSettings):
+    """The proxy's tuning, from `KOLM_CAPTURE_*`. `record`: write captures at all (off only for benchmarks and
+    dry runs); `max_body_bytes`: larger requests are refused with 413; `key_cache_ttl_s`: how long a kolm key
+    lookup is reused (a revoked key stops working within it); `retention_sweep_s`: how often the server applies
+    the retention windows (0: never, leave it to the `triaged_captures` asset); `batch_linger_s`: how long the
+    writer lets a batch gather before one transaction writes it."""
+
+    model_config = SettingsConfigDict(env_prefix="KOLM_CAPTURE_", frozen=True, extra="ignore", env_ignore_empty=True)
 
     record: bool = True
     max_body_bytes: int = 8 * 1024 * 1024
@@ -137,37 +125,57 @@ class CaptureConfig:
 
 
 def load_capture_config() -> CaptureConfig:
-    """The proxy's tuning from `KOLM_CAPTURE_*`."""
-    return CaptureConfig(
-        record=_env_bool("KOLM_CAPTURE_RECORD", True),
-        max_body_bytes=_env_int("KOLM_CAPTURE_MAX_BODY_BYTES", 8 * 1024 * 1024),
-        key_cache_ttl_s=_env_float("KOLM_CAPTURE_KEY_CACHE_TTL_S", 30.0),
-        batch_size=_env_int("KOLM_CAPTURE_BATCH_SIZE", 200),
-        queue_size=_env_int("KOLM_CAPTURE_QUEUE_SIZE", 50_000),
-        replay_interval_s=_env_float("KOLM_CAPTURE_REPLAY_INTERVAL_S", 1.0),
-        retention_sweep_s=_env_float("KOLM_CAPTURE_RETENTION_SWEEP_S", 3600.0),
-        batch_linger_s=_env_float("KOLM_CAPTURE_BATCH_LINGER_S", 0.05),
-    )
+    """The proxy's tuning from `KOLM_CAPTURE_*`; a bad value is one `InvalidInput` naming the variable."""
+    try:
+        return CaptureConfig()
+    except ValidationError as exc:
+        raise _env_error(CaptureConfig, exc) from None
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Resolved configuration. Paths are absolute so child processes see the same files."""
+class Settings(BaseSettings):
+    """Resolved configuration, from `KOLM_<FIELD>` variables (`KOLM_MLFLOW_URI` for the tracking URI) over the
+    embedded defaults. Paths are absolute so child processes see the same files."""
 
-    home: Path
-    store_url: str
-    base_model: str
-    upstream_openai: str
-    upstream_anthropic: str
-    distill_threshold: int
-    mlflow_tracking_uri: str
-    size_budget_bytes: int
-    student_dollars_per_hour: float
-    retention_days: int
-    model_cache: Path
+    model_config = SettingsConfigDict(env_prefix="KOLM_", frozen=True, extra="ignore", env_ignore_empty=True)
+
+    home: Path = Path(".kolm")
+    # Empty: derived from `home` (a SQLite file, a directory) when the settings are loaded.
+    store_url: str = ""
+    base_model: str = EMBEDDED_BASE_MODEL
+    upstream_openai: str = "https://api.openai.com/v1"
+    upstream_anthropic: str = "https://api.anthropic.com"
+    distill_threshold: int = 1000
+    mlflow_tracking_uri: str = Field("", validation_alias=AliasChoices("KOLM_MLFLOW_URI", "mlflow_tracking_uri"))
+    size_budget_bytes: int = 64 * 1024 * 1024
+    student_dollars_per_hour: float = 0.10
+    retention_days: int = 30
+    model_cache: Path | None = None
     alert_webhook: str | None = None
-    price_table: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_PRICE_TABLE))
-    source_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
+    # `s3://BUCKET[/PREFIX]`, `file:///DIR` or a path; None: the artifacts directory under `home`.
+    artifacts_url: str | None = None
+    price_table: Annotated[dict[str, tuple[float, float]], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICE_TABLE))
+    source_weights: Annotated[dict[str, float], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
+
+    @field_validator("price_table", mode="before")
+    @classmethod
+    def _parse_price_table(cls, value: object) -> object:
+        return _price_table(value) if isinstance(value, str) else value
+
+    @field_validator("source_weights", mode="before")
+    @classmethod
+    def _parse_source_weights(cls, value: object) -> object:
+        return parse_source_weights(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        # Frozen model: the derived defaults are filled in once, here, before anyone reads them.
+        home = self.home.expanduser().resolve()
+        object.__setattr__(self, "home", home)
+        object.__setattr__(self, "model_cache", (self.model_cache or home / "models").expanduser().resolve())
+        object.__setattr__(self, "store_url", self.store_url or f"sqlite:///{home / 'captures.db'}")
+        object.__setattr__(self, "mlflow_tracking_uri", self.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}")
+        return self
 
     @property
     def dagster_home(self) -> Path:
@@ -203,21 +211,9 @@ class Settings:
 
 
 def load_settings(home: str | Path | None = None) -> Settings:
-    """Build settings from the environment; `home` overrides `KOLM_HOME`."""
-    root = Path(home or os.environ.get("KOLM_HOME") or ".kolm").expanduser().resolve()
-    return Settings(
-        home=root,
-        store_url=os.environ.get("KOLM_STORE_URL") or f"sqlite:///{root / 'captures.db'}",
-        base_model=os.environ.get("KOLM_BASE_MODEL") or EMBEDDED_BASE_MODEL,
-        upstream_openai=os.environ.get("KOLM_UPSTREAM_OPENAI") or "https://api.openai.com/v1",
-        upstream_anthropic=os.environ.get("KOLM_UPSTREAM_ANTHROPIC") or "https://api.anthropic.com",
-        distill_threshold=_env_int("KOLM_DISTILL_THRESHOLD", 1000),
-        mlflow_tracking_uri=os.environ.get("KOLM_MLFLOW_URI") or f"sqlite:///{root / 'mlflow.db'}",
-        size_budget_bytes=_env_int("KOLM_SIZE_BUDGET_BYTES", 64 * 1024 * 1024),
-        student_dollars_per_hour=_env_float("KOLM_STUDENT_DOLLARS_PER_HOUR", 0.10),
-        retention_days=_env_int("KOLM_RETENTION_DAYS", 30),
-        model_cache=Path(os.environ.get("KOLM_MODEL_CACHE") or root / "models").expanduser().resolve(),
-        alert_webhook=os.environ.get("KOLM_ALERT_WEBHOOK") or None,
-        price_table=_price_table(),
-        source_weights=load_source_weights(),
-    )
+    """Build settings from the environment; `home` overrides `KOLM_HOME`. A bad variable is one
+    `InvalidInput` naming it."""
+    try:
+        return Settings(home=home) if home else Settings()
+    except ValidationError as exc:
+        raise _env_error(Settings, exc) from None

@@ -171,11 +171,8 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
 
     def start(upstream: str, store_url: str | None = None, config: CaptureConfig | None = None) -> Proxy:
         home = tmp_path / f"home{len(servers)}"
-        settings = dataclasses.replace(
-            load_settings(home),
-            upstream_openai=f"{upstream}/v1",
-            upstream_anthropic=upstream,
-            retention_days=30,
+        settings = load_settings(home).model_copy(
+            update={"upstream_openai": f"{upstream}/v1", "upstream_anthropic": upstream, "retention_days": 30}
         )
         store = CaptureStore(store_url or settings.store_url)
         key = store.create_tenant("acme")

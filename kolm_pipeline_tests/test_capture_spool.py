@@ -107,7 +107,7 @@ def test_store_down_mid_traffic_loses_nothing(cluster: Cluster, tmp_path: Path) 
     config = CaptureConfig(replay_interval_s=0.2, retention_sweep_s=0)
     teacher = BackgroundServer(create_teacher_app({}))
     home = tmp_path / "home"
-    settings = dataclasses.replace(load_settings(home), upstream_openai=f"{teacher.url}/v1")
+    settings = load_settings(home).model_copy(update={"upstream_openai": f"{teacher.url}/v1"})
     app = create_app(settings, store, config)
     proxy = BackgroundServer(app)
     url = f"{proxy.url}/v1/capture/openai/chat/completions"
@@ -195,7 +195,7 @@ def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> Non
     none is lost or stored twice; the proxy writes what the writer never acknowledged and starts a new one."""
     home = tmp_path / "home"
     teacher = BackgroundServer(create_teacher_app({}))
-    settings = dataclasses.replace(load_settings(home), upstream_openai=f"{teacher.url}/v1")
+    settings = load_settings(home).model_copy(update={"upstream_openai": f"{teacher.url}/v1"})
     store = CaptureStore(settings.store_url)
     key = store.create_tenant("acme")
     app = create_app(settings, store, CaptureConfig(retention_sweep_s=0, batch_linger_s=0.01))

@@ -53,7 +53,7 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     home = tmp_path_factory.mktemp("isolation") / "home"
     teacher = BackgroundServer(create_teacher_app({"good question": "good answer"}))
-    settings_ = dataclasses.replace(load_settings(home), upstream_openai=f"{teacher.url}/v1")
+    settings_ = load_settings(home).model_copy(update={"upstream_openai": f"{teacher.url}/v1"})
     store = CaptureStore(settings_.store_url)
     app = create_app(settings_, store, CaptureConfig(retention_sweep_s=0))
     with BackgroundServer(app) as proxy, httpx.Client(base_url=proxy.url, timeout=10) as http:

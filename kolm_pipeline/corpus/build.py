@@ -21,11 +21,11 @@ of ordinary captures keeps its bytes; the trainer reads `row.get("weight", 1.0)`
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from kolm_pipeline.corpus.dedup import NEAR_DUPLICATE_JACCARD, NearDuplicateIndex
+from kolm_pipeline.corpus.pairs import scan_pairs, weight_problem
 from kolm_pipeline.corpus.rotation import EVAL_CANDIDATE_META, EVAL_CANDIDATE_TAG
 from kolm_pipeline.corpus.text import intent_text, normalise, template_messages
 from kolm_pipeline.provenance.cid import cid_for_bytes
@@ -76,13 +76,6 @@ class CorpusStats:
 def input_key(messages: list[dict]) -> str:
     """A conversation's identity for dedup and split bookkeeping."""
     return "\n".join(f"{m.get('role')}:{normalise(str(m.get('content', '')))}" for m in messages)
-
-
-def weight_problem(weight: object) -> str | None:
-    """Why a row's `"weight"` is unusable, or None: it must be a finite number >= 0."""
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
-        return f"'weight' must be a non-negative number, got {weight!r}"
-    return None
 
 
 def pair_weight(pair: PairLike) -> float:
@@ -210,23 +203,11 @@ def corpus_cid(data: bytes) -> str:
 
 def read_corpus(data: bytes, source: str = "corpus.jsonl") -> list[dict]:
     """Rows of corpus bytes; a malformed line is refused, naming `source` and the line number."""
-    rows = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if (
-            not isinstance(messages, list)
-            or len(messages) < 2
-            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-            or messages[-1].get("role") != "assistant"
-        ):
-            raise CorpusError(f"{source}:{number}: expected {{'messages': [..., {{'role': 'assistant', ...}}]}}")
-        if "weight" in row and (problem := weight_problem(row["weight"])):
-            raise CorpusError(f"{source}:{number}: {problem}")
-        rows.append(row)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    rows, problems = scan_pairs(text, source)
+    if problems:
+        raise CorpusError(problems[0])
     return rows

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jsonschema
 
-from kolm_pipeline.corpus.build import input_key, weight_problem
+from kolm_pipeline.corpus.build import input_key
 from kolm_pipeline.corpus.clustering import choose_k, cluster, embed_sample, neighbour_purity, propagate
 from kolm_pipeline.corpus.decontaminate import EMBEDDING_COSINE, MIN_NGRAM_TOKENS, NGRAM, Decontaminator
 from kolm_pipeline.corpus.kfloor import k_floor
@@ -41,9 +41,11 @@ from kolm_pipeline.corpus.kinds import (
     json_objects,
     prompt_text,
 )
+from kolm_pipeline.corpus.pairs import scan_pair_file
 from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE, capture_ids, check_share, is_eval_candidate, rotate
 from kolm_pipeline.corpus.text import intent_text, template_messages
 from kolm_pipeline.corpus.train_config import TrainConfig
+from kolm_pipeline.provenance.atomic import write_atomic
 from kolm_pipeline.provenance.cid import cid_for_bytes
 from kolm_pipeline.provenance.errors import UserError
 
@@ -96,45 +98,9 @@ class Recipe:
 # Reading and validating
 
 
-def _row_problem(row: object) -> str | None:
-    messages = row.get("messages") if isinstance(row, dict) else None
-    if not isinstance(messages, list) or len(messages) < 2:
-        return "expected {'messages': [..., {'role': 'assistant', 'content': ...}]} with at least two messages"
-    for position, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            return f"message {position} has no string 'role'"
-        if not isinstance(message.get("content"), str):
-            return f"message {position} has no string 'content'"
-    if messages[-1]["role"] != "assistant":
-        return "the last message must be the assistant's answer"
-    if "weight" in row:
-        return weight_problem(row["weight"])
-    return None
-
-
 def scan_jsonl(path: Path) -> tuple[list[dict], list[str]]:
-    """Rows of a chat-format JSONL file and a problem line ("FILE:LINE: why") for every bad line."""
-    if not path.is_file():
-        return [], [f"{path}: missing"]
-    rows, problems = [], []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        return [], [f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        problem = _row_problem(row)
-        if problem:
-            problems.append(f"{path}:{number}: {problem}")
-            continue
-        rows.append(row)
-    return rows, problems
+    """Rows of a chat-pair JSONL file and a problem line ("FILE:LINE: why") for every bad line."""
+    return scan_pair_file(path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -587,10 +553,7 @@ def _write_recipe(
         )
         recipe = load_recipe(staging)
         if freeze_to is not None:
-            freeze_to.parent.mkdir(parents=True, exist_ok=True)
-            tmp = freeze_to.with_name(freeze_to.name + ".tmp")
-            tmp.write_bytes(holdout_bytes)
-            os.replace(tmp, freeze_to)
+            write_atomic(freeze_to, holdout_bytes)
         old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if out_dir.exists():

@@ -166,6 +166,13 @@ def adapter(
     base = kolm.base()
     recipe_cid = directory_cid(workdir.recipe)
     champion = current_champion(kolm.settings, workdir.task) if config.continue_from_champion else None
+    error_path = workdir.root / "trainer-error.txt"
+    error_path.unlink(missing_ok=True)
+    settings = {key: value for key, value in config.model_dump().items()
+                if value is not None and key != "continue_from_champion"}
+    problems = TrainConfig.problems(settings)
+    if problems:
+        raise dg.Failure(description=f"adapter config: {'; '.join(problems)}", allow_retries=False)
     job = training_job(
         kolm.settings,
         base,
@@ -173,20 +180,17 @@ def adapter(
         train_path=workdir.recipe / "train.jsonl",
         output_dir=workdir.adapter,
         recipe_cid=recipe_cid,
-        config={key: value for key, value in config.model_dump().items()
-                if value is not None and key != "continue_from_champion"},
+        config=TrainConfig.model_validate(settings),
         init_adapter=champion[1] if champion else None,
         tags={"dagster_run_id": context.run_id, "partition": context.partition_key},
+        error_path=error_path,
     )
-    error_path = workdir.root / "trainer-error.txt"
-    error_path.unlink(missing_ok=True)
-    job["error_path"] = str(error_path)
     began = time.perf_counter()
     try:
         result = pipes_subprocess_client.run(
             command=[sys.executable, "-m", "kolm_pipeline.train.pipes_entry"],
             context=context,
-            extras=job,
+            extras=job.to_extras(),
         )
     except Exception as exc:  # the Pipes client's error type is not public; the trainer's note decides
         if not error_path.is_file():

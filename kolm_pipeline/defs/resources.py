@@ -23,9 +23,7 @@ class KolmResource(dg.ConfigurableResource):
     def settings(self) -> Settings:
         settings = load_settings(self.home)
         if self.base_model:
-            from dataclasses import replace
-
-            settings = replace(settings, base_model=self.base_model)
+            settings = settings.model_copy(update={"base_model": self.base_model})
         return settings
 
     @cached_property

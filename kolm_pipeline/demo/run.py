@@ -137,9 +137,7 @@ def run_demo(settings: Settings, tickets: int = 320, epochs: float = 2.0, log=pr
 
 
 def _with_upstream(settings: Settings, teacher_url: str) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, upstream_openai=f"{teacher_url}/v1", upstream_anthropic=teacher_url)
+    return settings.model_copy(update={"upstream_openai": f"{teacher_url}/v1", "upstream_anthropic": teacher_url})
 
 
 def format_report(report: DemoReport, settings: Settings) -> str:

@@ -123,8 +123,3 @@ def generate_tickets(count: int, seed: int = 7) -> list[Ticket]:
         tickets.append(Ticket(text=f"{rng.choice(_OPENERS)}{body}{rng.choice(_CLOSERS)}", queue=queue))
     rng.shuffle(tickets)
     return tickets
-
-
-def answer_for(text: str, dataset: dict[str, str]) -> str | None:
-    """The teacher's answer for a ticket text, or None when the text is not in the dataset."""
-    return dataset.get(text.strip())

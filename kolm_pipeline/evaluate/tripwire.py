@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from kolm_pipeline.provenance.atomic import write_json_atomic
 
 HOLDOUT_TOLERANCE = 0.05
 MIN_DIVERSITY_RATIO = 0.5
@@ -71,10 +72,7 @@ def read_state(path: Path) -> dict | None:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, state)
 
 
 def record_good_cycle(path: Path, result: TripwireResult, artifact_cid: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -53,6 +54,11 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` atomically, replacing any existing file."""
     with atomic_output(path, mode) as handle:
         handle.write(data)
+
+
+def write_json_atomic(path: Path, value: object, mode: int = 0o644) -> None:
+    """Write ``value`` as indented, key-sorted JSON to ``path`` atomically."""
+    write_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode(), mode)
 
 
 def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:

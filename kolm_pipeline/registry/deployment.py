@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kolm_pipeline.provenance.atomic import write_atomic
-from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.provenance.errors import RegistryError
 from kolm_pipeline.provenance.receipts import ChainReport, make_receipt, read_statement, receipt_cid, verify_chain
 from kolm_pipeline.registry.artifact import KolmArtifact
@@ -89,17 +87,8 @@ def verify_deployment(
     return chain, problems
 
 
-def deployment_predicate(envelope: bytes) -> dict[str, Any]:
-    """The deployment receipt's predicate, for display."""
-    predicate = read_statement(envelope).get("predicate")
-    return predicate if isinstance(predicate, dict) else {}
-
 
 def sibling_receipt(artifact_path: Path) -> bytes | None:
     """The deployment receipt stored beside an artifact (following a pointer symlink), if any."""
     path = receipt_path(Path(artifact_path).resolve())
     return path.read_bytes() if path.is_file() else None
-
-
-def artifact_file_cid(path: Path) -> str:
-    return cid_for_file(Path(path))

@@ -26,7 +26,6 @@ from kolm_pipeline.registry.objectstore import (
     DirectoryStore,
     ObjectStore,
     artifact_key,
-    artifacts_url,
     fetch_verified,
     open_store,
 )
@@ -69,7 +68,7 @@ def artifact_cid_of(path: Path) -> str:
 
 def artifact_store(settings: Settings) -> ObjectStore:
     """The configured object store (``KOLM_ARTIFACTS_URL``), by default the local artifacts directory."""
-    return open_store(artifacts_url(), settings.artifacts_dir)
+    return open_store(settings.artifacts_url, settings.artifacts_dir)
 
 
 def _is_local(store: ObjectStore, settings: Settings) -> bool:

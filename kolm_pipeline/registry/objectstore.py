@@ -144,11 +144,6 @@ class S3Store:
         return f"S3Store({self.url('x')[:-2]!r})"
 
 
-def artifacts_url() -> str | None:
-    """``KOLM_ARTIFACTS_URL`` (``s3://bucket/prefix``, ``file:///dir`` or a path); None means the default."""
-    return os.environ.get(ARTIFACTS_URL_ENV) or None
-
-
 def open_store(url: str | None, default_dir: Path) -> ObjectStore:
     """The object store a URL names; no URL means a directory store on ``default_dir``."""
     if not url:

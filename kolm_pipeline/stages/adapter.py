@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 from kolm_pipeline.train.base_model import BaseModel
 from kolm_pipeline.train.distill import TRAINER_VERSION
+from kolm_pipeline.train.job import TrainingJob
 
 
 def training_job(
@@ -18,25 +20,27 @@ def training_job(
     train_path: Path,
     output_dir: Path,
     recipe_cid: str,
-    config: dict,
+    config: TrainConfig,
     tags: dict[str, str],
     init_adapter: Path | None = None,
-) -> dict:
-    """Everything the trainer process needs, as plain JSON (the Pipes extras)."""
-    return {
-        "task": task,
-        "base_model_id": base.model_id,
-        "base_model_path": str(base.path),
-        "base_digest": base.digest,
-        "train_path": str(train_path),
-        "output_dir": str(output_dir),
-        "recipe_cid": recipe_cid,
-        "config": config,
-        "init_adapter": str(init_adapter) if init_adapter else None,
-        "mlflow_uri": settings.mlflow_tracking_uri,
-        "mlflow_artifacts": str(settings.home / "mlflow-artifacts"),
-        "tags": {"recipe_cid": recipe_cid, "task": task, **tags},
-    }
+    error_path: Path | None = None,
+) -> TrainingJob:
+    """Everything the trainer process needs (carried as the Pipes extras)."""
+    return TrainingJob(
+        task=task,
+        base_model_id=base.model_id,
+        base_model_path=base.path,
+        base_digest=base.digest,
+        train_path=train_path,
+        output_dir=output_dir,
+        recipe_cid=recipe_cid,
+        config=config,
+        init_adapter=init_adapter,
+        mlflow_uri=settings.mlflow_tracking_uri,
+        mlflow_artifacts=settings.home / "mlflow-artifacts",
+        tags={"recipe_cid": recipe_cid, "task": task, **tags},
+        error_path=error_path,
+    )
 
 
 def record_adapter(workdir: NamespaceWorkdir, base: BaseModel, recipe_cid: str, metrics: dict) -> tuple[str, str]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from kolm_pipeline.corpus.build import CorpusStats, build_corpus, corpus_cid, read_corpus
 from kolm_pipeline.corpus.recipe import Recipe, synthesize_recipe
 from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
+from kolm_pipeline.provenance.atomic import write_atomic
 from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 
@@ -57,10 +57,7 @@ def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int) -> Corpus
             f"{min_pairs - usable} more needed"
         )
     cid = corpus_cid(data)
-    workdir.root.mkdir(parents=True, exist_ok=True)
-    tmp = workdir.corpus.with_name(workdir.corpus.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, workdir.corpus)
+    write_atomic(workdir.corpus, data)
     store.mark_distilled(workdir.tenant, workdir.namespace, corpus_capture_ids(data))
     capture_ids = [pair.id for pair in pairs]
     receipt = workdir.write_receipt(

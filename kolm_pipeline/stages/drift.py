@@ -39,13 +39,14 @@ from kolm_pipeline.evaluate.drift import (
     DriftTest,
     mmd_test,
 )
+from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.provenance.errors import RegistryError
 from kolm_pipeline.provenance.receipts import read_statement
 from kolm_pipeline.registry.artifact import read_kolm
 from kolm_pipeline.registry.manage import artifact_cid_of
 from kolm_pipeline.registry.swap import read_pointer
 from kolm_pipeline.settings import Settings
-from kolm_pipeline.stages.workdir import NamespaceWorkdir, write_json_atomic
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ from kolm_pipeline.evaluate.alerts import regression_alert, send_alert
 from kolm_pipeline.evaluate.evaluation import ModelReport, case_verdicts, evaluate_models
 from kolm_pipeline.evaluate.gate import decide
 from kolm_pipeline.evaluate.tripwire import check_collapse, read_state, record_trip
+from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.settings import Settings
-from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid, write_json_atomic
+from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 from kolm_pipeline.train.base_model import BaseModel
 
 CANDIDATE = "candidate"

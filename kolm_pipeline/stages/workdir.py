@@ -7,10 +7,10 @@ naming the previous one, so the deployment can ship the whole chain inside the `
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolm_pipeline.provenance.atomic import write_atomic
 from kolm_pipeline.provenance.cid import cid_for_bytes, cid_for_file
 from kolm_pipeline.provenance.keys import ensure_tenant_keys, load_private_key
 from kolm_pipeline.provenance.receipts import make_receipt, receipt_cid
@@ -26,13 +26,6 @@ def directory_cid(path: Path) -> str:
         str(file.relative_to(path)): cid_for_file(file) for file in sorted(path.rglob("*")) if file.is_file()
     }
     return cid_for_bytes(json.dumps(index, sort_keys=True).encode())
-
-
-def write_json_atomic(path: Path, value: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -117,11 +110,7 @@ class NamespaceWorkdir:
             private_key=key,
             keyid=keyid,
         )
-        path = self.receipt_path(stage)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(envelope)
-        os.replace(tmp, path)
+        write_atomic(self.receipt_path(stage), envelope)
         return receipt_cid(envelope)
 
     def chain(self) -> list[bytes]:

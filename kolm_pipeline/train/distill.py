@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolm_pipeline.corpus.pairs import scan_pair_file
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.train.base_model import BaseModel, load_tokenizer
@@ -63,11 +64,8 @@ class TrainResult:
 
 
 def read_chat_jsonl(path: Path) -> list[dict]:
-    """Rows of a chat-format JSONL file under the recipe's own row rules; bad lines are an error naming
-    the file and each line."""
-    from kolm_pipeline.corpus.recipe import scan_jsonl
-
-    rows, problems = scan_jsonl(path)
+    """Rows of a chat-pair JSONL file; bad lines are an error naming the file and each line."""
+    rows, problems = scan_pair_file(path)
     if problems:
         raise TrainingError("; ".join(problems))
     return rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kolm_pipeline.corpus.build import weight_problem
+from kolm_pipeline.corpus.pairs import weight_problem
 from kolm_pipeline.provenance.errors import UserError
 
 

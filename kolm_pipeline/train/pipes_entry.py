@@ -10,29 +10,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kolm_pipeline.train.base_model import BaseModel
-from kolm_pipeline.train.distill import TrainConfig, TrainResult, train_adapter
+from kolm_pipeline.corpus.train_config import TrainConfig
+from kolm_pipeline.train.distill import TrainResult, train_adapter
+from kolm_pipeline.train.job import TrainingJob
 
 
-def run_training(job: dict, log=print) -> tuple[TrainResult, str, str]:
-    """Train from a job description (the Pipes extras) and log to MLflow; returns result, run id, url."""
+def run_training(job: TrainingJob, log=print) -> tuple[TrainResult, str, str]:
+    """Train the job and log to MLflow; returns result, run id, url."""
     import mlflow
 
     from kolm_pipeline.tracking import mlflow_run, run_url
 
-    base = BaseModel(model_id=job["base_model_id"], path=Path(job["base_model_path"]), digest=job["base_digest"])
-    config = TrainConfig.parse(job.get("config"))
-    tags = {key: str(value) for key, value in job.get("tags", {}).items()}
-    with mlflow_run(job["mlflow_uri"], job["task"], Path(job["mlflow_artifacts"]), "distill", tags) as run:
-        mlflow.log_params({f"lora.{key}": value for key, value in vars(config).items()})
-        mlflow.log_params({"base_model": base.model_id, "recipe_cid": job.get("recipe_cid", "")})
+    base, config = job.base, job.config
+    with mlflow_run(job.mlflow_uri, job.task, job.mlflow_artifacts, "distill", job.tags) as run:
+        mlflow.log_params({f"lora.{key}": value for key, value in config.model_dump().items()})
+        mlflow.log_params({"base_model": base.model_id, "recipe_cid": job.recipe_cid})
 
         def on_log(step: int, values: dict[str, float]) -> None:
             mlflow.log_metrics({f"train.{key}": value for key, value in values.items()}, step=step)
 
-        init = Path(job["init_adapter"]) if job.get("init_adapter") else None
         result = train_adapter(
-            Path(job["train_path"]), base, Path(job["output_dir"]), config, on_log=on_log, init_adapter=init
+            job.train_path, base, job.output_dir, config, on_log=on_log, init_adapter=job.init_adapter
         )
         mlflow.log_metrics({f"train.{key}": float(value) for key, value in result.metrics().items()})
         log(f"trained {result.examples} pairs in {result.wall_seconds:.1f}s "
@@ -40,15 +38,14 @@ def run_training(job: dict, log=print) -> tuple[TrainResult, str, str]:
         return result, run.info.run_id, run_url(job["mlflow_uri"], run)
 
 
-def write_error(job: dict, exc: BaseException) -> None:
+def write_error(error_path: str | None, batch_size: int, exc: BaseException) -> None:
     """Leave the failure's one-line explanation where the orchestrator reads it (`error_path`)."""
-    if job.get("error_path"):
+    if error_path:
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-            size = job.get("config", {}).get("batch_size", 16)
-            message += (f" — out of memory at batch size {size}; try batch_size={max(1, size // 2)}"
+            message += (f" — out of memory at batch size {batch_size}; try batch_size={max(1, batch_size // 2)}"
                         " or activation_checkpointing=true")
-        Path(job["error_path"]).write_text(message)
+        Path(error_path).write_text(message)
 
 
 def main() -> None:
@@ -56,11 +53,14 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with open_dagster_pipes() as pipes:
-        job = dict(pipes.extras)
+        extras = dict(pipes.extras)
         try:
+            job = TrainingJob.from_extras(extras)
             result, run_id, url = run_training(job, log=pipes.log.info)
         except Exception as exc:
-            write_error(job, exc)
+            settings = extras.get("config") if isinstance(extras.get("config"), dict) else {}
+            batch_size = settings.get("batch_size", TrainConfig().batch_size)
+            write_error(extras.get("error_path"), batch_size if isinstance(batch_size, int) else 0, exc)
             raise
         pipes.report_asset_materialization(
             metadata={
