@@ -35,7 +35,7 @@ def run_training(job: TrainingJob, log=print) -> tuple[TrainResult, str, str]:
         mlflow.log_metrics({f"train.{key}": float(value) for key, value in result.metrics().items()})
         log(f"trained {result.examples} pairs in {result.wall_seconds:.1f}s "
             f"({result.tokens_per_second:.0f} tokens/s), final loss {result.final_loss:.4f}")
-        return result, run.info.run_id, run_url(job["mlflow_uri"], run)
+        return result, run.info.run_id, run_url(job.mlflow_uri, run)
 
 
 def write_error(error_path: str | None, batch_size: int, exc: BaseException) -> None:
