@@ -24,9 +24,7 @@ from kolm_pipeline.store.base import (
 from kolm_pipeline.store.capture_rows import (
     _CAPTURE_BOUND_COLUMNS,
     _CAPTURE_COLUMNS,
-    _NAMESPACE,
     _NEW_CAPTURE_CONSTANTS,
-    _TENANT,
     _capture,
     _DriverInsert,
     _Retry,
@@ -85,39 +83,47 @@ class CaptureQueries(StoreBase):
         return _DriverInsert(render, tuple(converters), prepared=False)
 
     def insert_captures(self, records: list[NewCapture]) -> list[int]:
-        """Insert a batch in one transaction; returns the new ids in the order of `records`."""
+        """Insert a batch in one transaction by the capture writer's own path (`insert_captures_once`);
+        returns the new ids in the order of `records`. A request id already stored, or repeated in the
+        batch, fails the whole batch instead of being skipped."""
         if not records:
             return []
-        stmt = insert(captures).returning(captures.c.id, sort_by_parameter_order=True)
         with self.engine.begin() as conn:
-            values, retries = self._capture_values(conn, records)
-            ids = [row.id for row in conn.execute(stmt, _rows_of(values))]
-            self._implicit_signals(conn, retries)
-            captured: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"captured": 0})
-            for row in values:
-                captured[(row[_TENANT], row[_NAMESPACE])]["captured"] += 1
-            self._add_to_counters(conn, captured)
-        return ids
+            written = self._write_captures(conn, records)
+            if written != len(records):
+                raise InvalidInput(f"{len(records) - written} of {len(records)} request ids are already stored")
+            request_ids = [record.request_id for record in records]
+            ids: dict[str, int] = {}
+            for chunk in _chunks(request_ids):
+                stmt = select(captures.c.request_id, captures.c.id).where(captures.c.request_id.in_(chunk))
+                ids.update(conn.execute(stmt).tuples().all())
+        return [ids[request_id] for request_id in request_ids]
 
     def insert_captures_once(self, records: list[NewCapture]) -> None:
         """Insert a batch, skipping records whose request id is already stored: replaying a batch whose
         first write did commit (but was not acknowledged) leaves every capture there exactly once."""
         if not records:
             return
+        with self.engine.begin() as conn:
+            self._write_captures(conn, records)
+
+    def _write_captures(self, conn: Any, records: list[NewCapture]) -> int:
+        """The capture writer's INSERT … ON CONFLICT DO NOTHING of `records` in the caller's transaction,
+        with their implicit signals and counters; returns how many rows it inserted."""
         driver_insert = self._capture_insert_sql
         captured: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"captured": 0})
-        with self.engine.begin() as conn:
-            if driver_insert is None:
-                values, retries = self._capture_values(conn, records)
-                stmt = self._insert()(captures).on_conflict_do_nothing(index_elements=["request_id"])
-                for row in _rows_of(values):  # one at a time: an executemany's row count is the driver's guess
-                    captured[(row["tenant"], row["namespace"])]["captured"] += conn.execute(stmt, row).rowcount
-            else:
-                values, retries = self._capture_values(conn, records, driver_insert.prepared)
-                for sql, parameters, where in driver_insert.statements(values):
-                    captured[where]["captured"] += conn.exec_driver_sql(sql, parameters).rowcount
-            self._implicit_signals(conn, retries)
-            self._add_to_counters(conn, captured)
+        if driver_insert is None:
+            values, retries = self._capture_values(conn, records)
+            stmt = self._insert()(captures).on_conflict_do_nothing(index_elements=["request_id"])
+            for row in _rows_of(values):  # one at a time: an executemany's row count is the driver's guess
+                captured[(row["tenant"], row["namespace"])]["captured"] += conn.execute(stmt, row).rowcount
+        else:
+            values, retries = self._capture_values(conn, records, driver_insert.prepared)
+            for sql, parameters, where in driver_insert.statements(values):
+                captured[where]["captured"] += conn.exec_driver_sql(sql, parameters).rowcount
+        self._implicit_signals(conn, retries)
+        self._add_to_counters(conn, captured)
+        return sum(change["captured"] for change in captured.values())
 
     def _capture_rows(self, conn: Any, records: list[NewCapture]) -> list[dict[str, Any]]:
         """Rows to insert, by column name; in namespaces with implicit signals on they carry their retry digest."""
