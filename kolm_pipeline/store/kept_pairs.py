@@ -1,0 +1,95 @@
+"""What the later stages read and mark: the kept pairs a corpus is built from, and the distilled and merged
+marks the corpus and a deployment put on them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import select, update
+
+from kolm_pipeline.store.base import StoreBase, _chunks, _utc
+from kolm_pipeline.store.records import KeptPair
+from kolm_pipeline.store.tables import captures
+from kolm_pipeline.store.tags import split_tags
+
+
+class KeptPairQueries(StoreBase):
+    """Kept pairs for the corpus, and their distilled and merged marks."""
+
+    def kept_pairs(self, tenant: str, namespace: str) -> list[KeptPair]:
+        """Kept, complete pairs whose text is still there, in id order.
+
+        Each pair's `source` is where its output came from: a person's feedback correction counts as
+        `human` whatever the capture's own source, since a person wrote that output; otherwise the
+        capture's source. Its `weight` is that source's weight in `source_weights`."""
+        stmt = (
+            select(captures)
+            .where(
+                captures.c.tenant == tenant,
+                captures.c.namespace == namespace,
+                captures.c.triage_state == "kept",
+                captures.c.status == "ok",
+                captures.c.expired_at.is_(None),
+            )
+            .order_by(captures.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [
+                KeptPair(
+                    id=row.id,
+                    messages=json.loads(row.input_json),
+                    output=row.feedback_output if row.feedback_output is not None else row.output_text,
+                    model=row.model,
+                    latency_us=row.latency_us,
+                    prompt_tokens=row.prompt_tokens,
+                    completion_tokens=row.completion_tokens,
+                    created_at=_utc(row.created_at),
+                    tags=split_tags(row.tags),
+                    source=self._output_source(row),
+                    weight=self.source_weights[self._output_source(row)],
+                )
+                for row in conn.execute(stmt)
+            ]
+
+    @staticmethod
+    def _output_source(row: Any) -> str:
+        return "human" if row.feedback_output is not None else row.source
+
+    def mark_distilled(self, tenant: str, namespace: str, capture_ids: Iterable[int], actor: str = "corpus") -> int:
+        """Record that these kept pairs went into a corpus (the `distilled` counter); returns how many
+        were newly marked. Ids of other tenants or namespaces, or not kept, are ignored."""
+        return self._mark(tenant, namespace, capture_ids, captures.c.distilled_at, "corpus.distilled", actor)
+
+    def mark_merged(self, tenant: str, namespace: str, capture_ids: Iterable[int], actor: str = "deployment") -> int:
+        """Record that these pairs are in a deployed artifact (the `merged` counter); they count as
+        distilled too."""
+        self._mark(tenant, namespace, capture_ids, captures.c.distilled_at, None, actor)
+        return self._mark(tenant, namespace, capture_ids, captures.c.merged_at, "artifact.merged", actor)
+
+    def _mark(
+        self, tenant: str, namespace: str, capture_ids: Iterable[int], column: Any, action: str | None, actor: str
+    ) -> int:
+        """Set `column` (distilled_at or merged_at, named as its counter plus `_at`) on kept captures that
+        lack it; returns how many it was set on."""
+        ids = sorted({int(i) for i in capture_ids})
+        now = self._now()
+        marked = 0
+        with self.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                marked += conn.execute(
+                    update(captures)
+                    .where(
+                        captures.c.tenant == tenant,
+                        captures.c.namespace == namespace,
+                        captures.c.id.in_(chunk),
+                        captures.c.triage_state == "kept",
+                        column.is_(None),
+                    )
+                    .values({column.name: now})
+                ).rowcount
+            self._add_to_counters(conn, {(tenant, namespace): {column.name.removesuffix("_at"): marked}})
+            if action and marked:
+                self._audit(conn, tenant, namespace, action, {"captures": marked}, actor)
+        return marked

@@ -1,0 +1,94 @@
+"""A namespace's switches (retention window, implicit signals, distill-ready, redacted entities), each
+change audited with its old and new value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from kolm_pipeline.provenance.errors import InvalidInput
+from kolm_pipeline.store.base import StoreBase
+from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
+from kolm_pipeline.store.records import NamespaceSettings
+from kolm_pipeline.store.tables import namespace_settings
+
+_SWITCH_NAMES = ("retention_days", "implicit_signals", "distill_ready", "redact_entities")
+
+
+class SwitchQueries(StoreBase):
+    """Reading and changing namespace switches."""
+
+    def namespace_settings(self, tenant: str, namespace: str) -> NamespaceSettings:
+        """The namespace's switches; defaults (retention window of the store, the rest off) until set."""
+        stmt = select(namespace_settings).where(
+            namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).first()
+        return self._settings_of(row)
+
+    def all_namespace_settings(self) -> dict[tuple[str, str], NamespaceSettings]:
+        """Every namespace that set a switch; the others run on the defaults."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(namespace_settings)).all()
+        return {(row.tenant, row.namespace): self._settings_of(row) for row in rows}
+
+    def set_switches(self, tenant: str, namespace: str, actor: str, **changes: Any) -> NamespaceSettings:
+        """Change switches (`retention_days`, `implicit_signals`, `distill_ready`, `redact_entities`); each
+        change is written to the audit log with its old and new value, in the same transaction."""
+        validate_tenant(tenant)
+        validate_namespace(namespace)
+        unknown = sorted(set(changes) - set(_SWITCH_NAMES))
+        if unknown:
+            raise InvalidInput(f"unknown switches {unknown}: allowed are {', '.join(_SWITCH_NAMES)}")
+        changes = {name: value for name, value in changes.items() if value is not None or name == "redact_entities"}
+        if "retention_days" in changes:
+            days = changes["retention_days"]
+            if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
+                raise InvalidInput("retention_days must be an integer from 1 to 3650")
+        for name in ("implicit_signals", "distill_ready"):
+            if name in changes and not isinstance(changes[name], bool):
+                raise InvalidInput(f"{name} must be true or false")
+        if "redact_entities" in changes and changes["redact_entities"] is not None:
+            entities = changes["redact_entities"]
+            if not isinstance(entities, list | tuple) or not all(
+                isinstance(e, str) and e.isidentifier() and e.isupper() for e in entities
+            ):
+                raise InvalidInput("redact_entities must be a list of entity names such as EMAIL")
+            changes["redact_entities"] = tuple(sorted(set(entities)))
+        key = (namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(namespace_settings).where(*key)).first()
+            before = self._settings_of(row)
+            after = {
+                "retention_days": before.retention_days,
+                "implicit_signals": before.implicit_signals,
+                "distill_ready": before.distill_ready,
+                "redact_entities": before.redact_entities,
+                **changes,
+            }
+            stored = {
+                "retention_days": after["retention_days"],
+                "implicit_signals": after["implicit_signals"],
+                "distill_ready": after["distill_ready"],
+                "redact_entities": None if after["redact_entities"] is None else ",".join(after["redact_entities"]),
+                "updated_at": self._now(),
+            }
+            if row is None:
+                conn.execute(insert(namespace_settings).values(tenant=tenant, namespace=namespace, **stored))
+            else:
+                conn.execute(update(namespace_settings).where(*key).values(**stored))
+            if after["implicit_signals"] and not before.implicit_signals:
+                self._backfill_retry_digests(conn, tenant, namespace)
+            for name in _SWITCH_NAMES:
+                old, new = getattr(before, name), after[name]
+                if old != new:
+                    detail = {
+                        "from": list(old) if isinstance(old, tuple) else old,
+                        "to": list(new) if isinstance(new, tuple) else new,
+                    }
+                    self._audit(conn, tenant, namespace, f"switch.{name}", detail, actor)
+        return NamespaceSettings(
+            after["retention_days"], after["implicit_signals"], after["distill_ready"], after["redact_entities"]
+        )
