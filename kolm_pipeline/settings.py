@@ -63,11 +63,6 @@ def parse_source_weights(raw: str | None, name: str = "KOLM_SOURCE_WEIGHTS") -> 
     return weights
 
 
-def load_source_weights() -> dict[str, float]:
-    """`KOLM_SOURCE_WEIGHTS` over the defaults."""
-    return load_settings().source_weights
-
-
 def _price_table(raw: str | None) -> dict[str, tuple[float, float]]:
     """KOLM_PRICE_TABLE: JSON (inline or a file path) of {model prefix: [input $/Mtok, output $/Mtok]},
     merged over the defaults."""

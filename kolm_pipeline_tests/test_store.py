@@ -482,8 +482,8 @@ def test_writer_formats_sqlite_times_as_sqlalchemy_does(moment: datetime) -> Non
 
 
 def test_insert_once_stores_what_insert_stores(store: CaptureStore) -> None:
-    """The writer's driver-level INSERT converts every column as SQLAlchemy's does: a capture reads back
-    the same whichever path wrote it (times, booleans, nulls, non-ASCII text, tags)."""
+    """The writer's driver-level INSERT converts every column as SQLAlchemy's (the import path) does: a capture
+    reads back the same whichever path wrote it (times, booleans, nulls, non-ASCII text, tags)."""
     shared = {
         "messages": [{"role": "system", "content": "Tu es utile ✓"}, {"role": "user", "content": [{"t": 1}]}],
         "output_text": "réponse — ok",
@@ -494,7 +494,7 @@ def test_insert_once_stores_what_insert_stores(store: CaptureStore) -> None:
     }
     first = capture(1, **shared)
     second = capture(1, **{**shared, "request_id": uuid.uuid4().hex})
-    [by_insert] = store.insert_captures([first])
+    [by_insert] = store.import_captures([first], actor="test").ids
     store.insert_captures_once([second])
     by_writer = next(c.id for c in store.list_captures("acme", "support") if c.request_id == second.request_id)
     left, right = store.get_capture("acme", by_insert), store.get_capture("acme", by_writer)

@@ -5,7 +5,6 @@ text a body is digested in, the audit row, the counters, the tenant's digest sec
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
@@ -20,13 +19,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 from kolm_pipeline.provenance.errors import InvalidInput
+from kolm_pipeline.settings import load_settings
 from kolm_pipeline.store.keyed_digest import KeyedDigest
 from kolm_pipeline.store.migrations import migrate
 from kolm_pipeline.store.records import NamespaceSettings
 from kolm_pipeline.store.tables import CAPTURE_SOURCES, audit_log, captures, tenant_secrets
 
 _CHUNK = 500
-DEFAULT_RETENTION_DAYS = 30
 # A second call with the same input this soon after the first is read as "the answer was not good enough".
 IMPLICIT_RETRY_WINDOW = timedelta(minutes=10)
 HMAC_PREFIX = "hmac-sha256:"
@@ -113,18 +112,18 @@ class StoreBase:
         default_retention_days: int | None = None,
         source_weights: Mapping[str, float] | None = None,
     ) -> None:
-        if source_weights is None:
-            from kolm_pipeline.settings import load_source_weights
-
-            source_weights = load_source_weights()
+        if source_weights is None or default_retention_days is None:
+            # Whatever the caller leaves out comes from the one place settings are read (KOLM_* variables).
+            settings = load_settings()
+            source_weights = settings.source_weights if source_weights is None else source_weights
+            if default_retention_days is None:
+                default_retention_days = settings.retention_days
         missing = sorted(set(CAPTURE_SOURCES) - set(source_weights))
         if missing:
             raise InvalidInput(f"source_weights lacks a weight for {missing}")
         self.source_weights = {source: float(source_weights[source]) for source in CAPTURE_SOURCES}
         self.engine = _make_engine(url)
         self.clock = clock or (lambda: datetime.now(UTC))
-        if default_retention_days is None:
-            default_retention_days = int(os.environ.get("KOLM_RETENTION_DAYS") or DEFAULT_RETENTION_DAYS)
         if default_retention_days < 1:
             raise InvalidInput("retention must be at least one day")
         self.default_retention_days = default_retention_days

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from kolm_pipeline.store.audit import AuditQueries
 from kolm_pipeline.store.base import (
-    DEFAULT_RETENTION_DAYS,
     HMAC_PREFIX,
     IMPLICIT_RETRY_WINDOW,
     canonical_messages,
@@ -31,7 +30,6 @@ from kolm_pipeline.store.tenants import KEY_PREFIX, TenantQueries
 from kolm_pipeline.store.triage import TriageQueries
 
 __all__ = [
-    "DEFAULT_RETENTION_DAYS",
     "EVAL_CANDIDATE_TAG",
     "HMAC_PREFIX",
     "IMPLICIT_RETRY_WINDOW",
