@@ -100,9 +100,8 @@ def _defer_to_the_proxy() -> None:
     """Recording is deferred work: where cores are short, the proxy's responses go first.
 
     SCHED_IDLE runs the writer only on CPU time nothing else wants, and a waking proxy preempts it at once;
-    nice 10 (where SCHED_IDLE is missing) still lets a running batch delay a response by a few ms. On a
-    quiet 2-core machine nice 10 left capture-on p50 1.13-1.37x capture-off at concurrency 1 with p99 4.4 ms
-    against 1.4 ms (bench/proxy.py). A writer that falls behind does not lose anything: its batches stay
+    nice 10 (where SCHED_IDLE is missing) still lets a running batch delay a response by a few ms, which
+    bench/proxy.py shows at concurrency 1. A writer that falls behind does not lose anything: its batches stay
     with the proxy unacknowledged, and past the queue limit the proxy writes them itself."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))

@@ -27,8 +27,8 @@ import numpy as np
 from kolm_pipeline.corpus.text import token_f1
 
 MAX_CLUSTERS = 64
-# Requests embedded per recipe: MiniLM costs ~8 ms of CPU per short request, so embedding every request of
-# a large corpus would dominate synthesis time; 400 measure purity to within a few points and find the
+# Requests embedded per recipe: embedding every request of a large corpus would dominate synthesis time
+# (docs/benchmarks.md); 400 measure purity to within a few points and find the
 # intents. The rest join the cluster of their most similar embedded request (character n-gram TF-IDF).
 EMBED_SAMPLE = 400
 _SHAPE = [(re.compile(r"[A-Z]+"), "A"), (re.compile(r"[a-z]+"), "a"), (re.compile(r"[0-9]+"), "9"),

@@ -3,7 +3,8 @@
 The model is loaded once per process (a lazy singleton) because loading costs more than embedding a
 few hundred requests. Requests are cut at MAX_TOKENS word pieces: what a request is about is nearly
 always said at its start, and embedding cost grows with length. On CPUs with native bfloat16 (AVX512-BF16
-or AMX) the model runs in bfloat16, 1.7x faster on 2 cores with cosine ≥ 0.998 to the float32 vectors.
+or AMX) the model runs in bfloat16: markedly faster, with vectors practically equal to float32's
+(figures in docs/benchmarks.md, "Where the figures behind the code are").
 """
 
 from __future__ import annotations

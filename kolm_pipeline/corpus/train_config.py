@@ -53,8 +53,8 @@ class TrainConfig(BaseModel):
     packing: bool = _setting(False, "true or false", "pack several pairs into one row")
     bf16: bool | None = _setting(None, "true, false or null",
                                  "bf16 autocast; null: where the hardware has bf16 matmuls")
-    # trl turns activation checkpointing on by default; a small base fits without it and trains much faster on
-    # CPU without it (bench/train.py). Turn it on when memory is short.
+    # trl turns activation checkpointing on by default; a small base fits without it and trains faster without
+    # it (bench/train.py). Turn it on when memory is short.
     activation_checkpointing: bool = _setting(False, "true or false", "recompute activations to save memory")
 
     @classmethod

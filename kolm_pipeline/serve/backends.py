@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kolm.serve")
 
-# Label requests scored together at most. On 2 CPU cores a batch of 2 gave more throughput and a shorter
-# swap than 1, 3 or 4 (bench/swap.py --max-batch N); a GPU has room for many more.
+# Label requests scored together at most: small on CPU, where larger batches lowered throughput and lengthened
+# the swap (bench/swap.py --max-batch N, docs/benchmarks.md); a GPU has room for many more.
 CPU_MAX_BATCH = 2
 GPU_MAX_BATCH = 16
 

@@ -4,11 +4,11 @@ Reference: the requests of the champion's training corpus. The task's pointer na
 its corpus receipt names the range of captures the corpus was built from, and the reference is the kept,
 non-served requests of that range (sampled down to `max_reference`). The raw requests, not the corpus
 rows: the corpus drops exact and near duplicates, which changes the density of requests, so raw traffic
-against it "drifts" when nothing did (bench/drift.py: 10 of 10 undrifted windows flagged against a corpus
-of 2,000 tickets). Both samples raw keeps them exchangeable under no drift, which is what makes the
-permutation test's alpha exact. Once all reference vectors are cached their keys (sha256 of the
-text; no text) are kept in `KOLM_HOME/drift/<partition>/reference-<corpus cid>.json`, so the reference
-survives the retention window and later distills.
+against it "drifts" when nothing did (bench/drift.py shows it; docs/benchmarks.md has the run). Both
+samples raw keeps them exchangeable under no drift, which is what makes the permutation test's alpha exact.
+Once all reference vectors are cached their keys (sha256 of the text; no text) are kept in
+`KOLM_HOME/drift/<partition>/reference-<corpus cid>.json`, so the reference survives the retention window and
+later distills.
 
 Recent: the newest `window` captures that arrived after that range and still hold their text; whatever
 the triage said, since drift is about what users ask, not what was kept.

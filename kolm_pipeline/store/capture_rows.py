@@ -63,7 +63,7 @@ class _DriverInsert:
     The columns every new capture starts alike are SQL constants, not parameters, and so is NULL where a row
     leaves one of the `_OFTEN_NULL` columns empty (a batch is one executemany per run of rows alike there):
     binding a None costs Python's sqlite3 module a formatted and discarded AttributeError (its adapter
-    lookup), ≈ 3,000 instructions each. On SQLite the values come converted already (`prepared`: the
+    lookup). On SQLite the values come converted already (`prepared`: the
     boolean as 0/1, the time as SQLAlchemy writes it); elsewhere `converters` are SQLAlchemy's own."""
 
     def __init__(
@@ -128,7 +128,7 @@ def _sql_literal(value: str | None) -> str:
 
 def sqlite_datetime_text(value: datetime) -> str:
     """A time as SQLAlchemy's SQLite DATETIME stores it (`YYYY-MM-DD HH:MM:SS.ffffff`, any zone dropped),
-    from one C call: its own processor formats a dict of eight fields, 1.5 µs a value for the writer."""
+    from one C call, where SQLAlchemy's own processor formats a dict of eight fields per value."""
     return value.isoformat(" ", "microseconds")[:26]
 
 

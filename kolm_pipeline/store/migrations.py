@@ -204,7 +204,7 @@ def _v5_checks_without_in_lists(op: Operations, conn: Connection) -> None:
 
     SQLite evaluates a constant IN list of three or more values through a temporary b-tree that it builds
     once per statement run, and an executemany runs the INSERT once per row: the status, triage-state and
-    source checks cost the capture writer about a quarter of its instructions per capture. SQLite cannot
+    source checks were a large share of the capture writer's work per capture. SQLite cannot
     alter a constraint, so the table is rebuilt as its documentation prescribes (a new table, the rows
     copied with their ids, the old table dropped, the new one renamed, its indexes and any triggers made
     again; views keep naming `captures`). PostgreSQL has no such cost; its constraints are rewritten the

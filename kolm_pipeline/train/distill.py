@@ -25,8 +25,8 @@ from kolm_pipeline.train.examples import ExampleError, tokenize_pairs
 TRAINER_VERSION = "kolm-distill/0.1"
 
 # glibc returns every large tensor's memory to the OS and faults it back in on the next step; with a
-# 49k-token vocabulary that page-fault traffic costs more than the math on CPU. Keeping freed memory in
-# the heap made training 2.5x faster on 2 cores (bench/train.py). Set for the trainer process.
+# 49k-token vocabulary that page-fault traffic costs more than the math on CPU, so freed memory stays in the
+# heap (bench/train.py, docs/benchmarks.md). Set for the trainer process.
 TRAINER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -73,7 +73,7 @@ def read_chat_jsonl(path: Path) -> list[dict]:
 
 def _bf16_fast(torch, use_cuda: bool) -> bool:
     """bf16 autocast where the hardware has bf16 matmuls: CUDA, or a CPU with AVX512-BF16/AMX (there it
-    trained the embedded base 2x faster than fp32 in bench/train.py, to the same loss)."""
+    trains faster than fp32 to the same loss; bench/train.py)."""
     if use_cuda:
         return torch.cuda.is_bf16_supported()
     try:
@@ -84,9 +84,8 @@ def _bf16_fast(torch, use_cuda: bool) -> bool:
 
 def _attention(use_cuda: bool) -> str:
     """The attention kernel to train with. On CPU, torch's fused SDPA backward is slow for the short
-    sequences of distillation pairs (a quarter of each step in a profile of the embedded base); plain
-    matmul attention trained 1.25x faster (bench/train.py) to the same adapter quality. CUDA keeps SDPA's
-    fused kernels."""
+    sequences of distillation pairs; plain matmul attention trains faster (bench/train.py) to the same
+    adapter quality. CUDA keeps SDPA's fused kernels."""
     return "sdpa" if use_cuda else "eager"
 
 
