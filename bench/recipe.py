@@ -133,7 +133,8 @@ def kfloor(args: argparse.Namespace) -> None:
             entry = {"fixture": name, "kind": recipe.spec["output_kind"], "k_floor": floor, "error": repr(exc),
                      "passes_floor": False}
         else:
-            candidate, base = result.evaluation["candidate"], result.evaluation["current"]
+            evaluation = result.evaluation.document()
+            candidate, base = evaluation["candidate"], evaluation["current"]
             entry = {
                 "fixture": name,
                 "kind": recipe.spec["output_kind"],
@@ -146,7 +147,7 @@ def kfloor(args: argparse.Namespace) -> None:
                                                              "holdout_accuracy")},
                 "base": {key: base[key] for key in ("k", "accuracy", "coverage", "holdout_accuracy")},
                 "passes_floor": candidate["k"] >= floor,
-                "gate": result.evaluation["decision"]["reason"],
+                "gate": result.evaluation.decision.reason,
             }
         entry["seconds"] = round(time.perf_counter() - began, 1)
         done.append(entry)

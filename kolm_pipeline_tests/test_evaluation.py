@@ -121,12 +121,12 @@ def test_collapsed_candidate_trips_and_halts_until_cleared(kolm_settings, tiny_b
     train_adapter(collapsed, base, workdir.adapter, TrainConfig(epochs=2, learning_rate=0.02), show_progress=False)
     record_adapter(workdir, base, "recipe", {})
 
-    first = run_evaluation_stage(workdir, settings, base, champion=None, store=store)
+    first = run_evaluation_stage(workdir, settings, base, champion=None, store=store).document()
     assert not first["tripwire"]["clear"] and "diversity" in first["tripwire"]["reasons"][0]
     assert not first["decision"]["swap"]
     assert read_state(workdir.tripwire_state)["halted"]
 
-    again = run_evaluation_stage(workdir, settings, base, champion=None, store=store)
+    again = run_evaluation_stage(workdir, settings, base, champion=None, store=store).document()
     assert any("halted" in reason for reason in again["tripwire"]["reasons"])
 
     assert main(["tripwire", "clear", "--namespace", PARTITION]) == 0

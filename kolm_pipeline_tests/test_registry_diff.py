@@ -76,7 +76,8 @@ def _cycle(settings, store, base, task: str, epochs: float, champion) -> tuple[d
     result = train_adapter(workdir.recipe / "train.jsonl", base, workdir.adapter,
                            TrainConfig(epochs=epochs, learning_rate=0.02), show_progress=False)
     record_adapter(workdir, base, directory_cid(workdir.recipe), result.metrics())
-    return run_evaluation_stage(workdir, settings, base, champion=champion, store=store), corpus.stats.written
+    return (run_evaluation_stage(workdir, settings, base, champion=champion, store=store).document(),
+            corpus.stats.written)
 
 
 def test_diff_of_real_versions_candidate_and_registry(home, tiny_base):

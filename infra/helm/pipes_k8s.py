@@ -1,12 +1,12 @@
 """GPU training for the `adapter` asset on Kubernetes, through Dagster Pipes and `dagster_k8s.PipesK8sClient`.
 
-As shipped, `kolm_pipeline/definitions.py` binds the resource `pipes_subprocess_client` to
+As shipped, `kolm_pipeline/defs/definitions.py` binds the resource `pipes_subprocess_client` to
 `dg.PipesSubprocessClient(env=TRAINER_ENV)` and the `adapter` asset runs
 `pipes_subprocess_client.run(command=[sys.executable, "-m", "kolm_pipeline.train.pipes_entry"], context=context,
 extras=job)`: training happens inside the run's own pod. To train on a GPU node instead:
 
 1. Copy this module into the package (e.g. `kolm_pipeline/defs/pipes_k8s.py`: infra/ is not installed in the
-   image) and, in `definitions.py`, swap the resource for this client::
+   image) and, in `defs/definitions.py`, swap the resource for this client::
 
        from kolm_pipeline.defs.pipes_k8s import gpu_training_client
 
@@ -102,7 +102,7 @@ base_pod_meta: dict[str, Any] = {"labels": {"app.kubernetes.io/component": "kolm
 
 
 def gpu_training_client() -> PipesK8sClient:
-    """The Pipes client that replaces `pipes_subprocess_client` in `definitions.py`.
+    """The Pipes client that replaces `pipes_subprocess_client` in `defs/definitions.py`.
 
     `env` is set on the training container on top of the Pipes bootstrap variables: the allocator settings the
     trainer process is run with locally (`TRAINER_ENV`). Kubernetes configuration is detected: in-cluster in a

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from operator import is_
 from typing import Any
 
+from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.provenance.jsontext import dumps_compact
 from kolm_pipeline.store import NewCapture
 
@@ -183,7 +184,7 @@ class Redactor:
         chosen = ENTITIES if entities is None else tuple(entities)
         unknown = sorted(set(chosen) - set(ENTITIES))
         if unknown:
-            raise ValueError(f"unknown PII entities {unknown}: known are {', '.join(ENTITIES)}")
+            raise InvalidInput(f"unknown PII entities {unknown}: known are {', '.join(ENTITIES)}")
         self.entities = frozenset(chosen)
         self._recognizers = tuple(r for r in RECOGNIZERS if r.entity in self.entities)
 

@@ -13,6 +13,7 @@ from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.defs.partitions import namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
+from kolm_pipeline.evaluate.result import KSCORE_ROWS, EvaluationResult
 from kolm_pipeline.stages.adapter import record_adapter, training_job
 from kolm_pipeline.stages.corpus import NotEnoughPairs, recipe_counts, run_corpus_stage, run_recipe_stage
 from kolm_pipeline.stages.deployment import DeployRefused, current_champion, deploy
@@ -213,13 +214,12 @@ def adapter(
     )
 
 
-def _side_by_side(evaluation: dict) -> dg.TableMetadataValue:
-    parts = ["k", "accuracy", "size", "latency", "cost", "coverage", "holdout_accuracy",
-             "student_p50_seconds", "artifact_bytes"]
+def _side_by_side(evaluation: EvaluationResult) -> dg.TableMetadataValue:
+    parts = [key for _, key in KSCORE_ROWS] + ["artifact_bytes"]
     columns = [dg.TableColumn("model", "string")] + [dg.TableColumn(part, "float") for part in parts]
     records = [
-        dg.TableRecord({"model": evaluation[side]["name"], **{part: float(evaluation[side][part]) for part in parts}})
-        for side in ("current", "candidate")
+        dg.TableRecord({"model": model.name, **{part: float(getattr(model, part)) for part in parts}})
+        for model in (evaluation.current, evaluation.candidate)
     ]
     return dg.TableMetadataValue(records=records, schema=dg.TableSchema(columns=columns))
 
@@ -241,36 +241,36 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
     began = time.perf_counter()
     result = run_evaluation_stage(workdir, kolm.settings, kolm.base(), champion, store=kolm.store)
     seconds = time.perf_counter() - began
-    diff = candidate_diff(kolm.settings, result)
+    diff = candidate_diff(kolm.settings, result.document())
     tags = {"dagster_run_id": context.run_id, "partition": context.partition_key,
-            "recipe_cid": result["recipe_cid"]}
+            "recipe_cid": result.recipe_cid}
     settings = kolm.settings
     with mlflow_run(settings.mlflow_tracking_uri, workdir.task, settings.home / "mlflow-artifacts",
                     "evaluation", tags) as run:
         for side in ("candidate", "current"):
-            mlflow.log_metrics({f"{side}.{key}": float(value) for key, value in result[side].items()
+            mlflow.log_metrics({f"{side}.{key}": float(value) for key, value in result.document()[side].items()
                                 if isinstance(value, int | float)})
-        mlflow.log_metrics({"gate.delta": result["decision"]["delta"], "gate.swap": float(result["decision"]["swap"])})
+        mlflow.log_metrics({"gate.delta": result.decision.delta, "gate.swap": float(result.decision.swap)})
         mlflow.log_metrics({"cases.improved": len(diff.improved), "cases.regressed": len(diff.regressed)})
         url = run_url(settings.mlflow_tracking_uri, run)
-    decision = result["decision"]
-    if result.get("alert"):
-        context.log.error(f"regression alert for {workdir.task}: {decision['reason']} — {result['alert']}")
+    decision = result.decision
+    if result.alert:
+        context.log.error(f"regression alert for {workdir.task}: {decision.reason} — {result.alert}")
         context.instance.add_run_tags(context.run_id, {"kolm/alert": "regression"})
     return dg.MaterializeResult(
         metadata={
             "side_by_side": _side_by_side(result),
-            "alert": result.get("alert") or "none",
-            "k_candidate": dg.FloatMetadataValue(result["candidate"]["k"]),
-            "k_current": dg.FloatMetadataValue(result["current"]["k"]),
-            "k_delta": dg.FloatMetadataValue(round(decision["delta"], 4)),
-            "gate_decision": decision["reason"],
-            "tripwire_clear": dg.BoolMetadataValue(result["tripwire"]["clear"]),
-            "current": result["current_name"],
-            "receipt_cid": result["receipt_cid"],
-            "adapter_cid": result["adapter_cid"],
-            "recipe_cid": result["recipe_cid"],
-            "eval_cases": dg.IntMetadataValue(result["eval_cases"]),
+            "alert": result.alert or "none",
+            "k_candidate": dg.FloatMetadataValue(result.candidate.k),
+            "k_current": dg.FloatMetadataValue(result.current.k),
+            "k_delta": dg.FloatMetadataValue(round(decision.delta, 4)),
+            "gate_decision": decision.reason,
+            "tripwire_clear": dg.BoolMetadataValue(result.tripwire.clear),
+            "current": result.current_name,
+            "receipt_cid": result.receipt_cid,
+            "adapter_cid": result.adapter_cid,
+            "recipe_cid": result.recipe_cid,
+            "eval_cases": dg.IntMetadataValue(result.eval_cases),
             "version_diff": dg.MarkdownMetadataValue(diff_markdown(diff)),
             "cases_improved": dg.IntMetadataValue(len(diff.improved)),
             "cases_regressed": dg.IntMetadataValue(len(diff.regressed)),

@@ -16,8 +16,9 @@ from kolm_pipeline.corpus.embeddings import EmbeddingModelError
 from kolm_pipeline.defs.assets import captures, evaluation, loop_assets
 from kolm_pipeline.defs.partitions import NAMESPACE_PARTITIONS_NAME, namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
-from kolm_pipeline.evaluate.alerts import regression_alert, send_alert
+from kolm_pipeline.evaluate.alerts import send_alert
 from kolm_pipeline.evaluate.gate import ALERT_DELTA
+from kolm_pipeline.evaluate.result import RegressionAlert
 from kolm_pipeline.stages.backlog import distill_backlog, unrequested_kept
 from kolm_pipeline.stages.drift import DriftConfig, DriftOutcome, check_drift, embedding_cache
 from kolm_pipeline.stages.workdir import NamespaceWorkdir
@@ -222,14 +223,11 @@ def _regression_payload(record: dg.EventLogRecord) -> dict | None:
     delta = metadata.get("k_delta")
     if status == "none" or (status is None and not (isinstance(delta, float) and delta <= ALERT_DELTA)):
         return None
-    evaluated = {
-        "decision": {"reason": metadata.get("gate_decision"), "delta": delta,
-                     "k_new": metadata.get("k_candidate"), "k_current": metadata.get("k_current")},
-        "current_name": metadata.get("current"),
-        "adapter_cid": metadata.get("adapter_cid"),
-        "recipe_cid": metadata.get("recipe_cid"),
-    }
-    return {**regression_alert(record.partition_key, evaluated), "receipt_cid": metadata.get("receipt_cid"),
+    alert = RegressionAlert(task=record.partition_key, reason=metadata.get("gate_decision"), delta=delta,
+                            k_new=metadata.get("k_candidate"), k_current=metadata.get("k_current"),
+                            current=metadata.get("current"), adapter_cid=metadata.get("adapter_cid"),
+                            recipe_cid=metadata.get("recipe_cid"))
+    return {**alert.model_dump(), "receipt_cid": metadata.get("receipt_cid"),
             "dagster_run_id": record.run_id, "run_delivery": str(status or "")}
 
 

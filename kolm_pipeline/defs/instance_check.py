@@ -31,7 +31,7 @@ class InstanceConfigError(UserError, ValueError):
     """dagster.yaml cannot be read or names an environment variable that is not set."""
 
 
-class InstanceUnreachable(ValueError):
+class InstanceUnreachable(UserError, ValueError):
     """The database named in dagster.yaml does not answer: a configuration problem, reported in one line."""
 
 

@@ -7,7 +7,6 @@ official `openai` SDK, a triage rule keeps it, and the Dagster assets distill, s
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from kolm_pipeline.capture.background import BackgroundServer
 from kolm_pipeline.capture_server import create_app
 from kolm_pipeline.demo.teacher import create_teacher_app
 from kolm_pipeline.demo.tickets import Ticket, generate_tickets
+from kolm_pipeline.evaluate.result import EvaluationResult
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store import CaptureStore, partition_key
@@ -125,7 +125,7 @@ def run_demo(settings: Settings, tickets: int = 320, epochs: float = 2.0, log=pr
     report.counters = store.counters(DEMO_TENANT, DEMO_NAMESPACE)
     workdir = NamespaceWorkdir(settings, partition)
     if workdir.evaluation.is_file():
-        report.evaluation = json.loads(workdir.evaluation.read_text())
+        report.evaluation = EvaluationResult.read(workdir.evaluation).document()
     pointer = settings.adapters_dir / workdir.task
     if pointer.is_symlink():
         report.pointer = str(pointer.resolve())
@@ -148,16 +148,8 @@ def format_report(report: DemoReport, settings: Settings) -> str:
               f"counters {report.counters}"]
     evaluation = report.evaluation
     if evaluation:
-        current, candidate = evaluation["current"], evaluation["candidate"]
-        lines += ["", f"{'':<22}{current['name']:>14}{'candidate':>14}"]
-        rows = [("accuracy (eval)", "accuracy"), ("accuracy (hold-out)", "holdout_accuracy"),
-                ("A accuracy", "accuracy"), ("S size", "size"), ("L latency", "latency"), ("C cost", "cost"),
-                ("V coverage", "coverage"), ("K-score", "k"), ("p50 latency (s)", "student_p50_seconds")]
-        for label, key in rows:
-            lines.append(f"  {label:<20}{current[key]:>14.4f}{candidate[key]:>14.4f}")
-        decision = evaluation["decision"]
-        lines += ["", f"Gate: {decision['reason']} (K-floor {decision['k_floor']:.2f}, "
-                  f"tripwire {'clear' if evaluation['tripwire']['clear'] else 'TRIPPED'})"]
+        table = EvaluationResult.model_validate(evaluation).kscore_table()
+        lines += ["", *(f"  {line}" for line in table.splitlines())]
     if report.artifact_cid:
         lines.append(f"Deployed artifact: {report.artifact_cid}")
         lines.append(f"  pointer {settings.adapters_dir / partition_key(DEMO_TENANT, DEMO_NAMESPACE)} -> "

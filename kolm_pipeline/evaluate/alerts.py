@@ -1,6 +1,6 @@
 """Regression alerts, logged and POSTed as JSON to the configured webhook (``KOLM_ALERT_WEBHOOK``):
 
-* ``kolm.regression``: the gate refused a candidate at Δ ≤ −0.03;
+* ``kolm.regression``: the gate refused a candidate at Δ ≤ −0.03 (its body: ``result.RegressionAlert``);
 * ``kolm.live_regression``: the live monitor saw a serving adapter score below its evaluation in
   production and rolled it back (or could not, and says why); its body is built in ``serve/monitor.py``.
 
@@ -14,22 +14,6 @@ import logging
 import httpx
 
 log = logging.getLogger("kolm.alerts")
-
-
-def regression_alert(task: str, evaluation: dict) -> dict:
-    """The alert body: what regressed, by how much, against what."""
-    decision = evaluation["decision"]
-    return {
-        "kind": "kolm.regression",
-        "task": task,
-        "reason": decision["reason"],
-        "delta": decision["delta"],
-        "k_new": decision["k_new"],
-        "k_current": decision["k_current"],
-        "current": evaluation["current_name"],
-        "adapter_cid": evaluation["adapter_cid"],
-        "recipe_cid": evaluation["recipe_cid"],
-    }
 
 
 def send_alert(webhook: str | None, payload: dict, timeout: float = 5.0) -> str:

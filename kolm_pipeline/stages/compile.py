@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kolm_pipeline.corpus.recipe import load_recipe
+from kolm_pipeline.corpus.train_config import TrainConfig
+from kolm_pipeline.evaluate.result import EvaluationResult
 from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.registry.artifact import build_kolm
 from kolm_pipeline.settings import Settings
@@ -21,26 +23,14 @@ from kolm_pipeline.stages.deployment import build_manifest
 from kolm_pipeline.stages.evaluation import run_evaluation_stage
 from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 from kolm_pipeline.train.base_model import resolve_base_model
-from kolm_pipeline.train.distill import TrainConfig, train_adapter
+from kolm_pipeline.train.distill import train_adapter
 
 
 @dataclass(frozen=True)
 class CompileResult:
     cid: str
-    evaluation: dict
+    evaluation: EvaluationResult
     table: str
-
-
-def kscore_table(evaluation: dict) -> str:
-    """The K-score parts of current and candidate, side by side."""
-    current, candidate = evaluation["current"], evaluation["candidate"]
-    lines = [f"{'':<20}{current['name']:>14}{candidate['name']:>14}"]
-    for label, key in (("A accuracy", "accuracy"), ("S size", "size"), ("L latency", "latency"),
-                       ("C cost", "cost"), ("V coverage", "coverage"), ("K", "k"),
-                       ("hold-out accuracy", "holdout_accuracy")):
-        lines.append(f"{label:<20}{current[key]:>14.4f}{candidate[key]:>14.4f}")
-    lines.append(f"gate: {evaluation['decision']['reason']}")
-    return "\n".join(lines)
 
 
 def compile_recipe(
@@ -63,6 +53,6 @@ def compile_recipe(
         record_adapter(workdir, base, recipe_cid, result.metrics())
         evaluation = run_evaluation_stage(workdir, settings, base, champion=None)
         manifest = build_manifest(workdir, evaluation, counters={}, parent_cid=None)
-        build_kolm(output, manifest=manifest, adapter_dir=workdir.adapter, evals=evaluation,
+        build_kolm(output, manifest=manifest, adapter_dir=workdir.adapter, evals=evaluation.document(),
                    receipts=workdir.chain(), signer=workdir.signer())
-    return CompileResult(cid=cid_for_file(output), evaluation=evaluation, table=kscore_table(evaluation))
+    return CompileResult(cid=cid_for_file(output), evaluation=evaluation, table=evaluation.kscore_table())

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kolm_pipeline.corpus.recipe import load_recipe
+from kolm_pipeline.evaluate.result import EvaluationResult
 from kolm_pipeline.evaluate.tripwire import TripwireResult, record_good_cycle
 from kolm_pipeline.provenance.errors import DeployRefused
 from kolm_pipeline.registry.artifact import build_kolm, extract_adapter
@@ -47,7 +48,8 @@ def current_champion(settings: Settings, task: str) -> tuple[str, Path] | None:
     return cid, cache
 
 
-def build_manifest(workdir: NamespaceWorkdir, evaluation: dict, counters: dict, parent_cid: str | None) -> dict:
+def build_manifest(workdir: NamespaceWorkdir, evaluation: EvaluationResult, counters: dict,
+                   parent_cid: str | None) -> dict:
     """The `.kolm` manifest: what task, what data, what code, what score, what it replaced."""
     recipe = load_recipe(workdir.recipe)
     training = json.loads((workdir.adapter / "kolm_training.json").read_text())
@@ -58,15 +60,14 @@ def build_manifest(workdir: NamespaceWorkdir, evaluation: dict, counters: dict, 
         "base_model": {"id": training["base_model"], "digest": training["base_digest"]},
         "lora": training["config"],
         "corpus_cid": recipe.spec.get("corpus_cid"),
-        "recipe_cid": evaluation["recipe_cid"],
-        "adapter_cid": evaluation["adapter_cid"],
+        "recipe_cid": evaluation.recipe_cid,
+        "adapter_cid": evaluation.adapter_cid,
         "trainer_version": TRAINER_VERSION,
         "output_kind": recipe.spec["output_kind"],
         "verifier": recipe.spec["verifier"],
         "labels": recipe.spec.get("labels"),
         "json_schema": recipe.spec.get("json_schema"),
-        "evals": {"candidate": evaluation["candidate"], "current": evaluation["current"],
-                  "decision": evaluation["decision"]},
+        "evals": {side: evaluation.document()[side] for side in ("candidate", "current", "decision")},
         "counters": counters,
         "parent_cid": parent_cid,
     }
@@ -76,10 +77,10 @@ def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> 
     """Ship the evaluated candidate if, and only if, its gate decision says swap."""
     if not workdir.evaluation.is_file():
         raise DeployRefused(f"{workdir.evaluation}: no evaluation for {workdir.partition}")
-    evaluation = json.loads(workdir.evaluation.read_text())
-    decision = evaluation["decision"]
-    if not decision["swap"]:
-        raise DeployRefused(f"gate refused the candidate for {workdir.task}: {decision['reason']}")
+    evaluation = EvaluationResult.read(workdir.evaluation)
+    decision = evaluation.decision
+    if not decision.swap:
+        raise DeployRefused(f"gate refused the candidate for {workdir.task}: {decision.reason}")
     previous = read_pointer(settings.adapters_dir, workdir.task)
     previous_cid = artifact_cid_of(previous) if previous else None
     manifest = build_manifest(workdir, evaluation, store.counters(workdir.tenant, workdir.namespace), previous_cid)
@@ -88,7 +89,7 @@ def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> 
         staging,
         manifest=manifest,
         adapter_dir=workdir.adapter,
-        evals=evaluation,
+        evals=evaluation.document(),
         receipts=workdir.chain(),
         signer=workdir.signer(),
     )
@@ -102,15 +103,15 @@ def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> 
             cid=cid,
             decision="swap",
             from_cid=previous_cid,
-            k_before=evaluation["current"]["k"],
-            k_after=evaluation["candidate"]["k"],
+            k_before=evaluation.current.k,
+            k_after=evaluation.candidate.k,
             actor=actor,
-            details={"reason": decision["reason"], "current": evaluation["current_name"]},
+            details={"reason": decision.reason, "current": evaluation.current_name},
             signer=workdir.signer(),
         )
     finally:
         staging.unlink(missing_ok=True)
-    record_good_cycle(workdir.tripwire_state, TripwireResult(**evaluation["tripwire"]), cid)
+    record_good_cycle(workdir.tripwire_state, TripwireResult(**evaluation.tripwire.model_dump()), cid)
     store.mark_merged(workdir.tenant, workdir.namespace, corpus_capture_ids(workdir.corpus.read_bytes()))
     return DeployResult(task=workdir.task, artifact_cid=cid, artifact_path=activation.artifact_path,
                         previous_cid=previous_cid, registry_row=activation.registry_row)

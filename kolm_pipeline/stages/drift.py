@@ -40,7 +40,7 @@ from kolm_pipeline.evaluate.drift import (
     mmd_test,
 )
 from kolm_pipeline.provenance.atomic import write_json_atomic
-from kolm_pipeline.provenance.errors import RegistryError
+from kolm_pipeline.provenance.errors import InvalidInput, RegistryError
 from kolm_pipeline.provenance.receipts import read_statement
 from kolm_pipeline.registry.artifact import read_kolm
 from kolm_pipeline.registry.manage import artifact_cid_of
@@ -66,9 +66,9 @@ class DriftConfig:
 
     def __post_init__(self) -> None:
         if self.window < 2 or self.min_samples < 2 or self.max_reference < 2:
-            raise ValueError("window, min_samples and max_reference must be at least 2")
+            raise InvalidInput("window, min_samples and max_reference must be at least 2")
         if not 0 < self.alpha < 1 or self.permutations < 1 or self.kernel not in KERNELS:
-            raise ValueError(f"alpha must lie in (0, 1), permutations be at least 1 and kernel one of {KERNELS}")
+            raise InvalidInput(f"alpha must lie in (0, 1), permutations be at least 1 and kernel one of {KERNELS}")
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from kolm_pipeline.corpus.build import corpus_cid
 from kolm_pipeline.corpus.recipe import answer, load_recipe
-from kolm_pipeline.evaluate.alerts import regression_alert, send_alert
+from kolm_pipeline.evaluate.alerts import send_alert
 from kolm_pipeline.evaluate.evaluation import ModelReport, case_verdicts, evaluate_models
 from kolm_pipeline.evaluate.gate import decide
+from kolm_pipeline.evaluate.result import EvaluationResult, RegressionAlert
 from kolm_pipeline.evaluate.tripwire import check_collapse, read_state, record_trip
 from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.provenance.cid import cid_for_file
@@ -26,7 +27,7 @@ def run_evaluation_stage(
     base: BaseModel,
     champion: tuple[str, Path] | None,
     store=None,
-) -> dict:
+) -> EvaluationResult:
     """Evaluate candidate and current on the same split in one run; write and sign evaluation.json.
 
     A refusal is written to the registry right away (with `store`), so the log shows every decision,
@@ -54,15 +55,12 @@ def run_evaluation_stage(
         k_floor=float(recipe.spec["k_floor"]),
         tripwire_clear=tripwire.clear,
     )
-    gate_summary = {
+    result = EvaluationResult.model_validate({
+        "task": workdir.task,
         "decision": asdict(decision),
         "current_name": current_name,
         "adapter_cid": directory_cid(workdir.adapter),
         "recipe_cid": directory_cid(workdir.recipe),
-    }
-    result = {
-        "task": workdir.task,
-        **gate_summary,
         "current_cid": champion[0] if champion else None,
         "candidate": _report(candidate),
         "current": _report(current),
@@ -72,30 +70,32 @@ def run_evaluation_stage(
         "case_verdicts": case_verdicts(recipe.eval, {"candidate": candidate.eval, "current": current.eval}),
         "recipe_spec": recipe.spec,
         "corpus": corpus_summary(workdir, recipe.spec.get("corpus_cid")),
-        "alert": send_alert(settings.alert_webhook, regression_alert(workdir.task, gate_summary))
-        if decision.alert
-        else None,
-    }
-    write_json_atomic(workdir.evaluation, result)
-    result["receipt_cid"] = workdir.write_receipt(
+        "alert": None,
+    })
+    if decision.alert:
+        delivery = send_alert(settings.alert_webhook, RegressionAlert.of(result).model_dump())
+        result = result.model_copy(update={"alert": delivery})
+    write_json_atomic(workdir.evaluation, result.document())
+    receipt_cid = workdir.write_receipt(
         "evaluation",
         "evaluation.json",
         cid_for_file(workdir.evaluation),
         {"decision": asdict(decision), "candidate_k": candidate.kscore.total, "current_k": current.kscore.total,
          "current": current_name, "tripwire_clear": tripwire.clear},
     )
+    result = result.model_copy(update={"receipt_cid": receipt_cid})
     if not tripwire.clear:
         record_trip(workdir.tripwire_state, tripwire)
     if store is not None and not decision.swap:
         store.add_registry_row(
             task=workdir.task,
-            from_cid=result["current_cid"],
+            from_cid=result.current_cid,
             to_cid=None,
             k_before=current.kscore.total,
             k_after=candidate.kscore.total,
             decision="alert" if decision.alert else "refuse",
             actor="gate",
-            details={"reason": decision.reason, "adapter_cid": result["adapter_cid"],
+            details={"reason": decision.reason, "adapter_cid": result.adapter_cid,
                      "tripwire": tripwire.reasons},
         )
     return result

@@ -1,0 +1,146 @@
+"""The evaluation result, declared once: what `evaluation.json` holds, what the deployment stage, `kolm registry
+diff`, `kolm compile` and `kolm demo` read from it, and the regression alert built from it.
+
+The evaluation stage validates the result against `EvaluationResult` before it writes the file, so every
+reader can trust its shape; readers parse it back with `EvaluationResult.read`. The K-score table that
+`kolm compile` and `kolm demo` print is formatted here, once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kolm_pipeline.provenance.errors import UserError
+
+# The K-score parts side by side, as printed: (label, key of a model summary).
+KSCORE_ROWS = (
+    ("A accuracy", "accuracy"), ("S size", "size"), ("L latency", "latency"), ("C cost", "cost"),
+    ("V coverage", "coverage"), ("K", "k"), ("hold-out accuracy", "holdout_accuracy"),
+    ("p50 latency (s)", "student_p50_seconds"),
+)
+
+
+class EvaluationError(UserError):
+    """An `evaluation.json` is missing, unreadable or not an evaluation."""
+
+
+class ModelSummary(BaseModel):
+    """One model's K-score parts and measurements on the eval split and the hold-out."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    k: float
+    accuracy: float
+    size: float
+    latency: float
+    cost: float
+    coverage: float
+    holdout_accuracy: float
+    holdout_coverage: float
+    student_p50_seconds: float
+    artifact_bytes: float
+    eval_seconds: float
+
+
+class Decision(BaseModel):
+    """The gate's decision (`evaluate/gate.py: GateDecision`, as stored)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    swap: bool
+    reason: str
+    alert: bool
+    delta: float
+    k_new: float
+    k_current: float
+    k_floor: float
+
+
+class Tripwire(BaseModel):
+    """The collapse tripwire's verdict (`evaluate/tripwire.py: TripwireResult`, as stored)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    clear: bool
+    reasons: list[str]
+    diversity_ratio: float
+    holdout_score: float
+    previous_holdout_score: float | None
+
+
+class EvaluationResult(BaseModel):
+    """Candidate against current (the champion or the bare base), measured in one run on one eval split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    decision: Decision
+    current_name: str
+    current_cid: str | None
+    adapter_cid: str
+    recipe_cid: str
+    candidate: ModelSummary
+    current: ModelSummary
+    tripwire: Tripwire
+    eval_cases: int
+    holdout_cases: int
+    case_verdicts: dict[str, Any]
+    recipe_spec: dict[str, Any]
+    corpus: dict[str, Any]
+    # How the regression alert was delivered; None when the gate did not alert.
+    alert: str | None
+    # Set once the evaluation's receipt is signed; not part of the signed file itself.
+    receipt_cid: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> EvaluationResult:
+        """The evaluation a file holds; a missing or malformed one is an `EvaluationError` naming it."""
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise EvaluationError(f"{path}: no evaluation (materialize up to `evaluation` first)") from None
+        except ValidationError as exc:
+            where = ", ".join(".".join(str(part) for part in error["loc"]) or "(top level)"
+                              for error in exc.errors()[:3])
+            raise EvaluationError(f"{path}: not an evaluation ({where})") from None
+
+    def document(self) -> dict[str, Any]:
+        """The plain JSON document (`evaluation.json`, `evals.json` in a `.kolm`); `receipt_cid` only once signed."""
+        return self.model_dump(mode="json", exclude={"receipt_cid"} if self.receipt_cid is None else None)
+
+    def kscore_table(self) -> str:
+        """The K-score parts of current and candidate side by side, and the gate's reason."""
+        lines = [f"{'':<20}{self.current.name:>14}{self.candidate.name:>14}"]
+        for label, key in KSCORE_ROWS:
+            lines.append(f"{label:<20}{getattr(self.current, key):>14.4f}{getattr(self.candidate, key):>14.4f}")
+        tripwire = "clear" if self.tripwire.clear else "TRIPPED"
+        lines.append(f"gate: {self.decision.reason} (K-floor {self.decision.k_floor:.2f}, tripwire {tripwire})")
+        return "\n".join(lines)
+
+
+class RegressionAlert(BaseModel):
+    """The body POSTed to `KOLM_ALERT_WEBHOOK` when the gate refuses at Δ ≤ −0.03: what regressed, by how much,
+    against what."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["kolm.regression"] = "kolm.regression"
+    task: str
+    reason: str | None
+    delta: float | None
+    k_new: float | None
+    k_current: float | None
+    current: str | None
+    adapter_cid: str | None
+    recipe_cid: str | None
+
+    @classmethod
+    def of(cls, evaluation: EvaluationResult) -> RegressionAlert:
+        decision = evaluation.decision
+        return cls(task=evaluation.task, reason=decision.reason, delta=decision.delta, k_new=decision.k_new,
+                   k_current=decision.k_current, current=evaluation.current_name,
+                   adapter_cid=evaluation.adapter_cid, recipe_cid=evaluation.recipe_cid)
