@@ -117,9 +117,6 @@ async def capture_other(provider: str, rest: str, request: Request) -> Response:
         raise ApiError(405, "invalid_request_error", f"{request.method} not allowed here; use POST")
     raise not_found(f"{provider} endpoint not captured: use /v1/capture/{provider}/{_ENDPOINTS[provider]}")
 
-@server_router.get("/healthz")
-async def healthz() -> dict[str, Any]:
-    return {"status": "ok"}
 
 @server_router.get("/v1/labels/synthesize-corpus")
 async def synthesize_corpus(namespace: str, tenant: InboxTenant, store: StoreDep) -> Response:
@@ -192,4 +189,9 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
         app.add_exception_handler(error_type, handler)
     app.include_router(server_router)
     app.include_router(inbox_router)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
     return app

@@ -432,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     triage.add_argument("--untag", action="append", help="keep/discard/tag: tag to remove (repeatable)")
     triage.add_argument("--eval-candidate", action="store_true",
                         help="keep/discard/tag: add the eval-candidate tag (held out for evaluation, never trained on)")
-    triage.add_argument("--output-regex", help="rule: regular expression the output must match")
+    triage.add_argument("--output-regex",
+                        help="rule: regular expression (RE2 syntax: linear time, so no backreferences or "
+                             "lookaround) the output must contain a match of")
     triage.add_argument("--actor", default=os.environ.get("USER", "cli"))
 
     distill = verb(verbs, "distill", cmd_distill, "materialize the loop for a namespace in the Dagster instance")

@@ -40,6 +40,7 @@ from kolm_pipeline.registry import (
     verify_chain,
     verify_kolm,
 )
+from kolm_pipeline.registry.artifact import adapter_file_cids
 
 EMPTY_CID = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
 HELLO_WORLD_CID = "bafkreifzjut3te2nhyekklss27nh3k72ysco7y32koao5eei66wof36n5e"
@@ -52,15 +53,18 @@ def _independent_cid(data: bytes) -> str:
     return "b" + base64.b32encode(raw).decode().lower().rstrip("=")
 
 
-def _chain(key: Ed25519PrivateKey, keyid: str, stages: list[str], salt: str = "") -> list[bytes]:
+def _chain(key: Ed25519PrivateKey, keyid: str, stages: list[str], salt: str = "",
+           adapter_dir: Path | None = None) -> list[bytes]:
+    """A signed chain; with `adapter_dir`, the adapter receipt names its files as the adapter stage's does."""
     receipts: list[bytes] = []
     for stage in stages:
+        files = {"files": adapter_file_cids(adapter_dir)} if stage == "adapter" and adapter_dir else {}
         receipts.append(
             make_receipt(
                 stage=stage,
                 subject_name=f"{stage}.out",
                 subject_cid=cid_for_bytes(f"{salt}{stage} output".encode()),
-                predicate={"note": stage},
+                predicate={"note": stage, **files},
                 previous_cid=receipt_cid(receipts[-1]) if receipts else None,
                 private_key=key,
                 keyid=keyid,
@@ -99,8 +103,8 @@ def signer(keys_dir: Path) -> tuple[Ed25519PrivateKey, str]:
 
 
 @pytest.fixture
-def chain(signer: tuple[Ed25519PrivateKey, str]) -> list[bytes]:
-    return _chain(*signer, STAGES)
+def chain(signer: tuple[Ed25519PrivateKey, str], adapter_dir: Path) -> list[bytes]:
+    return _chain(*signer, STAGES, adapter_dir=adapter_dir)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from kolm_pipeline.corpus.build import input_key
 from kolm_pipeline.corpus.recipe import read_jsonl
 from kolm_pipeline.demo.tickets import generate_tickets
 from kolm_pipeline.evaluate.evaluation import CASE_PASS_SCORE
+from kolm_pipeline.evaluate.result import EvaluationResult
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
 from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import build_kolm, cid_for_bytes, ensure_tenant_keys, load_private_key, make_receipt
@@ -143,8 +144,9 @@ def test_diff_of_real_versions_candidate_and_registry(home, tiny_base):
 
     # Package the refused candidate and force it in: the registry now holds two versions.
     packaged = workdir.root / "forced.kolm"
-    build_kolm(packaged, manifest=build_manifest(workdir, second, {}, first_cid), adapter_dir=workdir.adapter,
-               evals=second, receipts=workdir.chain(), signer=workdir.signer())
+    manifest = build_manifest(workdir, EvaluationResult.model_validate(second), {}, first_cid)
+    build_kolm(packaged, manifest=manifest, adapter_dir=workdir.adapter, evals=second, receipts=workdir.chain(),
+               signer=workdir.signer())
     second_cid = swap_artifact(home, store, packaged, strategy="force", actor="test").to_cid
 
     latest = registry_diff(home, store, task)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import build_kolm, cid_for_bytes, ensure_tenant_keys, load_private_key, make_receipt
+from kolm_pipeline.registry.artifact import adapter_file_cids
 
 LABELS = ["billing", "shipping", "technical"]
 
@@ -90,7 +91,8 @@ def signed_artifact(
     stages = [
         ("corpus", corpus_cid, {"capture_range": list(capture_range), "stats": {"written": 160}}),
         ("recipe", recipe_cid, {"corpus_cid": corpus_cid, "k_floor": 0.3}),
-        ("adapter", adapter_cid, {"recipe_cid": recipe_cid, "trainer_version": "test-trainer/1"}),
+        ("adapter", adapter_cid, {"recipe_cid": recipe_cid, "trainer_version": "test-trainer/1",
+                                  "files": adapter_file_cids(adapter_dir)}),
         ("evaluation", cid_for_bytes(f"evaluation {salt}".encode()), {"candidate_k": k, "current_k": k_current}),
     ]
     receipts: list[bytes] = []

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -95,12 +96,25 @@ def load_public_key_file(path: Path) -> Ed25519PublicKey:
         raise RegistryError(f"{path} is not a base64 Ed25519 public key: {exc}") from exc
 
 
-def load_public_keys(keys_dir: Path) -> dict[str, Ed25519PublicKey]:
-    """Every public key in ``keys_dir`` by keyid: all that offline verification needs."""
+@dataclass(frozen=True)
+class TenantKey:
+    """A public key and the tenant it belongs to (its file is ``<tenant>.pub``). A receipt counts only when
+    signed by a key of the tenant it is about: another tenant's key never satisfies a chain."""
+
+    tenant: str
+    key: Ed25519PublicKey
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        """Raises ``InvalidSignature`` unless ``signature`` is this key's over ``message``."""
+        self.key.verify(signature, message)
+
+
+def load_public_keys(keys_dir: Path) -> dict[str, TenantKey]:
+    """Every public key in ``keys_dir`` by keyid, with its tenant: all that offline verification needs."""
     if not keys_dir.is_dir():
         return {}
-    keys: dict[str, Ed25519PublicKey] = {}
+    keys: dict[str, TenantKey] = {}
     for path in sorted(keys_dir.glob("*.pub")):
         public_key = load_public_key_file(path)
-        keys[keyid_for(public_key)] = public_key
+        keys[keyid_for(public_key)] = TenantKey(validate_tenant(path.stem), public_key)
     return keys

@@ -6,15 +6,17 @@ The chain lets ``kolm verify`` prove, offline, which stages produced an artifact
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kolm_pipeline.provenance.cid import cid_for_bytes, sha256_of_cid
 from kolm_pipeline.provenance.encoding import b64decode_strict, b64encode, canonical_json
 from kolm_pipeline.provenance.errors import RegistryError
+from kolm_pipeline.provenance.keys import TenantKey
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -146,7 +148,8 @@ def _check_statement(statement: dict[str, Any]) -> str:
     return stage
 
 
-def _check_signatures(parsed: dict[str, Any], body: bytes, public_keys: dict[str, Ed25519PublicKey]) -> None:
+def _check_signatures(parsed: dict[str, Any], body: bytes, public_keys: Mapping[str, TenantKey],
+                      tenant: str | None) -> None:
     signatures = parsed.get("signatures")
     if not isinstance(signatures, list) or not signatures:
         raise RegistryError("envelope carries no signatures")
@@ -158,6 +161,8 @@ def _check_signatures(parsed: dict[str, Any], body: bytes, public_keys: dict[str
         public_key = public_keys.get(keyid) if isinstance(keyid, str) else None
         if public_key is None:
             raise RegistryError(f"signed by unknown keyid {keyid!r}")
+        if tenant is not None and public_key.tenant != tenant:
+            raise RegistryError(f"signed by {keyid} of tenant {public_key.tenant!r}, not by tenant {tenant!r}")
         try:
             public_key.verify(b64decode_strict(entry.get("sig")), message)
         except InvalidSignature:
@@ -173,7 +178,8 @@ def _stage_hint(envelope: bytes) -> str:
     return stage if isinstance(stage, str) and stage else "unknown stage"
 
 
-def _verify_link(envelope: bytes, previous: bytes | None, public_keys: dict[str, Ed25519PublicKey]) -> str:
+def _verify_link(envelope: bytes, previous: bytes | None, public_keys: Mapping[str, TenantKey],
+                 tenant: str | None) -> str:
     """Check one receipt and its link to the one before; return its stage."""
     if not isinstance(envelope, bytes):
         raise RegistryError("receipt is not bytes")
@@ -181,7 +187,7 @@ def _verify_link(envelope: bytes, previous: bytes | None, public_keys: dict[str,
     if canonical_json(parsed) != envelope:
         raise RegistryError("envelope is not in canonical JSON form")
     body = b64decode_strict(parsed.get("payload"))
-    _check_signatures(parsed, body, public_keys)
+    _check_signatures(parsed, body, public_keys, tenant)
     statement = _parse_statement(body)
     stage = _check_statement(statement)
     expected = None if previous is None else receipt_cid(previous)
@@ -191,15 +197,18 @@ def _verify_link(envelope: bytes, previous: bytes | None, public_keys: dict[str,
     return stage
 
 
-def verify_chain(envelopes: list[bytes], public_keys: dict[str, Ed25519PublicKey]) -> ChainReport:
-    """Verify signatures, shape and links of a receipt chain, stopping at the first broken link."""
+def verify_chain(
+    envelopes: list[bytes], public_keys: Mapping[str, TenantKey], tenant: str | None = None
+) -> ChainReport:
+    """Verify signatures, shape and links of a receipt chain, stopping at the first broken link. With
+    ``tenant``, every receipt must be signed by a key of that tenant."""
     if not envelopes:
         return ChainReport(ok=False, links=[], first_broken=None, reason="the receipt chain is empty")
     links: list[str] = []
     for index, envelope in enumerate(envelopes):
         previous = envelopes[index - 1] if index else None
         try:
-            links.append(_verify_link(envelope, previous, public_keys))
+            links.append(_verify_link(envelope, previous, public_keys, tenant))
         except RegistryError as exc:
             reason = f"receipt {index + 1} ({_stage_hint(envelope)}): {exc}"
             return ChainReport(ok=False, links=links, first_broken=index, reason=reason)

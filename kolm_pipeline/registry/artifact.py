@@ -14,18 +14,18 @@ import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kolm_pipeline.provenance.atomic import atomic_output, fsync_dir
 from kolm_pipeline.provenance.cid import cid_for_bytes, cid_for_file, cid_for_sha256
 from kolm_pipeline.provenance.encoding import pretty_json
 from kolm_pipeline.provenance.errors import RegistryError
-from kolm_pipeline.provenance.keys import keyid_for
+from kolm_pipeline.provenance.keys import TenantKey, keyid_for
 from kolm_pipeline.provenance.receipts import (
     ChainReport,
     make_receipt,
@@ -36,6 +36,7 @@ from kolm_pipeline.provenance.receipts import (
 
 FORMAT = "kolm/1"
 FINAL_STAGE = "artifact"
+ADAPTER_STAGE = "adapter"
 MANIFEST = "manifest.json"
 EVALS = "evals.json"
 ADAPTER_PREFIX = "adapter/"
@@ -139,6 +140,13 @@ def _adapter_files(adapter_dir: Path) -> list[tuple[str, Path]]:
             _check_member_name(name)
             found.append((name, path))
     return sorted(found)
+
+
+def adapter_file_cids(adapter_dir: Path) -> dict[str, str]:
+    """CID of every file an artifact built from ``adapter_dir`` serves, by its path in the adapter directory:
+    what the adapter stage's receipt names, so that the files are bound to the receipt signed when they were
+    trained, not only to the manifest signed when they were packaged."""
+    return {name.removeprefix(ADAPTER_PREFIX): cid_for_file(path) for name, path in _adapter_files(adapter_dir)}
 
 
 def _receipt_name(index: int, count: int, stage: str) -> str:
@@ -404,8 +412,28 @@ def _check_final_receipt(artifact: KolmArtifact) -> list[str]:
     return problems
 
 
-def verify_kolm(path: Path, public_keys: dict[str, Ed25519PublicKey]) -> VerifyReport:
-    """Check a ``.kolm`` offline: canonical bytes, file CIDs, receipt chain, manifest signature.
+def _check_adapter_receipt(artifact: KolmArtifact) -> list[str]:
+    """The adapter receipt must name exactly the adapter files the manifest lists, with the same CIDs."""
+    served = {name.removeprefix(ADAPTER_PREFIX): cid for name, cid in _manifest_files(artifact.manifest).items()
+              if name.startswith(ADAPTER_PREFIX)}
+    adapter_receipts = [envelope for envelope in artifact.receipts if _receipt_stage(envelope) == ADAPTER_STAGE]
+    if len(adapter_receipts) != 1:
+        return [f"the chain holds {len(adapter_receipts)} adapter receipts, expected 1"]
+    named = _predicate(adapter_receipts[0]).get("files")
+    if not isinstance(named, dict):
+        return ["the adapter receipt names no adapter files, so they are not bound to the training that made them"]
+    problems = [f"adapter/{name}: served but not named by the adapter receipt"
+                for name in sorted(set(served) - set(named))]
+    problems += [f"adapter/{name}: named by the adapter receipt but not in the archive"
+                 for name in sorted(set(named) - set(served))]
+    problems += [f"adapter/{name}: content differs from the file the adapter receipt names"
+                 for name in sorted(set(served) & set(named)) if served[name] != named[name]]
+    return problems
+
+
+def verify_kolm(path: Path, public_keys: Mapping[str, TenantKey]) -> VerifyReport:
+    """Check a ``.kolm`` offline: canonical bytes, file CIDs, receipt chain (every receipt signed by a key of the
+    manifest's tenant), manifest signature, and the adapter files against the adapter receipt.
 
     Never raises for a damaged archive; every finding lands in ``problems``.
     """
@@ -424,8 +452,17 @@ def verify_kolm(path: Path, public_keys: dict[str, Ed25519PublicKey]) -> VerifyR
     if _canonical_sha256(artifact.files.items()) != file_sha256:
         problems.append("archive bytes differ from the canonical encoding of its members")
     problems.extend(_check_contents(artifact))
-    chain = verify_chain(artifact.receipts, public_keys)
+    tenant = artifact.manifest.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        problems.append("manifest names no tenant, so no key can vouch for it")
+        tenant = ""
+    chain = verify_chain(artifact.receipts, public_keys, tenant=tenant)
     if not chain.ok:
         problems.append(f"receipt chain broken: {chain.reason}")
     problems.extend(_check_final_receipt(artifact))
+    if chain.ok:
+        try:
+            problems.extend(_check_adapter_receipt(artifact))
+        except RegistryError as exc:
+            problems.append(str(exc))
     return VerifyReport(ok=not problems, cid=cid, problems=problems, chain=chain, artifact=artifact)

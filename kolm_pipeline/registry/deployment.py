@@ -8,13 +8,15 @@ recipe → adapter → evaluation → artifact → deployment as one chain.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kolm_pipeline.provenance.atomic import write_atomic
 from kolm_pipeline.provenance.errors import RegistryError
+from kolm_pipeline.provenance.keys import TenantKey
 from kolm_pipeline.provenance.receipts import ChainReport, make_receipt, read_statement, receipt_cid, verify_chain
 from kolm_pipeline.registry.artifact import KolmArtifact
 
@@ -69,10 +71,11 @@ def write_deployment_receipt(artifact_path: Path, envelope: bytes) -> Path:
 
 
 def verify_deployment(
-    artifact: KolmArtifact, artifact_cid: str, envelope: bytes, public_keys: dict[str, Ed25519PublicKey]
+    artifact: KolmArtifact, artifact_cid: str, envelope: bytes, public_keys: Mapping[str, TenantKey]
 ) -> tuple[ChainReport, list[str]]:
-    """Check the deployment receipt as the chain's next link and that it names this very archive."""
-    chain = verify_chain([*artifact.receipts, envelope], public_keys)
+    """Check the deployment receipt as the chain's next link, signed by the artifact's tenant, and that it names
+    this very archive."""
+    chain = verify_chain([*artifact.receipts, envelope], public_keys, tenant=artifact.manifest.get("tenant") or "")
     problems = [] if chain.ok else [f"receipt chain broken: {chain.reason}"]
     try:
         statement = read_statement(envelope)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kolm_pipeline.corpus.train_config import TrainConfig
+from kolm_pipeline.registry.artifact import adapter_file_cids
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 from kolm_pipeline.train.base_model import BaseModel
@@ -51,6 +52,6 @@ def record_adapter(workdir: NamespaceWorkdir, base: BaseModel, recipe_cid: str, 
         "adapter",
         cid,
         {"recipe_cid": recipe_cid, "base_model": base.model_id, "base_digest": base.digest,
-         "trainer_version": TRAINER_VERSION, "metrics": metrics},
+         "trainer_version": TRAINER_VERSION, "metrics": metrics, "files": adapter_file_cids(workdir.adapter)},
     )
     return cid, receipt

@@ -1,9 +1,17 @@
-"""Triage rule matching: a rule's match is a dict whose every present key must hold for a capture."""
+"""Triage rule matching: a rule's match is a dict whose every present key must hold for a capture.
+
+`output_regex` patterns are a tenant's input that runs on every capture of its namespace, in the capture
+writer and the triage asset: they run on RE2, whose matching time is linear in the text, so no pattern
+(`^(a+)+$`, say) can hold a process for seconds. What RE2 cannot run (backreferences, lookaround) is refused
+when the rule is added.
+"""
 
 from __future__ import annotations
 
-import re
+import functools
 from typing import Any
+
+import re2
 
 from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.store.tables import CAPTURE_STATUSES, RULE_ACTIONS
@@ -30,10 +38,27 @@ def validate_rule(action: str, match: dict[str, Any]) -> dict[str, str]:
         raise InvalidInput("a keep rule can only match captures with status 'ok'")
     if "output_regex" in full:
         try:
-            re.compile(full["output_regex"])
-        except re.error as exc:
-            raise InvalidInput(f"invalid output_regex: {exc}") from exc
+            compile_pattern(full["output_regex"])
+        except re2.error as exc:
+            reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            raise InvalidInput(f"invalid output_regex {full['output_regex']!r}: {reason} (RE2 syntax: no "
+                               "backreferences or lookaround)") from None
     return full
+
+
+@functools.lru_cache(maxsize=256)
+def compile_pattern(pattern: str) -> Any:
+    """The RE2 program of a rule's pattern, compiled once per process; raises `re2.error` if RE2 cannot run it."""
+    options = re2.Options()
+    options.log_errors = False  # a refused pattern is reported to its author, not to the process's stderr
+    return re2.compile(pattern, options)
+
+
+def _output_matches(pattern: str, output_text: str) -> bool:
+    try:
+        return compile_pattern(pattern).search(output_text) is not None
+    except re2.error:
+        return False  # a rule stored before patterns ran on RE2 that RE2 cannot run matches nothing
 
 
 def rule_matches(
@@ -49,4 +74,4 @@ def rule_matches(
         return False
     if "signal" in match and match["signal"] != signal:
         return False
-    return not ("output_regex" in match and re.search(match["output_regex"], output_text) is None)
+    return "output_regex" not in match or _output_matches(match["output_regex"], output_text)
