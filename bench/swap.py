@@ -42,8 +42,10 @@ sys.path.insert(0, str(ROOT))
 from kolm_pipeline.demo.tickets import QUEUES, generate_tickets  # noqa: E402
 from kolm_pipeline.provenance.receipts import make_receipt, receipt_cid  # noqa: E402
 from kolm_pipeline.registry import build_kolm, cid_for_bytes, ensure_tenant_keys, load_private_key  # noqa: E402
+from kolm_pipeline.registry.artifact import adapter_file_cids  # noqa: E402
 from kolm_pipeline.registry.swap import publish_artifact, swap_pointer  # noqa: E402
 from kolm_pipeline.settings import EMBEDDED_BASE_MODEL, load_settings  # noqa: E402
+from kolm_pipeline.store import CaptureStore  # noqa: E402
 
 TASK = "bench.swap"
 
@@ -128,9 +130,10 @@ def sign_artifact(output: Path, adapter_dir: Path, keys_dir: Path, base_id: str,
     key = load_private_key(keys_dir, "bench")
     receipts: list[bytes] = []
     for stage in ("corpus", "recipe", "adapter", "evaluation"):
+        files = {"files": adapter_file_cids(adapter_dir)} if stage == "adapter" else {}
         receipts.append(make_receipt(stage=stage, subject_name=stage,
                                      subject_cid=cid_for_bytes(f"bench {stage} {index}".encode()),
-                                     predicate={"task": TASK, "note": "bench/swap.py synthetic adapter"},
+                                     predicate={"task": TASK, "note": "bench/swap.py synthetic adapter", **files},
                                      previous_cid=receipt_cid(receipts[-1]) if receipts else None,
                                      private_key=key, keyid=keyid))
     evals = {"candidate": {"k": 0.9}, "current": {"k": 0.5}, "decision": {"swap": True, "k_floor": 0.0}}
@@ -147,8 +150,8 @@ def sign_artifact(output: Path, adapter_dir: Path, keys_dir: Path, base_id: str,
 class Load:
     """Closed-loop clients calling the server until stopped; every request is recorded."""
 
-    def __init__(self, url: str, clients: int, max_tokens: int) -> None:
-        self.url, self.clients, self.max_tokens = url, clients, max_tokens
+    def __init__(self, url: str, clients: int, max_tokens: int, key: str) -> None:
+        self.url, self.clients, self.max_tokens, self.key = url, clients, max_tokens, key
         self.records: list[Request] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -167,7 +170,7 @@ class Load:
             thread.join(timeout=60)
 
     def _run(self, index: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as client:
+        with httpx.Client(base_url=self.url, timeout=60, headers={"authorization": f"Bearer {self.key}"}) as client:
             turn = index
             while not self._stop.is_set():
                 ticket = self._tickets[turn % len(self._tickets)]
@@ -234,6 +237,7 @@ def main() -> int:
     print(f"built {len(artifacts)} {args.adapters} artifacts of {size_mb:.1f} MB (rank {args.rank}, all linear layers) "
           f"in {time.monotonic() - began:.0f} s")
     swap_pointer(settings.adapters_dir, TASK, artifacts[0])
+    key = CaptureStore(settings.store_url).create_tenant("bench")  # `kolm serve` answers the tenant's kolm key
 
     port = _free_port()
     env = {**os.environ, "KOLM_HOME": str(home), "KOLM_BASE_MODEL": args.base,
@@ -254,7 +258,8 @@ def main() -> int:
             if server.poll() is not None:
                 raise SystemExit(f"kolm serve exited ({server.returncode}); see {log_path}")
             try:
-                if TASK in httpx.get(f"{url}/healthz", timeout=2).json().get("tasks", {}):
+                models = httpx.get(f"{url}/v1/models", timeout=2, headers={"authorization": f"Bearer {key}"}).json()
+                if TASK in {model["id"] for model in models.get("data", [])}:
                     break
             except (httpx.HTTPError, ValueError):
                 pass
@@ -262,7 +267,7 @@ def main() -> int:
                 raise SystemExit(f"kolm serve did not become ready; see {log_path}")
             time.sleep(0.2)
 
-        load = Load(url, args.clients, args.max_tokens if labels is None else 1)
+        load = Load(url, args.clients, args.max_tokens if labels is None else 1, key)
         load.start()
         time.sleep(args.baseline)  # steady state before the first swap: the latency baseline
         swaps: list[tuple[float, float]] = []  # (pointer change, first new response end)

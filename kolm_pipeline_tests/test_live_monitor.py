@@ -31,6 +31,7 @@ from kolm_pipeline.registry import (
     make_receipt,
     read_pointer,
 )
+from kolm_pipeline.registry.artifact import adapter_file_cids
 from kolm_pipeline.registry.manage import LIVE_MONITOR_ACTOR, PointerMoved, rollback, swap_artifact
 from kolm_pipeline.serve.monitor import LiveMonitor, MonitorConfig, MonitorConfigError, Profile, Trip, sampled
 from kolm_pipeline.settings import Settings, load_settings
@@ -227,7 +228,12 @@ class World:
     alerts: AlertReceiver
     adapters: dict[str, Path]
     base_digest: str
+    key: str = ""
     built: dict[tuple[str, str], Path] = field(default_factory=dict)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"}
 
     @property
     def store(self) -> CaptureStore:
@@ -259,7 +265,7 @@ class World:
         """``count`` chat completions through the openai SDK: (completion id, serving CID, answer) each."""
         import openai
 
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused")
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key)
         from kolm_pipeline.demo.tickets import generate_tickets
 
         answered = []
@@ -275,10 +281,10 @@ class World:
         return answered
 
     def feedback(self, body) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/feedback", json=body, timeout=30)
+        return httpx.post(f"{self.url}/v1/feedback", json=body, timeout=30, headers=self.auth)
 
     def monitor(self, task: str) -> dict:
-        return httpx.get(f"{self.url}/v1/monitor", timeout=30).json()["tasks"][task]
+        return httpx.get(f"{self.url}/v1/monitor", timeout=30, headers=self.auth).json()["tasks"][task]
 
 
 def monitored_artifact(output: Path, *, adapter_dir: Path, keys_dir: Path, task: str, k: float, base_digest: str,
@@ -289,7 +295,8 @@ def monitored_artifact(output: Path, *, adapter_dir: Path, keys_dir: Path, task:
     cids = {stage: cid_for_bytes(f"{stage} {task} {salt}".encode()) for stage in ("corpus", "recipe", "adapter")}
     receipts: list[bytes] = []
     for stage, predicate in [("corpus", {"capture_range": [1, 16]}), ("recipe", {"corpus_cid": cids["corpus"]}),
-                             ("adapter", {"recipe_cid": cids["recipe"], "trainer_version": "kolm-distill/0.1"}),
+                             ("adapter", {"recipe_cid": cids["recipe"], "trainer_version": "kolm-distill/0.1",
+                                          "files": adapter_file_cids(adapter_dir)}),
                              ("evaluation", {"candidate_k": k, "current_k": 0.5})]:
         receipts.append(make_receipt(stage=stage, subject_name=stage,
                                      subject_cid=cids.get(stage, cid_for_bytes(f"evaluation {salt}".encode())),
@@ -366,9 +373,10 @@ def world(tiny_base, tmp_path_factory):
         config = MonitorConfig(sample_share=1.0, min_requests=MIN_REQUESTS, tolerance=0.10, window=50)
         runtime = ServingRuntime(settings, TransformersBackend(str(tiny_base), settings.models_dir),
                                  poll_interval=0.05, grace_seconds=0.3, monitor=config)
+        key = CaptureStore(settings.store_url).create_tenant("acme")
         with serving(runtime) as url:
             yield World(settings=settings, url=url, runtime=runtime, alerts=alerts, adapters=adapters,
-                        base_digest=resolve_base_model(str(tiny_base), settings.models_dir).digest)
+                        base_digest=resolve_base_model(str(tiny_base), settings.models_dir).digest, key=key)
     alerts.server.shutdown()
 
 
@@ -501,7 +509,7 @@ def test_bad_feedback_trips_it_and_a_condemned_version_is_never_restored(world):
 def test_feedback_refuses_bad_bodies_and_unknown_ids(world, body, status, text):
     if isinstance(body, bytes):
         response = httpx.post(f"{world.url}/v1/feedback", content=body, timeout=30,
-                              headers={"content-type": "application/json"})
+                              headers={"content-type": "application/json", **world.auth})
     else:
         response = world.feedback(body)
     assert response.status_code == status
@@ -515,8 +523,10 @@ def test_with_monitoring_off_feedback_is_refused_clearly(tiny_base, tmp_path):
     settings = load_settings(tmp_path / "home")
     runtime = ServingRuntime(settings, TransformersBackend(str(tiny_base), settings.models_dir),
                              monitor=MonitorConfig(enabled=False))
+    auth = {"authorization": f"Bearer {CaptureStore(settings.store_url).create_tenant('acme')}"}
     with serving(runtime) as url:
-        assert httpx.get(f"{url}/v1/monitor", timeout=30).json() == {"enabled": False, "tasks": {}}
-        response = httpx.post(f"{url}/v1/feedback", json={"id": "chatcmpl-x", "rating": 1}, timeout=30)
+        assert httpx.get(f"{url}/v1/monitor", timeout=30, headers=auth).json() == {"enabled": False, "tasks": {}}
+        response = httpx.post(f"{url}/v1/feedback", json={"id": "chatcmpl-x", "rating": 1}, timeout=30,
+                              headers=auth)
         assert response.status_code == 503
         assert "live monitoring is off" in response.json()["error"]["message"]

@@ -22,6 +22,7 @@ from kolm_pipeline.evaluate.result import EvaluationResult
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
 from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import build_kolm, cid_for_bytes, ensure_tenant_keys, load_private_key, make_receipt
+from kolm_pipeline.registry.artifact import adapter_file_cids
 from kolm_pipeline.registry.manage import publish, swap_artifact
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.stages.adapter import record_adapter
@@ -197,17 +198,19 @@ def _artifact(path: Path, keys_dir: Path, evaluation: dict) -> Path:
     task = evaluation["task"]
     keyid = ensure_tenant_keys(keys_dir, "acme")
     key = load_private_key(keys_dir, "acme")
+    adapter_dir = fake_adapter(path.with_suffix(".adapter"))
     receipts: list[bytes] = []
     for stage in ("corpus", "recipe", "adapter", "evaluation"):
+        files = {"files": adapter_file_cids(adapter_dir)} if stage == "adapter" else {}
         receipts.append(make_receipt(stage=stage, subject_name=stage, subject_cid=cid_for_bytes(path.name.encode()),
-                                     predicate={"task": task}, previous_cid=receipt_cid(receipts[-1]) if receipts
-                                     else None, private_key=key, keyid=keyid))
+                                     predicate={"task": task, **files}, previous_cid=receipt_cid(receipts[-1])
+                                     if receipts else None, private_key=key, keyid=keyid))
     spec = evaluation["recipe_spec"]
     manifest = {"task": task, "tenant": "acme", "corpus_cid": spec["corpus_cid"],
                 "recipe_cid": evaluation["recipe_cid"], "adapter_cid": evaluation["adapter_cid"],
                 "evals": {side: evaluation[side] for side in ("candidate", "current", "decision")}}
-    build_kolm(path, manifest=manifest, adapter_dir=fake_adapter(path.with_suffix(".adapter")), evals=evaluation,
-               receipts=receipts, signer=(key, keyid))
+    build_kolm(path, manifest=manifest, adapter_dir=adapter_dir, evals=evaluation, receipts=receipts,
+               signer=(key, keyid))
     return path
 
 

@@ -179,7 +179,9 @@ def test_swap_refuses_bad_artifacts_naming_what_failed(home, capsys, tmp_path, d
         _repack(bad, {**members, "adapter/adapter_model.safetensors": bytes(weights)})
         expected = "adapter/adapter_model.safetensors: content does not match its CID"
     elif damage == "truncated":
-        bad.write_bytes(data[: len(data) // 2])
+        with tarfile.open(good) as tar:  # cut inside the weights' data, wherever the archive's blocks fall
+            weights = tar.getmember("adapter/adapter_model.safetensors")
+        bad.write_bytes(data[: weights.offset_data + weights.size // 2])
         expected = "not a readable .kolm archive"
     elif damage == "unsigned":
         members = _members(good)

@@ -4,7 +4,9 @@ finishing on the old adapter, constrained decoding for closed-vocabulary tasks, 
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from kolm_pipeline.serve.app import create_serving_app
 from kolm_pipeline.serve.backends import TransformersBackend
 from kolm_pipeline.serve.runtime import ServingRuntime, adapter_name
 from kolm_pipeline.settings import Settings, load_settings
+from kolm_pipeline.store import CaptureStore
 from kolm_pipeline_tests.test_registry_support import LABELS, free_port, real_adapter, signed_artifact, wait_until
 
 GRACE = 0.3
@@ -31,6 +34,12 @@ class World:
     artifacts: dict[str, Path]
     runtime: ServingRuntime
     url: str
+    key: str = ""
+
+    @functools.cached_property
+    def http(self) -> httpx.Client:
+        """HTTP with the tenant's kolm key, as a client of `kolm serve` sends it."""
+        return httpx.Client(headers={"authorization": f"Bearer {self.key}"})
 
     def point(self, task: str, name: str) -> str:
         """Swap ``task``'s pointer to artifact ``name`` exactly as a deployment does; returns its CID."""
@@ -76,7 +85,8 @@ def world(tiny_base, tmp_path_factory):
                                           task=task, labels=labels, salt=name,
                                           base_digest="f" * 64 if name == "other-base" else digest)
     artifacts["tampered"] = _tampered(artifacts["chat-b"], build / "tampered.kolm")
-    world = World(settings, artifacts, runtime=None, url="")  # type: ignore[arg-type]
+    key = CaptureStore(settings.store_url).create_tenant("acme")
+    world = World(settings, artifacts, runtime=None, url="", key=key)  # type: ignore[arg-type]
     world.point("acme.chat", "chat-a")
     world.point("acme.labels", "labels")
 
@@ -95,14 +105,14 @@ def world(tiny_base, tmp_path_factory):
 
 
 def _chat(world: World, task: str, **extra) -> httpx.Response:
-    return httpx.post(f"{world.url}/v1/chat/completions", timeout=60,
+    return world.http.post(f"{world.url}/v1/chat/completions", timeout=60,
                       json={"model": task, "messages": PROMPT, "max_tokens": 12, **extra})
 
 
 def test_openai_sdk_streaming_and_not(world):
     import openai
 
-    client = openai.OpenAI(base_url=f"{world.url}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{world.url}/v1", api_key=world.key)
     cid = world.serving("acme.chat")
     raw = client.chat.completions.with_raw_response.create(model="acme.chat", messages=PROMPT, max_tokens=12)
     completion = raw.parse()
@@ -124,18 +134,19 @@ def test_openai_sdk_streaming_and_not(world):
 def test_live_monitor_is_on_by_default_and_takes_feedback(world):
     response = _chat(world, "acme.chat")
     cid = response.headers["x-kolm-adapter-cid"]
-    active = httpx.get(f"{world.url}/v1/monitor", timeout=30).json()["tasks"]["acme.chat"]["active"]
+    active = world.http.get(f"{world.url}/v1/monitor", timeout=30).json()["tasks"]["acme.chat"]["active"]
     assert (active["cid"], active["verifier"], active["state"]) == (cid, "text_match", "watching")
     assert active["served"] >= 1
     assert active["not_judged_for_lack_of"] == ["accuracy", "coverage"]  # these test artifacts record only K
-    feedback = httpx.post(f"{world.url}/v1/feedback", json={"id": response.json()["id"], "rating": 1}, timeout=30)
+    feedback = world.http.post(f"{world.url}/v1/feedback", json={"id": response.json()["id"], "rating": 1},
+                               timeout=30)
     assert feedback.status_code == 200
     assert (feedback.json()["adapter_cid"], feedback.json()["monitor"]["feedback_good"]) == (cid, 1)
 
 
 def test_closed_vocabulary_decodes_to_a_label(world):
     for content in ("I was charged twice", "The app crashes on start", "Where is my order?", "hello"):
-        response = httpx.post(f"{world.url}/v1/chat/completions", timeout=60, json={
+        response = world.http.post(f"{world.url}/v1/chat/completions", timeout=60, json={
             "model": "acme.labels", "messages": [{"role": "user", "content": content}]})
         assert response.status_code == 200
         assert response.json()["choices"][0]["message"]["content"] in LABELS
@@ -150,7 +161,7 @@ def test_concurrent_label_requests_get_the_answers_they_get_alone(world):
          "wrong address", "invoice wrong"])]
 
     def ask(content: str) -> str:
-        response = httpx.post(f"{world.url}/v1/chat/completions", timeout=60, json={
+        response = world.http.post(f"{world.url}/v1/chat/completions", timeout=60, json={
             "model": "acme.labels", "messages": [{"role": "user", "content": content}]})
         return response.json()["choices"][0]["message"]["content"]
 
@@ -170,10 +181,10 @@ def test_concurrent_label_requests_get_the_answers_they_get_alone(world):
 ])
 def test_bad_requests_get_clear_errors(world, body, status, text):
     if isinstance(body, bytes):
-        response = httpx.post(f"{world.url}/v1/chat/completions", content=body, timeout=30,
+        response = world.http.post(f"{world.url}/v1/chat/completions", content=body, timeout=30,
                               headers={"content-type": "application/json"})
     else:
-        response = httpx.post(f"{world.url}/v1/chat/completions", json=body, timeout=30)
+        response = world.http.post(f"{world.url}/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == status
     assert text in response.json()["error"]["message"]
 
@@ -277,3 +288,38 @@ def test_removed_pointer_drains_and_the_last_adapter_unloads_to_the_bare_base(ti
             assert "".join(runtime.backend.stream(adapter.name, PROMPT, None, 4))
     finally:
         runtime.stop()
+
+
+def test_serving_needs_a_tenant_key_and_shows_each_tenant_only_its_own_tasks(world):
+    """Issue 19, item 1: unauthenticated calls and feedback made the live monitor roll a task back, and
+    `/v1/monitor`, `/v1/models` and `/healthz` listed every tenant's tasks."""
+    anonymous = httpx.Client()
+    for method, path, body in [("POST", "/v1/chat/completions", {"model": "acme.chat", "messages": PROMPT}),
+                               ("GET", "/v1/models", None), ("GET", "/v1/monitor", None),
+                               ("POST", "/v1/feedback", {"id": "chatcmpl-x", "rating": -1})]:
+        for headers in ({}, {"authorization": "Bearer kolm-not-a-key"}):
+            response = anonymous.request(method, f"{world.url}{path}", json=body, headers=headers, timeout=30)
+            assert response.status_code == 401, (path, headers)
+            assert response.json()["error"]["type"] == "authentication_error"
+    health = anonymous.get(f"{world.url}/healthz", timeout=30).json()
+    assert health["ok"] and "acme" not in json.dumps(health)
+
+    mallory_key = CaptureStore(world.settings.store_url).create_tenant("mallory")
+    mallory = httpx.Client(headers={"authorization": f"Bearer {mallory_key}"})
+    assert mallory.get(f"{world.url}/v1/models", timeout=30).json()["data"] == []
+    assert mallory.get(f"{world.url}/v1/monitor", timeout=30).json()["tasks"] == {}
+    refused = mallory.post(f"{world.url}/v1/chat/completions", timeout=30,
+                           json={"model": "acme.chat", "messages": PROMPT, "max_tokens": 4})
+    assert refused.status_code == 404
+    assert refused.json()["error"]["message"] == "no adapter is deployed for task 'acme.chat'"
+
+    served = _chat(world, "acme.chat")
+    completion_id = served.json()["id"]
+    foreign = mallory.post(f"{world.url}/v1/feedback", json={"id": completion_id, "rating": -1}, timeout=30)
+    assert foreign.status_code == 404  # as for an id never served: a caller cannot probe for ids
+    before = world.http.get(f"{world.url}/v1/monitor", timeout=30).json()["tasks"]["acme.chat"]["active"]
+    for _ in range(3):  # one verdict per completion: the same key's later verdicts replace it
+        assert world.http.post(f"{world.url}/v1/feedback", json={"id": completion_id, "rating": -1},
+                               timeout=30).status_code == 200
+    after = world.http.get(f"{world.url}/v1/monitor", timeout=30).json()["tasks"]["acme.chat"]["active"]
+    assert after["feedback_bad"] == before["feedback_bad"] + 1

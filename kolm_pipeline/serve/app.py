@@ -5,11 +5,17 @@ returned in the ``x-kolm-adapter-cid`` header and as ``system_fingerprint``.
 
 ``POST /v1/feedback`` takes a verdict on a served answer (by its completion ``id``) and ``GET /v1/monitor``
 shows each task's live score against its evaluated score (see ``serve/monitor.py``).
+
+Every route but ``/healthz`` needs a tenant's kolm key, sent as the client's API key (the OpenAI SDK's
+``api_key``), checked against the capture store's hashed keys as the capture proxy does. A key sees and calls
+only the tasks whose artifact its tenant signed; feedback counts only from the key a completion was served to,
+once per completion. Anything else answers 404, as an unknown task or id does, so a caller cannot probe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -17,14 +23,17 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from kolm_pipeline.capture.forward import ApiError, KeyCache, kolm_keys
 from kolm_pipeline.serve.backends import BackendError
 from kolm_pipeline.serve.runtime import ServingRuntime, UnknownTask
+from kolm_pipeline.store import CaptureStore
 
 log = logging.getLogger("kolm.serve")
 MAX_TOKENS_LIMIT = 4096
@@ -83,8 +92,33 @@ def _parse_feedback(body: Any) -> tuple[str, bool]:
     return response_id, correct
 
 
-def create_serving_app(runtime: ServingRuntime) -> FastAPI:
-    """The HTTP face of ``runtime``; the runtime starts (base model, adapters, watcher) with the app."""
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the tenant of the kolm key, and a digest of the key itself (`owner` of what it is served)."""
+
+    tenant: str
+    owner: str
+
+
+async def _caller(keys: KeyCache, request: Request) -> Caller:
+    """The caller's tenant and key digest; `ApiError` 401 without a known kolm key."""
+    for key in kolm_keys(request.headers):
+        tenant = await keys.tenant(key)
+        if tenant is not None:
+            return Caller(tenant.name, hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest())
+    if kolm_keys(request.headers):
+        raise ApiError(401, "authentication_error", "unknown kolm key")
+    raise ApiError(401, "authentication_error", "missing kolm key: send it as the client's API key")
+
+
+def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = None,
+                       key_cache_ttl_s: float = 30.0) -> FastAPI:
+    """The HTTP face of ``runtime``; the runtime starts (base model, adapters, watcher) with the app. Kolm keys
+    are checked against ``store`` (by default the capture store the runtime's settings name)."""
+    keys = KeyCache(store or CaptureStore(runtime.settings.store_url), key_cache_ttl_s)
+
+    def visible(caller: Caller, task: str) -> bool:
+        return runtime.tenant_of(task) == caller.tenant
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -94,26 +128,35 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
 
     app = FastAPI(title="kolm serving runtime", lifespan=lifespan)
 
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.type, exc.message)
+
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"ok": True, **runtime.status()}
+        """Liveness for orchestrators: how many tasks are served, draining or refused; no names."""
+        status = runtime.status()
+        return {"ok": True, **{part: len(status[part]) for part in ("tasks", "draining", "refused")}}
 
     @app.get("/v1/models")
-    def models() -> dict:
+    async def models(request: Request) -> dict:
+        caller = await _caller(keys, request)
         tasks = runtime.status()["tasks"]
         return {"object": "list", "data": [
             {"id": task, "object": "model", "owned_by": "kolm", "kolm_adapter_cid": info["cid"]}
-            for task, info in tasks.items()
+            for task, info in tasks.items() if info["tenant"] == caller.tenant
         ]}
 
     @app.get("/v1/monitor")
-    def monitor() -> JSONResponse:
+    async def monitor(request: Request) -> JSONResponse:
+        caller = await _caller(keys, request)
         if runtime.monitor is None:
             return JSONResponse({"enabled": False, "tasks": {}})
-        return JSONResponse({"enabled": True, **runtime.monitor.status()})
+        return JSONResponse({"enabled": True, **runtime.monitor.status(lambda task: visible(caller, task))})
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
+        caller = await _caller(keys, request)
         try:
             response_id, good = _parse_feedback(await request.json())
         except json.JSONDecodeError:
@@ -123,7 +166,7 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
         if runtime.monitor is None:
             return _error(503, "unavailable_error", "live monitoring is off on this server, so feedback is not kept")
         try:
-            recorded = runtime.monitor.feedback(response_id, good)
+            recorded = runtime.monitor.feedback(response_id, good, owner=caller.owner)
         except KeyError:
             return _error(404, "not_found_error", f"no served response {response_id!r} is remembered (unknown, or "
                                                   "older than the monitor keeps responses)")
@@ -132,6 +175,7 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        caller = await _caller(keys, request)
         try:
             task, messages, max_tokens, stream = _parse(await request.json())
         except json.JSONDecodeError:
@@ -139,6 +183,8 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
         except BadRequest as exc:
             return _error(400, "invalid_request_error", str(exc))
         try:
+            if runtime.tenant_of(task) not in (None, caller.tenant):  # another tenant's: as if it did not exist
+                raise UnknownTask(f"no adapter is deployed for task {task!r}")
             labels = runtime.peek(task).labels
         except UnknownTask as exc:
             return _error(404, "not_found_error", str(exc))
@@ -162,11 +208,19 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
                 headers=headers,
             )
 
+        def acquire():
+            """A lease on the task's adapter, only if the caller's tenant signed it (a swap may have happened)."""
+            lease = runtime.acquire(task)
+            if lease.adapter.tenant != caller.tenant:
+                lease.release()
+                raise UnknownTask(f"no adapter is deployed for task {task!r}")
+            return lease
+
         classify = getattr(runtime.backend, "classify", None)
         if labels and classify is not None:
             # Closed vocabulary: batched with the task's other waiting requests, bound to an adapter when run.
             try:
-                answered = await run_in_threadpool(classify, task, messages, lambda: runtime.acquire(task))
+                answered = await run_in_threadpool(classify, task, messages, acquire)
             except UnknownTask as exc:
                 return _error(404, "not_found_error", str(exc))
             except BackendError as exc:
@@ -174,7 +228,7 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
             if answered is not None:
                 label, lease = answered
                 headers, base = described(lease)
-                runtime.observe(task, lease.cid, completion_id, messages, label)
+                runtime.observe(task, lease.cid, completion_id, messages, label, caller.owner)
                 if not stream:
                     return completion(base, label, headers)
                 events = [chunk(base, {"role": "assistant", "content": ""}, None),
@@ -183,7 +237,7 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
             # the task's new adapter has no label set: answer by generation below
 
         try:
-            lease = runtime.acquire(task)
+            lease = acquire()
         except UnknownTask as exc:
             return _error(404, "not_found_error", str(exc))
         headers, base = described(lease)
@@ -200,7 +254,7 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
                 return _error(500, "server_error", f"{type(exc).__name__}: {exc}")
             finally:
                 lease.release()
-            runtime.observe(task, lease.cid, completion_id, messages, text.strip())
+            runtime.observe(task, lease.cid, completion_id, messages, text.strip(), caller.owner)
             return completion(base, text.strip(), headers)
 
         pieces = runtime.backend.stream(lease.name, messages, lease.labels, max_tokens)
@@ -214,7 +268,8 @@ def create_serving_app(runtime: ServingRuntime) -> FastAPI:
                     streamed.append(piece)
                     yield chunk(base, {"content": piece}, None)
                 yield chunk(base, {}, "stop")
-                runtime.observe(task, lease.cid, completion_id, messages, "".join(streamed).strip())
+                runtime.observe(task, lease.cid, completion_id, messages, "".join(streamed).strip(),
+                               caller.owner)
             except Exception as exc:  # noqa: BLE001 - the status line is gone; report in the stream
                 log.exception("streamed completion for %s failed", task)
                 yield f"data: {json.dumps({'error': {'type': 'server_error', 'message': str(exc)}})}\n\n"

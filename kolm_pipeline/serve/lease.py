@@ -15,6 +15,8 @@ class LoadedAdapter:
     name: str
     labels: list[str] | None
     loaded_at: float
+    # The tenant whose signed artifact this is: only that tenant's kolm keys see and call it.
+    tenant: str = ""
     in_flight: int = 0
     retired_at: float | None = None
     profile: Profile = field(default_factory=lambda: Profile(verifier=None))

@@ -26,6 +26,7 @@ previous CID was itself condemned by the live monitor; either way an alert is se
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -136,6 +137,8 @@ class _Response:
     format_ok: bool | None = None
     feedback: bool | None = None
     in_window: bool = False
+    # A digest of the kolm key the response was served to: only that key's feedback counts for it.
+    owner: str = ""
 
     def verdict(self) -> tuple[bool, float] | None:
         """(judged good, the evaluated baseline it is compared with), or None if it is not judged."""
@@ -300,8 +303,10 @@ class LiveMonitor:
                 break
             self._responses.popitem(last=False)
 
-    def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str) -> None:
-        """A response ``cid`` served: remember it for feedback, and format-check it if it is sampled."""
+    def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str,
+                owner: str = "") -> None:
+        """A response ``cid`` served to ``owner`` (a digest of the caller's key): remember it for feedback, and
+        format-check it if it is sampled."""
         with self._lock:
             session = self._session_of(task, cid)
             profile = session.profile if session is not None else None
@@ -310,7 +315,7 @@ class LiveMonitor:
         format_ok = profile.in_format(messages, text) if sampled(response_id, self.config.sample_share) else None
         now = time.time()
         with self._lock:
-            response = _Response(session=session, served_at=now, format_ok=format_ok)
+            response = _Response(session=session, served_at=now, format_ok=format_ok, owner=owner)
             session.counts["served"] += 1
             if format_ok is not None:
                 session.counts["format_checked"] += 1
@@ -320,14 +325,15 @@ class LiveMonitor:
             self._forget_old(now)
             self._check(session)
 
-    def feedback(self, response_id: str, good: bool) -> dict[str, Any]:
-        """Record a person's verdict on a served response; KeyError if the id is unknown or forgotten.
+    def feedback(self, response_id: str, good: bool, owner: str = "") -> dict[str, Any]:
+        """Record a verdict on a served response by the key it was served to; KeyError if the id is unknown,
+        forgotten or was served to another key (a caller cannot tell which).
 
-        A second verdict on the same response replaces the first."""
+        One verdict per response: a second one replaces the first."""
         with self._lock:
             self._forget_old(time.time())
             response = self._responses.get(response_id)
-            if response is None:
+            if response is None or not hmac.compare_digest(response.owner, owner):
                 raise KeyError(response_id)
             session = response.session
             session.rate(response, good)
@@ -363,9 +369,10 @@ class LiveMonitor:
         for thread in list(self._actions):
             thread.join(timeout)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, visible: Callable[[str], bool] = lambda task: True) -> dict[str, Any]:
+        """Each task's live session and earlier ones; only the tasks `visible` admits."""
         with self._lock:
-            tasks = sorted(set(self._sessions) | set(self._history))
+            tasks = sorted(task for task in set(self._sessions) | set(self._history) if visible(task))
             return {
                 "config": {"sample_share": self.config.sample_share, "tolerance": self.config.tolerance,
                            "min_requests": self.config.min_requests, "window": self.config.window},

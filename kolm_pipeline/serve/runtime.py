@@ -148,20 +148,29 @@ class ServingRuntime:
     def release(self, lease: Lease) -> None:
         lease.release()
 
-    def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str) -> None:
-        """Show one served answer to the live monitor; monitoring never fails a request."""
+    def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str,
+                owner: str = "") -> None:
+        """Show one answer served to ``owner`` (a digest of the caller's key) to the live monitor; monitoring
+        never fails a request."""
         if self.monitor is None:
             return
         try:
-            self.monitor.observe(task, cid, response_id, messages, text)
+            self.monitor.observe(task, cid, response_id, messages, text, owner)
         except Exception:  # noqa: BLE001 - the answer was already given; log and go on
             log.exception("live monitor could not observe response %s", response_id)
+
+    def tenant_of(self, task: str) -> str | None:
+        """The tenant whose artifact serves ``task`` now; None when no adapter serves it."""
+        with self._state:
+            adapter = self._active.get(task)
+            return adapter.tenant if adapter is not None else None
 
     def status(self) -> dict:
         """Active adapters, adapters draining after a swap, and artifacts refused (with the reason)."""
         with self._state:
             return {
-                "tasks": {task: {"cid": a.cid, "adapter": a.name, "labels": a.labels, "in_flight": a.in_flight}
+                "tasks": {task: {"cid": a.cid, "adapter": a.name, "labels": a.labels, "in_flight": a.in_flight,
+                                 "tenant": a.tenant}
                           for task, a in sorted(self._active.items())},
                 "draining": [{"task": a.task, "cid": a.cid, "in_flight": a.in_flight} for a in self._retired],
                 "refused": {task: {"cid": r.cid, "reason": r.reason} for task, r in sorted(self._refused.items())},
@@ -259,6 +268,7 @@ class ServingRuntime:
                     raise ArtifactRefused(str(exc)) from exc
         extracted = time.perf_counter()
         adapter = LoadedAdapter(task=task, cid=cid, name=name, labels=labels or None, loaded_at=time.time(),
+                                tenant=str(manifest.get("tenant") or ""),
                                 profile=Profile.from_artifact(manifest, artifact.evals))
         # Routed while the warm-up still holds the model: no queued request can start on the old one between.
         self.backend.load(name, cache, labels, ready=lambda: self._retire(task, adapter))
