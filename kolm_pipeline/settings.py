@@ -14,6 +14,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kolm_pipeline.provenance.atomic import private_dir
 from kolm_pipeline.provenance.errors import InvalidInput
 
 EMBEDDED_BASE_MODEL = "embedded:smollm2-135m-instruct"
@@ -206,9 +207,11 @@ class Settings(BaseSettings):
 
 
 def load_settings(home: str | Path | None = None) -> Settings:
-    """Build settings from the environment; `home` overrides `KOLM_HOME`. A bad variable is one
-    `InvalidInput` naming it."""
+    """Build settings from the environment; `home` overrides `KOLM_HOME`, which is made (or tightened to) a
+    directory only its owner can enter. A bad variable is one `InvalidInput` naming it."""
     try:
-        return Settings(home=home) if home else Settings()
+        settings = Settings(home=home) if home else Settings()
     except ValidationError as exc:
         raise _env_error(Settings, exc) from None
+    private_dir(settings.home)
+    return settings

@@ -9,6 +9,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from kolm_pipeline.provenance.atomic import private_file
+
 EXPERIMENT_PREFIX = "kolm/"
 
 
@@ -39,6 +41,8 @@ def mlflow_run(
     """Open an MLflow run for `task`; yields the active run."""
     import mlflow
 
+    if tracking_uri.startswith("sqlite:///"):
+        private_file(Path(tracking_uri.removeprefix("sqlite:///")))  # run parameters name tasks and tenants
     exp = experiment_id(tracking_uri, task, artifact_root)
     with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags) as run:
         yield run

@@ -323,3 +323,18 @@ def test_serving_needs_a_tenant_key_and_shows_each_tenant_only_its_own_tasks(wor
                                timeout=30).status_code == 200
     after = world.http.get(f"{world.url}/v1/monitor", timeout=30).json()["tasks"]["acme.chat"]["active"]
     assert after["feedback_bad"] == before["feedback_bad"] + 1
+
+
+def test_big_bodies_and_prompts_past_the_context_are_refused_before_any_work(world):
+    """Issue 19, item 7: a 200 MiB body was read whole and a 9k-token prompt held the model for 58 s."""
+    big = b'{"model": "acme.chat", "messages": [{"role": "user", "content": "' + b"x" * (5 << 20) + b'"}]}'
+    response = world.http.post(f"{world.url}/v1/chat/completions", content=big, timeout=60,
+                               headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "over 4194304 bytes" in response.json()["error"]["message"]
+
+    long = [{"role": "user", "content": "where is my parcel " * 400}]  # the tiny base has 512 positions
+    response = world.http.post(f"{world.url}/v1/chat/completions", timeout=60,
+                               json={"model": "acme.chat", "messages": long, "max_tokens": 8})
+    assert response.status_code == 400
+    assert "over the model's context of 512 tokens" in response.json()["error"]["message"]
+    assert _chat(world, "acme.chat").status_code == 200  # and the next request is answered as usual

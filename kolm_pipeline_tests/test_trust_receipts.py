@@ -5,9 +5,7 @@ key, verified "OK" while both public keys were present, and `kolm swap` deployed
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -21,21 +19,13 @@ from kolm_pipeline.provenance.keys import ensure_tenant_keys, load_private_key, 
 from kolm_pipeline.provenance.receipts import make_receipt, read_statement, receipt_cid
 from kolm_pipeline.registry.artifact import MANIFEST, RECEIPTS_PREFIX, read_kolm, verify_kolm
 from kolm_pipeline_tests.test_registry_support import fake_adapter, signed_artifact
-
-
-def _members(path: Path) -> dict[str, bytes]:
-    with tarfile.open(path) as tar:
-        return {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
+from kolm_pipeline_tests.test_registry_swap import _members
+from kolm_pipeline_tests.test_registry_swap import _repack as repack
 
 
 def _repack(path: Path, files: dict[str, bytes]) -> Path:
     """Members in the archive's own deterministic form, so only content can give a forgery away."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name in sorted(files):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid = len(files[name]), 0, 0o644, 0, 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(files[name]))
+    repack(path, files)
     return path
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from kolm_pipeline.evaluate.gate import GateDecision
+from kolm_pipeline.evaluate.tripwire import TripwireResult
 from kolm_pipeline.provenance.errors import UserError
 
 # The K-score parts side by side, as printed: (label, key of a model summary).
@@ -46,46 +48,20 @@ class ModelSummary(BaseModel):
     eval_seconds: float
 
 
-class Decision(BaseModel):
-    """The gate's decision (`evaluate/gate.py: GateDecision`, as stored)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    swap: bool
-    reason: str
-    alert: bool
-    delta: float
-    k_new: float
-    k_current: float
-    k_floor: float
-
-
-class Tripwire(BaseModel):
-    """The collapse tripwire's verdict (`evaluate/tripwire.py: TripwireResult`, as stored)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    clear: bool
-    reasons: list[str]
-    diversity_ratio: float
-    holdout_score: float
-    previous_holdout_score: float | None
-
-
 class EvaluationResult(BaseModel):
     """Candidate against current (the champion or the bare base), measured in one run on one eval split."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: str
-    decision: Decision
+    decision: GateDecision
     current_name: str
     current_cid: str | None
     adapter_cid: str
     recipe_cid: str
     candidate: ModelSummary
     current: ModelSummary
-    tripwire: Tripwire
+    tripwire: TripwireResult
     eval_cases: int
     holdout_cases: int
     case_verdicts: dict[str, Any]

@@ -74,6 +74,23 @@ def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner can enter (0700), created if absent and tightened if not: kolm's
+    state (the tenants' HMAC secrets, signing keys, captured text) must not be readable by other users."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """``path`` as a file only its owner can read or write (0600), created empty if absent: for databases whose
+    library would create them world-readable (SQLite gives its journal files the database file's mode)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    os.chmod(path, 0o600)
+    return path
+
+
 def remove_stale_temps(directory: Path, max_age_seconds: float = 3600.0) -> int:
     """Delete the dot-named ``*.tmp`` entries a killed writer left in ``directory``; returns how many.
 

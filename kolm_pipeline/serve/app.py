@@ -37,6 +37,7 @@ from kolm_pipeline.store import CaptureStore
 
 log = logging.getLogger("kolm.serve")
 MAX_TOKENS_LIMIT = 4096
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body larger than this answers 413 before it is read whole
 _DONE = object()
 
 
@@ -111,8 +112,25 @@ async def _caller(keys: KeyCache, request: Request) -> Caller:
     raise ApiError(401, "authentication_error", "missing kolm key: send it as the client's API key")
 
 
+async def _json_body(request: Request, limit: int) -> Any:
+    """The request's JSON body, read at most `limit` bytes far: 413 past it, 400 for what is not JSON."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_request_error", "the body is not valid JSON") from None
+
+
 def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = None,
-                       key_cache_ttl_s: float = 30.0) -> FastAPI:
+                       key_cache_ttl_s: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The HTTP face of ``runtime``; the runtime starts (base model, adapters, watcher) with the app. Kolm keys
     are checked against ``store`` (by default the capture store the runtime's settings name)."""
     keys = KeyCache(store or CaptureStore(runtime.settings.store_url), key_cache_ttl_s)
@@ -158,9 +176,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
     async def feedback(request: Request):
         caller = await _caller(keys, request)
         try:
-            response_id, good = _parse_feedback(await request.json())
-        except json.JSONDecodeError:
-            return _error(400, "invalid_request_error", "the body is not valid JSON")
+            response_id, good = _parse_feedback(await _json_body(request, max_body_bytes))
         except BadRequest as exc:
             return _error(422, "invalid_request_error", str(exc))
         if runtime.monitor is None:
@@ -177,9 +193,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
     async def chat_completions(request: Request):
         caller = await _caller(keys, request)
         try:
-            task, messages, max_tokens, stream = _parse(await request.json())
-        except json.JSONDecodeError:
-            return _error(400, "invalid_request_error", "the body is not valid JSON")
+            task, messages, max_tokens, stream = _parse(await _json_body(request, max_body_bytes))
         except BadRequest as exc:
             return _error(400, "invalid_request_error", str(exc))
         try:
@@ -215,6 +229,13 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
                 lease.release()
                 raise UnknownTask(f"no adapter is deployed for task {task!r}")
             return lease
+
+        check_prompt = getattr(runtime.backend, "check_prompt", None)
+        if check_prompt is not None:
+            try:
+                await run_in_threadpool(check_prompt, messages, 1 if labels else max_tokens)
+            except BackendError as exc:
+                return _error(400, "invalid_request_error", str(exc))
 
         classify = getattr(runtime.backend, "classify", None)
         if labels and classify is not None:

@@ -42,6 +42,10 @@ class BackendError(Exception):
     """The backend could not load, run or unload an adapter; the message says which and why."""
 
 
+class PromptTooLong(BackendError):
+    """The prompt and the answer asked for do not fit the base model's context; the message names the limit."""
+
+
 class Backend(Protocol):
     """Loads adapters under a name and answers conversations with a named adapter."""
 
@@ -265,6 +269,23 @@ class TransformersBackend:
                 lease.release()
 
         return self._combined(("task", task), messages, run).result
+
+    def check_prompt(self, messages: list[dict], max_tokens: int) -> None:
+        """Refuse, before any work, a conversation whose prompt plus ``max_tokens`` exceeds the base model's
+        context: it could only fail, after holding the model for as long as the prompt takes to read."""
+        from kolm_pipeline.evaluate.inference import render_prompt
+
+        limit = getattr(self._model.config, "max_position_embeddings", None) if self._model is not None else None
+        if not limit:
+            return
+        try:
+            prompt = render_prompt(self._tokenizer, messages)
+        except Exception as exc:  # noqa: BLE001 - the chat template rejects malformed conversations
+            raise BackendError(f"the chat template cannot render these messages: {exc}") from exc
+        tokens = len(self._tokenizer(prompt, add_special_tokens=False).input_ids)
+        if tokens + max_tokens > limit:
+            raise PromptTooLong(f"the prompt is {tokens} tokens and max_tokens {max_tokens}: together over the "
+                                f"model's context of {limit} tokens; shorten the conversation or lower max_tokens")
 
     def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int) -> Iterator[str]:
         import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kolm_pipeline.corpus.recipe import load_recipe
 from kolm_pipeline.evaluate.result import EvaluationResult
-from kolm_pipeline.evaluate.tripwire import TripwireResult, record_good_cycle
+from kolm_pipeline.evaluate.tripwire import record_good_cycle
 from kolm_pipeline.provenance.errors import DeployRefused
 from kolm_pipeline.registry.artifact import build_kolm, extract_adapter
 from kolm_pipeline.registry.manage import activate, artifact_cid_of, verified_artifact
@@ -111,7 +111,7 @@ def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> 
         )
     finally:
         staging.unlink(missing_ok=True)
-    record_good_cycle(workdir.tripwire_state, TripwireResult(**evaluation.tripwire.model_dump()), cid)
+    record_good_cycle(workdir.tripwire_state, evaluation.tripwire, cid)
     store.mark_merged(workdir.tenant, workdir.namespace, corpus_capture_ids(workdir.corpus.read_bytes()))
     return DeployResult(task=workdir.task, artifact_cid=cid, artifact_path=activation.artifact_path,
                         previous_cid=previous_cid, registry_row=activation.registry_row)

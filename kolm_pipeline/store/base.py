@@ -18,6 +18,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
+from kolm_pipeline.provenance.atomic import private_file
 from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.store.keyed_digest import KeyedDigest
@@ -94,7 +95,7 @@ def _make_engine(url: str) -> Engine:
     if parsed.database in (None, "", ":memory:"):
         kwargs["poolclass"] = StaticPool
     else:
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        private_file(Path(parsed.database).expanduser())  # it holds the tenants' key hashes and HMAC secrets
     engine = create_engine(parsed, hide_parameters=True, **kwargs)
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine

@@ -290,17 +290,15 @@ def applied_versions(conn: Connection) -> set[int]:
 
 def migrate(engine: Engine) -> list[int]:
     """Bring the database to the newest schema; returns the versions applied now (empty when current)."""
-    with engine.connect() as conn:
-        if _current(applied_versions(conn)):
-            return []
-    if engine.dialect.name != "sqlite":
-        return _migrate(engine)
     deadline = time.monotonic() + _SQLITE_LOCK_WAIT_S
     while True:
         try:
+            with engine.connect() as conn:  # on SQLite, connecting sets WAL mode: it too waits for the lock
+                if _current(applied_versions(conn)):
+                    return []
             return _migrate(engine)
         except OperationalError as exc:  # another starter holds the write lock longer than the busy timeout
-            if "locked" not in str(exc.orig) or time.monotonic() > deadline:
+            if engine.dialect.name != "sqlite" or "locked" not in str(exc.orig) or time.monotonic() > deadline:
                 raise
 
 
