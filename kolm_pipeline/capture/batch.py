@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kolm_pipeline.capture.providers import PROVIDERS
@@ -31,9 +31,11 @@ from kolm_pipeline.store import CaptureStore, NewCapture
 logger = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
-STORE_DOWN = (OperationalError, DBAPIError, PoolTimeout, ConnectionError)
+# The store cannot be reached (its connection, its lock): spool and retry. A data error (`DataError`,
+# `IntegrityError`, ...) is not an outage: it is the record's, and the record is quarantined alone.
+STORE_DOWN = (OperationalError, InterfaceError, PoolTimeout, ConnectionError)
 FRAME_HEADER = struct.Struct("!I")
-_STATS = ("written", "spooled", "replayed", "lost")
+_STATS = ("written", "spooled", "replayed", "lost", "quarantined")
 
 
 class Pending(NamedTuple):
@@ -86,14 +88,14 @@ def build(pending: Pending | tuple[Any, ...]) -> NewCapture:
         except (ValueError, RecursionError):
             pass
         else:
-            status, output = "ok", completion.output_text
+            status, output = "ok", jsontext.storable(completion.output_text)
             prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
     elif outcome == "stream":
         state = provider.new_stream()
         state.feed(reply)
         if not state.failed:
             status = "ok" if state.complete else "incomplete"
-            output = state.text
+            output = jsontext.storable(state.text)
         prompt_tokens, completion_tokens = state.prompt_tokens, state.completion_tokens
     record = NewCapture(
         request_id=request_id,
@@ -239,11 +241,37 @@ class BatchWriter:
                 logger.warning(
                     "capture store unavailable (%s); spooling %d capture(s)", type(exc).__name__, len(records)
                 )
-            except Exception as exc:
-                logger.error(
-                    "capture store refused a batch (%s); spooling %d capture(s)", type(exc).__name__, len(records)
-                )
+            except Exception as exc:  # a data error: find the records refused, write the rest
+                logger.error("capture store refused a batch of %d (%s); writing it record by record",
+                             len(records), type(exc).__name__)
+                records = self._write_one_by_one(store, records)
+                if not records:
+                    return
         self._spool(records)
+
+    def _write_one_by_one(self, store: CaptureStore, records: list[NewCapture]) -> list[NewCapture]:
+        """Write each record in a transaction of its own; quarantine each one the store refuses, with the
+        reason. Returns the records left to spool when the store goes down meanwhile."""
+        for index, record in enumerate(records):
+            try:
+                store.insert_captures_once([record])
+                self.stats["written"] += 1
+            except STORE_DOWN:
+                self._mark_down()
+                return records[index:]
+            except Exception as exc:
+                self._quarantine_records([record], exc)
+        return []
+
+    def _quarantine_records(self, records: list[NewCapture], exc: Exception) -> None:
+        self.stats["quarantined"] += len(records)
+        if self.spool is None:
+            logger.error("capture refused by the store (%s) and no spool to quarantine it in", type(exc).__name__)
+            return
+        try:
+            self._quarantine(self.spool.write(records), exc)
+        except (OSError, ValueError) as error:
+            logger.error("could not quarantine a refused capture: %s", type(error).__name__)
 
     def _spool(self, records: list[NewCapture]) -> None:
         if self.spool is None:
@@ -277,9 +305,11 @@ class BatchWriter:
                 except STORE_DOWN:
                     self._mark_down()
                     break
-                except Exception as exc:
-                    self._quarantine(path, exc)
-                    continue
+                except Exception:  # a data error: the records the store refuses are quarantined, one by one
+                    before = self.stats["written"]
+                    if self._write_one_by_one(store, records):
+                        break  # down meanwhile: the file stays; stored ids are skipped when it is replayed
+                    self.stats["written"] = before  # counted as replayed below, not as written
                 self.spool.remove(path)
                 self._down_until = 0.0
                 replayed += len(records)
@@ -289,10 +319,13 @@ class BatchWriter:
         return replayed
 
     def _quarantine(self, path: Path, exc: Exception) -> None:
-        """A file the store keeps refusing for a reason other than being down is set aside, not retried."""
+        """A file the store refuses for a reason other than being down is set aside with the reason, not
+        retried (`failed/NAME` and `failed/NAME.reason`); the reason names the error, never the record."""
         target = path.parent / "failed" / path.name
         target.parent.mkdir(exist_ok=True, mode=0o700)
         path.replace(target)
+        reason = getattr(exc, "orig", None) or exc
+        target.with_name(target.name + ".reason").write_text(f"{type(exc).__name__}: {type(reason).__name__}\n")
         logger.error("spooled batch %s refused (%s); moved to %s", path.name, type(exc).__name__, target.parent)
 
 

@@ -408,6 +408,10 @@ class Forwarder:
             raise ApiError(400, "invalid_request_error", "request body is not valid JSON") from exc
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_request_error", "request body must be a JSON object")
+        problem = jsontext.unstorable(raw, body)
+        if problem:  # refused alone, at the door, rather than failing the batch it would be written with
+            raise ApiError(400, "invalid_request_error", f"request body holds {problem} (a \\u escape), which "
+                                                         "cannot be recorded; send valid Unicode text")
         try:
             provider.messages(body)
         except RequestError as exc:
