@@ -16,14 +16,14 @@ from kolm_pipeline_tests.test_capture import Proxy, proxy, start_proxy, teacher 
 from kolm_pipeline_tests.test_store import store  # noqa: F401 - fixture: SQLite and PostgreSQL
 
 
-def _call(proxy: Proxy, content: bytes, model: bytes = b"gpt-4o") -> httpx.Response:
+def _call(target: Proxy, content: bytes, model: bytes = b"gpt-4o") -> httpx.Response:
     body = b'{"model": "' + model + b'", "messages": [{"role": "user", "content": "' + content + b'"}]}'
-    return httpx.post(f"{proxy.url}/v1/capture/openai/chat/completions", content=body, timeout=30,
-                      headers={"authorization": f"Bearer {proxy.key}", "content-type": "application/json",
-                               **proxy.headers()})
+    return httpx.post(f"{target.url}/v1/capture/openai/chat/completions", content=body, timeout=30,
+                      headers={"authorization": f"Bearer {target.key}", "content-type": "application/json",
+                               **target.headers()})
 
 
-def test_unstorable_text_is_refused_at_the_door_and_its_neighbours_are_recorded(proxy: Proxy) -> None:
+def test_unstorable_text_is_refused_at_the_door_and_its_neighbours_are_recorded(proxy: Proxy) -> None:  # noqa: F811
     assert _call(proxy, b"I was charged twice").status_code == 200
     for content, model, problem in [(b"bad \\ud800 text", b"gpt-4o", "a lone surrogate"),
                                     (b"nul \\u0000 here", b"gpt-4o", "a NUL character"),
