@@ -338,3 +338,14 @@ def test_provenance_weights_reach_train_jsonl_and_bad_ones_are_named(tmp_path):
     assert problems == ["train.jsonl:2: 'weight' must be a non-negative number, got -1",
                         "train.jsonl:3: 'weight' must be a non-negative number, got 'heavy'",
                         "train.jsonl:4: 'weight' must be a non-negative number, got True"]
+
+
+def test_the_shipped_spec_schema_embeds_the_training_settings_as_declared():
+    """`training` in recipe_spec.schema.json is TrainConfig's own JSON Schema: editors and `kolm compile` see
+    the same settings, defaults and bounds (regenerate with `python -m kolm_pipeline.corpus.train_config`)."""
+    from kolm_pipeline.corpus.recipe import SPEC_SCHEMA
+    from kolm_pipeline.corpus.train_config import TrainConfig
+
+    shipped = {k: v for k, v in SPEC_SCHEMA["properties"]["training"].items() if k != "$comment"}
+    assert shipped == TrainConfig.model_json_schema()
+    assert shipped["additionalProperties"] is False and shipped["properties"]["rank"]["minimum"] == 1

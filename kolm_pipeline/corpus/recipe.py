@@ -55,13 +55,12 @@ __all__ = [
     "prompt_text", "read_jsonl", "synthesize_recipe",
 ]
 
-_SPEC_FILE_SCHEMA = json.loads((Path(__file__).with_name("recipe_spec.schema.json")).read_text())
-# The published schema: the shipped file's, with `training` generated from TrainConfig (declared once).
-SPEC_SCHEMA = {**_SPEC_FILE_SCHEMA,
-               "properties": {**_SPEC_FILE_SCHEMA["properties"], "training": TrainConfig.model_json_schema()}}
-# spec.json is checked against the file's schema, whose `training` is only "an object": TrainConfig.problems
-# then checks the settings with lines that name the setting and what it expects.
-_SPEC_VALIDATOR = jsonschema.Draft202012Validator(_SPEC_FILE_SCHEMA)
+# The shipped schema; its `training` is TrainConfig's JSON Schema, generated into the file (a test keeps them equal).
+SPEC_SCHEMA = json.loads((Path(__file__).with_name("recipe_spec.schema.json")).read_text())
+# spec.json is checked with `training` only required to be an object: TrainConfig.problems then checks the settings
+# with lines that name the setting and what it expects, clearer than a JSON Schema validator's.
+_SPEC_VALIDATOR = jsonschema.Draft202012Validator(
+    {**SPEC_SCHEMA, "properties": {**SPEC_SCHEMA["properties"], "training": {"type": "object"}}})
 RECIPE_FORMAT = "kolm-recipe/1"
 DEFAULT_K_FLOOR = 0.50
 HOLDOUT_SHARE = 0.15

@@ -84,3 +84,9 @@ class TrainConfig(BaseModel):
                 expects = cls.model_fields[name].json_schema_extra["expects"]
                 found.append(f"{name}: {values[name]!r} is not {expects}")
         return found
+
+
+if __name__ == "__main__":  # the JSON Schema the recipe spec schema embeds as `training`
+    import json
+
+    print(json.dumps(TrainConfig.model_json_schema(), indent=2, ensure_ascii=False))
