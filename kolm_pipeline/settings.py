@@ -206,12 +206,17 @@ class Settings(BaseSettings):
         return self.home / "spool"
 
 
+def read_settings(home: str | Path | None = None) -> Settings:
+    """Settings from the environment, touching nothing on disk; a bad variable is one `InvalidInput` naming it."""
+    try:
+        return Settings(home=home) if home else Settings()
+    except ValidationError as exc:
+        raise _env_error(Settings, exc) from None
+
+
 def load_settings(home: str | Path | None = None) -> Settings:
     """Build settings from the environment; `home` overrides `KOLM_HOME`, which is made (or tightened to) a
     directory only its owner can enter. A bad variable is one `InvalidInput` naming it."""
-    try:
-        settings = Settings(home=home) if home else Settings()
-    except ValidationError as exc:
-        raise _env_error(Settings, exc) from None
+    settings = read_settings(home)
     private_dir(settings.home)
     return settings

@@ -33,3 +33,11 @@ def test_the_capture_store_and_mlflow_databases_are_owner_only(tmp_path):
     with mlflow_run(uri, "acme.support", settings.home / "mlflow-artifacts", "t", {}):
         pass
     assert _mode(settings.home / "mlflow.db") == 0o600
+
+
+def test_opening_a_store_elsewhere_leaves_kolm_home_alone(tmp_path, monkeypatch):
+    """Only the entry points' `load_settings` makes KOLM_HOME; a store opened on its own URL reads the settings
+    it defaults from without creating or changing anything."""
+    monkeypatch.setenv("KOLM_HOME", str(tmp_path / "not-made"))
+    CaptureStore(f"sqlite:///{tmp_path / 'elsewhere' / 'captures.db'}").close()
+    assert not (tmp_path / "not-made").exists()

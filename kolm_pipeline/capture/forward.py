@@ -147,13 +147,17 @@ class KeyCache:
 
     async def tenant_of(self, headers: Mapping[str, str]) -> Tenant:
         """The tenant whose kolm key the request carries; 401 when there is none or it is unknown."""
+        return (await self.authenticate(headers))[0]
+
+    async def authenticate(self, headers: Mapping[str, str]) -> tuple[Tenant, str]:
+        """(the tenant, the hex sha256 of the key that named it); 401 when there is no known kolm key."""
         keys = kolm_keys(headers)
         if not keys:
             raise ApiError(401, "authentication_error", "missing kolm key: send it as the client's API key")
         for key in keys:
             tenant = await self.tenant(key)
             if tenant is not None:
-                return tenant
+                return tenant, hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         raise ApiError(401, "authentication_error", "unknown kolm key")
 
     def clear(self) -> None:

@@ -14,6 +14,7 @@ from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.defs.partitions import namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
 from kolm_pipeline.evaluate.result import KSCORE_ROWS, EvaluationResult
+from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.stages.adapter import record_adapter, training_job
 from kolm_pipeline.stages.corpus import NotEnoughPairs, recipe_counts, run_corpus_stage, run_recipe_stage
 from kolm_pipeline.stages.deployment import DeployRefused, current_champion, deploy
@@ -171,9 +172,10 @@ def adapter(
     error_path.unlink(missing_ok=True)
     settings = {key: value for key, value in config.model_dump().items()
                 if value is not None and key != "continue_from_champion"}
-    problems = TrainConfig.problems(settings)
-    if problems:
-        raise dg.Failure(description=f"adapter config: {'; '.join(problems)}", allow_retries=False)
+    try:
+        train_config = TrainConfig.parse(settings)
+    except InvalidInput as exc:
+        raise dg.Failure(description=f"adapter config: {exc}", allow_retries=False) from None
     job = training_job(
         kolm.settings,
         base,
@@ -181,7 +183,7 @@ def adapter(
         train_path=workdir.recipe / "train.jsonl",
         output_dir=workdir.adapter,
         recipe_cid=recipe_cid,
-        config=TrainConfig.model_validate(settings),
+        config=train_config,
         init_adapter=champion[1] if champion else None,
         tags={"dagster_run_id": context.run_id, "partition": context.partition_key},
         error_path=error_path,

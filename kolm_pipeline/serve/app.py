@@ -15,7 +15,6 @@ once per completion. Anything else answers 404, as an unknown task or id does, s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -30,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from kolm_pipeline.capture.forward import ApiError, KeyCache, kolm_keys
+from kolm_pipeline.capture.forward import ApiError, KeyCache
 from kolm_pipeline.serve.backends import BackendError
 from kolm_pipeline.serve.runtime import ServingRuntime, UnknownTask
 from kolm_pipeline.store import CaptureStore
@@ -103,13 +102,8 @@ class Caller:
 
 async def _caller(keys: KeyCache, request: Request) -> Caller:
     """The caller's tenant and key digest; `ApiError` 401 without a known kolm key."""
-    for key in kolm_keys(request.headers):
-        tenant = await keys.tenant(key)
-        if tenant is not None:
-            return Caller(tenant.name, hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest())
-    if kolm_keys(request.headers):
-        raise ApiError(401, "authentication_error", "unknown kolm key")
-    raise ApiError(401, "authentication_error", "missing kolm key: send it as the client's API key")
+    tenant, owner = await keys.authenticate(request.headers)
+    return Caller(tenant.name, owner)
 
 
 async def _json_body(request: Request, limit: int) -> Any:

@@ -57,14 +57,14 @@ def run_evaluation_stage(
     )
     result = EvaluationResult.model_validate({
         "task": workdir.task,
-        "decision": asdict(decision),
+        "decision": decision,
         "current_name": current_name,
         "adapter_cid": directory_cid(workdir.adapter),
         "recipe_cid": directory_cid(workdir.recipe),
         "current_cid": champion[0] if champion else None,
         "candidate": _report(candidate),
         "current": _report(current),
-        "tripwire": asdict(tripwire),
+        "tripwire": tripwire,
         "eval_cases": len(recipe.eval),
         "holdout_cases": len(recipe.holdout),
         "case_verdicts": case_verdicts(recipe.eval, {"candidate": candidate.eval, "current": current.eval}),

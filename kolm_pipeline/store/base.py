@@ -20,7 +20,7 @@ from sqlalchemy.pool import StaticPool
 
 from kolm_pipeline.provenance.atomic import private_file
 from kolm_pipeline.provenance.errors import InvalidInput
-from kolm_pipeline.settings import load_settings
+from kolm_pipeline.settings import read_settings
 from kolm_pipeline.store.keyed_digest import KeyedDigest
 from kolm_pipeline.store.migrations import migrate
 from kolm_pipeline.store.records import NamespaceSettings
@@ -115,7 +115,7 @@ class StoreBase:
     ) -> None:
         if source_weights is None or default_retention_days is None:
             # Whatever the caller leaves out comes from the one place settings are read (KOLM_* variables).
-            settings = load_settings()
+            settings = read_settings()
             source_weights = settings.source_weights if source_weights is None else source_weights
             if default_retention_days is None:
                 default_retention_days = settings.retention_days
