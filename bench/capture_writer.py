@@ -1,4 +1,4 @@
-"""CPU time the capture writer spends per proxied call: parse the reply, scrub the provider key, redact,
+"""CPU time the capture writer spends per proxied call: parse the reply, redact,
 digest and insert into the embedded SQLite store — everything `kolm capture serve` hands to its writer
 process. Every call carries a distinct prompt (as real traffic does), into a store that already holds
 `--rows` captures, with time-ordered request ids as the proxy makes them.
@@ -87,7 +87,7 @@ def calls_of(count: int, stream: bool) -> list[Pending]:
         ).encode()
         batch.append(
             Pending(
-                new_request_id(), "bench", "bench", "openai", "gpt-4o", request, (), stream, "sk-upstream",
+                new_request_id(), "bench", "bench", "openai", "gpt-4o", request, (), stream,
                 "stream" if stream else "reply", 200, STREAM if stream else PLAIN, 1234, time.time(),
             )
         )  # fmt: skip

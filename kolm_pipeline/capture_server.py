@@ -35,7 +35,6 @@ from kolm_pipeline.capture.inbox import InboxTenant, StoreDep, not_found
 from kolm_pipeline.capture.inbox import router as inbox_router
 from kolm_pipeline.capture.providers import ANTHROPIC, OPENAI, PROVIDERS, Provider
 from kolm_pipeline.capture.recorder import Recorder
-from kolm_pipeline.capture.spool import Spool
 from kolm_pipeline.corpus.build import build_corpus
 from kolm_pipeline.settings import CaptureConfig, Settings, load_capture_config
 from kolm_pipeline.store import CaptureStore
@@ -139,11 +138,12 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
     recorder = (
         Recorder(
             store,
-            Spool(settings.spool_dir),
+            settings.journal_dir,
+            settings.quarantine_dir,
+            legacy_spool=settings.spool_dir,
             batch_size=config.batch_size,
-            max_queue=config.queue_size,
+            poll_s=config.writer_poll_s,
             retry_interval=config.replay_interval_s,
-            linger=config.batch_linger_s,
         )
         if config.record
         else None

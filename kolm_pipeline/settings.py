@@ -105,8 +105,9 @@ class CaptureConfig(BaseSettings):
     """The proxy's tuning, from `KOLM_CAPTURE_*`. `record`: write captures at all (off only for benchmarks and
     dry runs); `max_body_bytes`: larger requests are refused with 413; `key_cache_ttl_s`: how long a kolm key
     lookup is reused (a revoked key stops working within it); `retention_sweep_s`: how often the server applies
-    the retention windows (0: never, leave it to the `triaged_captures` asset); `batch_linger_s`: how long the
-    writer lets a batch gather before one transaction writes it."""
+    the retention windows (0: never, leave it to the `triaged_captures` asset); `batch_size`: captures per
+    store transaction; `writer_poll_s`: how often the writer looks for newly journaled captures;
+    `replay_interval_s`: how long it waits before trying a store that could not be reached again."""
 
     model_config = SettingsConfigDict(env_prefix="KOLM_CAPTURE_", frozen=True, extra="ignore", env_ignore_empty=True)
 
@@ -114,10 +115,9 @@ class CaptureConfig(BaseSettings):
     max_body_bytes: int = 8 * 1024 * 1024
     key_cache_ttl_s: float = 30.0
     batch_size: int = 200
-    queue_size: int = 50_000
     replay_interval_s: float = 1.0
     retention_sweep_s: float = 3600.0
-    batch_linger_s: float = 0.05
+    writer_poll_s: float = 0.05
 
 
 def load_capture_config() -> CaptureConfig:
@@ -202,7 +202,18 @@ class Settings(BaseSettings):
         return self.model_cache
 
     @property
+    def journal_dir(self) -> Path:
+        """The capture proxies' journals: captures between the response and the store (see capture/journal.py)."""
+        return self.home / "capture-log"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Captures the store refused, each with the reason."""
+        return self.home / "quarantine"
+
+    @property
     def spool_dir(self) -> Path:
+        """Where versions before the journal spooled captures; stored once and emptied by the writer."""
         return self.home / "spool"
 
 

@@ -1,6 +1,6 @@
 """Each record stands alone (issue 19, item 2). A prompt with a lone surrogate failed the whole writer batch
 and lost another tenant's acknowledged captures; on PostgreSQL a data error was taken for "store down", so the
-poisoned batch was retried first for ever while every tenant's captures piled up in the spool."""
+poisoned batch was retried first for ever while every tenant's captures piled up behind it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from kolm_pipeline.capture.batch import BatchWriter, Pending
-from kolm_pipeline.capture.spool import Spool
+from kolm_pipeline.capture.batch import BatchWriter, Pending, Quarantine
 from kolm_pipeline.store import CaptureStore
 from kolm_pipeline_tests.test_capture import Proxy, proxy, start_proxy, teacher  # noqa: F401 - fixtures
 from kolm_pipeline_tests.test_store import store  # noqa: F401 - fixture: SQLite and PostgreSQL
@@ -40,7 +39,7 @@ def test_unstorable_text_is_refused_at_the_door_and_its_neighbours_are_recorded(
 
 def _pending(request_id: str, tenant: str, reply: dict) -> tuple:
     request = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": f"hi {request_id}"}]})
-    return Pending(request_id, tenant, "support", "openai", "gpt-4o", request.encode(), (), False, "sk-x", "reply",
+    return Pending(request_id, tenant, "support", "openai", "gpt-4o", request.encode(), (), False, "reply",
                    200, json.dumps(reply).encode(), 1000, 1_700_000_000.0)
 
 
@@ -52,19 +51,18 @@ def _reply(text: str, prompt_tokens: int = 3) -> dict:
 def test_a_record_the_store_refuses_is_quarantined_alone(store: CaptureStore, tmp_path: Path) -> None:  # noqa: F811
     for tenant in ("acme", "other"):
         store.create_tenant(tenant)
-    writer = BatchWriter(store, Spool(tmp_path / "spool"), retry_interval=0.01)
-    writer.write([
+    writer = BatchWriter(store, Quarantine(tmp_path / "quarantine"))
+    assert writer.write([
         _pending("a1", "acme", _reply("fin-ops")),
         _pending("bad", "acme", _reply("iam", prompt_tokens=2**63 + 5)),  # a number no integer column holds
         _pending("o1", "other", _reply("bad \ud800 reply \x00 text")),  # stored safely, as U+FFFD
         _pending("o2", "other", _reply("logistics")),
-    ])
+    ]), "a data error is not an outage: the batch is done with, not tried again"
     stored = {row.request_id: row.output_text for tenant in ("acme", "other") for row in store.list_captures(tenant)}
     assert stored == {"a1": "fin-ops", "o1": "bad \ufffd reply \ufffd text", "o2": "logistics"}
-    assert (writer.stats["written"], writer.stats["quarantined"], writer.stats["spooled"]) == (3, 1, 0)
-    failed = sorted((tmp_path / "spool" / "failed").iterdir())
+    assert (writer.stats["written"], writer.stats["quarantined"]) == (3, 1)
+    failed = sorted((tmp_path / "quarantine").iterdir())
     assert [path.suffix for path in failed] == [".jsonl", ".reason"]
     assert "bad" in failed[0].read_text() and "iam" not in failed[1].read_text()  # the reason names no text
-    assert Spool(tmp_path / "spool").files() == []  # nothing left to retry for ever
     writer.write([_pending("a2", "acme", _reply("growth"))])  # the store was never taken for down
     assert any(row.request_id == "a2" for row in store.list_captures("acme"))

@@ -1,19 +1,19 @@
-"""Writing finished calls to the store in batches: the record format the proxy hands over (`Pending`'s fields as
-a plain tuple), turning one into a `NewCapture` (key scrubbed, PII redacted), the `BatchWriter` that stores or
-spools a batch, and the frames the proxy and its writer process exchange. Both `recorder.py` (the proxy's side)
-and `writer.py` (the writer process) build on this module; neither imports the other's internals.
+"""Turning finished calls into stored captures: the record the proxy puts in its journal (`Pending`'s fields
+as a plain tuple), building a `NewCapture` from one (reply parsed, PII redacted) and the `BatchWriter` that
+stores a batch, telling an unreachable store (wait and retry: the records stay in the journal) from a record
+the store refuses (quarantined alone, with its reason).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pickle
-import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,26 +24,22 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kolm_pipeline.capture.providers import PROVIDERS
 from kolm_pipeline.capture.redact import Redactor
-from kolm_pipeline.capture.spool import Spool
 from kolm_pipeline.provenance import jsontext
 from kolm_pipeline.store import CaptureStore, NewCapture
 
 logger = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
-# The store cannot be reached (its connection, its lock): spool and retry. A data error (`DataError`,
+# The store cannot be reached (its connection, its lock): wait and retry. A data error (`DataError`,
 # `IntegrityError`, ...) is not an outage: it is the record's, and the record is quarantined alone.
 STORE_DOWN = (OperationalError, InterfaceError, PoolTimeout, ConnectionError)
-FRAME_HEADER = struct.Struct("!I")
-_STATS = ("written", "spooled", "replayed", "lost", "quarantined")
+STATS = ("written", "quarantined", "lost")
 
 
 class Pending(NamedTuple):
-    """A finished call, as plain data: no field is a container (tags are a tuple), so the plain tuple of its
-    fields that the proxy holds until the writer acknowledges it leaves the garbage collector's care.
-    `outcome` is `failure` (no reply: `reply` is empty), `reply` (a complete body) or `stream` (the raw
-    event stream as far as it came). `secret` (the provider key) is scrubbed from every text of the record
-    and then dropped: it never reaches the store, the spool or a log."""
+    """A finished call, as plain data, as the proxy journals it. `outcome` is `failure` (no reply: `reply`
+    is empty), `reply` (a complete body) or `stream` (the raw event stream as far as it came). The provider
+    key is already removed from every field (`forward.scrub_secret`)."""
 
     request_id: str
     tenant: str
@@ -53,7 +49,6 @@ class Pending(NamedTuple):
     request: bytes
     tags: tuple[str, ...]
     streamed: bool
-    secret: str
     outcome: str
     http_status: int
     reply: bytes
@@ -61,22 +56,10 @@ class Pending(NamedTuple):
     created_at: float
 
 
-def scrub(value: Any, secret: str) -> Any:
-    """Replace every occurrence of `secret` in the strings of a JSON-like value."""
-    if isinstance(value, str):
-        return value.replace(secret, REDACTED)
-    if isinstance(value, list):
-        return [scrub(item, secret) for item in value]
-    if isinstance(value, dict):
-        return {scrub(k, secret): scrub(v, secret) for k, v in value.items()}
-    return value
-
-
 def build(pending: Pending | tuple[Any, ...]) -> NewCapture:
-    """The capture record of a finished call, with the provider key scrubbed (not yet PII-redacted).
-    `pending` may be the plain tuple of `Pending`'s fields, as the writer receives it."""
+    """The capture record of a finished call (not yet PII-redacted)."""
     (
-        request_id, tenant, namespace, provider_name, model, request, tags, streamed, secret, outcome,
+        request_id, tenant, namespace, provider_name, model, request, tags, streamed, outcome,
         http_status, reply, latency_us, created_at,
     ) = pending  # fmt: skip
     provider = PROVIDERS[provider_name]
@@ -97,7 +80,7 @@ def build(pending: Pending | tuple[Any, ...]) -> NewCapture:
             status = "ok" if state.complete else "incomplete"
             output = jsontext.storable(state.text)
         prompt_tokens, completion_tokens = state.prompt_tokens, state.completion_tokens
-    record = NewCapture(
+    return NewCapture(
         request_id=request_id,
         tenant=tenant,
         namespace=namespace,
@@ -114,18 +97,6 @@ def build(pending: Pending | tuple[Any, ...]) -> NewCapture:
         streamed=streamed,
         created_at=datetime.fromtimestamp(created_at, UTC),
     )
-    # Model and messages come from the request body. Without escapes every string parsed from it is a
-    # piece of its bytes, so a key not in the bytes is in none of them; with escapes, scrub to be sure.
-    in_request = bool(secret) and (b"\\" in request or secret.encode("utf-8") in request)
-    if secret and (in_request or secret in output or any(secret in tag for tag in record.tags)):
-        record = replace(
-            record,
-            model=record.model.replace(secret, REDACTED),
-            messages=scrub(record.messages, secret),
-            output_text=output.replace(secret, REDACTED),
-            tags=[tag.replace(secret, REDACTED) for tag in record.tags],
-        )
-    return record
 
 
 @dataclass(frozen=True)
@@ -156,190 +127,149 @@ class StoreSpec:
         )
 
 
+def _encode(record: NewCapture) -> str:
+    data = asdict(record)
+    data["created_at"] = record.created_at.isoformat() if record.created_at else None
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_record(line: str) -> NewCapture:
+    """A record of a quarantine file (or of a spool file left by an older version)."""
+    data: dict[str, Any] = json.loads(line)
+    if data.get("created_at"):
+        data["created_at"] = datetime.fromisoformat(data["created_at"])
+    return NewCapture(**data)
+
+
+class Quarantine:
+    """Records the store refused, set aside with the reason (`<name>.jsonl` and `<name>.reason`); the
+    reason names the error types, never the text. Records here are redacted already. Retention removes
+    them with everything else past the window (see docs/security.md)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def put(self, data: bytes, suffix: str, exc: Exception | str) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex}"
+        path = self.directory / f"{name}{suffix}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        if isinstance(exc, Exception):
+            cause = getattr(exc, "orig", None) or exc
+            exc = f"{type(exc).__name__}: {type(cause).__name__}"
+        (self.directory / f"{name}.reason").write_text(f"{exc}\n", "utf-8")
+        return path
+
+    def files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(path for path in self.directory.iterdir() if path.suffix in (".jsonl", ".bin"))
+
+
 class BatchWriter:
-    """Builds, redacts and writes batches of finished calls; spools a batch when the store is down and
-    replays the spool once it answers. Runs in the writer process, and in the proxy as its fallback."""
+    """Builds, redacts and stores batches of finished calls. `write` answers whether the batch is done with
+    (stored, or refused record by record and quarantined): False means the store cannot be reached and the
+    batch must be written again later."""
 
     def __init__(
         self,
         store: CaptureStore | Callable[[], CaptureStore],
-        spool: Spool | None,
-        retry_interval: float = 1.0,
+        quarantine: Quarantine | None,
         settings_ttl: float = 5.0,
     ) -> None:
         self._store = store if isinstance(store, CaptureStore) else None
         self._open_store = None if isinstance(store, CaptureStore) else store
-        self.spool = spool
-        self._retry_interval = retry_interval
+        self.quarantine = quarantine
         self._settings_ttl = settings_ttl
-        self._down_until = 0.0
-        self._replay_lock = threading.Lock()
         self._redactors: dict[tuple[str, str], tuple[Redactor, float]] = {}
         self._default_redactor = Redactor()
-        self.stats = dict.fromkeys(_STATS, 0)
+        self._lock = threading.Lock()
+        self.stats = dict.fromkeys(STATS, 0)
 
-    def _store_now(self) -> CaptureStore | None:
-        """The store, opened on first use in the writer process (and retried while the database is down)."""
-        if self._store is None and self._open_store is not None and self._store_up():
+    def store(self) -> CaptureStore | None:
+        """The store, opened on first use in the writer process (None while the database is down)."""
+        if self._store is None and self._open_store is not None:
             try:
                 self._store = self._open_store()
             except STORE_DOWN as exc:
-                self._mark_down()
-                logger.warning("capture store unavailable (%s); spooling meanwhile", type(exc).__name__)
+                logger.warning("capture store unavailable (%s); captures wait in the journal", type(exc).__name__)
         return self._store
 
-    def _store_up(self) -> bool:
-        return time.monotonic() >= self._down_until
-
-    def _mark_down(self) -> None:
-        self._down_until = time.monotonic() + self._retry_interval
-
-    def _redactor(self, tenant: str, namespace: str) -> Redactor:
-        """The namespace's redactor, re-read every few seconds; every entity while the store is down."""
+    def _redactor(self, store: CaptureStore, tenant: str, namespace: str) -> Redactor:
+        """The namespace's redactor, re-read every few seconds."""
         now = time.monotonic()
         cached = self._redactors.get((tenant, namespace))
         if cached is not None and cached[1] > now:
             return cached[0]
-        store = self._store_now()
-        if store is None or not self._store_up():
-            return cached[0] if cached is not None else self._default_redactor
         try:
             entities = store.namespace_settings(tenant, namespace).redact_entities
             redactor = self._default_redactor if entities is None else Redactor(entities)
         except ValueError:
             redactor = self._default_redactor
-        except STORE_DOWN:
-            self._mark_down()
-            return cached[0] if cached is not None else self._default_redactor
         self._redactors[(tenant, namespace)] = (redactor, now + self._settings_ttl)
         return redactor
 
-    def _build(self, batch: list[Pending] | list[tuple[Any, ...]]) -> list[NewCapture]:
+    def write(self, batch: list[Pending] | list[tuple[Any, ...]]) -> bool:
+        """Build, redact and store `batch` (`Pending`s, or their fields as plain tuples)."""
+        store = self.store()
+        if store is None:
+            return False
         records = []
-        for pending in batch:
-            try:
-                record = build(pending)
-                records.append(self._redactor(record.tenant, record.namespace).capture(record))
-            except Exception as exc:  # a record that cannot be built must not take the batch with it
-                self.stats["lost"] += 1
-                logger.error("could not build a capture record: %s", type(exc).__name__)
-        return records
+        try:
+            for pending in batch:
+                try:
+                    record = build(pending)
+                except Exception as exc:  # a record that cannot be built must not take the batch with it
+                    self._set_aside(lambda pending=pending: repr(tuple(pending)).encode(), ".bin", exc)
+                    continue
+                records.append(self._redactor(store, record.tenant, record.namespace).capture(record))
+        except STORE_DOWN:  # reading a namespace's redaction settings
+            return False
+        return self.store_records(records)
 
-    def write(self, batch: list[Pending] | list[tuple[Any, ...]]) -> None:
-        """Build, redact and write `batch` (`Pending`s, or their fields as plain tuples), or spool it."""
-        records = self._build(batch)
-        if not records:
-            return
-        store = self._store_now()
-        if store is not None and self._store_up():
+    def store_records(self, records: list[NewCapture]) -> bool:
+        """Store built records; a batch the store refuses for a data reason is written record by record and
+        each record refused is quarantined alone."""
+        store = self.store()
+        if store is None:
+            return False
+        with self._lock:
             try:
                 store.insert_captures_once(records)
                 self.stats["written"] += len(records)
-                return
+                return True
             except STORE_DOWN as exc:
-                self._mark_down()
-                logger.warning(
-                    "capture store unavailable (%s); spooling %d capture(s)", type(exc).__name__, len(records)
-                )
+                logger.warning("capture store unavailable (%s); %d capture(s) wait in the journal",
+                               type(exc).__name__, len(records))
+                return False
             except Exception as exc:  # a data error: find the records refused, write the rest
                 logger.error("capture store refused a batch of %d (%s); writing it record by record",
                              len(records), type(exc).__name__)
-                records = self._write_one_by_one(store, records)
-                if not records:
-                    return
-        self._spool(records)
-
-    def _write_one_by_one(self, store: CaptureStore, records: list[NewCapture]) -> list[NewCapture]:
-        """Write each record in a transaction of its own; quarantine each one the store refuses, with the
-        reason. Returns the records left to spool when the store goes down meanwhile."""
-        for index, record in enumerate(records):
-            try:
-                store.insert_captures_once([record])
-                self.stats["written"] += 1
-            except STORE_DOWN:
-                self._mark_down()
-                return records[index:]
-            except Exception as exc:
-                self._quarantine_records([record], exc)
-        return []
-
-    def _quarantine_records(self, records: list[NewCapture], exc: Exception) -> None:
-        self.stats["quarantined"] += len(records)
-        if self.spool is None:
-            logger.error("capture refused by the store (%s) and no spool to quarantine it in", type(exc).__name__)
-            return
-        try:
-            self._quarantine(self.spool.write(records), exc)
-        except (OSError, ValueError) as error:
-            logger.error("could not quarantine a refused capture: %s", type(error).__name__)
-
-    def _spool(self, records: list[NewCapture]) -> None:
-        if self.spool is None:
-            self.stats["lost"] += len(records)
-            logger.error("no spool configured; %d capture(s) lost", len(records))
-            return
-        try:
-            self.spool.write(records)
-            self.stats["spooled"] += len(records)
-        except OSError as exc:
-            self.stats["lost"] += len(records)
-            logger.error("could not spool %d capture(s): %s", len(records), type(exc).__name__)
-
-    def replay(self) -> int:
-        """Write spooled batches back, oldest first; returns how many captures were replayed."""
-        if self.spool is None:
-            return 0
-        store = self._store_now()
-        if store is None:
-            return 0
-        replayed = 0
-        with self._replay_lock:
-            for path in self.spool.files():
+            for record in records:
                 try:
-                    records = self.spool.read(path)
-                except (OSError, ValueError, TypeError) as exc:
-                    self._quarantine(path, exc)
-                    continue
-                try:
-                    store.insert_captures_once(records)
+                    store.insert_captures_once([record])
+                    self.stats["written"] += 1
                 except STORE_DOWN:
-                    self._mark_down()
-                    break
-                except Exception:  # a data error: the records the store refuses are quarantined, one by one
-                    before = self.stats["written"]
-                    if self._write_one_by_one(store, records):
-                        break  # down meanwhile: the file stays; stored ids are skipped when it is replayed
-                    self.stats["written"] = before  # counted as replayed below, not as written
-                self.spool.remove(path)
-                self._down_until = 0.0
-                replayed += len(records)
-        self.stats["replayed"] += replayed
-        if replayed:
-            logger.info("replayed %d spooled capture(s)", replayed)
-        return replayed
+                    return False  # the records stored so far are skipped when the batch comes again
+                except Exception as exc:
+                    self._set_aside(lambda record=record: _encode(record).encode("utf-8") + b"\n", ".jsonl", exc)
+        return True
 
-    def _quarantine(self, path: Path, exc: Exception) -> None:
-        """A file the store refuses for a reason other than being down is set aside with the reason, not
-        retried (`failed/NAME` and `failed/NAME.reason`); the reason names the error, never the record."""
-        target = path.parent / "failed" / path.name
-        target.parent.mkdir(exist_ok=True, mode=0o700)
-        path.replace(target)
-        reason = getattr(exc, "orig", None) or exc
-        target.with_name(target.name + ".reason").write_text(f"{type(exc).__name__}: {type(reason).__name__}\n")
-        logger.error("spooled batch %s refused (%s); moved to %s", path.name, type(exc).__name__, target.parent)
+    def _set_aside(self, data: Callable[[], bytes], suffix: str, exc: Exception | str) -> None:
+        """Quarantine one record (or a torn piece of journal) with the reason, and count it."""
+        self.stats["quarantined"] += 1
+        logger.error("capture quarantined: %s", exc if isinstance(exc, str) else type(exc).__name__)
+        if self.quarantine is None:
+            return
+        try:
+            self.quarantine.put(data(), suffix, exc)
+        except OSError as error:
+            logger.error("could not quarantine a capture: %s", type(error).__name__)
 
-
-@dataclass(frozen=True)
-class WriterOptions:
-    """What the writer process needs: where to write, where to spool, how many records per transaction."""
-
-    store: StoreSpec
-    spool_dir: Path | None
-    batch_size: int
-    retry_interval: float
-    settings_ttl: float
-
-
-def frame(message: Any) -> bytes:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return FRAME_HEADER.pack(len(payload)) + payload
+    def set_aside_bytes(self, data: bytes, reason: str) -> None:
+        """Quarantine bytes of the journal that are not a whole record (a torn frame)."""
+        self._set_aside(lambda: data, ".bin", reason)

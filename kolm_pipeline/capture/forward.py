@@ -15,11 +15,13 @@ client or on to the recorder; it is never logged. Upstream failures map to 502 (
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
@@ -195,6 +197,40 @@ class KeyFilter:
         return held
 
 
+@functools.lru_cache(maxsize=1024)
+def _spellings(secret: str) -> tuple[re.Pattern[bytes], bool]:
+    """Every way JSON may spell the key: each character itself or as a `\\uXXXX` escape (hex digits in
+    either case), `/` also as `\\/`, `"` and `\\` only escaped; and whether the key has such a character."""
+    parts = []
+    for char in secret:
+        hex_digits = "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{ord(char):04x}")
+        spellings = [r"\\u" + hex_digits]
+        if char in '"\\':
+            spellings.append(re.escape("\\" + char))
+        else:
+            spellings.append(re.escape(char))
+            if char == "/":
+                spellings.append(re.escape("\\/"))
+        parts.append("(?:" + "|".join(spellings) + ")")
+    return re.compile("".join(parts).encode("ascii")), any(char in '"\\/' for char in secret)
+
+
+def scrub_secret(data: bytes, secret: str) -> bytes:
+    """`data` (a JSON body or an event stream of JSON) with the provider key removed however it is spelt.
+    The plain key is a byte search; escapes are looked for only when the bytes hold one that could spell
+    part of the key (a `\\u`, or any escape for a key with `"`, `\\` or `/`)."""
+    if not secret:
+        return data
+    plain = secret.encode("ascii")
+    if plain in data:
+        data = data.replace(plain, _REDACTED_BYTES)
+    if b"\\" in data:
+        pattern, escapable = _spellings(secret)
+        if escapable or b"\\u" in data:
+            data = pattern.sub(_REDACTED_BYTES, data)
+    return data
+
+
 def _request_headers(scope: Scope) -> dict[str, str]:
     """The request's headers by lower-case name; the first of repeated headers wins (as in Starlette)."""
     headers: dict[str, str] = {}
@@ -298,26 +334,26 @@ class Call:
         return [] if self.request_id is None else [(_CAPTURE_ID_HEADER_BYTES, self.request_id.encode())]
 
     def record(self, outcome: str, http_status: int, reply: bytes = b"", end_ns: int | None = None) -> None:
-        """Queue the capture once (`outcome`: failure, reply or stream); later calls are ignored. The
-        record goes as a plain tuple of `Pending`'s fields: the NamedTuple would cost a Python-level
-        constructor call per proxied call, and the recorder holds plain tuples anyway."""
+        """Journal the capture once (`outcome`: failure, reply or stream), before the client's response
+        completes; later calls are ignored. The provider key is removed from every field first: it never
+        reaches the disk. The record is a plain tuple of `Pending`'s fields."""
         if self.recorded or self.recorder is None:
             return
         self.recorded = True
+        secret = self.secret
         self.recorder.submit(
             (
                 self.request_id,
                 self.tenant,
                 self.namespace,
                 self.provider.name,
-                self.model,
-                self.request,
-                self.tags,
+                self.model.replace(secret, REDACTED) if secret else self.model,
+                scrub_secret(self.request, secret),
+                tuple(tag.replace(secret, REDACTED) for tag in self.tags) if secret else self.tags,
                 self.streamed,
-                self.secret,
                 outcome,
                 http_status,
-                reply,
+                scrub_secret(reply, secret),
                 ((end_ns or time.perf_counter_ns()) - self.start_ns) // 1000,
                 time.time(),
             )
@@ -516,6 +552,8 @@ class Forwarder:
                 if not watcher.done():
                     logger.warning("upstream stream of capture %s broke off: %s", call.request_id, type(exc).__name__)
             watcher.cancel()
+            # Journaled before the response ends: a client that saw the whole stream end has a stored capture.
+            call.record("stream", status, b"".join(chunks), last_chunk_ns)
             await send({"type": "http.response.body", "body": keys.flush(), "more_body": False})
         finally:
             watcher.cancel()
