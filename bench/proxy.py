@@ -560,7 +560,8 @@ def main() -> int:
         for concurrency in (1, 64):
             on_c, off_c = cell("kolm capture on", mode, concurrency), cell("kolm capture off", mode, concurrency)
             assert on_c and off_c
-            print(f"  {mode:<14} capture on/off p50 at c={concurrency}: {ratio_text(on_c, off_c)} (goal ≤ 1.10×)")
+            # No goal: "capture on within 1.10× of off at c=64" was retired with the durable journal (issue 19).
+            print(f"  {mode:<14} capture on/off p50 at c={concurrency}: {ratio_text(on_c, off_c)}")
             control = cell(CONTROL, mode, concurrency)
             if control:
                 print(f"  {mode:<14}   A/A control, off/off again at c={concurrency}: {ratio_text(off_c, control)}")

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -20,9 +22,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from kolm_pipeline.capture.background import BackgroundServer
+from kolm_pipeline.capture.forward import scrub_secret
 from kolm_pipeline.capture_server import CAPTURE_ID_HEADER, create_app
 from kolm_pipeline.demo.teacher import create_teacher_app
 from kolm_pipeline.settings import CaptureConfig, load_settings
@@ -322,3 +327,28 @@ def test_kill_9_of_the_proxy_and_its_writer_loses_no_acknowledged_capture(tmp_pa
         teacher.stop()
         store.close()
     assert not list((home / "capture-log").iterdir()), "a proxy that stops cleanly removes its journal"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.text(alphabet=string.ascii_letters + string.digits + '-_/"\\', min_size=8, max_size=40),
+    escaped=st.lists(st.booleans(), min_size=40, max_size=40),
+    upper=st.booleans(),
+)
+def test_the_provider_key_never_reaches_the_journal_however_json_spells_it(
+    key: str, escaped: list[bool], upper: bool
+) -> None:
+    """The journal is on disk, so the provider key is removed before a record is appended: every spelling
+    JSON allows (each character itself or as a \\u escape in either case, `/` as `\\/`) is found."""
+    spelt = ""
+    for char, escape in zip(key, escaped, strict=False):
+        if escape or char in '"\\':
+            code = f"\\u{ord(char):04x}"
+            spelt += code.upper().replace("\\U", "\\u") if upper else code
+        else:
+            spelt += "\\/" if char == "/" and upper else char
+    body = ('{"model": "gpt-4o", "messages": [{"role": "user", "content": "my key is ' + spelt + '!"}]}').encode()
+    assert json.loads(body)["messages"][0]["content"] == f"my key is {key}!"  # the body does hold the key
+    scrubbed = scrub_secret(body, key)
+    assert key not in json.loads(scrubbed)["messages"][0]["content"]
+    assert json.loads(scrubbed)["messages"][0]["content"] == "my key is [redacted]!"
