@@ -290,6 +290,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from kolm_pipeline.capture.background import server_options
     from kolm_pipeline.serve.app import create_serving_app
     from kolm_pipeline.serve.backends import BackendError, TransformersBackend, VLLMBackend
     from kolm_pipeline.serve.runtime import ServingRuntime
@@ -326,7 +327,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"refused {task}: {refusal['reason']}", file=sys.stderr)
     print(f"kolm serving runtime ({args.backend}) on http://{args.host}:{args.port}: "
           f"{', '.join(status['tasks']) or 'no tasks yet'} (pointers in {settings.adapters_dir})")
-    uvicorn.run(create_serving_app(runtime), host=args.host, port=args.port, log_level=args.log_level)
+    # Not `serve`: its gc.freeze would keep the adapters loaded so far from ever being collected once swapped out.
+    uvicorn.run(create_serving_app(runtime), host=args.host, port=args.port, **server_options(args.log_level))
     return 0
 
 
