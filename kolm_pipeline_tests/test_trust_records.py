@@ -66,3 +66,17 @@ def test_a_record_the_store_refuses_is_quarantined_alone(store: CaptureStore, tm
     assert "bad" in failed[0].read_text() and "iam" not in failed[1].read_text()  # the reason names no text
     writer.write([_pending("a2", "acme", _reply("growth"))])  # the store was never taken for down
     assert any(row.request_id == "a2" for row in store.list_captures("acme"))
+
+
+def test_quarantined_records_expire_with_the_retention_sweep(store: CaptureStore, tmp_path: Path) -> None:  # noqa: F811
+    """A quarantined record keeps its text only until retention's cutoff passes it."""
+    from datetime import UTC, datetime, timedelta
+
+    store.create_tenant("acme")
+    quarantine = Quarantine(tmp_path / "quarantine")
+    writer = BatchWriter(store, quarantine)
+    assert writer.write([_pending("bad", "acme", _reply("iam", prompt_tokens=2**63 + 5))])
+    assert len(quarantine.files()) == 1
+    assert quarantine.expire(datetime.now(UTC) - timedelta(days=1)) == 0  # quarantined after the cutoff: kept
+    assert quarantine.expire(datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert not list((tmp_path / "quarantine").iterdir())

@@ -169,6 +169,19 @@ class Quarantine:
             return []
         return sorted(path for path in self.directory.iterdir() if path.suffix in (".jsonl", ".bin"))
 
+    def expire(self, cutoff: datetime) -> int:
+        """Delete what was quarantined before `cutoff` (its reasons too); returns how many records' files.
+        Retention passes the cutoff of the shortest window in use: a quarantined file is kept for debugging
+        at most as long as the strictest namespace keeps text."""
+        removed = 0
+        if not self.directory.is_dir():
+            return 0
+        for path in self.directory.iterdir():
+            if path.is_file() and datetime.fromtimestamp(path.stat().st_mtime, UTC) < cutoff:
+                path.unlink(missing_ok=True)
+                removed += path.suffix != ".reason"
+        return removed
+
 
 class BatchWriter:
     """Builds, redacts and stores batches of finished calls. `write` answers whether the batch is done with
