@@ -352,3 +352,27 @@ def test_the_provider_key_never_reaches_the_journal_however_json_spells_it(
     scrubbed = scrub_secret(body, key)
     assert key not in json.loads(scrubbed)["messages"][0]["content"]
     assert json.loads(scrubbed)["messages"][0]["content"] == "my key is [redacted]!"
+
+
+def test_a_spool_left_by_an_older_version_is_stored_once(tmp_path: Path) -> None:
+    """Upgrading loses nothing: spool files of versions before the journal are stored and removed, and their
+    quarantine joins the new one (where retention reaches it)."""
+    from kolm_pipeline.capture.batch import _encode
+    from kolm_pipeline.store import NewCapture
+
+    home = tmp_path / "home"
+    settings = load_settings(home)
+    store = CaptureStore(settings.store_url)
+    store.create_tenant("acme")
+    record = NewCapture(request_id="legacy-1", tenant="acme", namespace="support", provider="openai", model="m",
+                        messages=[{"role": "user", "content": "old"}], output_text="fin-ops", latency_us=1,
+                        status="ok", http_status=200)
+    (settings.spool_dir / "failed").mkdir(parents=True)
+    (settings.spool_dir / "0001-a.jsonl").write_text(_encode(record) + "\n")
+    (settings.spool_dir / "failed" / "0000-b.jsonl").write_text("{}\n")
+    app = create_app(settings, store, CaptureConfig(retention_sweep_s=0, replay_interval_s=0.1))
+    with BackgroundServer(app):
+        _wait_for(lambda: not list(settings.spool_dir.glob("*.jsonl")), 20)
+    assert [row.request_id for row in store.list_captures("acme")] == ["legacy-1"]
+    assert (settings.quarantine_dir / "0000-b.jsonl").exists()
+    store.close()

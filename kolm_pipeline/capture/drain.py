@@ -128,6 +128,11 @@ class Drain:
         spool = self.options.legacy_spool
         if spool is None or not spool.is_dir():
             return False
+        failed = spool / "failed"
+        if failed.is_dir():  # the old quarantine joins the new one, where retention reaches it
+            self.options.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for path in failed.iterdir():
+                path.replace(self.options.quarantine / path.name)
         stored = False
         for path in sorted(spool.glob("*.jsonl")):
             try:
