@@ -17,6 +17,9 @@ DAGSTER_YAML = """\
 # Dagster instance of this kolm installation (embedded default: SQLite under KOLM_HOME/dagster).
 telemetry:
   enabled: false
+# No welcome pop-up over the first page.
+nux:
+  enabled: false
 """
 
 STAGES = ("triaged_captures", "corpus", "recipe", "adapter", "evaluation", "deployment")
