@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kolm_pipeline.capture.redact import Redactor
+from kolm_pipeline.capture.redact import namespace_redactor
 from kolm_pipeline.provenance.errors import InvalidInput, UserError
 from kolm_pipeline.store import CaptureStore, ImportOutcome, NewCapture, validate_tags
 
@@ -205,15 +205,6 @@ def parse_file(path: Path, progress: ProgressFactory | None = None) -> list[Impo
     return pairs
 
 
-def _redactor(store: CaptureStore, tenant: str, namespace: str) -> Redactor:
-    """The namespace's redaction, chosen exactly as the proxy's recorder chooses it."""
-    entities = store.namespace_settings(tenant, namespace).redact_entities
-    try:
-        return Redactor() if entities is None else Redactor(entities)
-    except ValueError:
-        return Redactor()
-
-
 def import_file(
     store: CaptureStore,
     path: Path,
@@ -232,7 +223,7 @@ def import_file(
         raise InvalidInput(f"the model name must be 1-{_MAX_MODEL_LENGTH} characters")
     extra_tags = validate_tags([f"source:{source}", *tags])
     pairs = parse_file(Path(path), progress)
-    redactor = _redactor(store, tenant, namespace)
+    redactor = namespace_redactor(store, tenant, namespace)
     digests = store.keyed_digests(tenant, (f"{namespace}\n{pair.identity()}" for pair in pairs))
     request_ids = [_REQUEST_ID_PREFIX + digest[: 64 - len(_REQUEST_ID_PREFIX)] for digest in digests]
     # Pairs stored before, or repeated in the file, are skipped before the (costly) redaction; the store

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
 from kolm_pipeline.capture.forward import MAX_TAG_LENGTH, MAX_TAGS, ApiError, KeyCache, parse_namespace
-from kolm_pipeline.capture.redact import validate_entities
+from kolm_pipeline.capture.redact import namespace_redactor, validate_entities
 from kolm_pipeline.store import Capture, CaptureStore, Tenant, partition_key
 from kolm_pipeline.store.rules import MATCH_KEYS
 
@@ -164,17 +164,27 @@ async def triage(capture_id: int, body: TriageBody, tenant: InboxTenant, store: 
     updated = await asyncio.to_thread(store.get_capture, tenant.name, capture_id)
     return {"id": capture_id, "triage_state": body.state, "tags": updated.tags if updated else capture.tags}
 
+def _redacted_correction(store: CaptureStore, tenant: str, capture_id: int, output: str) -> str:
+    """A person's correction as it may be stored: redacted as its namespace redacts captures (it replaces
+    the teacher's output in the corpus, so it must hold no more PII than the captures do)."""
+    capture = store.get_capture(tenant, capture_id)
+    if capture is None:
+        raise LookupError(f"no capture {capture_id} for tenant {tenant!r}")
+    return namespace_redactor(store, tenant, capture.namespace).text(output)
+
+
 @router.post("/v1/captures/{capture_id}/feedback")
 async def feedback(capture_id: int, body: FeedbackBody, tenant: InboxTenant, store: StoreDep) -> dict[str, Any]:
+    output = body.output
     try:
-        await asyncio.to_thread(
-            store.set_feedback, tenant.name, capture_id, body.output, _actor(tenant), body.rating
-        )
+        if output is not None:
+            output = await asyncio.to_thread(_redacted_correction, store, tenant.name, capture_id, output)
+        await asyncio.to_thread(store.set_feedback, tenant.name, capture_id, output, _actor(tenant), body.rating)
     except LookupError as exc:
         raise not_found(f"no capture {capture_id}") from exc
     except ValueError as exc:
         raise ApiError(409, "conflict_error", str(exc)) from exc
-    return {"id": capture_id, "feedback_output": body.output, "feedback_rating": body.rating}
+    return {"id": capture_id, "feedback_output": output, "feedback_rating": body.rating}
 
 @router.get("/v1/namespaces/{namespace}/rules")
 async def list_rules(namespace: str, tenant: InboxTenant, store: StoreDep) -> dict[str, Any]:
