@@ -30,6 +30,8 @@ def test_unstorable_text_is_refused_at_the_door_and_its_neighbours_are_recorded(
         refused = _call(proxy, content, model)
         assert refused.status_code == 400
         assert refused.json()["error"]["message"].startswith(f"request body holds {problem}")
+    too_long = _call(proxy, b"fine", b"m" * 129)  # the store holds 255, and redaction can lengthen a name
+    assert too_long.status_code == 400 and "longer than 128" in too_long.json()["error"]["message"]
     emoji = _call(proxy, b"ok \\ud83d\\ude00")  # a surrogate pair is a character, not a problem
     assert emoji.status_code == 200
     assert _call(proxy, b"The app crashes on start").status_code == 200

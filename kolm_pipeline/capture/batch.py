@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +34,7 @@ REDACTED = "[redacted]"
 # `IntegrityError`, ...) is not an outage: it is the record's, and the record is quarantined alone.
 STORE_DOWN = (OperationalError, InterfaceError, PoolTimeout, ConnectionError)
 STATS = ("written", "quarantined", "lost")
+MODEL_COLUMN = 255  # the store's `model` column
 
 
 class Pending(NamedTuple):
@@ -239,7 +240,10 @@ class BatchWriter:
                 except Exception as exc:  # a record that cannot be built must not take the batch with it
                     self._set_aside(lambda pending=pending: repr(tuple(pending)).encode(), ".bin", exc)
                     continue
-                records.append(self._redactor(store, record.tenant, record.namespace).capture(record))
+                record = self._redactor(store, record.tenant, record.namespace).capture(record)
+                if len(record.model) > MODEL_COLUMN:  # placeholders can be longer than what they replace
+                    record = replace(record, model=record.model[:MODEL_COLUMN])
+                records.append(record)
         except STORE_DOWN:  # reading a namespace's redaction settings
             return False
         return self.store_records(records)

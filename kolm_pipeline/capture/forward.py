@@ -52,6 +52,7 @@ _FORWARDED_RESPONSE_HEADERS = frozenset({b"retry-after", b"x-request-id", b"requ
 _FORWARDED_RESPONSE_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
 _JSON = b"application/json"
 MAX_TAGS = 32
+MAX_MODEL_LENGTH = 128
 MAX_TAG_LENGTH = 64
 _NEGATIVE_KEY_TTL_S = 2.0
 _KEY_CACHE_MAX = 10_000
@@ -459,6 +460,8 @@ class Forwarder:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, "invalid_request_error", "'model' must be a non-empty string")
+        if len(model) > MAX_MODEL_LENGTH:  # the store's column holds 255, and redaction may lengthen it
+            raise ApiError(400, "invalid_request_error", f"'model' is longer than {MAX_MODEL_LENGTH} characters")
         streamed = body.get("stream") is True
         recorder = self._recorder
         call = Call(recorder, provider, tenant.name, namespace, model, raw, tuple(tags), upstream_key, streamed)
