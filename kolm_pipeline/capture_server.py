@@ -37,6 +37,7 @@ from kolm_pipeline.capture.providers import ANTHROPIC, OPENAI, PROVIDERS, Provid
 from kolm_pipeline.capture.recorder import Recorder
 from kolm_pipeline.corpus.build import build_corpus
 from kolm_pipeline.settings import CaptureConfig, Settings, load_capture_config
+from kolm_pipeline.stages.retention import sweep_retention
 from kolm_pipeline.store import CaptureStore
 
 __all__ = ["CAPTURE_ID_HEADER", "CaptureApp", "create_app"]
@@ -151,12 +152,14 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
     keys = KeyCache(store, config.key_cache_ttl_s)
     forwarder = Forwarder(settings, config, keys, recorder)
 
-    async def sweep_retention() -> None:
+    async def sweep_periodically() -> None:
         while True:
             try:
-                expired = await asyncio.to_thread(store.apply_retention)
-                if expired:
-                    logger.info("retention: expired %s", expired)
+                # The whole sweep (store, work files, quarantine), not only the store's rows: between distills
+                # the work files would otherwise keep text past its window.
+                sweep = await asyncio.to_thread(sweep_retention, settings, store)
+                if sweep.expired:
+                    logger.info("retention: expired %s", sweep.expired)
             except Exception as exc:
                 logger.warning("retention sweep failed: %s", type(exc).__name__)
             await asyncio.sleep(config.retention_sweep_s)
@@ -166,7 +169,7 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
         await forwarder.start()
         if recorder is not None:
             await recorder.start()
-        sweeper = asyncio.create_task(sweep_retention()) if config.retention_sweep_s > 0 else None
+        sweeper = asyncio.create_task(sweep_periodically()) if config.retention_sweep_s > 0 else None
         try:
             yield
         finally:

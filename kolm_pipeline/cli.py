@@ -349,6 +349,25 @@ def cmd_tripwire_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention_sweep(args: argparse.Namespace) -> int:
+    from kolm_pipeline.stages.retention import sweep_retention
+
+    settings = _settings(args)
+    swept = sweep_retention(settings, _store(settings))
+    for partition, count in sorted(swept.expired.items()):
+        print(f"{partition}: {count} captures expired")
+    for partition, files in sorted(swept.work_files.items()):
+        print(f"{partition}: work files removed or rewritten: {', '.join(files)}")
+    if swept.quarantined:
+        print(f"quarantine: {swept.quarantined} refused records past the shortest window removed")
+    if not swept.expired and not swept.work_files and not swept.quarantined:
+        print("nothing past its retention window")
+    if not swept.scrubbed:
+        print("the store's file is busy (another connection in a transaction): the old text stays in its free "
+              "space until the next sweep rewrites it", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kolm_pipeline.demo.run import format_report, run_demo
 
@@ -528,6 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     clear.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
     clear.add_argument("--tenant")
     clear.add_argument("--actor", default=os.environ.get("USER", "cli"))
+
+    retention = verbs.add_parser("retention", help="the retention windows of the namespaces")
+    retention_verbs = retention.add_subparsers(dest="retention_verb", required=True, metavar="ACTION")
+    verb(retention_verbs, "sweep", cmd_retention_sweep,
+         "remove the text of every capture past its namespace's window from the store and the work directories "
+         "(every distill does this first; cron it where none runs daily)")
 
     demo = verb(verbs, "demo", cmd_demo, "run the whole loop on the embedded defaults")
     demo.add_argument("--tickets", type=int, default=320, help="support tickets to send (default 320)")

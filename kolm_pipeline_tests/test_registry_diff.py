@@ -19,6 +19,7 @@ from kolm_pipeline.corpus.recipe import read_jsonl
 from kolm_pipeline.demo.tickets import generate_tickets
 from kolm_pipeline.evaluate.evaluation import CASE_PASS_SCORE
 from kolm_pipeline.evaluate.result import EvaluationResult
+from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
 from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import build_kolm, cid_for_bytes, ensure_tenant_keys, load_private_key, make_receipt
@@ -258,7 +259,8 @@ def test_diff_across_runs_matches_shared_cases_only(kolm_settings, crafted):
     assert "c5  score" not in text
     markdown = diff_markdown(diff)
     assert "| corpus pairs | 70 | 80 | +10 |" in markdown
-    assert "refund \\| invoice" in markdown
+    # Dagster's event log is never swept: the Markdown names cases by key and score, never by their texts.
+    assert "| `c2` | 1.00 → 0.00 |" in markdown and "refund" not in markdown and "ticket c2" not in markdown
     payload = diff.as_dict(limit=1)
     assert payload["cases"]["regressed_count"] == 2 and len(payload["cases"]["regressed"]) == 1
 
@@ -311,3 +313,35 @@ def test_diff_refusals(kolm_settings, crafted, tmp_path):
     tampered.write_bytes(bytes(data))
     with pytest.raises(DeployRefused, match="does not verify"):
         registry_diff(kolm_settings, store, "acme.crafted", [str(first), str(tampered)])
+
+
+def test_case_texts_come_from_the_work_dir_while_retention_keeps_them(kolm_settings, tmp_path):
+    """A new evaluation holds no text; `kolm registry diff` shows the texts of the namespace's case_previews.json
+    when they belong to the evaluation measured, and keys and scores alone once retention removed them."""
+    store = CaptureStore(kolm_settings.store_url)
+    task = "acme.previews"
+    cases = [{key: value for key, value in _case(key, passed).items() if key not in ("input", "expected")}
+             for key, passed in (("p1", True), ("p2", False))]
+    for case in cases:
+        for side in ("candidate", "current"):
+            case[side].pop("output")
+    evaluation = _evaluation(task, cases, SPEC, 0.7)
+    artifact = _artifact(tmp_path / "p.kolm", kolm_settings.keys_dir, evaluation)
+    publish(kolm_settings, task, artifact)
+    workdir = NamespaceWorkdir(kolm_settings, task)
+    write_json_atomic(workdir.evaluation, evaluation)
+    previews = {"adapter_cid": evaluation["adapter_cid"], "current_name": "base", "cases": [
+        {"key": key, "capture_id": 7, "input": f"where is order {key}", "expected": "fin-ops",
+         "outputs": {"candidate": "fin-ops", "current": "iam"}} for key in ("p1", "p2")]}
+    write_json_atomic(workdir.case_previews, previews)
+
+    diff = registry_diff(kolm_settings, store, task, ["base", "candidate"])
+    assert [flip.key for flip in diff.improved] == ["p1"]
+    assert (diff.improved[0].input, diff.improved[0].after_output) == ("where is order p1", "fin-ops")
+    assert "where is order p1" in diff_text(diff) and "where is order" not in diff_markdown(diff)
+    # Previews of another evaluation are not shown as this one's.
+    write_json_atomic(workdir.case_previews, {**previews, "adapter_cid": "another"})
+    assert registry_diff(kolm_settings, store, task, ["base", "candidate"]).improved[0].input == ""
+    workdir.case_previews.unlink()  # as retention does
+    text = diff_text(registry_diff(kolm_settings, store, task, ["base", "candidate"]))
+    assert "p1  score 0.00 → 1.00  (texts not kept: past retention, or from another evaluation)" in text

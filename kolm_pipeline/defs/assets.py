@@ -20,6 +20,7 @@ from kolm_pipeline.stages.corpus import NotEnoughPairs, recipe_counts, run_corpu
 from kolm_pipeline.stages.deployment import DeployRefused, current_champion, deploy
 from kolm_pipeline.stages.diff import candidate_diff, diff_markdown
 from kolm_pipeline.stages.evaluation import run_evaluation_stage
+from kolm_pipeline.stages.retention import sweep_retention
 from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
 
 KOLM_GROUP = "kolm_loop"
@@ -79,18 +80,21 @@ AdapterConfig = create_model(
     deps=[captures],
     partitions_def=namespace_partitions,
     group_name=KOLM_GROUP,
-    description="Applies the namespace's triage rules; only kept pairs flow on. Reports the four counters.",
+    description="Applies every namespace's retention window (store and work files) and this namespace's triage "
+    "rules; only kept pairs flow on. Reports the four counters.",
 )
 def triaged_captures(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.MaterializeResult:
     workdir = _workdir(context, kolm)
-    expired = kolm.store.apply_retention()
+    swept = sweep_retention(kolm.settings, kolm.store)
     applied = kolm.store.apply_rules(workdir.tenant, workdir.namespace)
     counters = kolm.store.counters(workdir.tenant, workdir.namespace)
     return dg.MaterializeResult(
         metadata={
             **{f"counter_{name}": dg.IntMetadataValue(value) for name, value in counters.items()},
             **{f"rules_{name}": dg.IntMetadataValue(value) for name, value in applied.items()},
-            "retention_expired": dg.IntMetadataValue(expired.get(context.partition_key, 0)),
+            "retention_expired": dg.IntMetadataValue(swept.expired.get(context.partition_key, 0)),
+            "retention_work_files": dg.IntMetadataValue(len(swept.work_files.get(context.partition_key, []))),
+            "retention_store_scrubbed": dg.BoolMetadataValue(swept.scrubbed),
         }
     )
 

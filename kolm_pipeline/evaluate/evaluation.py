@@ -23,7 +23,7 @@ LATENCY_PROBE_CASES = 8
 # A case passes when its answer is in format and scores at least this; the same rule for every verifier,
 # so a version diff can say which cases flipped between two evaluations.
 CASE_PASS_SCORE = 0.5
-# Texts kept with each case verdict are previews, so evals.json stays small whatever the answers' length.
+# Texts shown for a case are previews, so case_previews.json stays small whatever the answers' length.
 CASE_PREVIEW_CHARS = 120
 
 
@@ -122,19 +122,34 @@ def _last_user_text(messages: list[dict]) -> str:
 def case_verdicts(rows: list[dict], sides: dict[str, SplitScore]) -> dict:
     """Per-case verdicts of every side on one split (the `case_verdicts` block of evaluation.json).
 
-    Each case: `key` (see `case_key`), previews of the input and expected answer, and per side the output
-    preview, verifier score, in-format flag and pass (score ≥ CASE_PASS_SCORE and in format)."""
+    Each case: `key` (see `case_key`) and per side the verifier score, in-format flag and pass (score ≥
+    CASE_PASS_SCORE and in format). No text: evaluation.json ships inside the `.kolm` as evals.json, which
+    outlives every capture's retention window; the texts are in `case_previews`, kept in the work dir."""
     cases = []
     for index, row in enumerate(rows):
-        conversation = row["messages"][:-1]
-        case = {"key": case_key(conversation), "input": preview(_last_user_text(conversation)),
-                "expected": preview(answer(row))}
+        case: dict = {"key": case_key(row["messages"][:-1])}
         for name, split in sides.items():
             score, ok = float(split.scores[index]), bool(split.in_format[index])
-            case[name] = {"output": preview(split.outputs[index]), "score": round(score, 4), "in_format": ok,
-                          "pass": ok and score >= CASE_PASS_SCORE}
+            case[name] = {"score": round(score, 4), "in_format": ok, "pass": ok and score >= CASE_PASS_SCORE}
         cases.append(case)
     return {"pass_score": CASE_PASS_SCORE, "key": "sha256(corpus.build.input_key)[:16]", "cases": cases}
+
+
+def case_previews(rows: list[dict], sides: dict[str, SplitScore]) -> list[dict]:
+    """The texts behind `case_verdicts`, case by case in the same order: `key`, the capture the case came from
+    (retention removes the previews once it expires), previews of the input and expected answer, and each
+    side's output preview."""
+    previews = []
+    for index, row in enumerate(rows):
+        conversation = row["messages"][:-1]
+        previews.append({
+            "key": case_key(conversation),
+            "capture_id": (row.get("meta") or {}).get("capture_id"),
+            "input": preview(_last_user_text(conversation)),
+            "expected": preview(answer(row)),
+            "outputs": {name: preview(split.outputs[index]) for name, split in sides.items()},
+        })
+    return previews
 
 
 def evaluate_models(

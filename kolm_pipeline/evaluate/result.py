@@ -1,5 +1,7 @@
 """The evaluation result, declared once: what `evaluation.json` holds, what the deployment stage, `kolm registry
-diff`, `kolm compile` and `kolm demo` read from it, and the regression alert built from it.
+diff`, `kolm compile` and `kolm demo` read from it, and the regression alert built from it. Its case texts are
+apart, in `CasePreviews` (`case_previews.json`): the result ships in every `.kolm`, the texts stay in the work
+directory, where retention removes them with their captures.
 
 The evaluation stage validates the result against `EvaluationResult` before it writes the file, so every
 reader can trust its shape; readers parse it back with `EvaluationResult.read`. The K-score table that
@@ -96,6 +98,40 @@ class EvaluationResult(BaseModel):
         tripwire = "clear" if self.tripwire.clear else "TRIPPED"
         lines.append(f"gate: {self.decision.reason} (K-floor {self.decision.k_floor:.2f}, tripwire {tripwire})")
         return "\n".join(lines)
+
+
+class CasePreview(BaseModel):
+    """The texts of one eval case: previews of its input, expected answer and each side's output."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    capture_id: int | None
+    input: str
+    expected: str
+    outputs: dict[str, str]
+
+
+class CasePreviews(BaseModel):
+    """The texts behind one evaluation's `case_verdicts`, in the same order; `adapter_cid` and `current_name`
+    name the evaluation they belong to."""
+
+    model_config = ConfigDict(frozen=True)
+
+    adapter_cid: str
+    current_name: str
+    cases: list[CasePreview]
+
+    @classmethod
+    def read(cls, path: Path) -> CasePreviews | None:
+        """The previews a file holds; None when there are none (never written, swept by retention, unreadable)."""
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except (FileNotFoundError, ValidationError):
+            return None
+
+    def belongs_to(self, evaluation: dict[str, Any]) -> bool:
+        return (self.adapter_cid, self.current_name) == (evaluation.get("adapter_cid"), evaluation.get("current_name"))
 
 
 class RegressionAlert(BaseModel):

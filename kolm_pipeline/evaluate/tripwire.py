@@ -98,3 +98,15 @@ def clear_halt(path: Path) -> dict | None:
     cleared = {**state, "halted": False, "halt_reasons": [], "cleared_at": time.time()}
     _write_state(path, cleared)
     return state
+
+
+def forget_holdout_baseline(path: Path) -> bool:
+    """Stop comparing with the last good cycle's hold-out score: it was measured on a frozen hold-out that
+    retention removed, and a new one will be drawn (the next deployment records a new baseline). True when
+    there was a baseline to forget."""
+    state = read_state(path)
+    last_good = (state or {}).get("last_good")
+    if not isinstance(last_good, dict) or last_good.get("holdout_score") is None:
+        return False
+    _write_state(path, {**state, "last_good": {**last_good, "holdout_score": None}})
+    return True

@@ -6,15 +6,20 @@ versions carry (``evals.json``, which is the evaluation stage's ``evaluation.jso
 evaluated against the other, side by side in one run, that run's numbers are used, so both sides were
 measured on the same eval split; otherwise each version's own evaluation, and verdicts are compared only on
 the cases both eval splits hold (matched by input key).
+
+Evaluations hold no text (they ship in every ``.kolm``); `kolm registry diff` shows the cases' texts from the
+namespace's ``case_previews.json`` while retention keeps it, for the evaluation it belongs to. The Markdown for
+Dagster never shows them: Dagster's event log is not swept.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kolm_pipeline.evaluate.result import CasePreviews
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
 from kolm_pipeline.registry.artifact import KolmArtifact
 from kolm_pipeline.registry.manage import (
@@ -253,13 +258,34 @@ def registry_diff(settings: Settings, store, task: str, refs: list[str] | tuple[
     else:
         to_ref = _current_cid(settings, task)
         from_ref = _previous_cid(store, task, to_ref)
-    before, after = load_version(settings, task, from_ref), load_version(settings, task, to_ref)
+    previews = CasePreviews.read(NamespaceWorkdir(settings, task).case_previews)
+    before = with_previews(load_version(settings, task, from_ref), previews)
+    after = with_previews(load_version(settings, task, to_ref), previews)
     if before.ref is not None and before.ref == after.ref:
         raise DiffError(f"nothing to diff: both versions are {before.label}")
     if before.adapter_cid and before.adapter_cid == after.adapter_cid:
         raise DiffError(f"nothing to diff: {after.label} holds the same adapter as {before.label} "
                         f"({after.adapter_cid})")
     return diff_versions(before, after, task=task)
+
+
+def with_previews(version: Version, previews: CasePreviews | None) -> Version:
+    """``version`` with the case texts of ``previews`` added to its evaluation's verdicts, when they belong to
+    that evaluation (same adapter, same current side, same cases in the same order)."""
+    evaluation = version.evaluation
+    cases = _dict(_dict(evaluation).get("case_verdicts")).get("cases")
+    if previews is None or evaluation is None or not previews.belongs_to(evaluation) or not isinstance(cases, list):
+        return version
+    if [case.get("key") if isinstance(case, dict) else None for case in cases] != [p.key for p in previews.cases]:
+        return version
+    merged = [
+        {**case, "input": texts.input, "expected": texts.expected,
+         **{side: {**case[side], "output": output} for side, output in texts.outputs.items()
+            if isinstance(case.get(side), dict)}}
+        for case, texts in zip(cases, previews.cases, strict=True)
+    ]
+    verdicts = {**evaluation["case_verdicts"], "cases": merged}
+    return replace(version, evaluation={**evaluation, "case_verdicts": verdicts})
 
 
 def candidate_diff(settings: Settings, evaluation: dict[str, Any]) -> VersionDiff:
@@ -500,8 +526,11 @@ def diff_text(diff: VersionDiff, limit: int = LISTED_CASES) -> str:
             continue
         lines.append(f"{title}, {min(limit, len(flips))} of {len(flips)}:")
         for flip in flips[:limit]:
-            lines.append(f"  {flip.key}  score {flip.before_score:.2f} → {flip.after_score:.2f}  "
-                         f"input {json.dumps(flip.input, ensure_ascii=False)}")
+            line = f"  {flip.key}  score {flip.before_score:.2f} → {flip.after_score:.2f}"
+            if not (flip.input or flip.expected or flip.before_output or flip.after_output):
+                lines.append(line + "  (texts not kept: past retention, or from another evaluation)")
+                continue
+            lines.append(f"{line}  input {json.dumps(flip.input, ensure_ascii=False)}")
             lines.append(f"      expected {json.dumps(flip.expected, ensure_ascii=False)}; "
                          f"before {json.dumps(flip.before_output, ensure_ascii=False)} → "
                          f"after {json.dumps(flip.after_output, ensure_ascii=False)}")
@@ -514,7 +543,8 @@ def _cell(text: str) -> str:
 
 
 def diff_markdown(diff: VersionDiff, limit: int = LISTED_CASES) -> str:
-    """The same table as Markdown, for Dagster metadata (``dg.MarkdownMetadataValue``)."""
+    """The same table as Markdown, for Dagster metadata (``dg.MarkdownMetadataValue``): cases by key and score
+    only, since Dagster's event log outlives the retention window (``kolm registry diff`` shows the texts)."""
     limit = max(0, limit)
     lines = [f"**{_cell(diff.task)}**: `{_cell(diff.before.label)}` → `{_cell(diff.after.label)}`",
              "", f"Measured {_cell(diff.basis)}.", "", "| | before | after | change |", "|---|---|---|---|"]
@@ -526,11 +556,11 @@ def diff_markdown(diff: VersionDiff, limit: int = LISTED_CASES) -> str:
     for title, flips in (("Regressed (pass → fail)", diff.regressed), ("Improved (fail → pass)", diff.improved)):
         if not flips:
             continue
-        lines += ["", f"{title}, {min(limit, len(flips))} of {len(flips)}", "",
-                  "| case | input | expected | before | after | score |", "|---|---|---|---|---|---|"]
-        lines += [f"| `{flip.key}` | {_cell(flip.input)} | {_cell(flip.expected)} | {_cell(flip.before_output)} | "
-                  f"{_cell(flip.after_output)} | {flip.before_score:.2f} → {flip.after_score:.2f} |"
-                  for flip in flips[:limit]]
+        lines += ["", f"{title}, {min(limit, len(flips))} of {len(flips)}", "", "| case | score |", "|---|---|"]
+        lines += [f"| `{flip.key}` | {flip.before_score:.2f} → {flip.after_score:.2f} |" for flip in flips[:limit]]
+    if diff.improved or diff.regressed:
+        lines += ["", f"Texts of the cases: `kolm registry diff --task {_cell(diff.task)}` (while retention keeps "
+                      "them)."]
     if diff.notes:
         lines += ["", *[f"- {_cell(note)}" for note in diff.notes]]
     return "\n".join(lines)

@@ -8,9 +8,9 @@ from pathlib import Path
 from kolm_pipeline.corpus.build import corpus_cid
 from kolm_pipeline.corpus.recipe import answer, load_recipe
 from kolm_pipeline.evaluate.alerts import send_alert
-from kolm_pipeline.evaluate.evaluation import ModelReport, case_verdicts, evaluate_models
+from kolm_pipeline.evaluate.evaluation import ModelReport, case_previews, case_verdicts, evaluate_models
 from kolm_pipeline.evaluate.gate import decide
-from kolm_pipeline.evaluate.result import EvaluationResult, RegressionAlert
+from kolm_pipeline.evaluate.result import CasePreviews, EvaluationResult, RegressionAlert
 from kolm_pipeline.evaluate.tripwire import check_collapse, read_state, record_trip
 from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.provenance.cid import cid_for_file
@@ -28,7 +28,8 @@ def run_evaluation_stage(
     champion: tuple[str, Path] | None,
     store=None,
 ) -> EvaluationResult:
-    """Evaluate candidate and current on the same split in one run; write and sign evaluation.json.
+    """Evaluate candidate and current on the same split in one run; write and sign evaluation.json, and the
+    case texts beside it (case_previews.json: never signed or shipped, removed by retention).
 
     A refusal is written to the registry right away (with `store`), so the log shows every decision,
     not only swaps."""
@@ -43,6 +44,7 @@ def run_evaluation_stage(
         student_dollars_per_hour=settings.student_dollars_per_hour,
     )
     candidate, current = reports[CANDIDATE], reports[current_name]
+    sides = {CANDIDATE: candidate.eval, "current": current.eval}
     tripwire = check_collapse(
         candidate.holdout.outputs,
         [answer(row) for row in recipe.holdout],
@@ -67,7 +69,7 @@ def run_evaluation_stage(
         "tripwire": tripwire,
         "eval_cases": len(recipe.eval),
         "holdout_cases": len(recipe.holdout),
-        "case_verdicts": case_verdicts(recipe.eval, {"candidate": candidate.eval, "current": current.eval}),
+        "case_verdicts": case_verdicts(recipe.eval, sides),
         "recipe_spec": recipe.spec,
         "corpus": corpus_summary(workdir, recipe.spec.get("corpus_cid")),
         "alert": None,
@@ -76,6 +78,9 @@ def run_evaluation_stage(
         delivery = send_alert(settings.alert_webhook, RegressionAlert.of(result).model_dump())
         result = result.model_copy(update={"alert": delivery})
     write_json_atomic(workdir.evaluation, result.document())
+    previews = CasePreviews.model_validate({"adapter_cid": result.adapter_cid, "current_name": current_name,
+                                            "cases": case_previews(recipe.eval, sides)})
+    write_json_atomic(workdir.case_previews, previews.model_dump(mode="json"))
     receipt_cid = workdir.write_receipt(
         "evaluation",
         "evaluation.json",

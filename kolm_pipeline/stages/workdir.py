@@ -74,6 +74,11 @@ class NamespaceWorkdir:
         return self.root / "evaluation.json"
 
     @property
+    def case_previews(self) -> Path:
+        """The texts of the last evaluation's cases; evaluation.json itself holds none (it ships in the `.kolm`)."""
+        return self.root / "case_previews.json"
+
+    @property
     def tripwire_state(self) -> Path:
         return self.root / "tripwire.json"
 
