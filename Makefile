@@ -12,7 +12,7 @@ export DAGSTER_HOME := $(KOLM_HOME)/dagster
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 1099511627776
 
-.PHONY: setup demo test lint ui clean
+.PHONY: setup demo test lint ui mlflow clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ ui: setup
 	test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m kolm_pipeline.defs.instance_check $(DAGSTER_HOME)
 	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml -p $(or $(UI_PORT),3000)
+
+# The MLflow UI on this installation's tracking store (KOLM_MLFLOW_URI, by default $(KOLM_HOME)/mlflow.db, with
+# artifacts in $(KOLM_HOME)/mlflow-artifacts), served where KOLM_MLFLOW_UI_URL points (default
+# http://127.0.0.1:5000), which is where the MLflow links in Dagster's metadata lead. Another port:
+# `make mlflow KOLM_MLFLOW_UI_URL=http://127.0.0.1:5001` (set the same for `make ui`).
+mlflow: setup
+	$(BIN)/python -m kolm_pipeline.tracking
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,24 +9,32 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from kolm_pipeline.cli_verbs.common import (
+    CliError,
+    Parser,
+    default_actor,
+    namespace_of,
+    open_store,
+    open_store_for_reading,
+    print_json,
+    settings_for_reading,
+    settings_for_writing,
+)
+from kolm_pipeline.cli_verbs.data import add_capture_parsers, cmd_triage_correct
+from kolm_pipeline.cli_verbs.keys import add_tenant_parsers
+from kolm_pipeline.demo.open_next import CAPTURE_PORT, SERVE_PORT
 from kolm_pipeline.provenance.errors import UserError
-from kolm_pipeline.settings import Settings, load_settings
+from kolm_pipeline.settings import Settings
 
-
-class CliError(UserError):
-    """A user-facing error: printed as `kolm: error: …`, exit status 1."""
+__all__ = ["CliError", "build_parser", "main"]
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    if args.base:
-        os.environ["KOLM_BASE_MODEL"] = args.base
-    return load_settings(args.home)
+    return settings_for_writing(args)
 
 
 def _store(settings: Settings):
-    from kolm_pipeline.store import CaptureStore
-
-    return CaptureStore(settings.store_url, source_weights=settings.source_weights)
+    return open_store(settings)
 
 
 def _progress_bar(description: str, total: int):
@@ -40,16 +48,7 @@ def _tag_list(text: str | None) -> list[str]:
     return [tag.strip() for tag in (text or "").split(",") if tag.strip()]
 
 
-def _namespace(args: argparse.Namespace) -> tuple[str, str]:
-    """`--namespace tenant.namespace`, or `--namespace ns` with `--tenant`."""
-    from kolm_pipeline.store import split_partition_key, validate_namespace, validate_tenant
-
-    if "." in args.namespace:
-        return split_partition_key(args.namespace)
-    tenant = getattr(args, "tenant", None) or os.environ.get("KOLM_TENANT")
-    if not tenant:
-        raise CliError(f"--namespace {args.namespace!r} needs a tenant: write TENANT.{args.namespace} or pass --tenant")
-    return validate_tenant(tenant), validate_namespace(args.namespace)
+_namespace = namespace_of
 
 
 def cmd_capture_serve(args: argparse.Namespace) -> int:
@@ -58,32 +57,9 @@ def cmd_capture_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     print(f"kolm capture proxy on http://{args.host}:{args.port} → OpenAI {settings.upstream_openai}, "
-          f"Anthropic {settings.upstream_anthropic}")
+          f"Anthropic {settings.upstream_anthropic}; inbox at http://{args.host}:{args.port}/inbox "
+          "(a full kolm key: `kolm tenant key NAME`)")
     serve(create_app(settings, _store(settings)), args.host, args.port)
-    return 0
-
-
-def cmd_capture_status(args: argparse.Namespace) -> int:
-    """Print the counters and switches of a namespace; `--retention-days`, `--implicit-signals` and
-    `--distill-ready` change a switch first, `--recount` counts the captures again (each change is written to
-    the audit log)."""
-    tenant, namespace = _namespace(args)
-    settings = _settings(args)
-    store = _store(settings)
-    changes = {"retention_days": args.retention_days,
-               "implicit_signals": None if args.implicit_signals is None else args.implicit_signals == "on",
-               "distill_ready": None if args.distill_ready is None else args.distill_ready == "on"}
-    changes = {name: value for name, value in changes.items() if value is not None}
-    if changes:
-        store.set_switches(tenant, namespace, f"cli:{args.actor}", **changes)
-    if args.recount:
-        before = store.recount(tenant, namespace, f"cli:{args.actor}")
-        after = store.counters(tenant, namespace)
-        print(f"recounted {tenant}.{namespace}: " + (", ".join(
-            f"{name} {before[name]} → {after[name]}" for name in after if before[name] != after[name]) or "no change"))
-    status = store.status(tenant, namespace)
-    print(json.dumps({**status, "namespace": f"{tenant}.{namespace}",
-                      "distill_threshold": settings.distill_threshold}, indent=2))
     return 0
 
 
@@ -101,20 +77,15 @@ def cmd_capture_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tenant_create(args: argparse.Namespace) -> int:
-    from kolm_pipeline.provenance.keys import ensure_tenant_keys
-
-    settings = _settings(args)
-    key = _store(settings).create_tenant(args.name, capture_only=args.capture_only)
-    keyid = ensure_tenant_keys(settings.keys_dir, args.name)
-    print(f"tenant {args.name} created; signing key {keyid} in {settings.keys_dir}")
-    print(f"kolm key (shown once, store it now): {key}")
-    return 0
-
-
 def cmd_triage(args: argparse.Namespace) -> int:
     from kolm_pipeline.store import EVAL_CANDIDATE_TAG
 
+    if args.action == "correct":
+        if args.tag or args.untag or args.eval_candidate:
+            raise CliError("triage correct takes only --output (and --actor); tag with triage tag")
+        return cmd_triage_correct(args)
+    if args.output is not None:
+        raise CliError("--output is for triage correct (a rule matches outputs with --output-regex)")
     tenant, namespace = _namespace(args)
     store = _store(_settings(args))
     tags = list(args.tag or [])
@@ -231,10 +202,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_registry_log(args: argparse.Namespace) -> int:
     from kolm_pipeline.registry.manage import describe_cid, describe_cid_text, log_lines
 
-    settings = _settings(args)
-    store = _store(settings)
+    settings = settings_for_reading(args)
+    store = open_store_for_reading(settings)
     if args.cid:
-        description = describe_cid(settings, store, args.cid)
+        description = describe_cid(settings, store, args.cid, task=args.task)
         print(json.dumps(description, indent=2) if args.json else describe_cid_text(description))
         return 0
     rows = store.registry_rows(args.task)
@@ -250,11 +221,26 @@ def cmd_registry_log(args: argparse.Namespace) -> int:
 def cmd_registry_diff(args: argparse.Namespace) -> int:
     from kolm_pipeline.stages.diff import diff_text, registry_diff
 
-    settings = _settings(args)
+    settings = settings_for_reading(args)
     refs = [ref for ref in (args.from_version, args.to_version) if ref]
-    diff = registry_diff(settings, _store(settings), args.task, refs)
+    diff = registry_diff(settings, open_store_for_reading(settings), args.task, refs)
     print(json.dumps(diff.as_dict(args.limit), indent=2) if args.json else diff_text(diff, args.limit))
     return 0
+
+
+def _artifact_by_ref(args: argparse.Namespace) -> Path:
+    """`kolm verify current --task T` (or `previous`, a CID, a unique CID prefix): the published artifact."""
+    from kolm_pipeline.registry.manage import artifact_path_of
+    from kolm_pipeline.registry.refs import MIN_PREFIX, NAMES
+
+    ref = args.artifact
+    if "/" in ref or ref.endswith(".kolm") or (ref not in NAMES and len(ref) < MIN_PREFIX):
+        raise CliError(f"{ref}: no such file")
+    settings = settings_for_reading(args)
+    try:
+        return artifact_path_of(settings, open_store_for_reading(settings), ref, args.task)[0]
+    except UserError as exc:
+        raise CliError(f"{ref}: no such file, nor a published artifact ({exc})") from None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -265,8 +251,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     path = Path(args.artifact)
     if not path.is_file():
-        raise CliError(f"{path}: no such file")
-    keys = load_public_keys(Path(args.keys) if args.keys else _settings(args).keys_dir)
+        path = _artifact_by_ref(args)
+    keys = load_public_keys(Path(args.keys) if args.keys else settings_for_reading(args).keys_dir)
     report = verify_kolm(path, keys)
     problems, links = list(report.problems), report.chain.links if report.chain else []
     deployment = sibling_receipt(path) if report.ok else None
@@ -275,11 +261,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         problems += [f"deployment receipt: {problem}" for problem in found]
         links = chain.links
     if problems:
+        if args.json:
+            print_json({"ok": False, "artifact": str(path), "cid": report.cid, "problems": problems})
         print(f"FAILED {path}", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
     info = provenance(read_kolm(path), report.cid)
+    if args.json:
+        print_json({"ok": True, "artifact": str(path), "cid": report.cid, "receipts": links, "provenance": info})
+        return 0
     print(f"OK {report.cid}\n  receipts: {' → '.join(links)}\n  task:  {info['task']} (tenant {info['tenant']})")
     print("\n".join(f"  {line}" for line in summary_lines(info)))
     return 0
@@ -378,12 +369,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kolm",
         description="kolm pipeline: capture frontier-API traffic, distill it into a LoRA adapter, "
         "score it with the K-score and hot-swap it only when it wins.",
     )
-    parser.add_argument("--home", help="state directory (default: $KOLM_HOME or ./.kolm)")
+    parser.add_argument("--home", help="state directory (default: $KOLM_HOME or ./.kolm); verbs that only read "
+                        "refuse where it does not exist, and create nothing")
     parser.add_argument("--base", help="base model: Hugging Face id or local path (default: $KOLM_BASE_MODEL "
                         "or the embedded SmolLM2-135M-Instruct)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -395,18 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     capture = verbs.add_parser("capture", help="run the capture proxy or inspect what it captured")
     capture_verbs = capture.add_subparsers(dest="capture_verb", required=True, metavar="ACTION")
-    serve = verb(capture_verbs, "serve", cmd_capture_serve, "run the capture proxy (HTTP)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8600)
-    status = verb(capture_verbs, "status", cmd_capture_status, "the counters and switches of a namespace")
-    status.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
-    status.add_argument("--tenant")
-    status.add_argument("--retention-days", type=int, help="set the retention window (days) first")
-    status.add_argument("--implicit-signals", choices=["on", "off"], help="set the implicit-signals switch first")
-    status.add_argument("--distill-ready", choices=["on", "off"], help="set the distill-ready switch first")
-    status.add_argument("--recount", action="store_true",
-                        help="count the captures row by row first and store that as the counters (a repair)")
-    status.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    serve = verb(capture_verbs, "serve", cmd_capture_serve, "run the capture proxy (HTTP) and the inbox at /inbox")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=CAPTURE_PORT, help="port to listen on")
+    add_capture_parsers(capture_verbs, default_actor())
     import_ = capture_verbs.add_parser(
         "import",
         help="bring existing pairs (chat or prompt/completion JSONL) into a namespace as if captured",
@@ -428,25 +412,24 @@ def build_parser() -> argparse.ArgumentParser:
                               "or import (other existing pairs)")
     import_.add_argument("--tags", help="comma-separated tags for every pair, e.g. eval-candidate")
     import_.add_argument("--model", default="imported",
-                         help="model name for lines that give none (triage rules can match it; default imported)")
-    import_.add_argument("--actor", default=os.environ.get("USER", "cli"))
+                         help="model name for lines that give none (triage rules can match it)")
+    import_.add_argument("--actor", default=default_actor(), help="who, for the audit log")
 
-    tenant = verbs.add_parser("tenant", help="manage tenants")
+    tenant = verbs.add_parser("tenant", help="manage tenants and their kolm keys")
     tenant_verbs = tenant.add_subparsers(dest="tenant_verb", required=True, metavar="ACTION")
-    create = verb(tenant_verbs, "create", cmd_tenant_create, "create a tenant, its kolm key and signing key")
-    create.add_argument("name")
-    create.add_argument("--capture-only", action="store_true", help="the key can capture but not read the inbox")
+    add_tenant_parsers(tenant_verbs)
 
-    triage = verb(verbs, "triage", cmd_triage, "keep, discard or tag captures, or add a triage rule")
-    triage.add_argument("action", choices=["keep", "discard", "tag", "rule"],
+    triage = verb(verbs, "triage", cmd_triage, "keep, discard, tag or correct captures, or add a triage rule")
+    triage.add_argument("action", choices=["keep", "discard", "tag", "rule", "correct"],
                         help="keep/discard: set the state of the ids (and their tags); tag: only change tags; "
-                             "rule: add a rule and apply it to untriaged captures")
-    triage.add_argument("ids", nargs="*", type=int, help="capture ids (keep/discard/tag)")
+                             "rule: add a rule and apply it to untriaged captures; correct: record a person's "
+                             "corrected answer for one id (--output)")
+    triage.add_argument("ids", nargs="*", type=int, help="capture ids (keep/discard/tag; one for correct)")
     triage.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
     triage.add_argument("--tenant")
     triage.add_argument("--keep", action="store_true", help="rule: keep matching captures (default)")
     triage.add_argument("--discard", action="store_true", help="rule: discard matching captures")
-    triage.add_argument("--status", default="ok", help="rule: capture status to match (default ok)")
+    triage.add_argument("--status", default="ok", help="rule: capture status to match")
     triage.add_argument("--model", help="rule: upstream model to match")
     triage.add_argument("--tag", action="append",
                         help="rule: tag to match; keep/discard/tag: tag to add (repeatable)")
@@ -456,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     triage.add_argument("--output-regex",
                         help="rule: regular expression (RE2 syntax: linear time, so no backreferences or "
                              "lookaround) the output must contain a match of")
-    triage.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    triage.add_argument("--output", metavar="TEXT",
+                        help="correct: the corrected answer (- reads it from stdin); redacted as the namespace's "
+                             "captures are, and it replaces the teacher's answer when the capture trains")
+    triage.add_argument("--actor", default=default_actor(), help="who, for the audit log")
 
     distill = verb(verbs, "distill", cmd_distill, "materialize the loop for a namespace in the Dagster instance")
     distill.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
@@ -468,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--recipe", required=True, help="recipe directory (spec.json, train/eval/holdout.jsonl)")
     compile_.add_argument("--output", help="where to write the .kolm")
     compile_.add_argument("--tenant", default="local", help="tenant whose key signs the artifact")
-    compile_.add_argument("--epochs", type=float)
+    compile_.add_argument("--epochs", type=float, help="training epochs (default: the recipe's)")
     compile_.add_argument("--dry-run", action="store_true", help="validate the recipe without training")
 
     eval_ = verb(verbs, "eval", cmd_eval, "print the K-score table of an artifact on an eval suite")
@@ -478,43 +464,50 @@ def build_parser() -> argparse.ArgumentParser:
     swap = verb(verbs, "swap", cmd_swap, "make an artifact the serving adapter of its task (verified first)")
     swap.add_argument("--artifact", help="a .kolm file")
     swap.add_argument("--task", help="the task; with --cid, or to check the artifact's manifest names it")
-    swap.add_argument("--cid", help="swap to this previously published artifact of --task")
+    swap.add_argument("--cid", help="swap to this previously published artifact of --task: a CID, a unique CID "
+                      "prefix (6+ characters) or `previous` (what served before the current one)")
     swap.add_argument("--strategy", choices=["higher-k-wins", "force"], default="higher-k-wins",
                       help="higher-k-wins: only if its recorded K beats the serving one by the gate margin")
-    swap.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    swap.add_argument("--actor", default=default_actor(), help="who, for the audit log")
 
     rollback = verb(verbs, "rollback", cmd_rollback, "restore the previous adapter of a task in one step")
-    rollback.add_argument("--task", required=True)
-    rollback.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    rollback.add_argument("--task", required=True, help="the task, TENANT.NAMESPACE")
+    rollback.add_argument("--actor", default=default_actor(), help="who, for the audit log")
 
     registry = verbs.add_parser("registry", help="the registry of swaps and gate decisions")
     registry_verbs = registry.add_subparsers(dest="registry_verb", required=True, metavar="ACTION")
     log = verb(registry_verbs, "log", cmd_registry_log,
                "print the registry rows, newest first, with what data, code and score each deployment had")
-    log.add_argument("--task")
-    log.add_argument("--cid", help="everything the registry knows about one artifact")
-    log.add_argument("--json", action="store_true")
+    log.add_argument("--task", help="only this task's rows")
+    log.add_argument("--cid", help="everything the registry knows about one artifact: a CID, a unique CID prefix "
+                     "(6+ characters), or `current` / `previous` with --task")
+    log.add_argument("--json", action="store_true", help="print the rows as JSON")
     diff = verb(registry_verbs, "diff", cmd_registry_diff,
                 "what changed between two versions of a task: corpus, recipe, K-score parts, and the eval cases "
                 "whose verdict flipped")
     diff.add_argument("--task", required=True)
-    diff.add_argument("from_version", nargs="?", metavar="FROM_CID",
-                      help="a CID, a .kolm path, `candidate` (the last evaluated, not deployed) or `base`; with no "
-                           "version: the previous deployment -> the current one; with one: the current one -> it")
-    diff.add_argument("to_version", nargs="?", metavar="TO_CID")
-    diff.add_argument("--limit", type=int, default=20, help="flipped cases listed per direction (default 20)")
+    diff.add_argument("from_version", nargs="?", metavar="FROM",
+                      help="`current`, `previous`, `base` (the bare base), `candidate` (the last evaluated, not "
+                           "deployed), a CID, a unique CID prefix (6+ characters) or a .kolm path. No version: "
+                           "previous -> current; one: it and the current one, older first (base, previous and "
+                           "earlier deployments before it, candidate after); two: FROM -> TO as given")
+    diff.add_argument("to_version", nargs="?", metavar="TO")
+    diff.add_argument("--limit", type=int, default=20, help="flipped cases listed per direction")
     diff.add_argument("--json", action="store_true", help="print the diff as JSON")
 
     verify = verb(verbs, "verify", cmd_verify,
                   "check an artifact's files, signatures and receipt chain offline (and its deployment receipt)")
-    verify.add_argument("artifact")
+    verify.add_argument("artifact", help="a .kolm file, or a published artifact by `current`, `previous` (with "
+                        "--task), CID or unique CID prefix")
+    verify.add_argument("--task", help="the task whose `current` or `previous` to verify")
     verify.add_argument("--keys", help="directory of tenant public keys (*.pub); default KOLM_HOME/keys")
+    verify.add_argument("--json", action="store_true", help="print the verdict, receipts and provenance as JSON")
 
     serve_ = verb(verbs, "serve", cmd_serve, "OpenAI-compatible serving of the base model plus each task's adapter")
-    serve_.add_argument("--host", default="127.0.0.1")
-    serve_.add_argument("--port", type=int, default=8700)
+    serve_.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve_.add_argument("--port", type=int, default=SERVE_PORT, help="port to listen on")
     serve_.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
-                        help="transformers: in process (default); vllm: a vLLM server's runtime LoRA endpoints")
+                        help="transformers: in process; vllm: a vLLM server's runtime LoRA endpoints")
     serve_.add_argument("--vllm-url", help="vLLM server, e.g. http://vllm:8000 (--backend vllm)")
     serve_.add_argument("--vllm-adapter-root",
                         help="KOLM_HOME/serve-cache as the vLLM server sees it, when mounted at another path")
@@ -524,13 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.add_argument("--no-live-monitor", action="store_true",
                         help="do not watch served answers or roll back automatically (docs/live-monitoring.md)")
     serve_.add_argument("--monitor-sample-share", type=float, default=0.2,
-                        help="share of answers format-checked without a reference (default 0.2)")
+                        help="share of answers format-checked without a reference")
     serve_.add_argument("--monitor-tolerance", type=float, default=0.10,
-                        help="how far the live score may fall below the evaluated one before rollback (default 0.10)")
+                        help="how far the live score may fall below the evaluated one before rollback")
     serve_.add_argument("--monitor-min-requests", type=int, default=50,
-                        help="judged answers needed before an automatic rollback (default 50)")
+                        help="judged answers needed before an automatic rollback")
     serve_.add_argument("--monitor-window", type=int, default=1000,
-                        help="most recent judged answers the live score covers (default 1000)")
+                        help="most recent judged answers the live score covers")
     serve_.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                         help="info logs every request and every swap; warning keeps refusals and errors")
     serve_.add_argument("--max-batch", type=int,
@@ -546,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     clear = verb(tripwire_verbs, "clear", cmd_tripwire_clear, "let a halted namespace distill again")
     clear.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
     clear.add_argument("--tenant")
-    clear.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    clear.add_argument("--actor", default=default_actor(), help="who, for the audit log")
 
     retention = verbs.add_parser("retention", help="the retention windows of the namespaces")
     retention_verbs = retention.add_subparsers(dest="retention_verb", required=True, metavar="ACTION")
@@ -555,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
          "(every distill does this first; cron it where none runs daily)")
 
     demo = verb(verbs, "demo", cmd_demo, "run the whole loop on the embedded defaults")
-    demo.add_argument("--tickets", type=int, default=320, help="support tickets to send (default 320)")
-    demo.add_argument("--epochs", type=float, default=2.0)
+    demo.add_argument("--tickets", type=int, default=320, help="support tickets to send")
+    demo.add_argument("--epochs", type=float, default=2.0, help="training epochs")
     return parser
 
 
@@ -570,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verb == "triage" and args.action != "rule" and not args.ids:
-        parser.error(f"triage {args.action} needs one or more capture ids")
+        parser.error(f"triage {args.action} needs " + ("one capture id" if args.action == "correct"
+                                                        else "one or more capture ids"))
     try:
         return args.handler(args)
     except (UserError, FileNotFoundError) as exc:
@@ -578,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `kolm … | head`: the reader has all it wanted; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

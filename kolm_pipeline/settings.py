@@ -18,6 +18,8 @@ from kolm_pipeline.provenance.atomic import private_dir
 from kolm_pipeline.provenance.errors import InvalidInput
 
 EMBEDDED_BASE_MODEL = "embedded:smollm2-135m-instruct"
+# Where `make mlflow` serves the MLflow UI (and so where Dagster's MLflow links point by default).
+DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 
 # Dollars per million tokens (input, output) used to price the teacher's captured usage.
 DEFAULT_PRICE_TABLE: dict[str, tuple[float, float]] = {
@@ -142,6 +144,9 @@ class Settings(BaseSettings):
     upstream_anthropic: str = "https://api.anthropic.com"
     distill_threshold: int = 1000
     mlflow_tracking_uri: str = Field("", validation_alias=AliasChoices("KOLM_MLFLOW_URI", "mlflow_tracking_uri"))
+    # The MLflow UI that links in Dagster metadata open; empty: the tracking server when KOLM_MLFLOW_URI is one,
+    # else what `make mlflow` serves.
+    mlflow_ui_url: str = ""
     size_budget_bytes: int = 64 * 1024 * 1024
     student_dollars_per_hour: float = 0.10
     retention_days: int = 30
@@ -158,6 +163,13 @@ class Settings(BaseSettings):
     def _parse_price_table(cls, value: object) -> object:
         return _price_table(value) if isinstance(value, str) else value
 
+    @field_validator("mlflow_ui_url")
+    @classmethod
+    def _check_mlflow_ui_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise InvalidInput(f"KOLM_MLFLOW_UI_URL: expected the http(s) address of the MLflow UI, got {value!r}")
+        return value
+
     @field_validator("source_weights", mode="before")
     @classmethod
     def _parse_source_weights(cls, value: object) -> object:
@@ -171,6 +183,10 @@ class Settings(BaseSettings):
         object.__setattr__(self, "model_cache", (self.model_cache or home / "models").expanduser().resolve())
         object.__setattr__(self, "store_url", self.store_url or f"sqlite:///{home / 'captures.db'}")
         object.__setattr__(self, "mlflow_tracking_uri", self.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}")
+        if not self.mlflow_ui_url:
+            server = self.mlflow_tracking_uri.startswith(("http://", "https://"))
+            object.__setattr__(self, "mlflow_ui_url", self.mlflow_tracking_uri if server else DEFAULT_MLFLOW_UI_URL)
+        object.__setattr__(self, "mlflow_ui_url", self.mlflow_ui_url.rstrip("/"))
         return self
 
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import dagster as dg
+import pytest
 
 from kolm_pipeline.defs.launch import ensure_instance, materialize_namespace
 from kolm_pipeline.provenance.keys import load_public_keys
@@ -64,8 +65,16 @@ def test_loop_materializes_every_asset(kolm_settings, autoreply_store, tiny_base
         in evaluation["version_diff"]
     assert "Regressed (pass → fail)" not in evaluation["version_diff"]
 
-    checks = {c.asset_check_key.name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"k_gate": True, "collapse_tripwire": True}
+    evaluations = result.get_asset_check_evaluations()
+    checks = {c.asset_check_key.name: c.passed for c in evaluations}
+    assert {name: checks.pop(name) for name in ("k_gate", "collapse_tripwire")} == {"k_gate": True,
+                                                                                   "collapse_tripwire": True}
+    assert set(checks) == {"corpus_enough_pairs", "corpus_no_pii_in_answers", "recipe_label_balance",
+                           "recipe_decontamination"}  # data health: may warn on this small corpus, never fail
+    assert all(c.partition == "acme.support" for c in evaluations)  # issue 22: not "Partition —"
+    assert all(c.passed or c.severity == dg.AssetCheckSeverity.WARN for c in evaluations)
+    assert "accuracy" in evaluation["gate_decision"] and evaluation["accuracy_candidate"] > 0.9
+    assert "![training loss by step](data:image/png;base64," in adapter["loss_curve"]
 
     deployment = _metadata(instance, "deployment", "acme.support")
     pointer = read_pointer(kolm_settings.adapters_dir, "acme.support")
@@ -74,12 +83,61 @@ def test_loop_materializes_every_asset(kolm_settings, autoreply_store, tiny_base
     assert report.ok, report.problems
     assert [row.decision for row in autoreply_store.registry_rows("acme.support")] == ["swap"]
     counters = autoreply_store.counters("acme", "support")
-    assert counters["distilled"] == counters["merged"] == corpus["written"]
+    # distilled: the pairs of the corpus; merged: distill runs that cleared the gate and were published.
+    assert (counters["distilled"], counters["merged"]) == (corpus["written"], 1)
 
     workdir = NamespaceWorkdir(kolm_settings, "acme.support")
     saved = json.loads(workdir.evaluation.read_text())
     assert saved["decision"]["swap"] and saved["candidate"]["k"] > saved["current"]["k"]
     assert saved["candidate"]["accuracy"] > 0.9 > saved["current"]["accuracy"]
+
+    _assert_mlflow_layout(kolm_settings, instance, result.run_id, saved, deployment["artifact_cid"])
+
+
+def _assert_mlflow_layout(settings, instance: dg.DagsterInstance, dagster_run_id: str, saved: dict,
+                          artifact_cid: str) -> None:
+    """One MLflow parent run per Dagster run, its steps as tagged children; the `champion` model version made
+    from the training run (which holds the loss per step) and tagged with the K-score; clickable links."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("kolm/acme.support")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.dagster_run_id = '{dagster_run_id}'")
+    by_stage = {run.data.tags["kolm.stage"]: run for run in runs}
+    assert len(runs) == 4 and set(by_stage) == {"dagster_run", "training", "evaluation", "deployment"}
+    parent = by_stage.pop("dagster_run")
+    assert "mlflow.parentRunId" not in parent.data.tags and parent.info.status == "FINISHED"
+    assert parent.data.metrics["k_score"] == pytest.approx(saved["candidate"]["k"])
+    expected_tags = {"dagster_run_id": dagster_run_id, "partition": "acme.support", "task": "acme.support"}
+    for run in (parent, *by_stage.values()):
+        assert {key: run.data.tags.get(key) for key in expected_tags} == expected_tags, run.info.run_name
+    for stage, run in by_stage.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
+        assert run.info.status == "FINISHED" and run.info.run_name == stage
+
+    training = by_stage["training"]
+    loss = client.get_metric_history(training.info.run_id, "train.loss")
+    assert len({point.step for point in loss}) >= 2  # a curve MLflow plots, not one number
+    version = client.get_model_version_by_alias("kolm-acme.support", "champion")
+    assert version.run_id == training.info.run_id
+    assert version.tags["kolm.artifact_cid"] == artifact_cid
+    assert float(version.tags["k_score"]) == pytest.approx(saved["candidate"]["k"], abs=1e-4)
+    assert float(version.tags["accuracy"]) == pytest.approx(saved["candidate"]["accuracy"], abs=1e-4)
+    assert version.tags["kolm.evaluation_run_id"] == by_stage["evaluation"].info.run_id
+    assert "read-only mirror" in version.description
+
+    ui = settings.mlflow_ui_url
+    for asset, stage in (("adapter", "training"), ("evaluation", "evaluation"), ("deployment", "deployment")):
+        metadata = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+        link = metadata["mlflow_run"]
+        assert isinstance(link, dg.UrlMetadataValue)
+        assert link.value == (f"{ui}/#/experiments/{experiment.experiment_id}/runs/{by_stage[stage].info.run_id}"
+                              "?workflowType=machine_learning")
+        assert parent.info.run_id in metadata["mlflow_dagster_run"].value
+    deployed = instance.get_latest_materialization_event(dg.AssetKey("deployment")).asset_materialization.metadata
+    assert deployed["mlflow_model_version"].value == \
+        f"{ui}/#/models/kolm-acme.support/versions/{version.version}?workflowType=machine_learning"
 
 
 def test_failed_training_fails_cleanly_and_leaves_nothing(kolm_settings, ticket_store, tiny_base, monkeypatch):

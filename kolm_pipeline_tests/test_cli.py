@@ -77,11 +77,16 @@ def test_tenant_triage_and_status(kolm_settings, ticket_store, capsys):
     assert "kolm key (shown once" in out and (kolm_settings.keys_dir / "newco.pub").is_file()
     assert main(["tenant", "create", "newco"]) == 1
     assert "already exists" in capsys.readouterr().err
-    assert main(["capture", "status", "--namespace", "acme.support"]) == 0
+    assert main(["capture", "status", "--namespace", "acme.support", "--json"]) == 0
     assert '"untriaged": 160' in capsys.readouterr().out
     assert main(["triage", "rule", "--namespace", "acme.support", "--keep"]) == 0
-    assert main(["capture", "status", "--namespace", "support", "--tenant", "acme"]) == 0
+    assert main(["capture", "status", "--namespace", "support", "--tenant", "acme", "--json"]) == 0
     assert '"kept": 160' in capsys.readouterr().out
+    assert main(["capture", "status", "--namespace", "acme.support"]) == 0  # the human table
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["namespace acme.support", "captured  kept  discarded  untriaged  distilled  merged",
+                         "     160   160          0          0          0       0"]
+    assert "retention_days     30" in lines and "distill_threshold  1000" in lines
     assert main(["capture", "status", "--namespace", "Bad Namespace!"]) == 1
 
 
@@ -121,6 +126,7 @@ def test_capture_status_recount(kolm_settings, ticket_store, capsys):
         conn.execute(delete(captures).where(captures.c.id <= 10))
     assert main(["capture", "status", "--namespace", "acme.support", "--recount"]) == 0
     out = capsys.readouterr().out
-    assert "recounted acme.support: captured 160 → 150, untriaged 160 → 150" in out and '"captured": 150' in out
+    assert "recounted acme.support: captured 160 → 150, untriaged 160 → 150" in out
+    assert "     150     0          0        150          0       0" in out.splitlines()
     assert main(["capture", "status", "--namespace", "acme.support", "--recount"]) == 0
     assert "recounted acme.support: no change" in capsys.readouterr().out

@@ -19,10 +19,14 @@ def test_definitions_load_in_process():
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == {"captures", "triaged_captures", "corpus", "recipe", "adapter", "evaluation", "deployment"}
     checks = {key.name for key in graph.asset_check_keys}
-    assert checks == {"k_gate", "collapse_tripwire"}
+    assert checks == {"k_gate", "collapse_tripwire", "corpus_enough_pairs", "corpus_no_pii_in_answers",
+                      "recipe_label_balance", "recipe_decontamination"}
     for check in defs.asset_checks or []:
         for spec in check.check_specs:
-            assert spec.blocking, f"{spec.name} must be blocking"
+            # The gate and every check that can fail a run block what comes after; label balance only warns.
+            assert spec.blocking == (spec.name != "recipe_label_balance"), spec.name
+            # Each result belongs to its namespace (issue 22: "Partition —" mixed them).
+            assert spec.partitions_def == defs.resolve_assets_def("corpus").partitions_def, spec.name
     partitions = defs.resolve_assets_def("corpus").partitions_def
     assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "kolm_namespace"
 

@@ -149,3 +149,73 @@ def test_keep_button_changes_the_counter(
     if shot:
         data = browser.send("Page.captureScreenshot", format="png")["data"]
         Path(shot).write_bytes(base64.b64decode(data))
+
+
+def _type(browser: Browser, selector: str, text: str, enter: bool = False) -> None:
+    """Focus a field with a click, replace its text as typed text, and optionally press Enter."""
+    browser.click(selector)
+    browser.eval(f"document.querySelector({json.dumps(selector)}).select()")
+    browser.send("Input.insertText", text=text)
+    if enter:
+        for kind in ("keyDown", "keyUp"):
+            browser.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
+                         **({"text": "\r"} if kind == "keyDown" else {}))
+
+
+def test_dataset_view_keeps_and_corrects_with_a_key_from_the_cli(kolm_settings, ticket_store, browser, capsys) -> None:
+    """A newcomer's path to the data: `kolm tenant key` issues a key, the inbox lists the namespace's captures a
+    page at a time, filters them by text, keeps one and corrects another; the store has both, with the key's id
+    as the actor, and the correction redacted as the namespace redacts captures."""
+    import re
+
+    from kolm_pipeline.capture.background import BackgroundServer
+    from kolm_pipeline.capture_server import create_app
+    from kolm_pipeline.cli import main
+    from kolm_pipeline.settings import CaptureConfig
+    from kolm_pipeline.store import CaptureFilter
+
+    assert main(["tenant", "create", "acme"]) == 0
+    assert main(["tenant", "key", "acme", "--actor", "newcomer"]) == 0
+    out = capsys.readouterr().out
+    key = re.search(r"kolm key \(shown once, store it now\): (kolm_\S+)", out.splitlines()[-1]).group(1)
+    key_id = re.search(r"key ([0-9a-f]{8}) issued for tenant acme", out).group(1)
+    searched = ticket_store.find_captures("acme", CaptureFilter(namespace="support", search="REFUND"), limit=1000)
+    assert 0 < searched.total < 160
+
+    server = BackgroundServer(create_app(kolm_settings, ticket_store, CaptureConfig(retention_sweep_s=0)))
+    try:
+        browser.send("Page.enable")
+        browser.send("Page.navigate", url=f"{server.url}/inbox#key={key}")
+        browser.wait_for("document.querySelectorAll('#captures tr').length === 50")
+        assert browser.eval("document.getElementById('page').textContent") == "1–50 of 160"
+        assert browser.eval("document.getElementById('counter-captured').textContent") == "160"
+        browser.click("#next")
+        browser.wait_for("document.getElementById('page').textContent === '51–100 of 160'")
+
+        _type(browser, "#search", "refund", enter=True)
+        browser.wait_for(f"document.getElementById('page').textContent === '1–{searched.total} of {searched.total}'")
+        shown = browser.eval("[...document.querySelectorAll('#captures tr')].map(r => Number(r.dataset.id))")
+        assert shown == [capture.id for capture in searched.captures]
+        kept_id, corrected_id = shown[0], shown[1]
+
+        browser.click(f'tr[data-id="{kept_id}"] button[data-action="kept"]')
+        browser.wait_for("document.getElementById('counter-kept').textContent === '1'")
+        assert not browser.eval(f"Boolean(document.querySelector('tr[data-id=\"{kept_id}\"]'))")  # left the view
+
+        browser.click(f'tr[data-id="{corrected_id}"] button[data-action="correct"]')
+        browser.wait_for("Boolean(document.querySelector('tr.editor textarea'))")
+        _type(browser, "tr.editor textarea", "fin-ops (refund asked by jane.doe@example.com)")
+        browser.click('tr.editor button[data-action="save-correction"]')
+        browser.wait_for(f"(document.querySelector('tr[data-id=\"{corrected_id}\"] td.output') || {{}}).textContent"
+                         " === 'correctedfin-ops (refund asked by <EMAIL>)'")
+        assert browser.eval("document.getElementById('message').textContent") == (
+            "correction saved (redacted before it was stored)")
+    finally:
+        server.stop()
+
+    kept = ticket_store.get_capture("acme", kept_id)
+    assert (kept.triage_state, kept.triaged_by) == ("kept", f"key:{key_id}")
+    corrected = ticket_store.get_capture("acme", corrected_id)
+    assert corrected.feedback_output == "fin-ops (refund asked by <EMAIL>)"
+    [audit] = [row for row in ticket_store.audit_rows("acme", "support") if row.action == "feedback.set"]
+    assert (audit.actor, audit.detail["id"], audit.detail["correction"]) == (f"key:{key_id}", corrected_id, True)

@@ -123,12 +123,13 @@ def test_loop_on_postgres_instance_and_mlflow(kolm_settings, autoreply_store, ti
     assert sorted(rows) == sorted((f'["{stage}"]', PARTITION) for stage in STAGES)
     checks = _sql(database, "SELECT count(*) FROM event_logs WHERE run_id = %s "
                   "AND dagster_event_type = 'ASSET_CHECK_EVALUATION'", result.run_id)
-    assert checks == [(2,)]  # k_gate and collapse_tripwire
+    assert checks == [(6,)]  # k_gate, collapse_tripwire and the four data checks on corpus and recipe
     assert _sql(database, "SELECT partition FROM dynamic_partitions WHERE partitions_def_name = 'kolm_namespace'") \
         == [(PARTITION,)]
 
-    # MLflow's backend store is PostgreSQL: the training and the evaluation run of this Dagster run are there,
-    # with their metrics, and deployment moved the `champion` alias to the deployed artifact's model version.
+    # MLflow's backend store is PostgreSQL: the Dagster run's MLflow run and its training, evaluation and
+    # deployment children are there, with their metrics, and deployment moved the `champion` alias to the
+    # deployed artifact's model version, made from the training run.
     database = pg_databases["mlflow"]
     runs = dict(_sql(
         database,
@@ -137,17 +138,19 @@ def test_loop_on_postgres_instance_and_mlflow(kolm_settings, autoreply_store, ti
         "WHERE e.name = %s AND t.value = %s AND r.status = 'FINISHED'",
         f"kolm/{PARTITION}", result.run_id,
     ))
-    assert set(runs) == {"distill", "evaluation"}
-    assert runs["distill"] == training_run_id
+    parent = next(name for name in runs if name.startswith("dagster "))
+    assert set(runs) == {parent, "training", "evaluation", "deployment"}
+    assert runs["training"] == training_run_id
     metrics = {name: value for name, value in _sql(
         database, "SELECT key, value FROM latest_metrics WHERE run_uuid = %s", runs["evaluation"])}
     assert metrics["gate.swap"] == 1.0 and metrics["candidate.k"] > metrics["current.k"]
     assert any(key.startswith("train.") for (key,) in _sql(
-        database, "SELECT key FROM latest_metrics WHERE run_uuid = %s", runs["distill"]))
-    champion = _sql(database, "SELECT a.name, t.value FROM registered_model_aliases a "
+        database, "SELECT key FROM latest_metrics WHERE run_uuid = %s", runs["training"]))
+    champion = _sql(database, "SELECT a.name, v.run_id FROM registered_model_aliases a "
+                    "JOIN model_versions v ON v.name = a.name AND v.version = a.version "
                     "JOIN model_version_tags t ON t.name = a.name AND t.version = a.version "
                     "WHERE a.alias = 'champion' AND t.value = %s", artifact_cid)
-    assert [name for name, _ in champion] == [f"kolm-{PARTITION}"]
+    assert champion == [(f"kolm-{PARTITION}", training_run_id)]
 
     from mlflow import MlflowClient
 
@@ -155,7 +158,7 @@ def test_loop_on_postgres_instance_and_mlflow(kolm_settings, autoreply_store, ti
         [MlflowClient(mlflow_uri).get_experiment_by_name(f"kolm/{PARTITION}").experiment_id],
         filter_string=f"tags.dagster_run_id = '{result.run_id}'",
     )
-    assert sorted(run.info.run_name for run in found) == ["distill", "evaluation"]
+    assert sorted(run.info.run_name for run in found) == sorted(runs)
 
 
 # --- a dagster.yaml naming a database that does not answer -------------------------------------------------

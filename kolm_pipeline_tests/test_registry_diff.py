@@ -116,9 +116,13 @@ def test_diff_of_real_versions_candidate_and_registry(home, tiny_base):
     with pytest.raises(DiffError, match="nothing is deployed"):
         registry_diff(home, store, task)
     first_cid = deploy(workdir, home, store, actor="test").artifact_cid
-    with pytest.raises(DiffError, match=f"nothing to diff: {first_cid} is the only version"):
-        registry_diff(home, store, task)
-    with pytest.raises(DiffError, match="holds the same adapter"):
+    only = registry_diff(home, store, task)  # `previous` of the first deployment is the bare base
+    assert only.before.is_base and only.after.cid == first_cid and "same run" in only.basis
+    # Read old → new whichever way it is asked: `diff base` is the bare base → the current version.
+    assert (registry_diff(home, store, task, ["base"]).before.is_base,
+            registry_diff(home, store, task, ["base"]).after.cid) == (True, first_cid)
+    with pytest.raises(DiffError, match=r"nothing to diff: artifact \S+ \(current\) and the last evaluated "
+                                        r"candidate \(not packaged\) hold the same adapter .*deployed already"):
         registry_diff(home, store, task, ["candidate"])
 
     # Cycle 2: more data, a barely trained candidate against the champion: it regresses case by case.
@@ -161,7 +165,12 @@ def test_diff_of_real_versions_candidate_and_registry(home, tiny_base):
     row = next(line for line in text.splitlines() if line.startswith("corpus pairs"))
     assert row.split() == ["corpus", "pairs", str(first_pairs), str(second_pairs), f"+{second_pairs - first_pairs}"]
 
-    back = registry_diff(home, store, task, [first_cid])  # from the current one to the CID given
+    # One version given: it and the current one, old → new (the first deployment came first), by CID prefix.
+    older = registry_diff(home, store, task, [first_cid[:10]])
+    assert (older.before.cid, older.after.cid) == (first_cid, second_cid)
+    assert (older.before.name, older.after.name) == (first_cid[:10], "current")
+    assert registry_diff(home, store, task, ["previous"]).before.cid == first_cid
+    back = registry_diff(home, store, task, ["current", first_cid.removeprefix("bafkrei")[:8]])  # as given
     assert (back.before.cid, back.after.cid) == (second_cid, first_cid)
     assert {flip.key for flip in back.improved} == regressed and not back.regressed
     assert json.loads(json.dumps(back.as_dict()))["cases"]["improved_count"] == len(regressed)

@@ -131,6 +131,53 @@ def test_openai_sdk_streaming_and_not(world):
     assert {"acme.chat", "acme.labels"} <= {model.id for model in models.data}
 
 
+def test_usage_is_counted_and_streamed_when_asked(world):
+    """Issue 22: `kolm serve` answered `usage: null`. Counted by the base model's tokenizer; streamed in a last
+    chunk without choices when `stream_options.include_usage` asks, as OpenAI streams it."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{world.url}/v1", api_key=world.key)
+    backend = world.runtime.backend
+    completion = client.chat.completions.create(model="acme.chat", messages=PROMPT, max_tokens=12)
+    usage = completion.usage
+    assert usage is not None and 0 < usage.completion_tokens <= 12
+    assert usage.prompt_tokens == backend.count_tokens(PROMPT, "")["prompt_tokens"] > 5
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="acme.chat", messages=PROMPT, max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == usage  # the same answer, so the same counts
+    assert all(chunk.usage is None for chunk in chunks[:-1]) and chunks[-2].choices[0].finish_reason == "stop"
+    plain = list(client.chat.completions.create(model="acme.chat", messages=PROMPT, max_tokens=12, stream=True))
+    assert all(chunk.choices and chunk.usage is None for chunk in plain)
+
+    # A closed vocabulary answers with one label: its tokens are the completion.
+    labelled = client.chat.completions.create(model="acme.labels", messages=PROMPT)
+    label = labelled.choices[0].message.content
+    assert labelled.usage.completion_tokens == backend.count_tokens(PROMPT, label)["completion_tokens"] >= 1
+    streamed = list(client.chat.completions.create(model="acme.labels", messages=PROMPT, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert streamed[-1].choices == [] and streamed[-1].usage == labelled.usage
+
+    bad = world.http.post(f"{world.url}/v1/chat/completions", timeout=30, json={
+        "model": "acme.chat", "messages": PROMPT, "stream": True, "stream_options": {"include_usage": "yes"}})
+    assert bad.status_code == 400 and "`stream_options`" in bad.json()["error"]["message"]
+
+
+def test_an_unknown_task_answers_404_listing_the_callers_tasks(world):
+    """Issue 22: the 404 for an unknown task did not say which tasks there are; it lists the caller tenant's."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{world.url}/v1", api_key=world.key)
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="acme.nosuch", messages=PROMPT)
+    error = raised.value.body
+    own = sorted(task for task, info in world.runtime.status()["tasks"].items() if info["tenant"] == "acme")
+    assert {"acme.chat", "acme.labels"} <= set(own)
+    assert error["message"] == f"no adapter is deployed for task 'acme.nosuch'; your tasks: {', '.join(own)}"
+    assert (error["code"], error["param"], error["available_tasks"]) == ("model_not_found", "model", own)
+
+
 def test_live_monitor_is_on_by_default_and_takes_feedback(world):
     response = _chat(world, "acme.chat")
     cid = response.headers["x-kolm-adapter-cid"]
@@ -311,7 +358,9 @@ def test_serving_needs_a_tenant_key_and_shows_each_tenant_only_its_own_tasks(wor
     refused = mallory.post(f"{world.url}/v1/chat/completions", timeout=30,
                            json={"model": "acme.chat", "messages": PROMPT, "max_tokens": 4})
     assert refused.status_code == 404
-    assert refused.json()["error"]["message"] == "no adapter is deployed for task 'acme.chat'"
+    assert refused.json()["error"]["message"] == ("no adapter is deployed for task 'acme.chat'; no task is deployed "
+                                                  "for your tenant yet")
+    assert refused.json()["error"]["available_tasks"] == []  # never another tenant's
 
     served = _chat(world, "acme.chat")
     completion_id = served.json()["id"]

@@ -171,7 +171,8 @@ class Isolation(RuleBasedStateMachine):
                 out = io.StringIO()
                 with contextlib.redirect_stdout(out):
                     code = cli.main(
-                        ["--home", str(self.world.home), "capture", "status", "--namespace", f"{tenant}.{ns}"]
+                        ["--home", str(self.world.home), "capture", "status", "--namespace", f"{tenant}.{ns}",
+                         "--json"]
                     )
                 assert code == 0 and json.loads(out.getvalue())["counters"] == expected
 

@@ -1,5 +1,6 @@
 // The inbox page: reads the JSON API with the kolm key typed in (or passed as #key=… and removed from the
-// address at once); every text from a capture is set with textContent, never parsed as HTML.
+// address at once); every text from a capture is set with textContent, never parsed as HTML. A dataset view:
+// captures filtered by state, tag and text, a page at a time; each row can be kept, discarded or corrected.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -54,6 +55,19 @@ async function loadNamespaces() {
   if (namespaces.includes(chosen)) select.value = chosen;
 }
 
+const PAGE_SIZE = 50;
+let offset = 0;
+let total = 0;
+
+function filters(namespace) {
+  const params = new URLSearchParams({ namespace, limit: String(PAGE_SIZE), offset: String(offset) });
+  for (const name of ["state", "tag", "search"]) {
+    const value = $(name).value.trim();
+    if (value) params.set(name, value);
+  }
+  return params;
+}
+
 async function refresh() {
   const namespace = $("namespace").value;
   if (!namespace) {
@@ -69,33 +83,110 @@ async function refresh() {
     const element = $("switch-" + name);
     if (element) element.textContent = value === true ? "on" : value === false ? "off" : String(value);
   }
-  const params = new URLSearchParams({ namespace, limit: "100" });
-  if ($("state").value) params.set("state", $("state").value);
-  const { captures } = await api("GET", "/v1/captures?" + params);
+  let page = await api("GET", "/v1/captures?" + filters(namespace));
+  if (!page.captures.length && offset > 0) {
+    // The last row of the last page was triaged out of the view: show the page before it.
+    offset = Math.max(0, offset - PAGE_SIZE);
+    page = await api("GET", "/v1/captures?" + filters(namespace));
+  }
+  total = page.total;
   const body = $("captures");
   body.replaceChildren();
-  for (const capture of captures) {
-    const row = document.createElement("tr");
-    row.dataset.id = String(capture.id);
-    cell(row, String(capture.id));
-    cell(row, capture.model);
-    cell(row, capture.status);
-    cell(row, capture.expired_at ? "(expired)" : lastUser(capture.messages), "text");
-    cell(row, capture.expired_at ? "(expired)" : capture.feedback_output ?? capture.output_text, "text");
-    cell(row, capture.triage_state, "state-" + capture.triage_state);
-    const actions = cell(row, "");
-    for (const [label, state] of [["Keep", "kept"], ["Discard", "discarded"]]) {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.textContent = label;
-      button.dataset.action = state;
-      button.disabled = capture.triage_state === state || (state === "kept" && capture.status !== "ok");
-      button.addEventListener("click", () => triage(capture.id, state));
-      actions.appendChild(button);
-    }
-    body.appendChild(row);
+  for (const capture of page.captures) body.appendChild(captureRow(capture));
+  const last = offset + page.captures.length;
+  $("page").textContent = total ? `${offset + 1}–${last} of ${total}` : "0 of 0";
+  $("prev").disabled = offset === 0;
+  $("next").disabled = last >= total;
+  say(page.captures.length ? "" : "nothing to show");
+}
+
+function captureRow(capture) {
+  const row = document.createElement("tr");
+  row.dataset.id = String(capture.id);
+  const expired = Boolean(capture.expired_at);
+  cell(row, String(capture.id));
+  cell(row, capture.created_at.slice(0, 16).replace("T", " "));
+  cell(row, capture.model);
+  cell(row, capture.status);
+  cell(row, capture.tags.join(", "));
+  cell(row, expired ? "(expired)" : lastUser(capture.messages), "text");
+  const output = cell(row, "", "text output");
+  if (expired) {
+    output.textContent = "(expired)";
+  } else if (capture.feedback_output !== null) {
+    const badge = document.createElement("span");
+    badge.className = "corrected";
+    badge.textContent = "corrected";
+    badge.title = "teacher's answer: " + capture.output_text;
+    output.append(badge, document.createTextNode(capture.feedback_output));
+  } else {
+    output.textContent = capture.output_text;
   }
-  say(captures.length ? "" : "nothing to show");
+  cell(row, capture.triage_state, "state-" + capture.triage_state);
+  const actions = cell(row, "");
+  for (const [label, state] of [["Keep", "kept"], ["Discard", "discarded"]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.dataset.action = state;
+    button.disabled = capture.triage_state === state || (state === "kept" && (capture.status !== "ok" || expired));
+    button.addEventListener("click", () => triage(capture.id, state));
+    actions.appendChild(button);
+  }
+  const correct = document.createElement("button");
+  correct.type = "button";
+  correct.textContent = "Correct";
+  correct.dataset.action = "correct";
+  correct.disabled = expired;
+  correct.addEventListener("click", () => openEditor(row, capture));
+  actions.appendChild(correct);
+  return row;
+}
+
+function openEditor(row, capture) {
+  const open = row.nextElementSibling;
+  if (open && open.classList.contains("editor")) {
+    open.querySelector("textarea").focus();
+    return;
+  }
+  const editor = document.createElement("tr");
+  editor.className = "editor";
+  editor.dataset.for = String(capture.id);
+  const td = document.createElement("td");
+  td.colSpan = row.children.length;
+  const label = document.createElement("label");
+  label.textContent = "Corrected answer for capture " + capture.id + " (it replaces the teacher's when trained):";
+  const text = document.createElement("textarea");
+  text.value = capture.feedback_output ?? capture.output_text;
+  const save = document.createElement("button");
+  save.type = "button";
+  save.textContent = "Save correction";
+  save.dataset.action = "save-correction";
+  const cancel = document.createElement("button");
+  cancel.type = "button";
+  cancel.textContent = "Cancel";
+  cancel.addEventListener("click", () => editor.remove());
+  save.addEventListener("click", () => correct(capture.id, text.value, save));
+  td.append(label, text, save, cancel);
+  editor.appendChild(td);
+  row.after(editor);
+  text.focus();
+}
+
+async function correct(id, output, button) {
+  if (!output.trim()) {
+    say("the corrected answer is empty");
+    return;
+  }
+  button.disabled = true;
+  try {
+    const saved = await api("POST", "/v1/captures/" + id + "/feedback", { output });
+    await refresh();
+    say(saved.feedback_output === output ? "correction saved" : "correction saved (redacted before it was stored)");
+  } catch (error) {
+    button.disabled = false;
+    say(error.message);
+  }
 }
 
 async function triage(id, state) {
@@ -107,9 +198,15 @@ async function triage(id, state) {
   }
 }
 
+function reload() {
+  offset = 0;
+  refresh().catch((error) => say(error.message));
+}
+
 async function load(event) {
   if (event) event.preventDefault();
   key = $("key").value.trim();
+  offset = 0;
   try {
     await loadNamespaces();
     await refresh();
@@ -119,8 +216,18 @@ async function load(event) {
 }
 
 $("login").addEventListener("submit", load);
-$("namespace").addEventListener("change", () => refresh().catch((error) => say(error.message)));
-$("state").addEventListener("change", () => refresh().catch((error) => say(error.message)));
+$("namespace").addEventListener("change", reload);
+$("state").addEventListener("change", reload);
+$("tag").addEventListener("change", reload);
+$("search").addEventListener("change", reload);
+$("prev").addEventListener("click", () => {
+  offset = Math.max(0, offset - PAGE_SIZE);
+  refresh().catch((error) => say(error.message));
+});
+$("next").addEventListener("click", () => {
+  if (offset + PAGE_SIZE < total) offset += PAGE_SIZE;
+  refresh().catch((error) => say(error.message));
+});
 
 const fromHash = new URLSearchParams(location.hash.slice(1));
 if (fromHash.get("key")) {

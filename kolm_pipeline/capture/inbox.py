@@ -6,7 +6,6 @@ full kolm key (a capture-only key may record, not read or triage) and sees only 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -14,9 +13,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field, model_validator
 
+from kolm_pipeline.capture.corrections import record_correction
 from kolm_pipeline.capture.forward import MAX_TAG_LENGTH, MAX_TAGS, ApiError, KeyCache, parse_namespace
-from kolm_pipeline.capture.redact import namespace_redactor, validate_entities
-from kolm_pipeline.store import Capture, CaptureStore, Tenant, partition_key
+from kolm_pipeline.capture.redact import validate_entities
+from kolm_pipeline.store import CaptureFilter, CaptureStore, Tenant, capture_dict, parse_time, partition_key
+from kolm_pipeline.store.capture_search import SEARCH_MAX_LENGTH
 from kolm_pipeline.store.rules import MATCH_KEYS
 
 INBOX_CSP = (
@@ -37,14 +38,6 @@ StoreDep = Annotated[CaptureStore, Depends(store_of)]
 
 def not_found(what: str) -> ApiError:
     return ApiError(404, "not_found_error", what)
-
-
-def _capture_json(capture: Capture) -> dict[str, Any]:
-    data = asdict(capture)
-    for name in ("created_at", "expired_at", "distilled_at", "merged_at"):
-        value = getattr(capture, name)
-        data[name] = value.isoformat() if value is not None else None
-    return data
 
 
 async def tenant_of(request: Request) -> Tenant:
@@ -85,6 +78,8 @@ class FeedbackBody(BaseModel):
     def _one_of(self) -> FeedbackBody:
         if self.output is None and self.rating is None:
             raise ValueError("give a corrected 'output', a 'rating' from 1 to 5, or both")
+        if self.output is not None and not self.output.strip():
+            raise ValueError("the corrected 'output' is blank")
         return self
 
 
@@ -101,7 +96,8 @@ class SwitchesBody(BaseModel):
 
 
 def _actor(tenant: Tenant) -> str:
-    return f"key:{tenant.key_prefix}"
+    """Who did it, as the audit log names it: the key's public id (`kolm tenant keys` lists it)."""
+    return f"key:{tenant.key_id or tenant.key_prefix}"
 
 
 def _ns(namespace: str | None) -> str | None:
@@ -121,20 +117,31 @@ async def list_captures(
     status: Literal["ok", "error", "incomplete"] | None = None,
     model: Annotated[str | None, Query(max_length=255)] = None,
     tag: Annotated[str | None, Query(max_length=MAX_TAG_LENGTH)] = None,
+    since: Annotated[str | None, Query(max_length=64)] = None,
+    until: Annotated[str | None, Query(max_length=64)] = None,
+    search: Annotated[str | None, Query(max_length=SEARCH_MAX_LENGTH)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
-    rows = await asyncio.to_thread(
-        store.list_captures, tenant.name, _ns(namespace), state, limit, offset, status, model, tag
-    )
-    return {"captures": [_capture_json(row) for row in rows], "limit": limit, "offset": offset}
+    """A page of captures, newest first, with `total` matching: the same filters as `kolm capture list`."""
+    try:
+        where = CaptureFilter(
+            namespace=_ns(namespace), state=state, status=status, model=model, tag=tag or None,
+            since=parse_time(since, "since") if since else None, until=parse_time(until, "until") if until else None,
+            search=search or None,
+        )
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request_error", str(exc)) from exc
+    page = await asyncio.to_thread(store.find_captures, tenant.name, where, limit, offset)
+    return {"captures": [capture_dict(row) for row in page.captures], "total": page.total, "limit": limit,
+            "offset": offset}
 
 @router.get("/v1/captures/{capture_id}")
 async def get_capture(capture_id: int, tenant: InboxTenant, store: StoreDep) -> dict[str, Any]:
     capture = await asyncio.to_thread(store.get_capture, tenant.name, capture_id)
     if capture is None:
         raise not_found(f"no capture {capture_id}")
-    return _capture_json(capture)
+    return capture_dict(capture)
 
 @router.post("/v1/captures/triage")
 async def triage_bulk(body: BulkTriageBody, tenant: InboxTenant, store: StoreDep) -> dict[str, Any]:
@@ -164,22 +171,18 @@ async def triage(capture_id: int, body: TriageBody, tenant: InboxTenant, store: 
     updated = await asyncio.to_thread(store.get_capture, tenant.name, capture_id)
     return {"id": capture_id, "triage_state": body.state, "tags": updated.tags if updated else capture.tags}
 
-def _redacted_correction(store: CaptureStore, tenant: str, capture_id: int, output: str) -> str:
-    """A person's correction as it may be stored: redacted as its namespace redacts captures (it replaces
-    the teacher's output in the corpus, so it must hold no more PII than the captures do)."""
-    capture = store.get_capture(tenant, capture_id)
-    if capture is None:
-        raise LookupError(f"no capture {capture_id} for tenant {tenant!r}")
-    return namespace_redactor(store, tenant, capture.namespace).text(output)
-
-
 @router.post("/v1/captures/{capture_id}/feedback")
 async def feedback(capture_id: int, body: FeedbackBody, tenant: InboxTenant, store: StoreDep) -> dict[str, Any]:
+    """A correction (redacted as the namespace redacts captures) and/or a rating, recorded with the key's id."""
     output = body.output
     try:
         if output is not None:
-            output = await asyncio.to_thread(_redacted_correction, store, tenant.name, capture_id, output)
-        await asyncio.to_thread(store.set_feedback, tenant.name, capture_id, output, _actor(tenant), body.rating)
+            correction = await asyncio.to_thread(
+                record_correction, store, tenant.name, capture_id, output, _actor(tenant), body.rating
+            )
+            output = correction.output
+        else:
+            await asyncio.to_thread(store.set_feedback, tenant.name, capture_id, None, _actor(tenant), body.rating)
     except LookupError as exc:
         raise not_found(f"no capture {capture_id}") from exc
     except ValueError as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.provenance.errors import UserError
 
 MAX_TOKENS = 128
@@ -59,7 +60,8 @@ def load_model():
             from sentence_transformers import SentenceTransformer
 
             kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if _native_bf16() else {}
-            model = SentenceTransformer(str(model_path()), device="cpu", **kwargs)
+            with quiet_loading():
+                model = SentenceTransformer(str(model_path()), device="cpu", **kwargs)
             model.max_seq_length = MAX_TOKENS
             _model = model
         return _model

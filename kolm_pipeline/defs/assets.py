@@ -15,6 +15,7 @@ from kolm_pipeline.defs.partitions import namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
 from kolm_pipeline.evaluate.result import KSCORE_ROWS, EvaluationResult
 from kolm_pipeline.provenance.errors import InvalidInput
+from kolm_pipeline.registry.champion import model_version_of
 from kolm_pipeline.stages.adapter import record_adapter, training_job
 from kolm_pipeline.stages.corpus import NotEnoughPairs, recipe_counts, run_corpus_stage, run_recipe_stage
 from kolm_pipeline.stages.deployment import DeployRefused, current_champion, deploy
@@ -22,6 +23,17 @@ from kolm_pipeline.stages.diff import candidate_diff, diff_markdown
 from kolm_pipeline.stages.evaluation import run_evaluation_stage
 from kolm_pipeline.stages.retention import sweep_retention
 from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
+from kolm_pipeline.tracking import (
+    ADAPTER_CID_TAG,
+    dagster_tags,
+    log_parent_metrics,
+    mlflow_run,
+    model_version_ui_url,
+    parent_run,
+    run_ui_url,
+    set_run_tags,
+)
+from kolm_pipeline.train.loss_plot import loss_curve_markdown
 
 KOLM_GROUP = "kolm_loop"
 
@@ -36,6 +48,27 @@ captures = dg.AssetSpec(
 
 def _workdir(context: dg.AssetExecutionContext, kolm: KolmResource) -> NamespaceWorkdir:
     return NamespaceWorkdir(kolm.settings, context.partition_key)
+
+
+def _mlflow_parent(
+    context: dg.AssetExecutionContext, kolm: KolmResource, workdir: NamespaceWorkdir
+) -> tuple[str, str, dict[str, str]]:
+    """The MLflow run of this Dagster run (experiment id, run id) and the tags each of its child runs carries."""
+    tags = dagster_tags(context.run.run_id, context.partition_key, workdir.task)
+    settings = kolm.settings
+    experiment, run_id = parent_run(settings.mlflow_tracking_uri, workdir.task, settings.home / "mlflow-artifacts",
+                                    tags)
+    return experiment, run_id, tags
+
+
+def _mlflow_links(kolm: KolmResource, experiment: str, parent_run_id: str, run_id: str) -> dict[str, Any]:
+    """Clickable links to the step's MLflow run and to its Dagster run's (KOLM_MLFLOW_UI_URL, `make mlflow`)."""
+    ui = kolm.settings.mlflow_ui_url
+    return {
+        "mlflow_run": dg.UrlMetadataValue(run_ui_url(ui, experiment, run_id)),
+        "mlflow_run_id": run_id,
+        "mlflow_dagster_run": dg.UrlMetadataValue(run_ui_url(ui, experiment, parent_run_id)),
+    }
 
 
 class CorpusConfig(dg.Config):
@@ -180,6 +213,7 @@ def adapter(
         train_config = TrainConfig.parse(settings)
     except InvalidInput as exc:
         raise dg.Failure(description=f"adapter config: {exc}", allow_retries=False) from None
+    experiment, parent_run_id, mlflow_tags = _mlflow_parent(context, kolm, workdir)
     job = training_job(
         kolm.settings,
         base,
@@ -189,8 +223,9 @@ def adapter(
         recipe_cid=recipe_cid,
         config=train_config,
         init_adapter=champion[1] if champion else None,
-        tags={"dagster_run_id": context.run_id, "partition": context.partition_key},
+        tags=mlflow_tags,
         error_path=error_path,
+        mlflow_parent_run_id=parent_run_id,
     )
     began = time.perf_counter()
     try:
@@ -207,10 +242,19 @@ def adapter(
     reported = result.get_materialize_result()
     metadata = dict(reported.metadata or {})
     metrics = {key: value.value for key, value in metadata.items() if isinstance(value, dg.FloatMetadataValue)}
+    # The trainer reports the curve as (step, loss) points; Dagster shows it as a plot.
+    curve = metadata.pop("loss_curve", None)
+    metadata["loss_curve"] = dg.MarkdownMetadataValue(loss_curve_markdown(curve.value if curve is not None else []))
     adapter_cid, receipt = record_adapter(workdir, base, recipe_cid, metrics)
+    training_run_id = str(metadata["mlflow_run_id"].value)
+    set_run_tags(kolm.settings.mlflow_tracking_uri, training_run_id, {ADAPTER_CID_TAG: adapter_cid})
     return dg.MaterializeResult(
         metadata={
             **metadata,
+            **_mlflow_links(kolm, experiment, parent_run_id, training_run_id),
+            # MLflow plots `train.loss` per step on the training run's metric charts.
+            "mlflow_loss_chart": dg.UrlMetadataValue(
+                run_ui_url(kolm.settings.mlflow_ui_url, experiment, training_run_id, tab="model-metrics")),
             "adapter_cid": adapter_cid,
             "receipt_cid": receipt,
             "base_model": base.model_id,
@@ -240,33 +284,37 @@ def _side_by_side(evaluation: EvaluationResult) -> dg.TableMetadataValue:
 def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.MaterializeResult:
     import mlflow
 
-    from kolm_pipeline.tracking import mlflow_run, run_url
-
     workdir = _workdir(context, kolm)
     champion = current_champion(kolm.settings, workdir.task)
     began = time.perf_counter()
     result = run_evaluation_stage(workdir, kolm.settings, kolm.base(), champion, store=kolm.store)
     seconds = time.perf_counter() - began
     diff = candidate_diff(kolm.settings, result.document())
-    tags = {"dagster_run_id": context.run_id, "partition": context.partition_key,
-            "recipe_cid": result.recipe_cid}
+    experiment, parent_run_id, tags = _mlflow_parent(context, kolm, workdir)
     settings = kolm.settings
-    with mlflow_run(settings.mlflow_tracking_uri, workdir.task, settings.home / "mlflow-artifacts",
-                    "evaluation", tags) as run:
+    with mlflow_run(settings.mlflow_tracking_uri, workdir.task, settings.home / "mlflow-artifacts", "evaluation",
+                    {**tags, "recipe_cid": result.recipe_cid, ADAPTER_CID_TAG: result.adapter_cid},
+                    parent_run_id=parent_run_id) as run:
         for side in ("candidate", "current"):
             mlflow.log_metrics({f"{side}.{key}": float(value) for key, value in result.document()[side].items()
                                 if isinstance(value, int | float)})
         mlflow.log_metrics({"gate.delta": result.decision.delta, "gate.swap": float(result.decision.swap)})
         mlflow.log_metrics({"cases.improved": len(diff.improved), "cases.regressed": len(diff.regressed)})
-        url = run_url(settings.mlflow_tracking_uri, run)
+        run_id = run.info.run_id
+    # The headline on the Dagster run's row of the runs table.
+    log_parent_metrics(settings.mlflow_tracking_uri, parent_run_id, {
+        "k_score": result.candidate.k, "accuracy": result.candidate.accuracy, "k_current": result.current.k,
+        "gate.delta": result.decision.delta, "gate.swap": float(result.decision.swap)})
     decision = result.decision
     if result.alert:
         context.log.error(f"regression alert for {workdir.task}: {decision.reason} — {result.alert}")
-        context.instance.add_run_tags(context.run_id, {"kolm/alert": "regression"})
+        context.instance.add_run_tags(context.run.run_id, {"kolm/alert": "regression"})
     return dg.MaterializeResult(
         metadata={
             "side_by_side": _side_by_side(result),
             "alert": result.alert or "none",
+            "accuracy_candidate": dg.FloatMetadataValue(result.candidate.accuracy),
+            "accuracy_current": dg.FloatMetadataValue(result.current.accuracy),
             "k_candidate": dg.FloatMetadataValue(result.candidate.k),
             "k_current": dg.FloatMetadataValue(result.current.k),
             "k_delta": dg.FloatMetadataValue(round(decision.delta, 4)),
@@ -282,7 +330,7 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
             "cases_regressed": dg.IntMetadataValue(len(diff.regressed)),
             "cases_compared": dg.IntMetadataValue(diff.compared or 0),
             "stage_seconds": dg.FloatMetadataValue(round(seconds, 2)),
-            "mlflow_run": dg.UrlMetadataValue(url) if url.startswith("http") else url,
+            **_mlflow_links(kolm, experiment, parent_run_id, run_id),
             "dagster/uri": workdir.evaluation.as_uri(),
         }
     )
@@ -298,16 +346,33 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
     "failed gate.",
 )
 def deployment(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.MaterializeResult:
+    import mlflow
+
     workdir = _workdir(context, kolm)
+    settings = kolm.settings
+    experiment, parent_run_id, tags = _mlflow_parent(context, kolm, workdir)
     try:
-        result = deploy(workdir, kolm.settings, kolm.store, actor=f"dagster:{context.run_id}")
+        with mlflow_run(settings.mlflow_tracking_uri, workdir.task, settings.home / "mlflow-artifacts",
+                        "deployment", tags, parent_run_id=parent_run_id) as run:
+            result = deploy(workdir, settings, kolm.store, actor=f"dagster:{context.run.run_id}")
+            version = model_version_of(settings.mlflow_tracking_uri, workdir.task, result.artifact_cid)
+            mlflow.set_tags({"kolm.artifact_cid": result.artifact_cid,
+                             "kolm.previous_cid": result.previous_cid or "(bare base)",
+                             "registry_row": str(result.registry_row),
+                             "model_version": f"{version.name}/{version.version}" if version else "-"})
+            run_id = run.info.run_id
     except DeployRefused as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    links = _mlflow_links(kolm, experiment, parent_run_id, run_id)
+    if version is not None:
+        links["mlflow_model_version"] = dg.UrlMetadataValue(
+            model_version_ui_url(settings.mlflow_ui_url, version.name, version.version))
     return dg.MaterializeResult(
         metadata={
             "artifact_cid": result.artifact_cid,
             "previous_cid": result.previous_cid or "(bare base)",
             "registry_row": dg.IntMetadataValue(result.registry_row),
+            **links,
             "dagster/uri": result.artifact_path.as_uri(),
         }
     )

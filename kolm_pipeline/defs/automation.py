@@ -32,8 +32,7 @@ DRIFT_TICK_SECONDS = 30.0  # namespaces left when a tick has spent this long wai
 
 distill_job = dg.define_asset_job(
     "distill",
-    selection=dg.AssetSelection.assets(*loop_assets),
-    partitions_def=namespace_partitions,
+    selection=dg.AssetSelection.assets(*loop_assets),  # partitioned by kolm_namespace, as its assets are
     description="triaged_captures → corpus → recipe → adapter → evaluation → deployment for one namespace.",
 )
 

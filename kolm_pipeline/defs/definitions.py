@@ -1,5 +1,7 @@
 """The one Definitions object of kolm pipeline (`kolm_pipeline.definitions` re-exports it for Dagster)."""
 
+import warnings
+
 import dagster as dg
 
 from kolm_pipeline.defs.assets import captures, loop_assets
@@ -7,6 +9,11 @@ from kolm_pipeline.defs.automation import distill_job, kolm_schedules, kolm_sens
 from kolm_pipeline.defs.checks import loop_checks
 from kolm_pipeline.defs.resources import KolmResource
 from kolm_pipeline.train.distill import TRAINER_ENV
+
+# Dagster's Pipes client reads a preview property of its own on every run and warns about it: not a call of ours,
+# and it landed in the middle of every `kolm distill` and `make demo` output.
+warnings.filterwarnings("ignore", message=r"Function `PipesMessageReader\.expected_writer_count` is currently",
+                        category=dg.PreviewWarning)
 
 defs = dg.Definitions(
     assets=[captures, *loop_assets],

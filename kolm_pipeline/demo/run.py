@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from kolm_pipeline.capture.background import BackgroundServer
 from kolm_pipeline.capture_server import create_app
+from kolm_pipeline.corpus.recipe import load_recipe
+from kolm_pipeline.demo.open_next import open_next_lines
 from kolm_pipeline.demo.teacher import create_teacher_app
 from kolm_pipeline.demo.tickets import Ticket, generate_tickets
 from kolm_pipeline.evaluate.result import EvaluationResult
@@ -41,6 +43,9 @@ class DemoReport:
     run_id: str | None = None
     success: bool = False
     failures: list[str] = field(default_factory=list)
+    splits: dict[str, int] = field(default_factory=dict)  # where the distilled pairs went: train, eval, ...
+    checks: list[tuple[str, str, str]] = field(default_factory=list)  # (check, pass | warn | fail, description)
+    kolm_key: str | None = None  # issued for the demo tenant on this run: printed once, in "Open next"
 
 
 def _send(client, ticket: Ticket, stream: bool) -> str:
@@ -96,7 +101,8 @@ def run_demo(settings: Settings, tickets: int = 320, epochs: float = 2.0, log=pr
 
     store = CaptureStore(settings.store_url)
     reset_demo_namespace(settings, store)
-    kolm_key = store.create_tenant_key(DEMO_TENANT)
+    kolm_key = store.create_tenant_key(DEMO_TENANT, actor="demo")
+    report.kolm_key = kolm_key
     dataset = generate_tickets(tickets)
     answers = {ticket.text: ticket.queue for ticket in dataset}
 
@@ -117,8 +123,13 @@ def run_demo(settings: Settings, tickets: int = 320, epochs: float = 2.0, log=pr
     partition = partition_key(DEMO_TENANT, DEMO_NAMESPACE)
     run_config = {"ops": {"corpus": {"config": {"min_pairs": min(tickets // 2, 100)}},
                           "adapter": {"config": {"epochs": epochs}}}}
-    result, outcomes = materialize_namespace(instance, partition, run_config, tags={"kolm/actor": "demo"})
+    # Stage lines and one training bar are the demo's output; Dagster's own log stays in the UI.
+    result, outcomes = materialize_namespace(instance, partition, run_config, tags={"kolm/actor": "demo"},
+                                             log_level="WARNING")
     report.run_id = result.run_id
+    report.checks = [(check.asset_check_key.name, "pass" if check.passed else
+                      "fail" if check.severity.value == "ERROR" else "warn", check.description or "")
+                     for check in result.get_asset_check_evaluations()]
     for outcome in outcomes:
         report.timings[outcome.stage] = outcome.seconds
     report.failures = failure_messages(result)
@@ -126,6 +137,10 @@ def run_demo(settings: Settings, tickets: int = 320, epochs: float = 2.0, log=pr
     workdir = NamespaceWorkdir(settings, partition)
     if workdir.evaluation.is_file():
         report.evaluation = EvaluationResult.read(workdir.evaluation).document()
+    if (workdir.recipe / "spec.json").is_file():
+        recipe = load_recipe(workdir.recipe)
+        report.splits = {**recipe.spec["counts"],
+                         "decontaminated": int(recipe.diagnostics.get("decontamination", {}).get("decontaminated", 0))}
     pointer = settings.adapters_dir / workdir.task
     if pointer.is_symlink():
         report.pointer = str(pointer.resolve())
@@ -140,16 +155,36 @@ def _with_upstream(settings: Settings, teacher_url: str) -> Settings:
     return settings.model_copy(update={"upstream_openai": f"{teacher_url}/v1", "upstream_anthropic": teacher_url})
 
 
+def counters_lines(counters: dict[str, int], splits: dict[str, int]) -> list[str]:
+    """The namespace's counters in words (README: Glossary), with where the distilled pairs went."""
+    if not counters:
+        return []
+    lines = [f"Counters: captured {counters['captured']}, kept {counters['kept']}, discarded {counters['discarded']}, "
+             f"untriaged {counters['untriaged']}; distilled {counters['distilled']} pairs; merged {counters['merged']} "
+             f"(distill runs published)"]
+    if splits:
+        lines.append(f"  the corpus went to train {splits.get('train', 0)}, eval {splits.get('eval', 0)}, frozen "
+                     f"hold-out {splits.get('holdout', 0)}; {splits.get('decontaminated', 0)} training pairs removed "
+                     "for overlapping eval or hold-out inputs: only train is trained on")
+    return lines
+
+
 def format_report(report: DemoReport, settings: Settings) -> str:
-    """The summary `kolm demo` prints: timings, base vs candidate, the gate, the artifact."""
+    """The summary `kolm demo` prints: timings, counters, base vs candidate (accuracy first), the checks and the
+    gate, the artifact."""
     lines = ["", "Stage timings", "-------------"]
     lines += [f"  {name:<18} {seconds:8.1f} s" for name, seconds in report.timings.items()]
-    lines += ["", f"Traffic: {report.requests} requests through the proxy ({report.streamed} streamed); "
-              f"counters {report.counters}"]
+    lines += ["", f"Traffic: {report.requests} requests through the proxy ({report.streamed} streamed)"]
+    lines += counters_lines(report.counters, report.splits)
     evaluation = report.evaluation
     if evaluation:
-        table = EvaluationResult.model_validate(evaluation).kscore_table()
-        lines += ["", *(f"  {line}" for line in table.splitlines())]
+        result = EvaluationResult.model_validate(evaluation)
+        lines += ["", f"Base vs candidate on the same {result.eval_cases} eval cases ({result.holdout_cases} "
+                      "hold-out), same run:"]
+        lines += [f"  {line}" for line in result.kscore_table().splitlines()]
+    if report.checks:
+        lines += ["", "Checks: " + ", ".join(f"{name} {outcome}" for name, outcome, _ in report.checks)]
+        lines += [f"  {name}: {text}" for name, outcome, text in report.checks if outcome != "pass"]
     if report.artifact_cid:
         lines.append(f"Deployed artifact: {report.artifact_cid}")
         lines.append(f"  pointer {settings.adapters_dir / partition_key(DEMO_TENANT, DEMO_NAMESPACE)} -> "
@@ -158,4 +193,6 @@ def format_report(report: DemoReport, settings: Settings) -> str:
         lines.append(f"Stage failed: {failure}")
     lines += ["", f"Dagster run {report.run_id}: open the UI on this instance with `make ui` "
               f"(DAGSTER_HOME={settings.dagster_home})."]
+    sample = generate_tickets(1, seed=99)[0].messages()
+    lines += open_next_lines(settings, report.kolm_key, partition_key(DEMO_TENANT, DEMO_NAMESPACE), sample)
     return "\n".join(lines)

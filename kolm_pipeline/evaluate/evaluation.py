@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kolm_pipeline.corpus.build import input_key
+from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.recipe import Recipe, answer, prompt_text
 from kolm_pipeline.evaluate.inference import predict
 from kolm_pipeline.evaluate.kscore import KScore, compute_kscore, teacher_cost_per_call
@@ -172,9 +173,10 @@ def evaluate_models(
     named = {name: path for name, path in adapters.items() if path is not None}
     if named:
         first, *rest = named.items()
-        model = PeftModel.from_pretrained(model, str(first[1]), adapter_name=first[0])
-        for name, path in rest:
-            model.load_adapter(str(path), adapter_name=name)
+        with quiet_loading():
+            model = PeftModel.from_pretrained(model, str(first[1]), adapter_name=first[0])
+            for name, path in rest:
+                model.load_adapter(str(path), adapter_name=name)
         model.eval()
     teacher = teacher_stats(teacher_rows or recipe.train + recipe.eval, price_table)
     labels = recipe.labels

@@ -25,6 +25,32 @@ KSCORE_ROWS = (
     ("V coverage", "coverage"), ("K", "k"), ("hold-out accuracy", "holdout_accuracy"),
     ("p50 latency (s)", "student_p50_seconds"),
 )
+# What a person reads first: accuracy, as a percentage, then K and the parts it is made of (with weights).
+_HEADLINE_ROWS = (("accuracy on eval", "accuracy"), ("accuracy on hold-out", "holdout_accuracy"))
+_PART_ROWS = (("  A accuracy   ×0.40", "accuracy"), ("  S size       ×0.15", "size"),
+              ("  L latency    ×0.15", "latency"), ("  C cost       ×0.15", "cost"),
+              ("  V coverage   ×0.15", "coverage"))
+KSCORE_LEGEND = ("K = 0.40·A + 0.15·(S + L + C + V): size, latency, cost and coverage alone give up to 0.60 to a "
+                 "model whose every answer is wrong, so read accuracy first (README: Glossary)")
+
+
+def side_by_side_lines(columns: list[tuple[str, dict[str, Any]]], width: int = 14) -> list[str]:
+    """Models side by side (name, summary with the keys of ``KSCORE_ROWS``): accuracy on eval and hold-out as
+    percentages first, then K and its parts, then the student's p50 latency when known. Shared by `kolm demo`,
+    `kolm compile` and `kolm eval`."""
+    def cells(key: str, form: str) -> str:
+        values = [summary.get(key) for _, summary in columns]
+        return "".join(f"{'-':>{width}}" if not isinstance(value, int | float) else
+                       f"{format(100 * value if form == '%' else value, '.1f' if form == '%' else '.4f')}"
+                       f"{'%' if form == '%' else ''}".rjust(width) for value in values)
+
+    lines = [f"{'':<22}" + "".join(f"{name:>{width}}" for name, _ in columns)]
+    lines += [f"{label:<22}{cells(key, '%')}" for label, key in _HEADLINE_ROWS]
+    lines.append(f"{'K-score':<22}{cells('k', 'f')}")
+    lines += [f"{label:<22}{cells(key, 'f')}" for label, key in _PART_ROWS]
+    if all("student_p50_seconds" in summary for _, summary in columns):
+        lines.append(f"{'p50 latency (s)':<22}{cells('student_p50_seconds', 'f')}")
+    return lines
 
 
 class EvaluationError(UserError):
@@ -91,12 +117,11 @@ class EvaluationResult(BaseModel):
         return self.model_dump(mode="json", exclude={"receipt_cid"} if self.receipt_cid is None else None)
 
     def kscore_table(self) -> str:
-        """The K-score parts of current and candidate side by side, and the gate's reason."""
-        lines = [f"{'':<20}{self.current.name:>14}{self.candidate.name:>14}"]
-        for label, key in KSCORE_ROWS:
-            lines.append(f"{label:<20}{getattr(self.current, key):>14.4f}{getattr(self.candidate, key):>14.4f}")
+        """Current and candidate side by side, accuracy first, then K and its parts; the gate's reason."""
+        lines = side_by_side_lines([(side.name, side.model_dump()) for side in (self.current, self.candidate)])
         tripwire = "clear" if self.tripwire.clear else "TRIPPED"
         lines.append(f"gate: {self.decision.reason} (K-floor {self.decision.k_floor:.2f}, tripwire {tripwire})")
+        lines.append(KSCORE_LEGEND)
         return "\n".join(lines)
 
 

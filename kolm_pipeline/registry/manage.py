@@ -29,12 +29,12 @@ from kolm_pipeline.registry.objectstore import (
     fetch_verified,
     open_store,
 )
-from kolm_pipeline.registry.provenance import candidate_k, provenance, summary_lines
+from kolm_pipeline.registry.provenance import candidate_accuracy, candidate_k, percent, provenance, summary_lines
+from kolm_pipeline.registry.refs import KIND_ARTIFACT, VersionRef, resolve_ref
 from kolm_pipeline.registry.swap import pointer_target, publish_artifact, swap_pointer, validate_task
 from kolm_pipeline.settings import Settings
 
 STRATEGIES = ("higher-k-wins", "force")
-SERVING_DECISIONS = ("swap", "rollback")
 LIVE_MONITOR_ACTOR = "live-monitor"
 
 
@@ -142,8 +142,11 @@ def activate(
     actor: str,
     details: dict[str, Any] | None = None,
     signer=None,
+    accuracy_before: float | None = None,
 ) -> Activation:
-    """Put a verified artifact into service for its task and record it (see the module docstring)."""
+    """Put a verified artifact into service for its task and record it (see the module docstring).
+    ``accuracy_before`` is the accuracy of what it replaces (its own comes from its manifest); the row keeps
+    both beside the two K-scores."""
     task = validate_task(artifact.manifest["task"])
     signer = signer or _signer(settings, artifact)
     for directory in (settings.adapters_dir, settings.artifacts_dir / task):
@@ -173,6 +176,7 @@ def activate(
         task=task, from_cid=from_cid, to_cid=cid, k_before=k_before, k_after=k_after, decision=decision, actor=actor,
         details={
             **(details or {}),
+            "accuracy": {"before": accuracy_before, "after": candidate_accuracy(artifact.manifest)},
             "provenance": provenance(artifact, cid),
             "artifact_url": url,
             "receipt_cid": receipt_cid(receipt),
@@ -214,27 +218,30 @@ def swap_artifact(
     current_cid, current = _current(settings, task)
     if current_cid == cid:
         raise DeployRefused(f"{task}: {cid} is already serving")
-    k_new = candidate_k(manifest)
+    k_new, accuracy_new = candidate_k(manifest), candidate_accuracy(manifest)
     evals = manifest.get("evals") if isinstance(manifest.get("evals"), dict) else {}
     if current is not None:
-        k_current = candidate_k(current.manifest)
-    elif current_cid is None:
-        k_current = (evals.get("current") or {}).get("k")  # the first deployment: K of the bare base
+        k_current, accuracy_current = candidate_k(current.manifest), candidate_accuracy(current.manifest)
+    elif current_cid is None:  # the first deployment: the bare base, as the artifact's evaluation measured it
+        k_current = (evals.get("current") or {}).get("k")
+        accuracy_current = (evals.get("current") or {}).get("accuracy")
     else:
-        k_current = None  # the serving artifact is gone or damaged
+        k_current = accuracy_current = None  # the serving artifact is gone or damaged
     if strategy == "higher-k-wins":
         if k_new is None or k_current is None:
             raise DeployRefused(f"{artifact}: its manifest records no K to compare; use --strategy force")
         k_floor = float((evals.get("decision") or {}).get("k_floor") or 0.0)
-        decision = decide(k_new=k_new, k_current=float(k_current), k_floor=k_floor, tripwire_clear=True)
+        decision = decide(k_new=k_new, k_current=float(k_current), k_floor=k_floor, tripwire_clear=True,
+                          accuracy_new=accuracy_new, accuracy_current=accuracy_current)
         if not decision.swap:
             store.add_registry_row(task=task, from_cid=current_cid, to_cid=None, k_before=k_current, k_after=k_new,
                                    decision="refuse", actor=actor,
-                                   details={"reason": decision.reason, "artifact": cid, "strategy": strategy})
+                                   details={"reason": decision.reason, "artifact": cid, "strategy": strategy,
+                                            "accuracy": {"before": accuracy_current, "after": accuracy_new}})
             raise DeployRefused(f"{task}: {decision.reason}")
     return activate(settings, store, source=Path(artifact), artifact=parsed, cid=cid, decision="swap",
                     from_cid=current_cid, k_before=k_current, k_after=k_new, actor=actor,
-                    details={"strategy": strategy})
+                    details={"strategy": strategy}, accuracy_before=accuracy_current)
 
 
 def known_task(settings: Settings, store, task: str) -> bool:
@@ -244,10 +251,22 @@ def known_task(settings: Settings, store, task: str) -> bool:
 
 
 def swap_to_cid(settings: Settings, store, task: str, cid: str, strategy: str, actor: str) -> Activation:
-    """Swap ``task`` to an artifact that was published before (roll forward, or pick an older one)."""
+    """Swap ``task`` to an artifact that was published before (roll forward, or pick an older one); ``cid`` is
+    anything the resolver reads as an artifact (``previous``, a CID, a unique CID prefix)."""
     if not known_task(settings, store, task):
         raise DeployRefused(f"unknown task {task!r}: nothing was ever published or deployed for it")
-    return swap_artifact(settings, store, local_artifact(settings, task, cid), strategy, actor, task=task)
+    resolved = resolve_ref(settings, store, cid, task, allow=(KIND_ARTIFACT,))
+    return swap_artifact(settings, store, local_artifact(settings, task, str(resolved.cid)), strategy, actor,
+                         task=task)
+
+
+def artifact_path_of(settings: Settings, store, ref: str, task: str | None = None) -> tuple[Path, VersionRef]:
+    """The local file of the artifact ``ref`` names (``current``, ``previous``, a CID or a unique prefix), for
+    verbs that read an artifact (``kolm verify``); fetched from the object store when not on disk."""
+    resolved = resolve_ref(settings, store, ref, task, allow=(KIND_ARTIFACT,))
+    if resolved.task is None:
+        raise DeployRefused(f"{resolved.describe()}: no published artifact of any task has this CID; give --task")
+    return local_artifact(settings, resolved.task, str(resolved.cid)), resolved
 
 
 def deployment_stack(rows: list) -> list[str]:
@@ -304,9 +323,11 @@ def rollback(
                             f"live monitor; pick a version with `kolm swap --task {task} --cid CID`")
     parsed, cid = verified_artifact(settings, local_artifact(settings, task, previous_cid))
     k_before = candidate_k(current.manifest) if current is not None else None
+    accuracy_before = candidate_accuracy(current.manifest) if current is not None else None
     return activate(settings, store, source=settings.artifacts_dir / task / f"{cid}.kolm", artifact=parsed, cid=cid,
                     decision="rollback", from_cid=current_cid, k_before=k_before,
-                    k_after=candidate_k(parsed.manifest), actor=actor, details=details)
+                    k_after=candidate_k(parsed.manifest), actor=actor, details=details,
+                    accuracy_before=accuracy_before)
 
 
 # --- the registry's account -------------------------------------------------------------------------------
@@ -316,29 +337,53 @@ def _k(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def row_accuracy(row) -> tuple[float | None, float | None]:
+    """(accuracy before, accuracy after) of a registry row: what the row recorded beside the two K-scores;
+    for a deployment recorded before rows kept it, the artifact's own accuracy from its provenance."""
+    details = row.details if isinstance(row.details, dict) else {}
+    recorded = details.get("accuracy")
+    if isinstance(recorded, dict):
+        return _number(recorded.get("before")), _number(recorded.get("after"))
+    score = (details.get("provenance") or {}).get("score") if isinstance(details.get("provenance"), dict) else None
+    return None, _number(score.get("accuracy")) if isinstance(score, dict) else None
+
+
+def _change(before: str, after: str, width: int) -> str:
+    return f"{before:>{width}} → {after:<{width}}"
+
+
 def log_lines(rows: list) -> list[str]:
-    """``kolm registry log``: one line per row, newest first, and for each deployment its provenance."""
-    lines = [f"{'time':<20} {'task':<22} {'decision':<9} {'K before':>8} {'K after':>8}  from → to"]
+    """``kolm registry log``: one line per row, newest first, accuracy (the headline) beside K, and for each
+    deployment its provenance."""
+    lines = [f"{'time':<20} {'task':<22} {'decision':<9} {'accuracy before → after':<23}  "
+             f"{'K before → after':<17}  from → to"]
     for row in rows:
-        lines.append(f"{row.created_at:%Y-%m-%d %H:%M:%S}  {row.task:<22} {row.decision:<9} {_k(row.k_before):>8} "
-                     f"{_k(row.k_after):>8}  {row.from_cid or '(base)'} → {row.to_cid or '-'}  by {row.actor}")
+        acc_before, acc_after = row_accuracy(row)
+        lines.append(f"{row.created_at:%Y-%m-%d %H:%M:%S}  {row.task:<22} {row.decision:<9} "
+                     f"{_change(percent(acc_before), percent(acc_after), 6):<23}  "
+                     f"{_change(_k(row.k_before), _k(row.k_after), 6):<17}  "
+                     f"{row.from_cid or '(base)'} → {row.to_cid or '-'}  by {row.actor}")
         info = row.details.get("provenance") if isinstance(row.details, dict) else None
         if isinstance(info, dict):
             lines += [f"    {line}" for line in summary_lines(info)]
-            lines.append(f"    replaced: {row.from_cid or '(bare base)'} (K {_k(row.k_before)})")
+            lines.append(f"    replaced: {row.from_cid or '(bare base)'} (accuracy {percent(acc_before)}, "
+                         f"K {_k(row.k_before)})")
         reason = row.details.get("reason") if isinstance(row.details, dict) else None
         if reason and row.decision != "swap":
             lines.append(f"    {reason}")
     return lines
 
 
-def describe_cid(settings: Settings, store, cid: str) -> dict[str, Any]:
-    """Everything the registry knows about one artifact: provenance and every row that names it."""
-    try:
-        sha256_of_cid(cid)
-    except RegistryError as exc:
-        raise DeployRefused(str(exc)) from None
-    rows = [row for row in store.registry_rows()
+def describe_cid(settings: Settings, store, cid: str, task: str | None = None) -> dict[str, Any]:
+    """Everything the registry knows about one artifact: provenance and every row that names it. ``cid`` is
+    anything the resolver reads as an artifact (``current`` and ``previous`` need ``task``)."""
+    resolved = resolve_ref(settings, store, cid, task, allow=(KIND_ARTIFACT,))
+    cid = str(resolved.cid)
+    rows = [row for row in store.registry_rows(task)
             if cid in (row.from_cid, row.to_cid) or row.details.get("artifact") == cid]
     info = next((row.details["provenance"] for row in rows if row.to_cid == cid and "provenance" in row.details), None)
     if info is None:
@@ -347,17 +392,24 @@ def describe_cid(settings: Settings, store, cid: str) -> dict[str, Any]:
             info = provenance(read_kolm(local), cid)
     if info is None and not rows:
         raise DeployRefused(f"the registry knows no artifact {cid}")
-    events = [{"row": row.id, "time": row.created_at.isoformat(timespec="seconds"), "task": row.task,
-               "decision": row.decision, "from_cid": row.from_cid, "to_cid": row.to_cid, "k_before": row.k_before,
-               "k_after": row.k_after, "actor": row.actor, "reason": row.details.get("reason"),
-               "artifact_url": row.details.get("artifact_url"), "receipt_cid": row.details.get("receipt_cid"),
-               "mlflow": row.details.get("mlflow")} for row in rows]
-    return {"cid": cid, "provenance": info, "events": events}
+    events = []
+    for row in rows:
+        acc_before, acc_after = row_accuracy(row)
+        events.append({
+            "row": row.id, "time": row.created_at.isoformat(timespec="seconds"), "task": row.task,
+            "decision": row.decision, "from_cid": row.from_cid, "to_cid": row.to_cid,
+            "accuracy_before": acc_before, "accuracy_after": acc_after, "k_before": row.k_before,
+            "k_after": row.k_after, "actor": row.actor, "reason": row.details.get("reason"),
+            "artifact_url": row.details.get("artifact_url"), "receipt_cid": row.details.get("receipt_cid"),
+            "mlflow": row.details.get("mlflow")})
+    return {"cid": cid, "ref": resolved.ref, "provenance": info, "events": events}
 
 
 def describe_cid_text(description: dict[str, Any]) -> str:
     info = description["provenance"] or {}
-    lines = [f"artifact {description['cid']}", f"task:  {info.get('task')} (tenant {info.get('tenant')})"]
+    named = description.get("ref")
+    lines = [f"artifact {description['cid']}" + (f" ({named})" if named and named != description["cid"] else ""),
+             f"task:  {info.get('task')} (tenant {info.get('tenant')})"]
     if info:
         lines += summary_lines(info)
         receipts = " → ".join(info.get("receipts", []))
@@ -365,7 +417,8 @@ def describe_cid_text(description: dict[str, Any]) -> str:
     lines.append("events:")
     for event in description["events"]:
         lines.append(f"  #{event['row']} {event['time']} {event['decision']:<9} {event['from_cid'] or '(base)'} → "
-                     f"{event['to_cid'] or '-'}  K {_k(event['k_before'])} → {_k(event['k_after'])}  "
+                     f"{event['to_cid'] or '-'}  accuracy {percent(event.get('accuracy_before'))} → "
+                     f"{percent(event.get('accuracy_after'))}, K {_k(event['k_before'])} → {_k(event['k_after'])}  "
                      f"by {event['actor']}")
         if event.get("reason") and event["decision"] != "swap":
             lines.append(f"      {event['reason']}")

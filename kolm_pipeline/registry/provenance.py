@@ -7,11 +7,15 @@ the artifact file itself is gone from this machine.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from kolm_pipeline.provenance.errors import RegistryError
 from kolm_pipeline.provenance.receipts import read_statement
 from kolm_pipeline.registry.artifact import KolmArtifact
+
+# The scores a gate reason ends with (evaluate/gate.py), which the score line already shows.
+_SCORES_SUFFIX = re.compile(r"; (accuracy [0-9.]+% → [0-9.]+%, )?K [0-9.]+ → [0-9.]+$")
 
 
 def _stage_predicates(artifact: KolmArtifact) -> dict[str, dict[str, Any]]:
@@ -26,15 +30,27 @@ def _stage_predicates(artifact: KolmArtifact) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _k(side: Any) -> float | None:
-    value = side.get("k") if isinstance(side, dict) else None
-    return float(value) if isinstance(value, int | float) else None
+def _k(side: Any, part: str = "k") -> float | None:
+    value = side.get(part) if isinstance(side, dict) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def candidate_k(manifest: dict[str, Any]) -> float | None:
     """The artifact's own K, as measured by the evaluation that let it through."""
     evals = manifest.get("evals")
     return _k(evals.get("candidate")) if isinstance(evals, dict) else None
+
+
+def candidate_accuracy(manifest: dict[str, Any]) -> float | None:
+    """The artifact's own accuracy (the K-score's A: mean verifier score on the eval split), as measured by the
+    evaluation that let it through."""
+    evals = manifest.get("evals")
+    return _k(evals.get("candidate"), "accuracy") if isinstance(evals, dict) else None
+
+
+def percent(value: float | None) -> str:
+    """An accuracy as people read it: ``18.1%``; ``-`` when unknown."""
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def provenance(artifact: KolmArtifact, artifact_cid: str) -> dict[str, Any]:
@@ -64,6 +80,8 @@ def provenance(artifact: KolmArtifact, artifact_cid: str) -> dict[str, Any]:
             "base_digest": base.get("digest"),
         },
         "score": {
+            "accuracy": candidate_accuracy(manifest),
+            "accuracy_replaced": _k(evals.get("current"), "accuracy"),
             "k": candidate_k(manifest),
             "k_replaced": _k(evals.get("current")),
             "k_floor": decision.get("k_floor"),
@@ -86,6 +104,8 @@ def summary_lines(info: dict[str, Any]) -> list[str]:
     return [
         f"data:  namespace {data.get('namespace')}, corpus {data.get('corpus_cid')}, {capture_text}",
         f"code:  recipe {code.get('recipe_cid')}, trainer {code.get('trainer_version')}, base {code.get('base_model')}",
-        f"score: K {k if k is None else f'{k:.4f}'} (the current one scored "
-        f"{k_replaced if k_replaced is None else f'{k_replaced:.4f}'} in the same evaluation); {score.get('gate')}",
+        f"score: accuracy {percent(score.get('accuracy'))}, K {k if k is None else f'{k:.4f}'} (what it replaced "
+        f"scored {percent(score.get('accuracy_replaced'))}, K "
+        f"{k_replaced if k_replaced is None else f'{k_replaced:.4f}'} in the same evaluation); "
+        f"{_SCORES_SUFFIX.sub('', str(score.get('gate')))}",
     ]

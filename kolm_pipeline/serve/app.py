@@ -1,7 +1,9 @@
 """OpenAI-compatible ``/v1/chat/completions`` (streaming and not) in front of the serving runtime.
 
 ``model`` names the task; the answer comes from the task's active adapter, whose artifact CID is
-returned in the ``x-kolm-adapter-cid`` header and as ``system_fingerprint``.
+returned in the ``x-kolm-adapter-cid`` header and as ``system_fingerprint``. ``usage`` counts the prompt and
+answer tokens as the backend's tokenizer does (streamed: in a last chunk, when ``stream_options.include_usage``
+asks for it, as OpenAI streams it). A task the caller cannot call answers 404 listing the tasks its tenant can.
 
 ``POST /v1/feedback`` takes a verdict on a served answer (by its completion ``id``) and ``GET /v1/monitor``
 shows each task's live score against its evaluated score (see ``serve/monitor.py``).
@@ -48,8 +50,17 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
 
 
-def _parse(body: Any) -> tuple[str, list[dict], int, bool]:
-    """(task, messages, max_tokens, stream) from a request body, or BadRequest saying what is wrong."""
+@dataclass(frozen=True)
+class ChatRequest:
+    task: str
+    messages: list[dict]
+    max_tokens: int
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage, as OpenAI streams it
+
+
+def _parse(body: Any) -> ChatRequest:
+    """The chat completion request in a body, or BadRequest saying what is wrong."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     task, messages = body.get("model"), body.get("messages")
@@ -69,8 +80,20 @@ def _parse(body: Any) -> tuple[str, list[dict], int, bool]:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("`stream` must be true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest("`stream_options` must be an object whose `include_usage` is true or false")
+    include_usage = stream and options.get("include_usage", False)  # a plain completion always has usage
     clean = [{"role": message["role"], "content": message["content"]} for message in messages]
-    return task, clean, max_tokens, stream
+    return ChatRequest(task, clean, max_tokens, stream, include_usage)
+
+
+def _usage(counted: dict) -> dict | None:
+    """OpenAI's ``usage`` from what the backend counted; None when it could not count."""
+    if not all(isinstance(counted.get(key), int) for key in ("prompt_tokens", "completion_tokens")):
+        return None
+    prompt, completion = counted["prompt_tokens"], counted["completion_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _parse_feedback(body: Any) -> tuple[str, bool]:
@@ -132,6 +155,15 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
     def visible(caller: Caller, task: str) -> bool:
         return runtime.tenant_of(task) == caller.tenant
 
+    def not_found(caller: Caller, message: str) -> JSONResponse:
+        """A task that is not the caller's to call: the message lists the tasks its tenant can call, never
+        another tenant's (so a task of another tenant reads exactly as one that does not exist)."""
+        own = sorted(task for task, info in runtime.status()["tasks"].items() if info["tenant"] == caller.tenant)
+        listed = f"your tasks: {', '.join(own)}" if own else "no task is deployed for your tenant yet"
+        return JSONResponse({"error": {"type": "not_found_error", "code": "model_not_found", "param": "model",
+                                       "message": f"{message}; {listed}", "available_tasks": own}},
+                            status_code=404)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(runtime.start)
@@ -187,15 +219,16 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
     async def chat_completions(request: Request):
         caller = await _caller(keys, request)
         try:
-            task, messages, max_tokens, stream = _parse(await _json_body(request, max_body_bytes))
+            chat = _parse(await _json_body(request, max_body_bytes))
         except BadRequest as exc:
             return _error(400, "invalid_request_error", str(exc))
+        task, messages, max_tokens, stream = chat.task, chat.messages, chat.max_tokens, chat.stream
         try:
             if runtime.tenant_of(task) not in (None, caller.tenant):  # another tenant's: as if it did not exist
                 raise UnknownTask(f"no adapter is deployed for task {task!r}")
             labels = runtime.peek(task).labels
         except UnknownTask as exc:
-            return _error(404, "not_found_error", str(exc))
+            return not_found(caller, str(exc))
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -206,15 +239,35 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
         def chunk(base: dict, delta: dict, finish: str | None) -> str:
             body = {**base, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if chat.include_usage:
+                body["usage"] = None  # as OpenAI streams it: null on every chunk but the last
             return f"data: {json.dumps(body)}\n\n"
 
-        def completion(base: dict, text: str, headers: dict) -> JSONResponse:
+        def usage_chunk(base: dict, counted: dict) -> list[str]:
+            """The last chunk when the client asked for usage: no choices, the usage of the whole answer."""
+            if not chat.include_usage:
+                return []
+            body = {**base, "object": "chat.completion.chunk", "choices": [], "usage": _usage(counted)}
+            return [f"data: {json.dumps(body)}\n\n"]
+
+        def completion(base: dict, text: str, headers: dict, counted: dict) -> JSONResponse:
             return JSONResponse(
                 {**base, "object": "chat.completion",
                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                              "finish_reason": "stop"}]},
+                              "finish_reason": "stop"}],
+                 "usage": _usage(counted)},
                 headers=headers,
             )
+
+        async def counted_label(label: str) -> dict:
+            count = getattr(runtime.backend, "count_tokens", None)
+            if count is None:
+                return {}
+            try:
+                return await run_in_threadpool(count, messages, label)
+            except Exception:  # noqa: BLE001 - usage is a courtesy; never fail an answer already made
+                log.exception("counting the tokens of a %s answer failed", task)
+                return {}
 
         def acquire():
             """A lease on the task's adapter, only if the caller's tenant signed it (a swap may have happened)."""
@@ -237,30 +290,33 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
             try:
                 answered = await run_in_threadpool(classify, task, messages, acquire)
             except UnknownTask as exc:
-                return _error(404, "not_found_error", str(exc))
+                return not_found(caller, str(exc))
             except BackendError as exc:
                 return _error(502, "server_error", str(exc))
             if answered is not None:
                 label, lease = answered
                 headers, base = described(lease)
                 runtime.observe(task, lease.cid, completion_id, messages, label, caller.owner)
+                counted = await counted_label(label) if (chat.include_usage or not stream) else {}
                 if not stream:
-                    return completion(base, label, headers)
+                    return completion(base, label, headers, counted)
                 events = [chunk(base, {"role": "assistant", "content": ""}, None),
-                          chunk(base, {"content": label}, None), chunk(base, {}, "stop"), "data: [DONE]\n\n"]
+                          chunk(base, {"content": label}, None), chunk(base, {}, "stop"),
+                          *usage_chunk(base, counted), "data: [DONE]\n\n"]
                 return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
             # the task's new adapter has no label set: answer by generation below
 
         try:
             lease = acquire()
         except UnknownTask as exc:
-            return _error(404, "not_found_error", str(exc))
+            return not_found(caller, str(exc))
         headers, base = described(lease)
+        counted: dict = {}
 
         if not stream:
             try:
                 text = await run_in_threadpool(
-                    lambda: "".join(runtime.backend.stream(lease.name, messages, lease.labels, max_tokens))
+                    lambda: "".join(runtime.backend.stream(lease.name, messages, lease.labels, max_tokens, counted))
                 )
             except BackendError as exc:
                 return _error(502, "server_error", str(exc))
@@ -270,9 +326,10 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
             finally:
                 lease.release()
             runtime.observe(task, lease.cid, completion_id, messages, text.strip(), caller.owner)
-            return completion(base, text.strip(), headers)
+            return completion(base, text.strip(), headers, counted)
 
-        pieces = runtime.backend.stream(lease.name, messages, lease.labels, max_tokens)
+        pieces = runtime.backend.stream(lease.name, messages, lease.labels, max_tokens,
+                                        counted if chat.include_usage else None)
 
         async def events() -> AsyncIterator[str]:
             # (the lease is also released if the client leaves before this generator ever starts: see below)
@@ -283,6 +340,8 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
                     streamed.append(piece)
                     yield chunk(base, {"content": piece}, None)
                 yield chunk(base, {}, "stop")
+                for last in usage_chunk(base, counted):
+                    yield last
                 runtime.observe(task, lease.cid, completion_id, messages, "".join(streamed).strip(),
                                caller.owner)
             except Exception as exc:  # noqa: BLE001 - the status line is gone; report in the stream

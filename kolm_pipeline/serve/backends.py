@@ -62,8 +62,10 @@ class Backend(Protocol):
 
     def unload(self, name: str) -> None: ...
 
-    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int) -> Iterator[str]:
-        """Answer with adapter ``name``, piece by piece; with ``labels``, exactly one of them."""
+    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int,
+               usage: dict | None = None) -> Iterator[str]:
+        """Answer with adapter ``name``, piece by piece; with ``labels``, exactly one of them. When ``usage`` is
+        given, fill in ``prompt_tokens`` and ``completion_tokens`` once the answer is complete."""
         ...
 
     def close(self) -> None: ...
@@ -287,13 +289,26 @@ class TransformersBackend:
             raise PromptTooLong(f"the prompt is {tokens} tokens and max_tokens {max_tokens}: together over the "
                                 f"model's context of {limit} tokens; shorten the conversation or lower max_tokens")
 
-    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int) -> Iterator[str]:
+    def count_tokens(self, messages: list[dict], text: str) -> dict[str, int]:
+        """Tokens of the prompt (the chat template applied to ``messages``) and of the answer ``text``, as the
+        base model's tokenizer counts them: the ``usage`` of a completion."""
+        from kolm_pipeline.evaluate.inference import render_prompt
+
+        prompt = render_prompt(self._tokenizer, messages)
+        return {"prompt_tokens": len(self._tokenizer(prompt, add_special_tokens=False).input_ids),
+                "completion_tokens": len(self._tokenizer(text, add_special_tokens=False).input_ids)}
+
+    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int,
+               usage: dict | None = None) -> Iterator[str]:
         import torch
 
         from kolm_pipeline.evaluate.inference import render_prompt
 
         if labels:
-            yield self._label(name, messages, labels)
+            label = self._label(name, messages, labels)
+            if usage is not None:
+                usage.update(self.count_tokens(messages, label))
+            yield label
             return
         try:
             prompt = render_prompt(self._tokenizer, messages)
@@ -301,6 +316,7 @@ class TransformersBackend:
             raise BackendError(f"the chat template cannot render these messages: {exc}") from exc
         device = self._device()
         ids = torch.tensor([self._tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
+        prompt_tokens = int(ids.shape[1])
         cache, generated, emitted = None, [], ""
         for _ in range(max_tokens):
             with self._lock.hold(), torch.inference_mode():
@@ -318,6 +334,8 @@ class TransformersBackend:
             piece, emitted = text[len(emitted) :], text
             if piece:
                 yield piece
+        if usage is not None:
+            usage.update(prompt_tokens=prompt_tokens, completion_tokens=len(generated))
 
     def close(self) -> None:
         with self._lock.hold():
@@ -372,11 +390,14 @@ class VLLMBackend:
     def unload(self, name: str) -> None:
         self._post("/v1/unload_lora_adapter", {"lora_name": name})
 
-    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int) -> Iterator[str]:
+    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int,
+               usage: dict | None = None) -> Iterator[str]:
         import httpx
 
         body: dict = {"model": name, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                       "stream": True}
+        if usage is not None:  # vLLM counts: its last chunk carries the usage
+            body["stream_options"] = {"include_usage": True}
         if labels:
             body["structured_outputs"] = {"choice": labels}
         try:
@@ -390,7 +411,12 @@ class VLLMBackend:
                     data = line[len("data:") :].strip()
                     if data == "[DONE]":
                         break
-                    choices = json.loads(data).get("choices") or [{}]
+                    chunk = json.loads(data)
+                    counted = chunk.get("usage")
+                    if usage is not None and isinstance(counted, dict):
+                        usage.update({key: int(counted[key]) for key in ("prompt_tokens", "completion_tokens")
+                                      if isinstance(counted.get(key), int)})
+                    choices = chunk.get("choices") or [{}]
                     piece = (choices[0].get("delta") or {}).get("content")
                     if piece:
                         yield piece

@@ -25,8 +25,10 @@ def training_job(
     tags: dict[str, str],
     init_adapter: Path | None = None,
     error_path: Path | None = None,
+    mlflow_parent_run_id: str | None = None,
 ) -> TrainingJob:
-    """Everything the trainer process needs (carried as the Pipes extras)."""
+    """Everything the trainer process needs (carried as the Pipes extras); `mlflow_parent_run_id` makes its
+    MLflow run a child of that run (the Dagster run's)."""
     return TrainingJob(
         task=task,
         base_model_id=base.model_id,
@@ -40,6 +42,7 @@ def training_job(
         mlflow_uri=settings.mlflow_tracking_uri,
         mlflow_artifacts=settings.home / "mlflow-artifacts",
         tags={"recipe_cid": recipe_cid, "task": task, **tags},
+        mlflow_parent_run_id=mlflow_parent_run_id,
         error_path=error_path,
     )
 

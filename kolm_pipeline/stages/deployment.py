@@ -108,6 +108,7 @@ def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> 
             actor=actor,
             details={"reason": decision.reason, "current": evaluation.current_name},
             signer=workdir.signer(),
+            accuracy_before=evaluation.current.accuracy,
         )
     finally:
         staging.unlink(missing_ok=True)

@@ -22,15 +22,20 @@ from typing import Any
 from kolm_pipeline.evaluate.result import CasePreviews
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
 from kolm_pipeline.registry.artifact import KolmArtifact
-from kolm_pipeline.registry.manage import (
-    SERVING_DECISIONS,
-    artifact_cid_of,
-    known_task,
-    local_artifact,
-    verified_artifact,
-)
+from kolm_pipeline.registry.manage import known_task, local_artifact, verified_artifact
 from kolm_pipeline.registry.provenance import _stage_predicates  # one reading of the receipts for both
-from kolm_pipeline.registry.swap import pointer_target, validate_task
+from kolm_pipeline.registry.refs import (
+    CURRENT,
+    KIND_ARTIFACT,
+    KIND_BASE,
+    KIND_CANDIDATE,
+    NAMES,
+    PREVIOUS,
+    SERVING_DECISIONS,
+    VersionRef,
+    resolve_ref,
+)
+from kolm_pipeline.registry.swap import validate_task
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.workdir import NamespaceWorkdir
 
@@ -52,11 +57,13 @@ class Version:
 
     ``side`` names the side of ``evaluation`` that describes this version (the candidate side: a version's
     own evaluation measured it as the candidate). ``ref`` is how other evaluations name it as their current
-    side: its CID, ``base`` for the bare base, None for a candidate that is not packaged yet."""
+    side: its CID, ``base`` for the bare base, None for a candidate that is not packaged yet. ``name`` is how
+    the user asked for it (``current``, a CID prefix, a path), when it was asked for."""
 
     label: str
     cid: str | None = None
     is_base: bool = False
+    name: str | None = None
     corpus_cid: str | None = None
     corpus_pairs: int | None = None
     recipe_cid: str | None = None
@@ -67,6 +74,15 @@ class Version:
     @property
     def ref(self) -> str | None:
         return BASE if self.is_base else self.cid
+
+    def describe(self) -> str:
+        """The version in words, with the name it was asked for: ``artifact bafkrei… (current)``."""
+        if self.is_base:
+            return "the bare base"
+        if self.cid is None:
+            return "the last evaluated candidate (not packaged)"
+        named = f" ({self.name})" if self.name and self.name != self.cid else ""
+        return f"artifact {self.cid}{named}"
 
 
 BARE_BASE = Version(label="(bare base)", is_base=True)
@@ -216,57 +232,76 @@ def load_candidate_version(settings: Settings, task: str) -> Version:
     return version_from_evaluation(evaluation)
 
 
-def load_version(settings: Settings, task: str, ref: str) -> Version:
-    """``candidate``, ``base``, a CID or a ``.kolm`` path."""
-    if ref == CANDIDATE:
-        return load_candidate_version(settings, task)
-    if ref == BASE:
-        return BARE_BASE
-    return load_artifact_version(settings, task, ref)
+def load_version(settings: Settings, store, task: str, ref: str) -> Version:
+    """A ``.kolm`` path, or any reference the registry's resolver reads (``current``, ``previous``, ``base``,
+    ``candidate``, a CID or a unique CID prefix); the version remembers the name it was given."""
+    if ref not in NAMES and (ref.endswith(".kolm") or Path(ref).is_file()):
+        return replace(load_artifact_version(settings, task, ref), name=ref)
+    resolved = resolve_ref(settings, store, ref, task)
+    if resolved.kind == KIND_BASE:
+        return replace(BARE_BASE, name=ref)
+    if resolved.kind == KIND_CANDIDATE:
+        return replace(load_candidate_version(settings, task), name=ref)
+    return replace(load_artifact_version(settings, task, str(resolved.cid)), name=ref)
 
 
-def _current_cid(settings: Settings, task: str) -> str:
-    pointer = pointer_target(settings.adapters_dir, task)
-    if pointer is None:
-        raise DiffError(f"{task}: nothing is deployed, so there is no current version; give two versions "
-                        "(CIDs, .kolm paths, `candidate` or `base`)")
-    return artifact_cid_of(pointer)
+def _first_served(rows: list, cid: str | None) -> int | None:
+    """The registry row that first put ``cid`` into service (rows are numbered in time order)."""
+    served = [row.id for row in rows if row.decision in SERVING_DECISIONS and row.to_cid == cid]
+    return min(served) if served else None
 
 
-def _previous_cid(store, task: str, current: str) -> str:
-    """The version the current one replaced: the ``from`` of the newest row that put it into service."""
-    row = next((row for row in store.registry_rows(task)
-                if row.decision in SERVING_DECISIONS and row.to_cid == current), None)
-    if row is None or row.from_cid is None:
-        raise DiffError(f"nothing to diff: {current} is the only version of {task} deployed so far; compare it "
-                        f"with `candidate`, `base` or a CID")
-    return row.from_cid
+def older_than(rows: list, version: Version, other: Version) -> bool:
+    """Whether ``version`` came before ``other``: the bare base before everything, the unpackaged candidate after
+    everything, artifacts in the order they first served (one never served counts as newer: a candidate)."""
+    if version.is_base or other.ref is None:
+        return not other.is_base
+    if other.is_base or version.ref is None:
+        return False
+    mine, theirs = _first_served(rows, version.cid), _first_served(rows, other.cid)
+    return mine is not None and (theirs is None or mine < theirs)
 
 
 def registry_diff(settings: Settings, store, task: str, refs: list[str] | tuple[str, ...] = ()) -> VersionDiff:
-    """``kolm registry diff --task T [FROM] [TO]``: no version → the previous deployment to the current one;
-    one → the current one to it; two → the first to the second."""
+    """``kolm registry diff --task T [FROM] [TO]``, always read old → new: no version → ``previous`` to
+    ``current`` (the bare base to the current one after the first deployment); one → that version and the
+    current one, the older first (``base``, ``previous`` and earlier deployments before it, ``candidate`` and
+    versions never deployed after it); two → the first to the second, as given."""
     validate_task(task)
     if len(refs) > 2:
         raise DiffError(f"give at most two versions to compare, not {len(refs)}")
     if not known_task(settings, store, task) and not NamespaceWorkdir(settings, task).evaluation.is_file():
         raise DiffError(f"unknown task {task!r}: nothing was ever published, deployed or evaluated for it")
-    if len(refs) == 2:
-        from_ref, to_ref = refs
-    elif len(refs) == 1:
-        from_ref, to_ref = _current_cid(settings, task), refs[0]
-    else:
-        to_ref = _current_cid(settings, task)
-        from_ref = _previous_cid(store, task, to_ref)
+    if len(refs) < 2 and resolve_current(settings, store, task) is None:
+        raise DiffError(f"{task}: nothing is deployed, so there is no current version; give two versions "
+                        "(`base`, `candidate`, CIDs, CID prefixes or .kolm paths)")
     previews = CasePreviews.read(NamespaceWorkdir(settings, task).case_previews)
-    before = with_previews(load_version(settings, task, from_ref), previews)
-    after = with_previews(load_version(settings, task, to_ref), previews)
+
+    def load(ref: str) -> Version:
+        return with_previews(load_version(settings, store, task, ref), previews)
+
+    if len(refs) == 2:
+        before, after = load(refs[0]), load(refs[1])
+    elif len(refs) == 1:
+        current, other = load(CURRENT), load(refs[0])
+        before, after = (other, current) if older_than(store.registry_rows(task), other, current) else (current, other)
+    else:
+        before, after = load(PREVIOUS), load(CURRENT)
     if before.ref is not None and before.ref == after.ref:
-        raise DiffError(f"nothing to diff: both versions are {before.label}")
+        raise DiffError(f"nothing to diff: both versions are {before.describe()}")
     if before.adapter_cid and before.adapter_cid == after.adapter_cid:
-        raise DiffError(f"nothing to diff: {after.label} holds the same adapter as {before.label} "
-                        f"({after.adapter_cid})")
+        deployed = " (it was deployed already)" if before.ref is None or after.ref is None else ""
+        raise DiffError(f"nothing to diff: {before.describe()} and {after.describe()} hold the same adapter "
+                        f"{after.adapter_cid}{deployed}; compare `previous` with `current`, or run a new distill")
     return diff_versions(before, after, task=task)
+
+
+def resolve_current(settings: Settings, store, task: str) -> VersionRef | None:
+    """The task's current version, None when nothing is deployed."""
+    try:
+        return resolve_ref(settings, store, CURRENT, task, allow=(KIND_ARTIFACT,))
+    except DeployRefused:
+        return None
 
 
 def with_previews(version: Version, previews: CasePreviews | None) -> Version:
@@ -514,7 +549,12 @@ def diff_text(diff: VersionDiff, limit: int = LISTED_CASES) -> str:
     limit = max(0, limit)
     rows = [("", "before", "after", "change"), *_rows(diff)]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    lines = [f"{diff.task}: {diff.before.label} → {diff.after.label}", f"measured: {diff.basis}", ""]
+    lines = [f"{diff.task}: {diff.before.label} → {diff.after.label}"]
+    named = [f"{side} is {version.name}" for side, version in (("before", diff.before), ("after", diff.after))
+             if version.name and version.name != version.label]
+    if named:
+        lines.append(f"old → new: {', '.join(named)}")
+    lines += [f"measured: {diff.basis}", ""]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
               for row in rows]
     lines.append("")

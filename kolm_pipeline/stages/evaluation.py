@@ -56,6 +56,8 @@ def run_evaluation_stage(
         k_current=current.kscore.total,
         k_floor=float(recipe.spec["k_floor"]),
         tripwire_clear=tripwire.clear,
+        accuracy_new=candidate.kscore.accuracy,
+        accuracy_current=current.kscore.accuracy,
     )
     result = EvaluationResult.model_validate({
         "task": workdir.task,
@@ -101,7 +103,8 @@ def run_evaluation_stage(
             decision="alert" if decision.alert else "refuse",
             actor="gate",
             details={"reason": decision.reason, "adapter_cid": result.adapter_cid,
-                     "tripwire": tripwire.reasons},
+                     "tripwire": tripwire.reasons,
+                     "accuracy": {"before": current.kscore.accuracy, "after": candidate.kscore.accuracy}},
         )
     return result
 

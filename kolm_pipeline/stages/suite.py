@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kolm_pipeline.corpus.recipe import load_recipe
 from kolm_pipeline.evaluate.evaluation import evaluate_models
+from kolm_pipeline.evaluate.result import KSCORE_LEGEND, side_by_side_lines
 from kolm_pipeline.registry.artifact import extract_adapter, read_kolm
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.train.base_model import resolve_base_model
@@ -30,10 +31,7 @@ def evaluate_artifact(settings: Settings, artifact: Path, suite: Path) -> str:
             student_dollars_per_hour=settings.student_dollars_per_hour,
         )
     lines = [f"artifact {artifact.name} (task {manifest.get('task')}) on {suite} "
-             f"({len(recipe.eval)} eval cases, verifier {recipe.spec['verifier']})",
-             f"{'':<20}{'base':>12}{'artifact':>12}"]
-    for label, key in (("A accuracy", "accuracy"), ("S size", "size"), ("L latency", "latency"),
-                       ("C cost", "cost"), ("V coverage", "coverage"), ("K", "k"),
-                       ("hold-out accuracy", "holdout_accuracy")):
-        lines.append(f"{label:<20}{reports['base'].summary()[key]:>12.4f}{reports['artifact'].summary()[key]:>12.4f}")
+             f"({len(recipe.eval)} eval cases, verifier {recipe.spec['verifier']})"]
+    lines += side_by_side_lines([(name, reports[name].summary()) for name in ("base", "artifact")])
+    lines.append(KSCORE_LEGEND)
     return "\n".join(lines)

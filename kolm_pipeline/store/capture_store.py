@@ -5,7 +5,7 @@ schema is built and upgraded by `store/migrations.py`. Only a sha256 of each kol
 plaintext key is shown once, at creation. Bodies carry an HMAC-SHA256 digest under a per-tenant secret
 from the start, so after the retention window the text can go while dedup and the counters keep working.
 
-`CaptureStore` is composed of one mixin per concern, each in its own module (`tenants`, `captures`,
+`CaptureStore` is composed of one mixin per concern, each in its own module (`tenants`, `captures`, `capture_search`,
 `triage`, `switches`, `retention`, `kept_pairs`, `counters`, `registry_rows`, `audit`) over `base.StoreBase`.
 """
 
@@ -19,6 +19,7 @@ from kolm_pipeline.store.base import (
     canonical_text,
 )
 from kolm_pipeline.store.capture_rows import sqlite_datetime_text
+from kolm_pipeline.store.capture_search import CaptureSearchQueries
 from kolm_pipeline.store.captures import CaptureQueries
 from kolm_pipeline.store.counters import CounterQueries
 from kolm_pipeline.store.kept_pairs import KeptPairQueries
@@ -46,6 +47,7 @@ __all__ = [
 class CaptureStore(
     TenantQueries,
     CaptureQueries,
+    CaptureSearchQueries,
     TriageQueries,
     SwitchQueries,
     RetentionQueries,

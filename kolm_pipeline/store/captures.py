@@ -32,17 +32,16 @@ from kolm_pipeline.store.capture_rows import (
     _sql_literal,
     sqlite_datetime_text,
 )
+from kolm_pipeline.store.capture_search import CaptureFilter
 from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
 from kolm_pipeline.store.records import Capture, ImportOutcome, NewCapture
 from kolm_pipeline.store.tables import (
     CAPTURE_SOURCES,
-    TRIAGE_STATES,
     captures,
     namespace_counters,
     namespace_settings,
     triage_rules,
 )
-from kolm_pipeline.store.tags import split_tags
 
 
 class CaptureQueries(StoreBase):
@@ -286,33 +285,14 @@ class CaptureQueries(StoreBase):
         model: str | None = None,
         tag: str | None = None,
     ) -> list[Capture]:
-        """A tenant's captures, newest first, filtered by any of namespace, triage state, status, model, tag."""
-        stmt = select(captures).where(captures.c.tenant == tenant)
-        if namespace is not None:
-            stmt = stmt.where(captures.c.namespace == validate_namespace(namespace))
-        if triage_state is not None:
-            if triage_state not in TRIAGE_STATES:
-                raise InvalidInput(f"invalid triage state {triage_state!r}")
-            stmt = stmt.where(captures.c.triage_state == triage_state)
-        if status is not None:
-            stmt = stmt.where(captures.c.status == status)
-        if model is not None:
-            stmt = stmt.where(captures.c.model == model)
+        """A tenant's captures, newest first, filtered by any of namespace, triage state, status, model, tag
+        (`capture_search.CaptureFilter` has every filter)."""
         if limit < 0 or offset < 0:
             raise InvalidInput("limit and offset must not be negative")
-        stmt = stmt.order_by(captures.c.id.desc())
-        if tag is None:
-            with self.engine.connect() as conn:
-                return [_capture(row) for row in conn.execute(stmt.limit(limit).offset(offset))]
-        # Tags are a comma list; filter exactly in Python (a LIKE would also match substrings).
-        found: list[Capture] = []
+        where = CaptureFilter(namespace=namespace, state=triage_state, status=status, model=model, tag=tag)
+        stmt = where.statement(tenant).order_by(captures.c.id.desc()).limit(limit).offset(offset)
         with self.engine.connect() as conn:
-            for row in conn.execution_options(yield_per=500).execute(stmt):
-                if tag in split_tags(row.tags):
-                    found.append(_capture(row))
-                    if len(found) >= offset + limit:
-                        break
-        return found[offset:]
+            return [_capture(row) for row in conn.execute(stmt)]
 
     def stored_request_ids(self, request_ids: Iterable[str]) -> set[str]:
         """Which of `request_ids` are stored already (an importer skips those before redacting them)."""

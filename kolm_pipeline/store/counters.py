@@ -1,5 +1,17 @@
 """A namespace's counters (captured, kept, discarded, distilled, merged) as stored, their repair by a
-recount, and the status and observation built on them."""
+recount, and the status and observation built on them.
+
+What each counts (the README's glossary says it for users):
+
+- captured: requests the proxy recorded (and pairs imported); kept / discarded: captures triaged so; untriaged:
+  the rest. Every capture is in exactly one of kept, discarded and untriaged.
+- distilled: kept pairs written into a corpus at least once: the recipe splits them into training, eval and the
+  frozen hold-out and removes training pairs that overlap those, so fewer are trained on (the `recipe` asset's
+  `train_pairs`).
+- merged: distill runs that cleared the gate and were published (a `.kolm` deployed by the deployment stage):
+  the registry's swap rows of the task `tenant.namespace` that the deployment stage wrote. Not pairs: until
+  migration 8 it counted the pairs of deployed corpora, which made it read like `distilled`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +20,20 @@ from typing import Any
 from sqlalchemy import func, select, union_all, update
 
 from kolm_pipeline.store.base import _ADD_TO_COUNTERS, _COUNTERS, StoreBase, _utc
-from kolm_pipeline.store.tables import TRIAGE_STATES, captures, namespace_counters
+from kolm_pipeline.store.namespaces import partition_key
+from kolm_pipeline.store.tables import TRIAGE_STATES, captures, namespace_counters, registry
+
+# A registry row the deployment stage wrote: a swap whose details name the evaluation's `current` side (the
+# champion it beat, or the bare base). `kolm swap` and rollbacks write no such key. Migration 8 counts the same.
+PUBLISHED_DISTILL_MARK = '%"current":%'
+
+
+def published_distills(conn: Any, tenant: str, namespace: str) -> int:
+    """Distill runs of the namespace that cleared the gate and were published, counted in the registry."""
+    r = registry.c
+    stmt = select(func.count()).where(r.task == partition_key(tenant, namespace), r.decision == "swap",
+                                      r.details_json.like(PUBLISHED_DISTILL_MARK))
+    return int(conn.execute(stmt).scalar_one())
 
 
 class CounterQueries(StoreBase):
@@ -16,7 +41,8 @@ class CounterQueries(StoreBase):
 
     def counters(self, tenant: str, namespace: str) -> dict[str, int]:
         """The counters of a namespace: captured, kept, discarded, untriaged, distilled (kept pairs that
-        went into a corpus) and merged (pairs in a deployed artifact). Retention changes none of them."""
+        went into a corpus) and merged (distill runs that cleared the gate and were published; the module
+        docstring says more). Retention changes none of them."""
         with self.engine.connect() as conn:
             return self._counters_in(conn, tenant, namespace)
 
@@ -36,28 +62,29 @@ class CounterQueries(StoreBase):
         }
 
     def recount(self, tenant: str, namespace: str, actor: str) -> dict[str, int]:
-        """Count the namespace's captures row by row and store the result as its counters; returns the
-        counters as they were. The repair for counters a writer left behind: a process of a version from
-        before migration 6 still running against an upgraded store inserts captures without counting them.
-        A change is written to the audit log. Writers and triages may go on meanwhile: the counters row is
-        locked first, so what they commit before the count is in it and what they add after waits for it."""
+        """Count the namespace's captures row by row (and its published distill runs in the registry) and
+        store the result as its counters; returns the counters as they were. The repair for counters a
+        writer left behind: a process of a version from before migration 6 still running against an upgraded
+        store inserts captures without counting them. A change is written to the audit log. Writers and
+        triages may go on meanwhile: the counters row is locked first, so what they commit before the count
+        is in it and what they add after waits for it."""
         c = captures.c
         with self.engine.begin() as conn:
             conn.execute(_ADD_TO_COUNTERS, {"tenant": tenant, "namespace": namespace, **dict.fromkeys(_COUNTERS, 0)})
             before = self._counters_in(conn, tenant, namespace)
             stored = {name: before[name] for name in _COUNTERS}
             rows = conn.execute(
-                select(c.triage_state, func.count(c.id), func.count(c.distilled_at), func.count(c.merged_at))
+                select(c.triage_state, func.count(c.id), func.count(c.distilled_at))
                 .where(c.tenant == tenant, c.namespace == namespace)
                 .group_by(c.triage_state)
             ).all()
-            by_state = {state: int(count) for state, count, _, _ in rows}
+            by_state = {state: int(count) for state, count, _ in rows}
             counted = {
                 "captured": sum(by_state.values()),
                 "kept": by_state.get("kept", 0),
                 "discarded": by_state.get("discarded", 0),
                 "distilled": sum(int(row[2]) for row in rows),
-                "merged": sum(int(row[3]) for row in rows),
+                "merged": published_distills(conn, tenant, namespace),
             }
             conn.execute(
                 update(namespace_counters)

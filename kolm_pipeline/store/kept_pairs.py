@@ -1,5 +1,6 @@
 """What the later stages read and mark: the kept pairs a corpus is built from, and the distilled and merged
-marks the corpus and a deployment put on them."""
+marks the corpus and a deployment put on them (the `merged` counter counts published distill runs: see
+counters.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from kolm_pipeline.store.base import StoreBase, _chunks, _utc
+from kolm_pipeline.store.base import _ADD_TO_COUNTERS, _COUNTERS, StoreBase, _chunks, _utc
+from kolm_pipeline.store.counters import published_distills
 from kolm_pipeline.store.records import KeptPair
-from kolm_pipeline.store.tables import captures
+from kolm_pipeline.store.tables import captures, namespace_counters
 from kolm_pipeline.store.tags import split_tags
 
 
@@ -60,36 +62,46 @@ class KeptPairQueries(StoreBase):
     def mark_distilled(self, tenant: str, namespace: str, capture_ids: Iterable[int], actor: str = "corpus") -> int:
         """Record that these kept pairs went into a corpus (the `distilled` counter); returns how many
         were newly marked. Ids of other tenants or namespaces, or not kept, are ignored."""
-        return self._mark(tenant, namespace, capture_ids, captures.c.distilled_at, "corpus.distilled", actor)
+        with self.engine.begin() as conn:
+            marked = self._mark(conn, tenant, namespace, capture_ids, captures.c.distilled_at)
+            self._add_to_counters(conn, {(tenant, namespace): {"distilled": marked}})
+            if marked:
+                self._audit(conn, tenant, namespace, "corpus.distilled", {"captures": marked}, actor)
+        return marked
 
     def mark_merged(self, tenant: str, namespace: str, capture_ids: Iterable[int], actor: str = "deployment") -> int:
-        """Record that these pairs are in a deployed artifact (the `merged` counter); they count as
-        distilled too."""
-        self._mark(tenant, namespace, capture_ids, captures.c.distilled_at, None, actor)
-        return self._mark(tenant, namespace, capture_ids, captures.c.merged_at, "artifact.merged", actor)
+        """After the deployment stage published a distill run (its registry row is written): record that these
+        pairs are in a deployed artifact (each capture's `merged_at`; they count as distilled too) and bring
+        the `merged` counter, which counts published distill runs, not pairs, to the registry's count. Returns
+        how many pairs were newly marked."""
+        with self.engine.begin() as conn:
+            distilled = self._mark(conn, tenant, namespace, capture_ids, captures.c.distilled_at)
+            marked = self._mark(conn, tenant, namespace, capture_ids, captures.c.merged_at)
+            self._add_to_counters(conn, {(tenant, namespace): {"distilled": distilled}})
+            runs = published_distills(conn, tenant, namespace)
+            conn.execute(_ADD_TO_COUNTERS, {"tenant": tenant, "namespace": namespace, **dict.fromkeys(_COUNTERS, 0)})
+            conn.execute(update(namespace_counters)
+                         .where(namespace_counters.c.tenant == tenant, namespace_counters.c.namespace == namespace)
+                         .values(merged=runs))
+            self._audit(conn, tenant, namespace, "artifact.merged", {"captures": marked, "merged_runs": runs}, actor)
+        return marked
 
-    def _mark(
-        self, tenant: str, namespace: str, capture_ids: Iterable[int], column: Any, action: str | None, actor: str
-    ) -> int:
-        """Set `column` (distilled_at or merged_at, named as its counter plus `_at`) on kept captures that
-        lack it; returns how many it was set on."""
+    def _mark(self, conn: Any, tenant: str, namespace: str, capture_ids: Iterable[int], column: Any) -> int:
+        """Set `column` (distilled_at or merged_at) on kept captures of the namespace that lack it, in the
+        caller's transaction; returns how many it was set on."""
         ids = sorted({int(i) for i in capture_ids})
         now = self._now()
         marked = 0
-        with self.engine.begin() as conn:
-            for chunk in _chunks(ids):
-                marked += conn.execute(
-                    update(captures)
-                    .where(
-                        captures.c.tenant == tenant,
-                        captures.c.namespace == namespace,
-                        captures.c.id.in_(chunk),
-                        captures.c.triage_state == "kept",
-                        column.is_(None),
-                    )
-                    .values({column.name: now})
-                ).rowcount
-            self._add_to_counters(conn, {(tenant, namespace): {column.name.removesuffix("_at"): marked}})
-            if action and marked:
-                self._audit(conn, tenant, namespace, action, {"captures": marked}, actor)
+        for chunk in _chunks(ids):
+            marked += conn.execute(
+                update(captures)
+                .where(
+                    captures.c.tenant == tenant,
+                    captures.c.namespace == namespace,
+                    captures.c.id.in_(chunk),
+                    captures.c.triage_state == "kept",
+                    column.is_(None),
+                )
+                .values({column.name: now})
+            ).rowcount
         return marked

@@ -271,6 +271,53 @@ def _v6_namespace_counters(op: Operations, conn: Connection) -> None:
     )
 
 
+def _v7_tenant_keys(op: Operations, conn: Connection) -> None:
+    """More than one kolm key per tenant, each with a public id, issued and revoked apart. Each tenant's
+    key so far becomes its first listed key (id: the first 8 hex digits of its hash, longer on a clash)."""
+    op.create_table(
+        "tenant_keys",
+        Column("key_id", String(16), primary_key=True),
+        Column("tenant", String(63), nullable=False, index=True),
+        Column("key_hash", String(64), nullable=False, unique=True),
+        Column("key_prefix", String(16), nullable=False, index=True),
+        Column("capture_only", Boolean, nullable=False),
+        Column("created_by", String(255), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("revoked_by", String(255)),
+        Column("revoked_at", DateTime(timezone=True)),
+    )
+    taken: set[str] = set()
+    rows = conn.exec_driver_sql("SELECT name, key_hash, key_prefix, capture_only, created_at FROM tenants")
+    for name, key_hash, key_prefix, capture_only, created_at in sorted(rows.all()):
+        length = 8
+        while key_hash[:length] in taken:
+            length += 2
+        taken.add(key_hash[:length])
+        conn.execute(
+            text(
+                "INSERT INTO tenant_keys (key_id, tenant, key_hash, key_prefix, capture_only, created_by, created_at)"
+                " VALUES (:key_id, :tenant, :key_hash, :key_prefix, :capture_only, 'store', :created_at)"
+            ),
+            {"key_id": key_hash[:length], "tenant": name, "key_hash": key_hash, "key_prefix": key_prefix,
+             "capture_only": capture_only, "created_at": created_at},
+        )
+
+
+
+def _v8_merged_counts_published_runs(_op: Operations, conn: Connection) -> None:
+    """`merged` counts distill runs that cleared the gate and were published (the deployment stage's swap rows
+    in the registry, task `tenant.namespace`), no longer the pairs of deployed corpora: until now it read like a
+    second `distilled`. Each capture's `merged_at` keeps saying that the pair is in a deployed artifact."""
+    conn.execute(
+        text(
+            "UPDATE namespace_counters SET merged = (SELECT COUNT(*) FROM registry r"
+            " WHERE r.task = namespace_counters.tenant || '.' || namespace_counters.namespace"
+            " AND r.decision = 'swap' AND r.details_json LIKE :mark)"
+        ),
+        {"mark": '%"current":%'},
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (1, "baseline tables", _v1_baseline),
     (2, "retention, counters and switches", _v2_retention_and_counters),
@@ -278,6 +325,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (4, "retry digest", _v4_retry_digest),
     (5, "checks without IN lists", _v5_checks_without_in_lists),
     (6, "namespace counters", _v6_namespace_counters),
+    (7, "tenant keys", _v7_tenant_keys),
+    (8, "merged counts published distill runs", _v8_merged_counts_published_runs),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -9,10 +9,40 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Tenant:
+    """The tenant a kolm key names, with what that key may do; `key_id` is the key's public id."""
+
     name: str
     key_prefix: str
     capture_only: bool
     created_at: datetime
+    key_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TenantKey:
+    """One kolm key of a tenant as `kolm tenant keys` lists it: never the key, only its public id."""
+
+    key_id: str
+    tenant: str
+    capture_only: bool
+    created_by: str
+    created_at: datetime
+    revoked_by: str | None = None
+    revoked_at: datetime | None = None
+
+    @property
+    def kind(self) -> str:
+        return "capture-only" if self.capture_only else "full"
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A key just issued: `key` is the only time its plaintext exists outside the client that keeps it."""
+
+    key: str
+    key_id: str
+    tenant: str
+    capture_only: bool
 
 
 @dataclass(slots=True)

@@ -50,6 +50,23 @@ tenants = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+# Every kolm key a tenant was issued (only its sha256 is kept). `key_id` is public: the first 8 hex digits of
+# the hash, shown by `kolm tenant keys` and named in the audit log; a revoked key stays listed. (`tenants`
+# still holds the hash of the tenant's first key, as before keys were listed here; lookups read this table.)
+tenant_keys = Table(
+    "tenant_keys",
+    metadata,
+    Column("key_id", String(16), primary_key=True),
+    Column("tenant", String(63), nullable=False, index=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("key_prefix", String(16), nullable=False, index=True),
+    Column("capture_only", Boolean, nullable=False, default=False),
+    Column("created_by", String(255), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_by", String(255)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
 # Key of HMAC-SHA256 over bodies: dedup digests at insert, and what a body becomes after retention.
 # Apart from `tenants` because captures may name a tenant that has no key (imports, tests).
 tenant_secrets = Table(

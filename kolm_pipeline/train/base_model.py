@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.settings import EMBEDDED_BASE_MODEL
 
@@ -54,14 +55,16 @@ def _dequantize_embedded(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _embedded_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
+    with quiet_loading():
+        model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
     config_path = staging / "config.json"
     config = json.loads(config_path.read_text())
@@ -135,7 +138,8 @@ def load_causal_lm(base: BaseModel):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=dtype)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=dtype)
     except OSError as exc:
         raise BaseModelError(f"could not load base model from {base.path}: {exc}") from exc
     return model.to(device).eval()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.pairs import scan_pair_file
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.errors import UserError
@@ -124,8 +125,9 @@ def train_adapter(
     use_cuda = torch.cuda.is_available()
     # Recorded as it was trained: the kernel chosen for this hardware, not null.
     config = config.model_copy(update={"attention": config.attention or _attention(use_cuda)})
-    model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32,
-                                                 attn_implementation=config.attention)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32,
+                                                     attn_implementation=config.attention)
     available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                         if isinstance(module, torch.nn.Linear)})
     if config.target_modules != "all-linear":
@@ -193,19 +195,21 @@ def train_adapter(
 
         if not (init_adapter / "adapter_config.json").is_file():
             raise TrainingError(f"{init_adapter}: not a PEFT adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        with quiet_loading():
+            model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     dataset = Dataset.from_list(tokenized.examples)
     if config.packing:
         # Best-fit decreasing into rows of max_length, weights packed alongside the labels.
         dataset = pack_dataset(dataset, config.max_length, "bfd")
-    trainer = AnswerLossTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=None if init_adapter is not None else lora,
-        callbacks=[_Reporter()],
-    )
+    with quiet_loading():  # the trainer wraps the model in a PeftModel here
+        trainer = AnswerLossTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=None if init_adapter is not None else lora,
+            callbacks=[_Reporter()],
+        )
     if show_progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_QuietProgress())

@@ -35,6 +35,8 @@ class TrainingJob(Model):
     mlflow_uri: str
     mlflow_artifacts: Path
     tags: dict[str, str] = {}
+    # The MLflow run of the Dagster run this training belongs to; the training run is its child.
+    mlflow_parent_run_id: str | None = None
     # Where the trainer leaves a one-line explanation when it fails, for the orchestrator to report.
     error_path: Path | None = None
 

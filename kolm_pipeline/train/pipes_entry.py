@@ -15,14 +15,17 @@ from kolm_pipeline.train.distill import TrainResult, train_adapter
 from kolm_pipeline.train.job import TrainingJob
 
 
-def run_training(job: TrainingJob, log=print) -> tuple[TrainResult, str, str]:
-    """Train the job and log to MLflow; returns result, run id, url."""
+def run_training(job: TrainingJob, log=print) -> tuple[TrainResult, str]:
+    """Train the job and log to MLflow (a `training` run, child of the Dagster run's run when the job names
+    one): the parameters, `train.loss` and the trainer's other numbers at every logged step, the totals at
+    the end. Returns the result and the MLflow run id."""
     import mlflow
 
-    from kolm_pipeline.tracking import mlflow_run, run_url
+    from kolm_pipeline.tracking import mlflow_run
 
     base, config = job.base, job.config
-    with mlflow_run(job.mlflow_uri, job.task, job.mlflow_artifacts, "distill", job.tags) as run:
+    with mlflow_run(job.mlflow_uri, job.task, job.mlflow_artifacts, "training", job.tags,
+                    parent_run_id=job.mlflow_parent_run_id) as run:
         mlflow.log_params({f"lora.{key}": value for key, value in config.model_dump().items()})
         mlflow.log_params({"base_model": base.model_id, "recipe_cid": job.recipe_cid})
 
@@ -35,7 +38,7 @@ def run_training(job: TrainingJob, log=print) -> tuple[TrainResult, str, str]:
         mlflow.log_metrics({f"train.{key}": float(value) for key, value in result.metrics().items()})
         log(f"trained {result.examples} pairs in {result.wall_seconds:.1f}s "
             f"({result.tokens_per_second:.0f} tokens/s), final loss {result.final_loss:.4f}")
-        return result, run.info.run_id, run_url(job.mlflow_uri, run)
+        return result, run.info.run_id
 
 
 def write_error(error_path: str | None, batch_size: int, exc: BaseException) -> None:
@@ -56,7 +59,7 @@ def main() -> None:
         extras = dict(pipes.extras)
         try:
             job = TrainingJob.from_extras(extras)
-            result, run_id, url = run_training(job, log=pipes.log.info)
+            result, run_id = run_training(job, log=pipes.log.info)
         except Exception as exc:
             settings = extras.get("config") if isinstance(extras.get("config"), dict) else {}
             batch_size = settings.get("batch_size", TrainConfig().batch_size)
@@ -67,7 +70,6 @@ def main() -> None:
                 **{key: {"raw_value": float(value), "type": "float"} for key, value in result.metrics().items()},
                 "adapter_dir": {"raw_value": str(result.adapter_dir), "type": "path"},
                 "mlflow_run_id": {"raw_value": run_id, "type": "text"},
-                "mlflow_run": {"raw_value": url, "type": "url" if url.startswith("http") else "text"},
                 "loss_curve": {"raw_value": [[s, v] for s, v in result.loss_curve], "type": "json"},
             }
         )

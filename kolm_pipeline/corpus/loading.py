@@ -1,0 +1,36 @@
+"""Loading Hugging Face models quietly (the embedding model here, the base model and adapters in `train/` and
+`evaluate/`).
+
+transformers draws a progress bar for every load (`Loading weights`), for the GGUF conversion and for the shards
+it writes, and peft's PeftModel asks transformers a deprecated property (`is_gradient_checkpointing`, a
+FutureWarning each time). kolm says per stage what it does and shows one bar per stage (training's), so these
+are off while loading and restored after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No transformers progress bars and no peft FutureWarning inside the block."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    gguf_bar = getattr(gguf_loading, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if gguf_bar is not None:
+        gguf_loading.tqdm = lambda iterable=None, *args, **kwargs: iterable  # its GGUF bar is plain tqdm
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        if gguf_bar is not None:
+            gguf_loading.tqdm = gguf_bar
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
