@@ -169,7 +169,9 @@ def test_registry_diff_reads_old_to_new(versions, capsys):
     store = CaptureStore(settings.store_url)
     base = registry_diff(settings, store, task, ["base"])
     assert base.before.is_base and base.after.cid == third
-    older = registry_diff(settings, store, task, [first[:8]])
+    # The shortest prefix of `first` no other version shares (CIDs differ per run: a fixed length could clash).
+    prefix = next(first[:n] for n in range(8, len(first)) if not any(o.startswith(first[:n]) for o in (second, third)))
+    older = registry_diff(settings, store, task, [prefix])
     assert (older.before.cid, older.after.cid) == (first, third)
     default = registry_diff(settings, store, task)
     assert (default.before.cid, default.after.cid) == (second, third)
