@@ -108,6 +108,28 @@ def _send(client: httpx.Client, url: str, headers: dict[str, str], n: int) -> st
     return resp.headers.get(CAPTURE_ID_HEADER) if resp.status_code == 200 else None
 
 
+class Traffic:
+    """Four clients calling the proxy until `stop` is set; `acknowledged` holds the capture ids they received."""
+
+    def __init__(self, url: str, headers: dict[str, str], clients: int = 4) -> None:
+        self.url, self.headers = url, headers
+        self.acknowledged: list[str] = []
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._counter = iter(range(1_000_000))
+        self.workers = [threading.Thread(target=self._run) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self.stop.is_set():
+                with self._lock:
+                    n = next(self._counter)
+                capture_id = _send(client, self.url, self.headers, n)
+                if capture_id:
+                    with self._lock:
+                        self.acknowledged.append(capture_id)
+
+
 def test_store_down_mid_traffic_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
     store = CaptureStore(cluster.url)
     key = store.create_tenant("acme")
@@ -119,22 +141,8 @@ def test_store_down_mid_traffic_loses_nothing(cluster: Cluster, tmp_path: Path) 
     proxy = BackgroundServer(app)
     url = f"{proxy.url}/v1/capture/openai/chat/completions"
     headers = {"authorization": f"Bearer {key}", "x-kolm-namespace": "support", "x-upstream-api-key": "k-1"}
-    acknowledged: list[str] = []
-    lock = threading.Lock()
-    counter = iter(range(1_000_000))
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with httpx.Client(timeout=10) as client:
-            while not stop.is_set():
-                with lock:
-                    n = next(counter)
-                capture_id = _send(client, url, headers, n)
-                if capture_id:
-                    with lock:
-                        acknowledged.append(capture_id)
-
-    workers = [threading.Thread(target=traffic) for _ in range(4)]
+    traffic = Traffic(url, headers)
+    acknowledged, stop, workers = traffic.acknowledged, traffic.stop, traffic.workers
     try:
         for worker in workers:
             worker.start()
@@ -272,22 +280,8 @@ def test_kill_9_of_the_proxy_and_its_writer_loses_no_acknowledged_capture(tmp_pa
     proxy = _start_proxy(home, teacher.url, port)
     url = f"http://127.0.0.1:{port}/v1/capture/openai/chat/completions"
     headers = {"authorization": f"Bearer {key}", "x-kolm-namespace": "support", "x-upstream-api-key": "k-1"}
-    acknowledged: list[str] = []
-    lock = threading.Lock()
-    counter = iter(range(1_000_000))
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with httpx.Client(timeout=10) as client:
-            while not stop.is_set():
-                with lock:
-                    n = next(counter)
-                capture_id = _send(client, url, headers, n)
-                if capture_id:
-                    with lock:
-                        acknowledged.append(capture_id)
-
-    workers = [threading.Thread(target=traffic) for _ in range(4)]
+    traffic = Traffic(url, headers)
+    acknowledged, stop, workers = traffic.acknowledged, traffic.stop, traffic.workers
     second = None
     try:
         [writer] = _children(proxy.pid)

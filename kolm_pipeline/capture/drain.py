@@ -12,6 +12,7 @@ cannot be opened by another process (in-memory SQLite) it runs on a thread of th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kolm_pipeline.capture import journal
@@ -188,16 +189,11 @@ def spawn(options: DrainOptions, spec: StoreSpec) -> subprocess.Popen[bytes]:
 
 
 def _options_json(options: DrainOptions, spec: StoreSpec) -> str:
-    import json
-    from dataclasses import asdict
-
     data = {name: str(value) if isinstance(value, Path) else value for name, value in asdict(options).items()}
     return json.dumps({"options": data, "store": asdict(spec)})
 
 
 def _read_options(text: str) -> tuple[DrainOptions, StoreSpec]:
-    import json
-
     data = json.loads(text)
     paths = ("root", "own", "quarantine", "legacy_spool")
     options = {name: Path(value) if name in paths and value is not None else value
