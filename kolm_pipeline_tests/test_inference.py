@@ -1,4 +1,5 @@
-"""Constrained label choice: the branch-and-bound pick equals scoring every label in full."""
+"""Constrained label choice: the batched, cached trie walk equals greedy decoding restricted to the labels,
+done the slow way (a full forward pass per token, no cache, one conversation at a time)."""
 
 from __future__ import annotations
 
@@ -14,28 +15,51 @@ REQUESTS = ["I was charged twice", "Where is my parcel?", "Reset my password", "
             "Invoice is wrong", "Package arrived broken", "Quota exceeded", "Add a seat"]
 
 
-def _exhaustive(model, tokenizer, messages: list[dict]) -> int:
-    """Every label's full log-probability from a plain forward pass of prompt + answer (no cache)."""
+def _greedy_reference(model, tokenizer, messages: list[dict], labels: list[str]) -> int:
+    """Greedy decoding over the continuations: at each step the most likely token that still leads to a
+    label, until one label is left."""
     prompt = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
-    scores = []
-    for continuation in label_continuations(tokenizer, messages, LABELS):
-        ids = torch.tensor([prompt + continuation])
+    continuations = label_continuations(tokenizer, messages, labels)
+    remaining, chosen = list(range(len(labels))), []
+    while len(remaining) > 1:
         with torch.inference_mode():
-            logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
-        scores.append(sum(logp[len(prompt) + step - 1, token].item() for step, token in enumerate(continuation)))
-    return max(range(len(LABELS)), key=lambda j: (scores[j], -j))
+            logits = model(input_ids=torch.tensor([prompt + chosen])).logits[0, -1]
+        allowed = sorted({continuations[j][len(chosen)] for j in remaining})
+        token = max(allowed, key=lambda t: (logits[t].item(), -t))
+        chosen.append(token)
+        remaining = [j for j in remaining if continuations[j][len(chosen) - 1] == token]
+    return remaining[0]
 
 
-def test_choice_equals_exhaustive_scoring(tiny_base):
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+def _models(tiny_base):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
     torch.manual_seed(3)
     flat = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32),
                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    return base, flat
+
+
+def test_choice_equals_greedy_constrained_decoding(tiny_base):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
     conversations = [[{"role": "system", "content": "Route the ticket."}, {"role": "user", "content": text}]
                      for text in REQUESTS]
-    for model in (base, flat):
-        expected = [_exhaustive(model, tokenizer, messages) for messages in conversations]
+    picked = set()
+    for model in _models(tiny_base):
+        expected = [_greedy_reference(model, tokenizer, messages, LABELS) for messages in conversations]
         assert choose_labels(model, tokenizer, conversations, LABELS) == expected
         assert [choose_labels(model, tokenizer, [messages], LABELS)[0] for messages in conversations] == expected
-    assert len(set(expected)) > 1, "the conversations must not all pick one label for this to test"
+        picked |= set(expected)
+    assert len(picked) > 1, "the conversations must not all pick one label for this to test"
+
+
+def test_many_labels_sharing_prefixes(tiny_base):
+    """150 labels, many sharing their first tokens (as CLINC's intents do): still the greedy choice, and a
+    label that is a prefix of another is reachable."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    stems = ["card", "credit_card", "bill", "transfer", "account", "pin", "travel", "car", "pay", "order"]
+    labels = [f"{stem}_{n}" for stem in stems for n in range(14)] + stems
+    assert len(labels) == 150
+    conversations = [[{"role": "user", "content": text}] for text in REQUESTS[:6]]
+    _, model = _models(tiny_base)
+    expected = [_greedy_reference(model, tokenizer, messages, labels) for messages in conversations]
+    assert choose_labels(model, tokenizer, conversations, labels) == expected

@@ -392,11 +392,14 @@ def test_a_degrading_adapter_is_rolled_back_once(world, capsys):
     good = world.deploy(task, "good", k=0.80)
     assert all(cid == good and _is_json_answer(text) for _, cid, text in world.ask(task, 3))
 
-    # v2 claims a higher K and passes the gate, but answers every ticket with text that is not JSON.
+    # v2 claims a higher K and passes the gate, but was trained to answer every ticket with text that is not JSON.
     bad = world.deploy(task, "bad", k=0.90, strategy="higher-k-wins")
     served = world.ask(task, MIN_REQUESTS - 2) + world.ask(task, 2, stream=True)
     assert {cid for _, cid, _ in served} == {bad}
-    assert {text for _, _, text in served} == {ANSWERS["bad"]}
+    # Held to the task's schema (evaluate/structured.py), it can only start the object; its apology then runs on
+    # inside the string until max_tokens cuts the answer off, so no answer is valid JSON.
+    assert not any(_is_json_answer(text) for _, _, text in served)
+    assert all(text.startswith("{") for _, _, text in served)
 
     alerts = wait_until(lambda: world.alerts.for_task(task), timeout=60, what="the live monitor's alert")
     wait_until(lambda: world.pointer(task) == good and world.serving(task) == good,

@@ -11,6 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from kolm_pipeline.corpus import recipe as recipe_module
 from kolm_pipeline.corpus.build import SERVED_TAG, build_corpus, corpus_cid, read_corpus
 from kolm_pipeline.corpus.kfloor import FLOOR_MAX, FLOOR_MIN, k_floor
 from kolm_pipeline.corpus.recipe import (
@@ -74,6 +75,10 @@ def test_output_kinds():
     assert detect_output_kind(extractive).kind == "extractive"
     free = _rows([(f"q{i}", f"a long and varied answer number {i} with words") for i in range(30)])
     assert detect_output_kind(free).kind == "free_text"
+    # A large closed set (CLINC150's 150 intents, 4 answers each) is still categorical, not free text.
+    intents = _rows([(f"message {i}", f"intent_{i % 150}") for i in range(600)])
+    many = detect_output_kind(intents)
+    assert many.kind == "categorical" and len(many.labels) == 150
     # Few distinct short answers copied out of inputs that name no other answer: names, not a closed set.
     names = _rows([(f"Ticket {i} from {n}: printer broken", n) for i, n in enumerate(["Ann", "Bo", "Cy"] * 10)])
     assert detect_output_kind(names).kind == "extractive"
@@ -165,6 +170,22 @@ def test_splits_do_not_depend_on_arrival_order(tmp_path):
                                                            frozen=tmp_path / "second.frozen.jsonl")
     for split in ("train", "eval", "holdout"):
         assert [r["messages"] for r in getattr(first, split)] == [r["messages"] for r in getattr(second, split)]
+
+
+def test_eval_and_holdout_stop_growing_at_what_the_gate_needs(tmp_path, monkeypatch):
+    """Each split takes its share of a small corpus, but no more than SPLIT_MAX_CASES (scaled down here), so a
+    large corpus trains on the rest; diagnostics say what K margin the eval split resolves."""
+    rows = unique_rows(FIXTURES["tickets"][0](240, 0))
+    shared = _synth(rows, tmp_path, "shared")
+    monkeypatch.setattr(recipe_module, "SPLIT_MAX_CASES", 24)
+    capped = _synth(rows, tmp_path, "capped", frozen=tmp_path / "capped.frozen.jsonl")
+    assert len(shared.eval) > 30 and len(shared.holdout) > 30
+    assert 20 <= len(capped.eval) <= 28 and 20 <= len(capped.holdout) <= 28
+    assert len(capped.train) > len(shared.train) + 30
+    resolution = capped.diagnostics["split"]["gate_resolution"]
+    assert resolution["k_margin"] == recipe_module.gate_resolution(len(capped.eval)) > \
+        shared.diagnostics["split"]["gate_resolution"]["k_margin"]
+    assert f"{len(capped.eval)} eval cases" in resolution["why"]
 
 
 def test_purity_separates_consistent_from_noisy_answers(tmp_path):

@@ -81,8 +81,10 @@ def signed_artifact(
     base_digest: str = "0" * 64,
     capture_range: tuple[int, int] = (1, 160),
     salt: str = "",
+    json_schema: dict | None = None,
 ) -> Path:
-    """A ``.kolm`` as the deployment stage builds it, chain signed with ``tenant``'s key in ``keys_dir``."""
+    """A ``.kolm`` as the deployment stage builds it, chain signed with ``tenant``'s key in ``keys_dir``; with
+    ``json_schema``, of a JSON task (verifier ``json_schema``)."""
     keyid = ensure_tenant_keys(keys_dir, tenant)
     key = load_private_key(keys_dir, tenant)
     corpus_cid = cid_for_bytes(f"corpus {task} {salt}".encode())
@@ -111,6 +113,7 @@ def signed_artifact(
         "corpus_cid": corpus_cid, "recipe_cid": recipe_cid, "adapter_cid": adapter_cid,
         "trainer_version": "test-trainer/1", "output_kind": "categorical" if labels else "free_text",
         "verifier": "closed_vocab" if labels else "text_match", "labels": labels, "evals": evaluation,
+        **({"output_kind": "json", "verifier": "json_schema", "json_schema": json_schema} if json_schema else {}),
         "counters": {"captured": 160, "kept": 160, "discarded": 0, "untriaged": 0}, "parent_cid": None,
     }
     output.parent.mkdir(parents=True, exist_ok=True)

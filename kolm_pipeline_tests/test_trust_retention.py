@@ -235,6 +235,8 @@ def test_work_files_expire_with_their_captures_and_the_loop_goes_on(kolm_setting
         conn.execute(update(captures).where(captures.c.id.in_(old)).values(created_at=t0))
     write_json_atomic(workdir.case_previews, {"adapter_cid": "a", "current_name": "base", "cases": [
         {"key": "k", "capture_id": max(drawn - old), "input": "i", "expected": "e", "outputs": {}}]})
+    write_json_atomic(workdir.base_answers, {"format": "kolm-base-answers/1", "key": "x", "cases": [
+        {"key": "k", "capture_id": max(drawn - old), "output": "the base may quote its input"}]})
     write_json_atomic(workdir.tripwire_state, {"last_good": {"holdout_score": 0.9, "artifact_cid": "c"}})
 
     # Past the window of the first 20: the cycle goes, the hold-out keeps the rest, the previews their case.
@@ -242,6 +244,7 @@ def test_work_files_expire_with_their_captures_and_the_loop_goes_on(kolm_setting
     assert swept.expired == {PARTITION: 13}
     assert swept.work_files == {PARTITION: ["corpus.jsonl", "recipe/", "holdout.frozen.jsonl"]}
     assert not workdir.corpus.exists() and not workdir.recipe.exists() and workdir.case_previews.is_file()
+    assert workdir.base_answers.is_file()
     assert _capture_ids(workdir.frozen_holdout) == drawn - old
 
     # The next distill writes the cycle again from what is left, on the same (shrunk) hold-out.
@@ -268,7 +271,7 @@ def test_work_files_expire_with_their_captures_and_the_loop_goes_on(kolm_setting
     swept = sweep_retention(kolm_settings, capture_store, now=t0 + timedelta(days=WINDOW_DAYS + 4))
     assert swept.expired == {PARTITION: 147}
     assert sorted(swept.work_files[PARTITION]) == sorted(
-        ["corpus.jsonl", "recipe.partial/", "case_previews.json", "holdout.frozen.jsonl"])
+        ["corpus.jsonl", "recipe.partial/", "case_previews.json", "base_answers.json", "holdout.frozen.jsonl"])
     assert not workdir.frozen_holdout.exists() and not any(workdir.root.glob("holdout.frozen*"))
     assert json.loads(workdir.tripwire_state.read_text())["last_good"] == {"holdout_score": None, "artifact_cid": "c"}
     assert sorted(path.name for path in workdir.root.iterdir()) == ["receipts", "tripwire.json"]

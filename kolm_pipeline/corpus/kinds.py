@@ -7,17 +7,25 @@ else → `text_match`. Every decision comes with the evidence behind it, for dia
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-MAX_LABELS = 50
+from kolm_pipeline.corpus.json_grammar import ORDER_KEY
+
+# A closed set may be large (CLINC150's 150 intents, a support desk's 70-odd queues): label decoding walks a
+# trie, so its cost does not grow with the number of labels; what makes a set closed is that its answers repeat
+# (MIN_PER_LABEL), not that it is small. The cap only keeps the spec and its diagnostics readable.
+MAX_LABELS = 1000
 MAX_LABEL_WORDS = 5
 MAX_LABEL_CHARS = 64
 MIN_PER_LABEL = 3  # a closed vocabulary repeats itself: at least this many answers per label on average
 JSON_SHARE = 0.95  # answers that must parse as JSON objects for a JSON task (the rest are dropped, listed)
 GROUNDED_SHARE = 0.90  # answers that must occur verbatim in their input for an extractive task
 MAX_ENUM = 12
+MAX_KEY_NAMES = 200  # a map's key names are listed (propertyNames) up to this many
 
 VERIFIER_FOR_KIND = {
     "categorical": "closed_vocab",
@@ -76,12 +84,55 @@ def json_type(value: object) -> str:
     return "object"
 
 
+def _key_order(objects: list[dict]) -> list[str] | None:
+    """One order of keys that every object writes its keys in (ties broken by the order first seen), or None
+    when the objects write some keys in contradicting orders (a cycle of "comes before")."""
+    first_seen: dict[str, int] = {}
+    followers: dict[str, set[str]] = defaultdict(set)
+    for value in objects:
+        keys = list(value)
+        for key in keys:
+            first_seen.setdefault(key, len(first_seen))
+        for before, after in itertools.pairwise(keys):
+            followers[before].add(after)
+    waiting = Counter(after for afters in followers.values() for after in afters)
+    ready = [(rank, key) for key, rank in first_seen.items() if not waiting[key]]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        _, key = heapq.heappop(ready)
+        order.append(key)
+        for after in followers.get(key, ()):
+            waiting[after] -= 1
+            if not waiting[after]:
+                heapq.heappush(ready, (first_seen[after], after))
+    return order if len(order) == len(first_seen) else None
+
+
+def _map_schema(seen: dict[str, list]) -> dict:
+    """An object as a map: any of its keys in any order, each value fitting what was seen under any key; the
+    key names listed when they look like a closed set (at most MAX_KEY_NAMES, none seen only once)."""
+    schema: dict = {"additionalProperties": infer_json_schema([item for items in seen.values() for item in items])}
+    if len(seen) <= MAX_KEY_NAMES and min(len(items) for items in seen.values()) >= 2:
+        schema["propertyNames"] = {"enum": sorted(seen)}
+        # True of every parsed answer anyway; it bounds a decoder that would repeat keys until max_new_tokens.
+        schema["maxProperties"] = len(seen)
+    return schema
+
+
 def infer_json_schema(values: list) -> dict:
     """A JSON Schema that every observed value satisfies: the types seen (integer widened to number when
     both occur), object keys present in every value required, array items inferred from all elements,
     and an enum for strings that look like a closed set: at most MAX_ENUM distinct values, none of them
     seen only once (Good–Turing: no singletons means an unseen value is unlikely), each seen MIN_PER_LABEL
-    times on average."""
+    times on average.
+
+    Constrained decoding writes fixed properties in schema order, so an object records the order its
+    answers write their keys (``x-kolm-order``, see json_grammar.py). An object whose answers write keys in
+    contradicting orders, or with more than MAX_ENUM keys of which at most one is in every answer (a bag
+    of optional fields, like the slots of an utterance), is a map instead: ``additionalProperties`` with
+    the schema of all its values, no ``required``, its key names as ``propertyNames`` when a closed set.
+    An array of enum strings never seen with a repeated item has at most as many items as the enum."""
     types = {json_type(value) for value in values}
     if {"integer", "number"} <= types:
         types.discard("integer")
@@ -92,12 +143,23 @@ def infer_json_schema(values: list) -> dict:
         for value in objects:
             for key, item in value.items():
                 seen[key].append(item)
-        schema["properties"] = {key: infer_json_schema(items) for key, items in sorted(seen.items())}
-        schema["required"] = sorted(key for key, items in seen.items() if len(items) == len(objects))
+        required = sorted(key for key, items in seen.items() if len(items) == len(objects))
+        order = _key_order(objects)
+        if order is None or (len(seen) > MAX_ENUM and len(required) <= 1):
+            schema.update(_map_schema(seen))
+        else:
+            schema["properties"] = {key: infer_json_schema(seen[key]) for key in order}
+            schema["required"] = required
+            if len(order) > 1:
+                schema[ORDER_KEY] = order
     arrays = [value for value in values if isinstance(value, list)]
     elements = [item for value in arrays for item in value]
     if elements:
         schema["items"] = infer_json_schema(elements)
+        if "enum" in schema["items"] and all(len(set(value)) == len(value) for value in arrays):
+            # A list drawn from a closed set, never with a repeat, holds at most every value once: a bound
+            # that stops constrained decoding from repeating an item until max_new_tokens.
+            schema["maxItems"] = len(schema["items"]["enum"])
     strings = [value for value in values if isinstance(value, str)]
     if strings and types == {"string"}:
         counts = Counter(strings)

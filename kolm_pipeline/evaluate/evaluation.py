@@ -7,6 +7,7 @@ is evaluated with the adapters disabled, so the comparison differs in nothing bu
 from __future__ import annotations
 
 import hashlib
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from pathlib import Path
 from kolm_pipeline.corpus.build import input_key
 from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.recipe import Recipe, answer, prompt_text
-from kolm_pipeline.evaluate.inference import predict
+from kolm_pipeline.evaluate.inference import DECODING_VERSION, predict
 from kolm_pipeline.evaluate.kscore import KScore, compute_kscore, teacher_cost_per_call
 from kolm_pipeline.evaluate.verifiers import VERIFIERS
+from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.train.base_model import BaseModel, load_causal_lm, load_tokenizer
 
 LATENCY_PROBE_CASES = 8
@@ -55,6 +57,7 @@ class ModelReport:
             **{key: round(value, 4) for key, value in self.kscore.as_dict().items()},
             "holdout_accuracy": round(self.holdout.accuracy, 4),
             "eval_seconds": round(self.eval_seconds, 2),
+            **self.extra,
         }
 
 
@@ -153,6 +156,53 @@ def case_previews(rows: list[dict], sides: dict[str, SplitScore]) -> list[dict]:
     return previews
 
 
+BASE_ANSWERS_FORMAT = "kolm-base-answers/1"
+
+
+@dataclass
+class BaseAnswers:
+    """The bare base's answers from earlier evaluations of this namespace, by case (`case_key`).
+
+    The base is deterministic: the same weights (digest), decoding settings and input give the same answer, so
+    each distill evaluates the base only on the cases it has not answered before (the frozen hold-out and most of
+    the eval split recur). Kept in the work directory beside `case_previews.json`, with the capture each case came
+    from, so retention removes the file with its captures like the previews."""
+
+    path: Path | None
+    key: str
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path | None, key: str) -> BaseAnswers:
+        answers = cls(path=path, key=key)
+        if path is None or not path.is_file():
+            return answers
+        try:
+            document = json.loads(path.read_bytes())
+            if document.get("format") == BASE_ANSWERS_FORMAT and document.get("key") == key:
+                answers.outputs = {str(case["key"]): str(case["output"]) for case in document["cases"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable file is a cache miss: the base is evaluated again and the file rewritten
+        return answers
+
+    def save(self, rows: list[dict], outputs: list[str]) -> None:
+        if self.path is None:
+            return
+        cases = [{"key": case_key(row["messages"][:-1]), "capture_id": (row.get("meta") or {}).get("capture_id"),
+                  "output": output} for row, output in zip(rows, outputs, strict=True)]
+        write_json_atomic(self.path, {"format": BASE_ANSWERS_FORMAT, "key": self.key, "cases": cases})
+
+
+def base_answers_key(base: BaseModel, recipe: Recipe) -> str:
+    """What the base's answers depend on besides the input: its weights and how it decodes."""
+    spec = recipe.spec
+    return hashlib.sha256(json.dumps({
+        "base": base.digest, "labels": recipe.labels, "max_new_tokens": spec.get("max_new_tokens"),
+        "output_kind": spec.get("output_kind"), "json_schema": spec.get("json_schema"),
+        "decoding": DECODING_VERSION,
+    }, sort_keys=True).encode()).hexdigest()
+
+
 def evaluate_models(
     base: BaseModel,
     adapters: dict[str, Path | None],
@@ -162,8 +212,13 @@ def evaluate_models(
     price_table: dict[str, tuple[float, float]],
     student_dollars_per_hour: float,
     teacher_rows: list[dict] | None = None,
+    base_answers: Path | None = None,
 ) -> dict[str, ModelReport]:
-    """Evaluate each named adapter (None = the bare base) on the recipe's eval and hold-out splits."""
+    """Evaluate each named adapter (None = the bare base) on the recipe's eval and hold-out splits.
+
+    With `base_answers` (a file), the bare base answers only the cases that file does not hold yet
+    (`BaseAnswers`). The latency probe is measured live for every model, in interleaved rounds so that load
+    on the machine falls on all of them alike (a probe run model after model flipped the gate under load)."""
     import contextlib
 
     from peft import PeftModel
@@ -179,30 +234,53 @@ def evaluate_models(
                 model.load_adapter(str(path), adapter_name=name)
         model.eval()
     teacher = teacher_stats(teacher_rows or recipe.train + recipe.eval, price_table)
-    labels = recipe.labels
-    max_new = int(recipe.spec.get("max_new_tokens", 128))
-    eval_inputs = [row["messages"][:-1] for row in recipe.eval]
-    holdout_inputs = [row["messages"][:-1] for row in recipe.holdout]
+    rows = recipe.eval + recipe.holdout
+
+    def using(name: str):
+        """The model as `name`: the bare base with every adapter disabled, or that adapter."""
+        if adapters[name] is None:
+            return model.disable_adapter() if named else contextlib.nullcontext()
+        model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def answer_all(conversations: list[list[dict]]) -> list[str]:
+        return [p.output for p in _predict(model, tokenizer, recipe, conversations)] if conversations else []
+
+    outputs: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
+    reused: dict[str, int] = {}
+    for name, path in adapters.items():
+        began = time.perf_counter()
+        with using(name):
+            if path is None:
+                cache = BaseAnswers.load(base_answers, base_answers_key(base, recipe))
+                keys = [case_key(row["messages"][:-1]) for row in rows]
+                missing = [index for index, key in enumerate(keys) if key not in cache.outputs]
+                fresh = dict(zip(missing, answer_all([rows[index]["messages"][:-1] for index in missing]),
+                                 strict=True))
+                outputs[name] = [fresh[index] if index in fresh else cache.outputs[key]
+                                 for index, key in enumerate(keys)]
+                reused[name] = len(rows) - len(missing)
+                cache.save(rows, outputs[name])
+            else:
+                outputs[name] = answer_all([row["messages"][:-1] for row in rows])
+        seconds[name] = time.perf_counter() - began
+
+    probes: dict[str, list[float]] = {name: [] for name in adapters}
+    order = list(adapters)
+    for round_index, row in enumerate(recipe.eval[:LATENCY_PROBE_CASES]):
+        for name in order if round_index % 2 == 0 else order[::-1]:
+            began = time.perf_counter()
+            with using(name):
+                probes[name].append(_predict(model, tokenizer, recipe, [row["messages"][:-1]])[0].seconds)
+            seconds[name] += time.perf_counter() - began
 
     reports: dict[str, ModelReport] = {}
+    split = len(recipe.eval)
     for name, path in adapters.items():
-        if path is None:
-            context = model.disable_adapter() if named else contextlib.nullcontext()
-        else:
-            model.set_adapter(name)
-            context = contextlib.nullcontext()
-        with context:
-            began = time.perf_counter()
-            eval_outputs = [p.output for p in predict(model, tokenizer, eval_inputs, labels, max_new)]
-            holdout_outputs = [p.output for p in predict(model, tokenizer, holdout_inputs, labels, max_new)]
-            probe = [
-                predict(model, tokenizer, [conversation], labels, max_new)[0].seconds
-                for conversation in eval_inputs[:LATENCY_PROBE_CASES]
-            ]
-            elapsed = time.perf_counter() - began
-        eval_score = score_split(recipe, recipe.eval, eval_outputs)
-        holdout_score = score_split(recipe, recipe.holdout, holdout_outputs)
-        student_p50 = statistics.median(probe) if probe else 0.0
+        eval_score = score_split(recipe, recipe.eval, outputs[name][:split])
+        holdout_score = score_split(recipe, recipe.holdout, outputs[name][split:])
+        student_p50 = statistics.median(probes[name]) if probes[name] else 0.0
         kscore = compute_kscore(
             accuracy=eval_score.accuracy,
             coverage=eval_score.coverage,
@@ -213,7 +291,13 @@ def evaluate_models(
             teacher_cost_per_call=teacher.cost_per_call,
             student_cost_per_call=student_p50 * student_dollars_per_hour / 3600,
         )
-        reports[name] = ModelReport(
-            name=name, kscore=kscore, eval=eval_score, holdout=holdout_score, eval_seconds=elapsed
-        )
+        extra = {"reused_cases": reused[name]} if name in reused else {}
+        reports[name] = ModelReport(name=name, kscore=kscore, eval=eval_score, holdout=holdout_score,
+                                    eval_seconds=seconds[name], extra=extra)
     return reports
+
+
+def _predict(model, tokenizer, recipe: Recipe, conversations: list[list[dict]]):
+    """The model's answers as the recipe's task decodes them (label set, or free generation)."""
+    return predict(model, tokenizer, conversations, recipe.labels, int(recipe.spec.get("max_new_tokens", 128)),
+                   json_schema=recipe.spec.get("json_schema") if recipe.spec.get("output_kind") == "json" else None)

@@ -316,7 +316,8 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
         if not stream:
             try:
                 text = await run_in_threadpool(
-                    lambda: "".join(runtime.backend.stream(lease.name, messages, lease.labels, max_tokens, counted))
+                    lambda: "".join(runtime.backend.stream(lease.name, messages, lease.labels, max_tokens, counted,
+                                                           json_schema=lease.json_schema))
                 )
             except BackendError as exc:
                 return _error(502, "server_error", str(exc))
@@ -329,7 +330,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
             return completion(base, text.strip(), headers, counted)
 
         pieces = runtime.backend.stream(lease.name, messages, lease.labels, max_tokens,
-                                        counted if chat.include_usage else None)
+                                        counted if chat.include_usage else None, json_schema=lease.json_schema)
 
         async def events() -> AsyncIterator[str]:
             # (the lease is also released if the client leaves before this generator ever starts: see below)

@@ -55,17 +55,21 @@ class Backend(Protocol):
         """Get ready to load adapters (load the base model, check the server answers)."""
         ...
 
-    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None]) -> None:
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None],
+             json_schema: dict | None = None) -> None:
         """Load the PEFT adapter in ``adapter_dir`` as ``name``, warm it with one short inference, then call
-        ``ready`` (which routes new requests to it) before any queued request can run on the old one."""
+        ``ready`` (which routes new requests to it) before any queued request can run on the old one. A
+        ``json_schema`` the adapter's answers are held to is checked (compiled) here: BackendError if it cannot
+        constrain decoding."""
         ...
 
     def unload(self, name: str) -> None: ...
 
     def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int,
-               usage: dict | None = None) -> Iterator[str]:
-        """Answer with adapter ``name``, piece by piece; with ``labels``, exactly one of them. When ``usage`` is
-        given, fill in ``prompt_tokens`` and ``completion_tokens`` once the answer is complete."""
+               usage: dict | None = None, json_schema: dict | None = None) -> Iterator[str]:
+        """Answer with adapter ``name``, piece by piece; with ``labels``, exactly one of them; with ``json_schema``,
+        a JSON object valid against it (ending as soon as it closes). When ``usage`` is given, fill in
+        ``prompt_tokens`` and ``completion_tokens`` once the answer is complete."""
         ...
 
     def close(self) -> None: ...
@@ -166,10 +170,13 @@ class TransformersBackend:
         """Names of the adapters in the model now."""
         return self._slots.names() if self._slots is not None else []
 
-    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None]) -> None:
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None],
+             json_schema: dict | None = None) -> None:
         from kolm_pipeline.serve.lora_slots import AdapterFormatError
 
         began = time.perf_counter()
+        if json_schema is not None:
+            self._json_decoder(json_schema)  # compiled (and cached) now: a bad schema refuses the artifact
         try:
             self._slots.load(name, adapter_dir)
         except AdapterFormatError as exc:
@@ -298,8 +305,26 @@ class TransformersBackend:
         return {"prompt_tokens": len(self._tokenizer(prompt, add_special_tokens=False).input_ids),
                 "completion_tokens": len(self._tokenizer(text, add_special_tokens=False).input_ids)}
 
+    def _json_decoder(self, schema: dict):
+        """A fresh decoder holding one answer to ``schema`` (compiled once per schema); BackendError if the schema
+        cannot be compiled."""
+        from kolm_pipeline.evaluate.structured import (
+            JsonDecoder,
+            JsonSchemaProblem,
+            compile_json_schema,
+            vocab_size,
+        )
+
+        stops = sorted(self._eos)
+        vocab = vocab_size(self._model)
+        try:
+            compiled = compile_json_schema(self._tokenizer, schema, vocab=vocab, stops=stops)
+        except JsonSchemaProblem as exc:
+            raise BackendError(str(exc)) from None
+        return JsonDecoder(compiled, vocab, stops)
+
     def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int,
-               usage: dict | None = None) -> Iterator[str]:
+               usage: dict | None = None, json_schema: dict | None = None) -> Iterator[str]:
         import torch
 
         from kolm_pipeline.evaluate.inference import render_prompt
@@ -314,15 +339,19 @@ class TransformersBackend:
             prompt = render_prompt(self._tokenizer, messages)
         except Exception as exc:  # noqa: BLE001 - the chat template rejects malformed conversations
             raise BackendError(f"the chat template cannot render these messages: {exc}") from exc
+        decoder = self._json_decoder(json_schema) if json_schema is not None else None
         device = self._device()
         ids = torch.tensor([self._tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
         prompt_tokens = int(ids.shape[1])
         cache, generated, emitted = None, [], ""
         for _ in range(max_tokens):
-            with self._lock.hold(), torch.inference_mode():
-                self._select(name)
-                out = self._model(input_ids=ids, past_key_values=cache, use_cache=True)
-                token = int(out.logits[0, -1].argmax())
+            with torch.inference_mode():
+                with self._lock.hold():
+                    self._select(name)
+                    out = self._model(input_ids=ids, past_key_values=cache, use_cache=True)
+                # The grammar's mask is worked out after the model is let go: other requests step meanwhile.
+                logits = out.logits[0, -1]
+                token = decoder.choose(logits) if decoder is not None else int(logits.argmax())
             cache = out.past_key_values
             if token in self._eos:
                 break
@@ -334,6 +363,8 @@ class TransformersBackend:
             piece, emitted = text[len(emitted) :], text
             if piece:
                 yield piece
+            if decoder is not None and decoder.finished:
+                break  # the object is closed: the end of the turn is all that could follow
         if usage is not None:
             usage.update(prompt_tokens=prompt_tokens, completion_tokens=len(generated))
 
@@ -381,9 +412,10 @@ class VLLMBackend:
         except httpx.HTTPError as exc:
             raise BackendError(f"vLLM at {self.url} is not answering /v1/models: {exc}") from exc
 
-    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None]) -> None:
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None],
+             json_schema: dict | None = None) -> None:
         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": self._remote_path(adapter_dir)})
-        for _ in self.stream(name, WARM_MESSAGES, labels, max_tokens=1):
+        for _ in self.stream(name, WARM_MESSAGES, labels, max_tokens=1, json_schema=json_schema):
             pass
         ready()
 
@@ -391,7 +423,7 @@ class VLLMBackend:
         self._post("/v1/unload_lora_adapter", {"lora_name": name})
 
     def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int,
-               usage: dict | None = None) -> Iterator[str]:
+               usage: dict | None = None, json_schema: dict | None = None) -> Iterator[str]:
         import httpx
 
         body: dict = {"model": name, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
@@ -400,6 +432,15 @@ class VLLMBackend:
             body["stream_options"] = {"include_usage": True}
         if labels:
             body["structured_outputs"] = {"choice": labels}
+        elif json_schema is not None:
+            # vLLM compiles the schema itself: send it with the properties in the answers' key order and without
+            # kolm's annotations (the layout is vLLM's own).
+            from kolm_pipeline.corpus.json_grammar import JsonSchemaProblem, decoding_schema
+
+            try:
+                body["structured_outputs"] = {"json": decoding_schema(json_schema)}
+            except JsonSchemaProblem as exc:
+                raise BackendError(str(exc)) from None
         try:
             with self._client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code >= 400:

@@ -15,6 +15,8 @@ class LoadedAdapter:
     name: str
     labels: list[str] | None
     loaded_at: float
+    # The JSON Schema every answer is held to (a ``json_schema`` task: the recipe's schema from the manifest).
+    json_schema: dict | None = None
     # The tenant whose signed artifact this is: only that tenant's kolm keys see and call it.
     tenant: str = ""
     in_flight: int = 0
@@ -49,6 +51,10 @@ class Lease:
     @property
     def labels(self) -> list[str] | None:
         return self.adapter.labels
+
+    @property
+    def json_schema(self) -> dict | None:
+        return self.adapter.json_schema
 
     def release(self) -> None:
         with self._state:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolm_pipeline.corpus.json_grammar import JsonSchemaProblem, json_grammar
 from kolm_pipeline.provenance.errors import RegistryError
 from kolm_pipeline.provenance.keys import load_public_keys
 from kolm_pipeline.registry.artifact import extract_adapter, verify_kolm
@@ -251,6 +252,12 @@ class ServingRuntime:
             raise ArtifactRefused(f"{target.name} was trained on base {base.get('id')} ({digest}), but this runtime "
                                   f"serves a base with digest {self.backend.base_digest}")
         labels = manifest.get("labels") if manifest.get("verifier") == "closed_vocab" else None
+        json_schema = manifest.get("json_schema") if manifest.get("verifier") == "json_schema" else None
+        if json_schema is not None:
+            try:
+                json_grammar(json_schema)
+            except JsonSchemaProblem as exc:
+                raise ArtifactRefused(f"{target.name} (recipe {manifest.get('recipe_cid')}): {exc}") from None
         name = adapter_name(cid)
         with self._state:
             draining = next((a for a in self._retired if a.name == name), None)
@@ -267,11 +274,12 @@ class ServingRuntime:
                 if not (cache / "adapter_config.json").is_file():  # not another runtime extracting it too
                     raise ArtifactRefused(str(exc)) from exc
         extracted = time.perf_counter()
-        adapter = LoadedAdapter(task=task, cid=cid, name=name, labels=labels or None, loaded_at=time.time(),
+        adapter = LoadedAdapter(task=task, cid=cid, name=name, labels=labels or None, json_schema=json_schema,
+                                loaded_at=time.time(),
                                 tenant=str(manifest.get("tenant") or ""),
                                 profile=Profile.from_artifact(manifest, artifact.evals))
         # Routed while the warm-up still holds the model: no queued request can start on the old one between.
-        self.backend.load(name, cache, labels, ready=lambda: self._retire(task, adapter))
+        self.backend.load(name, cache, labels, ready=lambda: self._retire(task, adapter), json_schema=json_schema)
         log.info("%s: verified in %.2f s, extracted in %.2f s, loaded, warmed and routed in %.2f s", cid,
                  verified - began, extracted - verified, time.perf_counter() - extracted)
 

@@ -42,6 +42,7 @@ def run_evaluation_stage(
         size_budget_bytes=settings.size_budget_bytes,
         price_table=settings.price_table,
         student_dollars_per_hour=settings.student_dollars_per_hour,
+        base_answers=workdir.base_answers,
     )
     candidate, current = reports[CANDIDATE], reports[current_name]
     sides = {CANDIDATE: candidate.eval, "current": current.eval}

@@ -6,7 +6,8 @@ One function, `sweep_retention`, run by the `triaged_captures` asset at the star
 1. the store (store/retention.py): bodies, correction and model name become HMAC digests, tags go, and
    a SQLite file is rewritten (VACUUM) and its write-ahead file emptied;
 2. each namespace's work directory: a text file of a cycle (`corpus.jsonl`, `recipe/` with its splits and
-   diagnostics, `case_previews.json`, a `recipe.partial`/`recipe.old` left by an interrupted write) is removed
+   diagnostics, `case_previews.json`, `base_answers.json` (the bare base's answers may quote their input), a
+   `recipe.partial`/`recipe.old` left by an interrupted write) is removed
    as soon as one capture it holds has expired or is gone; the next distill writes it again from the captures
    still inside the window. The frozen hold-out lives across cycles, so it loses only its expired rows; once
    fewer than half of the rows it was drawn with are left it is removed and the next recipe draws a new one
@@ -198,12 +199,15 @@ def sweep_workdir(workdir: NamespaceWorkdir, store, cutoff: datetime) -> list[st
     """Remove or rewrite the namespace's work files that hold text of a capture past its window (module
     docstring), `cutoff` being the start of that window; returns what changed, relative to the work directory."""
     root = workdir.root
-    corpus_data, previews_data = _read(workdir.corpus), _read(workdir.case_previews)
+    corpus_data = _read(workdir.corpus)
+    # Files of cases, each naming the capture a case came from: gone as soon as one of those has expired.
+    case_files = {path: data for path in (workdir.case_previews, workdir.base_answers)
+                  if (data := _read(path)) is not None}
     corpus = _rows(_jsonl_ids(_lines(corpus_data)))
     recipes = [path for path in (workdir.recipe, root / "recipe.partial", root / "recipe.old") if path.is_dir()]
     recipe_rows = {path: _recipe_rows(path, in_progress=path != workdir.recipe) for path in recipes}
-    previews = _preview_rows(previews_data) if previews_data is not None else _Rows(frozenset())
-    wanted = corpus.ids | previews.ids | frozenset().union(*(rows.ids for rows in recipe_rows.values()))
+    case_rows = {path: _preview_rows(data) for path, data in case_files.items()}
+    wanted = corpus.ids | frozenset().union(*(rows.ids for rows in [*case_rows.values(), *recipe_rows.values()]))
     live = store.captures_with_text(workdir.tenant, workdir.namespace, wanted)
 
     changed: list[str] = []
@@ -219,9 +223,10 @@ def sweep_workdir(workdir: NamespaceWorkdir, store, cutoff: datetime) -> list[st
         if orphan or not rows.held_by(live, _fresh(path, cutoff)):
             shutil.rmtree(path, ignore_errors=True)  # the recipe stage may be swapping it in at this instant
             changed.append(f"{path.name}/")
-    if previews_data is not None and not previews.held_by(live, _fresh(workdir.case_previews, cutoff)):
-        workdir.case_previews.unlink(missing_ok=True)
-        changed.append(workdir.case_previews.name)
+    for path, rows in case_rows.items():
+        if not rows.held_by(live, _fresh(path, cutoff)):
+            path.unlink(missing_ok=True)
+            changed.append(path.name)
     return changed + _sweep_frozen_holdout(workdir, store, cutoff)
 
 

@@ -79,6 +79,11 @@ class NamespaceWorkdir:
         return self.root / "case_previews.json"
 
     @property
+    def base_answers(self) -> Path:
+        """The bare base's answers by case, reused by the next evaluation (evaluate/evaluation.py: BaseAnswers)."""
+        return self.root / "base_answers.json"
+
+    @property
     def tripwire_state(self) -> Path:
         return self.root / "tripwire.json"
 

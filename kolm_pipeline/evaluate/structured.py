@@ -1,0 +1,182 @@
+"""Schema-constrained JSON decoding (xgrammar): every answer of a JSON task parses and fits its schema.
+
+The recipe's ``json_schema`` (with the key order and layout of the teacher's answers, ``corpus/json_grammar.py``)
+is compiled once per (tokenizer, vocabulary size, stop tokens, schema) and cached. At each step the grammar
+allows only the tokens that keep the answer on a path to a schema-valid object; once the object is closed
+it allows only the end of the turn, and decoding stops right there (no forward pass is spent on the stop
+token: ``JsonStopping`` and ``JsonDecoder.finished``).
+
+* Evaluation: ``constrain_generate(...)`` gives ``generate`` a logits processor and a stopping criterion that
+  share one matcher per row; a finished row costs no more grammar work, and the batch stops once every row
+  has finished.
+* Serving: ``JsonDecoder`` masks one sequence's logits step by step (``TransformersBackend.stream``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from kolm_pipeline.corpus.json_grammar import JsonSchemaProblem, json_grammar
+
+__all__ = ["JsonDecoder", "JsonSchemaProblem", "compile_json_schema", "constrain_generate", "stop_token_ids",
+           "vocab_size"]
+
+_lock = threading.Lock()
+# tokenizer -> {(vocabulary size, stop tokens): _Compiler}; dropped with the tokenizer.
+_compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Compiler:
+    compiler: object
+    compiled: dict
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end the answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+    eos = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(configured) if isinstance(configured, list) else {configured}
+    return sorted(token for token in eos if token is not None)
+
+
+def vocab_size(model) -> int:
+    """Width of the model's logits (may exceed the tokenizer's vocabulary: padded embeddings)."""
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return int(embeddings.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def compile_json_schema(tokenizer, schema: dict, *, vocab: int, stops: list[int]):
+    """The schema compiled for this tokenizer (an xgrammar ``CompiledGrammar``), cached; JsonSchemaProblem when
+    the schema cannot be compiled."""
+    import xgrammar
+
+    key = json.dumps(schema, sort_keys=True)
+    with _lock:
+        per_tokenizer = _compilers.setdefault(tokenizer, {})
+        entry = per_tokenizer.get((vocab, tuple(stops)))
+        if entry is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=list(stops))
+            entry = per_tokenizer[(vocab, tuple(stops))] = _Compiler(xgrammar.GrammarCompiler(info), {})
+        compiled = entry.compiled.get(key)
+        if compiled is None:
+            grammar = json_grammar(schema)  # JsonSchemaProblem names what is wrong
+            try:
+                compiled = entry.compiler.compile_grammar(grammar)
+            except (RuntimeError, ValueError) as exc:
+                raise JsonSchemaProblem(f"json_schema: cannot be compiled for this tokenizer: {exc}") from None
+            entry.compiled[key] = compiled
+    return compiled
+
+
+class _Rows:
+    """One grammar matcher per row of a batch, and the token bitmask they fill."""
+
+    def __init__(self, compiled, rows: int, vocab: int, stops: list[int]) -> None:
+        import xgrammar
+
+        self._xgr = xgrammar
+        self.matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(rows)]
+        self.bitmask = xgrammar.allocate_token_bitmask(rows, vocab)
+        self.vocab = vocab
+        self.finished = [False] * rows
+        self._filled = [False] * rows
+        stops_only = torch.zeros_like(self.bitmask[0])
+        for token in stops:
+            stops_only[token // 32] |= 1 << (token % 32)
+        self._stops_only = stops_only
+
+    def _fill(self, row: int) -> None:
+        if not self._filled[row]:
+            self.matchers[row].fill_next_token_bitmask(self.bitmask, row)
+            self._filled[row] = True
+
+    def accept(self, row: int, token: int) -> None:
+        """Advance ``row`` by the token chosen for it; it is finished once the grammar can only stop."""
+        matcher = self.matchers[row]
+        if not matcher.accept_token(token):
+            raise RuntimeError(f"the JSON grammar rejected token {token} chosen under its own mask (row {row})")
+        self._filled[row] = False
+        if matcher.is_terminated():
+            self.finished[row] = True
+        elif matcher.is_completed():  # the object is closed: only a stop token may follow
+            self._fill(row)
+            self.finished[row] = bool(torch.equal(self.bitmask[row], self._stops_only))
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """Disallowed tokens of each unfinished row set to -inf in ``scores`` (batch x vocab), in place."""
+        live = [row for row, done in enumerate(self.finished) if not done]
+        if not live:
+            return scores
+        for row in live:
+            self._fill(row)
+        target = scores if scores.device.type in ("cpu", "cuda") else scores.cpu()
+        bitmask = self.bitmask if target.device.type == "cpu" else self.bitmask.to(target.device)
+        self._xgr.apply_token_bitmask_inplace(target, bitmask, vocab_size=min(self.vocab, target.shape[-1]),
+                                              indices=live if len(live) < len(self.finished) else None)
+        if target is not scores:
+            scores.copy_(target)
+        return scores
+
+
+class _JsonLogits(LogitsProcessor):
+    def __init__(self, rows: _Rows) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.rows.mask(scores)
+
+
+class JsonStopping(StoppingCriteria):
+    """Feeds each row's new token to its matcher; a row is done once its object is closed."""
+
+    def __init__(self, rows: _Rows, prompt_width: int) -> None:
+        self.rows = rows
+        self.width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if input_ids.shape[1] > self.width:
+            last = input_ids[:, -1].tolist()
+            for row, token in enumerate(last):
+                if not self.rows.finished[row]:
+                    self.rows.accept(row, token)
+        return torch.tensor(self.rows.finished, dtype=torch.bool, device=input_ids.device)
+
+
+def constrain_generate(model, tokenizer, schema: dict, rows: int, prompt_width: int) -> dict:
+    """Keyword arguments for ``model.generate`` that hold each of ``rows`` answers to ``schema``."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    stops = stop_token_ids(model, tokenizer)
+    vocab = vocab_size(model)
+    state = _Rows(compile_json_schema(tokenizer, schema, vocab=vocab, stops=stops), rows, vocab, stops)
+    return {"logits_processor": LogitsProcessorList([_JsonLogits(state)]),
+            "stopping_criteria": StoppingCriteriaList([JsonStopping(state, prompt_width)]),
+            "eos_token_id": stops}
+
+
+class JsonDecoder:
+    """Greedy choice of one sequence's next token under the schema, step by step (serving)."""
+
+    def __init__(self, compiled, vocab: int, stops: list[int]) -> None:
+        self._rows = _Rows(compiled, 1, vocab, stops)
+
+    @property
+    def finished(self) -> bool:
+        """The object is closed: nothing but a stop token may follow."""
+        return self._rows.finished[0]
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The best allowed token for 1-D ``logits``, already fed to the grammar."""
+        scores = logits.float().reshape(1, -1).clone()
+        token = int(self._rows.mask(scores)[0].argmax())
+        self._rows.accept(0, token)
+        return token
