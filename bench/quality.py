@@ -442,9 +442,10 @@ def read_workdir(home: Path, task: str) -> dict:
         document = json.loads(training.read_text())
         config = document.get("config", {})
         found["training"] = {name: document.get(name) for name in (
-            "examples", "steps", "train_tokens", "wall_seconds", "tokens_per_second", "final_loss", "truncated_pairs")}
+            "examples", "steps", "epochs", "train_tokens", "wall_seconds", "tokens_per_second", "final_loss",
+            "truncated_pairs")}
         found["training"]["config"] = {name: config.get(name) for name in (
-            "epochs", "learning_rate", "rank", "alpha", "batch_size", "max_length") if name in config}
+            "epochs", "max_examples", "learning_rate", "rank", "alpha", "batch_size", "max_length") if name in config}
     if (work / "evaluation.json").is_file():
         from kolm_pipeline.evaluate.result import EvaluationResult
 

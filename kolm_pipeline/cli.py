@@ -298,9 +298,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        if args.max_batch is not None and args.max_batch < 1:
-            raise CliError("--max-batch must be at least 1")
-        backend = TransformersBackend(settings.base_model, settings.models_dir, max_batch=args.max_batch)
+        for flag, value in (("--max-batch", args.max_batch), ("--max-gen-batch", args.max_gen_batch)):
+            if value is not None and value < 1:
+                raise CliError(f"{flag} must be at least 1")
+        backend = TransformersBackend(settings.base_model, settings.models_dir, max_batch=args.max_batch,
+                                      max_gen_batch=args.max_gen_batch)
     from kolm_pipeline.serve.monitor import MonitorConfig
 
     monitor = MonitorConfig(enabled=not args.no_live_monitor, sample_share=args.monitor_sample_share,
@@ -530,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="closed-vocabulary requests scored together at most (transformers backend; default "
                              "2 on CPU, where larger batches lowered throughput in bench/swap.py, 16 on a GPU); "
                              "smaller also shortens the wait of the first request after a swap")
+    serve_.add_argument("--max-gen-batch", type=int,
+                        help="free-text and JSON answers of one adapter decoded together at most (transformers "
+                             "backend; default 8 on CPU, 32 on a GPU); 1 decodes each request on its own")
     serve_.add_argument("--threads", type=int,
                         help="torch threads for inference (transformers backend; default: torch's choice). On a "
                              "small or shared machine, one less than the cores leaves a core for HTTP and swaps")

@@ -104,6 +104,10 @@ def test_json_schema_inference():
     assert props["items"]["items"]["required"] == ["qty", "sku"]
     assert props["items"]["items"]["properties"]["gift"]["type"] == "boolean"
     assert "enum" not in props["tag"]  # values seen once each: an open set, no enum
+    # Free strings and lists are bounded (twice the longest seen) so a constrained decoder cannot run on.
+    assert props["tag"]["maxLength"] == 32 and props["items"]["maxItems"] == 4
+    long = infer_json_schema([{"q": "x" * 40, "l": list(range(5))}] * 2)["properties"]
+    assert long["q"]["maxLength"] == 80 and long["l"]["maxItems"] == 10
 
 
 @pytest.fixture(scope="module")

@@ -109,3 +109,16 @@ def test_bad_weight_names_the_line_and_leaves_no_adapter(tiny_base, tmp_path):
     with pytest.raises(TrainingError, match=r"train\.jsonl:4: 'weight' must be a non-negative number"):
         train_adapter(train, _base(tiny_base), tmp_path / "adapter", TrainConfig(epochs=1), show_progress=False)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_large_corpus_is_trained_within_the_examples_budget(tiny_base, tmp_path):
+    """`max_examples` caps the pairs seen in all: 16 pairs × 2 epochs = 32 would be seen, the budget of 16 cuts
+    it to one epoch (4 steps of 4); with no cap both epochs run."""
+    train = _write(tmp_path / "train.jsonl", _conflicting(1.0, 1.0))
+    capped = train_adapter(train, _base(tiny_base), tmp_path / "capped",
+                           TrainConfig(epochs=2, batch_size=4, max_examples=16), show_progress=False)
+    assert capped.steps == 4 and capped.epochs == 1.0 and capped.metrics()["epochs"] == 1.0
+    full = train_adapter(train, _base(tiny_base), tmp_path / "full",
+                         TrainConfig(epochs=2, batch_size=4, max_examples=None), show_progress=False)
+    assert full.steps == 8 and full.epochs == 2.0
+    assert TrainConfig().max_examples == 2400

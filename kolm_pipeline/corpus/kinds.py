@@ -25,6 +25,12 @@ MIN_PER_LABEL = 3  # a closed vocabulary repeats itself: at least this many answ
 JSON_SHARE = 0.95  # answers that must parse as JSON objects for a JSON task (the rest are dropped, listed)
 GROUNDED_SHARE = 0.90  # answers that must occur verbatim in their input for an extractive task
 MAX_ENUM = 12
+# Free strings and arrays are bounded at BOUND_FACTOR times the longest seen: generous for the teacher's answers,
+# and it stops a constrained decoder that is unsure (the bare base) from writing one string or list until
+# max_new_tokens (77 s a case on two CPU cores).
+BOUND_FACTOR = 2
+MIN_BOUND_CHARS = 32
+MIN_BOUND_ITEMS = 4
 MAX_KEY_NAMES = 200  # a map's key names are listed (propertyNames) up to this many
 
 VERIFIER_FOR_KIND = {
@@ -160,6 +166,8 @@ def infer_json_schema(values: list) -> dict:
             # A list drawn from a closed set, never with a repeat, holds at most every value once: a bound
             # that stops constrained decoding from repeating an item until max_new_tokens.
             schema["maxItems"] = len(schema["items"]["enum"])
+        else:
+            schema["maxItems"] = max(MIN_BOUND_ITEMS, BOUND_FACTOR * max(len(value) for value in arrays))
     strings = [value for value in values if isinstance(value, str)]
     if strings and types == {"string"}:
         counts = Counter(strings)
@@ -169,6 +177,8 @@ def infer_json_schema(values: list) -> dict:
             and len(strings) >= MIN_PER_LABEL * len(counts)
         ):
             schema["enum"] = sorted(counts)
+        else:
+            schema["maxLength"] = max(MIN_BOUND_CHARS, BOUND_FACTOR * max(len(value) for value in strings))
     return schema
 
 

@@ -48,6 +48,7 @@ class TrainResult:
     final_loss: float
     peak_memory_mb: float
     truncated: int = 0
+    epochs: float = 0.0  # as run: the configured epochs, or fewer under the max_examples budget
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     config: dict = field(default_factory=dict)
 
@@ -55,6 +56,7 @@ class TrainResult:
         return {
             "examples": self.examples,
             "steps": self.steps,
+            "epochs": round(self.epochs, 4),
             "train_tokens": self.train_tokens,
             "wall_seconds": round(self.wall_seconds, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
@@ -70,6 +72,13 @@ def read_chat_jsonl(path: Path) -> list[dict]:
     if problems:
         raise TrainingError("; ".join(problems))
     return rows
+
+
+def planned_epochs(config: TrainConfig, pairs: int) -> float:
+    """The configured epochs, cut so that at most `max_examples` pairs are seen in all."""
+    if config.max_examples is None or pairs * config.epochs <= config.max_examples:
+        return config.epochs
+    return config.max_examples / pairs
 
 
 def _bf16_fast(torch, use_cuda: bool) -> bool:
@@ -160,9 +169,10 @@ def train_adapter(
                 self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
     bf16 = _bf16_fast(torch, use_cuda) if config.bf16 is None else config.bf16
+    epochs = planned_epochs(config, len(tokenized.examples))
     args = SFTConfig(
         output_dir=str(staging / "trainer"),
-        num_train_epochs=config.epochs,
+        num_train_epochs=epochs,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         lr_scheduler_type="cosine",
@@ -219,11 +229,12 @@ def train_adapter(
     wall = time.perf_counter() - began
     trainer.model.save_pretrained(str(staging / "adapter"))
     shutil.rmtree(staging / "trainer", ignore_errors=True)
-    epochs_run = max(config.epochs, 1e-9)
+    epochs_run = max(epochs, 1e-9)
     result = TrainResult(
         adapter_dir=output_dir,
         examples=len(rows),
         steps=outcome.global_step,
+        epochs=epochs,
         train_tokens=train_tokens,
         wall_seconds=wall,
         tokens_per_second=train_tokens * epochs_run / wall if wall > 0 else 0.0,
