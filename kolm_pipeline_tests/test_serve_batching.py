@@ -234,13 +234,13 @@ def test_a_failing_batch_fails_every_row_and_unloading_its_adapter_fails_cleanly
         second = backend.stream("kolm-extra", conversation(CONTENTS[1]), None, MAX_TOKENS)
         next(first)
         next(second)  # joins the running row: one batch of two
-        assert len(backend._batches["kolm-extra"].rows) == 2
+        assert len(backend._generation._batches["kolm-extra"].rows) == 2
 
         def broken(batch):
             raise RuntimeError("device lost")
 
         with monkeypatch.context() as patched:
-            patched.setattr(backend, "_decode", broken)
+            patched.setattr(backend._generation, "_decode", broken)
             with pytest.raises(BackendError, match="generation failed: RuntimeError: device lost"):
                 list(first)
         with pytest.raises(BackendError, match="device lost"):  # the same batch's other row got it too
@@ -257,7 +257,7 @@ def test_a_failing_batch_fails_every_row_and_unloading_its_adapter_fails_cleanly
             list(pieces)
     with pytest.raises(BackendError, match="adapter kolm-extra is not loaded"):
         list(backend.stream("kolm-extra", conversation(CONTENTS[0]), None, MAX_TOKENS))
-    assert "kolm-extra" not in backend._batches
+    assert "kolm-extra" not in backend._generation._batches
     # The served tasks are untouched.
     assert ask(served, "acme.chat", CONTENTS[2])[0]
 
@@ -287,7 +287,7 @@ def test_rows_join_and_leave_a_running_batch_at_any_step_without_changing_answer
                             finished.add(index)
                         else:
                             answers[index] += piece
-                batch = backend._batches.get(lease.name)
+                batch = backend._generation._batches.get(lease.name)
                 if batch is not None and batch.rows:
                     width = max(row.prompt_tokens + len(row.generated) - 1 for row in batch.rows)
                     assert batch.mask.shape == (len(batch.rows), width)
@@ -295,6 +295,6 @@ def test_rows_join_and_leave_a_running_batch_at_any_step_without_changing_answer
                 if len(finished) == len(CONTENTS):
                     break
     assert [answers[index] for index in range(len(CONTENTS))] == alone
-    assert lease.name not in backend._batches
+    assert lease.name not in backend._generation._batches
     assert max(passes) > 1
     assert len(passes) < sum(usage["completion_tokens"] for usage in usages)

@@ -1,7 +1,10 @@
 """Evaluate candidate and current champion side by side: same base, same eval split, same run.
 
 The base model is loaded once; every adapter is attached to it under its own name, and the bare base
-is evaluated with the adapters disabled, so the comparison differs in nothing but the adapter.
+is evaluated with the adapters disabled, so the comparison differs in nothing but the adapter. One exception
+to "same run": the bare base's answers are reused from earlier evaluations of the namespace for cases it has
+answered before with the same weights and decoding (`BaseAnswers`), since they cannot differ; its latency is
+still measured in this run, interleaved with the other models'.
 """
 
 from __future__ import annotations

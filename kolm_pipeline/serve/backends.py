@@ -5,7 +5,8 @@
   are decoded together, one forward pass per lock hold for the whole batch (continuous batching: a request
   joins the running batch at the next pass, a finished one leaves it), so concurrent requests interleave and a
   request keeps the adapter it started with even after new requests have moved to a newer one; label requests
-  waiting together are scored as a batch.
+  waiting together are scored as a batch. The batching of generation is ``serve/generation.py``; the lock
+  around forward passes, ``serve/fair_lock.py``.
 * ``VLLMBackend`` drives a vLLM server through its runtime LoRA endpoints (``/v1/load_lora_adapter``,
   ``/v1/unload_lora_adapter``) and forwards completions to it with ``model`` set to the adapter name.
 
@@ -14,18 +15,19 @@ The runtime (``serve/runtime.py``) decides when to load, flip and unload; a back
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kolm_pipeline.serve.fair_lock import FairLock
+
 if TYPE_CHECKING:
+    from kolm_pipeline.serve.generation import BatchedGeneration
     from kolm_pipeline.serve.lease import Lease
     from kolm_pipeline.serve.lora_slots import LoraSlots
 
@@ -82,103 +84,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class FairLock:
-    """A FIFO lock with a front lane.
-
-    ``threading.Lock`` lets a busy thread take the lock again and again while others starve; under steady
-    load that would hold back the warm-up of a new adapter (and so the swap) indefinitely. Here waiters
-    are served in arrival order, the front lane first, and a waiter can give up once ``unless()`` holds
-    (its work was done by the holder, see label batching).
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._held = False
-        self._front: deque[object] = deque()
-        self._back: deque[object] = deque()
-
-    @contextlib.contextmanager
-    def hold(self, front: bool = False, unless: Callable[[], bool] | None = None) -> Iterator[bool]:
-        """Yield True holding the lock, or False (not holding it) if ``unless()`` became true first."""
-        ticket, lane = object(), (self._front if front else self._back)
-        with self._cond:
-            lane.append(ticket)
-            while True:
-                if unless is not None and unless():
-                    lane.remove(ticket)
-                    self._cond.notify_all()
-                    acquired = False
-                    break
-                head = self._front[0] if self._front else self._back[0]
-                if not self._held and head is ticket:
-                    lane.popleft()
-                    self._held = acquired = True
-                    break
-                self._cond.wait()
-        try:
-            yield acquired
-        finally:
-            if acquired:
-                with self._cond:
-                    self._held = False
-                    self._cond.notify_all()
-
-
-@dataclass(eq=False)
-class _GenRow:
-    """One free-text or JSON answer: where its decoding stands and the pieces its caller has yet to read.
-
-    Written only by the thread that holds the model (``_lock``), except ``cancelled`` (set by the caller's
-    generator when it is closed, from whatever thread closes it: a flag, no lock)."""
-
-    prompt: str
-    prompt_tokens: int
-    max_tokens: int
-    decoder: Any = None  # a JsonDecoder holding the answer to its schema, or None
-    generated: list[int] = field(default_factory=list)
-    emitted: str = ""
-    feed: int = 0  # the token the next decoding pass reads for this row
-    pieces: deque[str] = field(default_factory=deque)
-    done: bool = False
-    cancelled: bool = False
-    error: Exception | None = None
-
-
-@dataclass(eq=False)
-class _GenBatch:
-    """The rows one adapter decodes together: their shared KV cache (rows x columns, each row left-padded),
-    attention mask and next positions, and the requests waiting to join at the next pass."""
-
-    name: str
-    rows: list[_GenRow] = field(default_factory=list)
-    pending: list[_GenRow] = field(default_factory=list)
-    cache: Any = None
-    mask: Any = None
-    positions: Any = None
-
-
-def _pad_left(tensor, width: int, dim: int):
-    """``tensor`` with zeros in front along ``dim`` up to ``width``."""
-    import torch
-
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _growable(cache) -> bool:
-    """Whether rows can join ``cache`` and its unused left columns be cut: plain per-layer key/value tensors
-    (``DynamicLayer``, what a full-attention model's ``DynamicCache`` holds). Otherwise (sliding windows,
-    quantized or recurrent layers) a batch runs as a wave: requests join once it has finished."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
-
-
 @dataclass
 class _LabelRequest:
     key: tuple
@@ -196,11 +101,8 @@ class TransformersBackend:
     reads (see ``LoraSlots``). Selecting the adapter for a pass happens holding ``_lock``. So requests keep
     flowing while an adapter loads; only the warm-up pass (front lane) and unloads wait their turn.
 
-    Generation (``stream`` without labels) is batched per adapter, up to ``max_gen_batch`` rows: a request
-    waits for the model like any other; whichever caller of the adapter gets it runs one pass for all its rows
-    (the prompts of requests waiting to join, or one decoding step of the running rows) and hands every row its
-    new pieces, so a caller still reading its pieces does not hold the others up, and one that stops reading
-    (its generator closed) leaves the batch at the next pass.
+    Generation (``stream`` without labels) is batched per adapter, up to ``max_gen_batch`` rows, by a
+    ``BatchedGeneration`` (``serve/generation.py``), whose passes run holding ``_lock``.
     """
 
     def __init__(self, base_model: str, models_dir: Path, max_batch: int | None = None,
@@ -211,8 +113,7 @@ class TransformersBackend:
         self._lock = FairLock()
         self._pending: list[_LabelRequest] = []
         self._pending_lock = threading.Lock()
-        self._batches: dict[str, _GenBatch] = {}  # by adapter name; rows and cache changed holding _lock
-        self._batches_lock = threading.Lock()  # guards _batches and each batch's pending list
+        self._generation: BatchedGeneration | None = None  # made at start, with the model
         self._model = None
         self._slots: LoraSlots | None = None
         self._tokenizer = None
@@ -222,6 +123,7 @@ class TransformersBackend:
     def start(self) -> None:
         if self._model is not None:
             return
+        from kolm_pipeline.serve.generation import BatchedGeneration
         from kolm_pipeline.serve.lora_slots import LoraSlots
         from kolm_pipeline.train.base_model import load_causal_lm, load_tokenizer, resolve_base_model
 
@@ -240,6 +142,8 @@ class TransformersBackend:
         configured = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
         eos |= set(configured) if isinstance(configured, list) else {configured}
         self._eos = {token for token in eos if token is not None}
+        self._generation = BatchedGeneration(self._model, self._tokenizer, self._eos, self._lock, self._select,
+                                             max_rows=lambda: self.max_gen_batch)
 
     def loaded(self) -> list[str]:
         """Names of the adapters in the model now."""
@@ -276,10 +180,7 @@ class TransformersBackend:
     def unload(self, name: str) -> None:
         with self._lock.hold():
             self._slots.unload(name)
-            with self._batches_lock:
-                batch = self._batches.pop(name, None)
-            if batch is not None:  # only callers without a lease (or gone) can still be decoding with it
-                self._fail([*batch.rows, *batch.pending], BackendError(f"adapter {name} was unloaded"))
+            self._generation.unload(name)
 
     def _device(self):
         return next(self._model.parameters()).device
@@ -422,173 +323,13 @@ class TransformersBackend:
             if usage is not None:
                 usage.update(prompt_tokens=tokens, completion_tokens=0)
             return
-        row = _GenRow(prompt=prompt, prompt_tokens=tokens, max_tokens=max_tokens, decoder=decoder)
-        with self._batches_lock:
-            batch = self._batches.get(name)
-            if batch is None:
-                batch = self._batches[name] = _GenBatch(name)
-            batch.pending.append(row)
-        try:
-            while True:
-                finished = row.done  # read first: every piece of a finished row is queued before it is done
-                while row.pieces:
-                    yield row.pieces.popleft()
-                if finished:
-                    break
-                with self._lock.hold(unless=lambda: bool(row.pieces) or row.done) as held:
-                    if held and not row.pieces and not row.done:
-                        self._step(batch)
-        finally:
-            row.cancelled = True  # the caller is gone (or done): the row leaves the batch at the next pass
-        if row.error is not None:
-            raise BackendError(str(row.error))
-        if usage is not None:
-            usage.update(prompt_tokens=row.prompt_tokens, completion_tokens=len(row.generated))
-
-    def _step(self, batch: _GenBatch) -> None:
-        """One forward pass for ``batch``, holding ``_lock``: the prompts of the requests waiting to join (up to
-        ``max_gen_batch`` rows in all), or else one decoding step of its running rows. An exception fails the
-        rows of that pass (every running row when decoding), each with a BackendError."""
-        import torch
-
-        for row in batch.rows:
-            if row.cancelled:
-                row.done = True
-        self._drop_finished(batch)
-        with self._batches_lock:
-            for row in batch.pending:
-                if row.cancelled:
-                    row.done = True
-            batch.pending = [row for row in batch.pending if not row.done]
-            joinable = batch.cache is None or _growable(batch.cache)
-            admitted = batch.pending[: max(0, self.max_gen_batch - len(batch.rows))] if joinable else []
-            del batch.pending[: len(admitted)]
-        running = list(batch.rows)
-        try:
-            with torch.inference_mode():
-                if self._model is None:
-                    raise BackendError("the backend is closed")
-                self._select(batch.name)
-                if admitted:
-                    self._join(batch, admitted)
-                elif running:
-                    self._decode(batch)
-        except Exception as exc:  # noqa: BLE001 - every row of the pass gets the error
-            if not admitted:  # the running rows' cache is in an unknown state: they all end here
-                batch.rows, batch.cache, batch.mask, batch.positions = [], None, None, None
-            self._fail(admitted or running, exc)
-        finally:
-            with self._batches_lock:
-                if not batch.rows and not batch.pending and self._batches.get(batch.name) is batch:
-                    del self._batches[batch.name]
-
-    @staticmethod
-    def _fail(rows: list[_GenRow], exc: Exception) -> None:
-        """End the rows not finished yet with ``exc`` (as a BackendError): their callers raise it."""
-        error = exc if isinstance(exc, BackendError) else BackendError(f"generation failed: {type(exc).__name__}: "
-                                                                       f"{exc}")
-        for row in rows:
-            if not row.done:
-                row.error, row.done = error, True
-
-    def _join(self, batch: _GenBatch, admitted: list[_GenRow]) -> None:
-        """Read the admitted rows' prompts (one left-padded pass, their shared prefix once), choose each one's
-        first token, and add the rows still going to the batch: their cache, mask and positions beside the
-        running rows', both padded on the left to the same width."""
-        import torch
-
-        from kolm_pipeline.evaluate.inference import _prompt_pass
-
-        out, mask, positions = _prompt_pass(self._model, self._tokenizer, [row.prompt for row in admitted],
-                                            self._device())
-        self._advance(admitted, out.logits[:, -1])
-        keep = [index for index, row in enumerate(admitted) if not row.done]
-        if not keep:
-            return
-        cache = out.past_key_values
-        if len(keep) < len(admitted):
-            index = torch.tensor(keep, device=mask.device)
-            cache.batch_select_indices(index)
-            mask, positions = mask[index], positions[index]
-        rows = [admitted[index] for index in keep]
-        if batch.cache is None:
-            batch.cache, batch.mask, batch.positions, batch.rows = cache, mask, positions, rows
-            return
-        width = max(batch.mask.shape[1], mask.shape[1])
-
-        def side_by_side(running, joining, dim: int):
-            return torch.cat([_pad_left(running, width, dim), _pad_left(joining, width, dim)])
-
-        layers = [(side_by_side(mine.keys, theirs.keys, -2), side_by_side(mine.values, theirs.values, -2))
-                  for mine, theirs in zip(batch.cache.layers, cache.layers, strict=True)]
-        mask, positions = side_by_side(batch.mask, mask, -1), torch.cat([batch.positions, positions])
-        # Only assignments from here on: a failure above leaves the running rows' cache as it was.
-        for layer, (keys, values) in zip(batch.cache.layers, layers, strict=True):
-            layer.keys, layer.values = keys, values
-        batch.mask, batch.positions = mask, positions
-        batch.rows = batch.rows + rows
-
-    def _decode(self, batch: _GenBatch) -> None:
-        """One decoding step of every running row: each reads the token chosen for it last."""
-        import torch
-
-        device = batch.mask.device
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
-        out = self._model(input_ids=torch.tensor([[row.feed] for row in batch.rows], device=device),
-                          attention_mask=batch.mask, position_ids=batch.positions, past_key_values=batch.cache,
-                          use_cache=True)
-        batch.cache, batch.positions = out.past_key_values, batch.positions + 1
-        self._advance(batch.rows, out.logits[:, -1])
-        self._drop_finished(batch)
-
-    def _advance(self, rows: list[_GenRow], logits) -> None:
-        """Choose each row's next token from its logits (greedy; under its grammar for a JSON row), queue the
-        text it completes, and mark the rows that are done: at an EOS token, at ``max_tokens``, or (JSON) once
-        the object is closed."""
-        greedy = logits.argmax(dim=-1).tolist() if any(row.decoder is None for row in rows) else None
-        for index, row in enumerate(rows):
-            token = row.decoder.choose(logits[index]) if row.decoder is not None else greedy[index]
-            if token in self._eos:
-                row.done = True
-                continue
-            row.generated.append(token)
-            row.feed = token
-            text = self._tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
-            if not text.endswith("\ufffd"):  # else a multi-byte character is still incomplete
-                piece, row.emitted = text[len(row.emitted) :], text
-                if piece:
-                    row.pieces.append(piece)
-            if len(row.generated) >= row.max_tokens or (row.decoder is not None and row.decoder.finished):
-                row.done = True  # JSON: the object is closed, the end of the turn is all that could follow
-
-    def _drop_finished(self, batch: _GenBatch) -> None:
-        """Take the finished rows out of the batch, and the cache columns no running row attends to any more."""
-        import torch
-
-        keep = [index for index, row in enumerate(batch.rows) if not row.done]
-        if len(keep) == len(batch.rows):
-            return
-        if not keep:
-            batch.rows, batch.cache, batch.mask, batch.positions = [], None, None, None
-            return
-        index = torch.tensor(keep, device=batch.mask.device)
-        batch.cache.batch_select_indices(index)
-        batch.mask, batch.positions = batch.mask[index], batch.positions[index]
-        batch.rows = [batch.rows[i] for i in keep]
-        if _growable(batch.cache):
-            unused = int(batch.mask.any(dim=0).int().argmax())  # leading columns that were only others' padding
-            if unused:
-                for layer in batch.cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
-                batch.mask = batch.mask[:, unused:]
+        yield from self._generation.stream(name, prompt, tokens, max_tokens, decoder, usage)
 
     def close(self) -> None:
         with self._lock.hold():
             self._model = None
-            with self._batches_lock:
-                batches, self._batches = list(self._batches.values()), {}
-            for batch in batches:
-                self._fail([*batch.rows, *batch.pending], BackendError("the backend is closed"))
+            if self._generation is not None:
+                self._generation.close()
 
 
 class VLLMBackend:
