@@ -16,6 +16,9 @@ import torch
 # Bump when a change to decoding can change an answer: the bare base's answers are reused across evaluations
 # only while this and the base's weights stay the same (evaluate/evaluation.py: BaseAnswers).
 DECODING_VERSION = 2
+# Rows generated together in evaluation: a decoding step of 32 rows cost 2x one of 8 on two CPU cores (the
+# embedded base with an adapter; docs/benchmarks.md, session 11), so 2x the tokens per second.
+GENERATION_BATCH = 32
 # Shorter common prefixes are not worth a pass of their own.
 MIN_SHARED_PREFIX = 8
 
@@ -175,7 +178,8 @@ def predict_labels(
 
 @torch.inference_mode()
 def generate_texts(
-    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128, batch_size: int = 8,
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,
+    batch_size: int = GENERATION_BATCH,
     json_schema: dict | None = None,
 ) -> list[Prediction]:
     """Greedy generation for free-form outputs (JSON, extractive, free text).
