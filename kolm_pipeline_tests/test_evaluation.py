@@ -47,6 +47,19 @@ def _deployment_requested(tick) -> bool:
     return PARTITION in tick.get_requested_partitions(dg.AssetKey("deployment"))
 
 
+def _kept_tickets_with_recipe(kolm_settings, count: int, seed: int):
+    """`count` ticket captures kept by a rule, their corpus and recipe: (store, settings, workdir)."""
+    store = CaptureStore(kolm_settings.store_url)
+    capture_tickets(store, "acme", "support", generate_tickets(count, seed=seed))
+    store.add_rule("acme", "support", "keep", {"status": "ok"}, actor="test")
+    store.apply_rules("acme", "support")
+    settings = load_settings(kolm_settings.home)
+    workdir = NamespaceWorkdir(settings, PARTITION)
+    run_corpus_stage(workdir, store, min_pairs=50)
+    run_recipe_stage(workdir)
+    return store, settings, workdir
+
+
 @pytest.fixture
 def webhook():
     received: list[dict] = []
@@ -104,14 +117,7 @@ def test_automation_deploys_only_a_passing_evaluation(kolm_settings, autoreply_s
 def test_collapsed_candidate_trips_and_halts_until_cleared(kolm_settings, tiny_base, capsys):
     """A candidate trained on its own collapsed outputs (one label for everything) is refused; the
     namespace stays halted for later candidates until an operator clears it."""
-    store = CaptureStore(kolm_settings.store_url)
-    capture_tickets(store, "acme", "support", generate_tickets(120, seed=5))
-    store.add_rule("acme", "support", "keep", {"status": "ok"}, actor="test")
-    store.apply_rules("acme", "support")
-    settings = load_settings(kolm_settings.home)
-    workdir = NamespaceWorkdir(settings, PARTITION)
-    run_corpus_stage(workdir, store, min_pairs=50)
-    run_recipe_stage(workdir)
+    store, settings, workdir = _kept_tickets_with_recipe(kolm_settings, count=120, seed=5)
     train = workdir.recipe / "train.jsonl"
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     for row in rows:
@@ -139,14 +145,7 @@ def test_collapsed_candidate_trips_and_halts_until_cleared(kolm_settings, tiny_b
 def test_bare_base_answers_are_reused_by_the_next_evaluation(kolm_settings, tiny_base):
     """The bare base answers each case once per (weights, decoding): the next evaluation reads its answers back
     from base_answers.json (a planted answer shows it was not recomputed), and a changed key recomputes."""
-    store = CaptureStore(kolm_settings.store_url)
-    capture_tickets(store, "acme", "support", generate_tickets(90, seed=8))
-    store.add_rule("acme", "support", "keep", {"status": "ok"}, actor="test")
-    store.apply_rules("acme", "support")
-    settings = load_settings(kolm_settings.home)
-    workdir = NamespaceWorkdir(settings, PARTITION)
-    run_corpus_stage(workdir, store, min_pairs=50)
-    run_recipe_stage(workdir)
+    store, settings, workdir = _kept_tickets_with_recipe(kolm_settings, count=90, seed=8)
     base = resolve_base_model(str(tiny_base), settings.models_dir)
     train_adapter(workdir.recipe / "train.jsonl", base, workdir.adapter, TrainConfig(epochs=1), show_progress=False)
     record_adapter(workdir, base, "recipe", {})

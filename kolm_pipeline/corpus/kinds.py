@@ -27,7 +27,7 @@ GROUNDED_SHARE = 0.90  # answers that must occur verbatim in their input for an 
 MAX_ENUM = 12
 # Free strings and arrays are bounded at BOUND_FACTOR times the longest seen: generous for the teacher's answers,
 # and it stops a constrained decoder that is unsure (the bare base) from writing one string or list until
-# max_new_tokens (77 s a case on two CPU cores).
+# max_new_tokens.
 BOUND_FACTOR = 2
 MIN_BOUND_CHARS = 32
 MIN_BOUND_ITEMS = 4

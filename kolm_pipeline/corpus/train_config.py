@@ -38,8 +38,8 @@ class TrainConfig(BaseModel):
     modules_to_save: list[ModuleName] | None = _setting(
         None, "a list of module names or null", "modules trained in full and saved with the adapter")
     epochs: float = _setting(2.0, "a number > 0", "passes over train.jsonl", gt=0)
-    # A budget, not a schedule: a large corpus needs fewer passes (clinc20's loss is below 0.01 after ≈ 700 pairs
-    # seen), and on two CPU cores every 8 pairs cost ≈ 1.2 s (docs/benchmarks.md, issue 21).
+    # A budget, not a schedule: a large corpus needs fewer passes, and the distill's time grows with the pairs seen
+    # (figures in docs/benchmarks.md, session 11).
     max_examples: int | None = _setting(
         2400, "a whole number >= 1 or null",
         "most pairs seen in all (epochs × train pairs); a larger corpus gets fewer epochs; null: no cap", ge=1)

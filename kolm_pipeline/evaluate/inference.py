@@ -16,8 +16,8 @@ import torch
 # Bump when a change to decoding can change an answer: the bare base's answers are reused across evaluations
 # only while this and the base's weights stay the same (evaluate/evaluation.py: BaseAnswers).
 DECODING_VERSION = 2
-# Rows generated together in evaluation: a decoding step of 32 rows cost 2x one of 8 on two CPU cores (the
-# embedded base with an adapter; docs/benchmarks.md, session 11), so 2x the tokens per second.
+# Rows generated together in evaluation: a step of many rows costs little more than one of few, so more tokens a
+# second (chosen with bench/decode.py; docs/benchmarks.md, session 11).
 GENERATION_BATCH = 32
 # Shorter common prefixes are not worth a pass of their own.
 MIN_SHARED_PREFIX = 8
@@ -53,8 +53,8 @@ def label_continuations(tokenizer, messages: list[dict], labels: list[str]) -> l
     return continuations
 
 
-def _left_padded(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+def _left_padded_ids(tokenizer, encoded: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows left-padded to one width, and the mask of their real tokens."""
     width = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -65,12 +65,17 @@ def _left_padded(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, t
     return input_ids.to(device), attention.to(device)
 
 
+def _left_padded(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+    return _left_padded_ids(tokenizer, encoded, device)
+
+
 def _prompt_pass(model, tokenizer, prompts: list[str], device):
     """Run a batch of prompts: the model's output (the last position's logits and the KV cache), the attention
     mask, and each row's next position.
 
-    The token prefix every prompt shares (system prompt and chat template: 38 of the 52 tokens of a CLINC
-    classification prompt) is run once and its KV cache repeated for the batch; each row's own tokens follow,
+    The token prefix every prompt shares (system prompt and chat template: most of a classification prompt) is
+    run once and its KV cache repeated for the batch; each row's own tokens follow,
     left-padded between the prefix and them so that every row ends at the last position."""
     encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
     shared = 0
@@ -85,18 +90,10 @@ def _prompt_pass(model, tokenizer, prompts: list[str], device):
         cache.batch_repeat_interleave(len(encoded))
     else:
         shared = 0
-    rest = [ids[shared:] for ids in encoded]
-    width = max(len(ids) for ids in rest)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rest), width), pad, dtype=torch.long)
-    own = torch.zeros((len(rest), width), dtype=torch.long)
-    for row, ids in enumerate(rest):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        own[row, width - len(ids) :] = 1
-    own = own.to(device)
+    input_ids, own = _left_padded_ids(tokenizer, [ids[shared:] for ids in encoded], device)
     positions = shared + (own.cumsum(-1) - 1).clamp(min=0)
-    mask = torch.cat([torch.ones((len(rest), shared), dtype=own.dtype, device=device), own], dim=1)
-    out = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions, past_key_values=cache,
+    mask = torch.cat([torch.ones((len(encoded), shared), dtype=own.dtype, device=device), own], dim=1)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     return out, mask, positions[:, -1:] + 1
 
@@ -134,8 +131,8 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str]) 
     likely token among those that still lead to a label is taken, and a conversation is done as soon as one
     label remains below its node. This is how vLLM's `choice` structured output decodes, so the local and
     vLLM backends answer alike; its cost is one pass of the prompt plus one single-token step per branching
-    level of the trie, whatever the number of labels (exhaustive scoring of 150 labels cost the bare base
-    ≈ 6 s a case on two CPU cores).
+    level of the trie, whatever the number of labels (docs/benchmarks.md, session 11, compares it with scoring
+    every label).
     """
     device = next(model.parameters()).device
     root = label_trie(label_continuations(tokenizer, batch[0], labels))

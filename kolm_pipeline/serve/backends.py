@@ -123,6 +123,7 @@ class TransformersBackend:
     def start(self) -> None:
         if self._model is not None:
             return
+        from kolm_pipeline.evaluate.structured import stop_token_ids
         from kolm_pipeline.serve.generation import BatchedGeneration
         from kolm_pipeline.serve.lora_slots import LoraSlots
         from kolm_pipeline.train.base_model import load_causal_lm, load_tokenizer, resolve_base_model
@@ -138,10 +139,7 @@ class TransformersBackend:
             self.max_gen_batch = CPU_MAX_GEN_BATCH if cpu else GPU_MAX_GEN_BATCH
         self._slots = LoraSlots(self._model)
         self.base_digest = base.digest
-        eos = {self._tokenizer.eos_token_id}
-        configured = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
-        eos |= set(configured) if isinstance(configured, list) else {configured}
-        self._eos = {token for token in eos if token is not None}
+        self._eos = set(stop_token_ids(self._model, self._tokenizer))
         self._generation = BatchedGeneration(self._model, self._tokenizer, self._eos, self._lock, self._select,
                                              max_rows=lambda: self.max_gen_batch)
 

@@ -135,7 +135,7 @@ def _recipe_corpus(recipe: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _preview_rows(data: bytes) -> _Rows:
+def _case_rows(data: bytes) -> _Rows:
     try:
         cases = json.loads(data).get("cases")
     except (ValueError, AttributeError):
@@ -206,7 +206,7 @@ def sweep_workdir(workdir: NamespaceWorkdir, store, cutoff: datetime) -> list[st
     corpus = _rows(_jsonl_ids(_lines(corpus_data)))
     recipes = [path for path in (workdir.recipe, root / "recipe.partial", root / "recipe.old") if path.is_dir()]
     recipe_rows = {path: _recipe_rows(path, in_progress=path != workdir.recipe) for path in recipes}
-    case_rows = {path: _preview_rows(data) for path, data in case_files.items()}
+    case_rows = {path: _case_rows(data) for path, data in case_files.items()}
     wanted = corpus.ids | frozenset().union(*(rows.ids for rows in [*case_rows.values(), *recipe_rows.values()]))
     live = store.captures_with_text(workdir.tenant, workdir.namespace, wanted)
 
