@@ -122,13 +122,22 @@ def versions(kolm_settings, monkeypatch, tmp_path_factory):
     return settings, task, [cid_for_file(path) for path in paths]
 
 
+def _unique_prefix(cid: str, others: list[str], shortest: int) -> str:
+    """The shortest prefix of `cid` (at least `shortest` long) no other CID shares: CIDs differ per run, so a
+    fixed length can clash (CI once drew two versions both starting `bafkreigp`)."""
+    return next(cid[:n] for n in range(shortest, len(cid)) if not any(o.startswith(cid[:n]) for o in others))
+
+
 def test_friendly_names_resolve_the_same_for_every_verb(versions, capsys):
     settings, task, (first, second, third) = versions
     store = CaptureStore(settings.store_url)
+    first_prefix = _unique_prefix(first, [second, third], 10)
+    third_prefix = _unique_prefix(third, [first, second], 9)
+    second_headless = _unique_prefix(second, [first, third], 15).removeprefix("bafkrei")
     assert resolve_ref(settings, store, "current", task).cid == third
     assert resolve_ref(settings, store, "previous", task).cid == second
-    assert resolve_ref(settings, store, third[:12], task).cid == third
-    assert resolve_ref(settings, store, second.removeprefix("bafkrei")[:8]).cid == second  # head left out
+    assert resolve_ref(settings, store, third_prefix, task).cid == third
+    assert resolve_ref(settings, store, second_headless).cid == second  # head left out
     assert resolve_ref(settings, store, first, task).task == task
     assert resolve_ref(settings, store, "base", task).kind == "base"
 
@@ -149,8 +158,8 @@ def test_friendly_names_resolve_the_same_for_every_verb(versions, capsys):
     capsys.readouterr()
     assert main(["registry", "log", "--cid", "previous", "--task", task, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cid"] == second
-    assert main(["registry", "log", "--cid", first[:10]]) == 0
-    assert capsys.readouterr().out.startswith(f"artifact {first} ({first[:10]})")
+    assert main(["registry", "log", "--cid", first_prefix]) == 0
+    assert capsys.readouterr().out.startswith(f"artifact {first} ({first_prefix})")
     assert main(["verify", "current", "--task", task]) == 0
     assert capsys.readouterr().out.startswith(f"OK {third}")
     assert main(["verify", "bafkrei"]) == 1
@@ -159,7 +168,7 @@ def test_friendly_names_resolve_the_same_for_every_verb(versions, capsys):
     assert read_pointer(settings.adapters_dir, task).name == f"{second}.kolm"
     assert main(["swap", "--task", task, "--cid", "candidate"]) == 1
     assert "no CID until a deployment packages it" in capsys.readouterr().err
-    assert main(["swap", "--task", task, "--cid", third[:9], "--strategy", "force"]) == 0
+    assert main(["swap", "--task", task, "--cid", third_prefix, "--strategy", "force"]) == 0
     assert read_pointer(settings.adapters_dir, task).name == f"{third}.kolm"
 
 
@@ -169,8 +178,7 @@ def test_registry_diff_reads_old_to_new(versions, capsys):
     store = CaptureStore(settings.store_url)
     base = registry_diff(settings, store, task, ["base"])
     assert base.before.is_base and base.after.cid == third
-    # The shortest prefix of `first` no other version shares (CIDs differ per run: a fixed length could clash).
-    prefix = next(first[:n] for n in range(8, len(first)) if not any(o.startswith(first[:n]) for o in (second, third)))
+    prefix = _unique_prefix(first, [second, third], 8)
     older = registry_diff(settings, store, task, [prefix])
     assert (older.before.cid, older.after.cid) == (first, third)
     default = registry_diff(settings, store, task)
