@@ -36,6 +36,9 @@ from kolm_pipeline.capture.inbox import router as inbox_router
 from kolm_pipeline.capture.providers import ANTHROPIC, OPENAI, PROVIDERS, Provider
 from kolm_pipeline.capture.recorder import Recorder
 from kolm_pipeline.corpus.build import build_corpus
+from kolm_pipeline.provenance.errors import UserError
+from kolm_pipeline.routing.router import StudentRouter
+from kolm_pipeline.routing.student_client import StudentClient
 from kolm_pipeline.settings import CaptureConfig, Settings, load_capture_config
 from kolm_pipeline.stages.retention import sweep_retention
 from kolm_pipeline.store import CaptureStore
@@ -78,6 +81,10 @@ async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.type, exc.message)
 
 
+async def _user_error(_request: Request, exc: UserError) -> JSONResponse:
+    return error_response(400, "invalid_request_error", str(exc))
+
+
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(
         f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
@@ -99,6 +106,7 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 # Every error is a JSON body `{"error": {"type", "message"}}`, as the providers' own APIs answer.
 ERROR_HANDLERS = {
     ApiError: _api_error,
+    UserError: _user_error,
     RequestValidationError: _validation_error,
     StarletteHTTPException: _http_error,
     Exception: _unexpected,
@@ -150,7 +158,13 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
         else None
     )
     keys = KeyCache(store, config.key_cache_ttl_s)
-    forwarder = Forwarder(settings, config, keys, recorder)
+    router = (
+        StudentRouter(store, StudentClient(config.serve_url, config.student_timeout_s),
+                      refresh_s=config.routing_refresh_s, max_in_flight=config.shadow_concurrency)
+        if config.serve_url
+        else None
+    )
+    forwarder = Forwarder(settings, config, keys, recorder, router)
 
     async def sweep_periodically() -> None:
         while True:
@@ -167,6 +181,8 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await forwarder.start()
+        if router is not None:
+            await router.start()
         if recorder is not None:
             await recorder.start()
         sweeper = asyncio.create_task(sweep_periodically()) if config.retention_sweep_s > 0 else None
@@ -177,6 +193,8 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
                 sweeper.cancel()
                 with suppress(asyncio.CancelledError):
                     await sweeper
+            if router is not None:
+                await router.close()
             if recorder is not None:
                 await recorder.stop()
             await forwarder.close()
@@ -187,6 +205,7 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
     app.state.store = store
     app.state.recorder = recorder
     app.state.keys = keys
+    app.state.router = router
 
     for error_type, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error_type, handler)

@@ -33,6 +33,14 @@ DEFAULT_PRICE_TABLE: dict[str, tuple[float, float]] = {
 }
 
 
+def price_of_call(model: str, prompt_tokens: float, completion_tokens: float,
+                  price_table: dict[str, tuple[float, float]]) -> float:
+    """Dollars of one call of `model` (the longest price-table name it starts with, else `default`)."""
+    names = sorted((name for name in price_table if name != "default" and model.startswith(name)), key=len)
+    price_in, price_out = price_table[names[-1]] if names else price_table["default"]
+    return (prompt_tokens * price_in + completion_tokens * price_out) / 1_000_000
+
+
 # Training weight of a pair by where its answer came from. A person's correction weighs more than an AI
 # peer's answer; proxy traffic and plain imports count as usual. Keys are the capture sources of the store.
 DEFAULT_SOURCE_WEIGHTS: dict[str, float] = {"capture": 1.0, "human": 1.0, "ai": 0.5, "import": 1.0}
@@ -109,7 +117,13 @@ class CaptureConfig(BaseSettings):
     lookup is reused (a revoked key stops working within it); `retention_sweep_s`: how often the server applies
     the retention windows (0: never, leave it to the `triaged_captures` asset); `batch_size`: captures per
     store transaction; `writer_poll_s`: how often the writer looks for newly journaled captures;
-    `replay_interval_s`: how long it waits before trying a store that could not be reached again."""
+    `replay_interval_s`: how long it waits before trying a store that could not be reached again.
+
+    Student routing (a namespace's `routing` switch): `serve_url` is where `kolm serve` answers for the deployed
+    adapters (empty: no routing, every namespace is answered by the teacher); `student_timeout_s` is how long
+    the proxy waits for a student answer before the teacher answers; `routing_refresh_s` how often a namespace's
+    routing is read again (a switch change takes effect within it); `shadow_concurrency` how many comparisons
+    run at once (more are skipped, and counted)."""
 
     model_config = SettingsConfigDict(env_prefix="KOLM_CAPTURE_", frozen=True, extra="ignore", env_ignore_empty=True)
 
@@ -120,6 +134,10 @@ class CaptureConfig(BaseSettings):
     replay_interval_s: float = 1.0
     retention_sweep_s: float = 3600.0
     writer_poll_s: float = 0.05
+    serve_url: str = ""
+    student_timeout_s: float = Field(5.0, gt=0)
+    routing_refresh_s: float = Field(2.0, gt=0)
+    shadow_concurrency: int = Field(8, ge=1)
 
 
 def load_capture_config() -> CaptureConfig:

@@ -77,7 +77,8 @@ def _store_with_keep_rule(settings: Settings, *namespaces: str) -> CaptureStore:
 
 def test_everything_ships_stopped():
     assert {sensor.name for sensor in kolm_sensors} == {
-        "namespace_discovery_sensor", "volume_sensor", "drift_sensor", "regression_alert_sensor", "kolm_automation"}
+        "namespace_discovery_sensor", "volume_sensor", "drift_sensor", "regression_alert_sensor", "kolm_automation",
+        "routing_sensor"}
     assert all(sensor.default_status == dg.DefaultSensorStatus.STOPPED for sensor in kolm_sensors)
     assert [(s.name, s.cron_schedule, s.default_status) for s in kolm_schedules] == [
         ("nightly_distill", "0 2 * * *", dg.DefaultScheduleStatus.STOPPED)]

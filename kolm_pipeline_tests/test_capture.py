@@ -583,12 +583,15 @@ def test_inbox_routes(start_proxy: Callable[[str], Proxy], teacher: str, broken_
     assert api.get("/v1/captures?state=untriaged").json()["captures"][0]["feedback_output"] == "logistics"
 
     status = api.get("/v1/namespaces/support/status").json()
+    routing = status.pop("routing")
     assert status == {
         "namespace": "support",
         "counters": {"captured": 3, "kept": 1, "discarded": 1, "untriaged": 1, "distilled": 0, "merged": 0},
-        "switches": {"retention_days": 30, "implicit_signals": False, "distill_ready": False},
+        "switches": {"retention_days": 30, "implicit_signals": False, "distill_ready": False, "routing": "teacher",
+                     "routing_target": 0.98, "canary_share": 0.05, "shadow_min": 200},
         "redaction": "all",
     }
+    assert (routing["mode"], routing["compared"], routing["adapter_cid"]) == ("teacher", 0, None)
     assert api.get("/v1/namespaces").json() == {"namespaces": ["support"]}
 
     # Bulk triage is all or nothing; rules are added and applied at once.
@@ -622,7 +625,9 @@ def test_inbox_routes(start_proxy: Callable[[str], Proxy], teacher: str, broken_
 
     # Switches: every change is audited with its old and new value.
     changed = api.post("/v1/namespaces/support/switches", json={"retention_days": 7, "distill_ready": True}).json()
-    assert changed["switches"] == {"retention_days": 7, "implicit_signals": False, "distill_ready": True}
+    assert changed["switches"] == {"retention_days": 7, "implicit_signals": False, "distill_ready": True,
+                                   "routing": "teacher", "routing_target": 0.98, "canary_share": 0.05,
+                                   "shadow_min": 200}
     redaction = api.post("/v1/namespaces/support/switches", json={"redact_entities": ["EMAIL", "API_KEY"]}).json()
     assert redaction["redaction"] == ["API_KEY", "EMAIL"]
     for bad in [{"retention_days": 0}, {"distill_ready": "yes"}, {"redact_entities": ["NAME"]}]:

@@ -353,13 +353,17 @@ def test_retention_text_gone_from_sqlite_file(tmp_path) -> None:
 
 def test_switches_are_audited(store: CaptureStore) -> None:
     settings = store.namespace_settings("acme", "support")
-    assert settings.switches() == {"retention_days": 30, "implicit_signals": False, "distill_ready": False}
+    assert settings.switches() == {"retention_days": 30, "implicit_signals": False, "distill_ready": False,
+                                   "routing": "teacher", "routing_target": 0.98, "canary_share": 0.05,
+                                   "shadow_min": 200}
     assert settings.redact_entities is None
     store.set_switches("acme", "support", "alice", implicit_signals=True, retention_days=30)
     store.set_switches("acme", "support", "bob", distill_ready=True, redact_entities=["EMAIL"])
     store.set_switches("acme", "support", "bob", distill_ready=True)  # no change, no audit row
     after = store.namespace_settings("acme", "support")
-    assert after.switches() == {"retention_days": 30, "implicit_signals": True, "distill_ready": True}
+    assert after.switches() == {"retention_days": 30, "implicit_signals": True, "distill_ready": True,
+                                "routing": "teacher", "routing_target": 0.98, "canary_share": 0.05,
+                                "shadow_min": 200}
     assert after.redact_entities == ("EMAIL",)
     assert store.namespace_settings("shop", "support").implicit_signals is False
     audit = [(r.action, r.detail, r.actor) for r in store.audit_rows("acme", "support")][::-1]

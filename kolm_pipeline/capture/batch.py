@@ -55,14 +55,17 @@ class Pending(NamedTuple):
     reply: bytes
     latency_us: int
     created_at: float
+    # The CID of the adapter that answered in the teacher's place (student routing); None: the teacher did.
+    # Last and defaulted, so records journaled before it existed still read.
+    served_by: str | None = None
 
 
 def build(pending: Pending | tuple[Any, ...]) -> NewCapture:
     """The capture record of a finished call (not yet PII-redacted)."""
     (
         request_id, tenant, namespace, provider_name, model, request, tags, streamed, outcome,
-        http_status, reply, latency_us, created_at,
-    ) = pending  # fmt: skip
+        http_status, reply, latency_us, created_at, served_by,
+    ) = pending if len(pending) == len(Pending._fields) else Pending(*pending)  # fmt: skip
     provider = PROVIDERS[provider_name]
     messages = provider.messages(jsontext.loads(request))
     status, output, prompt_tokens, completion_tokens = "error", "", None, None
@@ -97,6 +100,7 @@ def build(pending: Pending | tuple[Any, ...]) -> NewCapture:
         tags=list(tags),
         streamed=streamed,
         created_at=datetime.fromtimestamp(created_at, UTC),
+        served_by=served_by,
     )
 
 

@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
@@ -46,6 +46,9 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 CAPTURE_ID_HEADER = "x-kolm-capture-id"
 _CAPTURE_ID_HEADER_BYTES = CAPTURE_ID_HEADER.encode()
+# Who answered, where the namespace routes (`shadow`, `student`): `teacher`, or the adapter's CID.
+SERVED_BY_HEADER = b"x-kolm-served-by"
+_SERVED_BY_TEACHER = [(SERVED_BY_HEADER, b"teacher")]
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=20.0, sock_connect=10.0, sock_read=300.0)
 _REDACTED_BYTES = REDACTED.encode("utf-8")
 _FORWARDED_RESPONSE_HEADERS = frozenset({b"retry-after", b"x-request-id", b"request-id", b"openai-processing-ms"})
@@ -303,6 +306,9 @@ class Call:
         "streamed",
         "recorded",
         "start_ns",
+        "served_by",
+        "on_recorded",
+        "routed",
     )
 
     def __init__(
@@ -327,21 +333,35 @@ class Call:
         self.tags = tags
         self.secret = secret
         self.streamed = streamed
-        self.recorded = recorder is None
+        self.recorded = False
         self.start_ns = time.perf_counter_ns()
+        self.served_by: str | None = None  # the adapter CID, when the student answered
+        # Student routing's hook: called once with (outcome, status, reply, latency µs) as the call is recorded.
+        self.on_recorded: Callable[[str, int, bytes, int], None] | None = None
+        self.routed = False  # the namespace routes (`shadow` or `student`): answers say who answered
 
     @property
     def id_header(self) -> RawHeaders:
         return [] if self.request_id is None else [(_CAPTURE_ID_HEADER_BYTES, self.request_id.encode())]
 
+    @property
+    def teacher_headers(self) -> RawHeaders:
+        """The kolm headers of an answer the teacher gave: the capture id, and who answered where routed."""
+        return self.id_header + _SERVED_BY_TEACHER if self.routed else self.id_header
+
     def record(self, outcome: str, http_status: int, reply: bytes = b"", end_ns: int | None = None) -> None:
         """Journal the capture once (`outcome`: failure, reply or stream), before the client's response
         completes; later calls are ignored. The provider key is removed from every field first: it never
         reaches the disk. The record is a plain tuple of `Pending`'s fields."""
-        if self.recorded or self.recorder is None:
+        if self.recorded:
             return
         self.recorded = True
         secret = self.secret
+        latency_us = ((end_ns or time.perf_counter_ns()) - self.start_ns) // 1000
+        if self.on_recorded is not None:
+            self.on_recorded(outcome, http_status, scrub_secret(reply, secret), latency_us)
+        if self.recorder is None:
+            return
         self.recorder.submit(
             (
                 self.request_id,
@@ -355,8 +375,9 @@ class Call:
                 outcome,
                 http_status,
                 scrub_secret(reply, secret),
-                ((end_ns or time.perf_counter_ns()) - self.start_ns) // 1000,
+                latency_us,
                 time.time(),
+                self.served_by,
             )
         )
 
@@ -388,14 +409,34 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-class Forwarder:
-    """Answers `POST` on a provider's capture route; one per app, its session opened in the lifespan."""
+class Route(Protocol):
+    """A namespace's routing as the router last read it (`routing.router.NamespaceRoute`)."""
 
-    def __init__(self, settings: Settings, config: CaptureConfig, keys: KeyCache, recorder: Recorder | None) -> None:
+    mode: str
+
+
+class Routing(Protocol):
+    """Student routing (`routing.router.StudentRouter`): handed to the forwarder by the capture server, so
+    this layer stays below the serving and evaluation code it uses."""
+
+    def cached(self, tenant: str, namespace: str) -> Route | None: ...
+
+    async def load(self, tenant: str, namespace: str) -> Route: ...
+
+    async def answer(self, call: Call, body: dict, headers: dict[str, str], send: Send, route: Any) -> bool: ...
+
+
+class Forwarder:
+    """Answers `POST` on a provider's capture route; one per app, its session opened in the lifespan.
+    With `routing`, a namespace whose `routing` switch is not `teacher` is routed by it first."""
+
+    def __init__(self, settings: Settings, config: CaptureConfig, keys: KeyCache, recorder: Recorder | None,
+                 routing: Routing | None = None) -> None:
         self._settings = settings
         self._config = config
         self._keys = keys
         self._recorder = recorder
+        self._routing = routing
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
 
@@ -468,6 +509,11 @@ class Forwarder:
         if recorder is not None:
             recorder.begin()
         try:
+            routing = self._routing
+            if routing is not None:
+                route = routing.cached(tenant.name, namespace) or await routing.load(tenant.name, namespace)
+                if route.mode != "teacher" and await routing.answer(call, body, headers, send, route):
+                    return
             await self._forward(call, raw, headers, send, receive)
         finally:
             if recorder is not None and not call.recorded:
@@ -500,7 +546,7 @@ class Forwarder:
                 return await self._upstream_error(send, call, 502, exc)
         try:
             forwarded, content_type = _response_headers(upstream.raw_headers, secret)
-            forwarded += call.id_header
+            forwarded += call.teacher_headers
             status = upstream.status
             if call.streamed and 200 <= status < 300 and content_type.startswith(b"text/event-stream"):
                 await self._relay(call, upstream, send, receive, status, content_type, forwarded, secret)

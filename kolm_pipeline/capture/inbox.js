@@ -83,6 +83,8 @@ async function refresh() {
     const element = $("switch-" + name);
     if (element) element.textContent = value === true ? "on" : value === false ? "off" : String(value);
   }
+  showRouting(status.routing);
+  await showDisagreements(namespace, status.routing);
   let page = await api("GET", "/v1/captures?" + filters(namespace));
   if (!page.captures.length && offset > 0) {
     // The last row of the last page was triaged out of the view: show the page before it.
@@ -98,6 +100,52 @@ async function refresh() {
   $("prev").disabled = offset === 0;
   $("next").disabled = last >= total;
   say(page.captures.length ? "" : "nothing to show");
+}
+
+function fixed(value, digits) {
+  return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
+}
+
+function showRouting(routing) {
+  const parts = [`agreement ${fixed(routing.agreement, 3)} over ${routing.compared} compared`];
+  if (routing.threshold !== null) parts.push(`threshold ${fixed(routing.threshold, 3)} keeps ${fixed(routing.kept_share * 100, 1)} %`);
+  if (routing.student_share !== null) {
+    parts.push(`student answered ${fixed(routing.student_share * 100, 1)} %`,
+               `escalated ${fixed(routing.escalation_rate * 100, 1)} %`,
+               `$${fixed(routing.dollars_avoided, 4)} avoided`);
+  }
+  if (routing.missing && routing.mode !== "teacher") parts.push(`student not ready: ${routing.missing}`);
+  $("routing").textContent = routing.mode === "teacher" && !routing.compared ? "" : parts.join(" · ");
+}
+
+async function showDisagreements(namespace, routing) {
+  const section = $("disagreements-section");
+  section.hidden = !routing.disagreements;
+  if (!routing.disagreements) return;
+  const data = await api("GET", "/v1/namespaces/" + encodeURIComponent(namespace) + "/disagreements?limit=50");
+  const body = $("disagreements");
+  body.replaceChildren();
+  for (const item of data.disagreements) {
+    const row = document.createElement("tr");
+    row.dataset.id = String(item.capture_id);
+    cell(row, String(item.capture_id));
+    cell(row, item.kind);
+    cell(row, fixed(item.agreement, 2));
+    cell(row, fixed(item.confidence, 3));
+    cell(row, item.teacher_output, "text output");
+    cell(row, item.student_output, "text output");
+    cell(row, item.triage_state, "state-" + item.triage_state);
+    const actions = cell(row, "");
+    for (const [label, state] of [["Keep", "kept"], ["Discard", "discarded"]]) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = label;
+      button.disabled = item.triage_state === state;
+      button.addEventListener("click", () => triage(item.capture_id, state));
+      actions.appendChild(button);
+    }
+    body.appendChild(row);
+  }
 }
 
 function captureRow(capture) {

@@ -93,6 +93,10 @@ class SwitchesBody(BaseModel):
     implicit_signals: bool | None = Field(default=None, strict=True)
     distill_ready: bool | None = Field(default=None, strict=True)
     redact_entities: list[str] | None = None
+    routing: Literal["teacher", "shadow", "student"] | None = None
+    routing_target: float | None = Field(default=None, gt=0, le=1)
+    canary_share: float | None = Field(default=None, ge=0, lt=1)
+    shadow_min: int | None = Field(default=None, ge=1, le=1_000_000, strict=True)
 
 
 def _actor(tenant: Tenant) -> str:
@@ -212,12 +216,26 @@ async def add_rule(namespace: str, body: RuleBody, tenant: InboxTenant, store: S
 async def apply_rules(namespace: str, tenant: InboxTenant, store: StoreDep) -> dict[str, Any]:
     return {"applied": await asyncio.to_thread(store.apply_rules, tenant.name, parse_namespace(namespace))}
 
+def _price_table(request: Request) -> dict[str, tuple[float, float]]:
+    return request.app.state.settings.price_table
+
+
 @router.get("/v1/namespaces/{namespace}/status")
-async def status(namespace: str, tenant: InboxTenant, store: StoreDep) -> dict[str, Any]:
-    return await asyncio.to_thread(store.status, tenant.name, parse_namespace(namespace))
+async def status(namespace: str, tenant: InboxTenant, store: StoreDep, request: Request) -> dict[str, Any]:
+    return await asyncio.to_thread(store.status, tenant.name, parse_namespace(namespace), _price_table(request))
+
+
+@router.get("/v1/namespaces/{namespace}/disagreements")
+async def disagreements(namespace: str, tenant: InboxTenant, store: StoreDep,
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    """Requests where the deployed adapter's answer differed from the teacher's (routing `shadow` or
+    `student`), newest first: candidates for triage, each with its capture id."""
+    rows = await asyncio.to_thread(store.disagreements, tenant.name, parse_namespace(namespace), limit)
+    return {"disagreements": rows}
 
 @router.post("/v1/namespaces/{namespace}/switches")
-async def switches(namespace: str, body: SwitchesBody, tenant: InboxTenant, store: StoreDep) -> dict[str, Any]:
+async def switches(namespace: str, body: SwitchesBody, tenant: InboxTenant, store: StoreDep,
+                   request: Request) -> dict[str, Any]:
     namespace = parse_namespace(namespace)
     changes = body.model_dump(exclude_unset=True)
     if "redact_entities" in changes:
@@ -227,7 +245,7 @@ async def switches(namespace: str, body: SwitchesBody, tenant: InboxTenant, stor
             raise ApiError(400, "invalid_request_error", str(exc)) from exc
     changes = {k: v for k, v in changes.items() if v is not None or k == "redact_entities"}
     await asyncio.to_thread(store.set_switches, tenant.name, namespace, _actor(tenant), **changes)
-    return await asyncio.to_thread(store.status, tenant.name, namespace)
+    return await asyncio.to_thread(store.status, tenant.name, namespace, _price_table(request))
 
 @router.get("/v1/audit")
 async def audit(tenant: InboxTenant, store: StoreDep, namespace: str | None = None) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def _loads(data: str) -> Any:
         return None
 
 
-def _text_of(content: Any, separator: str) -> str:
+def text_of(content: Any, separator: str) -> str:
     """Text of a message content given as a string or as a list of typed blocks."""
     if isinstance(content, str):
         return content
@@ -250,14 +250,14 @@ class AnthropicProvider(Provider):
             return messages
         if not isinstance(system, str | list):
             raise RequestError("'system' must be a string or a list of text blocks")
-        return [{"role": "system", "content": _text_of(system, "\n")}, *messages]
+        return [{"role": "system", "content": text_of(system, "\n")}, *messages]
 
     def completion(self, body: Any) -> Completion:
         if not isinstance(body, dict):
             return Completion("", None, None)
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         return Completion(
-            _text_of(body.get("content"), ""),
+            text_of(body.get("content"), ""),
             _int_or_none(usage.get("input_tokens")),
             _int_or_none(usage.get("output_tokens")),
         )

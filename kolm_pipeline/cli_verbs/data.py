@@ -24,6 +24,7 @@ from kolm_pipeline.cli_verbs.common import (
     settings_for_writing,
     table,
 )
+from kolm_pipeline.store.tables import ROUTING_MODES
 
 # `pending` is what a newcomer calls a capture nobody triaged yet; the store calls it `untriaged`.
 STATE_CHOICES = ("kept", "discarded", "pending", "untriaged")
@@ -37,7 +38,9 @@ def cmd_capture_status(args: argparse.Namespace) -> int:
     tenant, namespace = namespace_of(args)
     changes = {"retention_days": args.retention_days,
                "implicit_signals": None if args.implicit_signals is None else args.implicit_signals == "on",
-               "distill_ready": None if args.distill_ready is None else args.distill_ready == "on"}
+               "distill_ready": None if args.distill_ready is None else args.distill_ready == "on",
+               "routing": args.routing, "routing_target": args.routing_target, "canary_share": args.canary_share,
+               "shadow_min": args.shadow_min}
     changes = {name: value for name, value in changes.items() if value is not None}
     if changes or args.recount:
         settings = settings_for_writing(args)
@@ -53,7 +56,7 @@ def cmd_capture_status(args: argparse.Namespace) -> int:
         print(f"recounted {tenant}.{namespace}: " + (", ".join(
             f"{name} {before[name]} → {after[name]}" for name in after if before[name] != after[name]) or "no change"),
             file=sys.stderr if args.json else sys.stdout)
-    status = {**store.status(tenant, namespace), "namespace": f"{tenant}.{namespace}",
+    status = {**store.status(tenant, namespace, settings.price_table), "namespace": f"{tenant}.{namespace}",
               "distill_threshold": settings.distill_threshold}
     if args.json:
         print_json(status)
@@ -67,7 +70,24 @@ def cmd_capture_status(args: argparse.Namespace) -> int:
                 "distill_threshold": status["distill_threshold"]}
     print()
     print(table(["switch", "value"], list(switches.items())))
+    print()
+    print(table(["routing", "value"], list(_routing_rows(status["routing"]))))
+    if status["routing"]["missing"] and status["routing"]["mode"] != "student":
+        print(f"\nstudent routing not ready: {status['routing']['missing']}")
     return 0
+
+
+def _routing_rows(routing: dict[str, Any]):
+    """The routing figures that mean something now, formatted for the table."""
+    for name in ("adapter_cid", "compared", "agreement", "threshold", "kept_share", "kept_agreement",
+                 "disagreements", "student_answered", "escalated", "canaries", "student_share", "escalation_rate",
+                 "student_p50_ms", "teacher_p50_ms", "dollars_avoided"):
+        value = routing[name]
+        if value is None:
+            value = "-"
+        elif isinstance(value, float):
+            value = f"{value:.4f}" if name != "dollars_avoided" else f"${value:.4f}"
+        yield name, value
 
 
 def _on_off(value: Any) -> Any:
@@ -242,6 +262,17 @@ def add_capture_parsers(capture_verbs: argparse._SubParsersAction, actor: str) -
     status.add_argument("--retention-days", type=int, help="set the retention window (days) first")
     status.add_argument("--implicit-signals", choices=["on", "off"], help="set the implicit-signals switch first")
     status.add_argument("--distill-ready", choices=["on", "off"], help="set the distill-ready switch first")
+    status.add_argument("--routing", choices=ROUTING_MODES,
+                        help="who answers the namespace's traffic at the capture endpoint: teacher (the frontier "
+                        "API), shadow (the teacher; the deployed adapter answers too, off the response path, and "
+                        "is compared), student (the adapter when confident, else the teacher). student is "
+                        "refused until enough shadow traffic agrees (see the routing table)")
+    status.add_argument("--routing-target", type=float, metavar="AGREEMENT",
+                        help="agreement with the teacher the student's kept answers must reach (default 0.98)")
+    status.add_argument("--canary-share", type=float, metavar="SHARE",
+                        help="share of confident requests still sent to the teacher and compared (default 0.05)")
+    status.add_argument("--shadow-min", type=int, metavar="N",
+                        help="compared requests needed before routing student (default 200)")
     status.add_argument("--recount", action="store_true",
                         help="count the captures row by row first and store that as the counters (a repair)")
     status.add_argument("--actor", default=actor, help="who, for the audit log")

@@ -283,5 +283,46 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     description="Deploys a passing evaluation (never one whose blocking checks failed). Ships STOPPED.",
 )
 
-kolm_sensors = [namespace_discovery_sensor, volume_sensor, drift_sensor, regression_alert_sensor, automation_sensor]
+# The routing figures observed on `captures` (and logged on the deployed version in MLflow), as numbers.
+ROUTING_FIGURES = ("compared", "agreement", "threshold", "kept_share", "student_answered", "escalated", "canaries",
+                   "student_share", "escalation_rate", "student_p50_ms", "teacher_p50_ms", "dollars_avoided")
+
+
+@dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Observes student routing on `captures` for each namespace routed `shadow` or `student`: "
+           "agreement with the teacher, share answered by the student, escalations, p50s, teacher dollars avoided "
+           "(plotted over time); the same figures go on the deployed version's run in MLflow.")
+def routing_sensor(context: dg.SensorEvaluationContext, kolm: KolmResource) -> dg.SensorResult:
+    from kolm_pipeline.registry.champion import log_version_metrics
+    from kolm_pipeline.store import split_partition_key
+
+    settings, observations, notes = kolm.settings, [], []
+    try:
+        for key in _namespaces(context):
+            status = kolm.store.routing_status(*split_partition_key(key), settings.price_table)
+            if status.mode == "teacher" and not status.compared:
+                continue
+            figures = {name: float(getattr(status, name)) for name in ROUTING_FIGURES
+                       if getattr(status, name) is not None}
+            metadata: dict = {"routing": dg.TextMetadataValue(status.mode),
+                              **{name: dg.FloatMetadataValue(value) for name, value in figures.items()}}
+            if status.adapter_cid:
+                metadata["adapter_cid"] = dg.TextMetadataValue(status.adapter_cid)
+            observations.append(dg.AssetObservation(captures.key, partition=key, metadata=metadata))
+            if status.adapter_cid and settings.mlflow_tracking_uri:
+                try:
+                    log_version_metrics(settings.mlflow_tracking_uri, key, status.adapter_cid,
+                                        {f"routing.{name}": value for name, value in figures.items()})
+                except Exception as exc:  # noqa: BLE001 - MLflow down: the observation still counts
+                    notes.append(f"{key}: MLflow not updated ({type(exc).__name__})")
+    except STORE_ERRORS as exc:
+        return dg.SensorResult(skip_reason=_store_down(exc))
+    skip = None if observations else "no namespace routes through its student"
+    if notes:
+        context.log.warning("; ".join(notes))
+    return dg.SensorResult(asset_events=observations, skip_reason=skip)
+
+
+kolm_sensors = [namespace_discovery_sensor, volume_sensor, drift_sensor, regression_alert_sensor, automation_sensor,
+                routing_sensor]
 kolm_schedules = [nightly_distill]

@@ -29,6 +29,9 @@ class Prediction:
 
     output: str
     seconds: float
+    # How sure the model was of `output` (0–1): for a label, the probability the constrained decoder gave
+    # the path it took (each branching step's chosen token, renormalized over the tokens allowed there).
+    confidence: float | None = None
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
@@ -123,8 +126,11 @@ def _decided(node: _TrieNode) -> bool:
 
 
 @torch.inference_mode()
-def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str]) -> list[int]:
-    """Index of the label each conversation's constrained greedy decoding reaches.
+def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
+                  confidences: list[float] | None = None) -> list[int]:
+    """Index of the label each conversation's constrained greedy decoding reaches; with `confidences`, each
+    row's path probability is appended to it (the product, over the branching steps, of the chosen token's
+    probability among the tokens allowed there: 1.0 when the first token already decides).
 
     Decoding walks a trie of the labels' continuations (label plus end-of-turn marker, so a label that is a
     prefix of another is chosen only when the model would end its answer there): at each step the most
@@ -138,6 +144,7 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str]) 
     root = label_trie(label_continuations(tokenizer, batch[0], labels))
     out, mask, next_position = _prompt_pass(model, tokenizer, [render_prompt(tokenizer, m) for m in batch], device)
     nodes = [root] * len(batch)
+    path_probability = [1.0] * len(batch)
     while True:
         logits = out.logits[:, -1, :]
         fed = []
@@ -146,10 +153,18 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str]) 
                 fed.append(tokenizer.pad_token_id or 0)
                 continue
             allowed = list(node.children)
-            token = allowed[int(logits[row, allowed].argmax())] if len(allowed) > 1 else allowed[0]
+            if len(allowed) > 1:
+                probabilities = logits[row, allowed].float().softmax(-1)
+                best = int(probabilities.argmax())
+                token = allowed[best]
+                path_probability[row] *= float(probabilities[best])
+            else:
+                token = allowed[0]
             nodes[row] = node.children[token]
             fed.append(token)
         if all(_decided(node) for node in nodes):
+            if confidences is not None:
+                confidences.extend(path_probability)
             return [node.labels[0] for node in nodes]
         # Decided rows are fed a filler token and stay in the batch (their outputs are no longer read), so
         # the KV cache needs no reindexing.
@@ -167,9 +182,11 @@ def predict_labels(
     for start in range(0, len(conversations), batch_size):
         batch = conversations[start : start + batch_size]
         began = time.perf_counter()
-        chosen = choose_labels(model, tokenizer, batch, labels)
+        confidences: list[float] = []
+        chosen = choose_labels(model, tokenizer, batch, labels, confidences)
         per_case = (time.perf_counter() - began) / len(batch)
-        predictions.extend(Prediction(output=labels[index], seconds=per_case) for index in chosen)
+        predictions.extend(Prediction(output=labels[index], seconds=per_case, confidence=confidence)
+                           for index, confidence in zip(chosen, confidences, strict=True))
     return predictions
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from kolm_pipeline.settings import price_of_call
+
 WEIGHTS = {"accuracy": 0.40, "size": 0.15, "latency": 0.15, "cost": 0.15, "coverage": 0.15}
 
 
@@ -72,10 +74,5 @@ def teacher_cost_per_call(
     """Mean dollars per captured call from (model, prompt_tokens, completion_tokens) and a price table."""
     if not usages:
         return 0.0
-    total = 0.0
-    for model, prompt_tokens, completion_tokens in usages:
-        price_in, price_out = next(
-            (price for name, price in price_table.items() if model.startswith(name)), price_table["default"]
-        )
-        total += (prompt_tokens * price_in + completion_tokens * price_out) / 1_000_000
-    return total / len(usages)
+    return sum(price_of_call(model, prompt, completion, price_table)
+               for model, prompt, completion in usages) / len(usages)

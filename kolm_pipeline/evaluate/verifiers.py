@@ -56,3 +56,21 @@ VERIFIERS: dict[str, Callable[..., VerifierResult]] = {
     "byte_grounded": byte_grounded,
     "text_match": text_match,
 }
+
+
+ANSWER_KINDS = ("label", "json", "text")
+
+
+def agreement(kind: str, student: str, teacher: str) -> float:
+    """How far the student's answer agrees with the teacher's on one live request, 0–1, the teacher's answer
+    as reference: the same label (`label`), the share of the teacher's top-level JSON fields matched (`json`),
+    token F1 (`text`). `kind` is what the serving runtime says the adapter answers."""
+    if kind == "label":
+        return 1.0 if student.strip() == teacher.strip() else 0.0
+    if kind == "json":
+        try:
+            json.loads(teacher)
+        except json.JSONDecodeError:
+            return 0.0
+        return json_schema(student, teacher, schema={})[0]
+    return token_f1(student, teacher)

@@ -16,6 +16,7 @@ the MLflow UI changes nothing that serves (the next swap or rollback moves it ba
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,23 @@ def model_version_of(tracking_uri: str, task: str, cid: str) -> ModelVersionRef 
     """The model version holding artifact `cid` of `task`, or None."""
     version = _find_version(_client(tracking_uri), registered_model_name(task), cid)
     return ModelVersionRef(registered_model_name(task), version) if version is not None else None
+
+
+def log_version_metrics(tracking_uri: str, task: str, cid: str, metrics: dict[str, float]) -> ModelVersionRef | None:
+    """Log `metrics` (timestamped now) on the run behind the model version of artifact `cid`, so its charts
+    follow the version while it serves (student routing's agreement, share, savings); None when no version
+    holds `cid` (never deployed through a tracked swap)."""
+    from mlflow.entities import Metric
+
+    client = _client(tracking_uri)
+    name = registered_model_name(task)
+    version = _find_version(client, name, cid)
+    if version is None:
+        return None
+    run_id = client.get_model_version(name, version).run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    return ModelVersionRef(name, version)
 
 
 def set_champion(tracking_uri: str, task: str, version: ModelVersionRef | None) -> None:

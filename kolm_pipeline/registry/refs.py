@@ -21,10 +21,10 @@ from kolm_pipeline.provenance.cid import sha256_of_cid
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
 from kolm_pipeline.registry.swap import pointer_target, validate_task
 from kolm_pipeline.settings import Settings
+from kolm_pipeline.store.tables import SERVING_DECISIONS
 
 CURRENT, PREVIOUS, BASE, CANDIDATE = "current", "previous", "base", "candidate"
 NAMES = (CURRENT, PREVIOUS, BASE, CANDIDATE)
-SERVING_DECISIONS = ("swap", "rollback")
 MIN_PREFIX = 6
 CID_HEAD = "bafkrei"  # every CID kolm makes: CIDv1, raw codec, sha2-256, base32
 KIND_ARTIFACT, KIND_BASE, KIND_CANDIDATE = "artifact", "base", "candidate"

@@ -6,7 +6,8 @@ answer tokens as the backend's tokenizer does (streamed: in a last chunk, when `
 asks for it, as OpenAI streams it). A task the caller cannot call answers 404 listing the tasks its tenant can.
 
 ``POST /v1/feedback`` takes a verdict on a served answer (by its completion ``id``) and ``GET /v1/monitor``
-shows each task's live score against its evaluated score (see ``serve/monitor.py``).
+shows each task's live score against its evaluated score (see ``serve/monitor.py``). A non-streamed answer says
+how sure the adapter was of it in ``x-kolm-confidence`` (what the capture proxy's student routing reads).
 
 Every route but ``/healthz`` needs a tenant's kolm key, sent as the client's API key (the OpenAI SDK's
 ``api_key``), checked against the capture store's hashed keys as the capture proxy does. A key sees and calls
@@ -38,6 +39,11 @@ from kolm_pipeline.store import CaptureStore
 
 log = logging.getLogger("kolm.serve")
 MAX_TOKENS_LIMIT = 4096
+# On a non-streamed answer: how sure the adapter was of it, 0–1 (a label: the constrained decoder's path
+# probability; generated text: the geometric mean of its token probabilities). Student routing reads it.
+CONFIDENCE_HEADER = "x-kolm-confidence"
+# What kind of answer the adapter gives (`label`, `json` or `text`): how routing compares it with the teacher's.
+ANSWER_KIND_HEADER = "x-kolm-answer-kind"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body larger than this answers 413 before it is read whole
 _DONE = object()
 
@@ -233,7 +239,8 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
         created = int(time.time())
 
         def described(lease) -> tuple[dict, dict]:
-            headers = {"x-kolm-adapter-cid": lease.cid, "x-kolm-adapter": lease.name}
+            kind = "label" if lease.labels else "json" if lease.json_schema is not None else "text"
+            headers = {"x-kolm-adapter-cid": lease.cid, "x-kolm-adapter": lease.name, ANSWER_KIND_HEADER: kind}
             return headers, {"id": completion_id, "created": created, "model": task, "system_fingerprint": lease.cid}
 
         def chunk(base: dict, delta: dict, finish: str | None) -> str:
@@ -294,8 +301,10 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
             except BackendError as exc:
                 return _error(502, "server_error", str(exc))
             if answered is not None:
-                label, lease = answered
+                label, lease, confidence = answered
                 headers, base = described(lease)
+                if confidence is not None:
+                    headers[CONFIDENCE_HEADER] = f"{confidence:.6f}"
                 runtime.observe(task, lease.cid, completion_id, messages, label, caller.owner)
                 counted = await counted_label(label) if (chat.include_usage or not stream) else {}
                 if not stream:
@@ -327,6 +336,8 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
             finally:
                 lease.release()
             runtime.observe(task, lease.cid, completion_id, messages, text.strip(), caller.owner)
+            if isinstance(counted.get("confidence"), float):
+                headers[CONFIDENCE_HEADER] = f"{counted['confidence']:.6f}"
             return completion(base, text.strip(), headers, counted)
 
         pieces = runtime.backend.stream(lease.name, messages, lease.labels, max_tokens,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -217,7 +218,7 @@ class TransformersBackend:
             raise type(mine.error)(*mine.error.args)
         return mine
 
-    def _score(self, name: str, labels: list[str], batch: list[_LabelRequest]) -> list[str]:
+    def _score(self, name: str, labels: list[str], batch: list[_LabelRequest]) -> list[tuple[str, float | None]]:
         from kolm_pipeline.evaluate.inference import predict_labels
 
         self._select(name)
@@ -226,23 +227,25 @@ class TransformersBackend:
                                      batch_size=len(batch))
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template that cannot render the messages
             raise BackendError(f"scoring the label set failed: {exc}") from exc
-        return [output.output for output in outputs]
+        return [(output.output, output.confidence) for output in outputs]
 
     def _label(self, name: str, messages: list[dict], labels: list[str]) -> str:
         """Constrained choice among ``labels`` with adapter ``name`` (batched with identical requests)."""
 
         def run(batch: list[_LabelRequest]) -> None:
-            for request, output in zip(batch, self._score(name, labels, batch), strict=True):
+            for request, (output, _confidence) in zip(batch, self._score(name, labels, batch), strict=True):
                 request.result = output
 
         return self._combined(("adapter", name, tuple(labels)), messages, run).result or ""
 
-    def classify(self, task: str, messages: list[dict], acquire: Callable[[], Lease]) -> tuple[str, Lease] | None:
+    def classify(self, task: str, messages: list[dict], acquire: Callable[[], Lease]
+                 ) -> tuple[str, Lease, float | None] | None:
         """Closed-vocabulary answer for ``task``, batched with the task's other waiting requests.
 
         The adapter is bound when the batch runs, not when the request arrived: a request still waiting
         when a swap lands is answered by the new adapter (one that has started is never moved). Returns
-        (label, the lease it ran under, already released), or None if the task's adapter has no label set.
+        (label, the lease it ran under (already released), the decoder's confidence in it), or None if the
+        task's adapter has no label set.
         """
 
         def run(batch: list[_LabelRequest]) -> None:
@@ -251,7 +254,7 @@ class TransformersBackend:
                 labels = lease.labels
                 outputs = self._score(lease.name, labels, batch) if labels else [None] * len(batch)
                 for request, output in zip(batch, outputs, strict=True):
-                    request.result = None if output is None else (output, lease)
+                    request.result = None if output is None else (output[0], lease, output[1])
             finally:
                 lease.release()
 
@@ -385,8 +388,10 @@ class VLLMBackend:
 
         body: dict = {"model": name, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                       "stream": True}
-        if usage is not None:  # vLLM counts: its last chunk carries the usage
+        if usage is not None:  # vLLM counts: its last chunk carries the usage; the tokens' logprobs the confidence
             body["stream_options"] = {"include_usage": True}
+            body["logprobs"] = True
+        logprob, tokens = 0.0, 0
         if labels:
             body["structured_outputs"] = {"choice": labels}
         elif json_schema is not None:
@@ -415,11 +420,16 @@ class VLLMBackend:
                         usage.update({key: int(counted[key]) for key in ("prompt_tokens", "completion_tokens")
                                       if isinstance(counted.get(key), int)})
                     choices = chunk.get("choices") or [{}]
+                    for scored in (choices[0].get("logprobs") or {}).get("content") or []:
+                        if isinstance(scored.get("logprob"), int | float):
+                            logprob, tokens = logprob + scored["logprob"], tokens + 1
                     piece = (choices[0].get("delta") or {}).get("content")
                     if piece:
                         yield piece
         except httpx.HTTPError as exc:
             raise BackendError(f"vLLM at {self.url} failed mid-answer: {exc}") from exc
+        if usage is not None and tokens:
+            usage["confidence"] = math.exp(logprob / tokens)  # as the local backend: the tokens' geometric mean
 
     def close(self) -> None:
         self._client.close()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ class GenRow:
     max_tokens: int
     decoder: Any = None  # a JsonDecoder holding the answer to its schema, or None
     generated: list[int] = field(default_factory=list)
+    logprob: float = 0.0  # the sum over ``generated`` of each token's log-probability under the model
     emitted: str = ""
     feed: int = 0  # the token the next decoding pass reads for this row
     pieces: deque[str] = field(default_factory=deque)
@@ -101,7 +103,8 @@ class BatchedGeneration:
                usage: dict | None = None) -> Iterator[str]:
         """The answer to ``prompt`` (``prompt_tokens`` long) with adapter ``name``, piece by piece, decoded in that
         adapter's batch; ``decoder`` (a JsonDecoder) holds it to a schema. When ``usage`` is given, fill in
-        ``prompt_tokens`` and ``completion_tokens`` once the answer is complete."""
+        ``prompt_tokens``, ``completion_tokens`` and ``confidence`` (the geometric mean of the answer's token
+        probabilities) once the answer is complete."""
         row = GenRow(prompt=prompt, prompt_tokens=prompt_tokens, max_tokens=max_tokens, decoder=decoder)
         with self._batches_lock:
             batch = self._batches.get(name)
@@ -123,7 +126,8 @@ class BatchedGeneration:
         if row.error is not None:
             raise BackendError(str(row.error))
         if usage is not None:
-            usage.update(prompt_tokens=row.prompt_tokens, completion_tokens=len(row.generated))
+            usage.update(prompt_tokens=row.prompt_tokens, completion_tokens=len(row.generated),
+                         confidence=math.exp(row.logprob / len(row.generated)) if row.generated else 0.0)
 
     def _step(self, batch: GenBatch) -> None:
         """One forward pass for ``batch``, holding ``lock``: the prompts of the requests waiting to join (up to
@@ -226,13 +230,20 @@ class BatchedGeneration:
         """Choose each row's next token from its logits (greedy; under its grammar for a JSON row), queue the
         text it completes, and mark the rows that are done: at an EOS token, at ``max_tokens``, or (JSON) once
         the object is closed."""
+        import torch
+
         greedy = logits.argmax(dim=-1).tolist() if any(row.decoder is None for row in rows) else None
-        for index, row in enumerate(rows):
-            token = row.decoder.choose(logits[index]) if row.decoder is not None else greedy[index]
+        chosen = [row.decoder.choose(logits[index]) if row.decoder is not None else greedy[index]
+                  for index, row in enumerate(rows)]
+        # The model's own probability of each chosen token (before any grammar mask): the answer's confidence.
+        logprobs = logits.float().log_softmax(-1).gather(
+            1, logits.new_tensor(chosen, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
+        for row, token, logprob in zip(rows, chosen, logprobs, strict=True):
             if token in self._eos:
                 row.done = True
                 continue
             row.generated.append(token)
+            row.logprob += logprob
             row.feed = token
             text = self._tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
             if not text.endswith("\ufffd"):  # else a multi-byte character is still incomplete

@@ -409,10 +409,32 @@ def roll_back_on_trip(settings, trip: Trip) -> str:
         delivery = send_alert(settings.alert_webhook, live_regression_alert(trip, rolled_back_to=None,
                                                                             registry_row=row, outcome=str(exc)))
         return f"not rolled back: {exc} (registry row {row}; alert {delivery})"
+    routing = _stop_student_routing(store, trip.task)
     delivery = send_alert(settings.alert_webhook, live_regression_alert(
         trip, rolled_back_to=activation.to_cid, registry_row=activation.registry_row,
-        outcome=f"rolled back to {activation.to_cid}"))
+        outcome=f"rolled back to {activation.to_cid}{routing}"))
     return f"rolled back {trip.cid} → {activation.to_cid} (registry row {activation.registry_row}; alert {delivery})"
+
+
+def _stop_student_routing(store, task: str) -> str:
+    """After a rollback, a namespace the student answered goes back to `shadow`: the adapter it now serves has
+    to earn its threshold again (to `teacher` when nothing is deployed any more). Returns what was done."""
+    from kolm_pipeline.provenance.errors import InvalidInput
+    from kolm_pipeline.registry.manage import LIVE_MONITOR_ACTOR
+    from kolm_pipeline.store import split_partition_key
+
+    try:
+        tenant, namespace = split_partition_key(task)
+    except InvalidInput:  # a task that is no namespace of the capture proxy
+        return ""
+    if store.namespace_settings(tenant, namespace).routing != "student":
+        return ""
+    try:
+        store.set_switches(tenant, namespace, LIVE_MONITOR_ACTOR, routing="shadow")
+        return "; routing student → shadow"
+    except InvalidInput:
+        store.set_switches(tenant, namespace, LIVE_MONITOR_ACTOR, routing="teacher")
+        return "; routing student → teacher"
 
 
 def live_regression_alert(trip: Trip, *, rolled_back_to: str | None, registry_row: int | None,

@@ -187,11 +187,16 @@ class StoreBase:
         if row is None:
             return NamespaceSettings(self.default_retention_days, False, False, None)
         entities = None if row.redact_entities is None else tuple(e for e in row.redact_entities.split(",") if e)
+        defaults = NamespaceSettings(self.default_retention_days, False, False, None)
         return NamespaceSettings(
             row.retention_days or self.default_retention_days,
             bool(row.implicit_signals),
             bool(row.distill_ready),
             entities,
+            routing=row.routing or defaults.routing,
+            routing_target=row.routing_target if row.routing_target is not None else defaults.routing_target,
+            canary_share=row.canary_share if row.canary_share is not None else defaults.canary_share,
+            shadow_min=row.shadow_min if row.shadow_min is not None else defaults.shadow_min,
         )
 
     def _backfill_retry_digests(self, conn: Any, tenant: str, namespace: str) -> None:

@@ -32,16 +32,17 @@ _CAPTURE_COLUMNS = tuple(column.name for column in captures.columns if column.na
 _CAPTURE_BOUND_COLUMNS = (
     "request_id", "tenant", "namespace", "provider", "model", "input_json", "output_text", "latency_us", "status",
     "http_status", "prompt_tokens", "completion_tokens", "tags", "streamed", "created_at", "input_hmac",
-    "output_hmac", "source", "retry_digest",
+    "output_hmac", "source", "retry_digest", "served_by",
 )  # fmt: skip
 if tuple(name for name in _CAPTURE_COLUMNS if name not in _NEW_CAPTURE_CONSTANTS) != _CAPTURE_BOUND_COLUMNS:
     raise RuntimeError("_CAPTURE_BOUND_COLUMNS no longer lists the captures table's columns in order")
 # Columns a new capture often leaves empty (token counts a stream did not report; the retry digest of a
 # namespace without implicit signals): where a row has None there, a variant of the INSERT writes NULL.
 _OFTEN_NULL = tuple(
-    _CAPTURE_BOUND_COLUMNS.index(name) for name in ("prompt_tokens", "completion_tokens", "retry_digest")
+    _CAPTURE_BOUND_COLUMNS.index(name)
+    for name in ("prompt_tokens", "completion_tokens", "retry_digest", "served_by")
 )
-_PROMPT_TOKENS, _COMPLETION_TOKENS, _RETRY_DIGEST = _OFTEN_NULL
+_PROMPT_TOKENS, _COMPLETION_TOKENS, _RETRY_DIGEST, _SERVED_BY = _OFTEN_NULL
 _TENANT, _NAMESPACE = _CAPTURE_BOUND_COLUMNS.index("tenant"), _CAPTURE_BOUND_COLUMNS.index("namespace")
 
 
@@ -76,7 +77,7 @@ class _DriverInsert:
         self.converters = converters
         self.prepared = prepared
         self.sql = render(frozenset())
-        self._variants: dict[tuple[bool, bool, bool], tuple[str, Callable[[Any], tuple[Any, ...]] | None]] = {}
+        self._variants: dict[tuple[bool, ...], tuple[str, Callable[[Any], tuple[Any, ...]] | None]] = {}
 
     def statements(
         self, rows: list[tuple[Any, ...]]
@@ -84,10 +85,11 @@ class _DriverInsert:
         """(SQL, parameters, (tenant, namespace)) per run of consecutive `rows` (values from
         `_capture_values`) of one namespace that leave the same columns empty: runs, not groups, so ids keep
         the order the calls came in; one namespace each, so a run's row count is what its counters gain."""
-        runs: list[tuple[tuple[tuple[str, str], tuple[bool, bool, bool]], list[tuple[Any, ...]]]] = []
+        runs: list[tuple[tuple[tuple[str, str], tuple[bool, ...]], list[tuple[Any, ...]]]] = []
         for values in rows if not self.converters else map(self._convert, rows):
             where = (values[_TENANT], values[_NAMESPACE])
-            empty = (values[_PROMPT_TOKENS] is None, values[_COMPLETION_TOKENS] is None, values[_RETRY_DIGEST] is None)
+            empty = (values[_PROMPT_TOKENS] is None, values[_COMPLETION_TOKENS] is None,
+                     values[_RETRY_DIGEST] is None, values[_SERVED_BY] is None)
             if not runs or runs[-1][0] != (where, empty):
                 runs.append(((where, empty), []))
             runs[-1][1].append(values)
@@ -97,7 +99,7 @@ class _DriverInsert:
             statements.append((sql, run if kept is None else list(map(kept, run)), where))
         return statements
 
-    def _variant(self, key: tuple[bool, bool, bool]) -> tuple[str, Callable[[Any], tuple[Any, ...]] | None]:
+    def _variant(self, key: tuple[bool, ...]) -> tuple[str, Callable[[Any], tuple[Any, ...]] | None]:
         variant = self._variants.get(key)
         if variant is None:
             nulls = frozenset(index for index, empty in zip(_OFTEN_NULL, key, strict=True) if empty)
@@ -161,4 +163,5 @@ def _capture(row: Any) -> Capture:
         merged_at=_utc_or_none(row.merged_at),
         implicit_signal=row.implicit_signal,
         source=row.source,
+        served_by=row.served_by,
     )

@@ -5,8 +5,9 @@ schema is built and upgraded by `store/migrations.py`. Only a sha256 of each kol
 plaintext key is shown once, at creation. Bodies carry an HMAC-SHA256 digest under a per-tenant secret
 from the start, so after the retention window the text can go while dedup and the counters keep working.
 
-`CaptureStore` is composed of one mixin per concern, each in its own module (`tenants`, `captures`, `capture_search`,
-`triage`, `switches`, `retention`, `kept_pairs`, `counters`, `registry_rows`, `audit`) over `base.StoreBase`.
+`CaptureStore` is composed of one mixin per concern, each in its own module (`tenants`, `captures`,
+`capture_search`, `triage`, `switches`, `retention`, `kept_pairs`, `counters`, `registry_rows`, `student_routing`,
+`audit`) over `base.StoreBase`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kolm_pipeline.store.counters import CounterQueries
 from kolm_pipeline.store.kept_pairs import KeptPairQueries
 from kolm_pipeline.store.registry_rows import RegistryQueries
 from kolm_pipeline.store.retention import RetentionQueries
+from kolm_pipeline.store.student_routing import StudentRoutingQueries
 from kolm_pipeline.store.switches import SwitchQueries
 from kolm_pipeline.store.tags import EVAL_CANDIDATE_TAG, TAG_MAX_LENGTH, validate_tags
 from kolm_pipeline.store.tenants import KEY_PREFIX, TenantQueries
@@ -54,6 +56,7 @@ class CaptureStore(
     KeptPairQueries,
     CounterQueries,
     RegistryQueries,
+    StudentRoutingQueries,
     AuditQueries,
 ):
     """Capture store on any SQLAlchemy URL (`sqlite:///path` or `postgresql+psycopg://...`).

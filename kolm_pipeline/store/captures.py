@@ -40,6 +40,7 @@ from kolm_pipeline.store.tables import (
     captures,
     namespace_counters,
     namespace_settings,
+    student_comparisons,
     triage_rules,
 )
 
@@ -177,6 +178,7 @@ class CaptureQueries(StoreBase):
                     secret.hexdigest(canonical_text(record.output_text)),
                     record.source,
                     retry_digest,
+                    record.served_by,
                 )
             )
         return rows, retries
@@ -351,5 +353,7 @@ class CaptureQueries(StoreBase):
             conn.execute(
                 delete(triage_rules).where(triage_rules.c.tenant == tenant, triage_rules.c.namespace == namespace)
             )
+            conn.execute(delete(student_comparisons).where(student_comparisons.c.tenant == tenant,
+                                                           student_comparisons.c.namespace == namespace))
             self._audit(conn, tenant, namespace, "namespace.delete", {"captures": deleted}, actor)
         return deleted

@@ -95,14 +95,17 @@ class CounterQueries(StoreBase):
                 self._audit(conn, tenant, namespace, "counters.recount", {"before": stored, "after": counted}, actor)
         return before
 
-    def status(self, tenant: str, namespace: str) -> dict[str, Any]:
-        """Counters and switches of a namespace, as the status route and `kolm capture status` show them."""
+    def status(self, tenant: str, namespace: str,
+               price_table: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+        """Counters, switches and routing of a namespace, as the status route and `kolm capture status` show
+        them (`price_table` prices the teacher calls the student avoided)."""
         settings = self.namespace_settings(tenant, namespace)
         return {
             "namespace": namespace,
             "counters": self.counters(tenant, namespace),
             "switches": settings.switches(),
             "redaction": sorted(settings.redact_entities) if settings.redact_entities is not None else "all",
+            "routing": self.routing_status(tenant, namespace, price_table).as_dict(),  # type: ignore[attr-defined]
         }
 
     def observation(self, tenant: str, namespace: str) -> dict[str, Any]:

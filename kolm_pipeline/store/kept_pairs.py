@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from kolm_pipeline.store.base import _ADD_TO_COUNTERS, _COUNTERS, StoreBase, _chunks, _utc
 from kolm_pipeline.store.counters import published_distills
@@ -34,6 +34,9 @@ class KeptPairQueries(StoreBase):
                 captures.c.triage_state == "kept",
                 captures.c.status == "ok",
                 captures.c.expired_at.is_(None),
+                # Never train on self-output: an answer the deployed adapter gave in the teacher's place is
+                # no pair, unless a person corrected it.
+                or_(captures.c.served_by.is_(None), captures.c.feedback_output.is_not(None)),
             )
             .order_by(captures.c.id)
         )

@@ -318,6 +318,34 @@ def _v8_merged_counts_published_runs(_op: Operations, conn: Connection) -> None:
     )
 
 
+def _v9_student_routing(op: Operations, _conn: Connection) -> None:
+    """Routing through the capture endpoint (issue 23): who answered each capture, the namespace's routing
+    switches, and the requests both the teacher and the deployed adapter answered."""
+    op.add_column("captures", Column("served_by", String(128)))
+    for column in (Column("routing", String(16)), Column("routing_target", Float), Column("canary_share", Float),
+                   Column("shadow_min", Integer)):
+        op.add_column("namespace_settings", column)
+    op.create_table(
+        "student_comparisons",
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("tenant", String(63), nullable=False),
+        Column("namespace", String(63), nullable=False),
+        Column("request_id", String(64), nullable=False),
+        Column("adapter_cid", String(128), nullable=False),
+        Column("kind", String(16), nullable=False),
+        Column("agreement", Float, nullable=False),
+        Column("confidence", Float, nullable=False),
+        Column("student_output", Text, nullable=False),
+        Column("student_latency_us", BigInteger, nullable=False),
+        Column("teacher_latency_us", BigInteger, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        CheckConstraint("kind = 'shadow' OR kind = 'canary' OR kind = 'escalated'",
+                        name="ck_student_comparisons_kind"),
+    )
+    op.create_index("ix_student_comparisons_namespace_cid", "student_comparisons",
+                    ["tenant", "namespace", "adapter_cid"])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (1, "baseline tables", _v1_baseline),
     (2, "retention, counters and switches", _v2_retention_and_counters),
@@ -327,6 +355,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (6, "namespace counters", _v6_namespace_counters),
     (7, "tenant keys", _v7_tenant_keys),
     (8, "merged counts published distill runs", _v8_merged_counts_published_runs),
+    (9, "student routing", _v9_student_routing),
 ]
 LATEST = MIGRATIONS[-1][0]
 

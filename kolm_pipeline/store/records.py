@@ -68,6 +68,7 @@ class NewCapture:
     streamed: bool = False
     created_at: datetime | None = None
     source: str = "capture"
+    served_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,14 @@ class Capture:
     merged_at: datetime | None = None
     implicit_signal: str | None = None
     source: str = "capture"
+    served_by: str | None = None
+
+
+# Student routing defaults: agreement the student's kept answers must reach, the share of confident requests
+# still sent to the teacher, and how many compared requests `student` needs first.
+DEFAULT_ROUTING_TARGET = 0.98
+DEFAULT_CANARY_SHARE = 0.05
+DEFAULT_SHADOW_MIN = 200
 
 
 @dataclass(frozen=True)
@@ -109,13 +118,21 @@ class NamespaceSettings:
     implicit_signals: bool
     distill_ready: bool
     redact_entities: tuple[str, ...] | None
+    routing: str = "teacher"
+    routing_target: float = DEFAULT_ROUTING_TARGET
+    canary_share: float = DEFAULT_CANARY_SHARE
+    shadow_min: int = DEFAULT_SHADOW_MIN
 
-    def switches(self) -> dict[str, int | bool]:
-        """The three switches shown with the counters."""
+    def switches(self) -> dict[str, int | bool | str | float]:
+        """The switches shown with the counters."""
         return {
             "retention_days": self.retention_days,
             "implicit_signals": self.implicit_signals,
             "distill_ready": self.distill_ready,
+            "routing": self.routing,
+            "routing_target": self.routing_target,
+            "canary_share": self.canary_share,
+            "shadow_min": self.shadow_min,
         }
 
 

@@ -45,6 +45,10 @@ class RetentionQueries(StoreBase):
             count = self._expire(tenant, namespace, cutoff, now)
             if count:
                 expired[f"{tenant}.{namespace}"] = count
+        # The student's answers compared with the teacher's go with the window of the captures they belong to.
+        for tenant, namespace in self.comparison_namespaces():  # type: ignore[attr-defined]
+            settings = custom.get((tenant, namespace)) or self._settings_of(None)
+            self.expire_comparisons(tenant, namespace, now - timedelta(days=settings.retention_days))  # type: ignore[attr-defined]
         if expired and scrub:
             self.scrub()
         return expired

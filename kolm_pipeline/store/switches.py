@@ -1,5 +1,5 @@
-"""A namespace's switches (retention window, implicit signals, distill-ready, redacted entities), each
-change audited with its old and new value."""
+"""A namespace's switches (retention window, implicit signals, distill-ready, redacted entities, routing
+and its knobs), each change audited with its old and new value."""
 
 from __future__ import annotations
 
@@ -11,9 +11,25 @@ from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.store.base import StoreBase
 from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
 from kolm_pipeline.store.records import NamespaceSettings
-from kolm_pipeline.store.tables import namespace_settings
+from kolm_pipeline.store.tables import ROUTING_MODES, namespace_settings
 
-_SWITCH_NAMES = ("retention_days", "implicit_signals", "distill_ready", "redact_entities")
+_SWITCH_NAMES = ("retention_days", "implicit_signals", "distill_ready", "redact_entities", "routing",
+                 "routing_target", "canary_share", "shadow_min")
+_ROUTING_KNOBS = ("routing_target", "canary_share", "shadow_min")
+
+
+def _check_routing(changes: dict[str, Any]) -> None:
+    if "routing" in changes and changes["routing"] not in ROUTING_MODES:
+        raise InvalidInput(f"unknown routing {changes['routing']!r}: use one of {', '.join(ROUTING_MODES)}")
+    for name, low, high in (("routing_target", 0.0, 1.0), ("canary_share", 0.0, 1.0)):
+        value = changes.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not low < value <= high if name == "routing_target" else not low <= value < high):
+            raise InvalidInput(f"{name} must be a number in {'(0, 1]' if name == 'routing_target' else '[0, 1)'}")
+    shadow_min = changes.get("shadow_min")
+    if shadow_min is not None and (isinstance(shadow_min, bool) or not isinstance(shadow_min, int)
+                                   or not 1 <= shadow_min <= 1_000_000):
+        raise InvalidInput("shadow_min must be an integer from 1 to 1000000")
 
 
 class SwitchQueries(StoreBase):
@@ -35,8 +51,13 @@ class SwitchQueries(StoreBase):
         return {(row.tenant, row.namespace): self._settings_of(row) for row in rows}
 
     def set_switches(self, tenant: str, namespace: str, actor: str, **changes: Any) -> NamespaceSettings:
-        """Change switches (`retention_days`, `implicit_signals`, `distill_ready`, `redact_entities`); each
-        change is written to the audit log with its old and new value, in the same transaction."""
+        """Change switches (`retention_days`, `implicit_signals`, `distill_ready`, `redact_entities`, `routing`,
+        `routing_target`, `canary_share`, `shadow_min`); each change is written to the audit log with its old and
+        new value, in the same transaction.
+
+        `routing` `shadow` needs a deployed adapter, and `student` a routing status that is `ready` (enough
+        requests compared, a confidence threshold that keeps answers at the target): otherwise InvalidInput says
+        what is missing and nothing changes."""
         validate_tenant(tenant)
         validate_namespace(namespace)
         unknown = sorted(set(changes) - set(_SWITCH_NAMES))
@@ -57,6 +78,9 @@ class SwitchQueries(StoreBase):
             ):
                 raise InvalidInput("redact_entities must be a list of entity names such as EMAIL")
             changes["redact_entities"] = tuple(sorted(set(entities)))
+        _check_routing(changes)
+        if changes.get("routing") in ("shadow", "student"):
+            self._check_routing_ready(tenant, namespace, changes)
         key = (namespace_settings.c.tenant == tenant, namespace_settings.c.namespace == namespace)
         with self.engine.begin() as conn:
             row = conn.execute(select(namespace_settings).where(*key)).first()
@@ -66,6 +90,8 @@ class SwitchQueries(StoreBase):
                 "implicit_signals": before.implicit_signals,
                 "distill_ready": before.distill_ready,
                 "redact_entities": before.redact_entities,
+                "routing": before.routing,
+                **{name: getattr(before, name) for name in _ROUTING_KNOBS},
                 **changes,
             }
             stored = {
@@ -73,6 +99,8 @@ class SwitchQueries(StoreBase):
                 "implicit_signals": after["implicit_signals"],
                 "distill_ready": after["distill_ready"],
                 "redact_entities": None if after["redact_entities"] is None else ",".join(after["redact_entities"]),
+                "routing": after["routing"],
+                **{name: after[name] for name in _ROUTING_KNOBS},
                 "updated_at": self._now(),
             }
             if row is None:
@@ -89,6 +117,12 @@ class SwitchQueries(StoreBase):
                         "to": list(new) if isinstance(new, tuple) else new,
                     }
                     self._audit(conn, tenant, namespace, f"switch.{name}", detail, actor)
-        return NamespaceSettings(
-            after["retention_days"], after["implicit_signals"], after["distill_ready"], after["redact_entities"]
-        )
+        return NamespaceSettings(**after)
+
+    def _check_routing_ready(self, tenant: str, namespace: str, changes: dict[str, Any]) -> None:
+        """Refuse `shadow` without a deployed adapter, and `student` until the routing status is ready (judged
+        with the target and minimum this same change sets, if it sets them)."""
+        status = self.routing_status(  # type: ignore[attr-defined]
+            tenant, namespace, target=changes.get("routing_target"), shadow_min=changes.get("shadow_min"))
+        if status.adapter_cid is None or (changes["routing"] == "student" and not status.ready):
+            raise InvalidInput(f"routing {changes['routing']} refused: {status.missing}")

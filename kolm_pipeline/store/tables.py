@@ -109,6 +109,9 @@ captures = Table(
     Column("source", String(16), nullable=False, default="capture", server_default="capture"),
     # The input digest again, only where the namespace has implicit signals on: retries are found by it.
     Column("retry_digest", String(64)),
+    # The CID of the deployed adapter that answered in the teacher's place (routing `student`); NULL when the
+    # teacher answered. Such a pair never trains an adapter (never train on self-output).
+    Column("served_by", String(128)),
     CheckConstraint(_one_of("provider", PROVIDERS), name="ck_captures_provider"),
     CheckConstraint(_one_of("status", CAPTURE_STATUSES), name="ck_captures_status"),
     CheckConstraint(_one_of("triage_state", TRIAGE_STATES), name="ck_captures_triage_state"),
@@ -150,6 +153,40 @@ namespace_settings = Table(
     Column("distill_ready", Boolean, nullable=False, default=False),
     Column("redact_entities", Text),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Who answers the namespace's traffic (`ROUTING_MODES`) and the student-routing knobs; NULL: the default.
+    Column("routing", String(16)),
+    Column("routing_target", Float),
+    Column("canary_share", Float),
+    Column("shadow_min", Integer),
+)
+
+ROUTING_MODES = ("teacher", "shadow", "student")
+# Registry decisions that change what a task serves: a row's `to_cid` is then the adapter served from it on.
+SERVING_DECISIONS = ("swap", "rollback")
+# How a compared request reached both models: a shadow copy, a canary of a confident student answer sent to
+# the teacher anyway, or an escalation (the student was not confident enough).
+COMPARISON_KINDS = ("shadow", "canary", "escalated")
+
+# One request answered by both the teacher and the namespace's deployed adapter, and how far they agreed
+# (the task's verifier, the teacher's answer as reference). The student's answer is kept for the inbox's
+# disagreement list, and swept with the namespace's retention window like the capture it belongs to.
+student_comparisons = Table(
+    "student_comparisons",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant", String(63), nullable=False),
+    Column("namespace", String(63), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("adapter_cid", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("agreement", Float, nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("student_output", Text, nullable=False),
+    Column("student_latency_us", BigInteger, nullable=False),
+    Column("teacher_latency_us", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint(_one_of("kind", COMPARISON_KINDS), name="ck_student_comparisons_kind"),
+    Index("ix_student_comparisons_namespace_cid", "tenant", "namespace", "adapter_cid"),
 )
 
 schema_versions = Table(

@@ -1,0 +1,297 @@
+"""Routing at the capture endpoint (issue 23), end to end with real servers: the official openai and anthropic
+SDKs → the capture proxy → the stand-in teacher (a frontier API's stand-in) and `kolm serve` (the serving runtime
+with a labels adapter on the tiny random-weight base, deployed by `swap_artifact` with its registry row).
+
+The stand-in teacher's answers are chosen from the student's own confidences: it agrees with the adapter on
+its most confident prompts and not on the least confident ones, so the threshold routing chooses must keep the
+first and escalate the second."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from kolm_pipeline.capture.background import BackgroundServer
+from kolm_pipeline.capture_server import create_app
+from kolm_pipeline.cli import main
+from kolm_pipeline.demo.teacher import create_teacher_app
+from kolm_pipeline.registry.manage import swap_artifact
+from kolm_pipeline.serve.app import create_serving_app
+from kolm_pipeline.serve.backends import TransformersBackend
+from kolm_pipeline.serve.monitor import Trip, roll_back_on_trip
+from kolm_pipeline.serve.runtime import ServingRuntime
+from kolm_pipeline.settings import CaptureConfig, Settings, load_settings
+from kolm_pipeline.store import CaptureStore
+from kolm_pipeline.store.student_routing import Comparison, choose_threshold
+from kolm_pipeline_tests.test_registry_support import LABELS, free_port, real_adapter, signed_artifact, wait_until
+
+UPSTREAM_KEY = "sk-teacher-key-for-the-stand-in"
+PROMPTS = [f"Ticket {index}: {topic} (order {1000 + index})" for index, topic in enumerate(
+    ["I was charged twice", "my parcel is late", "the app crashes", "refund please", "wrong address",
+     "cannot log in", "invoice missing", "package damaged", "slow website", "card declined"] * 4)]
+DISAGREE = 8  # the stand-in teacher answers otherwise on the student's 8 least confident prompts
+
+
+@dataclass
+class World:
+    settings: Settings
+    store: CaptureStore
+    key: str
+    cid: str
+    serve_url: str
+    proxy_url: str
+    proxy_app: object
+    serve_server: object
+    serve_thread: threading.Thread
+    teacher_answers: dict[str, str]
+    confidence: dict[str, float]
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.proxy_url, headers={"authorization": f"Bearer {self.key}"}, timeout=60)
+
+    def status(self, namespace: str = "labels") -> dict:
+        with self.api() as api:
+            return api.get(f"/v1/namespaces/{namespace}/status").json()
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.proxy_url}/v1/capture/openai", api_key=self.key, max_retries=0,
+                             default_headers={"x-kolm-namespace": "labels", "x-upstream-api-key": UPSTREAM_KEY},
+                             timeout=60)
+
+    def ask(self, prompt: str) -> tuple[str, str]:
+        """(answer, who answered) for one request through the proxy with the openai SDK."""
+        raw = self.openai().chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], max_tokens=8)
+        return raw.parse().choices[0].message.content, raw.headers["x-kolm-served-by"]
+
+
+@pytest.fixture(scope="module")
+def world(tiny_base, tmp_path_factory):
+    import uvicorn
+
+    from kolm_pipeline.train.base_model import resolve_base_model
+
+    root: Path = tmp_path_factory.mktemp("routing")
+    settings = load_settings(root / "home")
+    store = CaptureStore(settings.store_url)
+    key = store.create_tenant("acme")
+    digest = resolve_base_model(str(tiny_base), settings.models_dir).digest
+    adapter = real_adapter(tiny_base, root / "adapter", seed=3)
+    artifact = signed_artifact(root / "labels.kolm", adapter_dir=adapter, keys_dir=settings.keys_dir,
+                               task="acme.labels", labels=LABELS, salt="routing", base_digest=digest)
+    cid = swap_artifact(settings, store, artifact, "force", "test").to_cid
+
+    runtime = ServingRuntime(settings, TransformersBackend(str(tiny_base), settings.models_dir), poll_interval=0.05)
+    port = free_port()
+    serve_server = uvicorn.Server(uvicorn.Config(create_serving_app(runtime, store), host="127.0.0.1", port=port,
+                                                 log_level="warning"))
+    serve_thread = threading.Thread(target=serve_server.run, daemon=True)
+    serve_thread.start()
+    wait_until(lambda: serve_server.started, timeout=60, what="kolm serve to start")
+    serve_url = f"http://127.0.0.1:{port}"
+
+    # What the student answers, and how sure it is, for each prompt (asked directly, one by one).
+    confidence, student = {}, {}
+    with httpx.Client(headers={"authorization": f"Bearer {key}"}, timeout=60) as http:
+        for prompt in PROMPTS:
+            reply = http.post(f"{serve_url}/v1/chat/completions",
+                              json={"model": "acme.labels", "messages": [{"role": "user", "content": prompt}]})
+            assert reply.status_code == 200, reply.text
+            student[prompt] = reply.json()["choices"][0]["message"]["content"]
+            confidence[prompt] = float(reply.headers["x-kolm-confidence"])
+            assert reply.headers["x-kolm-answer-kind"] == "label"
+    least_sure = sorted(PROMPTS, key=lambda p: confidence[p])[:DISAGREE]
+    teacher_answers = {p: LABELS[(LABELS.index(student[p]) + 1) % len(LABELS)] if p in least_sure else student[p]
+                       for p in PROMPTS}
+
+    with BackgroundServer(create_teacher_app(teacher_answers)) as teacher:
+        proxy_settings = settings.model_copy(update={"upstream_openai": f"{teacher.url}/v1",
+                                                     "upstream_anthropic": teacher.url})
+        config = CaptureConfig(retention_sweep_s=0, replay_interval_s=0.2, serve_url=serve_url,
+                               routing_refresh_s=0.1, student_timeout_s=30)
+        app = create_app(proxy_settings, store, config)
+        with BackgroundServer(app) as proxy:
+            yield World(settings, store, key, cid, serve_url, proxy.url, app, serve_server, serve_thread,
+                        teacher_answers, confidence)
+    serve_server.should_exit = True
+    serve_thread.join(timeout=30)
+
+
+def test_bad_routing_changes_nothing(world, monkeypatch, capsys):
+    """An unknown value, `student` before enough agreement, `shadow` without a deployed adapter: each a clear
+    error (400 JSON or a CLI message), and the switch stays as it was."""
+    with world.api() as api:
+        for body, namespace, expected in [
+            ({"routing": "sometimes"}, "labels", "routing"),
+            ({"routing": "student"}, "labels", "0 of 200 requests compared"),
+            ({"routing": "shadow"}, "nothing", "no adapter is deployed"),
+            ({"canary_share": 1.5}, "labels", "canary_share"),
+        ]:
+            reply = api.post(f"/v1/namespaces/{namespace}/switches", json=body)
+            assert reply.status_code == 400, reply.text
+            assert expected in reply.json()["error"]["message"]
+    assert world.status()["switches"]["routing"] == "teacher"
+
+    monkeypatch.setenv("KOLM_HOME", str(world.settings.home))
+    monkeypatch.delenv("KOLM_STORE_URL", raising=False)
+    assert main(["capture", "status", "--namespace", "acme.labels", "--routing", "student"]) == 1
+    assert "routing student refused: 0 of 200 requests compared" in capsys.readouterr().err
+    assert world.store.namespace_settings("acme", "labels").routing == "teacher"
+
+
+def test_shadow_then_student_through_the_proxy(world):
+    with world.api() as api:
+        assert api.post("/v1/namespaces/labels/switches", json={"routing": "shadow"}).status_code == 200
+
+    # Shadow: the teacher's answers, unchanged; the student answers off the response path and is compared.
+    for prompt in PROMPTS:
+        assert world.ask(prompt) == (world.teacher_answers[prompt], "teacher")
+    wait_until(lambda: world.status()["routing"]["compared"] == len(PROMPTS), timeout=60,
+               what="every shadowed request to be compared")
+    routing = world.status()["routing"]
+    assert routing["adapter_cid"] == world.cid and routing["mode"] == "shadow"
+    assert routing["agreement"] == pytest.approx((len(PROMPTS) - DISAGREE) / len(PROMPTS), abs=0.051)
+    assert routing["disagreements"] >= DISAGREE - 2
+    assert routing["threshold"] is not None and routing["kept_agreement"] >= 0.98
+    with world.api() as api:
+        listed = api.get("/v1/namespaces/labels/disagreements").json()["disagreements"]
+    assert len(listed) == routing["disagreements"]
+    for item in listed:  # each names its capture, for triage, with both answers
+        capture = world.store.get_capture("acme", item["capture_id"])
+        assert item["teacher_output"] == world.teacher_answers[capture.messages[-1]["content"]]
+        assert item["student_output"] != item["teacher_output"] and item["kind"] == "shadow"
+
+    # Student: allowed now that enough requests agree at the chosen threshold.
+    with world.api() as api:
+        switched = api.post("/v1/namespaces/labels/switches",
+                            json={"routing": "student", "shadow_min": len(PROMPTS), "canary_share": 0.0})
+    assert switched.status_code == 200, switched.text
+    assert switched.json()["switches"]["routing"] == "student"
+    time.sleep(0.3)  # the proxy reads a namespace's routing again within routing_refresh_s (0.1 s here)
+
+    served = {prompt: world.ask(prompt) for prompt in PROMPTS}
+    by_student = [p for p, (_, who) in served.items() if who == world.cid]
+    assert len(by_student) >= len(PROMPTS) - DISAGREE - 4  # most requests, from the adapter (its header says so)
+    for prompt, (answer, who) in served.items():
+        assert who in (world.cid, "teacher")
+        assert answer == world.teacher_answers[prompt]  # what it kept agrees; what it escalated is the teacher's
+    least_sure = sorted(PROMPTS, key=lambda p: world.confidence[p])[:DISAGREE]
+    assert all(served[p][1] == "teacher" for p in least_sure)  # the low-confidence ones were escalated
+
+    # Streaming and the Anthropic shape, answered by the student too.
+    sure = by_student[0]
+    with world.openai().chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": sure}], stream=True) as response:
+        assert response.headers["x-kolm-served-by"] == world.cid
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
+    assert text == world.teacher_answers[sure]
+    message = anthropic.Anthropic(
+        base_url=f"{world.proxy_url}/v1/capture/anthropic", api_key=world.key, max_retries=0,
+        default_headers={"x-kolm-namespace": "labels", "x-upstream-api-key": UPSTREAM_KEY},
+    ).messages.create(model="claude-haiku-4", max_tokens=8, messages=[{"role": "user", "content": sure}])
+    assert message.content[0].text == world.teacher_answers[sure]
+
+    # Every request is captured, saying who answered; the student's own answers never become training pairs.
+    world.proxy_app.state.recorder.flush_threadsafe()
+    captures = world.store.list_captures("acme")
+    answered = [c for c in captures if c.served_by == world.cid]
+    assert len(answered) == len(by_student) + 2
+    assert len(captures) == 2 * len(PROMPTS) + 2
+    world.store.set_triage("acme", [c.id for c in captures], "kept", "test")
+    assert len(world.store.kept_pairs("acme", "labels")) == len(captures) - len(answered)
+
+    escalated = len(PROMPTS) - len(by_student)  # compared off the response path: written within a flush
+    wait_until(lambda: world.status()["routing"]["escalated"] == escalated, timeout=30, what="the escalations")
+    routing = world.status()["routing"]
+    assert routing["student_answered"] == len(answered)
+    assert routing["student_share"] == pytest.approx(len(answered) / (len(answered) + routing["escalated"]))
+    assert routing["dollars_avoided"] > 0
+
+
+def test_the_serving_runtime_going_down_fails_no_request(world):
+    """With the student answering, `kolm serve` stops in the middle of the traffic: every client request still
+    gets its answer (the teacher's, from then on)."""
+    with world.api() as api:
+        api.post("/v1/namespaces/labels/switches",
+                 json={"routing": "student", "shadow_min": len(PROMPTS), "canary_share": 0.0})
+    time.sleep(0.3)
+    answers: list[tuple[str, str]] = []
+    for index, prompt in enumerate(PROMPTS[:20]):
+        if index == 5:
+            world.serve_server.should_exit = True
+            world.serve_thread.join(timeout=30)
+        answers.append(world.ask(prompt))
+    assert len(answers) == 20
+    assert all(answer == world.teacher_answers[p] for p, (answer, _) in zip(PROMPTS, answers, strict=False))
+    assert {who for _, who in answers[5:]} == {"teacher"}
+    assert world.proxy_app.state.router.stats["fallbacks"] >= 15
+
+
+def test_threshold_keeps_the_most_answers_at_the_target():
+    pairs = [(0.9, 1.0), (0.8, 1.0), (0.7, 0.0), (0.6, 1.0), (0.5, 0.0)]
+    chosen = choose_threshold(pairs, 0.98)
+    assert (chosen.threshold, chosen.kept_share) == (0.8, 0.4)
+    assert choose_threshold(pairs, 0.7).threshold == 0.6  # 3 of 4 agree
+    assert choose_threshold([(0.9, 0.0)], 0.98).threshold is None
+    assert choose_threshold([(0.5, 1.0), (0.5, 0.0)], 0.98).threshold is None  # ties are kept or cut together
+
+
+def _two_versions_routed(settings: Settings, tiny_base: Path, tmp_path: Path) -> tuple[CaptureStore, list[str]]:
+    """acme.labels deployed twice (registry rows, MLflow versions), 200 agreeing comparisons of the second."""
+    store = CaptureStore(settings.store_url)
+    store.create_tenant("acme")
+    cids = []
+    for seed in (1, 2):
+        adapter = real_adapter(tiny_base, tmp_path / f"adapter{seed}", seed=seed)
+        artifact = signed_artifact(tmp_path / f"v{seed}.kolm", adapter_dir=adapter, keys_dir=settings.keys_dir,
+                                   task="acme.labels", labels=LABELS, salt=f"v{seed}")
+        cids.append(swap_artifact(settings, store, artifact, "force", "test").to_cid)
+    store.add_comparisons([Comparison("acme", "labels", f"r{i}", cids[1], "shadow", 1.0 if i % 10 else 0.0,
+                                      0.5 + i / 1000, "billing", 1000, 2000) for i in range(200)])
+    return store, cids
+
+
+def test_routing_sensor_observes_captures_and_logs_the_deployed_version(kolm_settings, tiny_base, tmp_path):
+    import dagster as dg
+    import mlflow
+
+    from kolm_pipeline.definitions import defs
+    from kolm_pipeline.defs.automation import routing_sensor
+    from kolm_pipeline.defs.partitions import NAMESPACE_PARTITIONS_NAME
+    from kolm_pipeline.defs.resources import KolmResource
+
+    store, cids = _two_versions_routed(kolm_settings, tiny_base, tmp_path)
+    store.set_switches("acme", "labels", "test", routing="shadow")
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster"), set_dagster_home=False) as instance:
+        instance.add_dynamic_partitions(NAMESPACE_PARTITIONS_NAME, ["acme.labels", "acme.quiet"])
+        context = dg.build_sensor_context(instance_ref=instance.get_ref(), resources={"kolm": KolmResource()},
+                                          definitions=defs)
+        tick = routing_sensor.evaluate_tick(context)
+    [event] = tick.asset_events  # acme.quiet routes nothing: no observation
+    observed = {name: value.value for name, value in event.metadata.items()}
+    assert (event.partition, observed["routing"], observed["adapter_cid"]) == ("acme.labels", "shadow", cids[1])
+    assert (observed["compared"], observed["agreement"]) == (200, pytest.approx(0.9))
+    assert observed["kept_share"] > 0 and observed["teacher_p50_ms"] == 2.0
+    client = mlflow.MlflowClient(kolm_settings.mlflow_tracking_uri)
+    [version] = client.search_model_versions("name='kolm-acme.labels' and tag.`kolm.artifact_cid`='" + cids[1] + "'")
+    [metric] = client.get_metric_history(version.run_id, "routing.agreement")
+    assert metric.value == pytest.approx(0.9)
+
+
+def test_live_rollback_returns_the_namespace_to_shadow(kolm_settings, tiny_base, tmp_path):
+    settings = kolm_settings
+    store, cids = _two_versions_routed(settings, tiny_base, tmp_path)
+    store.set_switches("acme", "labels", "test", routing="student", routing_target=0.9)
+    outcome = roll_back_on_trip(settings, Trip(task="acme.labels", cid=cids[1], live_score=0.2,
+                                               evaluated_score=0.9, tolerance=0.1, observed=50, counts={}))
+    assert outcome.startswith(f"rolled back {cids[1]} → {cids[0]}")
+    assert store.namespace_settings("acme", "labels").routing == "shadow"
+    assert [row.action for row in store.audit_rows("acme", "labels")][0] == "switch.routing"
