@@ -8,6 +8,10 @@ first and escalate the second."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,10 +27,7 @@ from kolm_pipeline.capture_server import create_app
 from kolm_pipeline.cli import main
 from kolm_pipeline.demo.teacher import create_teacher_app
 from kolm_pipeline.registry.manage import swap_artifact
-from kolm_pipeline.serve.app import create_serving_app
-from kolm_pipeline.serve.backends import TransformersBackend
 from kolm_pipeline.serve.monitor import Trip, roll_back_on_trip
-from kolm_pipeline.serve.runtime import ServingRuntime
 from kolm_pipeline.settings import CaptureConfig, Settings, load_settings
 from kolm_pipeline.store import CaptureStore
 from kolm_pipeline.store.student_routing import Comparison, choose_threshold
@@ -48,8 +49,7 @@ class World:
     serve_url: str
     proxy_url: str
     proxy_app: object
-    serve_server: object
-    serve_thread: threading.Thread
+    serve: subprocess.Popen
     teacher_answers: dict[str, str]
     confidence: dict[str, float]
 
@@ -72,10 +72,28 @@ class World:
         return raw.parse().choices[0].message.content, raw.headers["x-kolm-served-by"]
 
 
+def start_kolm_serve(settings: Settings, base: Path) -> tuple[subprocess.Popen, str]:
+    """`kolm serve` as its own process on `settings.home` and the base model `base`, ready to answer."""
+    port = free_port()
+    env = {**os.environ, "KOLM_HOME": str(settings.home), "KOLM_BASE_MODEL": str(base), "HF_HUB_OFFLINE": "1"}
+    env.pop("KOLM_STORE_URL", None)
+    process = subprocess.Popen([sys.executable, "-m", "kolm_pipeline.cli", "serve", "--port", str(port),
+                                "--no-live-monitor", "--poll-interval", "0.05", "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert process.poll() is None, "kolm serve exited"
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, timeout=120, interval=0.2, what="kolm serve to start")
+    return process, url
+
+
 @pytest.fixture(scope="module")
 def world(tiny_base, tmp_path_factory):
-    import uvicorn
-
     from kolm_pipeline.train.base_model import resolve_base_model
 
     root: Path = tmp_path_factory.mktemp("routing")
@@ -88,14 +106,7 @@ def world(tiny_base, tmp_path_factory):
                                task="acme.labels", labels=LABELS, salt="routing", base_digest=digest)
     cid = swap_artifact(settings, store, artifact, "force", "test").to_cid
 
-    runtime = ServingRuntime(settings, TransformersBackend(str(tiny_base), settings.models_dir), poll_interval=0.05)
-    port = free_port()
-    serve_server = uvicorn.Server(uvicorn.Config(create_serving_app(runtime, store), host="127.0.0.1", port=port,
-                                                 log_level="warning"))
-    serve_thread = threading.Thread(target=serve_server.run, daemon=True)
-    serve_thread.start()
-    wait_until(lambda: serve_server.started, timeout=60, what="kolm serve to start")
-    serve_url = f"http://127.0.0.1:{port}"
+    serve, serve_url = start_kolm_serve(settings, tiny_base)
 
     # What the student answers, and how sure it is, for each prompt (asked directly, one by one).
     confidence, student = {}, {}
@@ -118,10 +129,9 @@ def world(tiny_base, tmp_path_factory):
                                routing_refresh_s=0.1, student_timeout_s=30)
         app = create_app(proxy_settings, store, config)
         with BackgroundServer(app) as proxy:
-            yield World(settings, store, key, cid, serve_url, proxy.url, app, serve_server, serve_thread,
-                        teacher_answers, confidence)
-    serve_server.should_exit = True
-    serve_thread.join(timeout=30)
+            yield World(settings, store, key, cid, serve_url, proxy.url, app, serve, teacher_answers, confidence)
+    serve.kill()
+    serve.wait(timeout=30)
 
 
 def test_bad_routing_changes_nothing(world, monkeypatch, capsys):
@@ -146,7 +156,7 @@ def test_bad_routing_changes_nothing(world, monkeypatch, capsys):
     assert world.store.namespace_settings("acme", "labels").routing == "teacher"
 
 
-def test_shadow_then_student_through_the_proxy(world):
+def test_shadow_then_student_through_the_proxy(world, monkeypatch, capsys):
     with world.api() as api:
         assert api.post("/v1/namespaces/labels/switches", json={"routing": "shadow"}).status_code == 200
 
@@ -159,7 +169,7 @@ def test_shadow_then_student_through_the_proxy(world):
     assert routing["adapter_cid"] == world.cid and routing["mode"] == "shadow"
     assert routing["agreement"] == pytest.approx((len(PROMPTS) - DISAGREE) / len(PROMPTS), abs=0.051)
     assert routing["disagreements"] >= DISAGREE - 2
-    assert routing["threshold"] is not None and routing["kept_agreement"] >= 0.98
+    assert routing["threshold"] is None and routing["ready"] is False  # 40 requests cannot show 0.98
     with world.api() as api:
         listed = api.get("/v1/namespaces/labels/disagreements").json()["disagreements"]
     assert len(listed) == routing["disagreements"]
@@ -168,10 +178,14 @@ def test_shadow_then_student_through_the_proxy(world):
         assert item["teacher_output"] == world.teacher_answers[capture.messages[-1]["content"]]
         assert item["student_output"] != item["teacher_output"] and item["kind"] == "shadow"
 
-    # Student: allowed now that enough requests agree at the chosen threshold.
+    # Student: allowed now that enough requests agree at the chosen threshold (40 requests can show 0.9 with
+    # 95 % confidence, not 0.98).
     with world.api() as api:
-        switched = api.post("/v1/namespaces/labels/switches",
-                            json={"routing": "student", "shadow_min": len(PROMPTS), "canary_share": 0.0})
+        assert "no confidence threshold" in api.post(
+            "/v1/namespaces/labels/switches", json={"routing": "student", "shadow_min": len(PROMPTS)}
+        ).json()["error"]["message"]
+        switched = api.post("/v1/namespaces/labels/switches", json={
+            "routing": "student", "shadow_min": len(PROMPTS), "canary_share": 0.0, "routing_target": 0.9})
     assert switched.status_code == 200, switched.text
     assert switched.json()["switches"]["routing"] == "student"
     time.sleep(0.3)  # the proxy reads a namespace's routing again within routing_refresh_s (0.1 s here)
@@ -192,18 +206,22 @@ def test_shadow_then_student_through_the_proxy(world):
         assert response.headers["x-kolm-served-by"] == world.cid
         text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
     assert text == world.teacher_answers[sure]
-    message = anthropic.Anthropic(
+    claude = anthropic.Anthropic(
         base_url=f"{world.proxy_url}/v1/capture/anthropic", api_key=world.key, max_retries=0,
-        default_headers={"x-kolm-namespace": "labels", "x-upstream-api-key": UPSTREAM_KEY},
-    ).messages.create(model="claude-haiku-4", max_tokens=8, messages=[{"role": "user", "content": sure}])
+        default_headers={"x-kolm-namespace": "labels", "x-upstream-api-key": UPSTREAM_KEY})
+    message = claude.messages.create(model="claude-haiku-4", max_tokens=8, messages=[{"role": "user", "content": sure}])
     assert message.content[0].text == world.teacher_answers[sure]
+    with claude.messages.stream(model="claude-haiku-4", max_tokens=8,
+                                messages=[{"role": "user", "content": sure}]) as events:
+        assert events.response.headers["x-kolm-served-by"] == world.cid
+        assert events.get_final_text() == world.teacher_answers[sure]
 
     # Every request is captured, saying who answered; the student's own answers never become training pairs.
     world.proxy_app.state.recorder.flush_threadsafe()
     captures = world.store.list_captures("acme")
     answered = [c for c in captures if c.served_by == world.cid]
-    assert len(answered) == len(by_student) + 2
-    assert len(captures) == 2 * len(PROMPTS) + 2
+    assert len(answered) == len(by_student) + 3
+    assert len(captures) == 2 * len(PROMPTS) + 3
     world.store.set_triage("acme", [c.id for c in captures], "kept", "test")
     assert len(world.store.kept_pairs("acme", "labels")) == len(captures) - len(answered)
 
@@ -214,33 +232,60 @@ def test_shadow_then_student_through_the_proxy(world):
     assert routing["student_share"] == pytest.approx(len(answered) / (len(answered) + routing["escalated"]))
     assert routing["dollars_avoided"] > 0
 
+    monkeypatch.setenv("KOLM_HOME", str(world.settings.home))
+    monkeypatch.delenv("KOLM_STORE_URL", raising=False)
+    capsys.readouterr()
+    assert main(["capture", "status", "--namespace", "acme.labels"]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[-1] for line in printed.splitlines() if line.strip()}
+    assert (rows["student_answered"], rows["adapter_cid"]) == (str(len(answered)), world.cid)
+    assert ["routing", "student"] in [line.split() for line in printed.splitlines()]  # the switches table
 
-def test_the_serving_runtime_going_down_fails_no_request(world):
-    """With the student answering, `kolm serve` stops in the middle of the traffic: every client request still
-    gets its answer (the teacher's, from then on)."""
+
+def test_killing_the_serving_runtime_mid_traffic_fails_no_request(world):
+    """With the student answering, `kolm serve` is killed (SIGKILL) while four clients send: every client
+    request still gets its answer, the teacher's from then on."""
     with world.api() as api:
-        api.post("/v1/namespaces/labels/switches",
-                 json={"routing": "student", "shadow_min": len(PROMPTS), "canary_share": 0.0})
+        api.post("/v1/namespaces/labels/switches", json={
+            "routing": "student", "shadow_min": len(PROMPTS), "canary_share": 0.0, "routing_target": 0.9})
     time.sleep(0.3)
-    answers: list[tuple[str, str]] = []
-    for index, prompt in enumerate(PROMPTS[:20]):
-        if index == 5:
-            world.serve_server.should_exit = True
-            world.serve_thread.join(timeout=30)
-        answers.append(world.ask(prompt))
-    assert len(answers) == 20
-    assert all(answer == world.teacher_answers[p] for p, (answer, _) in zip(PROMPTS, answers, strict=False))
-    assert {who for _, who in answers[5:]} == {"teacher"}
-    assert world.proxy_app.state.router.stats["fallbacks"] >= 15
+    answered: list[tuple[str, str, str]] = []
+    lock = threading.Lock()
+
+    def client(prompts: list[str]) -> None:
+        for prompt in prompts:
+            answer, who = world.ask(prompt)
+            with lock:
+                answered.append((prompt, answer, who))
+                if len(answered) == 12:
+                    world.serve.kill()  # mid-traffic: the other clients' requests are in flight
+
+    threads = [threading.Thread(target=client, args=(PROMPTS[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert world.serve.wait(timeout=10) == -signal.SIGKILL
+    assert len(answered) == len(PROMPTS)  # no client request failed
+    assert all(answer == world.teacher_answers[prompt] for prompt, answer, _ in answered)
+    assert {who for _, _, who in answered[16:]} == {"teacher"}
+    assert world.proxy_app.state.router.stats["fallbacks"] >= len(PROMPTS) - 16
 
 
-def test_threshold_keeps_the_most_answers_at_the_target():
-    pairs = [(0.9, 1.0), (0.8, 1.0), (0.7, 0.0), (0.6, 1.0), (0.5, 0.0)]
-    chosen = choose_threshold(pairs, 0.98)
-    assert (chosen.threshold, chosen.kept_share) == (0.8, 0.4)
-    assert choose_threshold(pairs, 0.7).threshold == 0.6  # 3 of 4 agree
-    assert choose_threshold([(0.9, 0.0)], 0.98).threshold is None
-    assert choose_threshold([(0.5, 1.0), (0.5, 0.0)], 0.98).threshold is None  # ties are kept or cut together
+def test_threshold_keeps_the_most_answers_at_the_target_with_confidence():
+    """The kept answers' agreement must reach the target by its 95 % lower bound, not only on the sample."""
+    sure = [(0.5 + i / 1000, 1.0) for i in range(50, 200)]  # 150 agreeing answers above 0.55
+    unsure = [(i / 1000, 0.0) for i in range(50)]
+    chosen = choose_threshold(sure + unsure, 0.98)
+    assert (chosen.threshold, chosen.kept_share, chosen.kept_agreement) == (0.55, 0.75, 1.0)
+    assert chosen.kept_lower == pytest.approx(150 / (150 + 1.645**2))  # Wilson's bound for 150 of 150
+    assert choose_threshold(sure + unsure, 0.99).threshold is None  # 150 agreeing answers cannot show 0.99
+    assert choose_threshold(sure[:100] + unsure, 0.98).threshold is None  # nor can 100 show 0.98
+    one_wrong = [*sure, (0.9999, 0.0)]  # the most confident answer disagrees: the sample still shows 0.98
+    assert choose_threshold(one_wrong, 0.97).threshold == 0.55
+    # Equal confidences are kept or cut together: 300 agreeing and 20 not at 0.5 show 0.91, not 0.95.
+    assert choose_threshold([(0.5, 1.0)] * 300 + [(0.5, 0.0)] * 20, 0.95).threshold is None
+    assert choose_threshold([(0.5, 1.0)] * 300 + [(0.5, 0.0)] * 20, 0.9).threshold == 0.5
 
 
 def _two_versions_routed(settings: Settings, tiny_base: Path, tmp_path: Path) -> tuple[CaptureStore, list[str]]:
@@ -253,7 +298,7 @@ def _two_versions_routed(settings: Settings, tiny_base: Path, tmp_path: Path) ->
         artifact = signed_artifact(tmp_path / f"v{seed}.kolm", adapter_dir=adapter, keys_dir=settings.keys_dir,
                                    task="acme.labels", labels=LABELS, salt=f"v{seed}")
         cids.append(swap_artifact(settings, store, artifact, "force", "test").to_cid)
-    store.add_comparisons([Comparison("acme", "labels", f"r{i}", cids[1], "shadow", 1.0 if i % 10 else 0.0,
+    store.add_comparisons([Comparison("acme", "labels", f"r{i}", cids[1], "shadow", 1.0 if i >= 20 else 0.0,
                                       0.5 + i / 1000, "billing", 1000, 2000) for i in range(200)])
     return store, cids
 
@@ -289,9 +334,41 @@ def test_routing_sensor_observes_captures_and_logs_the_deployed_version(kolm_set
 def test_live_rollback_returns_the_namespace_to_shadow(kolm_settings, tiny_base, tmp_path):
     settings = kolm_settings
     store, cids = _two_versions_routed(settings, tiny_base, tmp_path)
-    store.set_switches("acme", "labels", "test", routing="student", routing_target=0.9)
+    store.set_switches("acme", "labels", "test", routing="student")
     outcome = roll_back_on_trip(settings, Trip(task="acme.labels", cid=cids[1], live_score=0.2,
                                                evaluated_score=0.9, tolerance=0.1, observed=50, counts={}))
     assert outcome.startswith(f"rolled back {cids[1]} → {cids[0]}")
     assert store.namespace_settings("acme", "labels").routing == "shadow"
     assert [row.action for row in store.audit_rows("acme", "labels")][0] == "switch.routing"
+
+
+def test_compared_answers_leave_with_the_retention_window(tmp_path):
+    from kolm_pipeline_tests.test_store import Clock, capture
+
+    clock = Clock()
+    path = tmp_path / "captures.db"
+    store = CaptureStore(f"sqlite:///{path}", clock=clock, default_retention_days=1)
+    store.insert_captures([capture(1, namespace="labels")])
+    store.add_comparisons([Comparison("acme", "labels", "r1", "bafkreiexample", "shadow", 0.0, 0.7,
+                                      "Zebra-Quokka-Student-Answer " * 10, 1000, 2000)])
+    clock.advance(hours=23)
+    assert store.apply_retention() == {} and len(store.comparisons("acme", "labels", "bafkreiexample")) == 1
+    clock.advance(hours=2)
+    store.apply_retention()
+    assert store.comparisons("acme", "labels", "bafkreiexample") == []
+    store.close()
+    for file in tmp_path.iterdir():
+        assert b"Zebra-Quokka-Student-Answer" not in file.read_bytes(), file.name
+
+
+def test_requests_the_student_cannot_honour_stay_with_the_teacher():
+    from kolm_pipeline.routing.student_client import max_tokens_of, student_can_answer, student_messages
+
+    assert student_can_answer({"messages": []}) and student_can_answer({"n": 1})
+    for body in ({"tools": [{"type": "function"}]}, {"n": 2}, {"response_format": {"type": "json_object"}},
+                 {"logprobs": True}):
+        assert not student_can_answer(body)
+    assert student_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]) is None
+    assert student_messages([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) == [
+        {"role": "user", "content": "hi"}]
+    assert (max_tokens_of({"max_tokens": 9}), max_tokens_of({"max_tokens": 10**6}), max_tokens_of({})) == (9, 4096, 256)

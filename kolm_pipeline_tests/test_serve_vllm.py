@@ -8,6 +8,7 @@ of the adapter it was asked for, recording every call so the test can check what
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -80,6 +81,9 @@ class _Handler(BaseHTTPRequestHandler):
         choice = (body.get("structured_outputs") or {}).get("choice")
         answer = choice[0] if choice else f"answered by {body['model']}"
         chunks = [{"choices": [{"index": 0, "delta": {"content": piece}}]} for piece in (answer[:4], answer[4:])]
+        if body.get("logprobs"):  # as vLLM: each chunk's sampled tokens with their log-probabilities
+            for chunk, logprob in zip(chunks, (-0.1, -0.3), strict=True):
+                chunk["choices"][0]["logprobs"] = {"content": [{"token": "x", "logprob": logprob}]}
         stream = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
         self._reply(200, stream.encode(), "text/event-stream")
 
@@ -133,6 +137,13 @@ def test_vllm_backend_swaps_through_runtime_lora_endpoints(stand_in, tmp_path):
             answer = "".join(backend.stream(adapter.name, [{"role": "user", "content": "hi"}], adapter.labels, 8))
         assert answer == LABELS[0]
         assert stand_in.named("/v1/chat/completions")[-1]["model"] == second
+        # Asked for usage (what `kolm serve` does for a whole answer), it asks vLLM for the tokens' logprobs too:
+        # the answer's confidence, for student routing, is their geometric mean.
+        usage: dict = {}
+        with runtime.lease(TASK) as adapter:
+            "".join(backend.stream(adapter.name, [{"role": "user", "content": "hi"}], adapter.labels, 8, usage))
+        assert stand_in.named("/v1/chat/completions")[-1]["logprobs"] is True
+        assert usage["confidence"] == pytest.approx(math.exp(-0.2))
     finally:
         runtime.stop()
 

@@ -358,8 +358,9 @@ class Call:
         self.recorded = True
         secret = self.secret
         latency_us = ((end_ns or time.perf_counter_ns()) - self.start_ns) // 1000
+        reply = scrub_secret(reply, secret)
         if self.on_recorded is not None:
-            self.on_recorded(outcome, http_status, scrub_secret(reply, secret), latency_us)
+            self.on_recorded(outcome, http_status, reply, latency_us)
         if self.recorder is None:
             return
         self.recorder.submit(
@@ -374,7 +375,7 @@ class Call:
                 self.streamed,
                 outcome,
                 http_status,
-                scrub_secret(reply, secret),
+                reply,
                 latency_us,
                 time.time(),
                 self.served_by,

@@ -70,18 +70,20 @@ def cmd_capture_status(args: argparse.Namespace) -> int:
                 "distill_threshold": status["distill_threshold"]}
     print()
     print(table(["switch", "value"], list(switches.items())))
-    print()
-    print(table(["routing", "value"], list(_routing_rows(status["routing"]))))
-    if status["routing"]["missing"] and status["routing"]["mode"] != "student":
-        print(f"\nstudent routing not ready: {status['routing']['missing']}")
+    routing = status["routing"]
+    if routing["mode"] != "teacher" or routing["compared"]:
+        print()
+        print(table(["routing", "value"], list(_routing_rows(routing))))
+        if routing["missing"] and routing["mode"] == "shadow":
+            print(f"\nstudent routing not ready: {routing['missing']}")
     return 0
 
 
 def _routing_rows(routing: dict[str, Any]):
     """The routing figures that mean something now, formatted for the table."""
     for name in ("adapter_cid", "compared", "agreement", "threshold", "kept_share", "kept_agreement",
-                 "disagreements", "student_answered", "escalated", "canaries", "student_share", "escalation_rate",
-                 "student_p50_ms", "teacher_p50_ms", "dollars_avoided"):
+                 "kept_agreement_lower", "disagreements", "student_answered", "escalated", "canaries",
+                 "student_share", "escalation_rate", "student_p50_ms", "teacher_p50_ms", "dollars_avoided"):
         value = routing[name]
         if value is None:
             value = "-"

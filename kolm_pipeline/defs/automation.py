@@ -284,8 +284,9 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 )
 
 # The routing figures observed on `captures` (and logged on the deployed version in MLflow), as numbers.
-ROUTING_FIGURES = ("compared", "agreement", "threshold", "kept_share", "student_answered", "escalated", "canaries",
-                   "student_share", "escalation_rate", "student_p50_ms", "teacher_p50_ms", "dollars_avoided")
+ROUTING_FIGURES = ("compared", "agreement", "threshold", "kept_share", "kept_agreement_lower", "student_answered",
+                   "escalated", "canaries", "student_share", "escalation_rate", "student_p50_ms", "teacher_p50_ms",
+                   "dollars_avoided")
 
 
 @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,

@@ -29,7 +29,13 @@ from kolm_pipeline.capture.providers import Completion
 from kolm_pipeline.evaluate.verifiers import agreement
 from kolm_pipeline.provenance import jsontext
 from kolm_pipeline.routing.replies import REPLIES
-from kolm_pipeline.routing.student_client import StudentClient, StudentReply, max_tokens_of, student_messages
+from kolm_pipeline.routing.student_client import (
+    StudentClient,
+    StudentReply,
+    max_tokens_of,
+    student_can_answer,
+    student_messages,
+)
 from kolm_pipeline.store import CaptureStore, partition_key
 from kolm_pipeline.store.student_routing import Comparison
 
@@ -139,6 +145,8 @@ class StudentRouter:
         return False
 
     async def _ask(self, call: Call, body: dict, headers: dict[str, str]) -> StudentReply | None:
+        if not student_can_answer(body):
+            return None
         try:
             messages = student_messages(call.provider.messages(body))
         except ValueError:

@@ -50,6 +50,15 @@ def student_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]] | N
     return plain or None
 
 
+# Request fields the student cannot honour (tools, several choices, log-probabilities, another output format):
+# such a request is the teacher's alone, and is not compared.
+_TEACHER_ONLY = ("tools", "functions", "tool_choice", "function_call", "response_format", "logprobs", "top_logprobs")
+
+
+def student_can_answer(body: dict[str, Any]) -> bool:
+    return not any(body.get(name) for name in _TEACHER_ONLY) and body.get("n") in (None, 1)
+
+
 def max_tokens_of(body: dict[str, Any]) -> int:
     """The client's answer budget (OpenAI `max_completion_tokens`/`max_tokens`, Anthropic `max_tokens`)."""
     value = body.get("max_completion_tokens", body.get("max_tokens"))

@@ -46,10 +46,12 @@ class RetentionQueries(StoreBase):
             if count:
                 expired[f"{tenant}.{namespace}"] = count
         # The student's answers compared with the teacher's go with the window of the captures they belong to.
+        deleted = 0
         for tenant, namespace in self.comparison_namespaces():  # type: ignore[attr-defined]
             settings = custom.get((tenant, namespace)) or self._settings_of(None)
-            self.expire_comparisons(tenant, namespace, now - timedelta(days=settings.retention_days))  # type: ignore[attr-defined]
-        if expired and scrub:
+            cutoff = now - timedelta(days=settings.retention_days)
+            deleted += self.expire_comparisons(tenant, namespace, cutoff)  # type: ignore[attr-defined]
+        if (expired or deleted) and scrub:
             self.scrub()
         return expired
 

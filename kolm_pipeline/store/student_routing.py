@@ -8,6 +8,7 @@ adapter's agreement says nothing about this one's."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -41,19 +42,40 @@ class Comparison:
     teacher_latency_us: int
 
 
+# One-sided 95 % normal quantile: the kept answers' agreement must reach the target at this confidence, not only
+# on the compared sample (on the demo task the sample's 0.984 at its threshold was 0.967 on the next 200 requests:
+# docs/benchmarks.md, routing).
+AGREEMENT_Z = 1.645
+
+
+def agreement_lower_bound(mean: float, count: int, z: float = AGREEMENT_Z) -> float:
+    """Wilson score lower bound of an agreement rate `mean` measured over `count` requests."""
+    if count <= 0:
+        return 0.0
+    mean = min(1.0, max(0.0, mean))
+    z2 = z * z
+    centre = mean + z2 / (2 * count)
+    spread = z * math.sqrt(mean * (1 - mean) / count + z2 / (4 * count * count))
+    return (centre - spread) / (1 + z2 / count)
+
+
 @dataclass(frozen=True)
 class StudentThreshold:
     """The lowest confidence at which the student answers alone such that its kept answers agree with the
-    teacher at least at the target; `threshold` None when no threshold keeps any answer at the target."""
+    teacher at least at the target (by the lower bound of their measured agreement); `threshold` None when no
+    threshold keeps answers at the target. `kept_agreement` is the kept answers' measured mean, `kept_lower` its
+    95 % lower bound."""
 
     threshold: float | None
     kept_share: float
     kept_agreement: float | None
+    kept_lower: float | None = None
 
 
 def choose_threshold(pairs: list[tuple[float, float]], target: float) -> StudentThreshold:
-    """From (confidence, agreement) pairs, the threshold that keeps the most answers whose mean agreement is
-    still ≥ `target`. Cuts fall only between distinct confidences (equal ones are kept or escalated alike)."""
+    """From (confidence, agreement) pairs, the threshold that keeps the most answers whose agreement is ≥
+    `target` with 95 % confidence (Wilson lower bound of their mean). Cuts fall only between distinct
+    confidences (equal ones are kept or escalated alike)."""
     if not pairs:
         return StudentThreshold(None, 0.0, None)
     ordered = sorted(pairs, key=lambda pair: -pair[0])
@@ -63,8 +85,9 @@ def choose_threshold(pairs: list[tuple[float, float]], target: float) -> Student
         total += agreement
         if kept < len(ordered) and ordered[kept][0] == confidence:
             continue
-        if total / kept >= target:
-            best = StudentThreshold(confidence, kept / len(ordered), total / kept)
+        lower = agreement_lower_bound(total / kept, kept)
+        if lower >= target:
+            best = StudentThreshold(confidence, kept / len(ordered), total / kept, lower)
     return best or StudentThreshold(None, 0.0, None)
 
 
@@ -82,6 +105,7 @@ class RoutingStatus:
     threshold: float | None
     kept_share: float
     kept_agreement: float | None
+    kept_agreement_lower: float | None
     disagreements: int
     student_answered: int
     escalated: int
@@ -179,13 +203,15 @@ class StudentRoutingQueries(StoreBase):
             missing = (f"{len(compared)} of {shadow_min} requests compared with adapter {cid[:16]}…: "
                        "keep routing `shadow` until enough traffic has been compared")
         elif chosen.threshold is None:
-            missing = (f"no confidence threshold keeps answers of adapter {cid[:16]}… at agreement "
-                       f"{target}: distill a better adapter or lower the target")
+            missing = (f"no confidence threshold keeps answers of adapter {cid[:16]}… at agreement {target} "
+                       f"(with 95 % confidence, over {len(compared)} compared requests): compare more traffic, "
+                       "distill a better adapter or lower the target")
         return RoutingStatus(
             mode=settings.routing, target=target, canary_share=settings.canary_share, shadow_min=shadow_min,
             adapter_cid=cid, compared=len(compared),
             agreement=statistics.fmean(c.agreement for c in compared) if compared else None,
             threshold=chosen.threshold, kept_share=chosen.kept_share, kept_agreement=chosen.kept_agreement,
+            kept_agreement_lower=chosen.kept_lower,
             disagreements=sum(1 for c in compared if c.agreement < 1.0),
             student_answered=student_answered, escalated=escalated, canaries=canaries,
             student_share=student_answered / routed if routed else None,
