@@ -242,6 +242,45 @@ def test_shadow_then_student_through_the_proxy(world, monkeypatch, capsys):
     assert ["routing", "student"] in [line.split() for line in printed.splitlines()]  # the switches table
 
 
+def test_a_slow_student_or_a_new_adapter_leaves_the_answer_to_the_teacher(world, tiny_base, tmp_path):
+    """Student routing on: a proxy whose student timeout is shorter than any answer, and then a swap to an adapter
+    no shadow traffic has judged yet: every request is answered, by the teacher."""
+    with world.api() as api:
+        assert api.post("/v1/namespaces/labels/switches", json={
+            "routing": "student", "shadow_min": len(PROMPTS), "canary_share": 0.0, "routing_target": 0.9,
+        }).status_code == 200
+    impatient = create_app(world.proxy_app.state.settings, world.store,
+                           CaptureConfig(retention_sweep_s=0, serve_url=world.serve_url, student_timeout_s=0.001))
+    with BackgroundServer(impatient) as proxy:
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1/capture/openai", api_key=world.key, max_retries=0,
+                               default_headers={"x-kolm-namespace": "labels", "x-upstream-api-key": UPSTREAM_KEY})
+        for prompt in PROMPTS[:5]:
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}])
+            assert (raw.parse().choices[0].message.content, raw.headers["x-kolm-served-by"]) == (
+                world.teacher_answers[prompt], "teacher")
+        assert impatient.state.router.stats["fallbacks"] == 5
+
+    from kolm_pipeline.train.base_model import resolve_base_model
+
+    adapter = real_adapter(tiny_base, tmp_path / "adapter", seed=11)
+    digest = resolve_base_model(str(tiny_base), world.settings.models_dir).digest
+    artifact = signed_artifact(tmp_path / "new.kolm", adapter_dir=adapter, keys_dir=world.settings.keys_dir,
+                               task="acme.labels", labels=LABELS, salt="new", base_digest=digest)
+    new_cid = swap_artifact(world.settings, world.store, artifact, "force", "test").to_cid
+
+    def serving_new() -> bool:
+        models = httpx.get(f"{world.serve_url}/v1/models", headers={"authorization": f"Bearer {world.key}"}).json()
+        return any(model.get("kolm_adapter_cid") == new_cid for model in models["data"])
+
+    wait_until(serving_new, timeout=60, what="kolm serve to flip to the new adapter")
+    time.sleep(0.3)  # and the proxy to read the new deployment (routing_refresh_s)
+    for prompt in PROMPTS[:10]:  # the new adapter has no threshold yet: the old one's does not carry over
+        assert world.ask(prompt) == (world.teacher_answers[prompt], "teacher")
+    routing = world.status()["routing"]
+    assert (routing["adapter_cid"], routing["threshold"], routing["ready"]) == (new_cid, None, False)
+
+
 def test_killing_the_serving_runtime_mid_traffic_fails_no_request(world):
     """With the student answering, `kolm serve` is killed (SIGKILL) while four clients send: every client
     request still gets its answer, the teacher's from then on."""

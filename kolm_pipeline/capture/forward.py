@@ -221,17 +221,19 @@ def _spellings(secret: str) -> tuple[re.Pattern[bytes], bool]:
 
 def scrub_secret(data: bytes, secret: str) -> bytes:
     """`data` (a JSON body or an event stream of JSON) with the provider key removed however it is spelt.
-    The plain key is a byte search; escapes are looked for only when the bytes hold one that could spell
-    part of the key (a `\\u`, or any escape for a key with `"`, `\\` or `/`)."""
+    Escapes are looked for only when the bytes hold one that could spell part of the key (a `\\u`, or any
+    escape for a key with `"`, `\\` or `/`); then the plain key is a byte search. Escapes first: the plain
+    spelling of a key ending in `\\` is also the start of its escaped spelling (`…\\u005c`), and replacing it
+    first would leave the escape's tail behind."""
     if not secret:
         return data
-    plain = secret.encode("ascii")
-    if plain in data:
-        data = data.replace(plain, _REDACTED_BYTES)
     if b"\\" in data:
         pattern, escapable = _spellings(secret)
         if escapable or b"\\u" in data:
             data = pattern.sub(_REDACTED_BYTES, data)
+    plain = secret.encode("ascii")
+    if plain in data:
+        data = data.replace(plain, _REDACTED_BYTES)
     return data
 
 
