@@ -142,6 +142,7 @@ def test_bad_routing_changes_nothing(world, monkeypatch, capsys):
             ({"routing": "sometimes"}, "labels", "routing"),
             ({"routing": "student"}, "labels", "0 of 200 requests compared"),
             ({"routing": "shadow"}, "nothing", "no adapter is deployed"),
+            ({"routing": "student"}, "nothing", "no adapter is deployed"),
             ({"canary_share": 1.5}, "labels", "canary_share"),
         ]:
             reply = api.post(f"/v1/namespaces/{namespace}/switches", json=body)
