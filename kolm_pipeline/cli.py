@@ -308,8 +308,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     monitor = MonitorConfig(enabled=not args.no_live_monitor, sample_share=args.monitor_sample_share,
                             tolerance=args.monitor_tolerance, min_requests=args.monitor_min_requests,
                             window=args.monitor_window)
+    registry = None
+    if args.follow == "registry":
+        from kolm_pipeline.store import CaptureStore
+
+        registry = CaptureStore(settings.store_url)
     runtime = ServingRuntime(settings, backend, poll_interval=args.poll_interval,
-                             grace_seconds=args.grace_seconds, monitor=monitor)
+                             grace_seconds=args.grace_seconds, monitor=monitor, registry=registry)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         runtime.start()  # base model (or vLLM) and every task's adapter, before accepting requests
@@ -319,7 +324,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for task, refusal in status["refused"].items():
         print(f"refused {task}: {refusal['reason']}", file=sys.stderr)
     print(f"kolm serving runtime ({args.backend}) on http://{args.host}:{args.port}: "
-          f"{', '.join(status['tasks']) or 'no tasks yet'} (pointers in {settings.adapters_dir})")
+          f"{', '.join(status['tasks']) or 'no tasks yet'} "
+          f"({'following the registry in the store' if registry else f'pointers in {settings.adapters_dir}'})")
     # Not `serve`: its gc.freeze would keep the adapters loaded so far from ever being collected once swapped out.
     uvicorn.run(create_serving_app(runtime), host=args.host, port=args.port, **server_options(args.log_level))
     return 0
@@ -514,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.add_argument("--vllm-adapter-root",
                         help="KOLM_HOME/serve-cache as the vLLM server sees it, when mounted at another path")
     serve_.add_argument("--poll-interval", type=float, default=0.1, help="seconds between pointer checks")
+    serve_.add_argument("--follow", choices=["pointers", "registry"], default="pointers",
+                        help="what says which adapter serves each task: the pointer files in KOLM_HOME/adapters "
+                        "(default: one host, or a shared volume), or the registry in the capture store "
+                        "(replicas that share only PostgreSQL and the object store: artifacts are fetched by CID "
+                        "from KOLM_ARTIFACTS_URL and verified with the public keys deployments publish)")
     serve_.add_argument("--grace-seconds", type=float, default=5.0,
                         help="how long a replaced adapter stays loaded (and until its requests finish)")
     serve_.add_argument("--no-live-monitor", action="store_true",

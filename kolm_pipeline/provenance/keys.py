@@ -109,6 +109,22 @@ class TenantKey:
         self.key.verify(signature, message)
 
 
+def public_key_text(keys_dir: Path, tenant: str) -> tuple[str, str]:
+    """(keyid, base64 public key) of the tenant's key in ``keys_dir``: what a deployment publishes to the store."""
+    _, pub_path = _key_paths(keys_dir, tenant)
+    key = load_public_key_file(pub_path) if pub_path.is_file() else load_private_key(keys_dir, tenant).public_key()
+    return keyid_for(key), _public_text(key).decode("ascii").strip()
+
+
+def tenant_key_from_text(tenant: str, text: str) -> tuple[str, TenantKey]:
+    """(keyid, key) from a published base64 public key; RegistryError when it is not one."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(text.strip(), validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise RegistryError(f"the published key of tenant {tenant!r} is not a base64 Ed25519 public key") from exc
+    return keyid_for(key), TenantKey(validate_tenant(tenant), key)
+
+
 def load_public_keys(keys_dir: Path) -> dict[str, TenantKey]:
     """Every public key in ``keys_dir`` by keyid, with its tenant: all that offline verification needs."""
     if not keys_dir.is_dir():

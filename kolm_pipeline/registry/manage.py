@@ -17,7 +17,7 @@ from kolm_pipeline.evaluate.gate import decide
 from kolm_pipeline.provenance.atomic import remove_stale_temps
 from kolm_pipeline.provenance.cid import sha256_of_cid
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
-from kolm_pipeline.provenance.keys import keyid_for, load_private_key, load_public_keys
+from kolm_pipeline.provenance.keys import keyid_for, load_private_key, load_public_keys, public_key_text
 from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import champion
 from kolm_pipeline.registry.artifact import KolmArtifact, read_kolm, verify_kolm
@@ -128,6 +128,18 @@ def _signer(settings: Settings, artifact: KolmArtifact):
     return private_key, keyid_for(private_key.public_key())
 
 
+def _publish_public_key(settings: Settings, store, tenant: object) -> None:
+    """Publish the tenant's public key to the store: replicas that share only the store with this deployer
+    (`kolm serve --follow registry`) verify the artifact with it."""
+    if not isinstance(tenant, str):
+        return
+    try:
+        keyid, text = public_key_text(settings.keys_dir, tenant)
+    except RegistryError:  # no key here: the artifact was verified with keys from elsewhere
+        return
+    store.publish_public_key(tenant, keyid, text)
+
+
 def activate(
     settings: Settings,
     store,
@@ -149,6 +161,7 @@ def activate(
     both beside the two K-scores."""
     task = validate_task(artifact.manifest["task"])
     signer = signer or _signer(settings, artifact)
+    _publish_public_key(settings, store, artifact.manifest.get("tenant"))
     for directory in (settings.adapters_dir, settings.artifacts_dir / task):
         remove_stale_temps(directory)  # what writers killed mid-swap left behind
     local, url = publish(settings, task, source)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
@@ -163,8 +164,9 @@ def artifact_key(task: str, cid: str) -> str:
 
 
 def fetch_verified(store: ObjectStore, key: str, dest: Path, cid: str) -> Path:
-    """Download an artifact and keep it only if its bytes hash to ``cid``."""
-    tmp = dest.with_name(f".{dest.name}.fetch.tmp")
+    """Download an artifact and keep it only if its bytes hash to ``cid``. The download goes to a name of its own,
+    so replicas sharing a cache may fetch the same artifact at once (the last rename wins, with the same bytes)."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.fetch.tmp")
     store.get(key, tmp)
     try:
         if cid_for_file(tmp) != cid:

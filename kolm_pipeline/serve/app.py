@@ -102,6 +102,12 @@ def _usage(counted: dict) -> dict | None:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _nameless(reason: str, task: str) -> str:
+    """``reason`` with the task's name and its tenant's replaced, for an unauthenticated reader."""
+    tenant = task.split(".", 1)[0]
+    return reason.replace(task, "<task>").replace(tenant, "<tenant>")
+
+
 def _parse_feedback(body: Any) -> tuple[str, bool]:
     """(completion id, judged good) from ``{"id", "rating": 1 | -1}`` or ``{"id", "correct": bool}``."""
     if not isinstance(body, dict):
@@ -184,9 +190,13 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
 
     @app.get("/healthz")
     def healthz() -> dict:
-        """Liveness for orchestrators: how many tasks are served, draining or refused; no names."""
+        """Liveness for orchestrators: how many tasks are served, draining or refused, and why each refused artifact
+        was refused (its CID and the reason: what an operator needs when a replica lags behind the registry). No
+        tenant or task names: this route needs no key."""
         status = runtime.status()
-        return {"ok": True, **{part: len(status[part]) for part in ("tasks", "draining", "refused")}}
+        return {"ok": True, **{part: len(status[part]) for part in ("tasks", "draining", "refused")},
+                "refusals": [{"cid": refusal["cid"], "reason": _nameless(refusal["reason"], task)}
+                             for task, refusal in status["refused"].items()]}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -8,6 +8,13 @@ bound to an adapter when their batch runs, so those still queued at the flip get
 replaced adapter is unloaded once its grace period is over and no lease is left. Requests never wait
 for a load.
 
+With ``registry`` (``kolm serve --follow registry``) the runtime follows the store's registry instead of pointer
+files: each task's champion is its newest ``swap``/``rollback`` row, the artifact is fetched by CID from the
+object store (``KOLM_ARTIFACTS_URL``) into this host's cache and verified with the public keys published in the
+store (and any in ``KOLM_HOME/keys``). Replicas that share only PostgreSQL and the object store converge within a
+poll. An artifact that cannot be fetched or verified is refused: the previous adapter keeps serving and
+``/healthz`` says why.
+
 Every answer is also shown to the live monitor (``serve/monitor.py``), which rolls a task back when its
 adapter does worse in service than its evaluation said; the watcher then swaps back like for any move.
 """
@@ -25,14 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kolm_pipeline.corpus.json_grammar import JsonSchemaProblem, json_grammar
-from kolm_pipeline.provenance.errors import RegistryError
-from kolm_pipeline.provenance.keys import load_public_keys
+from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
+from kolm_pipeline.provenance.keys import load_public_keys, tenant_key_from_text
 from kolm_pipeline.registry.artifact import extract_adapter, verify_kolm
+from kolm_pipeline.registry.manage import local_artifact
 from kolm_pipeline.registry.swap import read_pointer, validate_task
 from kolm_pipeline.serve.backends import Backend, BackendError
 from kolm_pipeline.serve.lease import Lease, LoadedAdapter
 from kolm_pipeline.serve.monitor import LiveMonitor, MonitorConfig, Profile, roll_back_on_trip
 from kolm_pipeline.settings import Settings
+from kolm_pipeline.store import CaptureStore
 
 log = logging.getLogger("kolm.serve")
 
@@ -69,8 +78,10 @@ class ServingRuntime:
         poll_interval: float = 0.1,
         grace_seconds: float = 5.0,
         monitor: MonitorConfig | None = None,
+        registry: CaptureStore | None = None,
     ) -> None:
         self.settings = settings
+        self.registry = registry
         self.backend = backend
         self.poll_interval = poll_interval
         self.grace_seconds = grace_seconds
@@ -179,9 +190,11 @@ class ServingRuntime:
 
     # --- keeping up with the pointers --------------------------------------------------------------------
 
-    def _pointers(self) -> dict[str, Path]:
-        """Every task pointer and the artifact it names now."""
-        found: dict[str, Path] = {}
+    def _pointers(self) -> dict[str, Path | None]:
+        """Every task pointer and the artifact it names now (None: keep the task as it is)."""
+        if self.registry is not None:
+            return self._champions()
+        found: dict[str, Path | None] = {}
         adapters_dir = self.settings.adapters_dir
         if not adapters_dir.is_dir():
             return found
@@ -197,11 +210,47 @@ class ServingRuntime:
                 found[entry.name] = target
         return found
 
+    def _champions(self) -> dict[str, Path | None]:
+        """Every task's champion in the registry, fetched into this host's artifact cache. A task whose artifact
+        cannot be fetched is refused and kept as it is (None: its current adapter, if any, keeps serving); the
+        fetch is tried again at the next poll."""
+        found: dict[str, Path | None] = {}
+        for task, cid in self.registry.champions().items():
+            if cid is None:
+                continue
+            try:
+                found[task] = local_artifact(self.settings, validate_task(task), cid)
+            except (DeployRefused, RegistryError) as exc:
+                with self._state:
+                    refusal = self._refused.get(task)
+                    if refusal is None or refusal.cid != cid:
+                        log.error("cannot fetch %s for task %s: %s", cid, task, exc)
+                        self._refused[task] = _Refusal(cid=cid, stamp=(0, 0), reason=str(exc))
+                found[task] = None
+        return found
+
+    def _public_keys(self) -> dict:
+        """The keys artifacts are verified with: those in ``KOLM_HOME/keys``, and with ``registry`` those published
+        in the store (a local key wins on a clash)."""
+        keys = {}
+        if self.registry is not None:
+            for keyid, (tenant, text) in self.registry.public_keys().items():
+                try:
+                    derived, key = tenant_key_from_text(tenant, text)
+                except RegistryError as exc:
+                    log.warning("ignoring a published key: %s", exc)
+                    continue
+                if derived == keyid:
+                    keys[keyid] = key
+        return {**keys, **load_public_keys(self.settings.keys_dir)}
+
     def sync(self) -> None:
         """Bring every task in line with its pointer, then unload drained adapters. One sync at a time."""
         with self._sync_lock:
             pointers = self._pointers()
             for task, target in pointers.items():
+                if target is None:
+                    continue
                 cid = target.name.removesuffix(".kolm")
                 with self._state:
                     current = self._active.get(task)
@@ -237,7 +286,7 @@ class ServingRuntime:
         """Verify, extract, load and warm, then route the task to the new adapter; raises ArtifactRefused
         naming what failed (and then nothing was routed)."""
         began = time.perf_counter()
-        report = verify_kolm(target, load_public_keys(self.settings.keys_dir))
+        report = verify_kolm(target, self._public_keys())
         if not report.ok:
             raise ArtifactRefused(f"{target.name} does not verify: {'; '.join(report.problems)}")
         if report.cid != cid:

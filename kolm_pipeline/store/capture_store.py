@@ -7,7 +7,7 @@ from the start, so after the retention window the text can go while dedup and th
 
 `CaptureStore` is composed of one mixin per concern, each in its own module (`tenants`, `captures`,
 `capture_search`, `triage`, `switches`, `retention`, `kept_pairs`, `counters`, `registry_rows`, `student_routing`,
-`audit`) over `base.StoreBase`.
+`deployments`, `audit`) over `base.StoreBase`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from kolm_pipeline.store.capture_rows import sqlite_datetime_text
 from kolm_pipeline.store.capture_search import CaptureSearchQueries
 from kolm_pipeline.store.captures import CaptureQueries
 from kolm_pipeline.store.counters import CounterQueries
+from kolm_pipeline.store.deployments import DeploymentQueries
 from kolm_pipeline.store.kept_pairs import KeptPairQueries
 from kolm_pipeline.store.registry_rows import RegistryQueries
 from kolm_pipeline.store.retention import RetentionQueries
@@ -57,6 +58,7 @@ class CaptureStore(
     CounterQueries,
     RegistryQueries,
     StudentRoutingQueries,
+    DeploymentQueries,
     AuditQueries,
 ):
     """Capture store on any SQLAlchemy URL (`sqlite:///path` or `postgresql+psycopg://...`).

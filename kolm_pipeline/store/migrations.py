@@ -346,6 +346,17 @@ def _v9_student_routing(op: Operations, _conn: Connection) -> None:
                     ["tenant", "namespace", "adapter_cid"])
 
 
+def _v10_signing_keys(op: Operations, _conn: Connection) -> None:
+    """Tenants' public signing keys in the store, for serving replicas without a shared KOLM_HOME."""
+    op.create_table(
+        "signing_keys",
+        Column("keyid", String(64), primary_key=True),
+        Column("tenant", String(63), nullable=False),
+        Column("public_key", String(64), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (1, "baseline tables", _v1_baseline),
     (2, "retention, counters and switches", _v2_retention_and_counters),
@@ -356,6 +367,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (7, "tenant keys", _v7_tenant_keys),
     (8, "merged counts published distill runs", _v8_merged_counts_published_runs),
     (9, "student routing", _v9_student_routing),
+    (10, "signing keys", _v10_signing_keys),
 ]
 LATEST = MIGRATIONS[-1][0]
 

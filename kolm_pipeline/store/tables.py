@@ -160,6 +160,17 @@ namespace_settings = Table(
     Column("shadow_min", Integer),
 )
 
+# Tenants' public signing keys (base64 of the 32 raw Ed25519 bytes, as in `keys/<tenant>.pub`), published by
+# every deployment: a serving replica with no shared KOLM_HOME verifies artifacts with them. Never a private key.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("keyid", String(64), primary_key=True),
+    Column("tenant", String(63), nullable=False),
+    Column("public_key", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 ROUTING_MODES = ("teacher", "shadow", "student")
 # Registry decisions that change what a task serves: a row's `to_cid` is then the adapter served from it on.
 SERVING_DECISIONS = ("swap", "rollback")

@@ -1,0 +1,44 @@
+"""What serving replicas read from the store when they share nothing else with the deployer (`kolm serve
+--follow registry`): each task's champion, from the registry's newest serving row, and the tenants' public signing
+keys, published by every deployment. The registry row *is* the pointer there: it moves in the transaction that
+writes it."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, insert, select
+
+from kolm_pipeline.provenance.errors import InvalidInput
+from kolm_pipeline.store.base import StoreBase
+from kolm_pipeline.store.tables import SERVING_DECISIONS, registry, signing_keys
+
+
+class DeploymentQueries(StoreBase):
+    """Champions by task, and public signing keys."""
+
+    def champions(self) -> dict[str, str | None]:
+        """Every deployed task and the CID it serves now (None: its newest serving row names no artifact)."""
+        newest = (
+            select(func.max(registry.c.id))
+            .where(registry.c.decision.in_(SERVING_DECISIONS))
+            .group_by(registry.c.task)
+            .scalar_subquery()
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(registry.c.task, registry.c.to_cid).where(registry.c.id.in_(newest)))
+            return {row.task: row.to_cid for row in rows}
+
+    def publish_public_key(self, tenant: str, keyid: str, public_key: str) -> None:
+        """Record a tenant's public key (idempotent); a keyid already recorded for another tenant, or with other
+        bytes, is refused: a replica must never be told to trust a key for someone else's artifacts."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(signing_keys).where(signing_keys.c.keyid == keyid)).first()
+            if row is None:
+                conn.execute(insert(signing_keys).values(keyid=keyid, tenant=tenant, public_key=public_key,
+                                                         created_at=self._now()))
+            elif (row.tenant, row.public_key) != (tenant, public_key):
+                raise InvalidInput(f"key {keyid} is already recorded for tenant {row.tenant!r} with other bytes")
+
+    def public_keys(self) -> dict[str, tuple[str, str]]:
+        """keyid → (tenant, base64 public key) of every published key."""
+        with self.engine.connect() as conn:
+            return {row.keyid: (row.tenant, row.public_key) for row in conn.execute(select(signing_keys))}

@@ -1,0 +1,150 @@
+"""Issue 24, serving without a shared filesystem: host A deploys (its own KOLM_HOME), host B runs two `kolm serve
+--follow registry` replicas on another, empty KOLM_HOME; the hosts share only PostgreSQL (127.0.0.1:5432, a fresh
+database) and the object store (SeaweedFS's S3 gateway). Swap and rollback on A reach both replicas of B within
+2 s; an artifact B cannot verify is refused there, the previous one keeps serving and `/healthz` says why."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import httpx
+import psycopg
+import pytest
+from psycopg import sql
+
+from kolm_pipeline.cli import main
+from kolm_pipeline.registry import cid_for_file
+from kolm_pipeline.registry.objectstore import artifact_key
+from kolm_pipeline.settings import load_settings
+from kolm_pipeline.store import CaptureStore
+from kolm_pipeline_tests.test_registry_s3 import ACCESS_KEY, BUCKET, SECRET_KEY, seaweedfs  # noqa: F401 (fixture)
+from kolm_pipeline_tests.test_registry_support import (
+    LABELS,
+    clean_env,
+    free_port,
+    real_adapter,
+    signed_artifact,
+    wait_until,
+)
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+TASK = "acme.scale"
+CONVERGE_S = 2.0
+
+
+@pytest.fixture
+def pg_url():
+    name = f"kolm_scale_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+class Replica:
+    """One `kolm serve --follow registry` process of host B."""
+
+    def __init__(self, home: Path, env: dict[str, str], base: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kolm_pipeline.cli", "serve", "--follow", "registry", "--port", str(self.port),
+             "--no-live-monitor", "--poll-interval", "0.1", "--log-level", "warning"],
+            env={**os.environ, **env, "KOLM_HOME": str(home), "KOLM_BASE_MODEL": str(base), "HF_HUB_OFFLINE": "1"})
+
+    def ready(self) -> bool:
+        assert self.process.poll() is None, "kolm serve exited"
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def serving(self, key: str) -> str | None:
+        models = httpx.get(f"{self.url}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5).json()
+        return next((m["kolm_adapter_cid"] for m in models["data"] if m["id"] == TASK), None)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def converge(replicas: list[Replica], key: str, cid: str) -> float:
+    """Seconds until every replica serves `cid` (polled every 20 ms)."""
+    began = time.monotonic()
+    wait_until(lambda: all(replica.serving(key) == cid for replica in replicas), timeout=30,
+               what=f"every replica to serve {cid}")
+    return time.monotonic() - began
+
+
+def test_replicas_sharing_only_postgres_and_s3_follow_swap_and_rollback(seaweedfs, pg_url, tiny_base,  # noqa: F811
+                                                                       tmp_path, monkeypatch, capsys):
+    from kolm_pipeline.train.base_model import resolve_base_model
+
+    shared = {"KOLM_STORE_URL": pg_url, "KOLM_ARTIFACTS_URL": f"s3://{BUCKET}/scale-{uuid.uuid4().hex[:6]}",
+              "AWS_ENDPOINT_URL": seaweedfs, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+              "AWS_DEFAULT_REGION": "us-east-1"}
+    host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
+    clean_env(monkeypatch, KOLM_HOME=str(host_a), **shared)
+    settings = load_settings(host_a)
+    key = CaptureStore(pg_url).create_tenant("acme")
+    digest = resolve_base_model(str(tiny_base), settings.models_dir).digest
+    artifacts = [signed_artifact(tmp_path / f"v{i}.kolm", keys_dir=settings.keys_dir, task=TASK, labels=LABELS,
+                                 adapter_dir=real_adapter(tiny_base, tmp_path / f"adapter{i}", seed=i),
+                                 base_digest=digest, k=0.6 + 0.1 * i, salt=f"v{i}") for i in range(2)]
+    first, second = (cid_for_file(path) for path in artifacts)
+    assert main(["swap", "--artifact", str(artifacts[0])]) == 0
+
+    replicas = [Replica(host_b, shared, tiny_base) for _ in range(2)]
+    try:
+        for replica in replicas:
+            wait_until(replica.ready, timeout=120, interval=0.2, what="a replica of host B to start")
+        converge(replicas, key, first)
+
+        assert main(["swap", "--artifact", str(artifacts[1])]) == 0  # on host A
+        swapped = converge(replicas, key, second)
+        assert main(["rollback", "--task", TASK]) == 0
+        rolled_back = converge(replicas, key, first)
+        print(f"replicas converged {swapped:.2f} s after the swap, {rolled_back:.2f} s after the rollback")
+        assert swapped <= CONVERGE_S and rolled_back <= CONVERGE_S
+
+        # A row naming an artifact that host B cannot verify (signed by a key no deployment published): refused
+        # there, the previous adapter keeps serving, and /healthz says why.
+        rogue = signed_artifact(tmp_path / "rogue.kolm", keys_dir=tmp_path / "rogue-keys", task=TASK, labels=LABELS,
+                                adapter_dir=tmp_path / "adapter1", base_digest=digest, salt="rogue")
+        rogue_cid = cid_for_file(rogue)
+        prefix = shared["KOLM_ARTIFACTS_URL"].removeprefix(f"s3://{BUCKET}/")
+        boto3.client("s3", endpoint_url=seaweedfs, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+                     aws_secret_access_key=SECRET_KEY).upload_file(
+            str(rogue), BUCKET, f"{prefix}/{artifact_key(TASK, rogue_cid)}")
+        CaptureStore(pg_url).add_registry_row(task=TASK, from_cid=first, to_cid=rogue_cid, k_before=None,
+                                              k_after=None, decision="swap", actor="mallory", details={})
+
+        def refused_everywhere() -> bool:
+            return all(any(r["cid"] == rogue_cid for r in httpx.get(f"{replica.url}/healthz").json()["refusals"])
+                       for replica in replicas)
+
+        wait_until(refused_everywhere, timeout=30, what="both replicas to refuse the unverifiable artifact")
+        health = httpx.get(f"{replicas[0].url}/healthz").json()
+        [refusal] = [r for r in health["refusals"] if r["cid"] == rogue_cid]
+        assert "does not verify" in refusal["reason"] and "acme" not in str(health)
+        assert all(replica.serving(key) == first for replica in replicas)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+    # Host B never held host A's keys, pointers or work files: only what it fetched by CID.
+    assert not (host_b / "adapters").exists() or not any((host_b / "adapters").iterdir())
+    assert not list(host_b.rglob("*.key"))
+    assert {path.name for path in (host_b / "artifacts" / TASK).glob("*.kolm")} <= {f"{first}.kolm",
+                                                                                   f"{second}.kolm",
+                                                                                   f"{rogue_cid}.kolm"}
