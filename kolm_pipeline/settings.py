@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -107,7 +107,8 @@ def _env_error(model: type[BaseSettings], exc: ValidationError) -> InvalidInput:
         if isinstance(cause, InvalidInput):
             problems.append(str(cause))
         else:
-            problems.append(f"{alias or (prefix + name).upper()}: {error['msg']}, got {error.get('input')!r}")
+            variable = alias or (name if name.startswith(prefix.rstrip("_")) else prefix + name).upper()
+            problems.append(f"{variable}: {error['msg']}, got {error.get('input')!r}")
     return InvalidInput("; ".join(problems))
 
 
@@ -138,6 +139,33 @@ class CaptureConfig(BaseSettings):
     student_timeout_s: float = Field(5.0, gt=0)
     routing_refresh_s: float = Field(2.0, gt=0)
     shadow_concurrency: int = Field(8, ge=1)
+
+
+class TrainerConfig(BaseSettings):
+    """Where the `adapter` asset trains, from `KOLM_TRAINER` and `KOLM_TRAINER_*`. `kind` (`KOLM_TRAINER`):
+    `subprocess` (default: a Pipes subprocess where the run runs) or `k8s` (a Pipes pod per training, from
+    `image`, requesting `gpus` GPUs, `cpu` and `memory`, on nodes matching `node_selector` (JSON), in `namespace`
+    (default: the run pod's own), mounting the claim `home_claim` at KOLM_HOME: the training job still reads its
+    train split and writes its adapter there)."""
+
+    model_config = SettingsConfigDict(env_prefix="KOLM_TRAINER_", frozen=True, extra="ignore", env_ignore_empty=True)
+
+    kind: Literal["subprocess", "k8s"] = Field("subprocess", validation_alias=AliasChoices("KOLM_TRAINER", "kind"))
+    image: str = "registry.example.com/kolm/kolm-trainer:0.1.0"
+    namespace: str | None = None
+    gpus: int = Field(1, ge=0, le=16)
+    cpu: str = "4"
+    memory: str = "16Gi"
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    home_claim: str = "kolm-home"
+
+
+def load_trainer_config() -> TrainerConfig:
+    """The trainer's placement from `KOLM_TRAINER*`; a bad value is one `InvalidInput` naming the variable."""
+    try:
+        return TrainerConfig()
+    except ValidationError as exc:
+        raise _env_error(TrainerConfig, exc) from None
 
 
 def load_capture_config() -> CaptureConfig:

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import yaml
 
@@ -143,32 +144,74 @@ def test_helm_values_run_each_run_as_a_kubernetes_job():
     assert {limit["key"] for limit in limits} == {"kolm/namespace", "dagster/partition"}
 
 
-def test_gpu_training_pod_requests_a_gpu_and_mounts_kolm_home(monkeypatch):
+def test_trainer_switch_builds_a_gpu_pod_from_settings(monkeypatch):
+    """Issue 24: KOLM_TRAINER=k8s picks PipesK8sClient from inside the package (no file to copy), its pod from
+    KOLM_TRAINER_* settings: image, GPUs, node selector, namespace."""
+    from dagster_k8s import PipesK8sClient
     from dagster_k8s.pipes import build_pod_body
 
-    monkeypatch.setenv("KOLM_TRAINER_IMAGE", "registry.example.com/kolm/kolm-trainer:test")
-    spec = importlib.util.spec_from_file_location("kolm_infra_pipes_k8s", INFRA / "helm" / "pipes_k8s.py")
-    pipes_k8s = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pipes_k8s)
+    from kolm_pipeline.defs.trainer import POD_META, TRAINER_COMMAND, trainer_client, training_pod_spec
+    from kolm_pipeline.provenance.errors import InvalidInput
+    from kolm_pipeline.settings import load_trainer_config
 
-    client = pipes_k8s.gpu_training_client()
-    assert client.env["MALLOC_MMAP_MAX_"] == "0"
-    pod = build_pod_body(
-        pod_name="dagster-kolm-train",
-        image=pipes_k8s.TRAINER_IMAGE,
-        command=pipes_k8s.TRAINER_COMMAND,
-        env_vars={"DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs"},
-        base_pod_meta=pipes_k8s.base_pod_meta,
-        base_pod_spec=pipes_k8s.base_pod_spec,
-    )
+    assert isinstance(trainer_client(load_trainer_config()), dg.PipesSubprocessClient)  # the default
+    monkeypatch.setenv("KOLM_TRAINER", "k8s")
+    monkeypatch.setenv("KOLM_TRAINER_IMAGE", "registry.example.com/kolm/kolm-trainer:test")
+    monkeypatch.setenv("KOLM_TRAINER_GPUS", "2")
+    monkeypatch.setenv("KOLM_TRAINER_NODE_SELECTOR", '{"cloud.google.com/gke-accelerator": "nvidia-l4"}')
+    monkeypatch.setenv("KOLM_TRAINER_NAMESPACE", "kolm-training")
+    config = load_trainer_config()
+    client = trainer_client(config)
+    assert isinstance(client, PipesK8sClient) and client.env["MALLOC_MMAP_MAX_"] == "0"
+    assert config.namespace == "kolm-training"
+    pod = build_pod_body(pod_name="dagster-kolm-train", image=config.image, command=TRAINER_COMMAND,
+                         env_vars={"DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs"},
+                         base_pod_meta=POD_META, base_pod_spec=training_pod_spec(config, "/var/lib/kolm"))
     (container,) = pod.spec.containers
     assert container.image == "registry.example.com/kolm/kolm-trainer:test"
     assert container.command == ["python", "-m", "kolm_pipeline.train.pipes_entry"]
     assert importlib.util.find_spec("kolm_pipeline.train.pipes_entry") is not None
-    assert container.resources.requests["nvidia.com/gpu"] == container.resources.limits["nvidia.com/gpu"] == "1"
-    assert {(m.name, m.mount_path) for m in container.volume_mounts} >= {("kolm-home", pipes_k8s.KOLM_HOME)}
+    assert container.resources.requests["nvidia.com/gpu"] == container.resources.limits["nvidia.com/gpu"] == "2"
+    assert pod.spec.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert any(t.key == "nvidia.com/gpu" for t in pod.spec.tolerations)
+    assert {(m.name, m.mount_path) for m in container.volume_mounts} >= {("kolm-home", "/var/lib/kolm")}
     claims = {v.name: v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim}
     assert claims == {"kolm-home": "kolm-home"}
     assert {e.name for e in container.env} >= {"KOLM_HOME", "DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"}
-    assert pod.spec.restart_policy == "Never"
-    assert any(t.key == "nvidia.com/gpu" for t in pod.spec.tolerations)
+    assert pod.spec.restart_policy == "Never" and pod.metadata.labels["app.kubernetes.io/component"] == "kolm-trainer"
+
+    monkeypatch.setenv("KOLM_TRAINER_GPUS", "0")  # a CPU training pod: no GPU request, no toleration
+    cpu = training_pod_spec(load_trainer_config(), "/var/lib/kolm")
+    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["requests"] and "tolerations" not in cpu
+    monkeypatch.setenv("KOLM_TRAINER", "gpu")
+    with pytest.raises(InvalidInput, match="KOLM_TRAINER: Input should be 'subprocess' or 'k8s'"):
+        load_trainer_config()
+
+
+def test_kubernetes_serve_and_proxy_need_no_shared_volume():
+    """Issue 24: serving replicas follow the registry (no RWX claim, a cache of their own); each capture proxy pod
+    keeps its journal on a volume of its own and routes to the serve Service."""
+    serve = list(yaml.safe_load_all((INFRA / "k8s" / "kolm-serve.yaml").read_text()))
+    deployment = next(doc for doc in serve if doc["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[:2] == ["kolm", "serve"] and args[args.index("--follow") + 1] == "registry"
+    assert deployment["spec"]["replicas"] >= 2
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["KOLM_ARTIFACTS_URL"].startswith("s3://")
+
+    proxy = list(yaml.safe_load_all((INFRA / "k8s" / "capture-proxy.yaml").read_text()))
+    stateful = next(doc for doc in proxy if doc["kind"] == "StatefulSet")
+    (claim,) = stateful["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (container,) = stateful["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:3] == ["kolm", "capture", "serve"]
+    assert {m["name"] for m in container["volumeMounts"]} == {claim["metadata"]["name"]}
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["KOLM_CAPTURE_SERVE_URL"].startswith("http://kolm-serve.")
+    for doc in serve + proxy:  # every port a Service targets is a named container port
+        if doc["kind"] == "Service":
+            assert doc["spec"]["ports"][0]["targetPort"] == "http"

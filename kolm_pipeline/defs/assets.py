@@ -1,7 +1,6 @@
 """The loop's assets. Each one calls its stage's domain function and reports what it measured."""
 
 
-import sys
 import time
 from typing import Any
 
@@ -13,9 +12,11 @@ from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.defs.partitions import namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
+from kolm_pipeline.defs.trainer import run_trainer
 from kolm_pipeline.evaluate.result import KSCORE_ROWS, EvaluationResult
 from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.registry.champion import model_version_of
+from kolm_pipeline.settings import load_trainer_config
 from kolm_pipeline.stages.adapter import record_adapter, training_job
 from kolm_pipeline.stages.corpus import NotEnoughPairs, recipe_counts, run_corpus_stage, run_recipe_stage
 from kolm_pipeline.stages.deployment import DeployRefused, current_champion, deploy
@@ -199,7 +200,7 @@ def recipe(context: dg.AssetExecutionContext, kolm: KolmResource, config: Recipe
 def adapter(
     context: dg.AssetExecutionContext,
     kolm: KolmResource,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
+    trainer: dg.ResourceParam[dg.PipesClient],
     config: AdapterConfig,
 ) -> dg.MaterializeResult:
     workdir = _workdir(context, kolm)
@@ -230,17 +231,12 @@ def adapter(
     )
     began = time.perf_counter()
     try:
-        result = pipes_subprocess_client.run(
-            command=[sys.executable, "-m", "kolm_pipeline.train.pipes_entry"],
-            context=context,
-            extras=job.to_extras(),
-        )
+        reported = run_trainer(trainer, context, job.to_extras(), load_trainer_config())
     except Exception as exc:  # the Pipes client's error type is not public; the trainer's note decides
         if not error_path.is_file():
             raise
         reason = error_path.read_text()
         raise dg.Failure(description=f"training process failed: {reason}", allow_retries=False) from exc
-    reported = result.get_materialize_result()
     metadata = dict(reported.metadata or {})
     metrics = {key: value.value for key, value in metadata.items() if isinstance(value, dg.FloatMetadataValue)}
     # The trainer reports the curve as (step, loss) points; Dagster shows it as a plot.

@@ -8,7 +8,8 @@ from kolm_pipeline.defs.assets import captures, loop_assets
 from kolm_pipeline.defs.automation import distill_job, kolm_schedules, kolm_sensors
 from kolm_pipeline.defs.checks import loop_checks
 from kolm_pipeline.defs.resources import KolmResource
-from kolm_pipeline.train.distill import TRAINER_ENV
+from kolm_pipeline.defs.trainer import trainer_client
+from kolm_pipeline.settings import load_trainer_config
 
 # Dagster's Pipes client reads a preview property of its own on every run and warns about it: not a call of ours,
 # and it landed in the middle of every `kolm distill` and `make demo` output.
@@ -23,6 +24,7 @@ defs = dg.Definitions(
     schedules=kolm_schedules,
     resources={
         "kolm": KolmResource(),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(env=TRAINER_ENV),
+        # KOLM_TRAINER=subprocess|k8s (defs/trainer.py): a Pipes subprocess where the run runs, or a GPU pod.
+        "trainer": trainer_client(load_trainer_config()),
     },
 )

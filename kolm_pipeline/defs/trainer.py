@@ -1,0 +1,79 @@
+"""Where the `adapter` asset trains: `KOLM_TRAINER=subprocess` (default) runs the trainer as a Dagster Pipes
+subprocess where the run runs; `KOLM_TRAINER=k8s` runs one Pipes pod per training on a GPU node
+(`dagster_k8s.PipesK8sClient`), built from `settings.TrainerConfig` (`KOLM_TRAINER_IMAGE`, `_GPUS`, `_CPU`,
+`_MEMORY`, `_NODE_SELECTOR`, `_NAMESPACE`, `_HOME_CLAIM`). Both run `python -m kolm_pipeline.train.pipes_entry`
+and report the same Pipes materialization, so nothing after the call differs.
+
+The training pod mounts the claim `home_claim` at KOLM_HOME: the Pipes job names the train split, the output
+directory and the base model by their paths there. Pipes messages come back through the pod's logs, so the run
+pod's service account needs to create pods and read their logs (the Dagster chart's user-deployments Role allows
+both). Kubernetes configuration is detected: in-cluster in a run pod, the kubeconfig elsewhere.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+
+from kolm_pipeline.settings import TrainerConfig, load_settings
+from kolm_pipeline.train.distill import TRAINER_ENV
+
+TRAINER_COMMAND = ["python", "-m", "kolm_pipeline.train.pipes_entry"]
+KOLM_UID = 10001  # the `kolm` user of infra/Dockerfile and infra/Dockerfile.trainer
+POD_META: dict[str, Any] = {"labels": {"app.kubernetes.io/component": "kolm-trainer"}}
+
+
+def trainer_client(config: TrainerConfig) -> dg.PipesClient:
+    """The Pipes client the `adapter` asset trains with (the `trainer` resource)."""
+    if config.kind == "k8s":
+        from dagster_k8s import PipesK8sClient
+
+        return PipesK8sClient(env=TRAINER_ENV, poll_interval=5.0)
+    return dg.PipesSubprocessClient(env=TRAINER_ENV)
+
+
+def training_pod_spec(config: TrainerConfig, kolm_home: str) -> dict[str, Any]:
+    """The training pod (camelCase keys, as in a manifest): the trainer image, `gpus` NVIDIA GPUs, the node
+    selector and the GPU taint's toleration, KOLM_HOME from the claim, shared memory for data loaders and NCCL."""
+    requests: dict[str, str] = {"cpu": config.cpu, "memory": config.memory}
+    limits: dict[str, str] = {"memory": config.memory}
+    if config.gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(config.gpus)
+    spec: dict[str, Any] = {
+        "containers": [{
+            "name": "trainer",
+            "image": config.image,
+            "resources": {"requests": requests, "limits": limits},
+            "env": [{"name": "KOLM_HOME", "value": kolm_home}, {"name": "HF_HUB_OFFLINE", "value": "1"},
+                    {"name": "PYTHONUNBUFFERED", "value": "1"}],
+            # MLflow / S3 credentials, when the tracking server needs them (optional).
+            "envFrom": [{"secretRef": {"name": "kolm-secrets", "optional": True}}],
+            "volumeMounts": [{"name": "kolm-home", "mountPath": kolm_home}, {"name": "dshm", "mountPath": "/dev/shm"}],
+        }],
+        "volumes": [{"name": "kolm-home", "persistentVolumeClaim": {"claimName": config.home_claim}},
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+        "nodeSelector": dict(config.node_selector),
+        "securityContext": {"runAsUser": KOLM_UID, "runAsGroup": KOLM_UID, "fsGroup": KOLM_UID},
+        "restartPolicy": "Never",
+    }
+    if config.gpus:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return spec
+
+
+def run_trainer(client: dg.PipesClient, context: dg.AssetExecutionContext, extras: Mapping[str, Any],
+                config: TrainerConfig) -> dg.MaterializeResult:
+    """One training through `client`; the materialization the trainer reported."""
+    if config.kind == "k8s":
+        result = client.run(  # type: ignore[call-arg]
+            context=context, extras=dict(extras), image=config.image, command=TRAINER_COMMAND,
+            namespace=config.namespace, base_pod_meta=POD_META,
+            base_pod_spec=training_pod_spec(config, str(load_settings().home)),
+        )
+    else:
+        result = client.run(command=[sys.executable, "-m", "kolm_pipeline.train.pipes_entry"], context=context,
+                            extras=dict(extras))
+    return result.get_materialize_result()
