@@ -6,6 +6,7 @@ database) and the object store (SeaweedFS's S3 gateway). Swap and rollback on A 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -116,6 +117,21 @@ def test_replicas_sharing_only_postgres_and_s3_follow_swap_and_rollback(seaweedf
         rolled_back = converge(replicas, key, first)
         print(f"replicas converged {swapped:.2f} s after the swap, {rolled_back:.2f} s after the rollback")
         assert swapped <= CONVERGE_S and rolled_back <= CONVERGE_S
+
+        # Host C holds nothing of A but the signing key (a mounted secret): it reads the champion from the
+        # registry and the artifacts from the object store, and its swap and rollback reach host B the same way.
+        host_c = tmp_path / "host-c"
+        (host_c / "keys").mkdir(parents=True)
+        for path in settings.keys_dir.iterdir():
+            shutil.copy2(path, host_c / "keys" / path.name)
+        monkeypatch.setenv("KOLM_HOME", str(host_c))
+        assert main(["swap", "--task", TASK, "--cid", second, "--strategy", "force"]) == 0
+        assert converge(replicas, key, second) <= CONVERGE_S
+        assert main(["rollback", "--task", TASK]) == 0
+        assert converge(replicas, key, first) <= CONVERGE_S
+        rows = CaptureStore(pg_url).registry_rows(TASK)
+        assert [(row.decision, row.from_cid, row.to_cid) for row in rows[:2]] == [
+            ("rollback", second, first), ("swap", first, second)]
 
         # A row naming an artifact that host B cannot verify (signed by a key no deployment published): refused
         # there, the previous adapter keeps serving, and /healthz says why.

@@ -201,12 +201,20 @@ def activate(
                       registry_row=row, receipt_cid=receipt_cid(receipt), warnings=warnings)
 
 
-def _current(settings: Settings, task: str) -> tuple[str | None, KolmArtifact | None]:
+def _current(settings: Settings, task: str, store=None) -> tuple[str | None, KolmArtifact | None]:
     """The serving CID and its artifact; the artifact is None when the file is gone or unreadable, so a
-    swap or rollback can still repair a damaged deployment."""
+    swap or rollback can still repair a damaged deployment. A host without the task's pointer file (one that
+    shares only the store and the object store with the deployers) reads the champion from the registry and
+    fetches its artifact by CID."""
     pointer = pointer_target(settings.adapters_dir, task)
     if pointer is None:
-        return None, None
+        cid = store.champions().get(task) if store is not None else None
+        if cid is None:
+            return None, None
+        try:
+            return cid, read_kolm(local_artifact(settings, task, cid))
+        except (DeployRefused, RegistryError):
+            return cid, None
     try:
         return artifact_cid_of(pointer), read_kolm(pointer)
     except RegistryError:
@@ -228,7 +236,7 @@ def swap_artifact(
     if task is not None and manifest["task"] != task:
         raise DeployRefused(f"{artifact} is an artifact of task {manifest['task']!r}, not {task!r}")
     task = manifest["task"]
-    current_cid, current = _current(settings, task)
+    current_cid, current = _current(settings, task, store)
     if current_cid == cid:
         raise DeployRefused(f"{task}: {cid} is already serving")
     k_new, accuracy_new = candidate_k(manifest), candidate_accuracy(manifest)
@@ -317,7 +325,7 @@ def rollback(
     """
     if not known_task(settings, store, task):
         raise DeployRefused(f"unknown task {task!r}: it has never been deployed")
-    current_cid, current = _current(settings, task)
+    current_cid, current = _current(settings, task, store)
     if current_cid is None:
         raise DeployRefused(f"{task}: nothing is deployed, nothing to roll back")
     if expected_cid is not None and current_cid != expected_cid:
