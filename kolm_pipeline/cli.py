@@ -338,7 +338,7 @@ def cmd_tripwire_clear(args: argparse.Namespace) -> int:
     tenant, namespace = _namespace(args)
     settings = _settings(args)
     workdir = NamespaceWorkdir(settings, f"{tenant}.{namespace}")
-    previous = clear_halt(workdir.tripwire_state)
+    previous = clear_halt(workdir.tripwire_ledger(_store(settings)), workdir.task)
     if previous is None:
         print(f"{workdir.partition} is not halted")
         return 0

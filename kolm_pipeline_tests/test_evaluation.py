@@ -131,14 +131,14 @@ def test_collapsed_candidate_trips_and_halts_until_cleared(kolm_settings, tiny_b
     first = run_evaluation_stage(workdir, settings, base, champion=None, store=store).document()
     assert not first["tripwire"]["clear"] and "diversity" in first["tripwire"]["reasons"][0]
     assert not first["decision"]["swap"]
-    assert read_state(workdir.tripwire_state)["halted"]
+    assert read_state(store, workdir.task)["halted"]  # in the store: every run on every host sees the halt
 
     again = run_evaluation_stage(workdir, settings, base, champion=None, store=store).document()
     assert any("halted" in reason for reason in again["tripwire"]["reasons"])
 
     assert main(["tripwire", "clear", "--namespace", PARTITION]) == 0
     assert "halt cleared" in capsys.readouterr().out
-    assert not read_state(workdir.tripwire_state)["halted"]
+    assert not read_state(store, workdir.task)["halted"]
     assert store.audit_rows("acme", "support")[0].action == "tripwire.clear"
 
 

@@ -237,7 +237,8 @@ def test_work_files_expire_with_their_captures_and_the_loop_goes_on(kolm_setting
         {"key": "k", "capture_id": max(drawn - old), "input": "i", "expected": "e", "outputs": {}}]})
     write_json_atomic(workdir.base_answers, {"format": "kolm-base-answers/1", "key": "x", "cases": [
         {"key": "k", "capture_id": max(drawn - old), "output": "the base may quote its input"}]})
-    write_json_atomic(workdir.tripwire_state, {"last_good": {"holdout_score": 0.9, "artifact_cid": "c"}})
+    # As a release before migration 11 left it: the first reader imports it into the store.
+    write_json_atomic(workdir.legacy_tripwire_state, {"last_good": {"holdout_score": 0.9, "artifact_cid": "c"}})
 
     # Past the window of the first 20: the cycle goes, the hold-out keeps the rest, the previews their case.
     swept = sweep_retention(kolm_settings, capture_store, now=t0 + timedelta(days=WINDOW_DAYS + 1))
@@ -273,8 +274,8 @@ def test_work_files_expire_with_their_captures_and_the_loop_goes_on(kolm_setting
     assert sorted(swept.work_files[PARTITION]) == sorted(
         ["corpus.jsonl", "recipe.partial/", "case_previews.json", "base_answers.json", "holdout.frozen.jsonl"])
     assert not workdir.frozen_holdout.exists() and not any(workdir.root.glob("holdout.frozen*"))
-    assert json.loads(workdir.tripwire_state.read_text())["last_good"] == {"holdout_score": None, "artifact_cid": "c"}
-    assert sorted(path.name for path in workdir.root.iterdir()) == ["receipts", "tripwire.json"]
+    assert capture_store.tripwire_state(PARTITION)["last_good"] == {"holdout_score": None, "artifact_cid": "c"}
+    assert sorted(path.name for path in workdir.root.iterdir()) == ["receipts"]
 
     # A hold-out written by hand names no capture: it is judged by its age.
     later = t0 + timedelta(days=WINDOW_DAYS + 5)

@@ -2,18 +2,16 @@
 fell compared with the last good cycle of its namespace (a model trained on its own outputs does both).
 
 A trip halts the namespace: every later candidate is refused, and the serving adapter stays the last
-good one, until an operator clears the halt (`kolm tripwire clear --namespace NS`)."""
+good one, until an operator clears the halt (`kolm tripwire clear --namespace NS`). The state (last good cycle,
+halt) is kept per task in the capture store, so every run on every host sees the same."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
-
-from kolm_pipeline.provenance.atomic import write_json_atomic
+from typing import Protocol
 
 HOLDOUT_TOLERANCE = 0.05
 MIN_DIVERSITY_RATIO = 0.5
@@ -67,46 +65,62 @@ def check_collapse(
     )
 
 
-def read_state(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+class TripwireLedger(Protocol):
+    """Where a task's tripwire state is kept: the capture store (`store/deployments.py`), or a `MemoryLedger`."""
+
+    def tripwire_state(self, task: str) -> dict | None: ...
+
+    def set_tripwire_state(self, task: str, state: dict) -> None: ...
 
 
-def _write_state(path: Path, state: dict) -> None:
-    write_json_atomic(path, state)
+class MemoryLedger:
+    """A ledger that keeps nothing past the process: `kolm compile` evaluates outside any namespace."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, dict] = {}
+
+    def tripwire_state(self, task: str) -> dict | None:
+        return self._states.get(task)
+
+    def set_tripwire_state(self, task: str, state: dict) -> None:
+        self._states[task] = state
 
 
-def record_good_cycle(path: Path, result: TripwireResult, artifact_cid: str) -> None:
+def read_state(ledger: TripwireLedger, task: str) -> dict | None:
+    return ledger.tripwire_state(task)
+
+
+def record_good_cycle(ledger: TripwireLedger, task: str, result: TripwireResult, artifact_cid: str) -> None:
     """Remember the deployed cycle's hold-out score and diversity for the next comparison."""
-    state = read_state(path) or {}
+    state = ledger.tripwire_state(task) or {}
     state["last_good"] = {**asdict(result), "artifact_cid": artifact_cid, "at": time.time()}
-    _write_state(path, state)
+    ledger.set_tripwire_state(task, state)
 
 
-def record_trip(path: Path, result: TripwireResult) -> None:
+def record_trip(ledger: TripwireLedger, task: str, result: TripwireResult) -> None:
     """Halt the namespace; only a collapse (not an earlier halt) adds reasons."""
-    state = read_state(path) or {}
+    state = ledger.tripwire_state(task) or {}
     if not state.get("halted"):
         state.update(halted=True, halt_reasons=result.reasons, halted_at=time.time())
-        _write_state(path, state)
+        ledger.set_tripwire_state(task, state)
 
 
-def clear_halt(path: Path) -> dict | None:
+def clear_halt(ledger: TripwireLedger, task: str) -> dict | None:
     """Lift a halt; returns the state as it was, or None when the namespace was not halted."""
-    state = read_state(path)
+    state = ledger.tripwire_state(task)
     if not state or not state.get("halted"):
         return None
-    cleared = {**state, "halted": False, "halt_reasons": [], "cleared_at": time.time()}
-    _write_state(path, cleared)
+    ledger.set_tripwire_state(task, {**state, "halted": False, "halt_reasons": [], "cleared_at": time.time()})
     return state
 
 
-def forget_holdout_baseline(path: Path) -> bool:
+def forget_holdout_baseline(ledger: TripwireLedger, task: str) -> bool:
     """Stop comparing with the last good cycle's hold-out score: it was measured on a frozen hold-out that
     retention removed, and a new one will be drawn (the next deployment records a new baseline). True when
     there was a baseline to forget."""
-    state = read_state(path)
+    state = ledger.tripwire_state(task)
     last_good = (state or {}).get("last_good")
     if not isinstance(last_good, dict) or last_good.get("holdout_score") is None:
         return False
-    _write_state(path, {**state, "last_good": {**last_good, "holdout_score": None}})
+    ledger.set_tripwire_state(task, {**state, "last_good": {**last_good, "holdout_score": None}})
     return True

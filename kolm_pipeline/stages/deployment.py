@@ -112,7 +112,7 @@ def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> 
         )
     finally:
         staging.unlink(missing_ok=True)
-    record_good_cycle(workdir.tripwire_state, evaluation.tripwire, cid)
+    record_good_cycle(workdir.tripwire_ledger(store), workdir.task, evaluation.tripwire, cid)
     store.mark_merged(workdir.tenant, workdir.namespace, corpus_capture_ids(workdir.corpus.read_bytes()))
     return DeployResult(task=workdir.task, artifact_cid=cid, artifact_path=activation.artifact_path,
                         previous_cid=previous_cid, registry_row=activation.registry_row)

@@ -11,7 +11,7 @@ from kolm_pipeline.evaluate.alerts import send_alert
 from kolm_pipeline.evaluate.evaluation import ModelReport, case_previews, case_verdicts, evaluate_models
 from kolm_pipeline.evaluate.gate import decide
 from kolm_pipeline.evaluate.result import CasePreviews, EvaluationResult, RegressionAlert
-from kolm_pipeline.evaluate.tripwire import check_collapse, read_state, record_trip
+from kolm_pipeline.evaluate.tripwire import MemoryLedger, check_collapse, read_state, record_trip
 from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.settings import Settings
@@ -34,6 +34,8 @@ def run_evaluation_stage(
     A refusal is written to the registry right away (with `store`), so the log shows every decision,
     not only swaps."""
     recipe = load_recipe(workdir.recipe)
+    # Without a store (`kolm compile`: no namespace) the tripwire compares with nothing and remembers nothing.
+    ledger = workdir.tripwire_ledger(store) if store is not None else MemoryLedger()
     current_name = f"champion:{champion[0]}" if champion else "base"
     reports = evaluate_models(
         base,
@@ -50,7 +52,7 @@ def run_evaluation_stage(
         candidate.holdout.outputs,
         [answer(row) for row in recipe.holdout],
         candidate.holdout.accuracy,
-        read_state(workdir.tripwire_state),
+        read_state(ledger, workdir.task),
     )
     decision = decide(
         k_new=candidate.kscore.total,
@@ -93,7 +95,7 @@ def run_evaluation_stage(
     )
     result = result.model_copy(update={"receipt_cid": receipt_cid})
     if not tripwire.clear:
-        record_trip(workdir.tripwire_state, tripwire)
+        record_trip(ledger, workdir.task, tripwire)
     if store is not None and not decision.swap:
         store.add_registry_row(
             task=workdir.task,

@@ -185,7 +185,7 @@ def _sweep_frozen_holdout(workdir: NamespaceWorkdir, store, cutoff: datetime) ->
     if len(kept) < MIN_HOLDOUT_SHARE * drawn:
         path.unlink()
         note_path.unlink(missing_ok=True)
-        forget_holdout_baseline(workdir.tripwire_state)
+        forget_holdout_baseline(workdir.tripwire_ledger(store), workdir.task)
         return [path.name]
     remaining = b"\n".join(kept) + b"\n"
     written = path.stat()

@@ -84,8 +84,19 @@ class NamespaceWorkdir:
         return self.root / "base_answers.json"
 
     @property
-    def tripwire_state(self) -> Path:
+    def legacy_tripwire_state(self) -> Path:
+        """Where the tripwire state was kept before it moved into the store (migration 11)."""
         return self.root / "tripwire.json"
+
+    def tripwire_ledger(self, store):
+        """The store, as the task's tripwire ledger, after importing a state file an older release left in the
+        work directory (once: the file is removed when the store holds it, so a halt is never lost)."""
+        legacy = self.legacy_tripwire_state
+        if legacy.is_file():
+            if store.tripwire_state(self.task) is None:
+                store.set_tripwire_state(self.task, json.loads(legacy.read_text()))
+            legacy.unlink()
+        return store
 
     @property
     def receipts(self) -> Path:

@@ -1,15 +1,18 @@
-"""What serving replicas read from the store when they share nothing else with the deployer (`kolm serve
---follow registry`): each task's champion, from the registry's newest serving row, and the tenants' public signing
-keys, published by every deployment. The registry row *is* the pointer there: it moves in the transaction that
-writes it."""
+"""Deployment state every host reads from the store: each task's champion, from the registry's newest serving row
+(what `kolm serve --follow registry` replicas follow: the registry row *is* the pointer there, it moves in the
+transaction that writes it), the tenants' public signing keys, published by every deployment, and each task's
+collapse-tripwire state."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, insert, select
+import json
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
 
 from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.store.base import StoreBase
-from kolm_pipeline.store.tables import SERVING_DECISIONS, registry, signing_keys
+from kolm_pipeline.store.tables import SERVING_DECISIONS, registry, signing_keys, tripwire_states
 
 
 class DeploymentQueries(StoreBase):
@@ -42,3 +45,16 @@ class DeploymentQueries(StoreBase):
         """keyid → (tenant, base64 public key) of every published key."""
         with self.engine.connect() as conn:
             return {row.keyid: (row.tenant, row.public_key) for row in conn.execute(select(signing_keys))}
+
+    def tripwire_state(self, task: str) -> dict[str, Any] | None:
+        """The task's collapse-tripwire state (`evaluate/tripwire.py`), None before its first record."""
+        with self.engine.connect() as conn:
+            text = conn.execute(select(tripwire_states.c.state_json).where(tripwire_states.c.task == task)).scalar()
+        return json.loads(text) if text is not None else None
+
+    def set_tripwire_state(self, task: str, state: dict[str, Any]) -> None:
+        values = {"state_json": json.dumps(state, sort_keys=True), "updated_at": self._now()}
+        with self.engine.begin() as conn:
+            changed = conn.execute(update(tripwire_states).where(tripwire_states.c.task == task).values(**values))
+            if not changed.rowcount:
+                conn.execute(insert(tripwire_states).values(task=task, **values))

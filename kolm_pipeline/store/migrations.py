@@ -357,6 +357,17 @@ def _v10_signing_keys(op: Operations, _conn: Connection) -> None:
     )
 
 
+def _v11_tripwire_states(op: Operations, _conn: Connection) -> None:
+    """The collapse tripwire's state per task in the store (it was `work/<task>/tripwire.json`, imported by the
+    first run that reads it: `stages/workdir.py: tripwire_ledger`)."""
+    op.create_table(
+        "tripwire_states",
+        Column("task", String(255), primary_key=True),
+        Column("state_json", Text, nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (1, "baseline tables", _v1_baseline),
     (2, "retention, counters and switches", _v2_retention_and_counters),
@@ -368,6 +379,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (8, "merged counts published distill runs", _v8_merged_counts_published_runs),
     (9, "student routing", _v9_student_routing),
     (10, "signing keys", _v10_signing_keys),
+    (11, "tripwire states", _v11_tripwire_states),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -171,6 +171,16 @@ signing_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+# The collapse tripwire's state of each task (JSON: the last good cycle, a halt and its reasons): in the store so
+# every run, on any host, compares with the same last good cycle and sees the same halt.
+tripwire_states = Table(
+    "tripwire_states",
+    metadata,
+    Column("task", String(255), primary_key=True),
+    Column("state_json", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
 ROUTING_MODES = ("teacher", "shadow", "student")
 # Registry decisions that change what a task serves: a row's `to_cid` is then the adapter served from it on.
 SERVING_DECISIONS = ("swap", "rollback")
