@@ -5,6 +5,7 @@ database) and the object store (SeaweedFS's S3 gateway). Swap and rollback on A 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import boto3
+import dagster as dg
 import httpx
 import psycopg
 import pytest
@@ -24,6 +26,7 @@ from kolm_pipeline.registry import cid_for_file
 from kolm_pipeline.registry.objectstore import artifact_key
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.store import CaptureStore
+from kolm_pipeline_tests.test_instance_postgres import pg_databases  # noqa: F401 (fixture)
 from kolm_pipeline_tests.test_registry_s3 import ACCESS_KEY, BUCKET, SECRET_KEY, seaweedfs  # noqa: F401 (fixture)
 from kolm_pipeline_tests.test_registry_support import (
     LABELS,
@@ -67,9 +70,9 @@ class Replica:
         except httpx.HTTPError:
             return False
 
-    def serving(self, key: str) -> str | None:
+    def serving(self, key: str, task: str = TASK) -> str | None:
         models = httpx.get(f"{self.url}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5).json()
-        return next((m["kolm_adapter_cid"] for m in models["data"] if m["id"] == TASK), None)
+        return next((m["kolm_adapter_cid"] for m in models["data"] if m["id"] == task), None)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -79,10 +82,10 @@ class Replica:
             self.process.kill()
 
 
-def converge(replicas: list[Replica], key: str, cid: str) -> float:
-    """Seconds until every replica serves `cid` (polled every 20 ms)."""
+def converge(replicas: list[Replica], key: str, cid: str, task: str = TASK) -> float:
+    """Seconds until every replica serves `cid` for `task` (polled every 20 ms)."""
     began = time.monotonic()
-    wait_until(lambda: all(replica.serving(key) == cid for replica in replicas), timeout=30,
+    wait_until(lambda: all(replica.serving(key, task) == cid for replica in replicas), timeout=30,
                what=f"every replica to serve {cid}")
     return time.monotonic() - began
 
@@ -164,3 +167,80 @@ def test_replicas_sharing_only_postgres_and_s3_follow_swap_and_rollback(seaweedf
     assert {path.name for path in (host_b / "artifacts" / TASK).glob("*.kolm")} <= {f"{first}.kolm",
                                                                                    f"{second}.kolm",
                                                                                    f"{rogue_cid}.kolm"}
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+DISTILL = """
+import json, sys
+from kolm_pipeline.defs.launch import ensure_instance, materialize_namespace
+from kolm_pipeline.settings import load_settings
+instance = ensure_instance(load_settings())
+result, _ = materialize_namespace(instance, sys.argv[1], json.loads(sys.argv[2]), tags={"kolm/actor": "host-a"})
+sys.exit(0 if result.success else 1)
+"""
+
+
+def test_distills_through_dagster_on_postgres_reach_the_replicas_and_namespaces_stay_apart(
+        seaweedfs, pg_url, pg_databases, tiny_base, tmp_path, monkeypatch):  # noqa: F811
+    """Host A captures two namespaces and runs both distills through Dagster on a PostgreSQL instance at the same
+    time (one in this process, one in another); host B's two replicas serve each namespace's adapter within 2 s
+    of its deployment, and the other namespace's run changes nothing of the first."""
+    from kolm_pipeline.defs.launch import STAGES, ensure_instance, materialize_namespace
+    from kolm_pipeline.demo.tickets import generate_tickets
+    from kolm_pipeline_tests.conftest import AUTO_REPLY, capture_tickets
+    from kolm_pipeline_tests.test_assets import TINY_RUN
+    from kolm_pipeline_tests.test_instance_postgres import PG_HOST, PG_USER, _production_instance_yaml
+
+    host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
+    shared = {"KOLM_STORE_URL": pg_url, "KOLM_ARTIFACTS_URL": f"s3://{BUCKET}/loop-{uuid.uuid4().hex[:6]}",
+              "AWS_ENDPOINT_URL": seaweedfs, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+              "AWS_DEFAULT_REGION": "us-east-1"}
+    dagster_home = host_a / "dagster"
+    _production_instance_yaml(dagster_home)
+    host_a_env = {**shared, "KOLM_HOME": str(host_a), "DAGSTER_HOME": str(dagster_home), "KOLM_BASE_MODEL":
+                  str(tiny_base), "DAGSTER_PG_USERNAME": PG_USER, "DAGSTER_PG_PASSWORD": "", "DAGSTER_PG_HOST":
+                  PG_HOST, "DAGSTER_PG_DB": pg_databases["dagster"], "HF_HUB_OFFLINE": "1",
+                  # Both runs log to one MLflow: on PostgreSQL, as in production (SQLite would lock).
+                  "KOLM_MLFLOW_URI": f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:5432/{pg_databases['mlflow']}"}
+    clean_env(monkeypatch, **host_a_env)
+    store = CaptureStore(pg_url)
+    key = store.create_tenant("acme")
+    for namespace, seed in (("support", 11), ("billing", 12)):
+        capture_tickets(store, "acme", namespace, generate_tickets(160, seed=seed), reply=AUTO_REPLY)
+        store.add_rule("acme", namespace, "keep", {"status": "ok"}, actor="test")
+
+    replicas = [Replica(host_b, shared, tiny_base) for _ in range(2)]
+    try:
+        for replica in replicas:
+            wait_until(replica.ready, timeout=120, interval=0.2, what="a replica of host B to start")
+        other = subprocess.Popen([sys.executable, "-c", DISTILL, "acme.billing", json.dumps(TINY_RUN)],
+                                 env={**os.environ, **host_a_env})
+        instance = ensure_instance(load_settings(host_a))
+        try:
+            result, outcomes = materialize_namespace(instance, "acme.support", TINY_RUN, tags={"kolm/actor": "test"})
+            assert result.success and [o.status for o in outcomes] == ["success"] * len(STAGES)
+            deployed = instance.get_latest_materialization_event(
+                dg.AssetKey("deployment")).asset_materialization.metadata["artifact_cid"].value
+        finally:
+            instance.dispose()
+        support_served = converge(replicas, key, deployed, task="acme.support")
+        support_files = _file_digests(host_a / "work" / "acme.support")
+        assert other.wait(timeout=600) == 0  # the other namespace's run, on the same instance, at the same time
+        billing = CaptureStore(pg_url).champions()["acme.billing"]
+        assert billing and billing != deployed
+        converge(replicas, key, billing, task="acme.billing")
+    finally:
+        for replica in replicas:
+            replica.stop()
+    print(f"replicas served the distilled adapter {support_served:.2f} s after the run ended")
+    assert support_served <= CONVERGE_S
+    # The other namespace's run changed nothing of the first: its files, its champion, its registry rows.
+    assert _file_digests(host_a / "work" / "acme.support") == support_files
+    assert CaptureStore(pg_url).champions()["acme.support"] == deployed
+    assert {row.to_cid for row in CaptureStore(pg_url).registry_rows("acme.support")} == {deployed}
