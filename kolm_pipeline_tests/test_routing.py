@@ -8,6 +8,7 @@ first and escalate the second."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from kolm_pipeline.capture.background import BackgroundServer
 from kolm_pipeline.capture_server import create_app
 from kolm_pipeline.cli import main
 from kolm_pipeline.demo.teacher import create_teacher_app
+from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.registry.manage import swap_artifact
 from kolm_pipeline.serve.monitor import Trip, roll_back_on_trip
 from kolm_pipeline.settings import CaptureConfig, Settings, load_settings
@@ -412,3 +414,73 @@ def test_requests_the_student_cannot_honour_stay_with_the_teacher():
     assert student_messages([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) == [
         {"role": "user", "content": "hi"}]
     assert (max_tokens_of({"max_tokens": 9}), max_tokens_of({"max_tokens": 10**6}), max_tokens_of({})) == (9, 4096, 256)
+
+
+def test_compared_answers_are_stored_redacted_and_a_bad_row_does_not_block_the_others(tmp_path):
+    """Review of issue 23: the student's answer went into the store raw (PII, even the provider key it echoed),
+    and one row the store refused kept every later comparison from being written."""
+    import asyncio
+
+    from kolm_pipeline.capture.forward import Call, KeyCache
+    from kolm_pipeline.capture.providers import OPENAI
+    from kolm_pipeline.capture.redact import Redactor
+    from kolm_pipeline.routing.router import NamespaceRoute, StudentRouter
+    from kolm_pipeline.routing.student_client import StudentClient, StudentReply
+
+    store = CaptureStore(f"sqlite:///{tmp_path / 'captures.db'}")
+    secret = "sk-upstream-secret-0123456789"
+    router = StudentRouter(store, StudentClient("http://127.0.0.1:9", 1.0), KeyCache(store, 30.0))
+    teacher = json.dumps({"choices": [{"message": {"content": "billing"}}]}).encode()
+
+    def call(request_id: str) -> Call:
+        made = Call(None, OPENAI, "acme", "labels", "gpt-4o-mini", b"{}", (), secret, False)
+        made.request_id = request_id
+        return made
+
+    leaky = StudentReply(text=f"write to bob@example.com with {secret}", confidence=0.4, cid="bafkreiexample",
+                         kind="text", latency_us=1000, prompt_tokens=None, completion_tokens=None)
+
+    async def run() -> None:
+        route = NamespaceRoute("shadow", adapter_cid="bafkreiexample", redactor=Redactor())
+        await router._compare(call("r1"), leaky, "shadow", route, "reply", 200, teacher, 500)
+        await router._compare(call("r2"), leaky, "not-a-kind", route, "reply", 200, teacher, 500)  # refused
+        await router._compare(call("r3"), leaky, "escalated", route, "reply", 200, teacher, 500)
+        await router._flush()
+
+    asyncio.run(run())
+    stored = store.comparisons("acme", "labels", "bafkreiexample")
+    assert sorted(c.request_id for c in stored) == ["r1", "r3"] and router.stats["dropped"] == 1
+    for comparison in stored:
+        assert "bob@example.com" not in comparison.student_output and secret not in comparison.student_output
+
+
+def test_routing_knobs_that_could_never_be_met_are_refused(tmp_path):
+    store = CaptureStore(f"sqlite:///{tmp_path / 'captures.db'}")
+    for changes, message in [({"routing_target": 1.0}, "below 1"), ({"shadow_min": 6000}, "from 1 to 5000"),
+                             ({"canary_share": False}, "canary_share"), ({"routing_target": "high"}, "above 0")]:
+        with pytest.raises(InvalidInput, match=message):
+            store.set_switches("acme", "labels", "test", **changes)
+
+
+def test_rules_leave_the_students_answers_to_a_person(tmp_path):
+    from kolm_pipeline_tests.test_store import capture
+
+    store = CaptureStore(f"sqlite:///{tmp_path / 'captures.db'}")
+    store.insert_captures([capture(1, namespace="labels"), capture(2, namespace="labels", served_by="bafkreiexample")])
+    store.add_rule("acme", "labels", "keep", {"status": "ok"}, "test")
+    assert store.apply_rules("acme", "labels") == {"kept": 1, "discarded": 0}
+    assert store.counters("acme", "labels")["kept"] == 1
+
+
+def test_a_halt_left_in_an_old_state_file_survives_its_import(kolm_settings):
+    from kolm_pipeline.stages.workdir import NamespaceWorkdir
+
+    store = CaptureStore(kolm_settings.store_url)
+    workdir = NamespaceWorkdir(kolm_settings, "acme.labels")
+    workdir.root.mkdir(parents=True)
+    store.update_tripwire_state("acme.labels", lambda _state: {"last_good": {"holdout_score": 0.8}})
+    workdir.legacy_tripwire_state.write_text(json.dumps({"halted": True, "halt_reasons": ["collapsed"]}))
+    ledger = workdir.tripwire_ledger(store)
+    assert ledger.tripwire_state("acme.labels") == {"last_good": {"holdout_score": 0.8}, "halted": True,
+                                                     "halt_reasons": ["collapsed"]}
+    assert not workdir.legacy_tripwire_state.exists()

@@ -166,6 +166,15 @@ class KeyCache:
                 return tenant, hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         raise ApiError(401, "authentication_error", "unknown kolm key")
 
+    def authenticated_key(self, headers: Mapping[str, str]) -> str | None:
+        """The candidate kolm key of `headers` that names a tenant (after `authenticate`: from the cache)."""
+        now = time.monotonic()
+        for key in kolm_keys(headers):
+            entry = self._entries.get(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest())
+            if entry is not None and entry[0] is not None and entry[1] > now:
+                return key
+        return None
+
     def clear(self) -> None:
         self._entries.clear()
 

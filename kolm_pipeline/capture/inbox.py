@@ -94,9 +94,9 @@ class SwitchesBody(BaseModel):
     distill_ready: bool | None = Field(default=None, strict=True)
     redact_entities: list[str] | None = None
     routing: Literal["teacher", "shadow", "student"] | None = None
-    routing_target: float | None = Field(default=None, gt=0, le=1)
+    routing_target: float | None = Field(default=None, gt=0, lt=1)
     canary_share: float | None = Field(default=None, ge=0, lt=1)
-    shadow_min: int | None = Field(default=None, ge=1, le=1_000_000, strict=True)
+    shadow_min: int | None = Field(default=None, ge=1, le=5000, strict=True)
 
 
 def _actor(tenant: Tenant) -> str:

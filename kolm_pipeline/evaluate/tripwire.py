@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -70,7 +71,7 @@ class TripwireLedger(Protocol):
 
     def tripwire_state(self, task: str) -> dict | None: ...
 
-    def set_tripwire_state(self, task: str, state: dict) -> None: ...
+    def update_tripwire_state(self, task: str, change: Callable[[dict | None], dict | None]) -> dict | None: ...
 
 
 class MemoryLedger:
@@ -82,8 +83,12 @@ class MemoryLedger:
     def tripwire_state(self, task: str) -> dict | None:
         return self._states.get(task)
 
-    def set_tripwire_state(self, task: str, state: dict) -> None:
-        self._states[task] = state
+    def update_tripwire_state(self, task: str, change: Callable[[dict | None], dict | None]) -> dict | None:
+        before = self._states.get(task)
+        after = change(None if before is None else dict(before))
+        if after is not None:
+            self._states[task] = after
+        return before
 
 
 def read_state(ledger: TripwireLedger, task: str) -> dict | None:
@@ -92,35 +97,44 @@ def read_state(ledger: TripwireLedger, task: str) -> dict | None:
 
 def record_good_cycle(ledger: TripwireLedger, task: str, result: TripwireResult, artifact_cid: str) -> None:
     """Remember the deployed cycle's hold-out score and diversity for the next comparison."""
-    state = ledger.tripwire_state(task) or {}
-    state["last_good"] = {**asdict(result), "artifact_cid": artifact_cid, "at": time.time()}
-    ledger.set_tripwire_state(task, state)
+    good = {**asdict(result), "artifact_cid": artifact_cid, "at": time.time()}
+    ledger.update_tripwire_state(task, lambda state: {**(state or {}), "last_good": good})
 
 
 def record_trip(ledger: TripwireLedger, task: str, result: TripwireResult) -> None:
     """Halt the namespace; only a collapse (not an earlier halt) adds reasons."""
-    state = ledger.tripwire_state(task) or {}
-    if not state.get("halted"):
-        state.update(halted=True, halt_reasons=result.reasons, halted_at=time.time())
-        ledger.set_tripwire_state(task, state)
+
+    def halt(state: dict | None) -> dict | None:
+        if (state or {}).get("halted"):
+            return None
+        return {**(state or {}), "halted": True, "halt_reasons": result.reasons, "halted_at": time.time()}
+
+    ledger.update_tripwire_state(task, halt)
 
 
 def clear_halt(ledger: TripwireLedger, task: str) -> dict | None:
     """Lift a halt; returns the state as it was, or None when the namespace was not halted."""
-    state = ledger.tripwire_state(task)
-    if not state or not state.get("halted"):
-        return None
-    ledger.set_tripwire_state(task, {**state, "halted": False, "halt_reasons": [], "cleared_at": time.time()})
-    return state
+
+    def lift(state: dict | None) -> dict | None:
+        if not state or not state.get("halted"):
+            return None
+        return {**state, "halted": False, "halt_reasons": [], "cleared_at": time.time()}
+
+    before = ledger.update_tripwire_state(task, lift)
+    return before if before and before.get("halted") else None
 
 
 def forget_holdout_baseline(ledger: TripwireLedger, task: str) -> bool:
     """Stop comparing with the last good cycle's hold-out score: it was measured on a frozen hold-out that
     retention removed, and a new one will be drawn (the next deployment records a new baseline). True when
     there was a baseline to forget."""
-    state = ledger.tripwire_state(task)
-    last_good = (state or {}).get("last_good")
-    if not isinstance(last_good, dict) or last_good.get("holdout_score") is None:
-        return False
-    ledger.set_tripwire_state(task, {**state, "last_good": {**last_good, "holdout_score": None}})
-    return True
+
+    def forget(state: dict | None) -> dict | None:
+        last_good = (state or {}).get("last_good")
+        if not isinstance(last_good, dict) or last_good.get("holdout_score") is None:
+            return None
+        return {**state, "last_good": {**last_good, "holdout_score": None}}
+
+    before = ledger.update_tripwire_state(task, forget)
+    last_good = (before or {}).get("last_good")
+    return isinstance(last_good, dict) and last_good.get("holdout_score") is not None

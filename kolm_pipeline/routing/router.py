@@ -24,8 +24,12 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass
 
-from kolm_pipeline.capture.forward import SERVED_BY_HEADER, Call, RawHeaders, Send, kolm_keys, respond
+from sqlalchemy.exc import OperationalError
+
+from kolm_pipeline.capture.batch import REDACTED
+from kolm_pipeline.capture.forward import SERVED_BY_HEADER, Call, KeyCache, RawHeaders, Send, respond
 from kolm_pipeline.capture.providers import Completion
+from kolm_pipeline.capture.redact import Redactor
 from kolm_pipeline.evaluate.verifiers import agreement
 from kolm_pipeline.provenance import jsontext
 from kolm_pipeline.routing.replies import REPLIES
@@ -42,14 +46,20 @@ from kolm_pipeline.store.student_routing import Comparison
 log = logging.getLogger(__name__)
 
 
+# Comparisons waiting to be written, at most: past it the oldest are dropped (and counted), never the traffic.
+MAX_PENDING = 10_000
+
+
 @dataclass(frozen=True)
 class NamespaceRoute:
-    """A namespace's routing as last read: mode, the confidence threshold and the adapter it was chosen for."""
+    """A namespace's routing as last read: mode, the confidence threshold and the adapter it was chosen for, and
+    the namespace's redaction (a student's answer is stored for comparison redacted as a capture is)."""
 
     mode: str
     threshold: float | None = None
     canary_share: float = 0.0
     adapter_cid: str | None = None
+    redactor: Redactor | None = None
 
 
 TEACHER = NamespaceRoute("teacher")
@@ -58,10 +68,11 @@ TEACHER = NamespaceRoute("teacher")
 class StudentRouter:
     """The capture proxy's routing (see the module docstring); one per proxy, started in its lifespan."""
 
-    def __init__(self, store: CaptureStore, client: StudentClient, refresh_s: float = 2.0,
+    def __init__(self, store: CaptureStore, client: StudentClient, keys: KeyCache, refresh_s: float = 2.0,
                  max_in_flight: int = 8, flush_s: float = 0.5) -> None:
         self._store = store
         self._client = client
+        self._keys = keys
         self._refresh_s = refresh_s
         self._max_in_flight = max_in_flight
         self._flush_s = flush_s
@@ -71,7 +82,7 @@ class StudentRouter:
         self._tasks: set[asyncio.Task] = set()
         self._flusher: asyncio.Task | None = None
         self.stats = {"student_answered": 0, "escalated": 0, "canaries": 0, "fallbacks": 0, "shadowed": 0,
-                      "skipped": 0, "compared": 0}
+                      "skipped": 0, "compared": 0, "dropped": 0}
 
     async def start(self) -> None:
         await self._client.start()
@@ -96,13 +107,14 @@ class StudentRouter:
         return self._routes.get((tenant, namespace))
 
     async def load(self, tenant: str, namespace: str) -> NamespaceRoute:
-        """Read the namespace's routing now (the first call of a namespace); the teacher when the store fails."""
+        """Read the namespace's routing now (its first call, then every `refresh_s`). When the store fails, the
+        routing last read stays (the teacher for a namespace never read)."""
         try:
             route = await asyncio.to_thread(self._read, tenant, namespace)
-        except Exception as exc:  # noqa: BLE001 - the store down: the teacher answers, as without routing
-            log.warning("routing of %s.%s unreadable (%s): the teacher answers", tenant, namespace,
+        except Exception as exc:  # noqa: BLE001 - the store down: keep what was known
+            log.warning("routing of %s.%s unreadable (%s): keeping what was last read", tenant, namespace,
                         type(exc).__name__)
-            route = TEACHER
+            route = self._routes.get((tenant, namespace), TEACHER)
         self._routes[(tenant, namespace)] = route
         return route
 
@@ -110,8 +122,15 @@ class StudentRouter:
         settings = self._store.namespace_settings(tenant, namespace)
         if settings.routing == "teacher":
             return TEACHER
-        status = self._store.routing_status(tenant, namespace)
-        return NamespaceRoute(settings.routing, status.threshold, settings.canary_share, status.adapter_cid)
+        cid = self._store.deployed_cid(tenant, namespace)
+        threshold = None
+        if settings.routing == "student" and cid is not None:
+            threshold = self._store.student_threshold(tenant, namespace, cid, settings.routing_target)
+        try:
+            redactor = Redactor(settings.redact_entities)
+        except ValueError:  # a stored choice this version does not know: every entity, as captures get
+            redactor = Redactor()
+        return NamespaceRoute(settings.routing, threshold, settings.canary_share, cid, redactor)
 
     async def _refresh_periodically(self) -> None:
         while True:
@@ -126,8 +145,10 @@ class StudentRouter:
         """Route one call of a namespace whose mode is not `teacher`: True when the student answered it (the
         response is sent and the call recorded), False when the teacher must (comparison hooks set)."""
         call.routed = True
-        if route.mode == "shadow":
-            call.on_recorded = lambda *recorded: self._spawn(self._shadow(call, body, headers, *recorded))
+        if route.mode == "shadow" or route.threshold is None or route.adapter_cid is None:
+            # Shadow, or a student without a threshold yet (a new adapter): the teacher answers at once, the
+            # student is asked off the response path, and the comparison counts toward its threshold.
+            call.on_recorded = lambda *recorded: self._spawn(self._shadow(call, body, headers, route, *recorded))
             return False
         began = time.perf_counter_ns()
         reply = await self._ask(call, body, headers)
@@ -141,7 +162,7 @@ class StudentRouter:
             return True
         kind = "canary" if confident else "escalated"
         self.stats["canaries" if confident else "escalated"] += 1
-        call.on_recorded = lambda *recorded: self._spawn(self._compare(call, reply, kind, *recorded))
+        call.on_recorded = lambda *recorded: self._spawn(self._compare(call, reply, kind, route, *recorded))
         return False
 
     async def _ask(self, call: Call, body: dict, headers: dict[str, str]) -> StudentReply | None:
@@ -151,11 +172,10 @@ class StudentRouter:
             messages = student_messages(call.provider.messages(body))
         except ValueError:
             messages = None
-        keys = kolm_keys(headers)
-        if messages is None or not keys:
+        key = self._keys.authenticated_key(headers)  # the key that named the tenant, as kolm serve checks it
+        if messages is None or key is None:
             return None
-        return await self._client.ask(partition_key(call.tenant, call.namespace), messages, max_tokens_of(body),
-                                      keys[0])
+        return await self._client.ask(partition_key(call.tenant, call.namespace), messages, max_tokens_of(body), key)
 
     async def _answer_as_student(self, call: Call, body: dict, send: Send, reply: StudentReply, began: int) -> None:
         data, content_type = REPLIES[call.provider.name](call.request_id or "unrecorded", call.model, reply,
@@ -179,8 +199,8 @@ class StudentRouter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _shadow(self, call: Call, body: dict, headers: dict[str, str], outcome: str, status: int,
-                      reply: bytes, latency_us: int) -> None:
+    async def _shadow(self, call: Call, body: dict, headers: dict[str, str], route: NamespaceRoute, outcome: str,
+                      status: int, reply: bytes, latency_us: int) -> None:
         if teacher_text(call, outcome, status, reply) is None:
             return
         student = await self._ask(call, body, headers)
@@ -188,17 +208,24 @@ class StudentRouter:
             self.stats["fallbacks"] += 1
             return
         self.stats["shadowed"] += 1
-        await self._compare(call, student, "shadow", outcome, status, reply, latency_us)
+        await self._compare(call, student, "shadow", route, outcome, status, reply, latency_us)
 
-    async def _compare(self, call: Call, student: StudentReply, kind: str, outcome: str, status: int,
-                       reply: bytes, latency_us: int) -> None:
+    async def _compare(self, call: Call, student: StudentReply, kind: str, route: NamespaceRoute, outcome: str,
+                       status: int, reply: bytes, latency_us: int) -> None:
         teacher = teacher_text(call, outcome, status, reply)
         if teacher is None or call.request_id is None:
             return
+        # Stored as a capture's text is: without the provider key, PII redacted (the teacher's is, in the capture).
+        stored = student.text.replace(call.secret, REDACTED) if call.secret else student.text
+        if route.redactor is not None:
+            stored = route.redactor.text(stored)
+        if len(self._pending) >= MAX_PENDING:
+            del self._pending[0]
+            self.stats["dropped"] += 1
         self._pending.append(Comparison(
             tenant=call.tenant, namespace=call.namespace, request_id=call.request_id, adapter_cid=student.cid,
             kind=kind, agreement=agreement(student.kind, student.text, teacher), confidence=student.confidence,
-            student_output=student.text, student_latency_us=student.latency_us, teacher_latency_us=latency_us,
+            student_output=stored, student_latency_us=student.latency_us, teacher_latency_us=latency_us,
         ))
         self.stats["compared"] += 1
 
@@ -213,9 +240,17 @@ class StudentRouter:
             return
         try:
             await asyncio.to_thread(self._store.add_comparisons, batch)
-        except Exception as exc:  # noqa: BLE001 - kept for the next flush; the store may be back by then
+        except (OperationalError, OSError) as exc:  # the store is away: kept (up to MAX_PENDING) for the next flush
             log.warning("writing %d comparisons failed (%s): retrying", len(batch), type(exc).__name__)
-            self._pending = batch + self._pending
+            self._pending = (batch + self._pending)[-MAX_PENDING:]
+        except Exception:  # noqa: BLE001 - a row the store refuses: write the others one by one, drop it
+            for comparison in batch:
+                try:
+                    await asyncio.to_thread(self._store.add_comparisons, [comparison])
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("dropping the comparison of capture %s (%s)", comparison.request_id,
+                                type(exc).__name__)
+                    self.stats["dropped"] += 1
 
     async def drain(self) -> None:
         """Wait for the comparisons under way and write them (tests and benchmarks read them right after)."""

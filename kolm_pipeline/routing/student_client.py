@@ -76,8 +76,10 @@ class StudentClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        # As many connections as the proxy's upstream pool: waiting for one would eat into the student's timeout.
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout), cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+            connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=self.timeout), cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
         )
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 import weakref
@@ -105,7 +106,7 @@ def _usage(counted: dict) -> dict | None:
 def _nameless(reason: str, task: str) -> str:
     """``reason`` with the task's name and its tenant's replaced, for an unauthenticated reader."""
     tenant = task.split(".", 1)[0]
-    return reason.replace(task, "<task>").replace(tenant, "<tenant>")
+    return re.sub(rf"(?<![\w-]){re.escape(tenant)}(?![\w-])", "<tenant>", reason.replace(task, "<task>"))
 
 
 def _parse_feedback(body: Any) -> tuple[str, bool]:

@@ -409,7 +409,10 @@ def roll_back_on_trip(settings, trip: Trip) -> str:
         delivery = send_alert(settings.alert_webhook, live_regression_alert(trip, rolled_back_to=None,
                                                                             registry_row=row, outcome=str(exc)))
         return f"not rolled back: {exc} (registry row {row}; alert {delivery})"
-    routing = _stop_student_routing(store, trip.task)
+    try:
+        routing = _stop_student_routing(store, trip.task)
+    except Exception as exc:  # noqa: BLE001 - the rollback happened: the alert must still go out, saying this
+        routing = f"; routing not returned to shadow ({type(exc).__name__}): set it with kolm capture status"
     delivery = send_alert(settings.alert_webhook, live_regression_alert(
         trip, rolled_back_to=activation.to_cid, registry_row=activation.registry_row,
         outcome=f"rolled back to {activation.to_cid}{routing}"))

@@ -54,6 +54,13 @@ class ArtifactRefused(Exception):
     """The artifact a pointer names cannot be served; the message says what failed."""
 
 
+# A refused artifact is verified again after this long (a key may have been published since); one that could not
+# be fetched from the object store is fetched again after FETCH_RETRY_S.
+REFUSAL_RETRY_S = 30.0
+FETCH_RETRY_S = 5.0
+_UNFETCHED = (0, 0)
+
+
 def adapter_name(cid: str) -> str:
     """The name an artifact's adapter is loaded under: derived from its CID, so it never collides."""
     return f"kolm-{cid}"
@@ -218,14 +225,18 @@ class ServingRuntime:
         for task, cid in self.registry.champions().items():
             if cid is None:
                 continue
+            with self._state:
+                refusal = self._refused.get(task)
+            if refusal is not None and refusal.cid == cid and refusal.stamp == _UNFETCHED \
+                    and time.time() - refusal.at < FETCH_RETRY_S:
+                found[task] = None  # not fetched a moment ago: keep the task as it is, try again later
+                continue
             try:
                 found[task] = local_artifact(self.settings, validate_task(task), cid)
-            except (DeployRefused, RegistryError) as exc:
+            except (DeployRefused, RegistryError, OSError) as exc:
+                log.error("cannot fetch %s for task %s: %s", cid, task, exc)
                 with self._state:
-                    refusal = self._refused.get(task)
-                    if refusal is None or refusal.cid != cid:
-                        log.error("cannot fetch %s for task %s: %s", cid, task, exc)
-                        self._refused[task] = _Refusal(cid=cid, stamp=(0, 0), reason=str(exc))
+                    self._refused[task] = _Refusal(cid=cid, stamp=_UNFETCHED, reason=str(exc))
                 found[task] = None
         return found
 
@@ -270,7 +281,9 @@ class ServingRuntime:
             return  # swapped again while we looked; the next poll sees the new target
         stamp = (stat.st_mtime_ns, stat.st_size)
         refusal = self._refused.get(task)
-        if refusal is not None and refusal.cid == cid and refusal.stamp == stamp:
+        # Tried again after a while: what refused it may have changed (a key published since, a base fixed).
+        if refusal is not None and refusal.cid == cid and refusal.stamp == stamp \
+                and time.time() - refusal.at < REFUSAL_RETRY_S:
             return
         began = time.perf_counter()
         try:

@@ -93,8 +93,16 @@ class NamespaceWorkdir:
         work directory (once: the file is removed when the store holds it, so a halt is never lost)."""
         legacy = self.legacy_tripwire_state
         if legacy.is_file():
-            if store.tripwire_state(self.task) is None:
-                store.set_tripwire_state(self.task, json.loads(legacy.read_text()))
+            old = json.loads(legacy.read_text())
+
+            def merged(state: dict | None) -> dict:
+                if state is None:
+                    return old
+                if old.get("halted") and not state.get("halted"):  # a halt is kept whatever else the store has
+                    return {**state, **{k: old[k] for k in ("halted", "halt_reasons", "halted_at") if k in old}}
+                return state
+
+            store.update_tripwire_state(self.task, merged)
             legacy.unlink()
         return store
 

@@ -6,9 +6,11 @@ collapse-tripwire state."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.store.base import StoreBase
@@ -52,9 +54,27 @@ class DeploymentQueries(StoreBase):
             text = conn.execute(select(tripwire_states.c.state_json).where(tripwire_states.c.task == task)).scalar()
         return json.loads(text) if text is not None else None
 
-    def set_tripwire_state(self, task: str, state: dict[str, Any]) -> None:
-        values = {"state_json": json.dumps(state, sort_keys=True), "updated_at": self._now()}
-        with self.engine.begin() as conn:
-            changed = conn.execute(update(tripwire_states).where(tripwire_states.c.task == task).values(**values))
-            if not changed.rowcount:
-                conn.execute(insert(tripwire_states).values(task=task, **values))
+    def update_tripwire_state(self, task: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
+                              ) -> dict[str, Any] | None:
+        """Read the task's state, apply `change` (None: leave it as it is) and write the result, in one transaction
+        that locks the row on PostgreSQL: two hosts recording a trip and a good cycle at once lose neither.
+        Returns the state as it was."""
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as conn:
+                    text = conn.execute(select(tripwire_states.c.state_json)
+                                        .where(tripwire_states.c.task == task).with_for_update()).scalar()
+                    before = json.loads(text) if text is not None else None
+                    after = change(None if before is None else dict(before))
+                    if after is None:
+                        return before
+                    values = {"state_json": json.dumps(after, sort_keys=True), "updated_at": self._now()}
+                    if text is None:
+                        conn.execute(insert(tripwire_states).values(task=task, **values))
+                    else:
+                        conn.execute(update(tripwire_states).where(tripwire_states.c.task == task).values(**values))
+                    return before
+            except IntegrityError:  # another host inserted the first state meanwhile: read it and apply again
+                if attempt == 2:
+                    raise
+        return None

@@ -21,8 +21,9 @@ from kolm_pipeline.store.base import StoreBase, _utc
 from kolm_pipeline.store.namespaces import partition_key
 from kolm_pipeline.store.tables import SERVING_DECISIONS, captures, registry, student_comparisons
 
-# Comparisons read for the threshold and the status: the newest ones of the adapter.
-_RECENT = 5000
+# Comparisons read for the threshold and the status: the newest ones of the adapter (so `shadow_min` ≤ this).
+MAX_COMPARED = 5000
+_RECENT = MAX_COMPARED
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,20 @@ class StudentRoutingQueries(StoreBase):
         with self.engine.connect() as conn:
             return [Comparison(**{name: getattr(row, name) for name in Comparison.__dataclass_fields__})
                     for row in conn.execute(stmt)]
+
+    def student_threshold(self, tenant: str, namespace: str, adapter_cid: str, target: float) -> float | None:
+        """The adapter's confidence threshold at `target` (`choose_threshold`), reading only the two numbers of
+        its newest compared requests: what the proxy's router re-reads every few seconds."""
+        c = student_comparisons.c
+        stmt = (
+            select(c.confidence, c.agreement)
+            .where(c.tenant == tenant, c.namespace == namespace, c.adapter_cid == adapter_cid)
+            .order_by(c.id.desc())
+            .limit(_RECENT)
+        )
+        with self.engine.connect() as conn:
+            pairs = [(row.confidence, row.agreement) for row in conn.execute(stmt)]
+        return choose_threshold(pairs, target).threshold
 
     def disagreements(self, tenant: str, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
         """The deployed adapter's compared requests where it did not fully agree with the teacher, newest first,

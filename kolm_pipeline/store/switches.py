@@ -11,6 +11,7 @@ from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.store.base import StoreBase
 from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
 from kolm_pipeline.store.records import NamespaceSettings
+from kolm_pipeline.store.student_routing import MAX_COMPARED
 from kolm_pipeline.store.tables import ROUTING_MODES, namespace_settings
 
 _SWITCH_NAMES = ("retention_days", "implicit_signals", "distill_ready", "redact_entities", "routing",
@@ -18,18 +19,24 @@ _SWITCH_NAMES = ("retention_days", "implicit_signals", "distill_ready", "redact_
 _ROUTING_KNOBS = ("routing_target", "canary_share", "shadow_min")
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_routing(changes: dict[str, Any]) -> None:
     if "routing" in changes and changes["routing"] not in ROUTING_MODES:
         raise InvalidInput(f"unknown routing {changes['routing']!r}: use one of {', '.join(ROUTING_MODES)}")
-    for name, low, high in (("routing_target", 0.0, 1.0), ("canary_share", 0.0, 1.0)):
-        value = changes.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                  or not low < value <= high if name == "routing_target" else not low <= value < high):
-            raise InvalidInput(f"{name} must be a number in {'(0, 1]' if name == 'routing_target' else '[0, 1)'}")
+    target = changes.get("routing_target")
+    # Below 1: a target of 1 could never be shown (the agreement's lower bound stays under 1 on any sample).
+    if target is not None and not (_number(target) and 0 < target < 1):
+        raise InvalidInput("routing_target must be a number above 0 and below 1")
+    share = changes.get("canary_share")
+    if share is not None and not (_number(share) and 0 <= share < 1):
+        raise InvalidInput("canary_share must be a number from 0 up to (not including) 1")
     shadow_min = changes.get("shadow_min")
     if shadow_min is not None and (isinstance(shadow_min, bool) or not isinstance(shadow_min, int)
-                                   or not 1 <= shadow_min <= 1_000_000):
-        raise InvalidInput("shadow_min must be an integer from 1 to 1000000")
+                                   or not 1 <= shadow_min <= MAX_COMPARED):
+        raise InvalidInput(f"shadow_min must be an integer from 1 to {MAX_COMPARED}")
 
 
 class SwitchQueries(StoreBase):

@@ -183,7 +183,9 @@ class TriageQueries(StoreBase):
         return counts
 
     def _untriaged(self, tenant: str, namespace: str) -> Iterable[Any]:
-        """Untriaged captures whose text is still there, in id order, read a page at a time."""
+        """Untriaged captures whose text is still there, in id order, read a page at a time. Answers the deployed
+        adapter gave (`served_by`) are left to a person: a rule keeping them would count pairs that never train
+        (never train on self-output) and trigger distills of an unchanged corpus."""
         last_id = 0
         c = captures.c
         columns = (c.id, c.status, c.model, c.tags, c.output_text, c.implicit_signal)
@@ -195,6 +197,7 @@ class TriageQueries(StoreBase):
                     c.namespace == namespace,
                     c.triage_state == "untriaged",
                     c.expired_at.is_(None),
+                    c.served_by.is_(None),
                     c.id > last_id,
                 )
                 .order_by(c.id)
