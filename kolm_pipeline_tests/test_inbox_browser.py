@@ -220,3 +220,42 @@ def test_dataset_view_keeps_and_corrects_with_a_key_from_the_cli(kolm_settings, 
     assert corrected.feedback_output == "fin-ops (refund asked by <EMAIL>)"
     [audit] = [row for row in ticket_store.audit_rows("acme", "support") if row.action == "feedback.set"]
     assert (audit.actor, audit.detail["id"], audit.detail["correction"]) == (f"key:{key_id}", corrected_id, True)
+
+
+def test_student_disagreements_are_listed_for_triage(
+    start_proxy: Callable[..., Proxy],  # noqa: F811
+    teacher: str,  # noqa: F811
+    browser: Browser,
+) -> None:
+    """Issue 23: with the namespace routed `shadow`, the page shows the routing figures and lists the requests
+    where the deployed adapter disagreed with the teacher, each with both answers and a Keep button."""
+    from kolm_pipeline.store.student_routing import Comparison
+
+    proxy = start_proxy(teacher)
+    client = proxy.openai()
+    for text in ["I was charged twice", "Where is my parcel?"]:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": text}])
+    proxy.flush()
+    charged, parcel = sorted(proxy.store.list_captures("acme"), key=lambda c: c.id)
+    cid = "bafkreiexampleadapter"
+    proxy.store.add_registry_row(task="acme.support", from_cid=None, to_cid=cid, k_before=None, k_after=None,
+                                 decision="swap", actor="test", details={})
+    proxy.store.set_switches("acme", "support", "test", routing="shadow")
+    proxy.store.add_comparisons([
+        Comparison("acme", "support", charged.request_id, cid, "shadow", 1.0, 0.9, "fin-ops", 9000, 3000),
+        Comparison("acme", "support", parcel.request_id, cid, "shadow", 0.0, 0.4, "<b>billing</b>", 9000, 3000),
+    ])
+
+    browser.send("Page.enable")
+    browser.send("Page.navigate", url=f"{proxy.url}/inbox#key={proxy.key}")
+    browser.wait_for("document.querySelectorAll('#disagreements tr').length === 1")
+    assert browser.eval("document.getElementById('switch-routing').textContent") == "shadow"
+    assert "agreement 0.500 over 2 compared" in browser.eval("document.getElementById('routing').textContent")
+    row = f'#disagreements tr[data-id="{parcel.id}"]'
+    cells = browser.eval(f"[...document.querySelectorAll('{row} td')].map(td => td.textContent)")
+    assert cells[:6] == [str(parcel.id), "shadow", "0.00", "0.400", parcel.output_text, "<b>billing</b>"]
+    assert browser.eval("document.querySelectorAll('#disagreements b').length") == 0  # text, never markup
+
+    browser.click(f'{row} button')  # Keep
+    browser.wait_for("document.getElementById('counter-kept').textContent === '1'")
+    assert proxy.store.get_capture("acme", parcel.id).triage_state == "kept"
