@@ -270,11 +270,12 @@ def add_capture_parsers(capture_verbs: argparse._SubParsersAction, actor: str) -
                         "is compared), student (the adapter when confident, else the teacher). student is "
                         "refused until enough shadow traffic agrees (see the routing table)")
     status.add_argument("--routing-target", type=float, metavar="AGREEMENT",
-                        help="agreement with the teacher the student's kept answers must reach (default 0.98)")
+                        help="agreement with the teacher the student's kept answers must reach, with 95 %% "
+                        "confidence (default 0.98; above 0, below 1)")
     status.add_argument("--canary-share", type=float, metavar="SHARE",
                         help="share of confident requests still sent to the teacher and compared (default 0.05)")
     status.add_argument("--shadow-min", type=int, metavar="N",
-                        help="compared requests needed before routing student (default 200)")
+                        help="compared requests needed before routing student (default 200, at most 5000)")
     status.add_argument("--recount", action="store_true",
                         help="count the captures row by row first and store that as the counters (a repair)")
     status.add_argument("--actor", default=actor, help="who, for the audit log")
