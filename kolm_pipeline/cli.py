@@ -325,10 +325,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"refused {task}: {refusal['reason']}", file=sys.stderr)
     print(f"kolm serving runtime ({args.backend}) on http://{args.host}:{args.port}: "
           f"{', '.join(status['tasks']) or 'no tasks yet'} "
-          f"({'following the registry in the store' if registry else f'pointers in {settings.adapters_dir}'})")
+          f"({_following(settings) if registry else f'pointers in {settings.adapters_dir}'})", flush=True)
     # Not `serve`: its gc.freeze would keep the adapters loaded so far from ever being collected once swapped out.
     uvicorn.run(create_serving_app(runtime), host=args.host, port=args.port, **server_options(args.log_level))
     return 0
+
+
+def _following(settings) -> str:
+    """Which registry `kolm serve --follow registry` follows, password hidden: a replica left on the embedded SQLite
+    file (KOLM_STORE_URL unset) follows nobody's deployments, and this line shows it."""
+    from sqlalchemy.engine import make_url
+
+    return (f"following the registry in {make_url(settings.store_url).render_as_string(hide_password=True)}, "
+            f"artifacts from {settings.artifacts_url or settings.artifacts_dir}")
 
 
 def cmd_tripwire_clear(args: argparse.Namespace) -> int:

@@ -58,10 +58,13 @@ class Replica:
     def __init__(self, home: Path, env: dict[str, str], base: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kolm_pipeline.cli", "serve", "--follow", "registry", "--port", str(self.port),
-             "--no-live-monitor", "--poll-interval", "0.1", "--log-level", "warning"],
-            env={**os.environ, **env, "KOLM_HOME": str(home), "KOLM_BASE_MODEL": str(base), "HF_HUB_OFFLINE": "1"})
+        self.log = home.parent / f"replica-{self.port}.log"
+        home.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kolm_pipeline.cli", "serve", "--follow", "registry", "--port", str(self.port),
+                 "--no-live-monitor", "--poll-interval", "0.1", "--log-level", "warning"], stdout=log,
+                env={**os.environ, **env, "KOLM_HOME": str(home), "KOLM_BASE_MODEL": str(base), "HF_HUB_OFFLINE": "1"})
 
     def ready(self) -> bool:
         assert self.process.poll() is None, "kolm serve exited"
@@ -113,6 +116,8 @@ def test_replicas_sharing_only_postgres_and_s3_follow_swap_and_rollback(seaweedf
         for replica in replicas:
             wait_until(replica.ready, timeout=120, interval=0.2, what="a replica of host B to start")
         converge(replicas, key, first)
+        started = replicas[0].log.read_text()  # says which registry it follows, the password hidden
+        assert "following the registry in postgresql+psycopg://postgres@127.0.0.1:5432/" in started
 
         assert main(["swap", "--artifact", str(artifacts[1])]) == 0  # on host A
         swapped = converge(replicas, key, second)
