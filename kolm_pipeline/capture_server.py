@@ -159,7 +159,7 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
     )
     keys = KeyCache(store, config.key_cache_ttl_s)
     router = (
-        StudentRouter(store, StudentClient(config.serve_url, config.student_timeout_s), keys,
+        StudentRouter(store, StudentClient(config.serve_url, config.student_timeout_s),
                       refresh_s=config.routing_refresh_s, max_in_flight=config.shadow_concurrency)
         if config.serve_url
         else None

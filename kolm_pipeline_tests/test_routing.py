@@ -421,7 +421,7 @@ def test_compared_answers_are_stored_redacted_and_a_bad_row_does_not_block_the_o
     and one row the store refused kept every later comparison from being written."""
     import asyncio
 
-    from kolm_pipeline.capture.forward import Call, KeyCache
+    from kolm_pipeline.capture.forward import Call
     from kolm_pipeline.capture.providers import OPENAI
     from kolm_pipeline.capture.redact import Redactor
     from kolm_pipeline.routing.router import NamespaceRoute, StudentRouter
@@ -429,7 +429,7 @@ def test_compared_answers_are_stored_redacted_and_a_bad_row_does_not_block_the_o
 
     store = CaptureStore(f"sqlite:///{tmp_path / 'captures.db'}")
     secret = "sk-upstream-secret-0123456789"
-    router = StudentRouter(store, StudentClient("http://127.0.0.1:9", 1.0), KeyCache(store, 30.0))
+    router = StudentRouter(store, StudentClient("http://127.0.0.1:9", 1.0))
     teacher = json.dumps({"choices": [{"message": {"content": "billing"}}]}).encode()
 
     def call(request_id: str) -> Call:

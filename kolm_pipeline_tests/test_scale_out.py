@@ -214,6 +214,12 @@ def test_distills_through_dagster_on_postgres_reach_the_replicas_and_namespaces_
                   # Both runs log to one MLflow: on PostgreSQL, as in production (SQLite would lock).
                   "KOLM_MLFLOW_URI": f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:5432/{pg_databases['mlflow']}"}
     clean_env(monkeypatch, **host_a_env)
+    # MLflow keeps the tracking URI a run set in its module and in MLFLOW_TRACKING_URI: put both back afterwards,
+    # or the next test's runs would log to this test's dropped database.
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous_tracking_uri = mlflow.get_tracking_uri()
     store = CaptureStore(pg_url)
     key = store.create_tenant("acme")
     for namespace, seed in (("support", 11), ("billing", 12)):
@@ -243,6 +249,7 @@ def test_distills_through_dagster_on_postgres_reach_the_replicas_and_namespaces_
     finally:
         for replica in replicas:
             replica.stop()
+        mlflow.set_tracking_uri(previous_tracking_uri)
     print(f"replicas served the distilled adapter {support_served:.2f} s after the run ended")
     assert support_served <= CONVERGE_S
     # The other namespace's run changed nothing of the first: its files, its champion, its registry rows.

@@ -157,23 +157,19 @@ class KeyCache:
 
     async def authenticate(self, headers: Mapping[str, str]) -> tuple[Tenant, str]:
         """(the tenant, the hex sha256 of the key that named it); 401 when there is no known kolm key."""
+        tenant, key = await self.tenant_and_key(headers)
+        return tenant, hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+    async def tenant_and_key(self, headers: Mapping[str, str]) -> tuple[Tenant, str]:
+        """(the tenant, the kolm key that named it); 401 when there is no known kolm key."""
         keys = kolm_keys(headers)
         if not keys:
             raise ApiError(401, "authentication_error", "missing kolm key: send it as the client's API key")
         for key in keys:
             tenant = await self.tenant(key)
             if tenant is not None:
-                return tenant, hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+                return tenant, key
         raise ApiError(401, "authentication_error", "unknown kolm key")
-
-    def authenticated_key(self, headers: Mapping[str, str]) -> str | None:
-        """The candidate kolm key of `headers` that names a tenant (after `authenticate`: from the cache)."""
-        now = time.monotonic()
-        for key in kolm_keys(headers):
-            entry = self._entries.get(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest())
-            if entry is not None and entry[0] is not None and entry[1] > now:
-                return key
-        return None
 
     def clear(self) -> None:
         self._entries.clear()
@@ -320,6 +316,7 @@ class Call:
         "served_by",
         "on_recorded",
         "routed",
+        "kolm_key",
     )
 
     def __init__(
@@ -350,6 +347,7 @@ class Call:
         # Student routing's hook: called once with (outcome, status, reply, latency µs) as the call is recorded.
         self.on_recorded: Callable[[str, int, bytes, int], None] | None = None
         self.routed = False  # the namespace routes (`shadow` or `student`): answers say who answered
+        self.kolm_key = ""  # the key that named the tenant: the student is asked with it (never recorded)
 
     @property
     def id_header(self) -> RawHeaders:
@@ -487,7 +485,7 @@ class Forwarder:
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, provider: Provider) -> None:
         headers = _request_headers(scope)
-        tenant = await self._keys.tenant_of(headers)
+        tenant, kolm_key = await self._keys.tenant_and_key(headers)
         namespace = parse_namespace(headers.get("x-kolm-namespace"))
         tags = parse_tags(headers.get("x-kolm-tags"))
         upstream_key = headers.get("x-upstream-api-key", "").strip()
@@ -518,6 +516,7 @@ class Forwarder:
         streamed = body.get("stream") is True
         recorder = self._recorder
         call = Call(recorder, provider, tenant.name, namespace, model, raw, tuple(tags), upstream_key, streamed)
+        call.kolm_key = kolm_key
         if recorder is not None:
             recorder.begin()
         try:

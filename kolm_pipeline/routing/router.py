@@ -24,10 +24,8 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass
 
-from sqlalchemy.exc import OperationalError
-
-from kolm_pipeline.capture.batch import REDACTED
-from kolm_pipeline.capture.forward import SERVED_BY_HEADER, Call, KeyCache, RawHeaders, Send, respond
+from kolm_pipeline.capture.batch import REDACTED, STORE_DOWN
+from kolm_pipeline.capture.forward import SERVED_BY_HEADER, Call, RawHeaders, Send, respond
 from kolm_pipeline.capture.providers import Completion
 from kolm_pipeline.capture.redact import Redactor
 from kolm_pipeline.evaluate.verifiers import agreement
@@ -68,11 +66,10 @@ TEACHER = NamespaceRoute("teacher")
 class StudentRouter:
     """The capture proxy's routing (see the module docstring); one per proxy, started in its lifespan."""
 
-    def __init__(self, store: CaptureStore, client: StudentClient, keys: KeyCache, refresh_s: float = 2.0,
+    def __init__(self, store: CaptureStore, client: StudentClient, refresh_s: float = 2.0,
                  max_in_flight: int = 8, flush_s: float = 0.5) -> None:
         self._store = store
         self._client = client
-        self._keys = keys
         self._refresh_s = refresh_s
         self._max_in_flight = max_in_flight
         self._flush_s = flush_s
@@ -125,7 +122,8 @@ class StudentRouter:
         cid = self._store.deployed_cid(tenant, namespace)
         threshold = None
         if settings.routing == "student" and cid is not None:
-            threshold = self._store.student_threshold(tenant, namespace, cid, settings.routing_target)
+            threshold = self._store.student_threshold(tenant, namespace, cid, settings.routing_target,
+                                                      settings.shadow_min)
         try:
             redactor = Redactor(settings.redact_entities)
         except ValueError:  # a stored choice this version does not know: every entity, as captures get
@@ -172,10 +170,11 @@ class StudentRouter:
             messages = student_messages(call.provider.messages(body))
         except ValueError:
             messages = None
-        key = self._keys.authenticated_key(headers)  # the key that named the tenant, as kolm serve checks it
-        if messages is None or key is None:
+        if messages is None or not call.kolm_key:
             return None
-        return await self._client.ask(partition_key(call.tenant, call.namespace), messages, max_tokens_of(body), key)
+        # With the key that named the tenant: kolm serve checks it as the proxy did.
+        return await self._client.ask(partition_key(call.tenant, call.namespace), messages, max_tokens_of(body),
+                                      call.kolm_key)
 
     async def _answer_as_student(self, call: Call, body: dict, send: Send, reply: StudentReply, began: int) -> None:
         data, content_type = REPLIES[call.provider.name](call.request_id or "unrecorded", call.model, reply,
@@ -240,17 +239,25 @@ class StudentRouter:
             return
         try:
             await asyncio.to_thread(self._store.add_comparisons, batch)
-        except (OperationalError, OSError) as exc:  # the store is away: kept (up to MAX_PENDING) for the next flush
+        except STORE_DOWN as exc:  # the store is away: kept (up to MAX_PENDING) for the next flush
             log.warning("writing %d comparisons failed (%s): retrying", len(batch), type(exc).__name__)
-            self._pending = (batch + self._pending)[-MAX_PENDING:]
+            self._keep(batch)
         except Exception:  # noqa: BLE001 - a row the store refuses: write the others one by one, drop it
-            for comparison in batch:
+            for index, comparison in enumerate(batch):
                 try:
                     await asyncio.to_thread(self._store.add_comparisons, [comparison])
+                except STORE_DOWN:  # gone meanwhile: the rest waits for the next flush
+                    self._keep(batch[index:])
+                    return
                 except Exception as exc:  # noqa: BLE001
                     log.warning("dropping the comparison of capture %s (%s)", comparison.request_id,
                                 type(exc).__name__)
                     self.stats["dropped"] += 1
+
+    def _keep(self, batch: list[Comparison]) -> None:
+        pending = batch + self._pending
+        self.stats["dropped"] += max(0, len(pending) - MAX_PENDING)
+        self._pending = pending[-MAX_PENDING:]
 
     async def drain(self) -> None:
         """Wait for the comparisons under way and write them (tests and benchmarks read them right after)."""

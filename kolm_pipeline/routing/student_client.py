@@ -78,7 +78,8 @@ class StudentClient:
     async def start(self) -> None:
         # As many connections as the proxy's upstream pool: waiting for one would eat into the student's timeout.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30),
+            # Idle connections closed before uvicorn's 5 s keep-alive closes them under a request.
+            connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=self.timeout), cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
         )
 

@@ -72,6 +72,8 @@ class _Refusal:
     stamp: tuple[int, int]
     reason: str
     at: float = field(default_factory=time.time)
+    since: float = field(default_factory=time.monotonic)  # for the retry delays
+    retry: bool = True  # a refusal a later attempt may lift (a key published since, the object store back)
 
 
 class ServingRuntime:
@@ -228,13 +230,14 @@ class ServingRuntime:
             with self._state:
                 refusal = self._refused.get(task)
             if refusal is not None and refusal.cid == cid and refusal.stamp == _UNFETCHED \
-                    and time.time() - refusal.at < FETCH_RETRY_S:
+                    and time.monotonic() - refusal.since < FETCH_RETRY_S:
                 found[task] = None  # not fetched a moment ago: keep the task as it is, try again later
                 continue
             try:
                 found[task] = local_artifact(self.settings, validate_task(task), cid)
             except (DeployRefused, RegistryError, OSError) as exc:
-                log.error("cannot fetch %s for task %s: %s", cid, task, exc)
+                if refusal is None or (refusal.cid, refusal.reason) != (cid, str(exc)):  # said once per reason
+                    log.error("cannot fetch %s for task %s: %s", cid, task, exc)
                 with self._state:
                     self._refused[task] = _Refusal(cid=cid, stamp=_UNFETCHED, reason=str(exc))
                 found[task] = None
@@ -281,17 +284,21 @@ class ServingRuntime:
             return  # swapped again while we looked; the next poll sees the new target
         stamp = (stat.st_mtime_ns, stat.st_size)
         refusal = self._refused.get(task)
-        # Tried again after a while: what refused it may have changed (a key published since, a base fixed).
+        # A signature that did not verify is checked again after a while (its key may have been published since);
+        # anything else refused stays refused until the artifact changes.
         if refusal is not None and refusal.cid == cid and refusal.stamp == stamp \
-                and time.time() - refusal.at < REFUSAL_RETRY_S:
+                and (not refusal.retry or time.monotonic() - refusal.since < REFUSAL_RETRY_S):
             return
         began = time.perf_counter()
         try:
             self._prepare(task, target, cid)
         except (ArtifactRefused, BackendError) as exc:
+            reason = str(exc)
             with self._state:
-                self._refused[task] = _Refusal(cid=cid, stamp=stamp, reason=str(exc))
-            log.error("refusing %s for task %s: %s", target, task, exc)
+                self._refused[task] = _Refusal(cid=cid, stamp=stamp, reason=reason,
+                                               retry="does not verify" in reason)
+            if refusal is None or (refusal.cid, refusal.reason) != (cid, reason):  # said once, not every retry
+                log.error("refusing %s for task %s: %s", target, task, exc)
             return
         log.info("task %s now served by %s (loaded and warmed in %.2f s)", task, cid, time.perf_counter() - began)
 

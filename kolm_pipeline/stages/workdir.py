@@ -95,15 +95,16 @@ class NamespaceWorkdir:
         if legacy.is_file():
             old = json.loads(legacy.read_text())
 
-            def merged(state: dict | None) -> dict:
+            def merged(state: dict | None) -> dict | None:
                 if state is None:
                     return old
-                if old.get("halted") and not state.get("halted"):  # a halt is kept whatever else the store has
+                cleared_later = (state.get("cleared_at") or 0) > (old.get("halted_at") or 0)
+                if old.get("halted") and not state.get("halted") and not cleared_later:  # the halt is kept
                     return {**state, **{k: old[k] for k in ("halted", "halt_reasons", "halted_at") if k in old}}
-                return state
+                return None
 
             store.update_tripwire_state(self.task, merged)
-            legacy.unlink()
+            legacy.unlink(missing_ok=True)  # another process may have imported it at the same time
         return store
 
     @property

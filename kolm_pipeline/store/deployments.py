@@ -56,25 +56,26 @@ class DeploymentQueries(StoreBase):
 
     def update_tripwire_state(self, task: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
                               ) -> dict[str, Any] | None:
-        """Read the task's state, apply `change` (None: leave it as it is) and write the result, in one transaction
-        that locks the row on PostgreSQL: two hosts recording a trip and a good cycle at once lose neither.
-        Returns the state as it was."""
-        for attempt in range(3):
+        """Read the task's state, apply `change` (None: leave it as it is) and write the result only if the state
+        is still what was read (compare and set, on SQLite as on PostgreSQL), else read again and re-apply: two
+        hosts recording a trip and a good cycle at once lose neither. Returns the state the change applied to."""
+        t = tripwire_states.c
+        for _attempt in range(10):
+            with self.engine.connect() as conn:
+                text = conn.execute(select(t.state_json).where(t.task == task)).scalar()
+            before = json.loads(text) if text is not None else None
+            after = change(None if before is None else dict(before))
+            if after is None:
+                return before
+            values = {"state_json": json.dumps(after, sort_keys=True), "updated_at": self._now()}
             try:
                 with self.engine.begin() as conn:
-                    text = conn.execute(select(tripwire_states.c.state_json)
-                                        .where(tripwire_states.c.task == task).with_for_update()).scalar()
-                    before = json.loads(text) if text is not None else None
-                    after = change(None if before is None else dict(before))
-                    if after is None:
-                        return before
-                    values = {"state_json": json.dumps(after, sort_keys=True), "updated_at": self._now()}
                     if text is None:
                         conn.execute(insert(tripwire_states).values(task=task, **values))
-                    else:
-                        conn.execute(update(tripwire_states).where(tripwire_states.c.task == task).values(**values))
-                    return before
-            except IntegrityError:  # another host inserted the first state meanwhile: read it and apply again
-                if attempt == 2:
-                    raise
-        return None
+                        return before
+                    if conn.execute(update(tripwire_states).where(t.task == task, t.state_json == text)
+                                    .values(**values)).rowcount:
+                        return before
+            except IntegrityError:  # another host inserted the first state meanwhile
+                pass
+        raise RuntimeError(f"the tripwire state of {task} kept changing under this update; try again")

@@ -158,9 +158,11 @@ class StudentRoutingQueries(StoreBase):
             return [Comparison(**{name: getattr(row, name) for name in Comparison.__dataclass_fields__})
                     for row in conn.execute(stmt)]
 
-    def student_threshold(self, tenant: str, namespace: str, adapter_cid: str, target: float) -> float | None:
+    def student_threshold(self, tenant: str, namespace: str, adapter_cid: str, target: float,
+                          shadow_min: int) -> float | None:
         """The adapter's confidence threshold at `target` (`choose_threshold`), reading only the two numbers of
-        its newest compared requests: what the proxy's router re-reads every few seconds."""
+        its newest compared requests: what the proxy's router re-reads every few seconds. None until `shadow_min`
+        requests were compared (a new adapter earns its threshold as the first one had to)."""
         c = student_comparisons.c
         stmt = (
             select(c.confidence, c.agreement)
@@ -170,6 +172,8 @@ class StudentRoutingQueries(StoreBase):
         )
         with self.engine.connect() as conn:
             pairs = [(row.confidence, row.agreement) for row in conn.execute(stmt)]
+        if len(pairs) < shadow_min:
+            return None
         return choose_threshold(pairs, target).threshold
 
     def disagreements(self, tenant: str, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
