@@ -256,6 +256,10 @@ def test_student_disagreements_are_listed_for_triage(
     assert cells[:6] == [str(parcel.id), "shadow", "0.00", "0.400", parcel.output_text, "<b>billing</b>"]
     assert browser.eval("document.querySelectorAll('#disagreements b').length") == 0  # text, never markup
 
+    # The captures list renders after the disagreements (above them): wait for it, then bring the button into view,
+    # so the click lands where the button is.
+    browser.wait_for("document.querySelectorAll('#captures tr').length === 2")
+    browser.eval(f"document.querySelector('{row} button').scrollIntoView({{block: 'center'}})")
     browser.click(f'{row} button')  # Keep
     browser.wait_for("document.getElementById('counter-kept').textContent === '1'")
     assert proxy.store.get_capture("acme", parcel.id).triage_state == "kept"
