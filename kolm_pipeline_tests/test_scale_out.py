@@ -218,8 +218,10 @@ def test_distills_through_dagster_on_postgres_reach_the_replicas_and_namespaces_
     # or the next test's runs would log to this test's dropped database.
     import mlflow
 
+    # (Not `get_tracking_uri()`: that resolves the default, a SQLite file in the working directory, and setting
+    # it back would create that file; None unsets both.)
+    previous_tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    previous_tracking_uri = mlflow.get_tracking_uri()
     store = CaptureStore(pg_url)
     key = store.create_tenant("acme")
     for namespace, seed in (("support", 11), ("billing", 12)):

@@ -433,7 +433,7 @@ class Routing(Protocol):
 
     async def load(self, tenant: str, namespace: str) -> Route: ...
 
-    async def answer(self, call: Call, body: dict, headers: dict[str, str], send: Send, route: Any) -> bool: ...
+    async def answer(self, call: Call, body: dict, send: Send, route: Any) -> bool: ...
 
 
 class Forwarder:
@@ -523,7 +523,7 @@ class Forwarder:
             routing = self._routing
             if routing is not None:
                 route = routing.cached(tenant.name, namespace) or await routing.load(tenant.name, namespace)
-                if route.mode != "teacher" and await routing.answer(call, body, headers, send, route):
+                if route.mode != "teacher" and await routing.answer(call, body, send, route):
                     return
             await self._forward(call, raw, headers, send, receive)
         finally:

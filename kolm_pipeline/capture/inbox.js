@@ -135,16 +135,21 @@ async function showDisagreements(namespace, routing) {
     cell(row, item.teacher_output, "text output");
     cell(row, item.student_output, "text output");
     cell(row, item.triage_state, "state-" + item.triage_state);
-    const actions = cell(row, "");
-    for (const [label, state] of [["Keep", "kept"], ["Discard", "discarded"]]) {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.textContent = label;
-      button.disabled = item.triage_state === state;
-      button.addEventListener("click", () => triage(item.capture_id, state));
-      actions.appendChild(button);
-    }
+    triageButtons(cell(row, ""), item.capture_id, item.triage_state, false);
     body.appendChild(row);
+  }
+}
+
+// Keep and Discard for one capture; `unkeepable` (an error, or text past its window) disables Keep.
+function triageButtons(actions, id, current, unkeepable) {
+  for (const [label, state] of [["Keep", "kept"], ["Discard", "discarded"]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.dataset.action = state;
+    button.disabled = current === state || (state === "kept" && unkeepable);
+    button.addEventListener("click", () => triage(id, state));
+    actions.appendChild(button);
   }
 }
 
@@ -172,15 +177,7 @@ function captureRow(capture) {
   }
   cell(row, capture.triage_state, "state-" + capture.triage_state);
   const actions = cell(row, "");
-  for (const [label, state] of [["Keep", "kept"], ["Discard", "discarded"]]) {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.textContent = label;
-    button.dataset.action = state;
-    button.disabled = capture.triage_state === state || (state === "kept" && (capture.status !== "ok" || expired));
-    button.addEventListener("click", () => triage(capture.id, state));
-    actions.appendChild(button);
-  }
+  triageButtons(actions, capture.id, capture.triage_state, capture.status !== "ok" || expired);
   const correct = document.createElement("button");
   correct.type = "button";
   correct.textContent = "Correct";

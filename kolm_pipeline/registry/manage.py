@@ -208,7 +208,7 @@ def _current(settings: Settings, task: str, store=None) -> tuple[str | None, Kol
     fetches its artifact by CID."""
     pointer = pointer_target(settings.adapters_dir, task)
     if pointer is None:
-        cid = store.champions().get(task) if store is not None else None
+        cid = store.champions(task).get(task) if store is not None else None
         if cid is None:
             return None, None
         try:

@@ -138,23 +138,21 @@ class StudentRouter:
 
     # --- the proxied call ----------------------------------------------------------------------------------
 
-    async def answer(self, call: Call, body: dict, headers: dict[str, str], send: Send,
-                     route: NamespaceRoute) -> bool:
+    async def answer(self, call: Call, body: dict, send: Send, route: NamespaceRoute) -> bool:
         """Route one call of a namespace whose mode is not `teacher`: True when the student answered it (the
         response is sent and the call recorded), False when the teacher must (comparison hooks set)."""
         call.routed = True
         if route.mode == "shadow" or route.threshold is None or route.adapter_cid is None:
             # Shadow, or a student without a threshold yet (a new adapter): the teacher answers at once, the
             # student is asked off the response path, and the comparison counts toward its threshold.
-            call.on_recorded = lambda *recorded: self._spawn(self._shadow(call, body, headers, route, *recorded))
+            call.on_recorded = lambda *recorded: self._spawn(self._shadow(call, body, route, *recorded))
             return False
         began = time.perf_counter_ns()
-        reply = await self._ask(call, body, headers)
+        reply = await self._ask(call, body)
         if reply is None:
             self.stats["fallbacks"] += 1
             return False
-        confident = (route.threshold is not None and reply.cid == route.adapter_cid
-                     and reply.confidence >= route.threshold)
+        confident = reply.cid == route.adapter_cid and reply.confidence >= route.threshold
         if confident and random.random() >= route.canary_share:
             await self._answer_as_student(call, body, send, reply, began)
             return True
@@ -163,7 +161,7 @@ class StudentRouter:
         call.on_recorded = lambda *recorded: self._spawn(self._compare(call, reply, kind, route, *recorded))
         return False
 
-    async def _ask(self, call: Call, body: dict, headers: dict[str, str]) -> StudentReply | None:
+    async def _ask(self, call: Call, body: dict) -> StudentReply | None:
         if not student_can_answer(body):
             return None
         try:
@@ -198,11 +196,11 @@ class StudentRouter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _shadow(self, call: Call, body: dict, headers: dict[str, str], route: NamespaceRoute, outcome: str,
-                      status: int, reply: bytes, latency_us: int) -> None:
+    async def _shadow(self, call: Call, body: dict, route: NamespaceRoute, outcome: str, status: int, reply: bytes,
+                      latency_us: int) -> None:
         if teacher_text(call, outcome, status, reply) is None:
             return
-        student = await self._ask(call, body, headers)
+        student = await self._ask(call, body)
         if student is None:
             self.stats["fallbacks"] += 1
             return
@@ -258,12 +256,6 @@ class StudentRouter:
         pending = batch + self._pending
         self.stats["dropped"] += max(0, len(pending) - MAX_PENDING)
         self._pending = pending[-MAX_PENDING:]
-
-    async def drain(self) -> None:
-        """Wait for the comparisons under way and write them (tests and benchmarks read them right after)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await self._flush()
 
 
 def teacher_text(call: Call, outcome: str, status: int, reply: bytes) -> str | None:

@@ -20,14 +20,13 @@ from kolm_pipeline.store.tables import SERVING_DECISIONS, registry, signing_keys
 class DeploymentQueries(StoreBase):
     """Champions by task, and public signing keys."""
 
-    def champions(self) -> dict[str, str | None]:
-        """Every deployed task and the CID it serves now (None: its newest serving row names no artifact)."""
-        newest = (
-            select(func.max(registry.c.id))
-            .where(registry.c.decision.in_(SERVING_DECISIONS))
-            .group_by(registry.c.task)
-            .scalar_subquery()
-        )
+    def champions(self, task: str | None = None) -> dict[str, str | None]:
+        """Every deployed task (or only `task`) and the CID it serves now (None: its newest serving row names no
+        artifact)."""
+        newest = select(func.max(registry.c.id)).where(registry.c.decision.in_(SERVING_DECISIONS))
+        if task is not None:
+            newest = newest.where(registry.c.task == task)
+        newest = newest.group_by(registry.c.task).scalar_subquery()
         with self.engine.connect() as conn:
             rows = conn.execute(select(registry.c.task, registry.c.to_cid).where(registry.c.id.in_(newest)))
             return {row.task: row.to_cid for row in rows}

@@ -19,7 +19,7 @@ from sqlalchemy import delete, func, insert, select
 from kolm_pipeline.settings import price_of_call
 from kolm_pipeline.store.base import StoreBase, _utc
 from kolm_pipeline.store.namespaces import partition_key
-from kolm_pipeline.store.tables import SERVING_DECISIONS, captures, registry, student_comparisons
+from kolm_pipeline.store.tables import captures, student_comparisons
 
 # Comparisons read for the threshold and the status: the newest ones of the adapter (so `shadow_min` ≤ this).
 MAX_COMPARED = 5000
@@ -44,8 +44,7 @@ class Comparison:
 
 
 # One-sided 95 % normal quantile: the kept answers' agreement must reach the target at this confidence, not only
-# on the compared sample (on the demo task the sample's 0.984 at its threshold was 0.967 on the next 200 requests:
-# docs/benchmarks.md, routing).
+# on the compared sample (the sample's mean over-promised on live traffic: docs/benchmarks.md, "Routing").
 AGREEMENT_Z = 1.645
 
 
@@ -127,16 +126,9 @@ class StudentRoutingQueries(StoreBase):
     """Recording compared requests and reading a namespace's routing status."""
 
     def deployed_cid(self, tenant: str, namespace: str) -> str | None:
-        """The CID of the adapter the namespace's task serves now, from the registry's newest serving row."""
-        stmt = (
-            select(registry.c.to_cid)
-            .where(registry.c.task == partition_key(tenant, namespace), registry.c.decision.in_(SERVING_DECISIONS),
-                   registry.c.to_cid.is_not(None))
-            .order_by(registry.c.id.desc())
-            .limit(1)
-        )
-        with self.engine.connect() as conn:
-            return conn.execute(stmt).scalar_one_or_none()
+        """The CID of the adapter the namespace's task serves now (`DeploymentQueries.champions`)."""
+        task = partition_key(tenant, namespace)
+        return self.champions(task).get(task)  # type: ignore[attr-defined]
 
     def add_comparisons(self, comparisons: list[Comparison]) -> None:
         if not comparisons:
