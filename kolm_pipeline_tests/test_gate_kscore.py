@@ -41,6 +41,15 @@ def test_teacher_cost_uses_price_table():
     assert cost == pytest.approx((0.15 + 10.0) / 2)
 
 
+def test_a_model_is_priced_by_the_longest_name_it_starts_with():
+    """gpt-4o-mini was priced as gpt-4o: the first prefix in the table's order won, not the most specific."""
+    from kolm_pipeline.settings import DEFAULT_PRICE_TABLE, price_of_call
+
+    assert price_of_call("gpt-4o-mini-2024-07-18", 1_000_000, 0, DEFAULT_PRICE_TABLE) == pytest.approx(0.15)
+    assert price_of_call("gpt-4o-2024-08-06", 1_000_000, 0, DEFAULT_PRICE_TABLE) == pytest.approx(2.50)
+    assert price_of_call("mistral-large", 0, 1_000_000, DEFAULT_PRICE_TABLE) == pytest.approx(10.0)  # default
+
+
 @pytest.mark.parametrize(
     ("k_new", "k_current", "swap", "alert", "reason"),
     [

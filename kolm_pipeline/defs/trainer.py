@@ -66,8 +66,9 @@ def training_pod_spec(config: TrainerConfig, kolm_home: str) -> dict[str, Any]:
 
 def run_trainer(client: dg.PipesClient, context: dg.AssetExecutionContext, extras: Mapping[str, Any],
                 config: TrainerConfig) -> dg.MaterializeResult:
-    """One training through `client`; the materialization the trainer reported."""
-    if config.kind == "k8s":
+    """One training through `client`; the materialization the trainer reported. The client's own type says how to
+    launch it (the resource was chosen when the definitions loaded); `config` gives the pod its settings."""
+    if not isinstance(client, dg.PipesSubprocessClient):
         result = client.run(  # type: ignore[call-arg]
             context=context, extras=dict(extras), image=config.image, command=TRAINER_COMMAND,
             namespace=config.namespace, base_pod_meta=POD_META,
