@@ -145,8 +145,8 @@ class TrainerConfig(BaseSettings):
     """Where the `adapter` asset trains, from `KOLM_TRAINER` and `KOLM_TRAINER_*`. `kind` (`KOLM_TRAINER`):
     `subprocess` (default: a Pipes subprocess where the run runs) or `k8s` (a Pipes pod per training, from
     `image`, requesting `gpus` GPUs, `cpu` and `memory`, on nodes matching `node_selector` (JSON), in `namespace`
-    (default: the run pod's own), mounting the claim `home_claim` at KOLM_HOME: the training job still reads its
-    train split and writes its adapter there)."""
+    (default: the run pod's own). The pod shares no volume with the run: it fetches its train split by CID from
+    the object store and publishes the adapter there, `scratch` being the size of its own KOLM_HOME (emptyDir)."""
 
     model_config = SettingsConfigDict(env_prefix="KOLM_TRAINER_", frozen=True, extra="ignore", env_ignore_empty=True)
 
@@ -157,7 +157,7 @@ class TrainerConfig(BaseSettings):
     cpu: str = "4"
     memory: str = "16Gi"
     node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
-    home_claim: str = "kolm-home"
+    scratch: str = "50Gi"
 
 
 def load_trainer_config() -> TrainerConfig:
@@ -200,6 +200,9 @@ class Settings(BaseSettings):
     alert_webhook: str | None = None
     # `s3://BUCKET[/PREFIX]`, `file:///DIR` or a path; None: the artifacts directory under `home`.
     artifacts_url: str | None = None
+    # Tenants' signing keys (`<tenant>.key`, `<tenant>.pub`): a mounted Secret in production, so every run pod
+    # signs with the same key; None: `home/keys`. Never the database.
+    keys_path: Path | None = Field(None, validation_alias=AliasChoices("KOLM_KEYS_DIR", "keys_path"))
     price_table: Annotated[dict[str, tuple[float, float]], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_PRICE_TABLE))
     source_weights: Annotated[dict[str, float], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
@@ -251,7 +254,8 @@ class Settings(BaseSettings):
 
     @property
     def keys_dir(self) -> Path:
-        return self.home / "keys"
+        """KOLM_KEYS_DIR, else `home/keys`."""
+        return self.keys_path.expanduser().resolve() if self.keys_path else self.home / "keys"
 
     @property
     def work_dir(self) -> Path:

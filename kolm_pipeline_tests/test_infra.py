@@ -146,13 +146,14 @@ def test_helm_values_run_each_run_as_a_kubernetes_job():
 
 def test_trainer_switch_builds_a_gpu_pod_from_settings(monkeypatch):
     """Issue 24: KOLM_TRAINER=k8s picks PipesK8sClient from inside the package (no file to copy), its pod from
-    KOLM_TRAINER_* settings: image, GPUs, node selector, namespace."""
+    KOLM_TRAINER_* settings: image, GPUs, node selector, namespace; its KOLM_HOME an emptyDir of its own (no claim:
+    it reads its inputs and writes its adapter by CID, in the run's object store)."""
     from dagster_k8s import PipesK8sClient
     from dagster_k8s.pipes import build_pod_body
 
     from kolm_pipeline.defs.trainer import POD_META, TRAINER_COMMAND, trainer_client, training_pod_spec
     from kolm_pipeline.provenance.errors import InvalidInput
-    from kolm_pipeline.settings import load_trainer_config
+    from kolm_pipeline.settings import load_trainer_config, read_settings
 
     assert isinstance(trainer_client(load_trainer_config()), dg.PipesSubprocessClient)  # the default
     monkeypatch.setenv("KOLM_TRAINER", "k8s")
@@ -162,11 +163,12 @@ def test_trainer_switch_builds_a_gpu_pod_from_settings(monkeypatch):
     monkeypatch.setenv("KOLM_TRAINER_NAMESPACE", "kolm-training")
     config = load_trainer_config()
     client = trainer_client(config)
+    settings = read_settings("/var/lib/kolm").model_copy(update={"artifacts_url": "s3://kolm-artifacts/prod"})
     assert isinstance(client, PipesK8sClient) and client.env["MALLOC_MMAP_MAX_"] == "0"
     assert config.namespace == "kolm-training"
     pod = build_pod_body(pod_name="dagster-kolm-train", image=config.image, command=TRAINER_COMMAND,
                          env_vars={"DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs"},
-                         base_pod_meta=POD_META, base_pod_spec=training_pod_spec(config, "/var/lib/kolm"))
+                         base_pod_meta=POD_META, base_pod_spec=training_pod_spec(config, settings))
     (container,) = pod.spec.containers
     assert container.image == "registry.example.com/kolm/kolm-trainer:test"
     assert container.command == ["python", "-m", "kolm_pipeline.train.pipes_entry"]
@@ -175,13 +177,16 @@ def test_trainer_switch_builds_a_gpu_pod_from_settings(monkeypatch):
     assert pod.spec.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert any(t.key == "nvidia.com/gpu" for t in pod.spec.tolerations)
     assert {(m.name, m.mount_path) for m in container.volume_mounts} >= {("kolm-home", "/var/lib/kolm")}
-    claims = {v.name: v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim}
-    assert claims == {"kolm-home": "kolm-home"}
-    assert {e.name for e in container.env} >= {"KOLM_HOME", "DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"}
+    assert not [v for v in pod.spec.volumes if v.persistent_volume_claim]
+    assert {v.name for v in pod.spec.volumes if v.empty_dir} == {"kolm-home", "dshm"}
+    env = {e.name: e.value for e in container.env}
+    assert env["KOLM_ARTIFACTS_URL"] == "s3://kolm-artifacts/prod" and env["KOLM_HOME"] == "/var/lib/kolm"
+    assert env["KOLM_BASE_MODEL"] == settings.base_model
+    assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"} <= set(env)
     assert pod.spec.restart_policy == "Never" and pod.metadata.labels["app.kubernetes.io/component"] == "kolm-trainer"
 
     monkeypatch.setenv("KOLM_TRAINER_GPUS", "0")  # a CPU training pod: no GPU request, no toleration
-    cpu = training_pod_spec(load_trainer_config(), "/var/lib/kolm")
+    cpu = training_pod_spec(load_trainer_config(), settings)
     assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["requests"] and "tolerations" not in cpu
     monkeypatch.setenv("KOLM_TRAINER", "gpu")
     with pytest.raises(InvalidInput, match="KOLM_TRAINER: Input should be 'subprocess' or 'k8s'"):

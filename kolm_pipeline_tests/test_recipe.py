@@ -25,7 +25,7 @@ from kolm_pipeline.corpus.recipe import (
 )
 from kolm_pipeline.demo.tickets import generate_tickets
 from kolm_pipeline.evaluate.verifiers import VERIFIERS
-from kolm_pipeline.stages.workdir import directory_cid
+from kolm_pipeline.provenance.products import directory_cid
 from kolm_pipeline.store import KeptPair
 from kolm_pipeline_tests.fixtures.observations import FIXTURES, unique_rows
 

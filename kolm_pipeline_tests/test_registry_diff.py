@@ -21,6 +21,7 @@ from kolm_pipeline.evaluate.evaluation import CASE_PASS_SCORE
 from kolm_pipeline.evaluate.result import EvaluationResult
 from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
+from kolm_pipeline.provenance.products import directory_cid
 from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import build_kolm, cid_for_bytes, ensure_tenant_keys, load_private_key, make_receipt
 from kolm_pipeline.registry.artifact import adapter_file_cids
@@ -37,7 +38,7 @@ from kolm_pipeline.stages.diff import (
     registry_diff,
 )
 from kolm_pipeline.stages.evaluation import run_evaluation_stage
-from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store import CaptureStore
 from kolm_pipeline.train.base_model import resolve_base_model
 from kolm_pipeline.train.distill import TrainConfig, train_adapter

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from kolm_pipeline.cli import main
+from kolm_pipeline.provenance.objectstore import S3Store, fetch_verified, open_store
 from kolm_pipeline.registry import RegistryError, cid_for_bytes, cid_for_file, read_pointer
-from kolm_pipeline.registry.objectstore import S3Store, fetch_verified, open_store
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.store import CaptureStore
 from kolm_pipeline_tests.test_registry_support import (

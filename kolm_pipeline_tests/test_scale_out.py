@@ -22,8 +22,8 @@ import pytest
 from psycopg import sql
 
 from kolm_pipeline.cli import main
+from kolm_pipeline.provenance.objectstore import artifact_key
 from kolm_pipeline.registry import cid_for_file
-from kolm_pipeline.registry.objectstore import artifact_key
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.store import CaptureStore
 from kolm_pipeline_tests.test_instance_postgres import pg_databases  # noqa: F401 (fixture)
@@ -258,3 +258,117 @@ def test_distills_through_dagster_on_postgres_reach_the_replicas_and_namespaces_
     assert _file_digests(host_a / "work" / "acme.support") == support_files
     assert CaptureStore(pg_url).champions()["acme.support"] == deployed
     assert {row.to_cid for row in CaptureStore(pg_url).registry_rows("acme.support")} == {deployed}
+
+
+STAGES_ON_A_HOST = """
+import json, sys
+from kolm_pipeline.defs.launch import ensure_instance, materialize_namespace, failure_messages
+from kolm_pipeline.settings import load_settings
+instance = ensure_instance(load_settings())
+result, _ = materialize_namespace(instance, sys.argv[1], json.loads(sys.argv[2]), tags={"kolm/actor": "pod"},
+                                  stages=sys.argv[3].split(","))
+print("\\n".join(failure_messages(result)))
+sys.exit(0 if result.success else 1)
+"""
+
+
+def _objects(client, prefix: str) -> dict[str, str]:
+    """Every object under `prefix`, with its ETag."""
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        found.update({item["Key"]: item["ETag"] for item in page.get("Contents", [])})
+    return found
+
+
+def test_each_stage_on_its_own_host_reads_its_inputs_by_cid(seaweedfs, pg_url, pg_databases, tiny_base,  # noqa: F811
+                                                            tmp_path, monkeypatch):
+    """Issue 24: every stage of one distill runs on a host of its own (an empty KOLM_HOME each, as a run pod per
+    step would), sharing only PostgreSQL, the object store and the signing key (a mounted Secret, copied to each
+    host): each reads its inputs by CID, the deployed artifact carries the whole receipt chain and verifies, a retried
+    run overwrites no object, and after the window no object in the bucket holds a capture's text."""
+    from kolm_pipeline.demo.tickets import generate_tickets
+    from kolm_pipeline.provenance.keys import ensure_tenant_keys
+    from kolm_pipeline.provenance.products import directory_cid
+    from kolm_pipeline.provenance.receipts import read_statement
+    from kolm_pipeline.registry.artifact import read_kolm
+    from kolm_pipeline_tests.conftest import AUTO_REPLY, capture_tickets
+    from kolm_pipeline_tests.test_assets import TINY_RUN
+    from kolm_pipeline_tests.test_instance_postgres import PG_HOST, PG_USER, _production_instance_yaml
+
+    prefix = f"pods-{uuid.uuid4().hex[:6]}"
+    secret = tmp_path / "secret"
+    ensure_tenant_keys(secret, "acme")
+    shared = {"KOLM_STORE_URL": pg_url, "KOLM_ARTIFACTS_URL": f"s3://{BUCKET}/{prefix}",
+              "AWS_ENDPOINT_URL": seaweedfs, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+              "AWS_DEFAULT_REGION": "us-east-1", "KOLM_BASE_MODEL": str(tiny_base), "HF_HUB_OFFLINE": "1",
+              "DAGSTER_PG_USERNAME": PG_USER, "DAGSTER_PG_PASSWORD": "", "DAGSTER_PG_HOST": PG_HOST,
+              "DAGSTER_PG_DB": pg_databases["dagster"],
+              "KOLM_MLFLOW_URI": f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:5432/{pg_databases['mlflow']}"}
+    clean_env(monkeypatch, **shared)
+    store = CaptureStore(pg_url)
+    store.create_tenant("acme")
+    tickets = generate_tickets(160, seed=21)
+    capture_tickets(store, "acme", "support", tickets, reply=AUTO_REPLY)
+    store.add_rule("acme", "support", "keep", {"status": "ok"}, actor="test")
+
+    def host(name: str) -> dict[str, str]:
+        home = tmp_path / name
+        keys = home / "secret-mount"
+        shutil.copytree(secret, keys)
+        dagster_home = home / "dagster"
+        _production_instance_yaml(dagster_home)
+        return {**os.environ, **shared, "KOLM_HOME": str(home), "KOLM_KEYS_DIR": str(keys),
+                "DAGSTER_HOME": str(dagster_home)}
+
+    def run_on(name: str, stages: str) -> None:
+        done = subprocess.run([sys.executable, "-c", STAGES_ON_A_HOST, "acme.support", json.dumps(TINY_RUN), stages],
+                              env=host(name), capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{name} ({stages}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    run_on("pod-corpus", "triaged_captures,corpus,recipe")
+    recipe = store.latest_product("acme.support", "recipe")
+    run_on("pod-adapter", "adapter")
+    adapter = store.latest_product("acme.support", "adapter")
+    run_on("pod-evaluate", "evaluation")
+    run_on("pod-deploy", "deployment")
+
+    deployed = store.champions("acme.support")["acme.support"]
+    assert deployed is not None
+    # The deploying host fetched what the chain names, by CID; it never saw the other hosts' directories.
+    deploy_work = tmp_path / "pod-deploy" / "work" / "acme.support"
+    assert directory_cid(deploy_work / "adapter") == adapter.cid and directory_cid(deploy_work / "recipe") == recipe.cid
+    artifact = read_kolm(next((tmp_path / "pod-deploy" / "artifacts" / "acme.support").glob("*.kolm")))
+    stages = [read_statement(envelope)["predicate"]["stage"] for envelope in artifact.receipts]
+    assert stages[:4] == ["corpus", "recipe", "adapter", "evaluation"]
+    assert artifact.manifest["adapter_cid"] == adapter.cid and artifact.manifest["recipe_cid"] == recipe.cid
+    # Any host verifies it with the public key alone (`kolm verify` reads the registry and the object store).
+    verifier = host("laptop")
+    for private in Path(verifier["KOLM_KEYS_DIR"]).glob("*.key"):
+        private.unlink()
+    checked = subprocess.run([sys.executable, "-m", "kolm_pipeline.cli", "verify", deployed, "--task", "acme.support"],
+                             env=verifier, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # A retried run writes new products beside the old ones: no object is overwritten or removed.
+    client = boto3.client("s3", endpoint_url=seaweedfs, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET_KEY)
+    before = _objects(client, f"{prefix}/products/")
+    run_on("pod-retry", "triaged_captures,corpus,recipe")
+    after = _objects(client, f"{prefix}/products/")
+    assert {key: after.get(key) for key in before} == before
+    assert store.latest_product("acme.support", "recipe").id > recipe.id
+
+    # After the window, the products holding capture text are gone from the bucket; the adapter and evaluation stay.
+    from datetime import timedelta
+
+    from kolm_pipeline.settings import load_settings
+    from kolm_pipeline.stages.retention import sweep_retention
+
+    sweeper = load_settings(tmp_path / "pod-sweep")
+    swept = sweep_retention(sweeper, store, now=store.clock() + timedelta(days=31))
+    assert any(item.startswith("corpus ") for item in swept.work_files["acme.support"])
+    left = _objects(client, f"{prefix}/products/")
+    assert f"{prefix}/products/{adapter.cid}" in left
+    for key in left:
+        body = client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode("utf-8", "replace")
+        assert not any(ticket.text in body for ticket in tickets), f"{key} still holds a capture's text"

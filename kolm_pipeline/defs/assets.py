@@ -15,15 +15,16 @@ from kolm_pipeline.defs.resources import KolmResource
 from kolm_pipeline.defs.trainer import run_trainer
 from kolm_pipeline.evaluate.result import KSCORE_ROWS, EvaluationResult
 from kolm_pipeline.provenance.errors import InvalidInput
+from kolm_pipeline.provenance.products import directory_cid
 from kolm_pipeline.registry.champion import model_version_of
 from kolm_pipeline.settings import load_trainer_config
-from kolm_pipeline.stages.adapter import record_adapter, training_job
+from kolm_pipeline.stages.adapter import receive_adapter, record_adapter, training_job
 from kolm_pipeline.stages.corpus import NotEnoughPairs, recipe_counts, run_corpus_stage, run_recipe_stage
 from kolm_pipeline.stages.deployment import DeployRefused, current_champion, deploy
 from kolm_pipeline.stages.diff import candidate_diff, diff_markdown
 from kolm_pipeline.stages.evaluation import run_evaluation_stage
 from kolm_pipeline.stages.retention import sweep_retention
-from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.tracking import (
     ADAPTER_CID_TAG,
     dagster_tags,
@@ -48,7 +49,7 @@ captures = dg.AssetSpec(
 
 
 def _workdir(context: dg.AssetExecutionContext, kolm: KolmResource) -> NamespaceWorkdir:
-    return NamespaceWorkdir(kolm.settings, context.partition_key)
+    return NamespaceWorkdir(kolm.settings, context.partition_key, store=kolm.store)
 
 
 def _mlflow_parent(
@@ -205,8 +206,9 @@ def adapter(
 ) -> dg.MaterializeResult:
     workdir = _workdir(context, kolm)
     base = kolm.base()
+    workdir.pull("recipe")
     recipe_cid = directory_cid(workdir.recipe)
-    champion = current_champion(kolm.settings, workdir.task) if config.continue_from_champion else None
+    champion = current_champion(kolm.settings, workdir.task, kolm.store) if config.continue_from_champion else None
     error_path = workdir.root / "trainer-error.txt"
     error_path.unlink(missing_ok=True)
     settings = {key: value for key, value in config.model_dump().items()
@@ -228,6 +230,7 @@ def adapter(
         tags=mlflow_tags,
         error_path=error_path,
         mlflow_parent_run_id=parent_run_id,
+        products=workdir.products,
     )
     began = time.perf_counter()
     try:
@@ -242,6 +245,8 @@ def adapter(
     # The trainer reports the curve as (step, loss) points; Dagster shows it as a plot.
     curve = metadata.pop("loss_curve", None)
     metadata["loss_curve"] = dg.MarkdownMetadataValue(loss_curve_markdown(curve.value if curve is not None else []))
+    published = metadata.pop("adapter_cid", None)
+    receive_adapter(workdir, str(published.value) if published is not None else None)
     adapter_cid, receipt = record_adapter(workdir, base, recipe_cid, metrics)
     training_run_id = str(metadata["mlflow_run_id"].value)
     set_run_tags(kolm.settings.mlflow_tracking_uri, training_run_id, {ADAPTER_CID_TAG: adapter_cid})
@@ -282,7 +287,7 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
     import mlflow
 
     workdir = _workdir(context, kolm)
-    champion = current_champion(kolm.settings, workdir.task)
+    champion = current_champion(kolm.settings, workdir.task, kolm.store)
     began = time.perf_counter()
     result = run_evaluation_stage(workdir, kolm.settings, kolm.base(), champion, store=kolm.store)
     seconds = time.perf_counter() - began

@@ -79,7 +79,7 @@ def volume_sensor(context: dg.SensorEvaluationContext, kolm: KolmResource) -> dg
     requests, observations = [], []
     try:
         for key in _namespaces(context):
-            workdir = NamespaceWorkdir(kolm.settings, key)
+            workdir = NamespaceWorkdir(kolm.settings, key, store=kolm.store)
             counters = kolm.store.counters(workdir.tenant, workdir.namespace)
             backlog = distill_backlog(counters["kept"], workdir)
             memo = memos.get(key) if isinstance(memos.get(key), dict) else {}
@@ -114,7 +114,7 @@ def nightly_distill(context: dg.ScheduleEvaluationContext, kolm: KolmResource):
     requests, small = [], []
     try:
         for key in _namespaces(context):
-            workdir = NamespaceWorkdir(kolm.settings, key)
+            workdir = NamespaceWorkdir(kolm.settings, key, store=kolm.store)
             backlog = distill_backlog(kolm.store.counters(workdir.tenant, workdir.namespace)["kept"], workdir)
             if backlog.new_kept == 0:
                 continue
@@ -186,7 +186,7 @@ def build_drift_sensor(config: DriftConfig | None = None, name: str = "drift_sen
                     continue
                 action = "none"
                 if outcome.test.drifted:
-                    workdir = NamespaceWorkdir(settings, key)
+                    workdir = NamespaceWorkdir(settings, key, store=kolm.store)
                     backlog = distill_backlog(kolm.store.counters(workdir.tenant, workdir.namespace)["kept"], workdir)
                     if backlog.new_kept:
                         action = "distill requested"

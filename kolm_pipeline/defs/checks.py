@@ -37,8 +37,11 @@ def _spec(name: str, asset: dg.AssetsDefinition, blocking: bool, description: st
                                                   partitions_def=namespace_partitions))
 
 
-def _workdir(context: dg.AssetCheckExecutionContext, kolm: KolmResource) -> NamespaceWorkdir:
-    return NamespaceWorkdir(kolm.settings, context.partition_key)
+def _workdir(context: dg.AssetCheckExecutionContext, kolm: KolmResource, stage: str) -> NamespaceWorkdir:
+    """The namespace's work directory, holding the newest `stage` product (a check may run on another host)."""
+    workdir = NamespaceWorkdir(kolm.settings, context.partition_key, store=kolm.store)
+    workdir.pull_latest(stage)
+    return workdir
 
 
 def _result(check: HealthCheck, asset: dg.AssetsDefinition) -> dg.AssetCheckResult:
@@ -62,7 +65,7 @@ def _result(check: HealthCheck, asset: dg.AssetsDefinition) -> dg.AssetCheckResu
     name="corpus_health",
 )
 def corpus_health_checks(context: dg.AssetCheckExecutionContext, kolm: KolmResource) -> Iterator[dg.AssetCheckResult]:
-    workdir = _workdir(context, kolm)
+    workdir = _workdir(context, kolm, "corpus")
     rows = read_corpus(workdir.corpus.read_bytes(), source=str(workdir.corpus))
     for check in corpus_health(rows):
         yield _result(check, corpus)
@@ -76,12 +79,12 @@ def corpus_health_checks(context: dg.AssetCheckExecutionContext, kolm: KolmResou
     name="recipe_health",
 )
 def recipe_health_checks(context: dg.AssetCheckExecutionContext, kolm: KolmResource) -> Iterator[dg.AssetCheckResult]:
-    for check in recipe_health(load_recipe(_workdir(context, kolm).recipe)):
+    for check in recipe_health(load_recipe(_workdir(context, kolm, "recipe").recipe)):
         yield _result(check, recipe)
 
 
 def _evaluation_result(context: dg.AssetCheckExecutionContext, kolm: KolmResource) -> dict:
-    return json.loads(_workdir(context, kolm).evaluation.read_text())
+    return json.loads(_workdir(context, kolm, "evaluation").evaluation.read_text())
 
 
 def _accuracy(decision: dict) -> dict:

@@ -1,11 +1,13 @@
 """Where the `adapter` asset trains: `KOLM_TRAINER=subprocess` (default) runs the trainer as a Dagster Pipes
 subprocess where the run runs; `KOLM_TRAINER=k8s` runs one Pipes pod per training on a GPU node
 (`dagster_k8s.PipesK8sClient`), built from `settings.TrainerConfig` (`KOLM_TRAINER_IMAGE`, `_GPUS`, `_CPU`,
-`_MEMORY`, `_NODE_SELECTOR`, `_NAMESPACE`, `_HOME_CLAIM`). Both run `python -m kolm_pipeline.train.pipes_entry`
+`_MEMORY`, `_NODE_SELECTOR`, `_NAMESPACE`, `_SCRATCH`). Both run `python -m kolm_pipeline.train.pipes_entry`
 and report the same Pipes materialization, so nothing after the call differs.
 
-The training pod mounts the claim `home_claim` at KOLM_HOME: the Pipes job names the train split, the output
-directory and the base model by their paths there. Pipes messages come back through the pod's logs, so the run
+The training pod shares no volume with the run: its KOLM_HOME is an emptyDir, the Pipes job names the train split
+(and a champion to continue from) by CID, which the trainer fetches from the object store (KOLM_ARTIFACTS_URL,
+credentials from the `kolm-secrets` Secret), it resolves the base model itself (checking the digest the job
+names) and publishes the adapter back by CID. Pipes messages come back through the pod's logs, so the run
 pod's service account needs to create pods and read their logs (the Dagster chart's user-deployments Role allows
 both). Kubernetes configuration is detected: in-cluster in a run pod, the kubeconfig elsewhere.
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 import dagster as dg
 
-from kolm_pipeline.settings import TrainerConfig, load_settings
+from kolm_pipeline.settings import Settings, TrainerConfig, load_settings
 from kolm_pipeline.train.distill import TRAINER_ENV
 
 TRAINER_COMMAND = ["python", "-m", "kolm_pipeline.train.pipes_entry"]
@@ -35,9 +37,15 @@ def trainer_client(config: TrainerConfig) -> dg.PipesClient:
     return dg.PipesSubprocessClient(env=TRAINER_ENV)
 
 
-def training_pod_spec(config: TrainerConfig, kolm_home: str) -> dict[str, Any]:
+def training_pod_spec(config: TrainerConfig, settings: Settings) -> dict[str, Any]:
     """The training pod (camelCase keys, as in a manifest): the trainer image, `gpus` NVIDIA GPUs, the node
-    selector and the GPU taint's toleration, KOLM_HOME from the claim, shared memory for data loaders and NCCL."""
+    selector and the GPU taint's toleration, KOLM_HOME on an emptyDir of its own, the run's object store and base
+    model, shared memory for data loaders and NCCL."""
+    kolm_home = str(settings.home)
+    env = {"KOLM_HOME": kolm_home, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "KOLM_BASE_MODEL": settings.base_model}
+    if settings.artifacts_url:
+        env["KOLM_ARTIFACTS_URL"] = settings.artifacts_url
     requests: dict[str, str] = {"cpu": config.cpu, "memory": config.memory}
     limits: dict[str, str] = {"memory": config.memory}
     if config.gpus:
@@ -47,13 +55,12 @@ def training_pod_spec(config: TrainerConfig, kolm_home: str) -> dict[str, Any]:
             "name": "trainer",
             "image": config.image,
             "resources": {"requests": requests, "limits": limits},
-            "env": [{"name": "KOLM_HOME", "value": kolm_home}, {"name": "HF_HUB_OFFLINE", "value": "1"},
-                    {"name": "PYTHONUNBUFFERED", "value": "1"}],
-            # MLflow / S3 credentials, when the tracking server needs them (optional).
+            "env": [{"name": name, "value": value} for name, value in env.items()],
+            # S3 (AWS_*) and MLflow credentials.
             "envFrom": [{"secretRef": {"name": "kolm-secrets", "optional": True}}],
             "volumeMounts": [{"name": "kolm-home", "mountPath": kolm_home}, {"name": "dshm", "mountPath": "/dev/shm"}],
         }],
-        "volumes": [{"name": "kolm-home", "persistentVolumeClaim": {"claimName": config.home_claim}},
+        "volumes": [{"name": "kolm-home", "emptyDir": {"sizeLimit": config.scratch}},
                     {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
         "nodeSelector": dict(config.node_selector),
         "securityContext": {"runAsUser": KOLM_UID, "runAsGroup": KOLM_UID, "fsGroup": KOLM_UID},
@@ -72,7 +79,7 @@ def run_trainer(client: dg.PipesClient, context: dg.AssetExecutionContext, extra
         result = client.run(  # type: ignore[call-arg]
             context=context, extras=dict(extras), image=config.image, command=TRAINER_COMMAND,
             namespace=config.namespace, base_pod_meta=POD_META,
-            base_pod_spec=training_pod_spec(config, str(load_settings().home)),
+            base_pod_spec=training_pod_spec(config, load_settings()),
         )
     else:
         result = client.run(command=[sys.executable, "-m", "kolm_pipeline.train.pipes_entry"], context=context,

@@ -20,6 +20,7 @@ from kolm_pipeline.demo.teacher import create_teacher_app
 from kolm_pipeline.demo.tickets import Ticket, generate_tickets
 from kolm_pipeline.evaluate.result import EvaluationResult
 from kolm_pipeline.settings import Settings
+from kolm_pipeline.stages.retention import sweep_products
 from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store import CaptureStore, partition_key
 
@@ -86,6 +87,7 @@ def reset_demo_namespace(settings: Settings, store: CaptureStore) -> None:
     shutil.rmtree(workdir.root, ignore_errors=True)
     (settings.adapters_dir / workdir.task).unlink(missing_ok=True)
     store.delete_namespace(DEMO_TENANT, DEMO_NAMESPACE)
+    sweep_products(settings, store, store.clock())  # the deleted captures' text goes from the object store too
 
 
 def run_demo(settings: Settings, tickets: int = 320, epochs: float = 2.0, log=print) -> DemoReport:

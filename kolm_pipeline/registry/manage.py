@@ -18,17 +18,17 @@ from kolm_pipeline.provenance.atomic import remove_stale_temps
 from kolm_pipeline.provenance.cid import sha256_of_cid
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
 from kolm_pipeline.provenance.keys import keyid_for, load_private_key, load_public_keys, public_key_text
-from kolm_pipeline.provenance.receipts import receipt_cid
-from kolm_pipeline.registry import champion
-from kolm_pipeline.registry.artifact import KolmArtifact, read_kolm, verify_kolm
-from kolm_pipeline.registry.deployment import SUFFIX, make_deployment_receipt, write_deployment_receipt
-from kolm_pipeline.registry.objectstore import (
+from kolm_pipeline.provenance.objectstore import (
     DirectoryStore,
     ObjectStore,
     artifact_key,
     fetch_verified,
     open_store,
 )
+from kolm_pipeline.provenance.receipts import receipt_cid
+from kolm_pipeline.registry import champion
+from kolm_pipeline.registry.artifact import KolmArtifact, read_kolm, verify_kolm
+from kolm_pipeline.registry.deployment import SUFFIX, make_deployment_receipt, write_deployment_receipt
 from kolm_pipeline.registry.provenance import candidate_accuracy, candidate_k, percent, provenance, summary_lines
 from kolm_pipeline.registry.refs import KIND_ARTIFACT, VersionRef, resolve_ref
 from kolm_pipeline.registry.swap import pointer_target, publish_artifact, swap_pointer, validate_task

@@ -33,12 +33,15 @@ class DistillBacklog:
 def last_distill(workdir: NamespaceWorkdir) -> tuple[str | None, int]:
     """(CID of the namespace's last corpus receipt, kept counter it recorded); (None, 0) if there is none.
 
-    An unreadable receipt counts as no distill: the namespace is then distilled again, which rewrites it."""
-    path = workdir.receipt_path("corpus")
-    try:
-        envelope = path.read_bytes()
-    except FileNotFoundError:
-        return None, 0
+    With a store, the receipt is the newest published corpus's (whichever host built it); without, the work
+    directory's. An unreadable receipt counts as no distill: the namespace is then distilled again."""
+    if workdir.store is not None and (product := workdir.store.latest_product(workdir.task, "corpus")):
+        envelope = product.receipt
+    else:
+        try:
+            envelope = workdir.receipt_path("corpus").read_bytes()
+        except FileNotFoundError:
+            return None, 0
     try:
         counters = read_statement(envelope).get("predicate", {}).get("counters", {})
         kept = int(counters["kept"])

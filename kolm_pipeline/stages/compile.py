@@ -16,12 +16,13 @@ from kolm_pipeline.corpus.recipe import load_recipe
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.evaluate.result import EvaluationResult
 from kolm_pipeline.provenance.cid import cid_for_file
+from kolm_pipeline.provenance.products import directory_cid
 from kolm_pipeline.registry.artifact import build_kolm
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.adapter import record_adapter
 from kolm_pipeline.stages.deployment import build_manifest
 from kolm_pipeline.stages.evaluation import run_evaluation_stage
-from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.train.base_model import resolve_base_model
 from kolm_pipeline.train.distill import train_adapter
 

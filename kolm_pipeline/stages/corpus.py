@@ -9,7 +9,9 @@ from kolm_pipeline.corpus.recipe import Recipe, synthesize_recipe
 from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
 from kolm_pipeline.provenance.atomic import write_atomic
 from kolm_pipeline.provenance.errors import UserError
-from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
+from kolm_pipeline.provenance.products import directory_cid
+from kolm_pipeline.stages.retention import SPLIT_FILES, text_rows
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 
 
 class NotEnoughPairs(UserError):
@@ -60,6 +62,7 @@ def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int) -> Corpus
     write_atomic(workdir.corpus, data)
     store.mark_distilled(workdir.tenant, workdir.namespace, corpus_capture_ids(data))
     capture_ids = [pair.id for pair in pairs]
+    held, unnamed = text_rows(data)
     receipt = workdir.write_receipt(
         "corpus",
         "corpus.jsonl",
@@ -69,6 +72,8 @@ def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int) -> Corpus
             "capture_range": [min(capture_ids), max(capture_ids)] if capture_ids else None,
             "counters": store.counters(workdir.tenant, workdir.namespace),
         },
+        capture_ids=held,
+        unnamed_rows=unnamed,
     )
     return CorpusResult(cid=cid, stats=stats, receipt_cid=receipt)
 
@@ -77,7 +82,10 @@ def run_recipe_stage(
     workdir: NamespaceWorkdir, seed: int = 0, eval_rotation_share: float = EVAL_ROTATION_SHARE
 ) -> RecipeResult:
     """Synthesise the recipe from the namespace's corpus (reusing its frozen hold-out, rotating
-    `eval_rotation_share` of its eval candidates into eval)."""
+    `eval_rotation_share` of its eval candidates into eval). Reads the corpus its chain names and the task's
+    frozen hold-out by CID, and publishes the hold-out again when this recipe drew it."""
+    workdir.pull("corpus")
+    workdir.pull_latest("holdout")
     data = workdir.corpus.read_bytes()
     rows = read_corpus(data, source=str(workdir.corpus))
     recipe = synthesize_recipe(
@@ -92,6 +100,13 @@ def run_recipe_stage(
         eval_rotation_share=eval_rotation_share,
     )
     cid = directory_cid(workdir.recipe)
+    if recipe.diagnostics["holdout"]["made_now"]:
+        holdout = workdir.frozen_holdout.read_bytes()
+        ids, unnamed = text_rows(holdout)
+        workdir.publish("holdout", capture_ids=ids, unnamed_rows=unnamed,
+                        drawn_rows=sum(1 for line in holdout.splitlines() if line.strip()))
+    # Diagnostics quote corpus rows beyond the splits: the recipe holds the text of its corpus's captures.
+    held, unnamed = text_rows(data, *((workdir.recipe / name).read_bytes() for name in SPLIT_FILES))
     receipt = workdir.write_receipt(
         "recipe",
         "recipe",
@@ -99,5 +114,7 @@ def run_recipe_stage(
         {"corpus_cid": recipe.spec["corpus_cid"], "holdout_cid": recipe.spec["holdout_cid"],
          "output_kind": recipe.spec["output_kind"], "counts": recipe.spec["counts"],
          "k_floor": recipe.spec["k_floor"], **recipe_counts(recipe)},
+        capture_ids=held,
+        unnamed_rows=unnamed,
     )
     return RecipeResult(recipe=recipe, cid=cid, receipt_cid=receipt)

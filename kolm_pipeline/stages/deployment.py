@@ -16,7 +16,7 @@ from kolm_pipeline.evaluate.result import EvaluationResult
 from kolm_pipeline.evaluate.tripwire import record_good_cycle
 from kolm_pipeline.provenance.errors import DeployRefused
 from kolm_pipeline.registry.artifact import build_kolm, extract_adapter
-from kolm_pipeline.registry.manage import activate, artifact_cid_of, verified_artifact
+from kolm_pipeline.registry.manage import activate, artifact_cid_of, local_artifact, verified_artifact
 from kolm_pipeline.registry.swap import read_pointer
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.corpus import corpus_capture_ids
@@ -35,9 +35,19 @@ class DeployResult:
     registry_row: int
 
 
-def current_champion(settings: Settings, task: str) -> tuple[str, Path] | None:
-    """The serving artifact's CID and its adapter, extracted once into a cache directory."""
+def champion_artifact(settings: Settings, task: str, store=None) -> Path | None:
+    """The serving artifact of `task` on this host: the pointer's; on a host without it (a run pod that shares only
+    the store and the object store), the registry's champion, fetched by CID."""
     pointer = read_pointer(settings.adapters_dir, task)
+    if pointer is not None or store is None:
+        return pointer
+    cid = store.champions(task).get(task)
+    return local_artifact(settings, task, cid) if cid else None
+
+
+def current_champion(settings: Settings, task: str, store=None) -> tuple[str, Path] | None:
+    """The serving artifact's CID and its adapter, extracted once into a cache directory."""
+    pointer = champion_artifact(settings, task, store)
     if pointer is None:
         return None
     cid = artifact_cid_of(pointer)
@@ -74,14 +84,16 @@ def build_manifest(workdir: NamespaceWorkdir, evaluation: EvaluationResult, coun
 
 
 def deploy(workdir: NamespaceWorkdir, settings: Settings, store, actor: str) -> DeployResult:
-    """Ship the evaluated candidate if, and only if, its gate decision says swap."""
+    """Ship the evaluated candidate if, and only if, its gate decision says swap; what it ships is the chain the
+    evaluation's receipt names (pulled by CID)."""
+    workdir.pull("evaluation")
     if not workdir.evaluation.is_file():
         raise DeployRefused(f"{workdir.evaluation}: no evaluation for {workdir.partition}")
     evaluation = EvaluationResult.read(workdir.evaluation)
     decision = evaluation.decision
     if not decision.swap:
         raise DeployRefused(f"gate refused the candidate for {workdir.task}: {decision.reason}")
-    previous = read_pointer(settings.adapters_dir, workdir.task)
+    previous = champion_artifact(settings, workdir.task, store)
     previous_cid = artifact_cid_of(previous) if previous else None
     manifest = build_manifest(workdir, evaluation, store.counters(workdir.tenant, workdir.namespace), previous_cid)
     staging = workdir.root / "artifact.kolm"

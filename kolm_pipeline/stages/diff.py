@@ -217,9 +217,12 @@ def load_artifact_version(settings: Settings, task: str, ref: str) -> Version:
     return version_from_artifact(artifact, cid)
 
 
-def load_candidate_version(settings: Settings, task: str) -> Version:
-    """The candidate the namespace's last evaluation measured (its ``evaluation.json``)."""
-    path = NamespaceWorkdir(settings, task).evaluation
+def load_candidate_version(settings: Settings, task: str, store=None) -> Version:
+    """The candidate the namespace's last evaluation measured (its ``evaluation.json``, the newest published one
+    with a store)."""
+    workdir = NamespaceWorkdir(settings, task, store=store)
+    workdir.pull_latest("evaluation")
+    path = workdir.evaluation
     if not path.is_file():
         raise DiffError(f"{task}: no evaluated candidate ({path} does not exist); materialize up to "
                         "`evaluation` first")
@@ -241,7 +244,7 @@ def load_version(settings: Settings, store, task: str, ref: str) -> Version:
     if resolved.kind == KIND_BASE:
         return replace(BARE_BASE, name=ref)
     if resolved.kind == KIND_CANDIDATE:
-        return replace(load_candidate_version(settings, task), name=ref)
+        return replace(load_candidate_version(settings, task, store), name=ref)
     return replace(load_artifact_version(settings, task, str(resolved.cid)), name=ref)
 
 
@@ -270,12 +273,14 @@ def registry_diff(settings: Settings, store, task: str, refs: list[str] | tuple[
     validate_task(task)
     if len(refs) > 2:
         raise DiffError(f"give at most two versions to compare, not {len(refs)}")
-    if not known_task(settings, store, task) and not NamespaceWorkdir(settings, task).evaluation.is_file():
+    workdir = NamespaceWorkdir(settings, task, store=store)
+    if not known_task(settings, store, task) and not workdir.pull_latest("evaluation"):
         raise DiffError(f"unknown task {task!r}: nothing was ever published, deployed or evaluated for it")
     if len(refs) < 2 and resolve_current(settings, store, task) is None:
         raise DiffError(f"{task}: nothing is deployed, so there is no current version; give two versions "
                         "(`base`, `candidate`, CIDs, CID prefixes or .kolm paths)")
-    previews = CasePreviews.read(NamespaceWorkdir(settings, task).case_previews)
+    workdir.pull_latest("previews")
+    previews = CasePreviews.read(workdir.case_previews)
 
     def load(ref: str) -> Version:
         return with_previews(load_version(settings, store, task, ref), previews)

@@ -14,8 +14,10 @@ from kolm_pipeline.evaluate.result import CasePreviews, EvaluationResult, Regres
 from kolm_pipeline.evaluate.tripwire import MemoryLedger, check_collapse, read_state, record_trip
 from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.provenance.cid import cid_for_file
+from kolm_pipeline.provenance.products import directory_cid
 from kolm_pipeline.settings import Settings
-from kolm_pipeline.stages.workdir import NamespaceWorkdir, directory_cid
+from kolm_pipeline.stages.retention import case_text_rows
+from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.train.base_model import BaseModel
 
 CANDIDATE = "candidate"
@@ -32,7 +34,8 @@ def run_evaluation_stage(
     case texts beside it (case_previews.json: never signed or shipped, removed by retention).
 
     A refusal is written to the registry right away (with `store`), so the log shows every decision,
-    not only swaps."""
+    not only swaps. Reads the adapter and recipe its chain names by CID."""
+    workdir.pull("adapter")
     recipe = load_recipe(workdir.recipe)
     # Without a store (`kolm compile`: no namespace) the tripwire compares with nothing and remembers nothing.
     ledger = workdir.tripwire_ledger(store) if store is not None else MemoryLedger()
@@ -86,6 +89,8 @@ def run_evaluation_stage(
     previews = CasePreviews.model_validate({"adapter_cid": result.adapter_cid, "current_name": current_name,
                                             "cases": case_previews(recipe.eval, sides)})
     write_json_atomic(workdir.case_previews, previews.model_dump(mode="json"))
+    ids, unnamed = case_text_rows(workdir.case_previews.read_bytes())
+    workdir.publish("previews", capture_ids=ids, unnamed_rows=unnamed)
     receipt_cid = workdir.write_receipt(
         "evaluation",
         "evaluation.json",

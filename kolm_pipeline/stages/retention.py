@@ -41,6 +41,8 @@ from kolm_pipeline.corpus.build import corpus_cid
 from kolm_pipeline.evaluate.tripwire import forget_holdout_baseline
 from kolm_pipeline.provenance.atomic import write_atomic, write_json_atomic
 from kolm_pipeline.provenance.cid import cid_for_bytes
+from kolm_pipeline.provenance.objectstore import open_store
+from kolm_pipeline.provenance.products import Products
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store.namespaces import split_partition_key
@@ -95,6 +97,19 @@ def _jsonl_ids(lines: Iterable[bytes]) -> list[int | None]:
 def _rows(ids: Iterable[int | None]) -> _Rows:
     ids = list(ids)
     return _Rows(frozenset(i for i in ids if i is not None), sum(1 for i in ids if i is None))
+
+
+def text_rows(*documents: bytes | None) -> tuple[list[int], int]:
+    """The captures whose text JSONL `documents` hold, and how many of their rows name none: what a published
+    product records for retention (`work_products.capture_ids`, `unnamed_rows`)."""
+    rows = _rows(i for data in documents for i in _jsonl_ids(_lines(data)))
+    return sorted(rows.ids), rows.unknown
+
+
+def case_text_rows(data: bytes) -> tuple[list[int], int]:
+    """`text_rows` of a file of cases (`case_previews.json`)."""
+    rows = _case_rows(data)
+    return sorted(rows.ids), rows.unknown
 
 
 def _fresh(path: Path, cutoff: datetime) -> bool:
@@ -230,6 +245,60 @@ def sweep_workdir(workdir: NamespaceWorkdir, store, cutoff: datetime) -> list[st
     return changed + _sweep_frozen_holdout(workdir, store, cutoff)
 
 
+def _kept_holdout(product, products: Products, scratch: Path, live: set[int], fresh: bool) -> bytes | None:
+    """The rows of a published frozen hold-out still inside the window, None when too few are left to compare."""
+    path = products.fetch_file(product.cid, scratch / f"{product.cid}.jsonl")
+    try:
+        lines = _lines(path.read_bytes())
+    finally:
+        path.unlink(missing_ok=True)
+    ids = _jsonl_ids(lines)
+    kept = [line for line, capture in zip(lines, ids, strict=True) if capture in live or (capture is None and fresh)]
+    if not kept or len(kept) < MIN_HOLDOUT_SHARE * (product.drawn_rows or len(lines)):
+        return None
+    return b"\n".join(kept) + b"\n"
+
+
+def sweep_products(settings: Settings, store, now: datetime) -> dict[str, list[str]]:
+    """Remove from the object store every published product holding text of a capture past its window (the same
+    rule as the work files: one capture expired or gone, or rows naming none once the product is older than the
+    window). The task's newest frozen hold-out loses only its expired rows: published again without them, as a new
+    product, unless fewer than half the rows it was drawn with are left. Returns what went, by task."""
+    now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
+    products = Products(open_store(settings.artifacts_url, settings.artifacts_dir))
+    scratch = settings.home / "retention"
+    scratch.mkdir(parents=True, exist_ok=True)
+    removed: dict[str, list[str]] = {}
+    cutoffs: dict[str, datetime] = {}
+    for product in store.products_holding_text():
+        tenant, namespace = split_partition_key(product.task)
+        if product.task not in cutoffs:
+            cutoffs[product.task] = now - timedelta(days=store.namespace_settings(tenant, namespace).retention_days)
+        cutoff = cutoffs[product.task]
+        fresh = (product.created_at if product.created_at.tzinfo else product.created_at.replace(tzinfo=UTC)) >= cutoff
+        live = store.captures_with_text(tenant, namespace, product.capture_ids)
+        if set(product.capture_ids) <= live and (fresh or not product.unnamed_rows):
+            continue
+        newest = store.latest_product(product.task, product.stage)
+        if product.stage == "holdout" and newest is not None and newest.id == product.id:
+            kept = _kept_holdout(product, products, scratch, live, fresh)
+            if kept is None:
+                forget_holdout_baseline(NamespaceWorkdir(settings, product.task).tripwire_ledger(store), product.task)
+            else:
+                staging = scratch / f"holdout-{product.id}.jsonl"
+                write_atomic(staging, kept)
+                try:
+                    ids, unnamed = text_rows(kept)
+                    store.record_product(product.task, "holdout", products.put_file(staging), False,
+                                         capture_ids=ids, unnamed_rows=unnamed, drawn_rows=product.drawn_rows)
+                finally:
+                    staging.unlink(missing_ok=True)
+        products.delete(product.cid, product.directory, scratch)
+        store.mark_product_removed(product.id)
+        removed.setdefault(product.task, []).append(f"{product.stage} {product.cid}")
+    return removed
+
+
 def namespace_workdirs(settings: Settings) -> list[NamespaceWorkdir]:
     """The work directory of every namespace that has one."""
     if not settings.work_dir.is_dir():
@@ -251,12 +320,14 @@ def sweep_retention(settings: Settings, store, now: datetime | None = None) -> R
     now = now if now is not None else store.clock()
     now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)  # naive times are UTC, as in the store
     expired = store.apply_retention(now=now, scrub=False)
-    work_files = {}
+    work_files: dict[str, list[str]] = {}
     for workdir in namespace_workdirs(settings):
         window = store.namespace_settings(workdir.tenant, workdir.namespace).retention_days
         changed = sweep_workdir(workdir, store, now - timedelta(days=window))
         if changed:
             work_files[workdir.partition] = changed
+    for task, gone in sweep_products(settings, store, now).items():
+        work_files.setdefault(task, []).extend(gone)
     # Hook of the capture path's own retention: a quarantined record is kept as long as the strictest window.
     shortest = min([store.default_retention_days,
                     *(switches.retention_days for switches in store.all_namespace_settings().values())])

@@ -2,39 +2,53 @@
 
 Every stage writes its output under `KOLM_HOME/work/<tenant.namespace>/` and appends a signed receipt
 naming the previous one, so the deployment can ship the whole chain inside the `.kolm` artifact.
+
+With a store, that directory is only this host's working copy: each stage also publishes its product to the
+object store under its CID (`provenance/products.py`, written once, never overwritten) and records it with its
+receipt in the store (`work_products`), and each stage starts by pulling the chain it reads (`pull`): the
+products its upstream receipts name, fetched by CID and checked, wherever they were made. So a run pod, a
+training pod or an operator's laptop needs no shared filesystem, and two runs never overwrite each other's
+products. Without a store (`kolm compile`'s scratch directory) nothing is published.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from kolm_pipeline.provenance.atomic import write_atomic
-from kolm_pipeline.provenance.cid import cid_for_bytes, cid_for_file
+from kolm_pipeline.provenance.cid import cid_for_file
+from kolm_pipeline.provenance.errors import RegistryError, UserError
 from kolm_pipeline.provenance.keys import ensure_tenant_keys, load_private_key
-from kolm_pipeline.provenance.receipts import make_receipt, receipt_cid
+from kolm_pipeline.provenance.objectstore import open_store
+from kolm_pipeline.provenance.products import Products, directory_cid
+from kolm_pipeline.provenance.receipts import make_receipt, read_statement, receipt_cid
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.store.namespaces import split_partition_key
 
 STAGE_ORDER = ("corpus", "recipe", "adapter", "evaluation")
+# Products published beside the stages' (no receipt of their own): the evaluation's case texts, which `kolm diff`
+# shows, and the frozen hold-out, which lives across cycles.
+SIDE_PRODUCTS = ("previews", "holdout")
+
+__all__ = ["SIDE_PRODUCTS", "STAGE_ORDER", "NamespaceWorkdir", "ProductMissing"]
 
 
-def directory_cid(path: Path) -> str:
-    """CID of a directory: of a canonical index of its files' CIDs, so any changed byte changes it."""
-    index = {
-        str(file.relative_to(path)): cid_for_file(file) for file in sorted(path.rglob("*")) if file.is_file()
-    }
-    return cid_for_bytes(json.dumps(index, sort_keys=True).encode())
+class ProductMissing(UserError):
+    """A product the chain names is gone: removed by retention, or never reached the object store."""
 
 
 @dataclass(frozen=True)
 class NamespaceWorkdir:
-    """Paths of one namespace's pipeline outputs."""
+    """Paths of one namespace's pipeline outputs; with `store`, published and pulled by CID (module docstring)."""
 
     settings: Settings
     partition: str
     base_dir: Path | None = None
+    store: Any = None
 
     @property
     def tenant(self) -> str:
@@ -111,6 +125,79 @@ class NamespaceWorkdir:
     def receipts(self) -> Path:
         return self.root / "receipts"
 
+    @cached_property
+    def products(self) -> Products:
+        """The object store products go to: the artifacts' (KOLM_ARTIFACTS_URL, default KOLM_HOME/artifacts)."""
+        return Products(open_store(self.settings.artifacts_url, self.settings.artifacts_dir))
+
+    def product_path(self, stage: str) -> tuple[Path, bool]:
+        """Where this host keeps `stage`'s product, and whether it is a directory."""
+        return {"corpus": (self.corpus, False), "recipe": (self.recipe, True), "adapter": (self.adapter, True),
+                "evaluation": (self.evaluation, False), "previews": (self.case_previews, False),
+                "holdout": (self.frozen_holdout, False)}[stage]
+
+    def publish(self, stage: str, *, receipt: bytes | None = None, capture_ids: list[int] | None = None,
+                unnamed_rows: int = 0, drawn_rows: int | None = None):
+        """Put `stage`'s local product in the object store and record it (with its receipt) in the store; None
+        without a store."""
+        if self.store is None:
+            return None
+        path, directory = self.product_path(stage)
+        cid = self.products.put_dir(path) if directory else self.products.put_file(path)
+        return self.store.record_product(self.task, stage, cid, directory, receipt=receipt,
+                                         receipt_cid=receipt_cid(receipt) if receipt is not None else None,
+                                         capture_ids=capture_ids, unnamed_rows=unnamed_rows,
+                                         drawn_rows=drawn_rows)
+
+    def _materialize(self, product) -> None:
+        """This host's copy of `product`, fetched by CID unless the local one already has that CID."""
+        if product.removed_at is not None:
+            raise ProductMissing(
+                f"{self.task}: the {product.stage} {product.cid} was removed by retention (a capture it holds "
+                f"expired); run the distill again to rebuild it from the captures still inside the window")
+        path, directory = self.product_path(product.stage)
+        if path.exists() and (directory_cid(path) if directory else cid_for_file(path)) == product.cid:
+            return
+        try:
+            self.products.fetch(product.cid, path, directory)
+        except RegistryError as exc:
+            raise ProductMissing(f"{self.task}: cannot fetch the {product.stage} {product.cid}: {exc}") from None
+
+    def pull_latest(self, stage: str) -> bool:
+        """This host's copy of the task's newest product of `stage` alone (a side product, or an evaluation to
+        show); False when there is none (never published, or removed by retention: the local copy then goes too)."""
+        if self.store is None:
+            return self.product_path(stage)[0].exists()
+        product = self.store.latest_product(self.task, stage)
+        if product is None:
+            return self.product_path(stage)[0].exists()  # made before products were published: used as it is
+        if product.removed_at is not None:
+            self.product_path(stage)[0].unlink(missing_ok=True)
+            return False
+        self._materialize(product)
+        return True
+
+    def pull(self, stage: str) -> None:
+        """Make this host's copies of `stage`'s newest product and of every product its receipt chain names
+        (with their receipts) the ones the store recorded, fetching by CID what differs. Nothing recorded yet:
+        the local work directory (an older release's) is used as it is."""
+        if self.store is None:
+            return
+        product = self.store.latest_product(self.task, stage)
+        while product is not None:
+            self._materialize(product)
+            receipt_file = self.receipt_path(product.stage)
+            if not receipt_file.is_file() or receipt_file.read_bytes() != product.receipt:
+                write_atomic(receipt_file, product.receipt)
+            previous = read_statement(product.receipt)["predicate"].get("previous_receipt")
+            if previous is None:
+                return
+            found = self.store.product_by_receipt(self.task, previous)
+            if found is None:
+                raise ProductMissing(f"{self.task}: the receipt {previous} before the {product.stage} names no "
+                                     "recorded product")
+            product = found
+
     def receipt_path(self, stage: str) -> Path:
         return self.receipts / f"{STAGE_ORDER.index(stage) + 1:02d}-{stage}.dsse.json"
 
@@ -118,9 +205,11 @@ class NamespaceWorkdir:
         keyid = ensure_tenant_keys(self.settings.keys_dir, self.tenant)
         return load_private_key(self.settings.keys_dir, self.tenant), keyid
 
-    def write_receipt(self, stage: str, subject_name: str, subject_cid: str, predicate: dict) -> str:
+    def write_receipt(self, stage: str, subject_name: str, subject_cid: str, predicate: dict,
+                      capture_ids: list[int] | None = None, unnamed_rows: int = 0) -> str:
         """Sign this stage's receipt, chained to the previous stage's; later stages' receipts are
-        removed because they no longer describe this chain. Returns the receipt's CID."""
+        removed because they no longer describe this chain. With a store, the product is published with it
+        (`capture_ids`/`unnamed_rows`: what capture text it holds, for retention). Returns the receipt's CID."""
         index = STAGE_ORDER.index(stage)
         previous = None
         if index > 0:
@@ -141,6 +230,7 @@ class NamespaceWorkdir:
             keyid=keyid,
         )
         write_atomic(self.receipt_path(stage), envelope)
+        self.publish(stage, receipt=envelope, capture_ids=capture_ids, unnamed_rows=unnamed_rows)
         return receipt_cid(envelope)
 
     def chain(self) -> list[bytes]:

@@ -7,7 +7,7 @@ from the start, so after the retention window the text can go while dedup and th
 
 `CaptureStore` is composed of one mixin per concern, each in its own module (`tenants`, `captures`,
 `capture_search`, `triage`, `switches`, `retention`, `kept_pairs`, `counters`, `registry_rows`, `student_routing`,
-`deployments`, `audit`) over `base.StoreBase`.
+`deployments`, `work_products`, `audit`) over `base.StoreBase`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from kolm_pipeline.store.switches import SwitchQueries
 from kolm_pipeline.store.tags import EVAL_CANDIDATE_TAG, TAG_MAX_LENGTH, validate_tags
 from kolm_pipeline.store.tenants import KEY_PREFIX, TenantQueries
 from kolm_pipeline.store.triage import TriageQueries
+from kolm_pipeline.store.work_products import WorkProductQueries
 
 __all__ = [
     "EVAL_CANDIDATE_TAG",
@@ -59,6 +60,7 @@ class CaptureStore(
     RegistryQueries,
     StudentRoutingQueries,
     DeploymentQueries,
+    WorkProductQueries,
     AuditQueries,
 ):
     """Capture store on any SQLAlchemy URL (`sqlite:///path` or `postgresql+psycopg://...`).

@@ -368,6 +368,27 @@ def _v11_tripwire_states(op: Operations, _conn: Connection) -> None:
     )
 
 
+def _v12_work_products(op: Operations, _conn: Connection) -> None:
+    """Work products by CID (they were files under `work/<task>/`, read by path), with their receipts."""
+    op.create_table(
+        "work_products",
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("task", String(255), nullable=False),
+        Column("stage", String(32), nullable=False),
+        Column("cid", String(128), nullable=False),
+        Column("directory", Boolean, nullable=False),
+        Column("receipt_cid", String(128)),
+        Column("receipt", Text),
+        Column("capture_ids", Text),
+        Column("unnamed_rows", Integer, nullable=False),
+        Column("drawn_rows", Integer),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("removed_at", DateTime(timezone=True)),
+    )
+    op.create_index("ix_work_products_task_stage", "work_products", ["task", "stage"])
+    op.create_index("ix_work_products_receipt", "work_products", ["receipt_cid"])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (1, "baseline tables", _v1_baseline),
     (2, "retention, counters and switches", _v2_retention_and_counters),
@@ -380,6 +401,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (9, "student routing", _v9_student_routing),
     (10, "signing keys", _v10_signing_keys),
     (11, "tripwire states", _v11_tripwire_states),
+    (12, "work products", _v12_work_products),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -181,6 +181,31 @@ tripwire_states = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# Every work product a stage wrote (corpus, recipe, adapter, evaluation; the case previews and the frozen
+# hold-out beside them), stored once in the object store under `cid` (provenance/products.py). A stage's row
+# carries its signed receipt, so any host rebuilds the receipt chain from here. `capture_ids` (JSON) are the
+# captures whose text the product holds (NULL: none), `unnamed_rows` its rows naming no capture (and, for the
+# frozen hold-out, `drawn_rows` the rows it was drawn with): retention
+# removes the objects as soon as one of those captures expired, and stamps `removed_at`.
+work_products = Table(
+    "work_products",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task", String(255), nullable=False),
+    Column("stage", String(32), nullable=False),
+    Column("cid", String(128), nullable=False),
+    Column("directory", Boolean, nullable=False),
+    Column("receipt_cid", String(128)),
+    Column("receipt", Text),
+    Column("capture_ids", Text),
+    Column("unnamed_rows", Integer, nullable=False, default=0),
+    Column("drawn_rows", Integer),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("removed_at", DateTime(timezone=True)),
+    Index("ix_work_products_task_stage", "task", "stage"),
+    Index("ix_work_products_receipt", "receipt_cid"),
+)
+
 ROUTING_MODES = ("teacher", "shadow", "student")
 # Registry decisions that change what a task serves: a row's `to_cid` is then the adapter served from it on.
 SERVING_DECISIONS = ("swap", "rollback")

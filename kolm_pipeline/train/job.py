@@ -39,6 +39,13 @@ class TrainingJob(Model):
     mlflow_parent_run_id: str | None = None
     # Where the trainer leaves a one-line explanation when it fails, for the orchestrator to report.
     error_path: Path | None = None
+    # The same inputs by CID, for a trainer on a host that does not hold the paths above (a training pod with its
+    # own KOLM_HOME): it fetches them from the object store (KOLM_ARTIFACTS_URL) and checks every byte.
+    train_cid: str | None = None
+    init_adapter_cid: str | None = None
+    # Put the trained adapter in the object store and report its CID (`adapter_cid`), so the orchestrator reads
+    # it back by CID instead of from `output_dir`.
+    publish: bool = False
 
     @property
     def base(self) -> BaseModel:

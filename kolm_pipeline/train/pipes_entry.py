@@ -11,8 +11,39 @@ import os
 from pathlib import Path
 
 from kolm_pipeline.corpus.train_config import TrainConfig
+from kolm_pipeline.provenance.cid import cid_for_file
+from kolm_pipeline.provenance.objectstore import open_store
+from kolm_pipeline.provenance.products import Products, directory_cid
+from kolm_pipeline.settings import load_settings
+from kolm_pipeline.train.base_model import BaseModelError, resolve_base_model
 from kolm_pipeline.train.distill import TrainResult, train_adapter
 from kolm_pipeline.train.job import TrainingJob
+
+
+def products() -> Products:
+    """The object store the orchestrator publishes to: the same KOLM_ARTIFACTS_URL (the training pod's env)."""
+    settings = load_settings()
+    return Products(open_store(settings.artifacts_url, settings.artifacts_dir))
+
+
+def localized(job: TrainingJob) -> TrainingJob:
+    """The job with paths on this host: inputs this host does not hold (a training pod: its own KOLM_HOME) are
+    fetched by CID and checked; the base model is resolved here and must have the digest the job names."""
+    updates: dict = {}
+    scratch = load_settings().home / "trainer"
+    if job.train_cid and not (job.train_path.is_file() and cid_for_file(job.train_path) == job.train_cid):
+        updates["train_path"] = products().fetch_file(job.train_cid, scratch / job.train_cid / "train.jsonl")
+    if job.init_adapter_cid and not (job.init_adapter is not None and job.init_adapter.is_dir()
+                                     and directory_cid(job.init_adapter) == job.init_adapter_cid):
+        updates["init_adapter"] = products().fetch_dir(job.init_adapter_cid, scratch / job.init_adapter_cid)
+    if not (job.base_model_path / "config.json").is_file():
+        base = resolve_base_model(job.base_model_id, load_settings().models_dir)
+        if base.digest != job.base_digest:
+            raise BaseModelError(f"{job.base_model_id} resolves to weights {base.digest} on this host, the job was "
+                                 f"made for {job.base_digest}: use the same base model (image) on both")
+        updates["base_model_path"] = base.path
+    job.output_dir.parent.mkdir(parents=True, exist_ok=True)  # a training pod's KOLM_HOME starts empty
+    return job.model_copy(update=updates) if updates else job
 
 
 def run_training(job: TrainingJob, log=print) -> tuple[TrainResult, str]:
@@ -58,8 +89,9 @@ def main() -> None:
     with open_dagster_pipes() as pipes:
         extras = dict(pipes.extras)
         try:
-            job = TrainingJob.from_extras(extras)
+            job = localized(TrainingJob.from_extras(extras))
             result, run_id = run_training(job, log=pipes.log.info)
+            adapter_cid = products().put_dir(result.adapter_dir) if job.publish else None
         except Exception as exc:
             settings = extras.get("config") if isinstance(extras.get("config"), dict) else {}
             batch_size = settings.get("batch_size", TrainConfig().batch_size)
@@ -70,6 +102,7 @@ def main() -> None:
                 **{key: {"raw_value": float(value), "type": "float"} for key, value in result.metrics().items()},
                 "adapter_dir": {"raw_value": str(result.adapter_dir), "type": "path"},
                 "mlflow_run_id": {"raw_value": run_id, "type": "text"},
+                **({"adapter_cid": {"raw_value": adapter_cid, "type": "text"}} if adapter_cid else {}),
                 "loss_curve": {"raw_value": [[s, v] for s, v in result.loss_curve], "type": "json"},
             }
         )

@@ -1,4 +1,4 @@
-"""Where published artifacts live: a directory (embedded default) or an S3 bucket (production).
+"""Where published artifacts and work products live: a directory (embedded default) or an S3 bucket (production).
 
 Objects are content-addressed (``<task>/<cid>.kolm``), so a put is idempotent and a get can prove it
 received the right bytes by recomputing the CID. Serving never reads the object store directly: the
@@ -47,6 +47,10 @@ class ObjectStore(Protocol):
         """Write the object to ``dest`` atomically; RegistryError if it does not exist."""
         ...
 
+    def delete(self, key: str) -> None:
+        """Remove the object (retention); nothing happens when it does not exist."""
+        ...
+
 
 class DirectoryStore:
     """Objects as files under a root directory, written through a temp file and ``os.replace``."""
@@ -78,6 +82,9 @@ class DirectoryStore:
             with atomic_output(Path(dest)) as handle, open(source, "rb") as src:
                 shutil.copyfileobj(src, handle)
         return Path(dest)
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.root)!r})"
@@ -140,6 +147,12 @@ class S3Store:
         except self._errors() as exc:
             raise RegistryError(f"cannot download {self.url(key)}: {exc}") from exc
         return dest
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(key))
+        except self._errors() as exc:
+            raise RegistryError(f"cannot delete {self.url(key)}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"S3Store({self.url('x')[:-2]!r})"
