@@ -136,6 +136,13 @@ def test_helm_values_run_each_run_as_a_kubernetes_job():
     assert deployment["codeServerArgs"] == ["-m", "kolm_pipeline.definitions"]
     assert deployment["includeConfigInLaunchedRuns"] == {"enabled": True}
     assert all(isinstance(value, str) for value in deployment["env"].values())  # the chart's schema: strings
+    # Issue 24: no shared volume. KOLM_HOME is each pod's emptyDir, the signing keys a read-only Secret.
+    volumes = {volume["name"]: volume for volume in deployment["volumes"]}
+    assert not [volume for volume in volumes.values() if "persistentVolumeClaim" in volume]
+    assert "emptyDir" in volumes["kolm-home"]
+    mounts = {mount["name"]: mount for mount in deployment["volumeMounts"]}
+    assert volumes[mounts["kolm-signing-keys"]["name"]]["secret"]["secretName"] == "kolm-signing-keys"
+    assert mounts["kolm-signing-keys"]["mountPath"] == deployment["env"]["KOLM_KEYS_DIR"]
     assert values["postgresql"]["enabled"] is False
     assert values["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
     coordinator = values["dagsterDaemon"]["runCoordinator"]
