@@ -191,6 +191,23 @@ def cmd_swap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from kolm_pipeline.registry.composition import PartRef
+    from kolm_pipeline.stages.compose import compose
+
+    refs = [PartRef.parse(text) for text in args.adapter]
+    settings = _settings(args)
+    print(f"composing {len(refs)} adapters for {args.task}, then evaluating the composition against what "
+          f"{args.task} serves now…", flush=True)
+    result = compose(settings, _store(settings), args.task, refs, actor=args.actor)
+    print(result.evaluation.kscore_table())
+    if result.activation is None:
+        raise CliError(f"{args.task}: the gate refused the composition, nothing changed: "
+                       f"{result.evaluation.decision.reason}")
+    print(result.activation.describe("composed"))
+    return 0
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     from kolm_pipeline.registry.manage import rollback
 
@@ -486,6 +503,16 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--strategy", choices=["higher-k-wins", "force"], default="higher-k-wins",
                       help="higher-k-wins: only if its recorded K beats the serving one by the gate margin")
     swap.add_argument("--actor", default=default_actor(), help="who, for the audit log")
+
+    compose_ = verb(verbs, "compose", cmd_compose,
+                    "serve a task with several adapters of its base at once (e.g. a house style plus the task's own): "
+                    "combined exactly into one adapter, evaluated and gated against what the task serves now, "
+                    "swapped in only if it wins")
+    compose_.add_argument("--task", required=True, help="the task to serve the composition as, TENANT.NAMESPACE")
+    compose_.add_argument("--adapter", action="append", required=True, metavar="CID[:WEIGHT]",
+                          help="a published artifact of the tenant (CID or unique prefix) and its weight (default 1); "
+                          "give it two or more times, in order")
+    compose_.add_argument("--actor", default=default_actor(), help="who, for the audit log")
 
     rollback = verb(verbs, "rollback", cmd_rollback, "restore the previous adapter of a task in one step")
     rollback.add_argument("--task", required=True, help="the task, TENANT.NAMESPACE")

@@ -29,7 +29,14 @@ from kolm_pipeline.provenance.receipts import receipt_cid
 from kolm_pipeline.registry import champion
 from kolm_pipeline.registry.artifact import KolmArtifact, read_kolm, verify_kolm
 from kolm_pipeline.registry.deployment import SUFFIX, make_deployment_receipt, write_deployment_receipt
-from kolm_pipeline.registry.provenance import candidate_accuracy, candidate_k, percent, provenance, summary_lines
+from kolm_pipeline.registry.provenance import (
+    candidate_accuracy,
+    candidate_k,
+    composition_line,
+    percent,
+    provenance,
+    summary_lines,
+)
 from kolm_pipeline.registry.refs import KIND_ARTIFACT, VersionRef, resolve_ref
 from kolm_pipeline.registry.swap import pointer_target, publish_artifact, swap_pointer, validate_task
 from kolm_pipeline.settings import Settings
@@ -54,9 +61,12 @@ class Activation:
     registry_row: int
     receipt_cid: str
     warnings: list[str] = field(default_factory=list)
+    # What the served artifact is made of, when it is a composition (`kolm compose`).
+    parts: str | None = None
 
     def describe(self, verb: str = "swapped") -> str:
         lines = [f"{self.task}: {verb} {self.from_cid or '(base)'} → {self.to_cid} (registry row {self.registry_row})"]
+        lines += [f"  {self.parts}"] if self.parts else []
         lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
@@ -198,7 +208,8 @@ def activate(
         },
     )
     return Activation(task=task, from_cid=from_cid, to_cid=cid, artifact_path=local, artifact_url=url,
-                      registry_row=row, receipt_cid=receipt_cid(receipt), warnings=warnings)
+                      registry_row=row, receipt_cid=receipt_cid(receipt), warnings=warnings,
+                      parts=composition_line(artifact.manifest.get("composition")))
 
 
 def _current(settings: Settings, task: str, store=None) -> tuple[str | None, KolmArtifact | None]:
@@ -396,6 +407,9 @@ def log_lines(rows: list) -> list[str]:
         reason = row.details.get("reason") if isinstance(row.details, dict) else None
         if reason and row.decision != "swap":
             lines.append(f"    {reason}")
+        parts = row.details.get("composition") if isinstance(row.details, dict) else None
+        if isinstance(parts, list) and not isinstance(info, dict):  # a refused composition: no provenance line
+            lines.append(f"    {composition_line({'parts': parts, 'combination': 'cat', 'rank': '?'})}")
     return lines
 
 

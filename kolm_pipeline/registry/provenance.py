@@ -90,8 +90,18 @@ def provenance(artifact: KolmArtifact, artifact_cid: str) -> dict[str, Any]:
         "output_kind": manifest.get("output_kind"),
         "labels": manifest.get("labels"),
         "parent_cid": manifest.get("parent_cid"),
+        "composition": manifest.get("composition"),
         "receipts": [stage for stage in stages],
     }
+
+
+def composition_line(composition: Any) -> str | None:
+    """A composition's parts as people read them: `parts: bafk…(acme.style) ×0.5 + bafk…(acme.support) ×1`."""
+    if not isinstance(composition, dict) or not isinstance(composition.get("parts"), list):
+        return None
+    parts = " + ".join(f"{part.get('artifact_cid')} ({part.get('task')}) ×{part.get('weight'):g}"
+                       for part in composition["parts"] if isinstance(part, dict))
+    return f"parts: {parts} ({composition.get('combination')}, rank {composition.get('rank')})"
 
 
 def summary_lines(info: dict[str, Any]) -> list[str]:
@@ -101,7 +111,8 @@ def summary_lines(info: dict[str, Any]) -> list[str]:
     capture_text = f"captures {captures[0]}–{captures[1]}" if isinstance(captures, list) and captures else "captures ?"
     k = score.get("k")
     k_replaced = score.get("k_replaced")
-    return [
+    parts = composition_line(info.get("composition"))
+    return [*([parts] if parts else []),
         f"data:  namespace {data.get('namespace')}, corpus {data.get('corpus_cid')}, {capture_text}",
         f"code:  recipe {code.get('recipe_cid')}, trainer {code.get('trainer_version')}, base {code.get('base_model')}",
         f"score: accuracy {percent(score.get('accuracy'))}, K {k if k is None else f'{k:.4f}'} (what it replaced "

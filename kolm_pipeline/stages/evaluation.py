@@ -29,12 +29,13 @@ def run_evaluation_stage(
     base: BaseModel,
     champion: tuple[str, Path] | None,
     store=None,
+    details: dict | None = None,
 ) -> EvaluationResult:
     """Evaluate candidate and current on the same split in one run; write and sign evaluation.json, and the
     case texts beside it (case_previews.json: never signed or shipped, removed by retention).
 
-    A refusal is written to the registry right away (with `store`), so the log shows every decision,
-    not only swaps. Reads the adapter and recipe its chain names by CID."""
+    A refusal is written to the registry right away (with `store`, and `details` added to the row's), so the log
+    shows every decision, not only swaps. Reads the adapter and recipe its chain names by CID."""
     workdir.pull("adapter")
     recipe = load_recipe(workdir.recipe)
     # Without a store (`kolm compile`: no namespace) the tripwire compares with nothing and remembers nothing.
@@ -112,7 +113,8 @@ def run_evaluation_stage(
             actor="gate",
             details={"reason": decision.reason, "adapter_cid": result.adapter_cid,
                      "tripwire": tripwire.reasons,
-                     "accuracy": {"before": current.kscore.accuracy, "after": candidate.kscore.accuracy}},
+                     "accuracy": {"before": current.kscore.accuracy, "after": candidate.kscore.accuracy},
+                     **(details or {})},
         )
     return result
 
