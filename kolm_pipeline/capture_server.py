@@ -153,6 +153,9 @@ def create_app(settings: Settings, store: CaptureStore, config: CaptureConfig | 
             batch_size=config.batch_size,
             poll_s=config.writer_poll_s,
             retry_interval=config.replay_interval_s,
+            # Images go where artifacts and work products go (KOLM_ARTIFACTS_URL, default KOLM_HOME/artifacts).
+            images_url=settings.artifacts_url,
+            images_root=settings.artifacts_dir,
         )
         if config.record
         else None

@@ -588,7 +588,7 @@ def test_inbox_routes(start_proxy: Callable[[str], Proxy], teacher: str, broken_
         "namespace": "support",
         "counters": {"captured": 3, "kept": 1, "discarded": 1, "untriaged": 1, "distilled": 0, "merged": 0},
         "switches": {"retention_days": 30, "implicit_signals": False, "distill_ready": False, "routing": "teacher",
-                     "routing_target": 0.98, "canary_share": 0.05, "shadow_min": 200},
+                     "routing_target": 0.98, "canary_share": 0.05, "shadow_min": 200, "image_bytes_limit": 1 << 30},
         "redaction": "all",
     }
     assert (routing["mode"], routing["compared"], routing["adapter_cid"]) == ("teacher", 0, None)
@@ -627,7 +627,7 @@ def test_inbox_routes(start_proxy: Callable[[str], Proxy], teacher: str, broken_
     changed = api.post("/v1/namespaces/support/switches", json={"retention_days": 7, "distill_ready": True}).json()
     assert changed["switches"] == {"retention_days": 7, "implicit_signals": False, "distill_ready": True,
                                    "routing": "teacher", "routing_target": 0.98, "canary_share": 0.05,
-                                   "shadow_min": 200}
+                                   "shadow_min": 200, "image_bytes_limit": 1 << 30}
     redaction = api.post("/v1/namespaces/support/switches", json={"redact_entities": ["EMAIL", "API_KEY"]}).json()
     assert redaction["redaction"] == ["API_KEY", "EMAIL"]
     for bad in [{"retention_days": 0}, {"distill_ready": "yes"}, {"redact_entities": ["NAME"]}]:

@@ -355,7 +355,7 @@ def test_switches_are_audited(store: CaptureStore) -> None:
     settings = store.namespace_settings("acme", "support")
     assert settings.switches() == {"retention_days": 30, "implicit_signals": False, "distill_ready": False,
                                    "routing": "teacher", "routing_target": 0.98, "canary_share": 0.05,
-                                   "shadow_min": 200}
+                                   "shadow_min": 200, "image_bytes_limit": 1 << 30}
     assert settings.redact_entities is None
     store.set_switches("acme", "support", "alice", implicit_signals=True, retention_days=30)
     store.set_switches("acme", "support", "bob", distill_ready=True, redact_entities=["EMAIL"])
@@ -363,7 +363,7 @@ def test_switches_are_audited(store: CaptureStore) -> None:
     after = store.namespace_settings("acme", "support")
     assert after.switches() == {"retention_days": 30, "implicit_signals": True, "distill_ready": True,
                                 "routing": "teacher", "routing_target": 0.98, "canary_share": 0.05,
-                                "shadow_min": 200}
+                                "shadow_min": 200, "image_bytes_limit": 1 << 30}
     assert after.redact_entities == ("EMAIL",)
     assert store.namespace_settings("shop", "support").implicit_signals is False
     audit = [(r.action, r.detail, r.actor) for r in store.audit_rows("acme", "support")][::-1]

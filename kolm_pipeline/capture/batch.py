@@ -22,9 +22,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from kolm_pipeline.capture.images import ImageError, ImageStore, drop_reference, externalize
 from kolm_pipeline.capture.providers import PROVIDERS
 from kolm_pipeline.capture.redact import Redactor
 from kolm_pipeline.provenance import jsontext
+from kolm_pipeline.provenance.errors import RegistryError
 from kolm_pipeline.store import CaptureStore, NewCapture
 
 logger = logging.getLogger(__name__)
@@ -198,6 +200,7 @@ class BatchWriter:
         store: CaptureStore | Callable[[], CaptureStore],
         quarantine: Quarantine | None,
         settings_ttl: float = 5.0,
+        images: ImageStore | None = None,
     ) -> None:
         self._store = store if isinstance(store, CaptureStore) else None
         self._open_store = None if isinstance(store, CaptureStore) else store
@@ -207,6 +210,7 @@ class BatchWriter:
         self._default_redactor = Redactor()
         self._lock = threading.Lock()
         self.stats = dict.fromkeys(STATS, 0)
+        self.images = images
 
     def store(self) -> CaptureStore | None:
         """The store, opened on first use in the writer process (None while the database is down)."""
@@ -231,18 +235,54 @@ class BatchWriter:
         self._redactors[(tenant, namespace)] = (redactor, now + self._settings_ttl)
         return redactor
 
+    def _with_stored_images(self, store: CaptureStore, record: NewCapture, taken: dict[tuple[str, str], int]
+                            ) -> NewCapture:
+        """The record with its inline images in the image store and references in their place (before redaction:
+        it never scans image bytes). An image beyond the namespace's byte limit (`taken`: what this batch stored
+        so far, by namespace), or with no image store, is not kept: its reference says so."""
+        messages, images, _urls = externalize(record.messages)
+        if not images:
+            return record
+        where = (record.tenant, record.namespace)
+        kept: dict[str, tuple[str, str, int]] = {}
+        limit = store.namespace_settings(*where).image_bytes_limit
+        for image in images:
+            if image.digest in kept:
+                continue
+            if self.images is None:
+                messages = drop_reference(messages, image, "no-image-store")
+                continue
+            if where not in taken:
+                taken[where] = store.image_bytes(*where)
+            if taken[where] + image.size > limit:
+                messages = drop_reference(messages, image, "namespace-image-limit")
+                continue
+            self.images.put(image)
+            taken[where] += image.size
+            kept[image.digest] = (image.digest, image.media_type, image.size)
+        return replace(record, messages=messages, images=list(kept.values()))
+
     def write(self, batch: list[Pending] | list[tuple[Any, ...]]) -> bool:
         """Build, redact and store `batch` (`Pending`s, or their fields as plain tuples)."""
         store = self.store()
         if store is None:
             return False
         records = []
+        taken: dict[tuple[str, str], int] = {}
         try:
             for pending in batch:
                 try:
                     record = build(pending)
                 except Exception as exc:  # a record that cannot be built must not take the batch with it
                     self._set_aside(lambda pending=pending: repr(tuple(pending)).encode(), ".bin", exc)
+                    continue
+                try:
+                    record = self._with_stored_images(store, record, taken)
+                except (RegistryError, OSError) as exc:  # the image store is down: the batch waits in the journal
+                    logger.warning("image store unavailable (%s); captures wait in the journal", type(exc).__name__)
+                    return False
+                except ImageError as exc:  # journaled before the door checked images: this record alone
+                    self._set_aside(lambda pending=pending: repr(tuple(pending)).encode(), ".bin", str(exc))
                     continue
                 record = self._redactor(store, record.tenant, record.namespace).capture(record)
                 if len(record.model) > MODEL_COLUMN:  # placeholders can be longer than what they replace

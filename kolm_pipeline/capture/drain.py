@@ -26,7 +26,9 @@ from pathlib import Path
 
 from kolm_pipeline.capture import journal
 from kolm_pipeline.capture.batch import BatchWriter, Quarantine, StoreSpec, decode_record
+from kolm_pipeline.capture.images import ImageStore
 from kolm_pipeline.capture.journal import Position
+from kolm_pipeline.provenance.objectstore import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,15 @@ class DrainOptions:
     poll_s: float = 0.05
     retry_interval: float = 1.0
     settings_ttl: float = 5.0
+    # Where captured images go (capture/images.py): the object store URL (None: the directory `images_root`);
+    # no `images_root`: images are not stored, their references say so.
+    images_url: str | None = None
+    images_root: Path | None = None
+
+    def image_store(self) -> ImageStore | None:
+        if self.images_root is None:
+            return None
+        return ImageStore(open_store(self.images_url, self.images_root))
 
 
 class Drain:
@@ -151,7 +162,7 @@ class Drain:
 
 
 def writer_for(options: DrainOptions, spec: StoreSpec) -> BatchWriter:
-    return BatchWriter(spec.open, Quarantine(options.quarantine), options.settings_ttl)
+    return BatchWriter(spec.open, Quarantine(options.quarantine), options.settings_ttl, options.image_store())
 
 
 class DrainThread:
@@ -195,7 +206,7 @@ def _options_json(options: DrainOptions, spec: StoreSpec) -> str:
 
 def _read_options(text: str) -> tuple[DrainOptions, StoreSpec]:
     data = json.loads(text)
-    paths = ("root", "own", "quarantine", "legacy_spool")
+    paths = ("root", "own", "quarantine", "legacy_spool", "images_root")
     options = {name: Path(value) if name in paths and value is not None else value
                for name, value in data["options"].items()}
     return DrainOptions(**options), StoreSpec(**data["store"])

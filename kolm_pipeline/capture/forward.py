@@ -31,6 +31,7 @@ import aiohttp
 from yarl import URL
 
 from kolm_pipeline.capture.batch import REDACTED
+from kolm_pipeline.capture.images import ImageError, check_images
 from kolm_pipeline.capture.providers import Provider, RequestError
 from kolm_pipeline.capture.recorder import Recorder
 from kolm_pipeline.provenance import jsontext
@@ -505,8 +506,8 @@ class Forwarder:
             raise ApiError(400, "invalid_request_error", f"request body holds {problem} (a \\u escape), which "
                                                          "cannot be recorded; send valid Unicode text")
         try:
-            provider.messages(body)
-        except RequestError as exc:
+            check_images(provider.messages(body))  # an inline image must be one: refused here, not stored
+        except (RequestError, ImageError) as exc:
             raise ApiError(400, "invalid_request_error", str(exc)) from exc
         model = body.get("model")
         if not isinstance(model, str) or not model:

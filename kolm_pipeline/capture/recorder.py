@@ -42,8 +42,11 @@ class Recorder:
         retry_interval: float = 1.0,
         settings_ttl: float = 5.0,
         separate_process: bool = True,
+        images_url: str | None = None,
+        images_root: Path | None = None,
     ) -> None:
         self._store = store
+        self._images = (images_url, images_root)
         self.journal = journal.Journal(journal_root)
         self._quarantine_dir = quarantine_dir
         self._legacy_spool = legacy_spool
@@ -84,6 +87,8 @@ class Recorder:
             poll_s=self._poll_s,
             retry_interval=self._retry_interval,
             settings_ttl=self._settings_ttl,
+            images_url=self._images[0],
+            images_root=self._images[1],
         )
 
     async def start(self) -> None:
@@ -97,7 +102,8 @@ class Recorder:
             self._watchdog = asyncio.create_task(self._watch(), name="kolm-capture-writer-watchdog")
         else:
             options = self._options()
-            writer = BatchWriter(self._store, Quarantine(options.quarantine), options.settings_ttl)
+            writer = BatchWriter(self._store, Quarantine(options.quarantine), options.settings_ttl,
+                                 options.image_store())
             self._thread = DrainThread(Drain(options, writer))
             self._thread.start()
 

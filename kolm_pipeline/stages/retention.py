@@ -13,8 +13,11 @@ One function, `sweep_retention`, run by the `triaged_captures` asset at the star
    fewer than half of the rows it was drawn with are left it is removed and the next recipe draws a new one
    (the tripwire then stops comparing with a hold-out score measured on other rows);
 3. the capture path's quarantine (records the store refused): its own `Quarantine.expire`, at the cutoff of
-   the shortest window in use. The capture journal holds only captures not stored yet; it and its retention
-   are the capture path's (capture/journal.py).
+   the shortest window in use;
+4. published work products holding expired text, in the object store (`sweep_products`), and captured images no
+   capture inside its window refers to any more (`sweep_images`).
+The capture journal holds only captures not stored yet; it and its retention are the capture path's
+(capture/journal.py).
 
 Which capture a text came from is read from the rows themselves (`meta.capture_id`); a row that names none (a
 hold-out written by hand, say) is judged by its file's age, and goes once the file is older than the window.
@@ -37,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from kolm_pipeline.capture.batch import Quarantine
+from kolm_pipeline.capture.images import ImageStore
 from kolm_pipeline.corpus.build import corpus_cid
 from kolm_pipeline.evaluate.tripwire import forget_holdout_baseline
 from kolm_pipeline.provenance.atomic import write_atomic, write_json_atomic
@@ -63,6 +67,7 @@ class RetentionSweep:
     work_files: dict[str, list[str]] = field(default_factory=dict)
     quarantined: int = 0
     scrubbed: bool = True
+    images: int = 0
 
 
 @dataclass(frozen=True)
@@ -328,9 +333,23 @@ def sweep_retention(settings: Settings, store, now: datetime | None = None) -> R
             work_files[workdir.partition] = changed
     for task, gone in sweep_products(settings, store, now).items():
         work_files.setdefault(task, []).extend(gone)
+    images = sweep_images(settings, store)
     # Hook of the capture path's own retention: a quarantined record is kept as long as the strictest window.
     shortest = min([store.default_retention_days,
                     *(switches.retention_days for switches in store.all_namespace_settings().values())])
     quarantined = Quarantine(settings.quarantine_dir).expire(now - timedelta(days=shortest))
     return RetentionSweep(expired=expired, work_files=work_files, quarantined=quarantined,
-                          scrubbed=store.scrub() if expired else True)
+                          scrubbed=store.scrub() if expired else True, images=images)
+
+
+def sweep_images(settings: Settings, store) -> int:
+    """Remove the captured images no capture inside its window refers to any more (capture/images.py); returns
+    how many."""
+    dead = store.dead_image_digests()
+    if not dead:
+        return 0
+    images = ImageStore(open_store(settings.artifacts_url, settings.artifacts_dir))
+    for digest in dead:
+        images.delete(digest)
+    store.forget_image_rows(dead)
+    return len(dead)

@@ -197,6 +197,8 @@ class StoreBase:
             routing_target=row.routing_target if row.routing_target is not None else defaults.routing_target,
             canary_share=row.canary_share if row.canary_share is not None else defaults.canary_share,
             shadow_min=row.shadow_min if row.shadow_min is not None else defaults.shadow_min,
+            image_bytes_limit=row.image_bytes_limit if row.image_bytes_limit is not None
+            else defaults.image_bytes_limit,
         )
 
     def _backfill_retry_digests(self, conn: Any, tenant: str, namespace: str) -> None:

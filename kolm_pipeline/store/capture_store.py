@@ -7,7 +7,7 @@ from the start, so after the retention window the text can go while dedup and th
 
 `CaptureStore` is composed of one mixin per concern, each in its own module (`tenants`, `captures`,
 `capture_search`, `triage`, `switches`, `retention`, `kept_pairs`, `counters`, `registry_rows`, `student_routing`,
-`deployments`, `work_products`, `audit`) over `base.StoreBase`.
+`deployments`, `work_products`, `image_refs`, `audit`) over `base.StoreBase`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kolm_pipeline.store.capture_search import CaptureSearchQueries
 from kolm_pipeline.store.captures import CaptureQueries
 from kolm_pipeline.store.counters import CounterQueries
 from kolm_pipeline.store.deployments import DeploymentQueries
+from kolm_pipeline.store.image_refs import ImageRefQueries
 from kolm_pipeline.store.kept_pairs import KeptPairQueries
 from kolm_pipeline.store.registry_rows import RegistryQueries
 from kolm_pipeline.store.retention import RetentionQueries
@@ -61,6 +62,7 @@ class CaptureStore(
     StudentRoutingQueries,
     DeploymentQueries,
     WorkProductQueries,
+    ImageRefQueries,
     AuditQueries,
 ):
     """Capture store on any SQLAlchemy URL (`sqlite:///path` or `postgresql+psycopg://...`).

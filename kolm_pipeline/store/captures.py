@@ -37,6 +37,7 @@ from kolm_pipeline.store.namespaces import validate_namespace, validate_tenant
 from kolm_pipeline.store.records import Capture, ImportOutcome, NewCapture
 from kolm_pipeline.store.tables import (
     CAPTURE_SOURCES,
+    capture_images,
     captures,
     namespace_counters,
     namespace_settings,
@@ -123,6 +124,12 @@ class CaptureQueries(StoreBase):
                 captured[where]["captured"] += conn.exec_driver_sql(sql, parameters).rowcount
         self._implicit_signals(conn, retries)
         self._add_to_counters(conn, captured)
+        image_rows = [{"request_id": record.request_id, "tenant": record.tenant, "namespace": record.namespace,
+                       "digest": digest, "media_type": media_type, "bytes": size}
+                      for record in records for digest, media_type, size in record.images]
+        if image_rows:  # a replayed batch finds its rows there already
+            conn.execute(self._insert()(capture_images).on_conflict_do_nothing(
+                index_elements=["request_id", "digest"]), image_rows)
         return sum(change["captured"] for change in captured.values())
 
     def _capture_rows(self, conn: Any, records: list[NewCapture]) -> list[dict[str, Any]]:

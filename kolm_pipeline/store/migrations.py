@@ -28,6 +28,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     insert,
     inspect,
     select,
@@ -389,6 +390,23 @@ def _v12_work_products(op: Operations, _conn: Connection) -> None:
     op.create_index("ix_work_products_receipt", "work_products", ["receipt_cid"])
 
 
+def _v13_capture_images(op: Operations, _conn: Connection) -> None:
+    """Images of captures stored by digest outside the capture row, and a per-namespace byte limit on them."""
+    op.create_table(
+        "capture_images",
+        Column("request_id", String(64), nullable=False),
+        Column("tenant", String(63), nullable=False),
+        Column("namespace", String(63), nullable=False),
+        Column("digest", String(64), nullable=False),
+        Column("media_type", String(32), nullable=False),
+        Column("bytes", BigInteger, nullable=False),
+        UniqueConstraint("request_id", "digest", name="uq_capture_images_request_digest"),
+    )
+    op.create_index("ix_capture_images_digest", "capture_images", ["digest"])
+    op.create_index("ix_capture_images_namespace", "capture_images", ["tenant", "namespace"])
+    op.add_column("namespace_settings", Column("image_bytes_limit", BigInteger))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (1, "baseline tables", _v1_baseline),
     (2, "retention, counters and switches", _v2_retention_and_counters),
@@ -402,6 +420,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Operations, Connection], None]]] = [
     (10, "signing keys", _v10_signing_keys),
     (11, "tripwire states", _v11_tripwire_states),
     (12, "work products", _v12_work_products),
+    (13, "capture images", _v13_capture_images),
 ]
 LATEST = MIGRATIONS[-1][0]
 

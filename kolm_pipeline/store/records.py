@@ -69,6 +69,8 @@ class NewCapture:
     created_at: datetime | None = None
     source: str = "capture"
     served_by: str | None = None
+    # The capture's stored images (capture/images.py): (sha256 hex, media type, bytes) each.
+    images: list[tuple[str, str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class Capture:
 DEFAULT_ROUTING_TARGET = 0.98
 DEFAULT_CANARY_SHARE = 0.05
 DEFAULT_SHADOW_MIN = 200
+# Images a namespace's live captures may hold, in bytes, until its `image_bytes_limit` switch says otherwise.
+DEFAULT_IMAGE_BYTES_LIMIT = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class NamespaceSettings:
     routing_target: float = DEFAULT_ROUTING_TARGET
     canary_share: float = DEFAULT_CANARY_SHARE
     shadow_min: int = DEFAULT_SHADOW_MIN
+    image_bytes_limit: int = DEFAULT_IMAGE_BYTES_LIMIT
 
     def switches(self) -> dict[str, int | bool | str | float]:
         """The switches shown with the counters."""
@@ -133,6 +138,7 @@ class NamespaceSettings:
             "routing_target": self.routing_target,
             "canary_share": self.canary_share,
             "shadow_min": self.shadow_min,
+            "image_bytes_limit": self.image_bytes_limit,
         }
 
 

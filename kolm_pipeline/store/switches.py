@@ -15,7 +15,7 @@ from kolm_pipeline.store.student_routing import MAX_COMPARED
 from kolm_pipeline.store.tables import ROUTING_MODES, namespace_settings
 
 _SWITCH_NAMES = ("retention_days", "implicit_signals", "distill_ready", "redact_entities", "routing",
-                 "routing_target", "canary_share", "shadow_min")
+                 "routing_target", "canary_share", "shadow_min", "image_bytes_limit")
 _ROUTING_KNOBS = ("routing_target", "canary_share", "shadow_min")
 
 
@@ -59,8 +59,8 @@ class SwitchQueries(StoreBase):
 
     def set_switches(self, tenant: str, namespace: str, actor: str, **changes: Any) -> NamespaceSettings:
         """Change switches (`retention_days`, `implicit_signals`, `distill_ready`, `redact_entities`, `routing`,
-        `routing_target`, `canary_share`, `shadow_min`); each change is written to the audit log with its old and
-        new value, in the same transaction.
+        `routing_target`, `canary_share`, `shadow_min`, `image_bytes_limit`); each change is written to the audit
+        log with its old and new value, in the same transaction.
 
         `routing` `shadow` needs a deployed adapter, and `student` a routing status that is `ready` (enough
         requests compared, a confidence threshold that keeps answers at the target): otherwise InvalidInput says
@@ -75,6 +75,9 @@ class SwitchQueries(StoreBase):
             days = changes["retention_days"]
             if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3650:
                 raise InvalidInput("retention_days must be an integer from 1 to 3650")
+        limit = changes.get("image_bytes_limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 1 << 50):
+            raise InvalidInput("image_bytes_limit must be a whole number of bytes (0: store no images)")
         for name in ("implicit_signals", "distill_ready"):
             if name in changes and not isinstance(changes[name], bool):
                 raise InvalidInput(f"{name} must be true or false")
@@ -99,6 +102,7 @@ class SwitchQueries(StoreBase):
                 "redact_entities": before.redact_entities,
                 "routing": before.routing,
                 **{name: getattr(before, name) for name in _ROUTING_KNOBS},
+                "image_bytes_limit": before.image_bytes_limit,
                 **changes,
             }
             stored = {
@@ -108,6 +112,7 @@ class SwitchQueries(StoreBase):
                 "redact_entities": None if after["redact_entities"] is None else ",".join(after["redact_entities"]),
                 "routing": after["routing"],
                 **{name: after[name] for name in _ROUTING_KNOBS},
+                "image_bytes_limit": after["image_bytes_limit"],
                 "updated_at": self._now(),
             }
             if row is None:

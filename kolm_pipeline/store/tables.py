@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 
@@ -158,6 +159,8 @@ namespace_settings = Table(
     Column("routing_target", Float),
     Column("canary_share", Float),
     Column("shadow_min", Integer),
+    # The most bytes of images the namespace's live captures may hold (capture/images.py); NULL: the default.
+    Column("image_bytes_limit", BigInteger),
 )
 
 # Tenants' public signing keys (base64 of the 32 raw Ed25519 bytes, as in `keys/<tenant>.pub`), published by
@@ -204,6 +207,23 @@ work_products = Table(
     Column("removed_at", DateTime(timezone=True)),
     Index("ix_work_products_task_stage", "task", "stage"),
     Index("ix_work_products_receipt", "receipt_cid"),
+)
+
+# The images of each capture (capture/images.py), by the capture's request id: the bytes are in the image store
+# under `digest` (sha256 hex), once however many captures send them. An image goes from the store when no capture
+# inside its window refers to it any more.
+capture_images = Table(
+    "capture_images",
+    metadata,
+    Column("request_id", String(64), nullable=False),
+    Column("tenant", String(63), nullable=False),
+    Column("namespace", String(63), nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("media_type", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    UniqueConstraint("request_id", "digest", name="uq_capture_images_request_digest"),
+    Index("ix_capture_images_digest", "digest"),
+    Index("ix_capture_images_namespace", "tenant", "namespace"),
 )
 
 ROUTING_MODES = ("teacher", "shadow", "student")

@@ -1,0 +1,221 @@
+"""Images in captured requests: checked at the door, stored once by digest, referenced from the capture.
+
+OpenAI sends images as `image_url` content parts, Anthropic as `image` blocks; either may carry the bytes inline
+(a base64 `data:` URL, a `base64` source) or an http(s) URL. Inline bytes must be a PNG, JPEG, GIF or WEBP image
+(what both providers accept): anything else is refused with a 400 naming the part, before it goes upstream.
+
+When the capture is written, each inline image is stored once under its sha256 in the image store (the object
+store's `images/` prefix, or `KOLM_HOME/images`) and the message keeps a reference in its place
+(`kolm-image:sha256:<hex>`), so the store holds no base64 and redaction never scans image bytes. An image over its
+namespace's byte limit is not stored: its reference says so (`kolm-image:dropped:…`). A URL is recorded as given
+and never fetched by the proxy (no request to an address a caller chose). Retention removes an image once no
+capture inside its window refers to it (`stages/retention.py`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kolm_pipeline.provenance.objectstore import ObjectStore
+
+REFERENCE_PREFIX = "kolm-image:sha256:"
+DROPPED_PREFIX = "kolm-image:dropped:"
+IMAGE_PREFIX = "images"
+# The formats OpenAI and Anthropic both accept, by their first bytes.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+class ImageError(ValueError):
+    """An inline image that is not one: the message names the part."""
+
+
+@dataclass(frozen=True)
+class CapturedImage:
+    """One inline image of a capture: its sha256 (hex), what it is, and (until stored) its bytes."""
+
+    digest: str
+    media_type: str
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def reference(self) -> str:
+        return REFERENCE_PREFIX + self.digest
+
+
+def sniff(data: bytes) -> str | None:
+    """The image type `data` starts like, None when it is no PNG, JPEG, GIF or WEBP."""
+    for signature, media_type in _SIGNATURES:
+        if data.startswith(signature):
+            return media_type
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _decode(where: str, text: str) -> CapturedImage:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"{where}: the image data is not valid base64") from None
+    media_type = sniff(data)
+    if media_type is None:
+        raise ImageError(f"{where}: the data is not a PNG, JPEG, GIF or WEBP image")
+    return CapturedImage(hashlib.sha256(data).hexdigest(), media_type, data)
+
+
+def _inline_openai(where: str, part: dict) -> tuple[CapturedImage | None, bool]:
+    """(the inline image, whether the part is an image by URL) of an OpenAI `image_url` part."""
+    holder = part.get("image_url")
+    url = holder.get("url") if isinstance(holder, dict) else holder
+    if not isinstance(url, str):
+        raise ImageError(f"{where}: an image_url part needs image_url.url")
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ImageError(f"{where}: a data URL image must be base64 (data:image/png;base64,...)")
+        return _decode(where, payload), False
+    if url.startswith(("http://", "https://")):
+        return None, True
+    if url.startswith((REFERENCE_PREFIX, DROPPED_PREFIX)):
+        return None, False
+    raise ImageError(f"{where}: image_url.url must be a data: URL or an http(s) URL")
+
+
+def _inline_anthropic(where: str, part: dict) -> tuple[CapturedImage | None, bool]:
+    source = part.get("source")
+    if not isinstance(source, dict):
+        raise ImageError(f"{where}: an image block needs a source")
+    kind = source.get("type")
+    if kind == "base64":
+        data = source.get("data")
+        if not isinstance(data, str):
+            raise ImageError(f"{where}: a base64 image source needs data")
+        return _decode(where, data), False
+    if kind == "url":
+        return None, True
+    if kind == "kolm-image":
+        return None, False
+    raise ImageError(f"{where}: image source type {kind!r} is not base64 or url")
+
+
+def _parts(messages: list[dict]) -> list[tuple[str, dict, str]]:
+    """Every image part: (where, the part, `openai` or `anthropic`)."""
+    found = []
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for position, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+                kind = "openai" if part["type"] == "image_url" else "anthropic"
+                found.append((f"messages[{index}].content[{position}]", part, kind))
+    return found
+
+
+def check_images(messages: list[dict]) -> None:
+    """Raise ImageError naming the first inline image that is not an image."""
+    for where, part, kind in _parts(messages):
+        (_inline_openai if kind == "openai" else _inline_anthropic)(where, part)
+
+
+def externalize(messages: list[dict]) -> tuple[list[dict], list[CapturedImage], int]:
+    """The messages with every inline image replaced by its reference, the images, and how many were URLs."""
+    images: list[CapturedImage] = []
+    urls = 0
+    out = []
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list) or not any(
+                isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in content):
+            out.append(message)
+            continue
+        parts = []
+        for position, part in enumerate(content):
+            where = f"messages[{index}].content[{position}]"
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                image, by_url = _inline_openai(where, part)
+                urls += by_url
+                if image is not None:
+                    images.append(image)
+                    holder = part.get("image_url")
+                    extra = {k: v for k, v in holder.items() if k != "url"} if isinstance(holder, dict) else {}
+                    part = {**part, "image_url": {**extra, "url": image.reference}}
+            elif isinstance(part, dict) and part.get("type") == "image":
+                image, by_url = _inline_anthropic(where, part)
+                urls += by_url
+                if image is not None:
+                    images.append(image)
+                    part = {**part, "source": {"type": "kolm-image", "media_type": image.media_type,
+                                               "digest": "sha256:" + image.digest}}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out, images, urls
+
+
+def drop_reference(messages: list[dict], image: CapturedImage, reason: str) -> list[dict]:
+    """The messages with `image`'s references marked dropped (`reason` says why), for an image not stored."""
+    marker = f"{DROPPED_PREFIX}{reason}"
+
+    def part_of(part: Any) -> Any:
+        if not isinstance(part, dict):
+            return part
+        holder = part.get("image_url")
+        if isinstance(holder, dict) and holder.get("url") == image.reference:
+            return {**part, "image_url": {**holder, "url": marker}}
+        source = part.get("source")
+        if isinstance(source, dict) and source.get("digest") == "sha256:" + image.digest:
+            return {**part, "source": {"type": "kolm-image", "dropped": reason}}
+        return part
+
+    return [{**m, "content": [part_of(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages]
+
+
+class ImageStore:
+    """Images by sha256 in an object store (`images/<hex>`): written once, read back checked."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+
+    @staticmethod
+    def key(digest: str) -> str:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"not a sha256 hex digest: {digest!r}")
+        return f"{IMAGE_PREFIX}/{digest}"
+
+    def put(self, image: CapturedImage) -> None:
+        key = self.key(image.digest)
+        if self.objects.exists(key):
+            return
+        with tempfile.TemporaryDirectory(prefix="kolm-image-") as scratch:
+            path = Path(scratch) / "image"
+            path.write_bytes(image.data)
+            self.objects.put(key, path)
+
+    def exists(self, digest: str) -> bool:
+        return self.objects.exists(self.key(digest))
+
+    def get(self, digest: str) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="kolm-image-") as scratch:
+            data = self.objects.get(self.key(digest), Path(scratch) / "image").read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"{self.objects.url(self.key(digest))} does not hash to its name")
+        return data
+
+    def delete(self, digest: str) -> None:
+        self.objects.delete(self.key(digest))
