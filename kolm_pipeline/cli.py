@@ -318,8 +318,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for flag, value in (("--max-batch", args.max_batch), ("--max-gen-batch", args.max_gen_batch)):
             if value is not None and value < 1:
                 raise CliError(f"{flag} must be at least 1")
-        backend = TransformersBackend(settings.base_model, settings.models_dir, max_batch=args.max_batch,
-                                      max_gen_batch=args.max_gen_batch)
+        from kolm_pipeline.train.base_model import resolve_base_model
+
+        if resolve_base_model(settings.base_model, settings.models_dir).vision:
+            from kolm_pipeline.serve.vision import VisionBackend
+
+            backend = VisionBackend(settings.base_model, settings.models_dir)  # requests may carry images
+        else:
+            backend = TransformersBackend(settings.base_model, settings.models_dir, max_batch=args.max_batch,
+                                          max_gen_batch=args.max_gen_batch)
     from kolm_pipeline.serve.monitor import MonitorConfig
 
     monitor = MonitorConfig(enabled=not args.no_live_monitor, sample_share=args.monitor_sample_share,

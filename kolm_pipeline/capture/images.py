@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Any
 from kolm_pipeline.provenance.objectstore import ObjectStore
 
 REFERENCE_PREFIX = "kolm-image:sha256:"
+# How an image stands in a training row's text (corpus → recipe → trainer and evaluation): dedup and
+# decontamination see it as text, so the same image with the same words is the same input.
+PLACEHOLDER = re.compile(r"<kolm-image sha256:([0-9a-f]{64})>")
 DROPPED_PREFIX = "kolm-image:dropped:"
 IMAGE_PREFIX = "images"
 # The formats OpenAI and Anthropic both accept, by their first bytes.
@@ -184,6 +188,54 @@ def drop_reference(messages: list[dict], image: CapturedImage, reason: str) -> l
 
     return [{**m, "content": [part_of(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
             for m in messages]
+
+
+def placeholder(digest: str) -> str:
+    return f"<kolm-image sha256:{digest}>"
+
+
+def stored_digest(part: Any) -> str | None:
+    """The digest of an image part that refers to a stored image (either provider's form), else None."""
+    if not isinstance(part, dict):
+        return None
+    holder = part.get("image_url")
+    url = holder.get("url") if isinstance(holder, dict) else None
+    if isinstance(url, str) and url.startswith(REFERENCE_PREFIX):
+        return url.removeprefix(REFERENCE_PREFIX)
+    source = part.get("source")
+    digest = source.get("digest") if isinstance(source, dict) and source.get("type") == "kolm-image" else None
+    return digest.removeprefix("sha256:") if isinstance(digest, str) else None
+
+
+def split_placeholders(text: str) -> tuple[list[str], list[str]]:
+    """The text's pieces around its image placeholders, and the digests in order (len(pieces) = len(digests)+1)."""
+    pieces = PLACEHOLDER.split(text)
+    return pieces[0::2], pieces[1::2]
+
+
+def inline_images(messages: list[dict]) -> tuple[list[dict], list[bytes]]:
+    """A served request's inline images (data URLs, base64 blocks) as bytes in order, and the messages with each
+    replaced by a placeholder-free image marker (`{"type": "image"}`), as a processor's chat template wants."""
+    check_images(messages)
+    images: list[bytes] = []
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+                _, found, _ = externalize([{"role": "user", "content": [part]}])
+                if not found:
+                    raise ImageError("an image given by URL cannot be served: send the bytes (a data: URL)")
+                images.append(found[0].data)
+                parts.append({"type": "image"})
+            else:
+                parts.append(part)
+        out.append({**message, "content": parts})
+    return out, images
 
 
 class ImageStore:

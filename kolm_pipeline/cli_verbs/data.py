@@ -40,7 +40,7 @@ def cmd_capture_status(args: argparse.Namespace) -> int:
                "implicit_signals": None if args.implicit_signals is None else args.implicit_signals == "on",
                "distill_ready": None if args.distill_ready is None else args.distill_ready == "on",
                "routing": args.routing, "routing_target": args.routing_target, "canary_share": args.canary_share,
-               "shadow_min": args.shadow_min}
+               "shadow_min": args.shadow_min, "image_bytes_limit": args.image_bytes_limit}
     changes = {name: value for name, value in changes.items() if value is not None}
     if changes or args.recount:
         settings = settings_for_writing(args)
@@ -276,6 +276,9 @@ def add_capture_parsers(capture_verbs: argparse._SubParsersAction, actor: str) -
                         help="share of confident requests still sent to the teacher and compared (default 0.05)")
     status.add_argument("--shadow-min", type=int, metavar="N",
                         help="compared requests needed before routing student (default 200, at most 5000)")
+    status.add_argument("--image-bytes-limit", type=int, metavar="BYTES",
+                        help="most bytes of images the namespace's live captures keep (default 1 GiB; an image "
+                        "beyond it is recorded as dropped; 0: keep none)")
     status.add_argument("--recount", action="store_true",
                         help="count the captures row by row first and store that as the counters (a repair)")
     status.add_argument("--actor", default=actor, help="who, for the audit log")

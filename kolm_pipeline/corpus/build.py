@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from kolm_pipeline.capture.images import PLACEHOLDER, placeholder, stored_digest
 from kolm_pipeline.corpus.dedup import NEAR_DUPLICATE_JACCARD, NearDuplicateIndex
 from kolm_pipeline.corpus.pairs import scan_pairs, weight_problem
 from kolm_pipeline.corpus.rotation import EVAL_CANDIDATE_META, EVAL_CANDIDATE_TAG
@@ -87,9 +88,10 @@ def pair_weight(pair: PairLike) -> float:
     return float(weight)
 
 
-def text_content(content: object) -> str | None:
+def text_content(content: object, images: bool = False) -> str | None:
     """A message's content as plain text: strings as they are, OpenAI/Anthropic content-part lists joined
-    when every part is text; None for anything a text student cannot learn from (images, tool calls)."""
+    when every part is text; None for anything a text student cannot learn from (images, tool calls). With
+    `images` (a vision-language base), a stored image is its placeholder (`<kolm-image sha256:…>`)."""
     if isinstance(content, str):
         return content
     if content is None:
@@ -103,13 +105,15 @@ def text_content(content: object) -> str | None:
                 part.get("text"), str
             ):
                 texts.append(part["text"])
+            elif images and (digest := stored_digest(part)) is not None:
+                texts.append(placeholder(digest))
             else:
                 return None
         return "\n".join(texts)
     return None
 
 
-def _plain_messages(messages: object) -> list[dict] | None:
+def _plain_messages(messages: object, images: bool = False) -> list[dict] | None:
     """Messages reduced to {role, content} text, or None when the conversation is not text-only."""
     if not isinstance(messages, list) or not messages:
         return None
@@ -117,7 +121,7 @@ def _plain_messages(messages: object) -> list[dict] | None:
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             return None
-        content = text_content(message.get("content"))
+        content = text_content(message.get("content"), images)
         if content is None:
             return None
         plain.append({"role": message["role"], "content": content})
@@ -125,10 +129,11 @@ def _plain_messages(messages: object) -> list[dict] | None:
 
 
 def build_corpus(
-    pairs: list[PairLike], near_duplicate_threshold: float | None = NEAR_DUPLICATE_JACCARD
+    pairs: list[PairLike], near_duplicate_threshold: float | None = NEAR_DUPLICATE_JACCARD, images: bool = False
 ) -> tuple[bytes, CorpusStats]:
     """Deterministic JSONL bytes, ordered by capture id. `near_duplicate_threshold=None` turns the
-    near-duplicate pass off (exact dedup always runs)."""
+    near-duplicate pass off (exact dedup always runs). `images`: keep conversations with stored images (for a
+    vision-language base), each image as its placeholder; without, they count as unsupported."""
     served = empty = unsupported = 0
     by_input: dict[tuple[bool, str], tuple[PairLike, list[dict]]] = {}
     for pair in sorted(pairs, key=lambda p: p.id):
@@ -138,7 +143,7 @@ def build_corpus(
         if not isinstance(pair.output, str) or not pair.output.strip():
             empty += 1
             continue
-        messages = _plain_messages(pair.messages)
+        messages = _plain_messages(pair.messages, images)
         if messages is None:
             unsupported += 1
             continue
@@ -153,7 +158,7 @@ def build_corpus(
         kept = [
             (pair, messages)
             for pair, messages in unique
-            if index.add(intent_text(messages, template), group=_dedup_group(pair))
+            if index.add(intent_text(messages, template), group=_dedup_group(pair, messages))
         ]
     lines = []
     candidates = 0
@@ -191,9 +196,12 @@ def build_corpus(
     return data, stats
 
 
-def _dedup_group(pair: PairLike) -> str:
-    """Near-duplicates are dropped only within one answer, and candidates only against candidates."""
+def _dedup_group(pair: PairLike, messages: list[dict]) -> str:
+    """Near-duplicates are dropped only within one answer (and one set of images: the same question about
+    another image is another case), and candidates only against candidates."""
     answer = normalise(pair.output)
+    digests = PLACEHOLDER.findall(" ".join(str(m.get("content")) for m in messages))
+    answer = f"{answer}\n{','.join(digests)}" if digests else answer
     return f"{EVAL_CANDIDATE_TAG}\n{answer}" if EVAL_CANDIDATE_TAG in pair.tags else answer
 
 

@@ -11,6 +11,10 @@ first test that holds is the reason counted:
   half a corpus, and `exact` and `embedding` still cover them;
 - `embedding`: all-MiniLM-L6-v2 cosine >= EMBEDDING_COSINE (a paraphrase in other words).
 
+An input with images (vision-language tasks: `<kolm-image sha256:…>` placeholders) is only ever compared with
+protected inputs showing one of the same images, and a text-only input only with text-only ones: the same
+question about another picture is another case, and a picture is the input a held-out case must not leak.
+
 Texts are intent texts (text.py): a namespace's shared system prompt and few-shot turns are left out, or
 every request would share 13-grams with every other. An instruction an application puts inside the user
 message itself ("Classify the ticket below into one of our queues ... Ticket: {text}") is left out too: a
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kolm_pipeline.capture.images import PLACEHOLDER
 from kolm_pipeline.corpus.text import normalise
 
 REASONS = ("exact", "ngram13", "embedding")
@@ -157,9 +162,23 @@ class Decontaminator:
         self._tokens = [word_tokens(text) for text in self.texts]
         self._keys = [" ".join(tokens) if tokens else normalise(text) for tokens, text in
                       zip(self._tokens, self.texts, strict=True)]
+        self._images = [frozenset(PLACEHOLDER.findall(text)) for text in texts]
 
     def clean(self, rows: list[int], protected: Mapping[int, str]) -> list[int]:
-        """`rows` without those overlapping a protected input (index -> source), order kept."""
+        """`rows` without those overlapping a protected input (index -> source), order kept; inputs with images
+        against protected ones sharing an image only (module docstring)."""
+        if not any(self._images[index] for index in [*rows, *protected]):
+            return self._clean(rows, protected)
+        kept = set(self._clean([row for row in rows if not self._images[row]],
+                               {index: source for index, source in protected.items() if not self._images[index]}))
+        for row in rows:
+            if self._images[row]:
+                shared = {index: source for index, source in protected.items()
+                          if self._images[index] & self._images[row]}
+                kept.update(self._clean([row], shared))
+        return [row for row in rows if row in kept]
+
+    def _clean(self, rows: list[int], protected: Mapping[int, str]) -> list[int]:
         if not rows or not protected:
             return list(rows)
         exact: dict[str, int] = {}

@@ -145,7 +145,7 @@ def corpus(context: dg.AssetExecutionContext, kolm: KolmResource, config: Corpus
     workdir = _workdir(context, kolm)
     threshold = config.min_pairs if config.min_pairs is not None else kolm.settings.distill_threshold
     try:
-        result = run_corpus_stage(workdir, kolm.store, threshold)
+        result = run_corpus_stage(workdir, kolm.store, threshold, images=kolm.base().vision)
     except NotEnoughPairs as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
     return dg.MaterializeResult(

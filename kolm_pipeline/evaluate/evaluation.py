@@ -16,14 +16,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolm_pipeline.capture.images import ImageStore
 from kolm_pipeline.corpus.build import input_key
 from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.recipe import Recipe, answer, prompt_text
-from kolm_pipeline.evaluate.inference import DECODING_VERSION, predict
+from kolm_pipeline.evaluate.inference import DECODING_VERSION, Prediction, predict
 from kolm_pipeline.evaluate.kscore import KScore, compute_kscore, teacher_cost_per_call
 from kolm_pipeline.evaluate.verifiers import VERIFIERS
 from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.train.base_model import BaseModel, load_causal_lm, load_tokenizer
+from kolm_pipeline.train.vision import generate_answers, load_vision
 
 LATENCY_PROBE_CASES = 8
 # A case passes when its answer is in format and scores at least this; the same rule for every verifier,
@@ -216,8 +218,10 @@ def evaluate_models(
     student_dollars_per_hour: float,
     teacher_rows: list[dict] | None = None,
     base_answers: Path | None = None,
+    images: ImageStore | None = None,
 ) -> dict[str, ModelReport]:
-    """Evaluate each named adapter (None = the bare base) on the recipe's eval and hold-out splits.
+    """Evaluate each named adapter (None = the bare base) on the recipe's eval and hold-out splits. A
+    vision-language base answers by greedy generation, reading the rows' images from `images`.
 
     With `base_answers` (a file), the bare base answers only the cases that file does not hold yet
     (`BaseAnswers`). The latency probe is measured live for every model, in interleaved rounds so that load
@@ -226,8 +230,11 @@ def evaluate_models(
 
     from peft import PeftModel
 
-    tokenizer = load_tokenizer(base)
-    model = load_causal_lm(base)
+    if base.vision:
+        model, tokenizer = load_vision(base)  # the processor stands where the tokenizer does
+    else:
+        tokenizer = load_tokenizer(base)
+        model = load_causal_lm(base)
     named = {name: path for name, path in adapters.items() if path is not None}
     if named:
         first, *rest = named.items()
@@ -246,8 +253,15 @@ def evaluate_models(
         model.set_adapter(name)
         return contextlib.nullcontext()
 
+    def predicted(conversations: list[list[dict]]) -> list[Prediction]:
+        if base.vision:
+            answers = generate_answers(model, tokenizer, conversations, images,
+                                       int(recipe.spec.get("max_new_tokens", 128)))
+            return [Prediction(output=text, seconds=seconds) for text, seconds in answers]
+        return _predict(model, tokenizer, recipe, conversations)
+
     def answer_all(conversations: list[list[dict]]) -> list[str]:
-        return [p.output for p in _predict(model, tokenizer, recipe, conversations)] if conversations else []
+        return [p.output for p in predicted(conversations)] if conversations else []
 
     outputs: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
@@ -275,7 +289,7 @@ def evaluate_models(
         for name in order if round_index % 2 == 0 else order[::-1]:
             began = time.perf_counter()
             with using(name):
-                probes[name].append(_predict(model, tokenizer, recipe, [row["messages"][:-1]])[0].seconds)
+                probes[name].append(predicted([row["messages"][:-1]])[0].seconds)
             seconds[name] += time.perf_counter() - began
 
     reports: dict[str, ModelReport] = {}

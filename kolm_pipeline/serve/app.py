@@ -34,6 +34,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kolm_pipeline.capture.forward import ApiError, KeyCache
+from kolm_pipeline.capture.images import ImageError, check_images
 from kolm_pipeline.serve.backends import BackendError
 from kolm_pipeline.serve.runtime import ServingRuntime, UnknownTask
 from kolm_pipeline.store import CaptureStore
@@ -66,8 +67,20 @@ class ChatRequest:
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage, as OpenAI streams it
 
 
-def _parse(body: Any) -> ChatRequest:
-    """The chat completion request in a body, or BadRequest saying what is wrong."""
+def _image_parts(index: int, content: Any) -> bool:
+    """Whether `content` is a list of text and image parts (BadRequest for any other list)."""
+    if not isinstance(content, list) or not content:
+        return False
+    for position, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "image_url") or (kind == "text" and not isinstance(part.get("text"), str)):
+            raise BadRequest(f"messages[{index}].content[{position}] must be a text or image_url part")
+    return True
+
+
+def _parse(body: Any, images: bool = False) -> ChatRequest:
+    """The chat completion request in a body, or BadRequest saying what is wrong. With `images` (a
+    vision-language base), a message's content may be a list of text and `image_url` parts."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     task, messages = body.get("model"), body.get("messages")
@@ -76,9 +89,15 @@ def _parse(body: Any) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("`messages` must be a non-empty list")
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest(f"messages[{index}] must be an object with string `role` and `content`")
+        if isinstance(message.get("content"), str):
+            continue
+        if not _image_parts(index, message.get("content")):
+            raise BadRequest(f"messages[{index}] must be an object with string `role` and `content`")
+        if not images:
+            raise BadRequest(f"messages[{index}]: this server's base model reads text only; send `content` as a "
+                             "string")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = 128
@@ -92,6 +111,10 @@ def _parse(body: Any) -> ChatRequest:
         raise BadRequest("`stream_options` must be an object whose `include_usage` is true or false")
     include_usage = stream and options.get("include_usage", False)  # a plain completion always has usage
     clean = [{"role": message["role"], "content": message["content"]} for message in messages]
+    try:
+        check_images(clean)  # an inline image must be one: a 400 naming the part, before any model work
+    except ImageError as exc:
+        raise BadRequest(str(exc)) from None
     return ChatRequest(task, clean, max_tokens, stream, include_usage)
 
 
@@ -236,7 +259,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
     async def chat_completions(request: Request):
         caller = await _caller(keys, request)
         try:
-            chat = _parse(await _json_body(request, max_body_bytes))
+            chat = _parse(await _json_body(request, max_body_bytes), getattr(runtime.backend, "accepts_images", False))
         except BadRequest as exc:
             return _error(400, "invalid_request_error", str(exc))
         task, messages, max_tokens, stream = chat.task, chat.messages, chat.max_tokens, chat.stream

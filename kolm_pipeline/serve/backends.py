@@ -338,7 +338,12 @@ class VLLMBackend:
 
     ``adapter_root`` is where vLLM sees the runtime's adapter cache (``KOLM_HOME/serve-cache``) when it
     mounts the shared volume at another path; without it the local path is sent as is.
+
+    Messages go to vLLM as they came, image parts included: a vLLM serving a vision-language model answers them
+    (a text model's refusal comes back as the BackendError).
     """
+
+    accepts_images = True
 
     def __init__(self, url: str, cache_dir: Path, adapter_root: str | None = None, timeout: float = 60.0) -> None:
         import httpx

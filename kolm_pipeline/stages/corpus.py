@@ -46,11 +46,12 @@ def corpus_capture_ids(data: bytes) -> list[int]:
     return [row["meta"]["capture_id"] for row in read_corpus(data) if "capture_id" in row.get("meta", {})]
 
 
-def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int) -> CorpusResult:
+def run_corpus_stage(workdir: NamespaceWorkdir, store, min_pairs: int, images: bool = False) -> CorpusResult:
     """Build the corpus from kept pairs; refuse below the threshold and say how many more are needed.
-    Eval candidates are written but never trained on, so they do not count towards the threshold."""
+    Eval candidates are written but never trained on, so they do not count towards the threshold. `images`: the
+    base is a vision-language model, so conversations with stored images are kept (as placeholders)."""
     pairs = store.kept_pairs(workdir.tenant, workdir.namespace)
-    data, stats = build_corpus(pairs)
+    data, stats = build_corpus(pairs, images=images)
     usable = stats.written - stats.eval_candidates
     if usable < min_pairs:
         candidates = f" (and {stats.eval_candidates} eval candidates)" if stats.eval_candidates else ""

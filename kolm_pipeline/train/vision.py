@@ -1,0 +1,162 @@
+"""Vision-language bases (`AutoModelForImageTextToText`: SmolVLM, Idefics3, Qwen2.5-VL, ...): LoRA on the language
+model, trained on rows whose text holds image placeholders, and greedy answers for evaluation.
+
+A row's images are its placeholders (`<kolm-image sha256:…>`, capture/images.py), read from the image store by
+digest; the processor's image token takes each one's place in the prompt, so the processor expands it into the
+image's patches. The loss is on the answer tokens only. The vision tower is not trained: the adapter targets the
+language model's projections (`LANGUAGE_MODULES`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kolm_pipeline.capture.images import ImageStore, split_placeholders
+from kolm_pipeline.corpus.loading import quiet_loading
+from kolm_pipeline.corpus.train_config import TrainConfig
+from kolm_pipeline.provenance.errors import UserError
+from kolm_pipeline.train.base_model import BaseModel
+
+# Every linear projection of the language model's attention and MLP, never the vision tower's.
+LANGUAGE_MODULES = r".*(text_model|language_model)\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class VisionError(UserError):
+    """A row's image cannot be read, or the base is no vision-language model."""
+
+
+def load_vision(base: BaseModel):
+    """The base as (model in float32 on CPU or bfloat16 on CUDA, eval mode; its processor)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with quiet_loading():
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(base.path), dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        processor = AutoProcessor.from_pretrained(str(base.path))
+    return model.to(device).eval(), processor
+
+
+def _image(images: ImageStore | None, digest: str):
+    from PIL import Image
+
+    if images is None:
+        raise VisionError(f"image {digest}: no image store to read it from")
+    try:
+        return Image.open(io.BytesIO(images.get(digest))).convert("RGB")
+    except Exception as exc:  # a missing object, a damaged file: the row cannot be used
+        raise VisionError(f"image {digest}: {exc}") from None
+
+
+def prompt(processor, messages: list[dict], images: ImageStore | None, generation: bool = True):
+    """(the chat prompt with the processor's image token where each image was, the images in order)."""
+    token = getattr(processor, "image_token", "<image>")
+    rendered, pictures = [], []
+    for message in messages:
+        pieces, digests = split_placeholders(str(message.get("content", "")))
+        rendered.append({"role": message["role"], "content": token.join(pieces)})
+        pictures += [_image(images, digest) for digest in digests]
+    text = processor.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=generation)
+    return text, pictures
+
+
+def _encode(processor, text: str, pictures: list):
+    return processor(text=[text], images=[pictures] if pictures else None, return_tensors="pt")
+
+
+def train_vision_adapter(rows: list[dict], base: BaseModel, output_dir: Path, config: TrainConfig,
+                         images: ImageStore | None, on_log: Callable[[int, dict[str, float]], None] | None = None,
+                         init_adapter: Path | None = None, trainer_version: str = ""):
+    """Train a LoRA on the language model of `base` and write it to `output_dir` atomically; a TrainResult."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from kolm_pipeline.train.distill import TrainResult, peak_memory_mb
+
+    torch.manual_seed(config.seed)
+    model, processor = load_vision(base)
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                                 target_modules=LANGUAGE_MODULES, task_type="CAUSAL_LM"))
+    device = next(model.parameters()).device
+    examples = []
+    for row in rows:
+        text, pictures = prompt(processor, row["messages"][:-1], images)
+        answer = str(row["messages"][-1]["content"]) + (processor.tokenizer.eos_token or "")
+        full = _encode(processor, text + answer, pictures)
+        prompt_length = _encode(processor, text, pictures)["input_ids"].shape[1]
+        labels = full["input_ids"].clone()
+        labels[:, :prompt_length] = -100
+        examples.append(({key: value.to(device) for key, value in full.items()}, labels.to(device)))
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
+    steps = max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)) * (1 - step / steps))
+    loss_curve: list[tuple[int, float]] = []
+    began, tokens, order = time.perf_counter(), 0, list(range(len(examples)))
+    generator = torch.Generator().manual_seed(config.seed)
+    for step in range(steps):
+        if step * config.batch_size % len(examples) < config.batch_size:
+            order = torch.randperm(len(examples), generator=generator).tolist()
+        batch = [order[(step * config.batch_size + i) % len(examples)] for i in range(config.batch_size)]
+        total = 0.0
+        for index in batch:
+            inputs, labels = examples[index]
+            loss = model(**inputs, labels=labels).loss / len(batch)
+            loss.backward()
+            total += loss.item()
+            tokens += int(inputs["input_ids"].shape[1])
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        loss_curve.append((step + 1, total))
+        if on_log is not None:
+            on_log(step + 1, {"loss": total, "learning_rate": schedule.get_last_lr()[0]})
+    wall = time.perf_counter() - began
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    result = TrainResult(adapter_dir=output_dir, examples=len(examples), steps=steps, train_tokens=tokens,
+                         wall_seconds=wall, tokens_per_second=tokens / wall if wall > 0 else 0.0,
+                         final_loss=loss_curve[-1][1], peak_memory_mb=peak_memory_mb(),
+                         epochs=steps * config.batch_size / len(examples), loss_curve=loss_curve,
+                         config={**config.model_dump(), "target_modules": LANGUAGE_MODULES})
+    (staging / "kolm_training.json").write_text(json.dumps({
+        "trainer_version": trainer_version, "base_model": base.model_id, "base_digest": base.digest,
+        "vision": True, "processor": processor.__class__.__name__, **result.metrics(), "config": result.config},
+        indent=2))
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staging, output_dir)
+    return result
+
+
+def generate_answers(model, processor, conversations: list[list[dict]], images: ImageStore | None,
+                     max_new_tokens: int) -> list[tuple[str, float]]:
+    """Greedy answers (text, seconds) of `model` to each conversation, one at a time."""
+    import torch
+
+    answers = []
+    device = next(model.parameters()).device
+    for conversation in conversations:
+        began = time.perf_counter()
+        text, pictures = prompt(processor, conversation, images)
+        inputs = {key: value.to(device) for key, value in _encode(processor, text, pictures).items()}
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id)
+        answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers.append((answer.strip(), time.perf_counter() - began))
+    return answers
