@@ -98,7 +98,8 @@ def test_images_through_the_proxy_to_a_deployed_vision_adapter_and_back(start_pr
     assert corpus["written"] >= 80 and corpus["unsupported_dropped"] == 0  # the images were kept, as placeholders
     assert evaluation["accuracy_candidate"] > evaluation["accuracy_current"] + 0.3  # the bare base names no colour
     artifact = read_kolm(read_pointer(settings.adapters_dir, "acme.support"))
-    assert artifact.manifest["vision"] == {"processor": "Idefics3Processor"}
+    assert artifact.manifest["vision"]["processor"] == "Idefics3Processor"
+    assert len(artifact.manifest["vision"]["processor_digest"]) == 64
 
     # `kolm serve` on the vision base answers an image it never saw with the deployed adapter.
     from kolm_pipeline.serve.app import create_serving_app

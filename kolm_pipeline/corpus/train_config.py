@@ -61,6 +61,9 @@ class TrainConfig(BaseModel):
     # trl turns activation checkpointing on by default; a small base fits without it and trains faster without
     # it (bench/train.py). Turn it on when memory is short.
     activation_checkpointing: bool = _setting(False, "true or false", "recompute activations to save memory")
+    # Vision-language bases only: the language model is always adapted; the vision tower too when asked.
+    vision_tower: bool = _setting(False, "true or false",
+                                  "a vision-language base: give the vision tower LoRA weights too")
 
     @classmethod
     def parse(cls, values: dict | None) -> TrainConfig:

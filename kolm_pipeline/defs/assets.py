@@ -91,7 +91,7 @@ _ADAPTER_CONFIG_TYPES: dict[str, type] = {
     "rank": int, "alpha": float, "dropout": float, "epochs": float, "learning_rate": float, "batch_size": int,
     "max_length": int, "max_examples": int | None, "warmup_steps": int, "seed": int, "length_grouped": bool,
     "packing": bool,
-    "activation_checkpointing": bool, "bf16": bool | None, "attention": str | None,
+    "activation_checkpointing": bool, "bf16": bool | None, "attention": str | None, "vision_tower": bool,
     "target_modules": list[str] | None, "modules_to_save": list[str] | None,
 }
 

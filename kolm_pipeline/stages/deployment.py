@@ -79,7 +79,8 @@ def build_manifest(workdir: NamespaceWorkdir, evaluation: EvaluationResult, coun
         "json_schema": recipe.spec.get("json_schema"),
         "evals": {side: evaluation.document()[side] for side in ("candidate", "current", "decision")},
         # A vision-language base: which processor turns images into its input (the base digest covers its files).
-        **({"vision": {"processor": training.get("processor")}} if training.get("vision") else {}),
+        **({"vision": {"processor": training.get("processor"), "processor_digest": training.get("processor_digest")}}
+           if training.get("vision") else {}),
         "counters": counters,
         "parent_cid": parent_cid,
     }

@@ -3,8 +3,8 @@ model, trained on rows whose text holds image placeholders, and greedy answers f
 
 A row's images are its placeholders (`<kolm-image sha256:…>`, capture/images.py), read from the image store by
 digest; the processor's image token takes each one's place in the prompt, so the processor expands it into the
-image's patches. The loss is on the answer tokens only. The vision tower is not trained: the adapter targets the
-language model's projections (`LANGUAGE_MODULES`).
+image's patches. The loss is on the answer tokens only. The adapter targets the language model's projections
+(`LANGUAGE_MODULES`), and the vision tower's too with the `vision_tower` training setting.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.train.base_model import BaseModel
 
-# Every linear projection of the language model's attention and MLP, never the vision tower's.
+# Every linear projection of the language model's attention and MLP; with `vision_tower`, the vision tower's too.
 LANGUAGE_MODULES = r".*(text_model|language_model)\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_AND_LANGUAGE_MODULES = (r".*(text_model|language_model|vision_model|vision_tower|visual)\..*\."
+                               r"(q_proj|k_proj|v_proj|o_proj|out_proj|qkv|proj|fc1|fc2|gate_proj|up_proj|down_proj)")
 
 
 class VisionError(UserError):
@@ -43,6 +45,22 @@ def load_vision(base: BaseModel):
             str(base.path), dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         processor = AutoProcessor.from_pretrained(str(base.path))
     return model.to(device).eval(), processor
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
+                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def processor_digest(base: BaseModel) -> str:
+    """sha256 over the base's processor and tokenizer files (name and bytes): what turns a request into input."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in PROCESSOR_FILES:
+        path = base.path / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _image(images: ImageStore | None, digest: str):
@@ -86,8 +104,9 @@ def train_vision_adapter(rows: list[dict], base: BaseModel, output_dir: Path, co
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
+        modules = VISION_AND_LANGUAGE_MODULES if config.vision_tower else LANGUAGE_MODULES
         model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                                 target_modules=LANGUAGE_MODULES, task_type="CAUSAL_LM"))
+                                                 target_modules=modules, task_type="CAUSAL_LM"))
     device = next(model.parameters()).device
     examples = []
     for row in rows:
@@ -133,10 +152,12 @@ def train_vision_adapter(rows: list[dict], base: BaseModel, output_dir: Path, co
                          wall_seconds=wall, tokens_per_second=tokens / wall if wall > 0 else 0.0,
                          final_loss=loss_curve[-1][1], peak_memory_mb=peak_memory_mb(),
                          epochs=steps * config.batch_size / len(examples), loss_curve=loss_curve,
-                         config={**config.model_dump(), "target_modules": LANGUAGE_MODULES})
+                         config={**config.model_dump(), "target_modules": model.peft_config["default"].target_modules
+                                 if init_adapter is None else "(the champion's)"})
     (staging / "kolm_training.json").write_text(json.dumps({
         "trainer_version": trainer_version, "base_model": base.model_id, "base_digest": base.digest,
-        "vision": True, "processor": processor.__class__.__name__, **result.metrics(), "config": result.config},
+        "vision": True, "processor": processor.__class__.__name__, "processor_digest": processor_digest(base),
+        **result.metrics(), "config": result.config},
         indent=2))
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(staging, output_dir)
