@@ -144,6 +144,14 @@ def test_vllm_backend_swaps_through_runtime_lora_endpoints(stand_in, tmp_path):
             "".join(backend.stream(adapter.name, [{"role": "user", "content": "hi"}], adapter.labels, 8, usage))
         assert stand_in.named("/v1/chat/completions")[-1]["logprobs"] is True
         assert usage["confidence"] == pytest.approx(math.exp(-0.2))
+        # Image parts reach vLLM as they came (a vLLM serving a vision-language model answers them).
+        picture = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "text", "text": "What colour is this?"}]}]
+        with runtime.lease(TASK) as adapter:
+            "".join(backend.stream(adapter.name, picture, None, 8))
+        assert stand_in.named("/v1/chat/completions")[-1]["messages"] == picture
+        assert backend.accepts_images
     finally:
         runtime.stop()
 
