@@ -119,6 +119,7 @@ def test_compose_evaluates_gates_swaps_and_rolls_back(kolm_settings, autoreply_s
     assert refused.decision in ("refuse", "alert")
     assert [part["artifact_cid"] for part in refused.details["composition"]] == [distilled, style_cid]
     assert store.champions(TASK)[TASK] == distilled
+    assert not (store.tripwire_state(TASK) or {}).get("halted")  # an operator's losing trial halts nothing
 
     # Another namespace of the tenant, with its own recipe and nothing deployed: against the bare base, a light
     # composition wins and is swapped in, then a fuller one beats it; one rollback brings the first one back.

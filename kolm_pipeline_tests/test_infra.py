@@ -168,6 +168,7 @@ def test_trainer_switch_builds_a_gpu_pod_from_settings(monkeypatch):
     monkeypatch.setenv("KOLM_TRAINER_GPUS", "2")
     monkeypatch.setenv("KOLM_TRAINER_NODE_SELECTOR", '{"cloud.google.com/gke-accelerator": "nvidia-l4"}')
     monkeypatch.setenv("KOLM_TRAINER_NAMESPACE", "kolm-training")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://seaweedfs-s3.kolm.svc.cluster.local:8333")
     config = load_trainer_config()
     client = trainer_client(config)
     settings = read_settings("/var/lib/kolm").model_copy(update={"artifacts_url": "s3://kolm-artifacts/prod"})
@@ -189,6 +190,7 @@ def test_trainer_switch_builds_a_gpu_pod_from_settings(monkeypatch):
     env = {e.name: e.value for e in container.env}
     assert env["KOLM_ARTIFACTS_URL"] == "s3://kolm-artifacts/prod" and env["KOLM_HOME"] == "/var/lib/kolm"
     assert env["KOLM_BASE_MODEL"] == settings.base_model
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://seaweedfs-s3.kolm.svc.cluster.local:8333"  # the run pod's S3
     assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"} <= set(env)
     assert pod.spec.restart_policy == "Never" and pod.metadata.labels["app.kubernetes.io/component"] == "kolm-trainer"
 
@@ -224,6 +226,7 @@ def test_kubernetes_serve_and_proxy_need_no_shared_volume():
     assert {m["name"] for m in container["volumeMounts"]} == {claim["metadata"]["name"]}
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["KOLM_CAPTURE_SERVE_URL"].startswith("http://kolm-serve.")
+    assert env["KOLM_ARTIFACTS_URL"].startswith("s3://")  # captured images go to the object store, not the volume
     for doc in serve + proxy:  # every port a Service targets is a named container port
         if doc["kind"] == "Service":
             assert doc["spec"]["ports"][0]["targetPort"] == "http"

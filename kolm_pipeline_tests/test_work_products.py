@@ -42,7 +42,7 @@ def test_directories_round_trip_by_cid_and_tampering_is_refused(tmp_path):
     assert directory_cid(products.fetch_dir(cid, fetched)) == cid
 
     # A changed object does not hash to its key's CID: refused, the destination left as it was.
-    victim = tmp_path / "objects" / product_key(cid_for_file(source / "a.txt"))
+    victim = tmp_path / "objects" / product_key(cid_for_file(source / "a.txt"), cid)
     victim.write_text("forged")
     with pytest.raises(RegistryError, match="does not hash to"):
         products.fetch_dir(cid, fetched)
@@ -57,7 +57,8 @@ def test_directories_round_trip_by_cid_and_tampering_is_refused(tmp_path):
 
     # Retention removes a directory's files and its index.
     products.delete(cid, directory=True, scratch=tmp_path)
-    assert not any(products.objects.exists(product_key(c)) for c in (cid, cid_for_file(source / "sub" / "b.bin")))
+    assert not products.objects.exists(product_key(cid))
+    assert not products.objects.exists(product_key(cid_for_file(source / "sub" / "b.bin"), cid))
 
 
 def test_a_stage_on_an_empty_home_pulls_its_chain_by_cid(tmp_path, tiny_tickets):

@@ -14,6 +14,7 @@ both). Kubernetes configuration is detected: in-cluster in a run pod, the kubeco
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +25,10 @@ from kolm_pipeline.settings import Settings, TrainerConfig, load_settings
 from kolm_pipeline.train.distill import TRAINER_ENV
 
 TRAINER_COMMAND = ["python", "-m", "kolm_pipeline.train.pipes_entry"]
+# Where the object store is (the keys come from the kolm-secrets Secret): the run pod's values go with the job, or
+# boto3 in the training pod would look for the bucket on AWS.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "MLFLOW_S3_ENDPOINT_URL")
 KOLM_UID = 10001  # the `kolm` user of infra/Dockerfile and infra/Dockerfile.trainer
 POD_META: dict[str, Any] = {"labels": {"app.kubernetes.io/component": "kolm-trainer"}}
 
@@ -46,6 +51,7 @@ def training_pod_spec(config: TrainerConfig, settings: Settings) -> dict[str, An
            "KOLM_BASE_MODEL": settings.base_model}
     if settings.artifacts_url:
         env["KOLM_ARTIFACTS_URL"] = settings.artifacts_url
+    env.update({name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)})
     requests: dict[str, str] = {"cpu": config.cpu, "memory": config.memory}
     limits: dict[str, str] = {"memory": config.memory}
     if config.gpus:

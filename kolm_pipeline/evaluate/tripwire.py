@@ -77,8 +77,9 @@ class TripwireLedger(Protocol):
 class MemoryLedger:
     """A ledger that keeps nothing past the process: `kolm compile` evaluates outside any namespace."""
 
-    def __init__(self) -> None:
-        self._states: dict[str, dict] = {}
+    def __init__(self, states: dict[str, dict] | None = None) -> None:
+        """`states`: what to compare with (a copy of another ledger's), changed here only."""
+        self._states: dict[str, dict] = dict(states or {})
 
     def tripwire_state(self, task: str) -> dict | None:
         return self._states.get(task)

@@ -1,9 +1,11 @@
 """Work products (a corpus, a recipe, an adapter, an evaluation, ...) in the object store, written once under
 their CID.
 
-A file is the object ``products/<cid>``. A directory is its files, each stored as a file product, plus its index
-(relative path → file CID, canonical JSON) stored under the directory's CID, which is the CID of that index: so
-any changed byte of any file changes the directory's CID, and every object proves its own content when fetched.
+A file is the object ``products/<cid>``. A directory is its index (relative path → file CID, canonical JSON) stored
+under the directory's CID, which is the CID of that index, and its files under ``products/<directory cid>/<file
+cid>``: any changed byte of any file changes the directory's CID, every object proves its own content when
+fetched, and removing a directory removes only its own objects (a file with the same bytes in another product is
+that product's object).
 Nothing is ever written twice under one key, so two runs, on any host, never overwrite each other's products; a
 run reads its inputs by CID into its own KOLM_HOME, checking every byte on the way.
 """
@@ -38,8 +40,12 @@ def directory_cid(path: Path) -> str:
     return cid_for_bytes(index_bytes(directory_index(path)))
 
 
-def product_key(cid: str) -> str:
+def product_key(cid: str, directory: str | None = None) -> str:
+    """The object of product `cid`, or of the file `cid` of the directory product `directory`."""
     sha256_of_cid(cid)  # a malformed CID never becomes a key
+    if directory is not None:
+        sha256_of_cid(directory)
+        return f"{PRODUCT_PREFIX}/{directory}/{cid}"
     return f"{PRODUCT_PREFIX}/{cid}"
 
 
@@ -66,10 +72,15 @@ class Products:
         return cid
 
     def put_dir(self, path: Path) -> str:
-        """Store every file of the directory, then its index; returns the directory's CID."""
-        index = {name: self.put_file(path / name) for name in directory_index(path)}
+        """Store every file of the directory, then its index (last: a directory whose index exists is whole);
+        returns the directory's CID."""
+        index = directory_index(path)
         data = index_bytes(index)
         cid = cid_for_bytes(data)
+        for name, file_cid in index.items():
+            file_key = product_key(file_cid, cid)
+            if not self.objects.exists(file_key):
+                self.objects.put(file_key, path / name)
         key = product_key(cid)
         if not self.objects.exists(key):
             staging = _scratch(path, "index")
@@ -80,10 +91,11 @@ class Products:
                 staging.unlink(missing_ok=True)
         return cid
 
-    def fetch_file(self, cid: str, dest: Path) -> Path:
-        """The product ``cid`` at ``dest`` (replaced whole), refused unless its bytes hash to ``cid``."""
+    def fetch_file(self, cid: str, dest: Path, directory: str | None = None) -> Path:
+        """The product ``cid`` (a file of the directory product ``directory``) at ``dest`` (replaced whole),
+        refused unless its bytes hash to ``cid``."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        return fetch_verified(self.objects, product_key(cid), dest, cid)
+        return fetch_verified(self.objects, product_key(cid, directory), dest, cid)
 
     def index(self, cid: str, scratch: Path) -> dict[str, str]:
         """The file index of the directory product ``cid``."""
@@ -110,11 +122,15 @@ class Products:
         staging = _scratch(dest, "fetch")
         try:
             for name, file_cid in index.items():
-                self.fetch_file(file_cid, staging / name)
+                self.fetch_file(file_cid, staging / name, directory=cid)
             old = _scratch(dest, "old")
             if dest.exists():
                 os.replace(dest, old)
-            os.replace(staging, dest)
+            try:
+                os.replace(staging, dest)
+            except OSError:  # another process put the same product there meanwhile
+                if not (dest.is_dir() and directory_cid(dest) == cid):
+                    raise
             shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -124,10 +140,10 @@ class Products:
         return self.fetch_dir(cid, dest) if directory else self.fetch_file(cid, dest)
 
     def delete(self, cid: str, directory: bool, scratch: Path) -> None:
-        """Remove the product's objects (retention): a directory's files, then its index. A file another product
-        shares goes too: it holds the same bytes, so the same expired text."""
+        """Remove the product's objects (retention): a directory's files, then its index, so that a sweep stopped
+        half way finds the index again next time and finishes."""
         key = product_key(cid)
         if directory and self.objects.exists(key):
             for file_cid in self.index(cid, scratch).values():
-                self.objects.delete(product_key(file_cid))
+                self.objects.delete(product_key(file_cid, cid))
         self.objects.delete(key)

@@ -31,6 +31,8 @@ from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.train.base_model import resolve_base_model
 from kolm_pipeline.train.distill import TRAINER_VERSION
 
+NAMED = ("current", "previous")
+
 
 @dataclass(frozen=True)
 class ComposeResult:
@@ -48,7 +50,8 @@ def _parts(settings: Settings, store, task: str, refs: list[PartRef], base) -> l
     tenant = task.split(".", 1)[0]
     found: list[tuple[dict, Path]] = []
     for ref in refs:
-        path, _resolved = artifact_path_of(settings, store, ref.ref)
+        # `current` and `previous` are the task's; a CID or prefix may name any task's artifact.
+        path, _resolved = artifact_path_of(settings, store, ref.ref, task if ref.ref in NAMED else None)
         artifact, cid = verified_artifact(settings, path)
         manifest = artifact.manifest
         if manifest.get("tenant") != tenant:
@@ -99,7 +102,7 @@ def compose(settings: Settings, store, task: str, refs: list[PartRef], actor: st
                             "trainer_version": TRAINER_VERSION, "files": adapter_file_cids(work.adapter)})
         champion = current_champion(settings, task, store)
         evaluation = run_evaluation_stage(work, settings, base, champion, store=store,
-                                          details={"composition": described})
+                                          details={"composition": described}, trial=True)
         if not evaluation.decision.swap:
             return ComposeResult(task=task, parts=described, evaluation=evaluation, activation=None,
                                  artifact_cid=None)

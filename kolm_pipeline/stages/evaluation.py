@@ -32,16 +32,22 @@ def run_evaluation_stage(
     champion: tuple[str, Path] | None,
     store=None,
     details: dict | None = None,
+    trial: bool = False,
 ) -> EvaluationResult:
     """Evaluate candidate and current on the same split in one run; write and sign evaluation.json, and the
     case texts beside it (case_previews.json: never signed or shipped, removed by retention).
 
     A refusal is written to the registry right away (with `store`, and `details` added to the row's), so the log
-    shows every decision, not only swaps. Reads the adapter and recipe its chain names by CID."""
+    shows every decision, not only swaps. Reads the adapter and recipe its chain names by CID. A `trial` (`kolm
+    compose`) compares with the task's tripwire state but records no trip and sends no alert: an operator's
+    experiment that loses halts nothing and wakes nobody."""
     workdir.pull("adapter")
     recipe = load_recipe(workdir.recipe)
     # Without a store (`kolm compile`: no namespace) the tripwire compares with nothing and remembers nothing.
     ledger = workdir.tripwire_ledger(store) if store is not None else MemoryLedger()
+    if trial:
+        state = read_state(ledger, workdir.task)
+        ledger = MemoryLedger({workdir.task: state} if state is not None else None)
     current_name = f"champion:{champion[0]}" if champion else "base"
     reports = evaluate_models(
         base,
@@ -86,7 +92,7 @@ def run_evaluation_stage(
         "corpus": corpus_summary(workdir, recipe.spec.get("corpus_cid")),
         "alert": None,
     })
-    if decision.alert:
+    if decision.alert and not trial:
         delivery = send_alert(settings.alert_webhook, RegressionAlert.of(result).model_dump())
         result = result.model_copy(update={"alert": delivery})
     write_json_atomic(workdir.evaluation, result.document())

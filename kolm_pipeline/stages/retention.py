@@ -32,6 +32,7 @@ and MLflow parameters.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -45,12 +46,14 @@ from kolm_pipeline.corpus.build import corpus_cid
 from kolm_pipeline.evaluate.tripwire import forget_holdout_baseline
 from kolm_pipeline.provenance.atomic import write_atomic, write_json_atomic
 from kolm_pipeline.provenance.cid import cid_for_bytes
+from kolm_pipeline.provenance.errors import RegistryError
 from kolm_pipeline.provenance.objectstore import open_store
 from kolm_pipeline.provenance.products import Products
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.workdir import NamespaceWorkdir
 from kolm_pipeline.store.namespaces import split_partition_key
 
+logger = logging.getLogger(__name__)
 SPLIT_FILES = ("train.jsonl", "eval.jsonl", "holdout.jsonl")
 # A frozen hold-out shrunk by retention below this share of the rows it was drawn with is drawn anew: fewer
 # rows make the tripwire's comparison with the last good cycle noise.
@@ -251,10 +254,13 @@ def sweep_workdir(workdir: NamespaceWorkdir, store, cutoff: datetime) -> list[st
 
 
 def _kept_holdout(product, products: Products, scratch: Path, live: set[int], fresh: bool) -> bytes | None:
-    """The rows of a published frozen hold-out still inside the window, None when too few are left to compare."""
-    path = products.fetch_file(product.cid, scratch / f"{product.cid}.jsonl")
+    """The rows of a published frozen hold-out still inside the window; None when too few are left to compare, or
+    when its object is gone already."""
+    path = scratch / f"{product.cid}.jsonl"
     try:
-        lines = _lines(path.read_bytes())
+        lines = _lines(products.fetch_file(product.cid, path).read_bytes())
+    except RegistryError:
+        return None
     finally:
         path.unlink(missing_ok=True)
     ids = _jsonl_ids(lines)
@@ -264,11 +270,30 @@ def _kept_holdout(product, products: Products, scratch: Path, live: set[int], fr
     return b"\n".join(kept) + b"\n"
 
 
+def _republish_holdout(settings: Settings, store, products: Products, scratch: Path, product, live: set[int],
+                       fresh: bool) -> None:
+    """The task's newest frozen hold-out without its expired rows, as a new product (its text no younger than
+    the rows it keeps); none when too few rows are left: the next recipe draws a new one."""
+    kept = _kept_holdout(product, products, scratch, live, fresh)
+    if kept is None:
+        forget_holdout_baseline(NamespaceWorkdir(settings, product.task).tripwire_ledger(store), product.task)
+        return
+    staging = scratch / f"holdout-{product.id}.jsonl"
+    write_atomic(staging, kept)
+    try:
+        ids, unnamed = text_rows(kept)
+        store.record_product(product.task, "holdout", products.put_file(staging), False, capture_ids=ids,
+                             unnamed_rows=unnamed, drawn_rows=product.drawn_rows, created_at=product.created_at)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def sweep_products(settings: Settings, store, now: datetime) -> dict[str, list[str]]:
     """Remove from the object store every published product holding text of a capture past its window (the same
     rule as the work files: one capture expired or gone, or rows naming none once the product is older than the
     window). The task's newest frozen hold-out loses only its expired rows: published again without them, as a new
-    product, unless fewer than half the rows it was drawn with are left. Returns what went, by task."""
+    product, unless fewer than half the rows it was drawn with are left. An object that is gone already counts as
+    removed; one another live row names (the same bytes published twice) stays for it. Returns what went, by task."""
     now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
     products = Products(open_store(settings.artifacts_url, settings.artifacts_dir))
     scratch = settings.home / "retention"
@@ -279,26 +304,20 @@ def sweep_products(settings: Settings, store, now: datetime) -> dict[str, list[s
         tenant, namespace = split_partition_key(product.task)
         if product.task not in cutoffs:
             cutoffs[product.task] = now - timedelta(days=store.namespace_settings(tenant, namespace).retention_days)
-        cutoff = cutoffs[product.task]
-        fresh = (product.created_at if product.created_at.tzinfo else product.created_at.replace(tzinfo=UTC)) >= cutoff
+        created = product.created_at if product.created_at.tzinfo else product.created_at.replace(tzinfo=UTC)
+        fresh = created >= cutoffs[product.task]
         live = store.captures_with_text(tenant, namespace, product.capture_ids)
         if set(product.capture_ids) <= live and (fresh or not product.unnamed_rows):
             continue
         newest = store.latest_product(product.task, product.stage)
         if product.stage == "holdout" and newest is not None and newest.id == product.id:
-            kept = _kept_holdout(product, products, scratch, live, fresh)
-            if kept is None:
-                forget_holdout_baseline(NamespaceWorkdir(settings, product.task).tripwire_ledger(store), product.task)
-            else:
-                staging = scratch / f"holdout-{product.id}.jsonl"
-                write_atomic(staging, kept)
-                try:
-                    ids, unnamed = text_rows(kept)
-                    store.record_product(product.task, "holdout", products.put_file(staging), False,
-                                         capture_ids=ids, unnamed_rows=unnamed, drawn_rows=product.drawn_rows)
-                finally:
-                    staging.unlink(missing_ok=True)
-        products.delete(product.cid, product.directory, scratch)
+            _republish_holdout(settings, store, products, scratch, product, live, fresh)
+        if not store.product_cid_in_use(product.cid, other_than=product.id):
+            try:
+                products.delete(product.cid, product.directory, scratch)
+            except RegistryError as exc:  # the object store failed: the row stays for the next sweep
+                logger.error("retention could not remove %s %s: %s", product.stage, product.cid, exc)
+                continue
         store.mark_product_removed(product.id)
         removed.setdefault(product.task, []).append(f"{product.stage} {product.cid}")
     return removed

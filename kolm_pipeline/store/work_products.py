@@ -44,11 +44,14 @@ class WorkProductQueries(StoreBase):
 
     def record_product(self, task: str, stage: str, cid: str, directory: bool, *, receipt: bytes | None = None,
                        receipt_cid: str | None = None, capture_ids: list[int] | None = None,
-                       unnamed_rows: int = 0, drawn_rows: int | None = None) -> WorkProduct:
+                       unnamed_rows: int = 0, drawn_rows: int | None = None,
+                       created_at: datetime | None = None) -> WorkProduct:
+        """Record a published product; `created_at` (default now) is when its text was written (a hold-out
+        republished without its expired rows keeps its first one: its other rows are no younger)."""
         values = {"task": task, "stage": stage, "cid": cid, "directory": directory, "receipt_cid": receipt_cid,
                   "receipt": receipt.decode("ascii") if receipt is not None else None,
                   "capture_ids": json.dumps(sorted(set(capture_ids))) if capture_ids is not None else None,
-                  "unnamed_rows": unnamed_rows, "drawn_rows": drawn_rows, "created_at": self._now()}
+                  "unnamed_rows": unnamed_rows, "drawn_rows": drawn_rows, "created_at": created_at or self._now()}
         with self.engine.begin() as conn:
             row_id = conn.execute(insert(work_products).values(**values)).inserted_primary_key[0]
             return WorkProduct.of(conn.execute(select(work_products).where(work_products.c.id == row_id)).one())
@@ -76,6 +79,13 @@ class WorkProductQueries(StoreBase):
             query = query.where(t.task == task)
         with self.engine.connect() as conn:
             return [WorkProduct.of(row) for row in conn.execute(query.order_by(t.id))]
+
+    def product_cid_in_use(self, cid: str, other_than: int) -> bool:
+        """Whether a product row other than `other_than`, not removed, names `cid` (the same bytes, published twice)."""
+        t = work_products.c
+        with self.engine.connect() as conn:
+            return conn.execute(select(t.id).where(t.cid == cid, t.id != other_than, t.removed_at.is_(None))
+                                .limit(1)).first() is not None
 
     def mark_product_removed(self, product_id: int) -> None:
         with self.engine.begin() as conn:
