@@ -15,7 +15,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from kolm_pipeline.capture.background import BackgroundServer
-from kolm_pipeline.capture.images import REFERENCE_PREFIX, CapturedImage, check_images, externalize, sniff
+from kolm_pipeline.capture.images import (
+    REFERENCE_PREFIX,
+    CapturedImage,
+    ImageError,
+    check_images,
+    externalize,
+    sniff,
+)
 from kolm_pipeline.stages.retention import sweep_retention
 from kolm_pipeline_tests.test_capture import Proxy, start_proxy, teacher  # noqa: F401 (fixtures)
 from kolm_pipeline_tests.test_store import store  # noqa: F401 (fixture)
@@ -58,8 +65,19 @@ def test_the_kinds_of_image_and_their_references():
     assert out[0]["content"][1]["source"] == {"type": "kolm-image", "media_type": "image/png",
                                               "digest": "sha256:" + digest}
     assert out[0]["content"][2] == messages[0]["content"][2]
-    check_images(out)  # references and URLs pass the door too
+    check_images(out, from_client=False)  # the proxy's own references, stored
+    with pytest.raises(ImageError, match="the proxy's own"):  # a client naming a stored image is refused
+        check_images(out)
     assert isinstance(images[0], CapturedImage) and images[0].size == len(png)
+    # A screenshot coming back inside an Anthropic tool_result is stored like any other image.
+    nested = [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": base64.b64encode(png).decode()}}]}]}]
+    out, images, _ = externalize(nested)
+    assert [image.digest for image in images] == [digest]
+    assert out[0]["content"][0]["content"][0]["source"]["type"] == "kolm-image"
+    assert externalize([{"role": "user", "content": [{"type": "image", "source": {"type": "file",
+                                                                                   "file_id": "f"}}]}])[2] == 1
 
 
 def test_openai_images_are_stored_once_by_digest(start_proxy, teacher):  # noqa: F811
@@ -168,5 +186,7 @@ def test_an_image_stays_while_any_live_capture_refers_to_it(store):  # noqa: F81
     assert store.dead_image_digests() == [] and store.image_bytes("acme", "support") == 10
     store.apply_retention(now=now + timedelta(days=30))
     assert store.dead_image_digests() == [digest] and store.image_bytes("acme", "support") == 0
-    store.forget_image_rows([digest])
-    assert store.capture_image_digests("a" * 32) == []
+    # A capture of the same image arriving meanwhile keeps its reference, and with it the image.
+    store.insert_captures_once([capture("c" * 32, 0)])
+    assert store.forget_dead_images([digest]) == []
+    assert store.capture_image_digests("a" * 32) == [] and store.capture_image_digests("c" * 32) == [digest]

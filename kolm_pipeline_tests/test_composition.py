@@ -107,7 +107,7 @@ def test_compose_evaluates_gates_swaps_and_rolls_back(kolm_settings, autoreply_s
     for adapters, why in (([f"{distilled}:heavy"], "'heavy' is not a number"),
                           ([distilled, f"{other_cid}:1"], "not on the base"),
                           ([distilled, stranger_cid], "tenant 'globex'"),
-                          ([distilled], "at least two adapters")):
+                          ([distilled], "takes 2 to 8 adapters")):
         code = main(["compose", "--task", TASK, *sum((["--adapter", a] for a in adapters), [])])
         assert code != 0 and why in capsys.readouterr().err
     assert len(store.registry_rows(TASK)) == rows and store.champions(TASK)[TASK] == distilled
@@ -141,7 +141,8 @@ def test_compose_evaluates_gates_swaps_and_rolls_back(kolm_settings, autoreply_s
     swaps = [row for row in store.registry_rows(BILLING) if row.decision == "swap"][::-1]
     first, second = (row.to_cid for row in swaps)
     # Each one beat what served before it (the light one the bare base, the full one the light one).
-    assert swaps[0].k_after > swaps[0].k_before and swaps[1].k_before == swaps[0].k_after
+    assert swaps[0].k_after > swaps[0].k_before and swaps[1].k_after > swaps[1].k_before
+    assert swaps[0].from_cid is None and swaps[1].from_cid == swaps[0].to_cid
     artifact = read_kolm(read_pointer(kolm_settings.adapters_dir, BILLING))
     assert [(p["artifact_cid"], p["weight"]) for p in artifact.manifest["composition"]["parts"]] == full
     distilled_lora = read_kolm(next(kolm_settings.artifacts_dir.glob(f"{TASK}/{distilled}.kolm"))).manifest["lora"]

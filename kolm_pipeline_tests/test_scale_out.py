@@ -272,11 +272,12 @@ sys.exit(0 if result.success else 1)
 """
 
 
-def _objects(client, prefix: str) -> dict[str, str]:
-    """Every object under `prefix`, with its ETag."""
+def _objects(client, prefix: str) -> dict[str, tuple[str, object]]:
+    """Every object under `prefix`, with its ETag and when it was last written (an overwrite with the same bytes
+    keeps the ETag, not the time)."""
     found = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
-        found.update({item["Key"]: item["ETag"] for item in page.get("Contents", [])})
+        found.update({item["Key"]: (item["ETag"], item["LastModified"]) for item in page.get("Contents", [])})
     return found
 
 

@@ -61,6 +61,20 @@ def test_directories_round_trip_by_cid_and_tampering_is_refused(tmp_path):
     assert not products.objects.exists(product_key(cid_for_file(source / "sub" / "b.bin"), cid))
 
 
+def test_removing_a_directory_keeps_the_same_bytes_of_another_product(tmp_path):
+    """A recipe's holdout.jsonl has the frozen hold-out's bytes: removing the recipe must not remove the hold-out."""
+    products = Products(DirectoryStore(tmp_path / "objects"))
+    recipe = _tree(tmp_path / "recipe")
+    (recipe / "holdout.jsonl").write_text('{"messages": []}\n')
+    holdout = tmp_path / "holdout.frozen.jsonl"
+    holdout.write_text('{"messages": []}\n')
+    recipe_cid, holdout_cid = products.put_dir(recipe), products.put_file(holdout)
+    products.delete(recipe_cid, directory=True, scratch=tmp_path)
+    assert products.fetch_file(holdout_cid, tmp_path / "again.jsonl").read_text() == '{"messages": []}\n'
+    with pytest.raises(RegistryError):
+        products.fetch_dir(recipe_cid, tmp_path / "gone")
+
+
 def test_a_stage_on_an_empty_home_pulls_its_chain_by_cid(tmp_path, tiny_tickets):
     """The corpus stage runs on one host; the recipe stage on another (its own KOLM_HOME, the same store and object
     store) reads that corpus by CID, with its receipt; a product retention removed is a clear error, not a crash."""

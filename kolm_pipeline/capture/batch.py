@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from kolm_pipeline.capture.images import ImageError, ImageStore, drop_reference, externalize
+from kolm_pipeline.capture.images import CapturedImage, ImageError, ImageStore, drop_reference, externalize
 from kolm_pipeline.capture.providers import PROVIDERS
 from kolm_pipeline.capture.redact import Redactor
 from kolm_pipeline.provenance import jsontext
@@ -235,8 +235,8 @@ class BatchWriter:
         self._redactors[(tenant, namespace)] = (redactor, now + self._settings_ttl)
         return redactor
 
-    def _with_stored_images(self, store: CaptureStore, record: NewCapture, taken: dict[tuple[str, str], int]
-                            ) -> NewCapture:
+    def _with_stored_images(self, store: CaptureStore, record: NewCapture, taken: dict[tuple[str, str], int],
+                            stored: dict[str, CapturedImage]) -> NewCapture:
         """The record with its inline images in the image store and references in their place (before redaction:
         it never scans image bytes). An image beyond the namespace's byte limit (`taken`: what this batch stored
         so far, by namespace), or with no image store, is not kept: its reference says so."""
@@ -258,6 +258,7 @@ class BatchWriter:
                 messages = drop_reference(messages, image, "namespace-image-limit")
                 continue
             self.images.put(image)
+            stored[image.digest] = image
             taken[where] += image.size
             kept[image.digest] = (image.digest, image.media_type, image.size)
         return replace(record, messages=messages, images=list(kept.values()))
@@ -269,6 +270,7 @@ class BatchWriter:
             return False
         records = []
         taken: dict[tuple[str, str], int] = {}
+        stored: dict[str, CapturedImage] = {}
         try:
             for pending in batch:
                 try:
@@ -277,7 +279,7 @@ class BatchWriter:
                     self._set_aside(lambda pending=pending: repr(tuple(pending)).encode(), ".bin", exc)
                     continue
                 try:
-                    record = self._with_stored_images(store, record, taken)
+                    record = self._with_stored_images(store, record, taken, stored)
                 except (RegistryError, OSError) as exc:  # the image store is down: the batch waits in the journal
                     logger.warning("image store unavailable (%s); captures wait in the journal", type(exc).__name__)
                     return False
@@ -290,7 +292,15 @@ class BatchWriter:
                 records.append(record)
         except STORE_DOWN:  # reading a namespace's redaction settings
             return False
-        return self.store_records(records)
+        if not self.store_records(records):
+            return False
+        try:  # retention may have removed an image between its upload and the reference that keeps it now
+            for image in stored.values():
+                if not self.images.exists(image.digest):
+                    self.images.put(image)
+        except (RegistryError, OSError) as exc:
+            logger.error("could not check the stored images again (%s)", type(exc).__name__)
+        return True
 
     def store_records(self, records: list[NewCapture]) -> bool:
         """Store built records; a batch the store refuses for a data reason is written record by record and

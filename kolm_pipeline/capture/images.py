@@ -5,7 +5,7 @@ OpenAI sends images as `image_url` content parts, Anthropic as `image` blocks; e
 (what both providers accept): anything else is refused with a 400 naming the part, before it goes upstream.
 
 When the capture is written, each inline image is stored once under its sha256 in the image store (the object
-store's `images/` prefix, or `KOLM_HOME/images`) and the message keeps a reference in its place
+store's `images/` prefix: KOLM_ARTIFACTS_URL, by default `KOLM_HOME/artifacts/images`) and the message keeps a reference in its place
 (`kolm-image:sha256:<hex>`), so the store holds no base64 and redaction never scans image bytes. An image over its
 namespace's byte limit is not stored: its reference says so (`kolm-image:dropped:…`). A URL is recorded as given
 and never fetched by the proxy (no request to an address a caller chose). Retention removes an image once no
@@ -82,8 +82,8 @@ def _decode(where: str, text: str) -> CapturedImage:
     return CapturedImage(hashlib.sha256(data).hexdigest(), media_type, data)
 
 
-def _inline_openai(where: str, part: dict) -> tuple[CapturedImage | None, bool]:
-    """(the inline image, whether the part is an image by URL) of an OpenAI `image_url` part."""
+def _inline_openai(where: str, part: dict, from_client: bool) -> tuple[CapturedImage | None, bool]:
+    """(the inline image, whether the part is an image by reference) of an OpenAI `image_url` part."""
     holder = part.get("image_url")
     url = holder.get("url") if isinstance(holder, dict) else holder
     if not isinstance(url, str):
@@ -95,12 +95,14 @@ def _inline_openai(where: str, part: dict) -> tuple[CapturedImage | None, bool]:
         return _decode(where, payload), False
     if url.startswith(("http://", "https://")):
         return None, True
-    if url.startswith((REFERENCE_PREFIX, DROPPED_PREFIX)):
+    if url.startswith("kolm-image:"):
+        if from_client:
+            raise ImageError(f"{where}: kolm-image references are the proxy's own; send the image's bytes")
         return None, False
     raise ImageError(f"{where}: image_url.url must be a data: URL or an http(s) URL")
 
 
-def _inline_anthropic(where: str, part: dict) -> tuple[CapturedImage | None, bool]:
+def _inline_anthropic(where: str, part: dict, from_client: bool) -> tuple[CapturedImage | None, bool]:
     source = part.get("source")
     if not isinstance(source, dict):
         raise ImageError(f"{where}: an image block needs a source")
@@ -110,65 +112,69 @@ def _inline_anthropic(where: str, part: dict) -> tuple[CapturedImage | None, boo
         if not isinstance(data, str):
             raise ImageError(f"{where}: a base64 image source needs data")
         return _decode(where, data), False
-    if kind == "url":
+    if kind in ("url", "file"):  # by reference (a URL, an uploaded file's id): recorded, never fetched
         return None, True
     if kind == "kolm-image":
+        if from_client:
+            raise ImageError(f"{where}: kolm-image sources are the proxy's own; send the image's bytes")
         return None, False
-    raise ImageError(f"{where}: image source type {kind!r} is not base64 or url")
+    raise ImageError(f"{where}: image source type {kind!r} is not base64, url or file")
 
 
-def _parts(messages: list[dict]) -> list[tuple[str, dict, str]]:
-    """Every image part: (where, the part, `openai` or `anthropic`)."""
-    found = []
-    for index, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for position, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
-                kind = "openai" if part["type"] == "image_url" else "anthropic"
-                found.append((f"messages[{index}].content[{position}]", part, kind))
-    return found
+def _walk(content: list, where: str, from_client: bool, found: list[CapturedImage], refs: list[int]) -> list:
+    """`content` with each inline image replaced by its reference (appended to `found`; references counted in
+    `refs`), looking inside Anthropic `tool_result` blocks too (a computer-use screenshot comes back there)."""
+    parts = []
+    for position, part in enumerate(content):
+        here = f"{where}[{position}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url":
+            image, by_reference = _inline_openai(here, part, from_client)
+            refs[0] += by_reference
+            if image is not None:
+                found.append(image)
+                holder = part.get("image_url")
+                extra = {k: v for k, v in holder.items() if k != "url"} if isinstance(holder, dict) else {}
+                part = {**part, "image_url": {**extra, "url": image.reference}}
+        elif kind == "image":
+            image, by_reference = _inline_anthropic(here, part, from_client)
+            refs[0] += by_reference
+            if image is not None:
+                found.append(image)
+                part = {**part, "source": {"type": "kolm-image", "media_type": image.media_type,
+                                           "digest": "sha256:" + image.digest}}
+        elif kind == "tool_result" and isinstance(part.get("content"), list):
+            part = {**part, "content": _walk(part["content"], f"{here}.content", from_client, found, refs)}
+        parts.append(part)
+    return parts
 
 
-def check_images(messages: list[dict]) -> None:
-    """Raise ImageError naming the first inline image that is not an image."""
-    for where, part, kind in _parts(messages):
-        (_inline_openai if kind == "openai" else _inline_anthropic)(where, part)
+def _has_images(content: object) -> bool:
+    return isinstance(content, list) and any(
+        isinstance(p, dict) and (p.get("type") in ("image_url", "image")
+                                 or (p.get("type") == "tool_result" and _has_images(p.get("content"))))
+        for p in content)
 
 
-def externalize(messages: list[dict]) -> tuple[list[dict], list[CapturedImage], int]:
-    """The messages with every inline image replaced by its reference, the images, and how many were URLs."""
+def check_images(messages: list[dict], from_client: bool = True) -> None:
+    """Raise ImageError naming the first inline image that is not an image (and, from a client, any kolm-image
+    reference: only the proxy makes those, for images it stored)."""
+    externalize(messages, from_client)
+
+
+def externalize(messages: list[dict], from_client: bool = False) -> tuple[list[dict], list[CapturedImage], int]:
+    """The messages with every inline image replaced by its reference, the images, and how many were given by
+    reference (a URL, a file id)."""
     images: list[CapturedImage] = []
-    urls = 0
+    refs = [0]
     out = []
     for index, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list) or not any(
-                isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in content):
+        if not _has_images(content):
             out.append(message)
             continue
-        parts = []
-        for position, part in enumerate(content):
-            where = f"messages[{index}].content[{position}]"
-            if isinstance(part, dict) and part.get("type") == "image_url":
-                image, by_url = _inline_openai(where, part)
-                urls += by_url
-                if image is not None:
-                    images.append(image)
-                    holder = part.get("image_url")
-                    extra = {k: v for k, v in holder.items() if k != "url"} if isinstance(holder, dict) else {}
-                    part = {**part, "image_url": {**extra, "url": image.reference}}
-            elif isinstance(part, dict) and part.get("type") == "image":
-                image, by_url = _inline_anthropic(where, part)
-                urls += by_url
-                if image is not None:
-                    images.append(image)
-                    part = {**part, "source": {"type": "kolm-image", "media_type": image.media_type,
-                                               "digest": "sha256:" + image.digest}}
-            parts.append(part)
-        out.append({**message, "content": parts})
-    return out, images, urls
+        out.append({**message, "content": _walk(content, f"messages[{index}].content", from_client, images, refs)})
+    return out, images, refs[0]
 
 
 def drop_reference(messages: list[dict], image: CapturedImage, reason: str) -> list[dict]:
@@ -178,6 +184,8 @@ def drop_reference(messages: list[dict], image: CapturedImage, reason: str) -> l
     def part_of(part: Any) -> Any:
         if not isinstance(part, dict):
             return part
+        if part.get("type") == "tool_result" and isinstance(part.get("content"), list):
+            return {**part, "content": [part_of(inner) for inner in part["content"]]}
         holder = part.get("image_url")
         if isinstance(holder, dict) and holder.get("url") == image.reference:
             return {**part, "image_url": {**holder, "url": marker}}

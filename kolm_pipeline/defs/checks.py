@@ -18,7 +18,7 @@ from kolm_pipeline.corpus.recipe import load_recipe
 from kolm_pipeline.defs.assets import corpus, evaluation, recipe
 from kolm_pipeline.defs.partitions import namespace_partitions
 from kolm_pipeline.defs.resources import KolmResource
-from kolm_pipeline.stages.workdir import NamespaceWorkdir
+from kolm_pipeline.stages.workdir import NamespaceWorkdir, ProductMissing
 
 _SEVERITY = {"pass": dg.AssetCheckSeverity.WARN, "warn": dg.AssetCheckSeverity.WARN,
              "fail": dg.AssetCheckSeverity.ERROR}
@@ -40,7 +40,13 @@ def _spec(name: str, asset: dg.AssetsDefinition, blocking: bool, description: st
 def _workdir(context: dg.AssetCheckExecutionContext, kolm: KolmResource, stage: str) -> NamespaceWorkdir:
     """The namespace's work directory, holding the newest `stage` product (a check may run on another host)."""
     workdir = NamespaceWorkdir(kolm.settings, context.partition_key, store=kolm.store)
-    workdir.pull_latest(stage)
+    try:
+        workdir.pull_latest(stage)
+    except ProductMissing as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    if not workdir.product_path(stage)[0].exists():
+        raise dg.Failure(description=f"{workdir.task}: no {stage} to check (none was made, or retention removed "
+                                     "it with its captures); materialize it again", allow_retries=False)
     return workdir
 
 

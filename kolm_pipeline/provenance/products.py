@@ -2,8 +2,8 @@
 their CID.
 
 A file is the object ``products/<cid>``. A directory is its index (relative path → file CID, canonical JSON) stored
-under the directory's CID, which is the CID of that index, and its files under ``products/<directory cid>/<file
-cid>``: any changed byte of any file changes the directory's CID, every object proves its own content when
+under the directory's CID, which is the CID of that index, and its files under ``products/<directory
+cid>.files/<file cid>``: any changed byte of any file changes the directory's CID, every object proves its own content when
 fetched, and removing a directory removes only its own objects (a file with the same bytes in another product is
 that product's object).
 Nothing is ever written twice under one key, so two runs, on any host, never overwrite each other's products; a
@@ -45,7 +45,7 @@ def product_key(cid: str, directory: str | None = None) -> str:
     sha256_of_cid(cid)  # a malformed CID never becomes a key
     if directory is not None:
         sha256_of_cid(directory)
-        return f"{PRODUCT_PREFIX}/{directory}/{cid}"
+        return f"{PRODUCT_PREFIX}/{directory}.files/{cid}"  # beside the index, never under it (a directory store)
     return f"{PRODUCT_PREFIX}/{cid}"
 
 

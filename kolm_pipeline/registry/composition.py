@@ -50,6 +50,22 @@ class PartRef:
         return cls(ref=ref.strip(), weight=weight)
 
 
+def exactness_problem(adapter_dir: Path) -> str | None:
+    """Why the adapter cannot be part of an exact `cat` composition, None when it can: PEFT would keep only the
+    first part's fully trained modules, and DoRA or trained biases are no low-rank update to stack."""
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"its adapter_config.json cannot be read ({exc})"
+    if config.get("modules_to_save"):
+        return f"it trains modules in full (modules_to_save {config['modules_to_save']})"
+    if config.get("use_dora"):
+        return "it is a DoRA adapter"
+    if config.get("bias", "none") != "none":
+        return f"it trains biases (bias {config['bias']!r})"
+    return None
+
+
 def combine_adapters(base: BaseModel, parts: list[tuple[Path, float]], output: Path) -> dict:
     """Write the weighted `cat` combination of the PEFT adapters `parts` (directory, weight) to `output` (which must
     not exist: it appears whole or not at all); returns the combined adapter's `adapter_config.json`."""
@@ -57,6 +73,10 @@ def combine_adapters(base: BaseModel, parts: list[tuple[Path, float]], output: P
 
     if not 2 <= len(parts) <= MAX_PARTS:
         raise InvalidInput(f"a composition takes 2 to {MAX_PARTS} adapters, not {len(parts)}")
+    for index, (directory, _weight) in enumerate(parts):
+        problem = exactness_problem(directory)
+        if problem:
+            raise InvalidInput(f"adapter {index + 1} of the composition cannot be composed exactly: {problem}")
     names = [f"part{index}" for index in range(len(parts))]
     model = None
     try:

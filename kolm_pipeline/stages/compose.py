@@ -21,7 +21,7 @@ from kolm_pipeline.evaluate.tripwire import record_good_cycle
 from kolm_pipeline.provenance.errors import DeployRefused
 from kolm_pipeline.provenance.products import directory_cid
 from kolm_pipeline.registry.artifact import adapter_file_cids, build_kolm, extract_adapter
-from kolm_pipeline.registry.composition import COMBINATION, PartRef, combine_adapters
+from kolm_pipeline.registry.composition import COMBINATION, MAX_PARTS, PartRef, combine_adapters, exactness_problem
 from kolm_pipeline.registry.manage import Activation, activate, artifact_cid_of, artifact_path_of, verified_artifact
 from kolm_pipeline.registry.swap import validate_task
 from kolm_pipeline.settings import Settings
@@ -73,9 +73,10 @@ def compose(settings: Settings, store, task: str, refs: list[PartRef], actor: st
     """Combine `refs` for `task`, evaluate and gate the combination, and swap it in if the gate says so."""
     validate_task(task)
     base = resolve_base_model(settings.base_model, settings.models_dir)
+    if not 2 <= len(refs) <= MAX_PARTS:
+        raise DeployRefused(f"a composition takes 2 to {MAX_PARTS} adapters (--adapter CID[:weight], twice or more), "
+                            f"not {len(refs)}")
     parts = _parts(settings, store, task, refs, base)
-    if len(parts) < 2:
-        raise DeployRefused("a composition needs at least two adapters (--adapter CID[:weight], twice or more)")
     described = [part for part, _ in parts]
     home = NamespaceWorkdir(settings, task, store=store)
     home.pull("recipe")
@@ -85,6 +86,9 @@ def compose(settings: Settings, store, task: str, refs: list[PartRef], actor: st
         work = NamespaceWorkdir(settings, task, base_dir=Path(scratch))
         shutil.copytree(home.recipe, work.recipe)
         dirs = [extract_adapter(path, Path(scratch) / f"part-{index}") for index, (_, path) in enumerate(parts)]
+        for directory, (part, _) in zip(dirs, parts, strict=True):
+            if problem := exactness_problem(directory):
+                raise DeployRefused(f"--adapter {part['artifact_cid']} cannot be composed exactly: {problem}")
         config = combine_adapters(base, [(d, part["weight"]) for d, part in zip(dirs, described, strict=True)],
                                   work.adapter)
         (work.adapter / "kolm_training.json").write_text(json.dumps({

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from kolm_pipeline.corpus.build import CorpusStats, build_corpus, corpus_cid, read_corpus
 from kolm_pipeline.corpus.recipe import Recipe, synthesize_recipe
 from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
+from kolm_pipeline.evaluate.tripwire import forget_holdout_baseline
 from kolm_pipeline.provenance.atomic import write_atomic
 from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.provenance.products import directory_cid
@@ -102,6 +103,8 @@ def run_recipe_stage(
     )
     cid = directory_cid(workdir.recipe)
     if recipe.diagnostics["holdout"]["made_now"]:
+        if workdir.store is not None:  # the last good cycle's hold-out score was measured on other rows
+            forget_holdout_baseline(workdir.tripwire_ledger(workdir.store), workdir.task)
         holdout = workdir.frozen_holdout.read_bytes()
         ids, unnamed = text_rows(holdout)
         workdir.publish("holdout", capture_ids=ids, unnamed_rows=unnamed,

@@ -40,10 +40,10 @@ from kolm_pipeline.evaluate.drift import (
     mmd_test,
 )
 from kolm_pipeline.provenance.atomic import write_json_atomic
-from kolm_pipeline.provenance.errors import InvalidInput, RegistryError
+from kolm_pipeline.provenance.errors import DeployRefused, InvalidInput, RegistryError
 from kolm_pipeline.provenance.receipts import read_statement
 from kolm_pipeline.registry.artifact import read_kolm
-from kolm_pipeline.registry.manage import artifact_cid_of
+from kolm_pipeline.registry.manage import artifact_cid_of, local_artifact
 from kolm_pipeline.registry.swap import read_pointer
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.workdir import NamespaceWorkdir
@@ -166,22 +166,25 @@ def _corpus_receipt(receipts: list[bytes]) -> dict:
     raise DriftUnavailable("the serving artifact holds no corpus receipt")
 
 
-def champion_of(settings: Settings, task: str, memo: dict) -> Champion:
-    """The task's serving artifact and its corpus's capture range; the archive is read once per artifact."""
+def champion_of(settings: Settings, task: str, memo: dict, store=None) -> Champion:
+    """The task's serving artifact and its corpus's capture range; the archive is read once per artifact. On a host
+    without the task's pointer (the daemon's pod), the registry's champion, fetched by CID."""
     try:
         pointer = read_pointer(settings.adapters_dir, task)
     except RegistryError as exc:
         raise DriftUnavailable(f"the serving pointer is broken: {exc}") from None
-    if pointer is None:
+    artifact = artifact_cid_of(pointer) if pointer is not None else None
+    if artifact is None and store is not None:
+        artifact = store.champions(task).get(task)
+    if artifact is None:
         raise DriftUnavailable("no adapter is deployed yet, so there is no training corpus to compare with")
-    artifact = artifact_cid_of(pointer)
     known = memo.get("champion")
     if isinstance(known, dict) and known.get("artifact_cid") == artifact:
         return Champion(**known)
     try:
-        kolm = read_kolm(pointer)
+        kolm = read_kolm(pointer if pointer is not None else local_artifact(settings, task, artifact))
         receipt = _corpus_receipt(kolm.receipts)
-    except RegistryError as exc:
+    except (RegistryError, DeployRefused) as exc:
         raise DriftUnavailable(f"cannot read the serving artifact {artifact}: {exc}") from None
     span = receipt.get("capture_range")
     corpus = kolm.manifest.get("corpus_cid")
@@ -224,7 +227,7 @@ def check_drift(store, settings: Settings, partition: str, cache: EmbeddingCache
     captured = store.counters(workdir.tenant, workdir.namespace)["captured"]
     window = captured // config.window
     try:
-        champion = champion_of(settings, workdir.task, memo)
+        champion = champion_of(settings, workdir.task, memo, store)
     except DriftUnavailable as exc:
         return DriftOutcome(partition, False, str(exc), memo, window)
     memo["champion"] = asdict(champion)

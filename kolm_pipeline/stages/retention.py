@@ -368,7 +368,7 @@ def sweep_images(settings: Settings, store) -> int:
     if not dead:
         return 0
     images = ImageStore(open_store(settings.artifacts_url, settings.artifacts_dir))
-    for digest in dead:
+    gone = store.forget_dead_images(dead)  # references first: a new capture of the same image keeps it
+    for digest in gone:
         images.delete(digest)
-    store.forget_image_rows(dead)
-    return len(dead)
+    return len(gone)

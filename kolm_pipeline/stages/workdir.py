@@ -14,6 +14,7 @@ products. Without a store (`kolm compile`'s scratch directory) nothing is publis
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 from kolm_pipeline.provenance.atomic import write_atomic
 from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.provenance.errors import RegistryError, UserError
-from kolm_pipeline.provenance.keys import ensure_tenant_keys, load_private_key
+from kolm_pipeline.provenance.keys import ensure_tenant_keys, keyid_for, load_private_key
 from kolm_pipeline.provenance.objectstore import open_store
 from kolm_pipeline.provenance.products import Products, directory_cid
 from kolm_pipeline.provenance.receipts import make_receipt, read_statement, receipt_cid
@@ -172,7 +173,11 @@ class NamespaceWorkdir:
         if product is None:
             return self.product_path(stage)[0].exists()  # made before products were published: used as it is
         if product.removed_at is not None:
-            self.product_path(stage)[0].unlink(missing_ok=True)
+            path, directory = self.product_path(stage)
+            if directory:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             return False
         self._materialize(product)
         return True
@@ -202,6 +207,11 @@ class NamespaceWorkdir:
         return self.receipts / f"{STAGE_ORDER.index(stage) + 1:02d}-{stage}.dsse.json"
 
     def signer(self) -> tuple[object, str]:
+        """The tenant's signing key and its id. Keys from KOLM_KEYS_DIR (a mounted Secret) are only read: a tenant
+        missing there is an error, never a new key one pod alone would sign with."""
+        if self.settings.keys_path is not None:
+            key = load_private_key(self.settings.keys_dir, self.tenant)
+            return key, keyid_for(key.public_key())
         keyid = ensure_tenant_keys(self.settings.keys_dir, self.tenant)
         return load_private_key(self.settings.keys_dir, self.tenant), keyid
 

@@ -44,8 +44,16 @@ class ImageRefQueries(StoreBase):
         with self.engine.connect() as conn:
             return list(conn.execute(select(t.digest).where(t.digest.not_in(live)).distinct()).scalars())
 
-    def forget_image_rows(self, digests: list[str]) -> None:
-        """Drop the references to images retention removed."""
+    def forget_dead_images(self, digests: list[str]) -> list[str]:
+        """Drop the references of `digests` that no live capture holds, and return those no reference is left to
+        at all: only their bytes may go. A capture that refers to one of them since `dead_image_digests` keeps its
+        reference, and its image (the writer also puts an image back that vanished under its new reference)."""
+        gone: list[str] = []
+        t = capture_images.c
         with self.engine.begin() as conn:
             for start in range(0, len(digests), _CHUNK):
-                conn.execute(delete(capture_images).where(capture_images.c.digest.in_(digests[start:start + _CHUNK])))
+                chunk = digests[start:start + _CHUNK]
+                conn.execute(delete(capture_images).where(t.digest.in_(chunk), ~_live()))
+                left = set(conn.execute(select(t.digest).where(t.digest.in_(chunk)).distinct()).scalars())
+                gone += [digest for digest in chunk if digest not in left]
+        return gone

@@ -87,7 +87,11 @@ def write_error(error_path: str | None, batch_size: int, exc: BaseException) -> 
         if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
             message += (f" — out of memory at batch size {batch_size}; try batch_size={max(1, batch_size // 2)}"
                         " or activation_checkpointing=true")
-        Path(error_path).write_text(message)
+        try:  # a training pod has no such directory of its own (the run's): the error still reaches the run's log
+            Path(error_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(error_path).write_text(message)
+        except OSError:
+            pass
 
 
 def main() -> None:
