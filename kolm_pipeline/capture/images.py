@@ -5,11 +5,11 @@ OpenAI sends images as `image_url` content parts, Anthropic as `image` blocks; e
 (what both providers accept): anything else is refused with a 400 naming the part, before it goes upstream.
 
 When the capture is written, each inline image is stored once under its sha256 in the image store (the object
-store's `images/` prefix: KOLM_ARTIFACTS_URL, by default `KOLM_HOME/artifacts/images`) and the message keeps a reference in its place
-(`kolm-image:sha256:<hex>`), so the store holds no base64 and redaction never scans image bytes. An image over its
-namespace's byte limit is not stored: its reference says so (`kolm-image:dropped:…`). A URL is recorded as given
-and never fetched by the proxy (no request to an address a caller chose). Retention removes an image once no
-capture inside its window refers to it (`stages/retention.py`).
+store's `images/` prefix: KOLM_ARTIFACTS_URL, by default `KOLM_HOME/artifacts/images`) and the message keeps a
+reference in its place (`kolm-image:sha256:<hex>`), so the store holds no base64 and redaction never scans image
+bytes. An image over its namespace's byte limit is not stored: its reference says so (`kolm-image:dropped:…`). A
+URL is recorded as given and never fetched by the proxy (no request to an address a caller chose). Retention
+removes an image once no capture inside its window refers to it (`stages/retention.py`).
 """
 
 from __future__ import annotations

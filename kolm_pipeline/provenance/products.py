@@ -2,10 +2,10 @@
 their CID.
 
 A file is the object ``products/<cid>``. A directory is its index (relative path → file CID, canonical JSON) stored
-under the directory's CID, which is the CID of that index, and its files under ``products/<directory
-cid>.files/<file cid>``: any changed byte of any file changes the directory's CID, every object proves its own content when
-fetched, and removing a directory removes only its own objects (a file with the same bytes in another product is
-that product's object).
+under the directory's CID, which is the CID of that index, and its files under
+``products/<directory cid>.files/<file cid>``: any changed byte of any file changes the directory's CID, every
+object proves its own content when fetched, and removing a directory removes only its own objects (a file with
+the same bytes in another product is that product's object).
 Nothing is ever written twice under one key, so two runs, on any host, never overwrite each other's products; a
 run reads its inputs by CID into its own KOLM_HOME, checking every byte on the way.
 """
