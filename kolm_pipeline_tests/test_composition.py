@@ -152,6 +152,11 @@ def test_compose_evaluates_gates_swaps_and_rolls_back(kolm_settings, autoreply_s
     assert main(["registry", "log", "--task", BILLING]) == 0
     assert f"parts: {distilled} ({TASK}) ×1 + {style_cid} (acme.style) ×0.05" in capsys.readouterr().out
 
+    assert main(["registry", "diff", "--task", BILLING]) == 0  # previous → current: both compositions, with parts
+    out = capsys.readouterr().out
+    assert f"before parts: {distilled} ({TASK}) ×{light[0][1]:g}" in out
+    assert f"after parts: {distilled} ({TASK}) ×1" in out
+
     assert main(["rollback", "--task", BILLING]) == 0
     out = capsys.readouterr().out
     assert store.champions(BILLING)[BILLING] == first != second

@@ -23,7 +23,7 @@ from kolm_pipeline.evaluate.result import CasePreviews
 from kolm_pipeline.provenance.errors import DeployRefused, RegistryError
 from kolm_pipeline.registry.artifact import KolmArtifact
 from kolm_pipeline.registry.manage import known_task, local_artifact, verified_artifact
-from kolm_pipeline.registry.provenance import _stage_predicates  # one reading of the receipts for both
+from kolm_pipeline.registry.provenance import _stage_predicates, composition_line  # one reading of receipts
 from kolm_pipeline.registry.refs import (
     CURRENT,
     KIND_ARTIFACT,
@@ -70,6 +70,7 @@ class Version:
     adapter_cid: str | None = None
     recipe: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
+    composition: dict[str, Any] | None = None  # the parts of a `kolm compose` artifact
 
     @property
     def ref(self) -> str | None:
@@ -145,7 +146,7 @@ class VersionDiff:
         def side(version: Version) -> dict[str, Any]:
             return {"label": version.label, "cid": version.cid, "corpus_cid": version.corpus_cid,
                     "corpus_pairs": version.corpus_pairs, "recipe_cid": version.recipe_cid,
-                    "adapter_cid": version.adapter_cid}
+                    "adapter_cid": version.adapter_cid, "composition": version.composition}
 
         return {
             "task": self.task,
@@ -190,9 +191,10 @@ def version_from_artifact(artifact: KolmArtifact, cid: str) -> Version:
     pairs = _int(_dict(evals.get("corpus")).get("pairs"))
     if pairs is None:
         pairs = _int(_dict(stages.get("corpus", {}).get("stats")).get("written"))
+    composition = manifest.get("composition") if isinstance(manifest.get("composition"), dict) else None
     return Version(label=cid, cid=cid, corpus_cid=manifest.get("corpus_cid"), corpus_pairs=pairs,
                    recipe_cid=manifest.get("recipe_cid"), adapter_cid=manifest.get("adapter_cid"),
-                   recipe=recipe, evaluation=evals)
+                   recipe=recipe, evaluation=evals, composition=composition)
 
 
 def version_from_evaluation(evaluation: dict[str, Any], label: str = CANDIDATE) -> Version:
@@ -559,6 +561,9 @@ def diff_text(diff: VersionDiff, limit: int = LISTED_CASES) -> str:
              if version.name and version.name != version.label]
     if named:
         lines.append(f"old → new: {', '.join(named)}")
+    for side, version in (("before", diff.before), ("after", diff.after)):
+        if (parts := composition_line(version.composition)) is not None:
+            lines.append(f"{side} {parts}")
     lines += [f"measured: {diff.basis}", ""]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
               for row in rows]
