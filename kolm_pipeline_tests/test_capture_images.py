@@ -129,6 +129,23 @@ def test_an_image_url_is_recorded_never_fetched(start_proxy, teacher):  # noqa: 
     assert row.messages[0]["content"][1]["image_url"]["url"] == url
     assert hits == [] and proxy.store.capture_image_digests(row.request_id) == []
 
+    # An operator fetched it and imports the bytes: the capture refers to the stored image from then on.
+    from kolm_pipeline.cli import main
+
+    picture, not_picture = proxy.home / "cat.png", proxy.home / "cat.txt"
+    picture.write_bytes(_png((5, 5, 250)))
+    not_picture.write_text("meow")
+    base = ["--home", str(proxy.home), "capture", "import-image", "--namespace", "acme.support", "--url"]
+    assert main([*base, url, "--file", str(not_picture)]) == 1
+    assert main([*base, url + "?other", "--file", str(picture)]) == 1  # no capture gave that URL: nothing stored
+    assert not (proxy.home / "artifacts" / "images").exists()
+    assert main([*base, url, "--file", str(picture)]) == 0
+    digest = hashlib.sha256(picture.read_bytes()).hexdigest()
+    [row] = proxy.captures()
+    assert row.messages[0]["content"][1]["image_url"] == {"url": REFERENCE_PREFIX + digest, "detail": "low"}
+    assert proxy.store.capture_image_digests(row.request_id) == [digest]
+    assert _object(proxy, digest).read_bytes() == picture.read_bytes()
+
 
 def test_an_image_that_is_not_an_image_is_refused_and_nothing_is_stored(start_proxy, teacher):  # noqa: F811
     proxy = start_proxy(teacher)

@@ -279,3 +279,21 @@ class ImageStore:
 
     def delete(self, digest: str) -> None:
         self.objects.delete(self.key(digest))
+
+
+def import_image_by_url(store, images: ImageStore, tenant: str, namespace: str, url: str, data: bytes) -> int:
+    """An operator's copy of an image the namespace's captures gave only by `url` (which the proxy never fetches):
+    checked to be an image, held to the namespace's byte limit, stored once by digest, and the captures' messages
+    made to refer to it, so they can be trained on. Returns how many captures now refer to it; nothing is stored when
+    none gave that URL."""
+    media_type = sniff(data)
+    if media_type is None:
+        raise ImageError("the file is not a PNG, JPEG, GIF or WEBP image")
+    if not store.captures_with_image_url(tenant, namespace, url):
+        raise ImageError(f"no capture of {tenant}.{namespace} inside its window gives an image by {url}")
+    image = CapturedImage(hashlib.sha256(data).hexdigest(), media_type, data)
+    limit = store.namespace_settings(tenant, namespace).image_bytes_limit
+    if store.image_bytes(tenant, namespace) + image.size > limit:
+        raise ImageError(f"{tenant}.{namespace} would hold more than its image_bytes_limit ({limit} bytes) of images")
+    images.put(image)
+    return len(store.attach_image_by_url(tenant, namespace, url, image.digest, media_type, image.size))

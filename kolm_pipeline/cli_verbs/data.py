@@ -219,6 +219,27 @@ def cmd_capture_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture_import_image(args: argparse.Namespace) -> int:
+    """Store an image the namespace's captures gave only by URL (the proxy never fetches one)."""
+    from kolm_pipeline.capture.images import ImageError, ImageStore, import_image_by_url
+    from kolm_pipeline.provenance.objectstore import open_store as open_objects
+
+    tenant, namespace = namespace_of(args)
+    path = Path(args.file)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror or exc}") from None
+    settings = settings_for_writing(args)
+    images = ImageStore(open_objects(settings.artifacts_url, settings.artifacts_dir))
+    try:
+        count = import_image_by_url(open_store(settings), images, tenant, namespace, args.url, data)
+    except ImageError as exc:
+        raise CliError(f"{path}: {exc}") from None
+    print(f"{tenant}.{namespace}: {count} capture(s) now refer to the image of {args.url} ({len(data)} bytes)")
+    return 0
+
+
 def cmd_triage_correct(args: argparse.Namespace) -> int:
     """Record a person's correction of one capture's answer (it replaces the teacher's output when trained)."""
     from kolm_pipeline.capture.corrections import record_correction
@@ -293,6 +314,18 @@ def add_capture_parsers(capture_verbs: argparse._SubParsersAction, actor: str) -
     listing.add_argument("--limit", type=int, default=50, help="captures per page")
     listing.add_argument("--offset", type=int, default=0, help="skip this many (the next page)")
     listing.add_argument("--json", action="store_true", help="print the page as JSON (as GET /v1/captures does)")
+
+    image = capture_verbs.add_parser(
+        "import-image", help="give captures that sent an image by URL its bytes, so they can be trained on",
+        description="The proxy records an image given as an http(s) URL and never fetches it, so those captures "
+        "are left out of training. Import the image's bytes from a file you fetched yourself: it is checked to be a "
+        "PNG, JPEG, GIF or WEBP, held to the namespace's image_bytes_limit, stored once by digest, and every live "
+        "capture of the namespace that gave that URL refers to it from then on.")
+    image.set_defaults(handler=cmd_capture_import_image)
+    image.add_argument("--namespace", required=True, help="TENANT.NAMESPACE (or NAMESPACE with --tenant)")
+    image.add_argument("--tenant", help="the tenant, when --namespace has none")
+    image.add_argument("--url", required=True, help="the image URL exactly as the captures give it")
+    image.add_argument("--file", required=True, help="the image's bytes")
 
     export = capture_verbs.add_parser(
         "export", help="export a namespace's captures as JSONL or CSV, with the same filters",

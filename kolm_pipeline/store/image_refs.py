@@ -3,7 +3,9 @@ the images no capture inside its window refers to any more, for retention."""
 
 from __future__ import annotations
 
-from sqlalchemy import and_, delete, exists, func, select
+import json
+
+from sqlalchemy import and_, delete, exists, func, insert, select, update
 
 from kolm_pipeline.store.base import StoreBase
 from kolm_pipeline.store.tables import capture_images, captures
@@ -44,6 +46,40 @@ class ImageRefQueries(StoreBase):
         with self.engine.connect() as conn:
             return list(conn.execute(select(t.digest).where(t.digest.not_in(live)).distinct()).scalars())
 
+    def captures_with_image_url(self, tenant: str, namespace: str, url: str) -> list[int]:
+        """Live captures of the namespace whose messages give an image by `url` (OpenAI or Anthropic form)."""
+        c = captures.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(c.id, c.input_json).where(
+                c.tenant == tenant, c.namespace == namespace, c.expired_at.is_(None),
+                c.input_json.contains(url, autoescape=True))).all()
+        return [row.id for row in rows if _replace_url(json.loads(row.input_json), url, "")[1]]
+
+    def attach_image_by_url(self, tenant: str, namespace: str, url: str, digest: str, media_type: str,
+                            size: int) -> list[int]:
+        """Make every live capture of the namespace that gave an image by `url` refer to the stored image `digest`
+        instead (an operator imported its bytes), in one transaction with their references; returns their ids."""
+        c = captures.c
+        changed = []
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(c.id, c.request_id, c.input_json).where(
+                c.tenant == tenant, c.namespace == namespace, c.expired_at.is_(None),
+                c.input_json.contains(url, autoescape=True))).all()
+            for row in rows:
+                messages, found = _replace_url(json.loads(row.input_json), url, digest, media_type)
+                if not found:
+                    continue
+                conn.execute(update(captures).where(c.id == row.id).values(
+                    input_json=json.dumps(messages, ensure_ascii=False, separators=(",", ":"))))
+                exists_already = conn.execute(select(capture_images.c.digest).where(
+                    capture_images.c.request_id == row.request_id, capture_images.c.digest == digest)).first()
+                if exists_already is None:
+                    conn.execute(insert(capture_images).values(request_id=row.request_id, tenant=tenant,
+                                                               namespace=namespace, digest=digest,
+                                                               media_type=media_type, bytes=size))
+                changed.append(row.id)
+        return changed
+
     def forget_dead_images(self, digests: list[str]) -> list[str]:
         """Drop the references of `digests` that no live capture holds, and return those no reference is left to
         at all: only their bytes may go. A capture that refers to one of them since `dead_image_digests` keeps its
@@ -57,3 +93,30 @@ class ImageRefQueries(StoreBase):
                 left = set(conn.execute(select(t.digest).where(t.digest.in_(chunk)).distinct()).scalars())
                 gone += [digest for digest in chunk if digest not in left]
         return gone
+
+
+def _replace_url(messages: list, url: str, digest: str, media_type: str = "") -> tuple[list, bool]:
+    """`messages` with each image part given by `url` turned into a reference to the stored image `digest`, and
+    whether there was one."""
+    found = False
+
+    def part_of(part):
+        nonlocal found
+        if not isinstance(part, dict):
+            return part
+        holder = part.get("image_url")
+        if part.get("type") == "image_url" and isinstance(holder, dict) and holder.get("url") == url:
+            found = True
+            return {**part, "image_url": {**holder, "url": f"kolm-image:sha256:{digest}"}}
+        source = part.get("source")
+        if part.get("type") == "image" and isinstance(source, dict) and source.get("type") == "url" \
+                and source.get("url") == url:
+            found = True
+            return {**part, "source": {"type": "kolm-image", "media_type": media_type, "digest": f"sha256:{digest}"}}
+        if part.get("type") == "tool_result" and isinstance(part.get("content"), list):
+            return {**part, "content": [part_of(inner) for inner in part["content"]]}
+        return part
+
+    out = [{**m, "content": [part_of(p) for p in m["content"]]} if isinstance(m, dict)
+           and isinstance(m.get("content"), list) else m for m in messages]
+    return out, found
