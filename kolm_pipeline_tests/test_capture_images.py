@@ -168,7 +168,9 @@ def test_the_namespace_byte_limit_and_retention(start_proxy, teacher):  # noqa: 
     client = proxy.openai()
     _ask(client, _data_url(small))
     _ask(client, _data_url(large), "Where is my parcel?")
-    first, second = proxy.captures()
+    _ask(client, _data_url(small))  # the namespace holds it already: it costs nothing more, and is kept
+    first, second, third = proxy.captures()
+    assert proxy.store.capture_image_digests(third.request_id) == [hashlib.sha256(small).hexdigest()]
     assert proxy.store.capture_image_digests(first.request_id) == [hashlib.sha256(small).hexdigest()]
     assert second.messages[0]["content"][1]["image_url"]["url"] == "kolm-image:dropped:namespace-image-limit"
     assert not _object(proxy, hashlib.sha256(large).hexdigest()).exists()
@@ -207,3 +209,28 @@ def test_an_image_stays_while_any_live_capture_refers_to_it(store):  # noqa: F81
     store.insert_captures_once([capture("c" * 32, 0)])
     assert store.forget_dead_images([digest]) == []
     assert store.capture_image_digests("a" * 32) == [] and store.capture_image_digests("c" * 32) == [digest]
+
+
+def test_an_image_no_capture_came_to_refer_to_goes_after_the_window(tmp_path):
+    """The writer stores an image before its capture row; if the store then refuses the record (quarantined), no
+    reference ever names the image: it goes once older than the strictest window, and not a moment before."""
+    import os
+    from datetime import UTC, datetime
+
+    from kolm_pipeline.capture.images import ImageStore
+    from kolm_pipeline.provenance.objectstore import DirectoryStore
+    from kolm_pipeline.settings import load_settings
+    from kolm_pipeline.stages.retention import sweep_images
+    from kolm_pipeline.store import CaptureStore
+
+    settings = load_settings(tmp_path / "home")
+    images = ImageStore(DirectoryStore(settings.artifacts_dir))
+    old, fresh = _png((1, 1, 1)), _png((2, 2, 2))
+    for data in (old, fresh):
+        images.put(CapturedImage(hashlib.sha256(data).hexdigest(), "image/png", data))
+    aged = datetime.now(UTC) - timedelta(days=40)
+    os.utime(settings.artifacts_dir / "images" / hashlib.sha256(old).hexdigest(), (aged.timestamp(),) * 2)
+    captures = CaptureStore(settings.store_url)
+    assert sweep_images(settings, captures, datetime.now(UTC) - timedelta(days=30)) == 1
+    assert set(images.stored()) == {hashlib.sha256(fresh).hexdigest()}
+    captures.close()

@@ -235,7 +235,8 @@ class BatchWriter:
         self._redactors[(tenant, namespace)] = (redactor, now + self._settings_ttl)
         return redactor
 
-    def _with_stored_images(self, store: CaptureStore, record: NewCapture, taken: dict[tuple[str, str], int],
+    def _with_stored_images(self, store: CaptureStore, record: NewCapture,
+                            taken: dict[tuple[str, str], tuple[int, set[str]]],
                             stored: dict[str, CapturedImage]) -> NewCapture:
         """The record with its inline images in the image store and references in their place (before redaction:
         it never scans image bytes). An image beyond the namespace's byte limit (`taken`: what this batch stored
@@ -253,13 +254,15 @@ class BatchWriter:
                 messages = drop_reference(messages, image, "no-image-store")
                 continue
             if where not in taken:
-                taken[where] = store.image_bytes(*where)
-            if taken[where] + image.size > limit:
-                messages = drop_reference(messages, image, "namespace-image-limit")
-                continue
+                taken[where] = (store.image_bytes(*where), store.live_image_digests(*where))
+            used, held = taken[where]
+            if image.digest not in held:  # an image the namespace holds already costs nothing more
+                if used + image.size > limit:
+                    messages = drop_reference(messages, image, "namespace-image-limit")
+                    continue
+                taken[where] = (used + image.size, held | {image.digest})
             self.images.put(image)
             stored[image.digest] = image
-            taken[where] += image.size
             kept[image.digest] = (image.digest, image.media_type, image.size)
         return replace(record, messages=messages, images=list(kept.values()))
 
@@ -269,7 +272,7 @@ class BatchWriter:
         if store is None:
             return False
         records = []
-        taken: dict[tuple[str, str], int] = {}
+        taken: dict[tuple[str, str], tuple[int, set[str]]] = {}
         stored: dict[str, CapturedImage] = {}
         try:
             for pending in batch:

@@ -20,6 +20,7 @@ import hashlib
 import re
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,10 @@ class ImageStore:
 
     def delete(self, digest: str) -> None:
         self.objects.delete(self.key(digest))
+
+    def stored(self) -> dict[str, datetime]:
+        """Every stored image's digest and when it was written."""
+        return {key.rsplit("/", 1)[-1]: when for key, when in self.objects.listing(IMAGE_PREFIX).items()}
 
 
 def import_image_by_url(store, images: ImageStore, tenant: str, namespace: str, url: str, data: bytes) -> int:

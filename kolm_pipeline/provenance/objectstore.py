@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -51,6 +52,10 @@ class ObjectStore(Protocol):
         """Remove the object (retention); nothing happens when it does not exist."""
         ...
 
+    def listing(self, prefix: str) -> dict[str, datetime]:
+        """Every object whose key starts with `prefix` and when it was last written (UTC)."""
+        ...
+
 
 class DirectoryStore:
     """Objects as files under a root directory, written through a temp file and ``os.replace``."""
@@ -85,6 +90,13 @@ class DirectoryStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def listing(self, prefix: str) -> dict[str, datetime]:
+        base = self.root / _check_key(prefix.rstrip("/"))
+        if not base.is_dir():
+            return {}
+        return {str(path.relative_to(self.root)): datetime.fromtimestamp(path.stat().st_mtime, UTC)
+                for path in base.rglob("*") if path.is_file() and not path.name.startswith(".")}
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.root)!r})"
@@ -153,6 +165,18 @@ class S3Store:
             self.client.delete_object(Bucket=self.bucket, Key=self.key(key))
         except self._errors() as exc:
             raise RegistryError(f"cannot delete {self.url(key)}: {exc}") from exc
+
+    def listing(self, prefix: str) -> dict[str, datetime]:
+        full = self.key(prefix.rstrip("/")) + "/"
+        found: dict[str, datetime] = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for item in page.get("Contents", []):
+                    key = item["Key"][len(self.prefix) + 1:] if self.prefix else item["Key"]
+                    found[key] = item["LastModified"]
+        except self._errors() as exc:
+            raise RegistryError(f"cannot list {self.url(prefix)}: {exc}") from exc
+        return found
 
     def __repr__(self) -> str:
         return f"S3Store({self.url('x')[:-2]!r})"

@@ -352,23 +352,27 @@ def sweep_retention(settings: Settings, store, now: datetime | None = None) -> R
             work_files[workdir.partition] = changed
     for task, gone in sweep_products(settings, store, now).items():
         work_files.setdefault(task, []).extend(gone)
-    images = sweep_images(settings, store)
-    # Hook of the capture path's own retention: a quarantined record is kept as long as the strictest window.
     shortest = min([store.default_retention_days,
                     *(switches.retention_days for switches in store.all_namespace_settings().values())])
+    images = sweep_images(settings, store, now - timedelta(days=shortest))
+    # Hook of the capture path's own retention: a quarantined record is kept as long as the strictest window.
     quarantined = Quarantine(settings.quarantine_dir).expire(now - timedelta(days=shortest))
     return RetentionSweep(expired=expired, work_files=work_files, quarantined=quarantined,
                           scrubbed=store.scrub() if expired else True, images=images)
 
 
-def sweep_images(settings: Settings, store) -> int:
-    """Remove the captured images no capture inside its window refers to any more (capture/images.py); returns
-    how many."""
-    dead = store.dead_image_digests()
-    if not dead:
-        return 0
+def sweep_images(settings: Settings, store, unreferenced_before: datetime) -> int:
+    """Remove the captured images no capture inside its window refers to any more (capture/images.py), and those
+    no capture ever came to refer to (the store refused the record, which went to the quarantine) once they are
+    older than `unreferenced_before` (the strictest window, as the quarantine); returns how many."""
     images = ImageStore(open_store(settings.artifacts_url, settings.artifacts_dir))
-    gone = store.forget_dead_images(dead)  # references first: a new capture of the same image keeps it
+    dead = store.dead_image_digests()
+    gone = store.forget_dead_images(dead) if dead else []  # references first: a new capture keeps its image
     for digest in gone:
         images.delete(digest)
-    return len(gone)
+    referenced = store.referenced_images()
+    orphans = [digest for digest, written in images.stored().items()
+               if digest not in referenced and written < unreferenced_before]
+    for digest in orphans:
+        images.delete(digest)
+    return len(gone) + len(orphans)

@@ -30,6 +30,13 @@ class ImageRefQueries(StoreBase):
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.coalesce(func.sum(distinct_images.c.bytes), 0))).scalar() or 0)
 
+    def live_image_digests(self, tenant: str, namespace: str) -> set[str]:
+        """The images the namespace's live captures refer to (counted once against its byte limit)."""
+        t = capture_images.c
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(t.digest).where(t.tenant == tenant, t.namespace == namespace, _live())
+                                    .distinct()).scalars())
+
     def capture_image_digests(self, request_id: str) -> list[str]:
         with self.engine.connect() as conn:
             return list(conn.execute(select(capture_images.c.digest).where(
@@ -79,6 +86,11 @@ class ImageRefQueries(StoreBase):
                                                                media_type=media_type, bytes=size))
                 changed.append(row.id)
         return changed
+
+    def referenced_images(self) -> set[str]:
+        """Every digest a capture refers to, live or not."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(capture_images.c.digest).distinct()).scalars())
 
     def forget_dead_images(self, digests: list[str]) -> list[str]:
         """Drop the references of `digests` that no live capture holds, and return those no reference is left to
