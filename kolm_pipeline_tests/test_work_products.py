@@ -141,3 +141,22 @@ def test_the_trainer_fetches_inputs_it_does_not_hold_by_cid(tmp_path, monkeypatc
     assert local.base_model_path == base.path
     with pytest.raises(BaseModelError, match="resolves to weights"):
         localized(job.model_copy(update={"base_digest": "sha256:" + "0" * 64}))
+
+
+def test_a_second_demo_starts_from_the_bare_base_again(kolm_settings):
+    """`kolm demo` on a home where it ran before: with the pointer file gone, the registry (where hosts without
+    one read the champion) must say the task is back on the bare base, or the new candidate meets the old one."""
+    from kolm_pipeline.demo.run import DEMO_NAMESPACE, DEMO_TENANT, reset_demo_namespace
+    from kolm_pipeline.stages.deployment import current_champion
+
+    task = f"{DEMO_TENANT}.{DEMO_NAMESPACE}"
+    store = CaptureStore(kolm_settings.store_url)
+    store.create_tenant(DEMO_TENANT)
+    store.add_registry_row(task=task, from_cid=None, to_cid="bafkrei" + "a" * 52, k_before=0.2, k_after=0.9,
+                           decision="swap", actor="test", details={})
+    reset_demo_namespace(kolm_settings, store)
+    assert store.champions(task)[task] is None and current_champion(kolm_settings, task, store) is None
+    assert store.registry_rows(task)[0].actor == "kolm demo"
+    reset_demo_namespace(kolm_settings, store)  # nothing serves: no second row
+    assert len(store.registry_rows(task)) == 2
+    store.close()

@@ -88,6 +88,13 @@ def reset_demo_namespace(settings: Settings, store: CaptureStore) -> None:
     (settings.adapters_dir / workdir.task).unlink(missing_ok=True)
     store.delete_namespace(DEMO_TENANT, DEMO_NAMESPACE)
     sweep_products(settings, store, store.clock())  # the deleted captures' text goes from the object store too
+    # The registry is where a host without the pointer file reads the champion: say there too that the task is
+    # back on the bare base (a recorded step, like any rollback), or the new candidate meets the last demo's.
+    current = store.champions(workdir.task).get(workdir.task)
+    if current is not None:
+        store.add_registry_row(task=workdir.task, from_cid=current, to_cid=None, k_before=None, k_after=None,
+                               decision="rollback", actor="kolm demo",
+                               details={"reason": "kolm demo starts again from the bare base"})
 
 
 def run_demo(settings: Settings, tickets: int = 320, epochs: float = 2.0, log=print) -> DemoReport:
