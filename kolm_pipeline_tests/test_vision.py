@@ -92,3 +92,27 @@ def test_a_text_only_server_refuses_image_parts():
         _parse(body, images=True)
     with pytest.raises(BadRequest, match="content\\[0\\] must be a text or image_url part"):
         _parse({"model": "t", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, images=True)
+
+
+def test_training_and_serving_render_the_same_prompt(tiny_vlm, tmp_path):
+    """A corpus row (image placeholder, a newline, the question) and the request it came from (an image part and a
+    text part) become the same prompt: what the adapter learnt is what it is asked."""
+    from transformers import AutoProcessor
+
+    from kolm_pipeline.serve.vision import request_conversation
+    from kolm_pipeline.train.vision import prompt, render
+
+    processor = AutoProcessor.from_pretrained(str(tiny_vlm))
+    data = _png(90)
+    image = CapturedImage(hashlib.sha256(data).hexdigest(), "image/png", data)
+    store = ImageStore(DirectoryStore(tmp_path / "objects"))
+    store.put(image)
+    trained, pictures = prompt(processor, [{"role": "user", "content": placeholder(image.digest) + "\nWhat colour?"}],
+                               store)
+    request = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + __import__("base64").b64encode(
+            data).decode()}}, {"type": "text", "text": "What colour?"}]}]
+    conversation, images = request_conversation(request)
+    served = render(processor, conversation)
+    assert trained == served and len(pictures) == len(images) == 1
+    assert trained.count(processor.image_token) == 1

@@ -16,6 +16,22 @@ from pathlib import Path
 
 from kolm_pipeline.capture.images import ImageError, inline_images
 from kolm_pipeline.serve.backends import BackendError
+from kolm_pipeline.train.vision import render
+
+
+def request_conversation(messages: list[dict]) -> tuple[list[tuple[str, list[str | None]]], list[bytes]]:
+    """A request's turns as `render` takes them (a part is text, or None for an image) and its images' bytes."""
+    plain, images = inline_images(messages)
+    conversation = []
+    for message in plain:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = [None if part.get("type") == "image" else str(part.get("text", ""))
+                     for part in content if isinstance(part, dict)]
+        else:
+            parts = [str(content)]
+        conversation.append((message["role"], parts))
+    return conversation, images
 
 
 class VisionBackend:
@@ -67,18 +83,10 @@ class VisionBackend:
         from PIL import Image
 
         try:
-            plain, images = inline_images(messages)
+            conversation, images = request_conversation(messages)
         except ImageError as exc:
             raise BackendError(str(exc)) from None
-        token = getattr(self._processor, "image_token", "<image>")
-        rendered = []
-        for message in plain:
-            content = message["content"]
-            if isinstance(content, list):
-                content = "".join(token if part.get("type") == "image" else str(part.get("text", ""))
-                                  for part in content if isinstance(part, dict))
-            rendered.append({"role": message["role"], "content": content})
-        text = self._processor.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+        text = render(self._processor, conversation)  # the prompt training and evaluation rendered
         pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
         encoded = self._processor(text=[text], images=[pictures] if pictures else None, return_tensors="pt")
         device = next(self._model.parameters()).device

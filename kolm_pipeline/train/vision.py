@@ -74,16 +74,38 @@ def _image(images: ImageStore | None, digest: str):
         raise VisionError(f"image {digest}: {exc}") from None
 
 
+def render(processor, conversation: list[tuple[str, list[str | None]]], generation: bool = True) -> str:
+    """The chat prompt of a conversation whose turns are (role, parts): a part is text, or None for an image. The
+    one rendering training, evaluation and serving share: the tokenizer's chat template with the processor's image
+    token where each image is (parts joined by a newline, as the corpus joins them), or, for a base whose
+    tokenizer has no template, the processor's own template over typed parts."""
+    tokenizer = processor.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        token = getattr(processor, "image_token", "<image>")
+        turns = [{"role": role, "content": "\n".join(token if part is None else part for part in parts)}
+                 for role, parts in conversation]
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation)
+    turns = [{"role": role, "content": [{"type": "image"} if part is None else {"type": "text", "text": part}
+                                        for part in parts]} for role, parts in conversation]
+    return processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation)
+
+
 def prompt(processor, messages: list[dict], images: ImageStore | None, generation: bool = True):
-    """(the chat prompt with the processor's image token where each image was, the images in order)."""
-    token = getattr(processor, "image_token", "<image>")
-    rendered, pictures = [], []
+    """(the chat prompt of corpus rows' messages, whose images are placeholders; the images in order)."""
+    conversation, pictures = [], []
     for message in messages:
-        pieces, digests = split_placeholders(str(message.get("content", "")))
-        rendered.append({"role": message["role"], "content": token.join(pieces)})
+        text = str(message.get("content", ""))
+        pieces, digests = split_placeholders(text)
+        parts: list[str | None] = []
+        for index, piece in enumerate(pieces):
+            piece = piece.strip("\n") if digests else piece  # the corpus's newline between parts
+            if piece:
+                parts.append(piece)
+            if index < len(digests):
+                parts.append(None)
+        conversation.append((message["role"], parts))
         pictures += [_image(images, digest) for digest in digests]
-    text = processor.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=generation)
-    return text, pictures
+    return render(processor, conversation, generation), pictures
 
 
 def _encode(processor, text: str, pictures: list):
