@@ -307,7 +307,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.backend == "vllm":
         if not args.vllm_url:
             raise CliError("--backend vllm needs --vllm-url (the vLLM server, e.g. http://vllm:8000)")
-        backend = VLLMBackend(args.vllm_url, settings.home / "serve-cache", adapter_root=args.vllm_adapter_root)
+        backend = VLLMBackend(args.vllm_url, settings.home / "serve-cache", adapter_root=args.vllm_adapter_root,
+                              accepts_images=args.vllm_images)
     else:
         if args.threads is not None:
             if args.threads < 1:
@@ -562,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.add_argument("--vllm-url", help="vLLM server, e.g. http://vllm:8000 (--backend vllm)")
     serve_.add_argument("--vllm-adapter-root",
                         help="KOLM_HOME/serve-cache as the vLLM server sees it, when mounted at another path")
+    serve_.add_argument("--vllm-images", action="store_true",
+                        help="the vLLM server runs a vision-language model: pass image_url parts (base64 data URLs "
+                        "only) on to it")
     serve_.add_argument("--poll-interval", type=float, default=0.1, help="seconds between pointer checks")
     serve_.add_argument("--follow", choices=["pointers", "registry"], default="pointers",
                         help="what says which adapter serves each task: the pointer files in KOLM_HOME/adapters "

@@ -86,7 +86,14 @@ def tiny_vlm(tmp_path_factory) -> Path:
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2)
     images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 64},
                                        do_image_splitting=False)
-    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4)
+    # SmolVLM's own chat template (typed parts, `User:`/`Assistant:` turns), not the text model's.
+    template = ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+                "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+                "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+                "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=template)
     path = tmp_path_factory.mktemp("tiny-vlm")
     Idefics3ForConditionalGeneration(config).save_pretrained(str(path))
     processor.save_pretrained(str(path))

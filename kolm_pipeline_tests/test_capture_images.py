@@ -100,7 +100,11 @@ def test_openai_images_are_stored_once_by_digest(start_proxy, teacher):  # noqa:
 
 def test_anthropic_base64_images_are_stored_too(start_proxy, teacher):  # noqa: F811
     proxy = start_proxy(teacher)
-    jpeg = b"\xff\xd8\xff\xe0" + b"\x00" * 60
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
     digest = hashlib.sha256(jpeg).hexdigest()
     proxy.anthropic().messages.create(model="claude-sonnet-4", max_tokens=16, messages=[{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg",
@@ -151,6 +155,7 @@ def test_an_image_that_is_not_an_image_is_refused_and_nothing_is_stored(start_pr
     proxy = start_proxy(teacher)
     client = proxy.openai()
     for url, why in ((_data_url(b"hello, not a picture"), "is not a PNG, JPEG, GIF or WEBP image"),
+                     (_data_url(_png((1, 2, 3))[:40]), "the image cannot be read"),
                      ("data:image/png;base64,%%%", "not valid base64"),
                      ("ftp://example.com/x.png", "data: URL or an http(s) URL")):
         with pytest.raises(openai.BadRequestError) as refused:

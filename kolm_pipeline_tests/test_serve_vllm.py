@@ -151,7 +151,8 @@ def test_vllm_backend_swaps_through_runtime_lora_endpoints(stand_in, tmp_path):
         with runtime.lease(TASK) as adapter:
             "".join(backend.stream(adapter.name, picture, None, 8))
         assert stand_in.named("/v1/chat/completions")[-1]["messages"] == picture
-        assert backend.accepts_images
+        assert not backend.accepts_images  # `kolm serve` passes image parts only with --vllm-images
+        assert VLLMBackend(stand_in.url, settings.home / "serve-cache", accepts_images=True).accepts_images
     finally:
         runtime.stop()
 

@@ -77,7 +77,7 @@ def test_the_vision_tower_setting_adapts_it_too(tiny_vlm, tmp_path):
         keys = load_file(str(out / "adapter_model.safetensors")).keys()
         assert any("text_model" in key for key in keys)
         assert any("vision_model" in key for key in keys) is tower
-    with pytest.raises(Exception, match="no image store"):
+    with pytest.raises(Exception, match="none of the 4 training rows could be read"):
         train_vision_adapter(rows, base, tmp_path / "none", TrainConfig.parse({"epochs": 1}), None)
 
 
@@ -115,4 +115,12 @@ def test_training_and_serving_render_the_same_prompt(tiny_vlm, tmp_path):
     conversation, images = request_conversation(request)
     served = render(processor, conversation)
     assert trained == served and len(pictures) == len(images) == 1
+    assert trained.count(processor.image_token) == 1 and "What colour?" in trained and "User:" in trained
+    # A base whose only template is its text model's (strings): the image token stands in the text instead.
+    processor.chat_template = None
+    processor.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                                         "{% endif %}")
+    trained = prompt(processor, [{"role": "user", "content": placeholder(image.digest) + "\nWhat colour?"}], store)[0]
+    assert trained == render(processor, conversation) and "<|im_start|>user" in trained
     assert trained.count(processor.image_token) == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import re
 import tempfile
 from dataclasses import dataclass
@@ -80,7 +81,29 @@ def _decode(where: str, text: str) -> CapturedImage:
     media_type = sniff(data)
     if media_type is None:
         raise ImageError(f"{where}: the data is not a PNG, JPEG, GIF or WEBP image")
+    readable(where, data)
     return CapturedImage(hashlib.sha256(data).hexdigest(), media_type, data)
+
+
+# Larger pictures are refused (a small PNG can hold a huge, empty picture that decodes to gigabytes).
+MAX_PIXELS = 40_000_000
+
+
+def readable(where: str, data: bytes) -> None:
+    """ImageError unless `data` opens as an image of at most MAX_PIXELS whose file checks out (PIL's verify: the
+    structure and checksums, without decoding every pixel)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageError(f"{where}: an image of {image.width}×{image.height} pixels is more than "
+                                 f"{MAX_PIXELS} pixels")
+            image.verify()
+    except ImageError:
+        raise
+    except Exception as exc:  # PIL's errors for a damaged or hostile file are many
+        raise ImageError(f"{where}: the image cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def _inline_openai(where: str, part: dict, from_client: bool) -> tuple[CapturedImage | None, bool]:
@@ -294,6 +317,7 @@ def import_image_by_url(store, images: ImageStore, tenant: str, namespace: str, 
     media_type = sniff(data)
     if media_type is None:
         raise ImageError("the file is not a PNG, JPEG, GIF or WEBP image")
+    readable("the file", data)
     if not store.captures_with_image_url(tenant, namespace, url):
         raise ImageError(f"no capture of {tenant}.{namespace} inside its window gives an image by {url}")
     image = CapturedImage(hashlib.sha256(data).hexdigest(), media_type, data)

@@ -68,13 +68,19 @@ class ChatRequest:
 
 
 def _image_parts(index: int, content: Any) -> bool:
-    """Whether `content` is a list of text and image parts (BadRequest for any other list)."""
+    """Whether `content` is a list of text and image parts (BadRequest for any other list, and for an image given
+    by URL: the server never fetches an address a caller chose)."""
     if not isinstance(content, list) or not content:
         return False
     for position, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in ("text", "image_url") or (kind == "text" and not isinstance(part.get("text"), str)):
             raise BadRequest(f"messages[{index}].content[{position}] must be a text or image_url part")
+        holder = part.get("image_url") if kind == "image_url" else None
+        url = holder.get("url") if isinstance(holder, dict) else holder
+        if kind == "image_url" and not (isinstance(url, str) and url.startswith("data:")):
+            raise BadRequest(f"messages[{index}].content[{position}]: send the image's bytes as a base64 data: URL "
+                             "(this server never fetches an image URL)")
     return True
 
 

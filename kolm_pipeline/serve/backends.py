@@ -339,13 +339,14 @@ class VLLMBackend:
     ``adapter_root`` is where vLLM sees the runtime's adapter cache (``KOLM_HOME/serve-cache``) when it
     mounts the shared volume at another path; without it the local path is sent as is.
 
-    Messages go to vLLM as they came, image parts included: a vLLM serving a vision-language model answers them
-    (a text model's refusal comes back as the BackendError).
+    With ``accepts_images`` (a vLLM serving a vision-language model: ``kolm serve --vllm-images``) image parts go
+    to vLLM as they came; `kolm serve` lets through only base64 data URLs, so vLLM never fetches an address a
+    caller chose.
     """
 
-    accepts_images = True
-
-    def __init__(self, url: str, cache_dir: Path, adapter_root: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, cache_dir: Path, adapter_root: str | None = None, timeout: float = 60.0,
+                 accepts_images: bool = False) -> None:
+        self.accepts_images = accepts_images
         import httpx
 
         self.url = url.rstrip("/")

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from kolm_pipeline.capture.images import ImageError, inline_images
+from kolm_pipeline.capture.images import ImageError, inline_images, readable
 from kolm_pipeline.serve.backends import BackendError
 from kolm_pipeline.train.vision import render
 
@@ -25,13 +25,29 @@ def request_conversation(messages: list[dict]) -> tuple[list[tuple[str, list[str
     conversation = []
     for message in plain:
         content = message["content"]
-        if isinstance(content, list):
-            parts = [None if part.get("type") == "image" else str(part.get("text", ""))
-                     for part in content if isinstance(part, dict)]
-        else:
-            parts = [str(content)]
+        parts: list[str | None] = []
+        for part in content if isinstance(content, list) else [{"type": "text", "text": str(content)}]:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "image":
+                parts.append(None)
+            elif parts and parts[-1] is not None:  # adjacent text parts, joined as the corpus joins them
+                parts[-1] += "\n" + str(part.get("text", ""))
+            else:
+                parts.append(str(part.get("text", "")))
         conversation.append((message["role"], parts))
     return conversation, images
+
+
+def decoded(data: bytes):
+    """The image, RGB; ImageError when it cannot be read or is larger than MAX_PIXELS (capture/images.py)."""
+    from PIL import Image
+
+    readable("an image", data)
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - verified, yet the pixels do not decode
+        raise ImageError(f"an image cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
 class VisionBackend:
@@ -79,15 +95,22 @@ class VisionBackend:
         with self._lock:
             self._slots.unload(name)
 
+    def check_prompt(self, messages: list[dict], max_tokens: int) -> None:
+        """Refuse (BackendError: a 400) a request whose images cannot be read here: given by URL, undecodable,
+        too large, or text holding the base's image token."""
+        self._inputs(messages)
+
     def _inputs(self, messages: list[dict]):
-        from PIL import Image
+        from kolm_pipeline.train.vision import literal_image_token
 
         try:
             conversation, images = request_conversation(messages)
+            pictures = [decoded(data) for data in images]
         except ImageError as exc:
             raise BackendError(str(exc)) from None
+        if literal_image_token(self._processor, [p for _, parts in conversation for p in parts if p is not None]):
+            raise BackendError(f"a text part holds {self._processor.image_token!r}, this base's image marker")
         text = render(self._processor, conversation)  # the prompt training and evaluation rendered
-        pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
         encoded = self._processor(text=[text], images=[pictures] if pictures else None, return_tensors="pt")
         device = next(self._model.parameters()).device
         return {key: value.to(device) for key, value in encoded.items()}

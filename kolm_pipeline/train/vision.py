@@ -13,12 +13,13 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kolm_pipeline.capture.images import ImageStore, split_placeholders
+from kolm_pipeline.capture.images import PLACEHOLDER, ImageStore, split_placeholders
 from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.errors import UserError
@@ -48,7 +49,8 @@ def load_vision(base: BaseModel):
 
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
-                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def processor_digest(base: BaseModel) -> str:
@@ -76,29 +78,45 @@ def _image(images: ImageStore | None, digest: str):
 
 def render(processor, conversation: list[tuple[str, list[str | None]]], generation: bool = True) -> str:
     """The chat prompt of a conversation whose turns are (role, parts): a part is text, or None for an image. The
-    one rendering training, evaluation and serving share: the tokenizer's chat template with the processor's image
-    token where each image is (parts joined by a newline, as the corpus joins them), or, for a base whose
-    tokenizer has no template, the processor's own template over typed parts."""
-    tokenizer = processor.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        token = getattr(processor, "image_token", "<image>")
-        turns = [{"role": role, "content": "\n".join(token if part is None else part for part in parts)}
-                 for role, parts in conversation]
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation)
-    turns = [{"role": role, "content": [{"type": "image"} if part is None else {"type": "text", "text": part}
-                                        for part in parts]} for role, parts in conversation]
-    return processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation)
+    one rendering training, evaluation and serving share: the processor's own chat template over typed parts (what
+    SmolVLM, Idefics3 and Qwen2.5-VL ship: it places their image markers), or, where the template takes strings
+    only (a text model's), that one with the processor's image token where each image is (parts joined by a
+    newline)."""
+    if getattr(processor, "chat_template", None):
+        typed = [{"role": role, "content": [{"type": "image"} if part is None else {"type": "text", "text": part}
+                                            for part in parts]} for role, parts in conversation]
+        try:
+            return processor.apply_chat_template(typed, tokenize=False, add_generation_prompt=generation)
+        except Exception:  # noqa: BLE001 - a text model's template (strings only) handed down to the processor
+            pass
+    token = getattr(processor, "image_token", "<image>")
+    turns = [{"role": role, "content": "\n".join(token if part is None else part for part in parts)}
+             for role, parts in conversation]
+    return processor.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation)
+
+
+def literal_image_token(processor, texts: list[str]) -> bool:
+    """Whether a text holds the processor's image token itself (an HTML question, say): the processor would count it
+    as an image, so such a conversation cannot be rendered faithfully."""
+    token = getattr(processor, "image_token", None)
+    return bool(token) and any(token in text for text in texts)
 
 
 def prompt(processor, messages: list[dict], images: ImageStore | None, generation: bool = True):
-    """(the chat prompt of corpus rows' messages, whose images are placeholders; the images in order)."""
+    """(the chat prompt of corpus rows' messages, whose images are placeholders; the images in order); VisionError
+    for a row that cannot be rendered (an image that cannot be read, the image token in its text)."""
     conversation, pictures = [], []
     for message in messages:
         text = str(message.get("content", ""))
+        if literal_image_token(processor, [PLACEHOLDER.sub("", text)]):
+            raise VisionError("the text itself holds the base's image token")
         pieces, digests = split_placeholders(text)
         parts: list[str | None] = []
         for index, piece in enumerate(pieces):
-            piece = piece.strip("\n") if digests else piece  # the corpus's newline between parts
+            if index > 0:
+                piece = piece.removeprefix("\n")  # the newline the corpus joined the parts with
+            if index < len(digests):
+                piece = piece.removesuffix("\n")
             if piece:
                 parts.append(piece)
             if index < len(digests):
@@ -106,6 +124,11 @@ def prompt(processor, messages: list[dict], images: ImageStore | None, generatio
         conversation.append((message["role"], parts))
         pictures += [_image(images, digest) for digest in digests]
     return render(processor, conversation, generation), pictures
+
+
+def _names(modules) -> str | list[str]:
+    """PEFT's target modules as JSON: a pattern as it is, a set of names sorted."""
+    return modules if isinstance(modules, str) else sorted(modules)
 
 
 def _encode(processor, text: str, pictures: list):
@@ -126,19 +149,28 @@ def train_vision_adapter(rows: list[dict], base: BaseModel, output_dir: Path, co
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
-        modules = VISION_AND_LANGUAGE_MODULES if config.vision_tower else LANGUAGE_MODULES
+        pattern = re.compile(VISION_AND_LANGUAGE_MODULES if config.vision_tower else LANGUAGE_MODULES)
+        # Linear layers only: LoRA on a patch embedding's convolution could be trained, but not served.
+        modules = [name for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)]
         model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                                  target_modules=modules, task_type="CAUSAL_LM"))
     device = next(model.parameters()).device
-    examples = []
-    for row in rows:
-        text, pictures = prompt(processor, row["messages"][:-1], images)
+    examples, skipped = [], 0
+    for row in rows:  # kept on the CPU; each step moves its own rows to the device
+        try:
+            text, pictures = prompt(processor, row["messages"][:-1], images)
+        except VisionError:
+            skipped += 1  # an image gone or unreadable, an image token in the text: this row only
+            continue
         answer = str(row["messages"][-1]["content"]) + (processor.tokenizer.eos_token or "")
         full = _encode(processor, text + answer, pictures)
         prompt_length = _encode(processor, text, pictures)["input_ids"].shape[1]
         labels = full["input_ids"].clone()
         labels[:, :prompt_length] = -100
-        examples.append(({key: value.to(device) for key, value in full.items()}, labels.to(device)))
+        examples.append((dict(full), labels))
+    if not examples:
+        raise VisionError(f"none of the {len(rows)} training rows could be read ({skipped} skipped)")
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
@@ -155,7 +187,8 @@ def train_vision_adapter(rows: list[dict], base: BaseModel, output_dir: Path, co
         total = 0.0
         for index in batch:
             inputs, labels = examples[index]
-            loss = model(**inputs, labels=labels).loss / len(batch)
+            inputs = {key: value.to(device) for key, value in inputs.items()}
+            loss = model(**inputs, labels=labels.to(device)).loss / len(batch)
             loss.backward()
             total += loss.item()
             tokens += int(inputs["input_ids"].shape[1])
@@ -174,11 +207,12 @@ def train_vision_adapter(rows: list[dict], base: BaseModel, output_dir: Path, co
                          wall_seconds=wall, tokens_per_second=tokens / wall if wall > 0 else 0.0,
                          final_loss=loss_curve[-1][1], peak_memory_mb=peak_memory_mb(),
                          epochs=steps * config.batch_size / len(examples), loss_curve=loss_curve,
-                         config={**config.model_dump(), "target_modules": model.peft_config["default"].target_modules
-                                 if init_adapter is None else "(the champion's)"})
+                         config={**config.model_dump(),
+                                 "target_modules": _names(model.peft_config["default"].target_modules)})
     (staging / "kolm_training.json").write_text(json.dumps({
         "trainer_version": trainer_version, "base_model": base.model_id, "base_digest": base.digest,
         "vision": True, "processor": processor.__class__.__name__, "processor_digest": processor_digest(base),
+        "skipped_rows": skipped,
         **result.metrics(), "config": result.config},
         indent=2))
     shutil.rmtree(output_dir, ignore_errors=True)
@@ -195,7 +229,11 @@ def generate_answers(model, processor, conversations: list[list[dict]], images: 
     device = next(model.parameters()).device
     for conversation in conversations:
         began = time.perf_counter()
-        text, pictures = prompt(processor, conversation, images)
+        try:
+            text, pictures = prompt(processor, conversation, images)
+        except VisionError:  # no answer: the case counts as failed for every model alike
+            answers.append(("", time.perf_counter() - began))
+            continue
         inputs = {key: value.to(device) for key, value in _encode(processor, text, pictures).items()}
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
