@@ -154,7 +154,9 @@ def test_a_second_demo_starts_from_the_bare_base_again(kolm_settings):
     store.create_tenant(DEMO_TENANT)
     store.add_registry_row(task=task, from_cid=None, to_cid="bafkrei" + "a" * 52, k_before=0.2, k_after=0.9,
                            decision="swap", actor="test", details={})
+    store.update_tripwire_state(task, lambda state: {"halted": True, "halt_reasons": ["an earlier demo"]})
     reset_demo_namespace(kolm_settings, store)
+    assert not store.tripwire_state(task).get("halted")
     assert store.champions(task)[task] is None and current_champion(kolm_settings, task, store) is None
     assert store.registry_rows(task)[0].actor == "kolm demo"
     reset_demo_namespace(kolm_settings, store)  # nothing serves: no second row

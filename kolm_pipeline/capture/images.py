@@ -222,6 +222,14 @@ def drop_reference(messages: list[dict], image: CapturedImage, reason: str) -> l
             for m in messages]
 
 
+def image_store(settings) -> ImageStore:
+    """Where the proxy stores captured images: beside the products and artifacts (KOLM_ARTIFACTS_URL, by default
+    KOLM_HOME/artifacts), so a training pod and the retention sweep find them too."""
+    from kolm_pipeline.provenance.objectstore import open_store
+
+    return ImageStore(open_store(settings.artifacts_url, settings.artifacts_dir))
+
+
 def placeholder(digest: str) -> str:
     return f"<kolm-image sha256:{digest}>"
 
@@ -322,7 +330,8 @@ def import_image_by_url(store, images: ImageStore, tenant: str, namespace: str, 
         raise ImageError(f"no capture of {tenant}.{namespace} inside its window gives an image by {url}")
     image = CapturedImage(hashlib.sha256(data).hexdigest(), media_type, data)
     limit = store.namespace_settings(tenant, namespace).image_bytes_limit
-    if store.image_bytes(tenant, namespace) + image.size > limit:
+    held = image.digest in store.live_image_digests(tenant, namespace)  # costs nothing more
+    if not held and store.image_bytes(tenant, namespace) + image.size > limit:
         raise ImageError(f"{tenant}.{namespace} would hold more than its image_bytes_limit ({limit} bytes) of images")
     images.put(image)
     return len(store.attach_image_by_url(tenant, namespace, url, image.digest, media_type, image.size))

@@ -221,8 +221,7 @@ def cmd_capture_export(args: argparse.Namespace) -> int:
 
 def cmd_capture_import_image(args: argparse.Namespace) -> int:
     """Store an image the namespace's captures gave only by URL (the proxy never fetches one)."""
-    from kolm_pipeline.capture.images import ImageError, ImageStore, import_image_by_url
-    from kolm_pipeline.provenance.objectstore import open_store as open_objects
+    from kolm_pipeline.capture.images import ImageError, image_store, import_image_by_url
 
     tenant, namespace = namespace_of(args)
     path = Path(args.file)
@@ -231,9 +230,8 @@ def cmd_capture_import_image(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"{path}: {exc.strerror or exc}") from None
     settings = settings_for_writing(args)
-    images = ImageStore(open_objects(settings.artifacts_url, settings.artifacts_dir))
     try:
-        count = import_image_by_url(open_store(settings), images, tenant, namespace, args.url, data)
+        count = import_image_by_url(open_store(settings), image_store(settings), tenant, namespace, args.url, data)
     except ImageError as exc:
         raise CliError(f"{path}: {exc}") from None
     print(f"{tenant}.{namespace}: {count} capture(s) now refer to the image of {args.url} ({len(data)} bytes)")

@@ -95,6 +95,8 @@ def reset_demo_namespace(settings: Settings, store: CaptureStore) -> None:
         store.add_registry_row(task=workdir.task, from_cid=current, to_cid=None, k_before=None, k_after=None,
                                decision="rollback", actor="kolm demo",
                                details={"reason": "kolm demo starts again from the bare base"})
+    # No halt or last good cycle of an earlier demo carries over to this one.
+    store.update_tripwire_state(workdir.task, lambda state: {} if state else None)
 
 
 def run_demo(settings: Settings, tickets: int = 320, epochs: float = 2.0, log=print) -> DemoReport:

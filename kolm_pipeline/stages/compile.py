@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolm_pipeline.capture.images import image_store
 from kolm_pipeline.corpus.recipe import load_recipe
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.evaluate.result import EvaluationResult
@@ -50,7 +51,8 @@ def compile_recipe(
         overrides = dict(recipe.spec.get("training") or {})
         if epochs is not None:
             overrides["epochs"] = epochs
-        result = train_adapter(workdir.recipe / "train.jsonl", base, workdir.adapter, TrainConfig.parse(overrides))
+        result = train_adapter(workdir.recipe / "train.jsonl", base, workdir.adapter, TrainConfig.parse(overrides),
+                               images=image_store(settings) if base.vision else None)
         record_adapter(workdir, base, recipe_cid, result.metrics())
         evaluation = run_evaluation_stage(workdir, settings, base, champion=None)
         manifest = build_manifest(workdir, evaluation, counters={}, parent_cid=None)

@@ -73,6 +73,9 @@ def compose(settings: Settings, store, task: str, refs: list[PartRef], actor: st
     """Combine `refs` for `task`, evaluate and gate the combination, and swap it in if the gate says so."""
     validate_task(task)
     base = resolve_base_model(settings.base_model, settings.models_dir)
+    if base.vision:
+        raise DeployRefused(f"{task}: composing adapters of a vision-language base is not supported yet "
+                            "(docs/composition.md)")
     if not 2 <= len(refs) <= MAX_PARTS:
         raise DeployRefused(f"a composition takes 2 to {MAX_PARTS} adapters (--adapter CID[:weight], twice or more), "
                             f"not {len(refs)}")
@@ -94,7 +97,8 @@ def compose(settings: Settings, store, task: str, refs: list[PartRef], actor: st
         (work.adapter / "kolm_training.json").write_text(json.dumps({
             "trainer_version": TRAINER_VERSION, "base_model": base.model_id, "base_digest": base.digest,
             "config": {"composition": COMBINATION, "rank": config.get("r"), "lora_alpha": config.get("lora_alpha"),
-                       "target_modules": sorted(config.get("target_modules") or [])}}, indent=2))
+                       "target_modules": config.get("target_modules") if isinstance(config.get("target_modules"), str)
+                       else sorted(config.get("target_modules") or [])}}, indent=2))
         recipe_cid = directory_cid(work.recipe)
         spec = json.loads((work.recipe / "spec.json").read_text())
         work.write_receipt("corpus", "corpus", spec.get("corpus_cid") or recipe_cid,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from kolm_pipeline.capture.images import ImageStore
+from kolm_pipeline.capture.images import image_store
 from kolm_pipeline.corpus.build import corpus_cid
 from kolm_pipeline.corpus.recipe import answer, load_recipe
 from kolm_pipeline.evaluate.alerts import send_alert
@@ -15,7 +15,6 @@ from kolm_pipeline.evaluate.result import CasePreviews, EvaluationResult, Regres
 from kolm_pipeline.evaluate.tripwire import MemoryLedger, check_collapse, read_state, record_trip
 from kolm_pipeline.provenance.atomic import write_json_atomic
 from kolm_pipeline.provenance.cid import cid_for_file
-from kolm_pipeline.provenance.objectstore import open_store
 from kolm_pipeline.provenance.products import directory_cid
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.stages.retention import case_text_rows
@@ -57,7 +56,7 @@ def run_evaluation_stage(
         price_table=settings.price_table,
         student_dollars_per_hour=settings.student_dollars_per_hour,
         base_answers=workdir.base_answers,
-        images=ImageStore(open_store(settings.artifacts_url, settings.artifacts_dir)) if base.vision else None,
+        images=image_store(settings) if base.vision else None,
     )
     candidate, current = reports[CANDIDATE], reports[current_name]
     sides = {CANDIDATE: candidate.eval, "current": current.eval}

@@ -41,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from kolm_pipeline.capture.batch import Quarantine
-from kolm_pipeline.capture.images import ImageStore
+from kolm_pipeline.capture.images import image_store
 from kolm_pipeline.corpus.build import corpus_cid
 from kolm_pipeline.evaluate.tripwire import forget_holdout_baseline
 from kolm_pipeline.provenance.atomic import write_atomic, write_json_atomic
@@ -365,7 +365,7 @@ def sweep_images(settings: Settings, store, unreferenced_before: datetime) -> in
     """Remove the captured images no capture inside its window refers to any more (capture/images.py), and those
     no capture ever came to refer to (the store refused the record, which went to the quarantine) once they are
     older than `unreferenced_before` (the strictest window, as the quarantine); returns how many."""
-    images = ImageStore(open_store(settings.artifacts_url, settings.artifacts_dir))
+    images = image_store(settings)
     dead = store.dead_image_digests()
     gone = store.forget_dead_images(dead) if dead else []  # references first: a new capture keeps its image
     for digest in gone:

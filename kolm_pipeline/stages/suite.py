@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from kolm_pipeline.capture.images import image_store
 from kolm_pipeline.corpus.recipe import load_recipe
 from kolm_pipeline.evaluate.evaluation import evaluate_models
 from kolm_pipeline.evaluate.result import KSCORE_LEGEND, side_by_side_lines
@@ -29,6 +30,7 @@ def evaluate_artifact(settings: Settings, artifact: Path, suite: Path) -> str:
             size_budget_bytes=settings.size_budget_bytes,
             price_table=settings.price_table,
             student_dollars_per_hour=settings.student_dollars_per_hour,
+            images=image_store(settings) if base.vision else None,
         )
     lines = [f"artifact {artifact.name} (task {manifest.get('task')}) on {suite} "
              f"({len(recipe.eval)} eval cases, verifier {recipe.spec['verifier']})"]

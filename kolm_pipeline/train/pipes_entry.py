@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kolm_pipeline.capture.images import ImageStore
+from kolm_pipeline.capture.images import image_store
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.provenance.objectstore import open_store
@@ -25,12 +25,6 @@ def products() -> Products:
     """The object store the orchestrator publishes to: the same KOLM_ARTIFACTS_URL (the training pod's env)."""
     settings = load_settings()
     return Products(open_store(settings.artifacts_url, settings.artifacts_dir))
-
-
-def image_store() -> ImageStore:
-    """Where the captured images are (the proxy stores them beside the products)."""
-    settings = load_settings()
-    return ImageStore(open_store(settings.artifacts_url, settings.artifacts_dir))
 
 
 def localized(job: TrainingJob) -> TrainingJob:
@@ -72,7 +66,7 @@ def run_training(job: TrainingJob, log=print) -> tuple[TrainResult, str]:
 
         result = train_adapter(
             job.train_path, base, job.output_dir, config, on_log=on_log, init_adapter=job.init_adapter,
-            images=image_store() if base.vision else None,
+            images=image_store(load_settings()) if base.vision else None,
         )
         mlflow.log_metrics({f"train.{key}": float(value) for key, value in result.metrics().items()})
         log(f"trained {result.examples} pairs in {result.wall_seconds:.1f}s "
