@@ -115,7 +115,7 @@ def test_images_through_the_proxy_to_a_deployed_vision_adapter_and_back(start_pr
     try:
         wait_until(lambda: server.started, timeout=60, what="the serving app to start")
         served = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=proxy.key, max_retries=0)
-        answers = [_ask(served, "acme.support", _data_url(_picture(colour, 200 + shade)))
+        answers = [_ask(served, "acme.support", _data_url(_picture(colour, 40 + shade)))  # shades it never saw
                    for shade in range(2) for colour in COLOURS]
         assert sum(answer == colour for answer, colour in zip(answers, list(COLOURS) * 2, strict=True)) >= 5
         with pytest.raises(openai.BadRequestError, match="not a PNG, JPEG, GIF or WEBP"):
