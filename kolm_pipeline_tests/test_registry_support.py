@@ -82,6 +82,7 @@ def signed_artifact(
     capture_range: tuple[int, int] = (1, 160),
     salt: str = "",
     json_schema: dict | None = None,
+    vision: dict | None = None,
 ) -> Path:
     """A ``.kolm`` as the deployment stage builds it, chain signed with ``tenant``'s key in ``keys_dir``; with
     ``json_schema``, of a JSON task (verifier ``json_schema``)."""
@@ -115,6 +116,7 @@ def signed_artifact(
         "verifier": "closed_vocab" if labels else "text_match", "labels": labels, "evals": evaluation,
         **({"output_kind": "json", "verifier": "json_schema", "json_schema": json_schema} if json_schema else {}),
         "counters": {"captured": 160, "kept": 160, "discarded": 0, "untriaged": 0}, "parent_cid": None,
+        **({"vision": vision} if vision else {}),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     build_kolm(output, manifest=manifest, adapter_dir=adapter_dir, evals=evaluation, receipts=receipts,

@@ -124,3 +124,29 @@ def test_training_and_serving_render_the_same_prompt(tiny_vlm, tmp_path):
     trained = prompt(processor, [{"role": "user", "content": placeholder(image.digest) + "\nWhat colour?"}], store)[0]
     assert trained == render(processor, conversation) and "<|im_start|>user" in trained
     assert trained.count(processor.image_token) == 1
+
+
+def test_kolm_serve_refuses_an_adapter_trained_with_another_processor(tiny_vlm, tmp_path):
+    """The manifest records the processor's digest; a vision runtime whose base has another processor (templates,
+    image processing) refuses the artifact and keeps serving what it served, saying why."""
+    from kolm_pipeline.registry.swap import publish_artifact, swap_pointer
+    from kolm_pipeline.serve.runtime import ServingRuntime
+    from kolm_pipeline.serve.vision import VisionBackend
+    from kolm_pipeline.settings import load_settings
+    from kolm_pipeline.train.base_model import resolve_base_model
+    from kolm_pipeline_tests.test_registry_support import fake_adapter, signed_artifact
+
+    settings = load_settings(tmp_path / "home")
+    base = resolve_base_model(str(tiny_vlm), settings.models_dir)
+    artifact = signed_artifact(tmp_path / "a.kolm", adapter_dir=fake_adapter(tmp_path / "adapter"),
+                               keys_dir=settings.keys_dir, base_digest=base.digest,
+                               vision={"processor": "Idefics3Processor", "processor_digest": "0" * 64})
+    published = publish_artifact(settings.artifacts_dir, "acme.support", artifact)
+    swap_pointer(settings.adapters_dir, "acme.support", published)
+    runtime = ServingRuntime(settings, VisionBackend(str(tiny_vlm), settings.models_dir), poll_interval=0.05)
+    runtime.start()
+    try:
+        refused = runtime.status()["refused"]["acme.support"]
+        assert "another processor" in refused["reason"] and runtime.status()["tasks"] == {}
+    finally:
+        runtime.stop()

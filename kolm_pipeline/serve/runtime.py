@@ -320,6 +320,11 @@ class ServingRuntime:
         if self.backend.base_digest and digest and digest != self.backend.base_digest:
             raise ArtifactRefused(f"{target.name} was trained on base {base.get('id')} ({digest}), but this runtime "
                                   f"serves a base with digest {self.backend.base_digest}")
+        vision = manifest.get("vision") if isinstance(manifest.get("vision"), dict) else {}
+        served_processor = getattr(self.backend, "processor_digest", None)
+        if vision.get("processor_digest") and served_processor and vision["processor_digest"] != served_processor:
+            raise ArtifactRefused(f"{target.name} was trained with another processor (templates, image processing) "
+                                  f"than this runtime's base has ({vision['processor_digest']} ≠ {served_processor})")
         labels = manifest.get("labels") if manifest.get("verifier") == "closed_vocab" else None
         json_schema = manifest.get("json_schema") if manifest.get("verifier") == "json_schema" else None
         if json_schema is not None:

@@ -62,13 +62,14 @@ class VisionBackend:
         self._processor = None
         self._slots = None
         self.base_digest: str | None = None
+        self.processor_digest: str | None = None  # an adapter trained with another processor is refused
 
     def start(self) -> None:
         if self._model is not None:
             return
         from kolm_pipeline.serve.lora_slots import LoraSlots
         from kolm_pipeline.train.base_model import resolve_base_model
-        from kolm_pipeline.train.vision import load_vision
+        from kolm_pipeline.train.vision import load_vision, processor_digest
 
         base = resolve_base_model(*self._spec)
         if not base.vision:
@@ -76,6 +77,7 @@ class VisionBackend:
         self._model, self._processor = load_vision(base)
         self._slots = LoraSlots(self._model)
         self.base_digest = base.digest
+        self.processor_digest = processor_digest(base)
 
     def loaded(self) -> list[str]:
         return self._slots.names() if self._slots is not None else []
