@@ -256,26 +256,12 @@ def split_placeholders(text: str) -> tuple[list[str], list[str]]:
 def inline_images(messages: list[dict]) -> tuple[list[dict], list[bytes]]:
     """A served request's inline images (data URLs, base64 blocks) as bytes in order, and the messages with each
     replaced by a placeholder-free image marker (`{"type": "image"}`), as a processor's chat template wants."""
-    check_images(messages)
-    images: list[bytes] = []
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if not isinstance(content, list):
-            out.append(message)
-            continue
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
-                _, found, _ = externalize([{"role": "user", "content": [part]}])
-                if not found:
-                    raise ImageError("an image given by URL cannot be served: send the bytes (a data: URL)")
-                images.append(found[0].data)
-                parts.append({"type": "image"})
-            else:
-                parts.append(part)
-        out.append({**message, "content": parts})
-    return out, images
+    referenced, found, by_reference = externalize(messages, from_client=True)
+    if by_reference:
+        raise ImageError("an image given by URL cannot be served: send the bytes (a data: URL)")
+    out = [{**message, "content": [{"type": "image"} if stored_digest(part) else part for part in message["content"]]}
+           if isinstance(message.get("content"), list) else message for message in referenced]
+    return out, [image.data for image in found]
 
 
 class ImageStore:

@@ -98,20 +98,29 @@ class VisionBackend:
             self._slots.unload(name)
 
     def check_prompt(self, messages: list[dict], max_tokens: int) -> None:
-        """Refuse (BackendError: a 400) a request whose images cannot be read here: given by URL, undecodable,
-        too large, or text holding the base's image token."""
-        self._inputs(messages)
+        """Refuse (BackendError: a 400) a request whose images cannot be read here: given by URL, not an image,
+        too large, or text holding the base's image token. Checks only: the pixels are decoded once, by `stream`."""
+        self._conversation(messages)
 
-    def _inputs(self, messages: list[dict]):
+    def _conversation(self, messages: list[dict]) -> tuple[list[tuple[str, list[str | None]]], list[bytes]]:
         from kolm_pipeline.train.vision import literal_image_token
 
         try:
             conversation, images = request_conversation(messages)
-            pictures = [decoded(data) for data in images]
+            for data in images:
+                readable("an image", data)
         except ImageError as exc:
             raise BackendError(str(exc)) from None
         if literal_image_token(self._processor, [p for _, parts in conversation for p in parts if p is not None]):
             raise BackendError(f"a text part holds {self._processor.image_token!r}, this base's image marker")
+        return conversation, images
+
+    def _inputs(self, messages: list[dict]):
+        conversation, images = self._conversation(messages)
+        try:
+            pictures = [decoded(data) for data in images]
+        except ImageError as exc:
+            raise BackendError(str(exc)) from None
         text = render(self._processor, conversation)  # the prompt training and evaluation rendered
         encoded = self._processor(text=[text], images=[pictures] if pictures else None, return_tensors="pt")
         device = next(self._model.parameters()).device

@@ -56,20 +56,18 @@ class WorkProductQueries(StoreBase):
             row_id = conn.execute(insert(work_products).values(**values)).inserted_primary_key[0]
             return WorkProduct.of(conn.execute(select(work_products).where(work_products.c.id == row_id)).one())
 
-    def latest_product(self, task: str, stage: str) -> WorkProduct | None:
-        """The task's newest product of `stage` (removed by retention or not: the caller says what that means)."""
-        t = work_products.c
+    def _newest(self, *where) -> WorkProduct | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(work_products).where(t.task == task, t.stage == stage)
-                               .order_by(t.id.desc()).limit(1)).first()
+            row = conn.execute(select(work_products).where(*where).order_by(work_products.c.id.desc()).limit(1)).first()
         return WorkProduct.of(row) if row is not None else None
 
+    def latest_product(self, task: str, stage: str) -> WorkProduct | None:
+        """The task's newest product of `stage` (removed by retention or not: the caller says what that means)."""
+        return self._newest(work_products.c.task == task, work_products.c.stage == stage)
+
     def product_by_receipt(self, task: str, receipt_cid: str) -> WorkProduct | None:
-        t = work_products.c
-        with self.engine.connect() as conn:
-            row = conn.execute(select(work_products).where(t.task == task, t.receipt_cid == receipt_cid)
-                               .order_by(t.id.desc()).limit(1)).first()
-        return WorkProduct.of(row) if row is not None else None
+        """The task's product that the receipt `receipt_cid` signed."""
+        return self._newest(work_products.c.task == task, work_products.c.receipt_cid == receipt_cid)
 
     def products_holding_text(self, task: str | None = None) -> list[WorkProduct]:
         """Products still in the object store that hold capture text (all tasks, or `task`'s)."""

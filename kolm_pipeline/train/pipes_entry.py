@@ -15,15 +15,14 @@ from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.provenance.objectstore import open_store
 from kolm_pipeline.provenance.products import Products, directory_cid
-from kolm_pipeline.settings import load_settings
+from kolm_pipeline.settings import Settings, load_settings
 from kolm_pipeline.train.base_model import BaseModelError, resolve_base_model
 from kolm_pipeline.train.distill import TrainResult, train_adapter
 from kolm_pipeline.train.job import TrainingJob
 
 
-def products() -> Products:
+def products(settings: Settings) -> Products:
     """The object store the orchestrator publishes to: the same KOLM_ARTIFACTS_URL (the training pod's env)."""
-    settings = load_settings()
     return Products(open_store(settings.artifacts_url, settings.artifacts_dir))
 
 
@@ -31,14 +30,15 @@ def localized(job: TrainingJob) -> TrainingJob:
     """The job with paths on this host: inputs this host does not hold (a training pod: its own KOLM_HOME) are
     fetched by CID and checked; the base model is resolved here and must have the digest the job names."""
     updates: dict = {}
-    scratch = load_settings().home / "trainer"
+    settings = load_settings()
+    scratch = settings.home / "trainer"
     if job.train_cid and not (job.train_path.is_file() and cid_for_file(job.train_path) == job.train_cid):
-        updates["train_path"] = products().fetch_file(job.train_cid, scratch / job.train_cid / "train.jsonl")
+        updates["train_path"] = products(settings).fetch_file(job.train_cid, scratch / job.train_cid / "train.jsonl")
     if job.init_adapter_cid and not (job.init_adapter is not None and job.init_adapter.is_dir()
                                      and directory_cid(job.init_adapter) == job.init_adapter_cid):
-        updates["init_adapter"] = products().fetch_dir(job.init_adapter_cid, scratch / job.init_adapter_cid)
+        updates["init_adapter"] = products(settings).fetch_dir(job.init_adapter_cid, scratch / job.init_adapter_cid)
     if not (job.base_model_path / "config.json").is_file():
-        base = resolve_base_model(job.base_model_id, load_settings().models_dir)
+        base = resolve_base_model(job.base_model_id, settings.models_dir)
         if base.digest != job.base_digest:
             raise BaseModelError(f"{job.base_model_id} resolves to weights {base.digest} on this host, the job was "
                                  f"made for {job.base_digest}: use the same base model (image) on both")
@@ -97,7 +97,7 @@ def main() -> None:
         try:
             job = localized(TrainingJob.from_extras(extras))
             result, run_id = run_training(job, log=pipes.log.info)
-            adapter_cid = products().put_dir(result.adapter_dir) if job.publish else None
+            adapter_cid = products(load_settings()).put_dir(result.adapter_dir) if job.publish else None
         except Exception as exc:
             settings = extras.get("config") if isinstance(extras.get("config"), dict) else {}
             batch_size = settings.get("batch_size", TrainConfig().batch_size)
