@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kolm_pipeline.evaluate.inference import choose_labels, label_continuations, render_prompt
+from kolm_pipeline.evaluate.inference import PrefixCache, choose_labels, label_continuations, render_prompt
 
 LABELS = ["fin-ops", "fin", "growth", "l2-platform", "rma", "logistics", "iam"]
 REQUESTS = ["I was charged twice", "Where is my parcel?", "Reset my password", "The API returns 500",
@@ -63,3 +63,27 @@ def test_many_labels_sharing_prefixes(tiny_base):
     _, model = _models(tiny_base)
     expected = [_greedy_reference(model, tokenizer, messages, labels) for messages in conversations]
     assert choose_labels(model, tokenizer, conversations, labels) == expected
+
+
+def test_prefix_cache_kept_between_passes_changes_no_choice(tiny_base):
+    """The shared prompt prefix read once and kept (as `kolm serve` keeps it per adapter) gives every pass the
+    choice of the slow reference: batches, lone prompts after them, a prompt sharing less (another system
+    prompt: the kept prefix is cut to what it shares) and one sharing nothing usable."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    system = [{"role": "system", "content": "Route the ticket to the queue that owns it."}]
+    other = [{"role": "system", "content": "Route it."}]
+    conversations = [[*system, {"role": "user", "content": text}] for text in REQUESTS]
+    passes = [conversations[:4], [conversations[4]], [conversations[5]], conversations[6:9],
+              [[*other, {"role": "user", "content": REQUESTS[9]}]], [[{"role": "user", "content": REQUESTS[10]}]],
+              [conversations[11]], [conversations[0]]]
+    _, model = _models(tiny_base)
+    prefixes = PrefixCache()
+    for batch in passes:
+        expected = [_greedy_reference(model, tokenizer, messages, LABELS) for messages in batch]
+        assert choose_labels(model, tokenizer, batch, LABELS, prefixes=prefixes, adapter="a") == expected
+        kept = prefixes.get("a")
+        assert kept is not None and kept[1].get_seq_length() == len(kept[0])
+    prefix = tokenizer(render_prompt(tokenizer, conversations[0]), add_special_tokens=False).input_ids
+    assert prefixes.get("a")[0] == prefix[: len(prefixes.get("a")[0])]
+    prefixes.forget("a")
+    assert prefixes.get("a") is None

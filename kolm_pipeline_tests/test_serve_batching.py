@@ -240,7 +240,7 @@ def test_a_failing_batch_fails_every_row_and_unloading_its_adapter_fails_cleanly
             raise RuntimeError("device lost")
 
         with monkeypatch.context() as patched:
-            patched.setattr(backend._generation, "_decode", broken)
+            patched.setattr(backend._generation._passes, "decode", broken)
             with pytest.raises(BackendError, match="generation failed: RuntimeError: device lost"):
                 list(first)
         with pytest.raises(BackendError, match="device lost"):  # the same batch's other row got it too

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ from kolm_pipeline.train.base_model import BaseModel, load_causal_lm, load_token
 from kolm_pipeline.train.vision import generate_answers, load_vision
 
 LATENCY_PROBE_CASES = 8
+# Generation stops at ANSWER_ROOM times the teacher's longest answer (counted in the base's tokens) plus
+# ANSWER_SLACK tokens: an answer that much longer than any the teacher wrote is wrong anyway, and a model that does
+# not stop (the bare base on a JSON task writes until it is cut off) costs the evaluation its whole budget a case.
+ANSWER_ROOM = 1.25
+ANSWER_SLACK = 8
 # A case passes when its answer is in format and scores at least this; the same rule for every verifier,
 # so a version diff can say which cases flipped between two evaluations.
 CASE_PASS_SCORE = 0.5
@@ -198,11 +204,25 @@ class BaseAnswers:
         write_json_atomic(self.path, {"format": BASE_ANSWERS_FORMAT, "key": self.key, "cases": cases})
 
 
-def base_answers_key(base: BaseModel, recipe: Recipe) -> str:
-    """What the base's answers depend on besides the input: its weights and how it decodes."""
+def generation_budget(tokenizer, recipe: Recipe) -> int:
+    """Most new tokens an answer gets in evaluation: the recipe's ``max_new_tokens`` (estimated from characters,
+    the recipe knows no tokenizer), tightened to ANSWER_ROOM times the longest train or eval answer as this base's
+    tokenizer counts it, plus ANSWER_SLACK. The hold-out's answers are not read."""
+    limit = int(recipe.spec.get("max_new_tokens", 128))
+    texts = [answer(row) for row in recipe.train + recipe.eval]
+    if not texts:
+        return limit
+    longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
+    return max(1, min(limit, math.ceil(ANSWER_ROOM * longest) + ANSWER_SLACK))
+
+
+def base_answers_key(base: BaseModel, recipe: Recipe, budget: int | None = None) -> str:
+    """What the base's answers depend on besides the input: its weights and how it decodes (``budget``: the
+    generation budget of this evaluation, see ``generation_budget``)."""
     spec = recipe.spec
     return hashlib.sha256(json.dumps({
-        "base": base.digest, "labels": recipe.labels, "max_new_tokens": spec.get("max_new_tokens"),
+        "base": base.digest, "labels": recipe.labels,
+        "max_new_tokens": spec.get("max_new_tokens") if budget is None else budget,
         "output_kind": spec.get("output_kind"), "json_schema": spec.get("json_schema"),
         "decoding": DECODING_VERSION,
     }, sort_keys=True).encode()).hexdigest()
@@ -245,6 +265,7 @@ def evaluate_models(
         model.eval()
     teacher = teacher_stats(teacher_rows or recipe.train + recipe.eval, price_table)
     rows = recipe.eval + recipe.holdout
+    budget = generation_budget(getattr(tokenizer, "tokenizer", tokenizer), recipe)  # a processor holds one
 
     def using(name: str):
         """The model as `name`: the bare base with every adapter disabled, or that adapter."""
@@ -255,10 +276,9 @@ def evaluate_models(
 
     def predicted(conversations: list[list[dict]]) -> list[Prediction]:
         if base.vision:
-            answers = generate_answers(model, tokenizer, conversations, images,
-                                       int(recipe.spec.get("max_new_tokens", 128)))
+            answers = generate_answers(model, tokenizer, conversations, images, budget)
             return [Prediction(output=text, seconds=seconds) for text, seconds in answers]
-        return _predict(model, tokenizer, recipe, conversations)
+        return _predict(model, tokenizer, recipe, conversations, budget)
 
     def answer_all(conversations: list[list[dict]]) -> list[str]:
         return [p.output for p in predicted(conversations)] if conversations else []
@@ -270,7 +290,7 @@ def evaluate_models(
         began = time.perf_counter()
         with using(name):
             if path is None:
-                cache = BaseAnswers.load(base_answers, base_answers_key(base, recipe))
+                cache = BaseAnswers.load(base_answers, base_answers_key(base, recipe, budget))
                 keys = [case_key(row["messages"][:-1]) for row in rows]
                 missing = [index for index, key in enumerate(keys) if key not in cache.outputs]
                 fresh = dict(zip(missing, answer_all([rows[index]["messages"][:-1] for index in missing]),
@@ -309,12 +329,15 @@ def evaluate_models(
             student_cost_per_call=student_p50 * student_dollars_per_hour / 3600,
         )
         extra = {"reused_cases": reused[name]} if name in reused else {}
+        if not recipe.labels:
+            extra["generation_budget"] = budget
         reports[name] = ModelReport(name=name, kscore=kscore, eval=eval_score, holdout=holdout_score,
                                     eval_seconds=seconds[name], extra=extra)
     return reports
 
 
-def _predict(model, tokenizer, recipe: Recipe, conversations: list[list[dict]]):
-    """The model's answers as the recipe's task decodes them (label set, or free generation)."""
-    return predict(model, tokenizer, conversations, recipe.labels, int(recipe.spec.get("max_new_tokens", 128)),
+def _predict(model, tokenizer, recipe: Recipe, conversations: list[list[dict]], budget: int):
+    """The model's answers as the recipe's task decodes them (label set, or free generation of at most
+    ``budget`` new tokens)."""
+    return predict(model, tokenizer, conversations, recipe.labels, budget,
                    json_schema=recipe.spec.get("json_schema") if recipe.spec.get("output_kind") == "json" else None)

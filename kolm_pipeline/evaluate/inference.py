@@ -9,6 +9,7 @@ labels.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,13 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def _continuation_text(tokenizer, messages: list[dict], prompt: str, label: str) -> str:
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": label}], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("chat template renders the answer in a way that does not extend the prompt")
+    return full[len(prompt) :].rstrip("\n")
+
+
 def label_continuations(tokenizer, messages: list[dict], labels: list[str]) -> list[list[int]]:
     """Token ids the chat template appends after the generation prompt for each label answer.
 
@@ -45,15 +53,27 @@ def label_continuations(tokenizer, messages: list[dict], labels: list[str]) -> l
     that is a prefix of another from winning by being shorter.
     """
     prompt = render_prompt(tokenizer, messages)
-    continuations = []
-    for label in labels:
-        full = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": label}], tokenize=False
-        )
-        if not full.startswith(prompt):
-            raise ValueError("chat template renders the answer in a way that does not extend the prompt")
-        continuations.append(tokenizer(full[len(prompt) :].rstrip("\n"), add_special_tokens=False).input_ids)
-    return continuations
+    return [tokenizer(_continuation_text(tokenizer, messages, prompt, label), add_special_tokens=False).input_ids
+            for label in labels]
+
+
+# Label tries by (tokenizer, labels, the first label's continuation text): a template renders every label's answer
+# the same way after any conversation it renders the first one's the same way after, so a request re-renders one
+# answer instead of one per label (150 renders for CLINC's intents).
+_TRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(labels, probe): trie}
+_TRIES_KEPT = 64  # per tokenizer, oldest dropped first
+
+
+def _label_trie_for(tokenizer, messages: list[dict], labels: list[str]) -> _TrieNode:
+    probe = _continuation_text(tokenizer, messages, render_prompt(tokenizer, messages), labels[0])
+    tries = _TRIES.setdefault(tokenizer, {})
+    trie = tries.get((tuple(labels), probe))
+    if trie is None:
+        trie = label_trie(label_continuations(tokenizer, messages, labels))
+        if len(tries) >= _TRIES_KEPT:
+            tries.pop(next(iter(tries)))
+        tries[(tuple(labels), probe)] = trie
+    return trie
 
 
 def _left_padded_ids(tokenizer, encoded: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,31 +93,95 @@ def _left_padded(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, t
     return _left_padded_ids(tokenizer, encoded, device)
 
 
-def _prompt_pass(model, tokenizer, prompts: list[str], device):
+class PrefixCache:
+    """The KV cache of the prompt prefix an adapter's requests share, kept between passes (vLLM calls this
+    automatic prefix caching): a task's prompts start with the same system prompt and chat template, most of a
+    classification prompt, so each pass reads only the rows' own tokens.
+
+    One entry per adapter (the KV depends on its weights): the token ids it covers and their cache (one row). A
+    pass whose prompts share fewer tokens with it uses its first part and keeps only that; a lone prompt with no
+    entry leaves its own tokens as the entry, so the next request finds the part they share. Callers hold the
+    model while they use it (one pass at a time), and ``forget`` an adapter when it is unloaded (`kolm serve` names
+    adapters by their content address, so a name always means the same weights).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[list[int], object]] = {}
+
+    def get(self, adapter: str) -> tuple[list[int], object] | None:
+        return self._entries.get(adapter)
+
+    def keep(self, adapter: str, ids: list[int], cache) -> None:
+        """Remember a copy of ``cache`` (one row) cut to its first ``len(ids)`` positions as ``adapter``'s entry."""
+        import copy
+
+        kept = copy.deepcopy(cache)
+        _cut(kept, len(ids))
+        self._entries[adapter] = (list(ids), kept)
+
+    def forget(self, adapter: str | None = None) -> None:
+        """Drop ``adapter``'s entry (every entry when None)."""
+        if adapter is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(adapter, None)
+
+
+def _cut(cache, length: int) -> None:
+    """Keep the first ``length`` positions of ``cache`` (its ``crop`` takes how many to remove, negated)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _common_prefix(reference: list[int], rows: list[list[int]], limit: int) -> int:
+    shared = 0
+    while shared < min(limit, len(reference)) and all(ids[shared] == reference[shared] for ids in rows):
+        shared += 1
+    return shared
+
+
+def _prompt_pass(model, tokenizer, prompts: list[str], device, prefixes: PrefixCache | None = None,
+                 adapter: str = ""):
     """Run a batch of prompts: the model's output (the last position's logits and the KV cache), the attention
     mask, and each row's next position.
 
     The token prefix every prompt shares (system prompt and chat template: most of a classification prompt) is
-    run once and its KV cache repeated for the batch; each row's own tokens follow,
-    left-padded between the prefix and them so that every row ends at the last position."""
+    run once and its KV cache repeated for the batch, or taken from ``prefixes`` (``adapter``'s entry) when an
+    earlier pass ran it; each row's own tokens follow, left-padded between the prefix and them so that every row
+    ends at the last position."""
+    import copy
+
     encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
-    shared = 0
-    if len(encoded) > 1:
-        limit = min(len(ids) for ids in encoded) - 1  # every row keeps a token of its own to predict from
-        while shared < limit and all(ids[shared] == encoded[0][shared] for ids in encoded):
-            shared += 1
-    cache = None
-    if shared >= MIN_SHARED_PREFIX:
-        cache = model(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True,
-                      logits_to_keep=1).past_key_values
-        cache.batch_repeat_interleave(len(encoded))
-    else:
+    limit = min(len(ids) for ids in encoded) - 1  # every row keeps a token of its own to predict from
+    known = prefixes.get(adapter) if prefixes is not None else None
+    cache, shared = None, 0
+    if known is not None:
+        shared = _common_prefix(known[0], encoded, limit)
+        if shared >= MIN_SHARED_PREFIX:
+            cache = copy.deepcopy(known[1])
+            if shared < len(known[0]):
+                _cut(cache, shared)
+                prefixes.keep(adapter, known[0][:shared], cache)
+    if cache is None and len(encoded) > 1:
+        shared = _common_prefix(encoded[0], encoded[1:], limit)
+        if shared >= MIN_SHARED_PREFIX:
+            cache = model(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True,
+                          logits_to_keep=1).past_key_values
+            if prefixes is not None:
+                prefixes.keep(adapter, encoded[0][:shared], cache)
+    if cache is None:
         shared = 0
+    else:
+        cache.batch_repeat_interleave(len(encoded))
     input_ids, own = _left_padded_ids(tokenizer, [ids[shared:] for ids in encoded], device)
     positions = shared + (own.cumsum(-1) - 1).clamp(min=0)
     mask = torch.cat([torch.ones((len(encoded), shared), dtype=own.dtype, device=device), own], dim=1)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
+    if prefixes is not None and shared == 0 and len(encoded) == 1 and limit >= MIN_SHARED_PREFIX:
+        # A lone prompt: its tokens (less the last) are what the next request may share with it.
+        prefixes.keep(adapter, encoded[0][:limit], out.past_key_values)
     return out, mask, positions[:, -1:] + 1
 
 
@@ -127,7 +211,8 @@ def _decided(node: _TrieNode) -> bool:
 
 @torch.inference_mode()
 def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
-                  confidences: list[float] | None = None) -> list[int]:
+                  confidences: list[float] | None = None, prefixes: PrefixCache | None = None,
+                  adapter: str = "") -> list[int]:
     """Index of the label each conversation's constrained greedy decoding reaches; with `confidences`, each
     row's path probability is appended to it (the product, over the branching steps, of the chosen token's
     probability among the tokens allowed there: 1.0 when the first token already decides).
@@ -141,8 +226,9 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
     every label).
     """
     device = next(model.parameters()).device
-    root = label_trie(label_continuations(tokenizer, batch[0], labels))
-    out, mask, next_position = _prompt_pass(model, tokenizer, [render_prompt(tokenizer, m) for m in batch], device)
+    root = _label_trie_for(tokenizer, batch[0], labels)
+    out, mask, next_position = _prompt_pass(model, tokenizer, [render_prompt(tokenizer, m) for m in batch], device,
+                                            prefixes, adapter)
     nodes = [root] * len(batch)
     path_probability = [1.0] * len(batch)
     while True:
@@ -175,59 +261,52 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
 
 
 def predict_labels(
-    model, tokenizer, conversations: list[list[dict]], labels: list[str], batch_size: int = 16
+    model, tokenizer, conversations: list[list[dict]], labels: list[str], batch_size: int = 16,
+    prefixes: PrefixCache | None = None, adapter: str = "",
 ) -> list[Prediction]:
-    """The most likely label for each conversation, chosen in batches."""
+    """The most likely label for each conversation, chosen in batches; the prompts' shared prefix is read once
+    (kept in ``prefixes`` under ``adapter``: a fresh cache for this call when None)."""
+    prefixes = PrefixCache() if prefixes is None else prefixes
     predictions: list[Prediction] = []
     for start in range(0, len(conversations), batch_size):
         batch = conversations[start : start + batch_size]
         began = time.perf_counter()
         confidences: list[float] = []
-        chosen = choose_labels(model, tokenizer, batch, labels, confidences)
+        chosen = choose_labels(model, tokenizer, batch, labels, confidences, prefixes, adapter)
         per_case = (time.perf_counter() - began) / len(batch)
         predictions.extend(Prediction(output=labels[index], seconds=per_case, confidence=confidence)
                            for index, confidence in zip(chosen, confidences, strict=True))
     return predictions
 
 
-@torch.inference_mode()
 def generate_texts(
     model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,
     batch_size: int = GENERATION_BATCH,
     json_schema: dict | None = None,
 ) -> list[Prediction]:
-    """Greedy generation for free-form outputs (JSON, extractive, free text).
+    """Greedy generation for free-form outputs (JSON, extractive, free text), in a continuous batch of at most
+    ``batch_size`` rows: the code `kolm serve` answers with (``decoding.py``).
 
     With ``json_schema`` every answer is held to the schema (``structured.py``) and ends as soon as its object
     closes; a schema that cannot be compiled raises JsonSchemaProblem before anything is generated."""
-    device = next(model.parameters()).device
+    from kolm_pipeline.evaluate.decoding import BatchDecoder, decode_prompts
+    from kolm_pipeline.evaluate.structured import JsonDecoder, compile_json_schema, stop_token_ids, vocab_size
+
+    stops = stop_token_ids(model, tokenizer)
+    json_decoders = None
     if json_schema is not None:
-        from kolm_pipeline.evaluate.structured import compile_json_schema, stop_token_ids, vocab_size
-
-        compile_json_schema(tokenizer, json_schema, vocab=vocab_size(model), stops=stop_token_ids(model, tokenizer))
-    predictions: list[Prediction] = []
-    for start in range(0, len(conversations), batch_size):
-        batch = conversations[start : start + batch_size]
-        input_ids, mask = _left_padded(tokenizer, [render_prompt(tokenizer, m) for m in batch], device)
-        began = time.perf_counter()
-        constraint: dict = {}
-        if json_schema is not None:
-            from kolm_pipeline.evaluate.structured import constrain_generate
-
-            constraint = constrain_generate(model, tokenizer, json_schema, len(batch), input_ids.shape[1])
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            **constraint,
-        )
-        per_case = (time.perf_counter() - began) / len(batch)
-        for row in output[:, input_ids.shape[1] :]:
-            text = tokenizer.decode(row, skip_special_tokens=True).strip()
-            predictions.append(Prediction(output=text, seconds=per_case))
-    return predictions
+        vocab = vocab_size(model)
+        compiled = compile_json_schema(tokenizer, json_schema, vocab=vocab, stops=stops)
+        json_decoders = [JsonDecoder(compiled, vocab, stops) for _ in conversations]
+    if not conversations:
+        return []
+    began = time.perf_counter()
+    rows = decode_prompts(BatchDecoder(model, tokenizer, set(stops), PrefixCache()),
+                          [render_prompt(tokenizer, m) for m in conversations], max_new_tokens, batch_size,
+                          json_decoders)
+    per_case = (time.perf_counter() - began) / len(rows)
+    return [Prediction(output=tokenizer.decode(row.generated, skip_special_tokens=True).strip(), seconds=per_case)
+            for row in rows]
 
 
 def predict(

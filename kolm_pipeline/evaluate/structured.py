@@ -4,12 +4,10 @@ The recipe's ``json_schema`` (with the key order and layout of the teacher's ans
 is compiled once per (tokenizer, vocabulary size, stop tokens, schema) and cached. At each step the grammar
 allows only the tokens that keep the answer on a path to a schema-valid object; once the object is closed
 it allows only the end of the turn, and decoding stops right there (no forward pass is spent on the stop
-token: ``JsonStopping`` and ``JsonDecoder.finished``).
+token: ``JsonDecoder.finished``).
 
-* Evaluation: ``constrain_generate(...)`` gives ``generate`` a logits processor and a stopping criterion that
-  share one matcher per row; a finished row costs no more grammar work, and the batch stops once every row
-  has finished.
-* Serving: ``JsonDecoder`` masks one sequence's logits step by step (``TransformersBackend.stream``).
+``JsonDecoder`` masks one answer's logits step by step; evaluation and `kolm serve` give one to each JSON row of
+their batch (``decoding.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +18,10 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
 
 from kolm_pipeline.corpus.json_grammar import JsonSchemaProblem, json_grammar
 
-__all__ = ["JsonDecoder", "JsonSchemaProblem", "compile_json_schema", "constrain_generate", "stop_token_ids",
-           "vocab_size"]
+__all__ = ["JsonDecoder", "JsonSchemaProblem", "compile_json_schema", "stop_token_ids", "vocab_size"]
 
 _lock = threading.Lock()
 # tokenizer -> {(vocabulary size, stop tokens): _Compiler}; dropped with the tokenizer.
@@ -125,42 +121,6 @@ class _Rows:
         if target is not scores:
             scores.copy_(target)
         return scores
-
-
-class _JsonLogits(LogitsProcessor):
-    def __init__(self, rows: _Rows) -> None:
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return self.rows.mask(scores)
-
-
-class JsonStopping(StoppingCriteria):
-    """Feeds each row's new token to its matcher; a row is done once its object is closed."""
-
-    def __init__(self, rows: _Rows, prompt_width: int) -> None:
-        self.rows = rows
-        self.width = prompt_width
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        if input_ids.shape[1] > self.width:
-            last = input_ids[:, -1].tolist()
-            for row, token in enumerate(last):
-                if not self.rows.finished[row]:
-                    self.rows.accept(row, token)
-        return torch.tensor(self.rows.finished, dtype=torch.bool, device=input_ids.device)
-
-
-def constrain_generate(model, tokenizer, schema: dict, rows: int, prompt_width: int) -> dict:
-    """Keyword arguments for ``model.generate`` that hold each of ``rows`` answers to ``schema``."""
-    from transformers import LogitsProcessorList, StoppingCriteriaList
-
-    stops = stop_token_ids(model, tokenizer)
-    vocab = vocab_size(model)
-    state = _Rows(compile_json_schema(tokenizer, schema, vocab=vocab, stops=stops), rows, vocab, stops)
-    return {"logits_processor": LogitsProcessorList([_JsonLogits(state)]),
-            "stopping_criteria": StoppingCriteriaList([JsonStopping(state, prompt_width)]),
-            "eos_token_id": stops}
 
 
 class JsonDecoder:

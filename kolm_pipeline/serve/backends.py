@@ -115,6 +115,7 @@ class TransformersBackend:
         self._pending: list[_LabelRequest] = []
         self._pending_lock = threading.Lock()
         self._generation: BatchedGeneration | None = None  # made at start, with the model
+        self._prefixes = None  # a PrefixCache, made at start: each adapter's shared prompt prefix, used holding _lock
         self._model = None
         self._slots: LoraSlots | None = None
         self._tokenizer = None
@@ -124,6 +125,7 @@ class TransformersBackend:
     def start(self) -> None:
         if self._model is not None:
             return
+        from kolm_pipeline.evaluate.inference import PrefixCache
         from kolm_pipeline.evaluate.structured import stop_token_ids
         from kolm_pipeline.serve.generation import BatchedGeneration
         from kolm_pipeline.serve.lora_slots import LoraSlots
@@ -139,10 +141,11 @@ class TransformersBackend:
         if not self.max_gen_batch:
             self.max_gen_batch = CPU_MAX_GEN_BATCH if cpu else GPU_MAX_GEN_BATCH
         self._slots = LoraSlots(self._model)
+        self._prefixes = PrefixCache()
         self.base_digest = base.digest
         self._eos = set(stop_token_ids(self._model, self._tokenizer))
         self._generation = BatchedGeneration(self._model, self._tokenizer, self._eos, self._lock, self._select,
-                                             max_rows=lambda: self.max_gen_batch)
+                                             max_rows=lambda: self.max_gen_batch, prefixes=self._prefixes)
 
     def loaded(self) -> list[str]:
         """Names of the adapters in the model now."""
@@ -179,6 +182,7 @@ class TransformersBackend:
     def unload(self, name: str) -> None:
         with self._lock.hold():
             self._slots.unload(name)
+            self._prefixes.forget(name)
             self._generation.unload(name)
 
     def _device(self):
@@ -224,7 +228,7 @@ class TransformersBackend:
         self._select(name)
         try:
             outputs = predict_labels(self._model, self._tokenizer, [r.messages for r in batch], labels,
-                                     batch_size=len(batch))
+                                     batch_size=len(batch), prefixes=self._prefixes, adapter=name)
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template that cannot render the messages
             raise BackendError(f"scoring the label set failed: {exc}") from exc
         return [(output.output, output.confidence) for output in outputs]

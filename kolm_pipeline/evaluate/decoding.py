@@ -1,0 +1,214 @@
+"""Greedy decoding of free-text and JSON answers in a continuous batch: evaluation and `kolm serve` run the same
+code, so an evaluated adapter answers as it will be served.
+
+* ``DecodeRow``: one answer being decoded, and the text pieces its reader has yet to take.
+* ``RowBatch``: the rows one adapter decodes together, with their shared KV cache, mask and positions.
+* ``BatchDecoder``: the passes over a batch. ``join`` reads new rows' prompts (their shared prefix once, or from a
+  ``PrefixCache``) and puts them beside the running rows; ``decode`` runs one step of every running row; a
+  finished row leaves the batch at once, with the cache columns nobody needs any more.
+* ``decode_prompts``: every prompt of a list through one batch of at most ``batch_size`` rows (evaluation): a row
+  that finishes makes room for the next prompt, so a long answer no longer holds a whole batch of short ones.
+
+A JSON row carries a ``JsonDecoder`` (``structured.py``): its tokens are chosen under the schema's grammar and it is
+done once the object closes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kolm_pipeline.evaluate.inference import PrefixCache, _prompt_pass
+
+
+@dataclass(eq=False)
+class DecodeRow:
+    """One free-text or JSON answer: where its decoding stands and the pieces its reader has yet to take.
+
+    Written only by whoever runs the batch's passes, except ``cancelled`` (set by a reader that went away: a flag,
+    no lock)."""
+
+    prompt: str
+    prompt_tokens: int
+    max_tokens: int
+    decoder: Any = None  # a JsonDecoder holding the answer to its schema, or None
+    generated: list[int] = field(default_factory=list)
+    logprob: float = 0.0  # the sum over ``generated`` of each token's log-probability under the model
+    emitted: str = ""
+    feed: int = 0  # the token the next decoding pass reads for this row
+    pieces: deque[str] = field(default_factory=deque)
+    done: bool = False
+    cancelled: bool = False
+    error: Exception | None = None
+
+    @property
+    def confidence(self) -> float:
+        """The geometric mean of the answer's token probabilities (0 for an empty answer)."""
+        return math.exp(self.logprob / len(self.generated)) if self.generated else 0.0
+
+
+@dataclass(eq=False)
+class RowBatch:
+    """The rows one adapter decodes together: their shared KV cache (rows x columns, each row left-padded),
+    attention mask and next positions."""
+
+    name: str
+    rows: list[DecodeRow] = field(default_factory=list)
+    cache: Any = None
+    mask: Any = None
+    positions: Any = None
+
+    def clear(self) -> None:
+        self.rows, self.cache, self.mask, self.positions = [], None, None, None
+
+
+def _pad_left(tensor, width: int, dim: int):
+    """``tensor`` with zeros in front along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def growable(batch: RowBatch) -> bool:
+    """Whether rows can join ``batch`` and its unused left columns be cut: an empty batch, or one whose cache is
+    plain per-layer key/value tensors (``DynamicLayer``, what a full-attention model's ``DynamicCache`` holds).
+    Otherwise (sliding windows, quantized or recurrent layers) a batch runs as a wave: rows join once it has
+    finished."""
+    from transformers.cache_utils import DynamicLayer
+
+    if batch.cache is None:
+        return True
+    layers = getattr(batch.cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+class BatchDecoder:
+    """The forward passes of a ``RowBatch`` on ``model`` (the adapter already selected by the caller); ``eos`` are
+    the tokens that end an answer, ``prefixes`` keeps each adapter's shared prompt prefix between passes."""
+
+    def __init__(self, model, tokenizer, eos: set[int], prefixes: PrefixCache | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos = eos
+        self.prefixes = prefixes
+
+    def join(self, batch: RowBatch, admitted: list[DecodeRow]) -> None:
+        """Read the admitted rows' prompts (one left-padded pass, their shared prefix once), choose each one's
+        first token, and add the rows still going to the batch: their cache, mask and positions beside the
+        running rows', both padded on the left to the same width."""
+        out, mask, positions = _prompt_pass(self.model, self.tokenizer, [row.prompt for row in admitted],
+                                            next(self.model.parameters()).device, self.prefixes, batch.name)
+        self.advance(admitted, out.logits[:, -1])
+        keep = [index for index, row in enumerate(admitted) if not row.done]
+        if not keep:
+            return
+        cache = out.past_key_values
+        if len(keep) < len(admitted):
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+        rows = [admitted[index] for index in keep]
+        if batch.cache is None:
+            batch.cache, batch.mask, batch.positions, batch.rows = cache, mask, positions, rows
+            return
+        width = max(batch.mask.shape[1], mask.shape[1])
+
+        def side_by_side(running, joining, dim: int):
+            return torch.cat([_pad_left(running, width, dim), _pad_left(joining, width, dim)])
+
+        layers = [(side_by_side(mine.keys, theirs.keys, -2), side_by_side(mine.values, theirs.values, -2))
+                  for mine, theirs in zip(batch.cache.layers, cache.layers, strict=True)]
+        mask, positions = side_by_side(batch.mask, mask, -1), torch.cat([batch.positions, positions])
+        # Only assignments from here on: a failure above leaves the running rows' cache as it was.
+        for layer, (keys, values) in zip(batch.cache.layers, layers, strict=True):
+            layer.keys, layer.values = keys, values
+        batch.mask, batch.positions = mask, positions
+        batch.rows = batch.rows + rows
+
+    def decode(self, batch: RowBatch) -> None:
+        """One decoding step of every running row: each reads the token chosen for it last."""
+        device = batch.mask.device
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        out = self.model(input_ids=torch.tensor([[row.feed] for row in batch.rows], device=device),
+                         attention_mask=batch.mask, position_ids=batch.positions, past_key_values=batch.cache,
+                         use_cache=True)
+        batch.cache, batch.positions = out.past_key_values, batch.positions + 1
+        self.advance(batch.rows, out.logits[:, -1])
+        self.drop_finished(batch)
+
+    def advance(self, rows: list[DecodeRow], logits) -> None:
+        """Choose each row's next token from its logits (greedy; under its grammar for a JSON row), queue the
+        text it completes, and mark the rows that are done: at an EOS token, at ``max_tokens``, or (JSON) once
+        the object is closed."""
+        greedy = logits.argmax(dim=-1).tolist() if any(row.decoder is None for row in rows) else None
+        chosen = [row.decoder.choose(logits[index]) if row.decoder is not None else greedy[index]
+                  for index, row in enumerate(rows)]
+        # The model's own probability of each chosen token (before any grammar mask): the answer's confidence.
+        logprobs = logits.float().log_softmax(-1).gather(
+            1, logits.new_tensor(chosen, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
+        for row, token, logprob in zip(rows, chosen, logprobs, strict=True):
+            if token in self.eos:
+                row.done = True
+                continue
+            row.generated.append(token)
+            row.logprob += logprob
+            row.feed = token
+            text = self.tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
+            if not text.endswith("\ufffd"):  # else a multi-byte character is still incomplete
+                piece, row.emitted = text[len(row.emitted) :], text
+                if piece:
+                    row.pieces.append(piece)
+            if len(row.generated) >= row.max_tokens or (row.decoder is not None and row.decoder.finished):
+                row.done = True  # JSON: the object is closed, the end of the turn is all that could follow
+
+    def drop_finished(self, batch: RowBatch) -> None:
+        """Take the finished rows out of the batch, and the cache columns no running row attends to any more."""
+        keep = [index for index, row in enumerate(batch.rows) if not row.done]
+        if len(keep) == len(batch.rows):
+            return
+        if not keep:
+            batch.clear()
+            return
+        index = torch.tensor(keep, device=batch.mask.device)
+        batch.cache.batch_select_indices(index)
+        batch.mask, batch.positions = batch.mask[index], batch.positions[index]
+        batch.rows = [batch.rows[i] for i in keep]
+        if growable(batch):
+            unused = int(batch.mask.any(dim=0).int().argmax())  # leading columns that were only others' padding
+            if unused:
+                for layer in batch.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+                batch.mask = batch.mask[:, unused:]
+
+
+# A running batch takes in new prompts once this share of its rows has finished: reading prompts is a pass of its
+# own, which the running rows wait for.
+REFILL_SHARE = 0.25
+
+
+@torch.inference_mode()
+def decode_prompts(decoder: BatchDecoder, prompts: list[str], max_tokens: int, batch_size: int,
+                   json_decoders: list[Any] | None = None) -> list[DecodeRow]:
+    """Every prompt's answer (greedy, at most ``max_tokens`` new tokens; held to ``json_decoders[i]`` when given),
+    decoded in one continuous batch of at most ``batch_size`` rows, in order."""
+    encode = decoder.tokenizer
+    rows = [DecodeRow(prompt=prompt, prompt_tokens=len(encode(prompt, add_special_tokens=False).input_ids),
+                      max_tokens=max_tokens, decoder=json_decoders[index] if json_decoders else None)
+            for index, prompt in enumerate(prompts)]
+    waiting = deque(rows)
+    batch = RowBatch(name="")
+    refill = max(1, math.ceil(REFILL_SHARE * batch_size))
+    while waiting or batch.rows:
+        room = batch_size - len(batch.rows)
+        if waiting and growable(batch) and (not batch.rows or room >= min(refill, len(waiting))):
+            decoder.join(batch, [waiting.popleft() for _ in range(min(room, len(waiting)))])
+        else:
+            decoder.decode(batch)
+    return rows
