@@ -83,6 +83,7 @@ def signed_artifact(
     salt: str = "",
     json_schema: dict | None = None,
     vision: dict | None = None,
+    max_new_tokens: int | None = None,
 ) -> Path:
     """A ``.kolm`` as the deployment stage builds it, chain signed with ``tenant``'s key in ``keys_dir``; with
     ``json_schema``, of a JSON task (verifier ``json_schema``)."""
@@ -117,6 +118,7 @@ def signed_artifact(
         **({"output_kind": "json", "verifier": "json_schema", "json_schema": json_schema} if json_schema else {}),
         "counters": {"captured": 160, "kept": 160, "discarded": 0, "untriaged": 0}, "parent_cid": None,
         **({"vision": vision} if vision else {}),
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     build_kolm(output, manifest=manifest, adapter_dir=adapter_dir, evals=evaluation, receipts=receipts,

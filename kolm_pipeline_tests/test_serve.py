@@ -79,10 +79,12 @@ def world(tiny_base, tmp_path_factory):
     artifacts = {}
     for name, task, seed, labels in [("chat-a", "acme.chat", 1, None), ("chat-b", "acme.chat", 2, None),
                                      ("labels", "acme.labels", 3, LABELS), ("other-base", "acme.base", 4, None),
-                                     ("labels-2", "acme.labels", 5, LABELS), ("labels-3", "acme.labels", 6, LABELS)]:
+                                     ("labels-2", "acme.labels", 5, LABELS), ("labels-3", "acme.labels", 6, LABELS),
+                                     ("room", "acme.room", 7, None)]:
         adapter = real_adapter(tiny_base, build / name, seed=seed)
         artifacts[name] = signed_artifact(build / f"{name}.kolm", adapter_dir=adapter, keys_dir=settings.keys_dir,
                                           task=task, labels=labels, salt=name,
+                                          max_new_tokens=ROOM if name == "room" else None,
                                           base_digest="f" * 64 if name == "other-base" else digest)
     artifacts["tampered"] = _tampered(artifacts["chat-b"], build / "tampered.kolm")
     key = CaptureStore(settings.store_url).create_tenant("acme")
@@ -104,6 +106,9 @@ def world(tiny_base, tmp_path_factory):
     thread.join(timeout=30)
 
 
+ROOM = 7  # the "room" artifact's max_new_tokens
+
+
 def _chat(world: World, task: str, **extra) -> httpx.Response:
     return world.http.post(f"{world.url}/v1/chat/completions", timeout=60,
                       json={"model": task, "messages": PROMPT, "max_tokens": 12, **extra})
@@ -123,12 +128,32 @@ def test_openai_sdk_streaming_and_not(world):
     stream = client.chat.completions.create(model="acme.chat", messages=PROMPT, max_tokens=12, stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].finish_reason == completion.choices[0].finish_reason == "length"  # 12 tokens
     assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == text
     assert len([c for c in chunks if c.choices[0].delta.content]) > 1  # streamed piece by piece
 
     models = client.models.list()
     assert {"acme.chat", "acme.labels"} <= {model.id for model in models.data}
+
+
+def test_a_request_naming_no_max_tokens_gets_the_room_its_evaluation_gave(world):
+    """Without max_tokens an answer gets the manifest's max_new_tokens (the room evaluation gave it: a JSON answer
+    is not cut off at a server-wide 128 tokens it was never evaluated under), else 128; an answer cut off there
+    finishes with `length`, as OpenAI's do."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{world.url}/v1", api_key=world.key)
+    world.point("acme.room", "room")
+    wait_until(lambda: world.serving("acme.room") is not None, timeout=60, what="acme.room to load")
+    cut = client.chat.completions.create(model="acme.room", messages=PROMPT)
+    assert cut.usage.completion_tokens == ROOM and cut.choices[0].finish_reason == "length"  # random weights
+    streamed = list(client.chat.completions.create(model="acme.room", messages=PROMPT, stream=True))
+    assert streamed[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed).strip() == cut.choices[0].message.content
+    named = client.chat.completions.create(model="acme.room", messages=PROMPT, max_tokens=ROOM + 3)
+    assert named.usage.completion_tokens == ROOM + 3 and named.choices[0].finish_reason == "length"
+    labelled = client.chat.completions.create(model="acme.labels", messages=PROMPT)
+    assert labelled.choices[0].finish_reason == "stop"
 
 
 def test_usage_is_counted_and_streamed_when_asked(world):
@@ -147,7 +172,7 @@ def test_usage_is_counted_and_streamed_when_asked(world):
     chunks = list(client.chat.completions.create(model="acme.chat", messages=PROMPT, max_tokens=12, stream=True,
                                                  stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage == usage  # the same answer, so the same counts
-    assert all(chunk.usage is None for chunk in chunks[:-1]) and chunks[-2].choices[0].finish_reason == "stop"
+    assert all(chunk.usage is None for chunk in chunks[:-1]) and chunks[-2].choices[0].finish_reason == "length"
     plain = list(client.chat.completions.create(model="acme.chat", messages=PROMPT, max_tokens=12, stream=True))
     assert all(chunk.choices and chunk.usage is None for chunk in plain)
 

@@ -42,6 +42,7 @@ class DecodeRow:
     feed: int = 0  # the token the next decoding pass reads for this row
     pieces: deque[str] = field(default_factory=deque)
     done: bool = False
+    finish_reason: str = "stop"  # or "length": cut off at max_tokens before it ended
     cancelled: bool = False
     error: Exception | None = None
 
@@ -165,8 +166,10 @@ class BatchDecoder:
                 piece, row.emitted = text[len(row.emitted) :], text
                 if piece:
                     row.pieces.append(piece)
-            if len(row.generated) >= row.max_tokens or (row.decoder is not None and row.decoder.finished):
+            if row.decoder is not None and row.decoder.finished:
                 row.done = True  # JSON: the object is closed, the end of the turn is all that could follow
+            elif len(row.generated) >= row.max_tokens:
+                row.done, row.finish_reason = True, "length"
 
     def drop_finished(self, batch: RowBatch) -> None:
         """Take the finished rows out of the batch, and the cache columns no running row attends to any more."""

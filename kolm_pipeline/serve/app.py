@@ -41,6 +41,9 @@ from kolm_pipeline.store import CaptureStore
 
 log = logging.getLogger("kolm.serve")
 MAX_TOKENS_LIMIT = 4096
+# max_tokens of a request that names none, for an adapter whose manifest carries no max_new_tokens (made before
+# session 14): the task's own room otherwise.
+DEFAULT_MAX_TOKENS = 128
 # On a non-streamed answer: how sure the adapter was of it, 0–1 (a label: the constrained decoder's path
 # probability; generated text: the geometric mean of its token probabilities). Student routing reads it.
 CONFIDENCE_HEADER = "x-kolm-confidence"
@@ -62,7 +65,7 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
 class ChatRequest:
     task: str
     messages: list[dict]
-    max_tokens: int
+    max_tokens: int | None  # None: the request named none (the task's default applies)
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage, as OpenAI streams it
 
@@ -105,9 +108,8 @@ def _parse(body: Any, images: bool = False) -> ChatRequest:
             raise BadRequest(f"messages[{index}]: this server's base model reads text only; send `content` as a "
                              "string")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = 128
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or not 1 <= max_tokens <= MAX_TOKENS_LIMIT):
         raise BadRequest(f"`max_tokens` must be an integer from 1 to {MAX_TOKENS_LIMIT}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -272,9 +274,12 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
         try:
             if runtime.tenant_of(task) not in (None, caller.tenant):  # another tenant's: as if it did not exist
                 raise UnknownTask(f"no adapter is deployed for task {task!r}")
-            labels = runtime.peek(task).labels
+            deployed = runtime.peek(task)
         except UnknownTask as exc:
             return not_found(caller, str(exc))
+        labels = deployed.labels
+        if max_tokens is None:  # the room the task's evaluation gave an answer
+            max_tokens = min(MAX_TOKENS_LIMIT, deployed.max_new_tokens or DEFAULT_MAX_TOKENS)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -301,7 +306,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
             return JSONResponse(
                 {**base, "object": "chat.completion",
                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                              "finish_reason": "stop"}],
+                              "finish_reason": counted.get("finish_reason", "stop")}],
                  "usage": _usage(counted)},
                 headers=headers,
             )
@@ -380,8 +385,8 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
                 headers[CONFIDENCE_HEADER] = f"{counted['confidence']:.6f}"
             return completion(base, text.strip(), headers, counted)
 
-        pieces = runtime.backend.stream(lease.name, messages, lease.labels, max_tokens,
-                                        counted if chat.include_usage else None, json_schema=lease.json_schema)
+        pieces = runtime.backend.stream(lease.name, messages, lease.labels, max_tokens, counted,
+                                        json_schema=lease.json_schema)
 
         async def events() -> AsyncIterator[str]:
             # (the lease is also released if the client leaves before this generator ever starts: see below)
@@ -391,7 +396,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
                 while (piece := await run_in_threadpool(next, pieces, _DONE)) is not _DONE:
                     streamed.append(piece)
                     yield chunk(base, {"content": piece}, None)
-                yield chunk(base, {}, "stop")
+                yield chunk(base, {}, counted.get("finish_reason", "stop"))
                 for last in usage_chunk(base, counted):
                     yield last
                 runtime.observe(task, lease.cid, completion_id, messages, "".join(streamed).strip(),

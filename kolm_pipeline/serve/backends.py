@@ -430,6 +430,8 @@ class VLLMBackend:
                         usage.update({key: int(counted[key]) for key in ("prompt_tokens", "completion_tokens")
                                       if isinstance(counted.get(key), int)})
                     choices = chunk.get("choices") or [{}]
+                    if usage is not None and choices[0].get("finish_reason") in ("stop", "length"):
+                        usage["finish_reason"] = choices[0]["finish_reason"]
                     for scored in (choices[0].get("logprobs") or {}).get("content") or []:
                         if isinstance(scored.get("logprob"), int | float):
                             logprob, tokens = logprob + scored["logprob"], tokens + 1

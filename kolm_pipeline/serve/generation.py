@@ -54,8 +54,9 @@ class BatchedGeneration:
                usage: dict | None = None) -> Iterator[str]:
         """The answer to ``prompt`` (``prompt_tokens`` long) with adapter ``name``, piece by piece, decoded in that
         adapter's batch; ``decoder`` (a JsonDecoder) holds it to a schema. When ``usage`` is given, fill in
-        ``prompt_tokens``, ``completion_tokens`` and ``confidence`` (the geometric mean of the answer's token
-        probabilities) once the answer is complete."""
+        ``prompt_tokens``, ``completion_tokens``, ``confidence`` (the geometric mean of the answer's token
+        probabilities) and ``finish_reason`` (``stop``, or ``length`` when ``max_tokens`` cut it off) once the
+        answer is complete."""
         row = DecodeRow(prompt=prompt, prompt_tokens=prompt_tokens, max_tokens=max_tokens, decoder=decoder)
         with self._batches_lock:
             batch = self._batches.get(name)
@@ -78,7 +79,7 @@ class BatchedGeneration:
             raise BackendError(str(row.error))
         if usage is not None:
             usage.update(prompt_tokens=row.prompt_tokens, completion_tokens=len(row.generated),
-                         confidence=row.confidence)
+                         confidence=row.confidence, finish_reason=row.finish_reason)
 
     def _step(self, batch: GenBatch) -> None:
         """One forward pass for ``batch``, holding ``lock``: the prompts of the requests waiting to join (up to

@@ -17,6 +17,9 @@ class LoadedAdapter:
     loaded_at: float
     # The JSON Schema every answer is held to (a ``json_schema`` task: the recipe's schema from the manifest).
     json_schema: dict | None = None
+    # Room for an answer when a request names no max_tokens: what its evaluation allowed (the manifest's
+    # ``max_new_tokens``), or the server's default for artifacts made before manifests carried it.
+    max_new_tokens: int | None = None
     # The tenant whose signed artifact this is: only that tenant's kolm keys see and call it.
     tenant: str = ""
     in_flight: int = 0
@@ -55,6 +58,10 @@ class Lease:
     @property
     def json_schema(self) -> dict | None:
         return self.adapter.json_schema
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.adapter.max_new_tokens
 
     def release(self) -> None:
         with self._state:

@@ -348,7 +348,10 @@ class ServingRuntime:
                 if not (cache / "adapter_config.json").is_file():  # not another runtime extracting it too
                     raise ArtifactRefused(str(exc)) from exc
         extracted = time.perf_counter()
+        room = manifest.get("max_new_tokens")
         adapter = LoadedAdapter(task=task, cid=cid, name=name, labels=labels or None, json_schema=json_schema,
+                                max_new_tokens=room if isinstance(room, int) and not isinstance(room, bool)
+                                and room > 0 else None,
                                 loaded_at=time.time(),
                                 tenant=str(manifest.get("tenant") or ""),
                                 profile=Profile.from_artifact(manifest, artifact.evals))

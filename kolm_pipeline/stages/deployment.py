@@ -77,6 +77,9 @@ def build_manifest(workdir: NamespaceWorkdir, evaluation: EvaluationResult, coun
         "verifier": recipe.spec["verifier"],
         "labels": recipe.spec.get("labels"),
         "json_schema": recipe.spec.get("json_schema"),
+        # The most new tokens an answer had in evaluation: `kolm serve`'s max_tokens for a request naming none.
+        "max_new_tokens": (evaluation.candidate.model_extra or {}).get("generation_budget")
+        or recipe.spec.get("max_new_tokens"),
         "evals": {side: evaluation.document()[side] for side in ("candidate", "current", "decision")},
         # A vision-language base: which processor turns images into its input (the base digest covers its files).
         **({"vision": {"processor": training.get("processor"), "processor_digest": training.get("processor_digest")}}
