@@ -210,6 +210,47 @@ def test_evaluation_batch_takes_the_next_prompt_as_soon_as_a_row_finishes(tiny, 
     assert [prediction.output for prediction in together] == alone
 
 
+def test_tokens_the_schema_forces_are_read_in_one_pass(tiny, monkeypatch):
+    """Jump-forward: the text every valid continuation starts with (``{"intent": "`` at the start, ``", "urgent": ``
+    after the intent) is fed in the pass after the model's own token, so an answer takes fewer passes than it has
+    tokens; the forced tokens spell the grammar's jump-forward text less its last token (left to the model, as it
+    may merge with what follows), and the answers stay schema-valid."""
+    from kolm_pipeline.evaluate.decoding import BatchDecoder
+    from kolm_pipeline.evaluate.structured import JsonDecoder
+
+    model, tokenizer = tiny
+    schema = schema_of(teacher_answers())
+    passes: list[int] = []
+    original_decode, original_forced = BatchDecoder.decode, JsonDecoder.forced
+    forced_texts: list[tuple[str, str]] = []
+
+    def decode(self, batch):
+        passes.append(len(batch.rows))
+        return original_decode(self, batch)
+
+    def forced(self, tokenizer, limit):
+        text = self._rows.matchers[0].find_jump_forward_string()
+        tokens = original_forced(self, tokenizer, limit)
+        if tokens:
+            forced_texts.append((text, tokenizer.decode(tokens)))
+        return tokens
+
+    monkeypatch.setattr(BatchDecoder, "decode", decode)
+    monkeypatch.setattr(JsonDecoder, "forced", forced)
+    jumped = generate_texts(model, tokenizer, CONVERSATIONS[:1], MAX_NEW, json_schema=schema)[0].output
+    jumped_passes = len(passes)
+    assert forced_texts and all(text.startswith(spelt) and spelt != text for text, spelt in forced_texts)
+    token_count = len(tokenizer(jumped, add_special_tokens=False).input_ids)
+    assert jumped_passes < token_count - 1, "no pass read more than one token"
+    jsonschema.validate(json.loads(jumped), schema)
+
+    passes.clear()
+    monkeypatch.setattr(JsonDecoder, "forced", lambda self, tokenizer, limit: [])
+    stepwise = generate_texts(model, tokenizer, CONVERSATIONS[:1], MAX_NEW, json_schema=schema)[0].output
+    jsonschema.validate(json.loads(stepwise), schema)
+    assert len(passes) > jumped_passes
+
+
 def test_bad_schema_is_a_clear_error_before_generation(tiny, monkeypatch, tmp_path):
     model, tokenizer = tiny
     lengths = _spy_generate(model, monkeypatch)

@@ -5,7 +5,9 @@ code, so an evaluated adapter answers as it will be served.
 * ``RowBatch``: the rows one adapter decodes together, with their shared KV cache, mask and positions.
 * ``BatchDecoder``: the passes over a batch. ``join`` reads new rows' prompts (their shared prefix once, or from a
   ``PrefixCache``) and puts them beside the running rows; ``decode`` runs one step of every running row; a
-  finished row leaves the batch at once, with the cache columns nobody needs any more.
+  finished row leaves the batch at once, with the cache columns nobody needs any more. A JSON row feeds the tokens
+  its schema forces after its chosen one in the same pass (jump-forward: ``JsonDecoder.forced``), so a step reads
+  one token for some rows and several for others, each row's tokens right-aligned and masked in front.
 * ``decode_prompts``: every prompt of a list through one batch of at most ``batch_size`` rows (evaluation): a row
   that finishes makes room for the next prompt, so a long answer no longer holds a whole batch of short ones.
 
@@ -37,9 +39,10 @@ class DecodeRow:
     max_tokens: int
     decoder: Any = None  # a JsonDecoder holding the answer to its schema, or None
     generated: list[int] = field(default_factory=list)
-    logprob: float = 0.0  # the sum over ``generated`` of each token's log-probability under the model
+    logprob: float = 0.0  # the sum of the model's log-probability of each token it chose (not the forced ones)
+    chosen: int = 0  # tokens the model chose (the rest of ``generated`` the schema forced)
     emitted: str = ""
-    feed: int = 0  # the token the next decoding pass reads for this row
+    feed: list[int] = field(default_factory=list)  # the tokens the next decoding pass reads for this row
     pieces: deque[str] = field(default_factory=deque)
     done: bool = False
     finish_reason: str = "stop"  # or "length": cut off at max_tokens before it ended
@@ -48,8 +51,8 @@ class DecodeRow:
 
     @property
     def confidence(self) -> float:
-        """The geometric mean of the answer's token probabilities (0 for an empty answer)."""
-        return math.exp(self.logprob / len(self.generated)) if self.generated else 0.0
+        """The geometric mean of the probabilities of the tokens the model chose (0 for an empty answer)."""
+        return math.exp(self.logprob / self.chosen) if self.chosen else 0.0
 
 
 @dataclass(eq=False)
@@ -134,13 +137,22 @@ class BatchDecoder:
         batch.rows = batch.rows + rows
 
     def decode(self, batch: RowBatch) -> None:
-        """One decoding step of every running row: each reads the token chosen for it last."""
+        """One decoding step of every running row: each reads the token chosen for it last (and the tokens its
+        schema forced after it), right-aligned, so every row's next-token logits are in the last column."""
         device = batch.mask.device
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
-        out = self.model(input_ids=torch.tensor([[row.feed] for row in batch.rows], device=device),
-                         attention_mask=batch.mask, position_ids=batch.positions, past_key_values=batch.cache,
-                         use_cache=True)
-        batch.cache, batch.positions = out.past_key_values, batch.positions + 1
+        width = max(len(row.feed) for row in batch.rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(batch.rows), width), pad, dtype=torch.long)
+        fed = torch.zeros((len(batch.rows), width), dtype=batch.mask.dtype)
+        for index, row in enumerate(batch.rows):
+            ids[index, width - len(row.feed) :] = torch.tensor(row.feed)
+            fed[index, width - len(row.feed) :] = 1
+        fed = fed.to(device)
+        batch.mask = torch.cat([batch.mask, fed], dim=1)
+        positions = batch.positions + (fed.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(device), attention_mask=batch.mask, position_ids=positions,
+                         past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+        batch.cache, batch.positions = out.past_key_values, positions[:, -1:] + 1
         self.advance(batch.rows, out.logits[:, -1])
         self.drop_finished(batch)
 
@@ -160,7 +172,12 @@ class BatchDecoder:
                 continue
             row.generated.append(token)
             row.logprob += logprob
-            row.feed = token
+            row.chosen += 1
+            row.feed = [token]
+            if row.decoder is not None:
+                forced = row.decoder.forced(self.tokenizer, row.max_tokens - len(row.generated))
+                row.generated.extend(forced)
+                row.feed.extend(forced)
             text = self.tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
             if not text.endswith("\ufffd"):  # else a multi-byte character is still incomplete
                 piece, row.emitted = text[len(row.emitted) :], text
