@@ -149,6 +149,20 @@ def test_concurrent_free_text_requests_are_batched_and_answered_as_alone(served)
     assert max(passes) == len(CONTENTS)
 
 
+def test_every_forward_pass_runs_on_one_model_thread(served):
+    """Concurrent requests take turns holding the model, but their passes (free text and JSON) all run on the
+    backend's one model thread: torch starts a pool of CPU workers per calling thread, and four request threads
+    running passes in turn left four pools spinning against each other (each pass 1.5x as long)."""
+    threads: set[int] = set()
+    handle = served.backend._model.register_forward_hook(lambda *_: threads.add(threading.get_ident()))
+    try:
+        together(served.backend, [functools.partial(ask, served, "acme.chat", content, stream=index % 2 == 0)
+                                  for index, content in enumerate(CONTENTS)])
+    finally:
+        handle.remove()
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
 def test_json_requests_in_one_batch_are_each_schema_valid_and_as_alone(served):
     conversations = CONVERSATIONS[:4]
     alone = [ask(served, "acme.intake", messages, max_tokens=JSON_MAX) for messages in conversations]

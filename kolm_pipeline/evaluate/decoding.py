@@ -7,7 +7,10 @@ code, so an evaluated adapter answers as it will be served.
   ``PrefixCache``) and puts them beside the running rows; ``decode`` runs one step of every running row; a
   finished row leaves the batch at once, with the cache columns nobody needs any more. A JSON row feeds the tokens
   its schema forces after its chosen one in the same pass (jump-forward: ``JsonDecoder.forced``), so a step reads
-  one token for some rows and several for others, each row's tokens right-aligned and masked in front.
+  one token for some rows and several for others, each row's tokens right-aligned and masked in front. That only
+  pays while a pass costs about the same whatever it reads (few rows): a pass reads at most ``pass_tokens``
+  row-tokens in all, and a row whose forced tokens did not all fit reads the rest in the next passes (its next
+  token is known, so the model chooses nothing for it meanwhile).
 * ``decode_prompts``: every prompt of a list through one batch of at most ``batch_size`` rows (evaluation): a row
   that finishes makes room for the next prompt, so a long answer no longer holds a whole batch of short ones.
 
@@ -93,15 +96,26 @@ def growable(batch: RowBatch) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
+# Row-tokens a decoding pass may read: about what a pass reads at the cost of one token per row (chosen with
+# bench/decode.py --widths; docs/benchmarks.md, session 14). On a GPU a pass costs the same up to far more.
+CPU_PASS_TOKENS = 16
+GPU_PASS_TOKENS = 256
+
+
 class BatchDecoder:
     """The forward passes of a ``RowBatch`` on ``model`` (the adapter already selected by the caller); ``eos`` are
     the tokens that end an answer, ``prefixes`` keeps each adapter's shared prompt prefix between passes."""
 
-    def __init__(self, model, tokenizer, eos: set[int], prefixes: PrefixCache | None = None) -> None:
+    def __init__(self, model, tokenizer, eos: set[int], prefixes: PrefixCache | None = None,
+                 pass_tokens: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos = eos
         self.prefixes = prefixes
+        if pass_tokens is None:
+            cpu = next(model.parameters()).device.type == "cpu"
+            pass_tokens = CPU_PASS_TOKENS if cpu else GPU_PASS_TOKENS
+        self.pass_tokens = pass_tokens
 
     def join(self, batch: RowBatch, admitted: list[DecodeRow]) -> None:
         """Read the admitted rows' prompts (one left-padded pass, their shared prefix once), choose each one's
@@ -137,23 +151,29 @@ class BatchDecoder:
         batch.rows = batch.rows + rows
 
     def decode(self, batch: RowBatch) -> None:
-        """One decoding step of every running row: each reads the token chosen for it last (and the tokens its
-        schema forced after it), right-aligned, so every row's next-token logits are in the last column."""
+        """One decoding step of every running row: each reads the token chosen for it last and the tokens its
+        schema forced after it (as many as fit in the pass), right-aligned, so every row's next-token logits are
+        in the last column; the model chooses the next token of the rows that read all theirs."""
         device = batch.mask.device
-        width = max(len(row.feed) for row in batch.rows)
+        room = max(1, self.pass_tokens // len(batch.rows))
+        takes = [min(len(row.feed), room) for row in batch.rows]
+        width = max(takes)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(batch.rows), width), pad, dtype=torch.long)
         fed = torch.zeros((len(batch.rows), width), dtype=batch.mask.dtype)
-        for index, row in enumerate(batch.rows):
-            ids[index, width - len(row.feed) :] = torch.tensor(row.feed)
-            fed[index, width - len(row.feed) :] = 1
+        for index, (row, take) in enumerate(zip(batch.rows, takes, strict=True)):
+            ids[index, width - take :] = torch.tensor(row.feed[:take])
+            fed[index, width - take :] = 1
+            row.feed = row.feed[take:]
         fed = fed.to(device)
         batch.mask = torch.cat([batch.mask, fed], dim=1)
         positions = batch.positions + (fed.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids.to(device), attention_mask=batch.mask, position_ids=positions,
                          past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
         batch.cache, batch.positions = out.past_key_values, positions[:, -1:] + 1
-        self.advance(batch.rows, out.logits[:, -1])
+        choosing = [index for index, row in enumerate(batch.rows) if not row.feed]
+        if choosing:
+            self.advance([batch.rows[index] for index in choosing], out.logits[choosing, -1])
         self.drop_finished(batch)
 
     def advance(self, rows: list[DecodeRow], logits) -> None:

@@ -21,6 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -116,6 +117,10 @@ class TransformersBackend:
         self._pending_lock = threading.Lock()
         self._generation: BatchedGeneration | None = None  # made at start, with the model
         self._prefixes = None  # a PrefixCache, made at start: each adapter's shared prompt prefix, used holding _lock
+        # Every forward pass runs on this one thread, whichever request's thread holds _lock: torch's CPU kernels
+        # start a pool of worker threads per calling thread, and passes run by four request threads in turn left
+        # four pools spinning against each other on two cores (a pass took 1.5x as long; docs/benchmarks.md).
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolm-model")
         self._model = None
         self._slots: LoraSlots | None = None
         self._tokenizer = None
@@ -145,7 +150,8 @@ class TransformersBackend:
         self.base_digest = base.digest
         self._eos = set(stop_token_ids(self._model, self._tokenizer))
         self._generation = BatchedGeneration(self._model, self._tokenizer, self._eos, self._lock, self._select,
-                                             max_rows=lambda: self.max_gen_batch, prefixes=self._prefixes)
+                                             max_rows=lambda: self.max_gen_batch, prefixes=self._prefixes,
+                                             on_model_thread=self._on_model_thread)
 
     def loaded(self) -> list[str]:
         """Names of the adapters in the model now."""
@@ -174,9 +180,14 @@ class TransformersBackend:
         import torch
 
         ids = self._tokenizer(WARM_TEXT, add_special_tokens=False).input_ids
-        with self._lock.hold(front=True), torch.inference_mode():
+
+        def warm_pass() -> None:
+            with torch.inference_mode():
+                self._model(input_ids=torch.tensor([ids], device=self._device()), logits_to_keep=1)
+
+        with self._lock.hold(front=True):
             self._select(name)
-            self._model(input_ids=torch.tensor([ids], device=self._device()), logits_to_keep=1)
+            self._on_model_thread(warm_pass)
             ready()
 
     def unload(self, name: str) -> None:
@@ -187,6 +198,10 @@ class TransformersBackend:
 
     def _device(self):
         return next(self._model.parameters()).device
+
+    def _on_model_thread(self, work: Callable[[], Any]) -> Any:
+        """Run ``work`` (forward passes; called holding ``_lock``) on the model thread and return its result."""
+        return self._model_thread.submit(work).result()
 
     def _select(self, name: str) -> None:
         """Make ``name`` the adapter the next forward pass uses; called holding ``_lock``."""
@@ -227,8 +242,9 @@ class TransformersBackend:
 
         self._select(name)
         try:
-            outputs = predict_labels(self._model, self._tokenizer, [r.messages for r in batch], labels,
-                                     batch_size=len(batch), prefixes=self._prefixes, adapter=name)
+            outputs = self._on_model_thread(lambda: predict_labels(
+                self._model, self._tokenizer, [r.messages for r in batch], labels, batch_size=len(batch),
+                prefixes=self._prefixes, adapter=name))
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template that cannot render the messages
             raise BackendError(f"scoring the label set failed: {exc}") from exc
         return [(output.output, output.confidence) for output in outputs]

@@ -41,12 +41,14 @@ class BatchedGeneration:
     """
 
     def __init__(self, model, tokenizer, eos: set[int], lock: FairLock, select: Callable[[str], None],
-                 max_rows: Callable[[], int], prefixes: PrefixCache | None = None) -> None:
+                 max_rows: Callable[[], int], prefixes: PrefixCache | None = None,
+                 on_model_thread: Callable[[Callable[[], None]], None] = lambda work: work()) -> None:
         self._model = model
         self._passes = BatchDecoder(model, tokenizer, eos, prefixes)
         self._lock = lock
         self._select = select
         self._max_rows = max_rows
+        self._on_model_thread = on_model_thread  # runs a pass on the backend's one model thread
         self._batches: dict[str, GenBatch] = {}  # by adapter name; rows and cache changed holding _lock
         self._batches_lock = threading.Lock()  # guards _batches and each batch's pending list
 
@@ -89,7 +91,9 @@ class BatchedGeneration:
             if row.cancelled:
                 row.done = True
         running, admitted = list(batch.rows), []
-        try:
+
+        def work() -> None:
+            nonlocal running, admitted
             with torch.inference_mode():
                 self._passes.drop_finished(batch)
                 running = list(batch.rows)
@@ -108,6 +112,9 @@ class BatchedGeneration:
                     self._passes.join(batch, admitted)
                 elif running:
                     self._passes.decode(batch)
+
+        try:
+            self._on_model_thread(work)
         except Exception as exc:  # noqa: BLE001 - every row of the pass gets the error
             if not admitted:  # the running rows' cache is in an unknown state: they all end here
                 batch.clear()
