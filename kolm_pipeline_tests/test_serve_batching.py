@@ -150,7 +150,7 @@ def test_concurrent_free_text_requests_are_batched_and_answered_as_alone(served)
 
 
 def test_every_forward_pass_runs_on_one_model_thread(served):
-    """Concurrent requests take turns holding the model, but their passes (free text and JSON) all run on the
+    """Concurrent requests take turns holding the model, but their generation passes (free text, JSON) all run on the
     backend's one model thread: torch starts a pool of CPU workers per calling thread, and four request threads
     running passes in turn left four pools spinning against each other (each pass 1.5x as long)."""
     threads: set[int] = set()
