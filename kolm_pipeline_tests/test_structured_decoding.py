@@ -229,7 +229,7 @@ def test_tokens_the_schema_forces_are_read_in_one_pass(tiny, monkeypatch):
         return original_decode(self, batch)
 
     def forced(self, tokenizer, limit):
-        text = self._rows.matchers[0].find_jump_forward_string()
+        text = self._matcher.find_jump_forward_string()
         tokens = original_forced(self, tokenizer, limit)
         if tokens:
             forced_texts.append((text, tokenizer.decode(tokens)))

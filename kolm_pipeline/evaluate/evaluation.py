@@ -216,13 +216,12 @@ def generation_budget(tokenizer, recipe: Recipe) -> int:
     return max(1, min(limit, math.ceil(ANSWER_ROOM * longest) + ANSWER_SLACK))
 
 
-def base_answers_key(base: BaseModel, recipe: Recipe, budget: int | None = None) -> str:
+def base_answers_key(base: BaseModel, recipe: Recipe, budget: int) -> str:
     """What the base's answers depend on besides the input: its weights and how it decodes (``budget``: the
     generation budget of this evaluation, see ``generation_budget``)."""
     spec = recipe.spec
     return hashlib.sha256(json.dumps({
-        "base": base.digest, "labels": recipe.labels,
-        "max_new_tokens": spec.get("max_new_tokens") if budget is None else budget,
+        "base": base.digest, "labels": recipe.labels, "max_new_tokens": budget,
         "output_kind": spec.get("output_kind"), "json_schema": spec.get("json_schema"),
         "decoding": DECODING_VERSION,
     }, sort_keys=True).encode()).hexdigest()

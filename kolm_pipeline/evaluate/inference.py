@@ -8,6 +8,7 @@ labels.
 
 from __future__ import annotations
 
+import copy
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -88,11 +89,6 @@ def _left_padded_ids(tokenizer, encoded: list[list[int]], device) -> tuple[torch
     return input_ids.to(device), attention.to(device)
 
 
-def _left_padded(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
-    return _left_padded_ids(tokenizer, encoded, device)
-
-
 class PrefixCache:
     """The KV cache of the prompt prefix an adapter's requests share, kept between passes (vLLM calls this
     automatic prefix caching): a task's prompts start with the same system prompt and chat template, most of a
@@ -113,8 +109,6 @@ class PrefixCache:
 
     def keep(self, adapter: str, ids: list[int], cache) -> None:
         """Remember a copy of ``cache`` (one row) cut to its first ``len(ids)`` positions as ``adapter``'s entry."""
-        import copy
-
         kept = copy.deepcopy(cache)
         _cut(kept, len(ids))
         self._entries[adapter] = (list(ids), kept)
@@ -150,8 +144,6 @@ def _prompt_pass(model, tokenizer, prompts: list[str], device, prefixes: PrefixC
     run once and its KV cache repeated for the batch, or taken from ``prefixes`` (``adapter``'s entry) when an
     earlier pass ran it; each row's own tokens follow, left-padded between the prefix and them so that every row
     ends at the last position."""
-    import copy
-
     encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
     limit = min(len(ids) for ids in encoded) - 1  # every row keeps a token of its own to predict from
     known = prefixes.get(adapter) if prefixes is not None else None

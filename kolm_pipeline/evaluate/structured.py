@@ -73,79 +73,53 @@ def compile_json_schema(tokenizer, schema: dict, *, vocab: int, stops: list[int]
     return compiled
 
 
-class _Rows:
-    """One grammar matcher per row of a batch, and the token bitmask they fill."""
+class JsonDecoder:
+    """Greedy choice of one answer's next token under the schema, step by step (its grammar matcher and the token
+    bitmask it fills), and the tokens the schema forces after it (``forced``)."""
 
-    def __init__(self, compiled, rows: int, vocab: int, stops: list[int]) -> None:
+    def __init__(self, compiled, vocab: int, stops: list[int]) -> None:
         import xgrammar
 
         self._xgr = xgrammar
-        self.matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(rows)]
-        self.bitmask = xgrammar.allocate_token_bitmask(rows, vocab)
-        self.vocab = vocab
-        self.finished = [False] * rows
-        self._filled = [False] * rows
-        stops_only = torch.zeros_like(self.bitmask[0])
+        self._matcher = xgrammar.GrammarMatcher(compiled)
+        self._bitmask = xgrammar.allocate_token_bitmask(1, vocab)
+        self._vocab = vocab
+        self._filled = False
+        self.finished = False  # the object is closed: nothing but a stop token may follow
+        stops_only = torch.zeros_like(self._bitmask[0])
         for token in stops:
             stops_only[token // 32] |= 1 << (token % 32)
         self._stops_only = stops_only
 
-    def _fill(self, row: int) -> None:
-        if not self._filled[row]:
-            self.matchers[row].fill_next_token_bitmask(self.bitmask, row)
-            self._filled[row] = True
+    def _fill(self) -> None:
+        if not self._filled:
+            self._matcher.fill_next_token_bitmask(self._bitmask)
+            self._filled = True
 
-    def accept(self, row: int, token: int) -> None:
-        """Advance ``row`` by the token chosen for it; it is finished once the grammar can only stop."""
-        if not self.try_accept(row, token):
-            raise RuntimeError(f"the JSON grammar rejected token {token} chosen under its own mask (row {row})")
-
-    def try_accept(self, row: int, token: int) -> bool:
-        """Advance ``row`` by ``token`` if the grammar allows it there (else nothing changes)."""
-        matcher = self.matchers[row]
-        if not matcher.accept_token(token):
+    def _accept(self, token: int) -> bool:
+        """Advance by ``token`` if the grammar allows it here (else nothing changes)."""
+        if not self._matcher.accept_token(token):
             return False
-        self._filled[row] = False
-        if matcher.is_terminated():
-            self.finished[row] = True
-        elif matcher.is_completed():  # the object is closed: only a stop token may follow
-            self._fill(row)
-            self.finished[row] = bool(torch.equal(self.bitmask[row], self._stops_only))
+        self._filled = False
+        if self._matcher.is_terminated():
+            self.finished = True
+        elif self._matcher.is_completed():  # the object is closed: only a stop token may follow
+            self._fill()
+            self.finished = bool(torch.equal(self._bitmask[0], self._stops_only))
         return True
-
-    def mask(self, scores: torch.Tensor) -> torch.Tensor:
-        """Disallowed tokens of each unfinished row set to -inf in ``scores`` (batch x vocab), in place."""
-        live = [row for row, done in enumerate(self.finished) if not done]
-        if not live:
-            return scores
-        for row in live:
-            self._fill(row)
-        target = scores if scores.device.type in ("cpu", "cuda") else scores.cpu()
-        bitmask = self.bitmask if target.device.type == "cpu" else self.bitmask.to(target.device)
-        self._xgr.apply_token_bitmask_inplace(target, bitmask, vocab_size=min(self.vocab, target.shape[-1]),
-                                              indices=live if len(live) < len(self.finished) else None)
-        if target is not scores:
-            scores.copy_(target)
-        return scores
-
-
-class JsonDecoder:
-    """Greedy choice of one answer's next token under the schema, step by step, and the tokens the schema forces
-    after it (``forced``)."""
-
-    def __init__(self, compiled, vocab: int, stops: list[int]) -> None:
-        self._rows = _Rows(compiled, 1, vocab, stops)
-
-    @property
-    def finished(self) -> bool:
-        """The object is closed: nothing but a stop token may follow."""
-        return self._rows.finished[0]
 
     def choose(self, logits: torch.Tensor) -> int:
         """The best allowed token for 1-D ``logits``, already fed to the grammar."""
         scores = logits.float().reshape(1, -1).clone()
-        token = int(self._rows.mask(scores)[0].argmax())
-        self._rows.accept(0, token)
+        if not self.finished:
+            self._fill()
+            target = scores if scores.device.type in ("cpu", "cuda") else scores.cpu()
+            bitmask = self._bitmask if target.device.type == "cpu" else self._bitmask.to(target.device)
+            self._xgr.apply_token_bitmask_inplace(target, bitmask, vocab_size=min(self._vocab, target.shape[-1]))
+            scores = target
+        token = int(scores[0].argmax())
+        if not self._accept(token):
+            raise RuntimeError(f"the JSON grammar rejected token {token} chosen under its own mask")
         return token
 
     def forced(self, tokenizer, limit: int) -> list[int]:
@@ -157,12 +131,12 @@ class JsonDecoder:
         decoding, as SGLang does)."""
         if self.finished or limit <= 0:
             return []
-        text = self._rows.matchers[0].find_jump_forward_string()
+        text = self._matcher.find_jump_forward_string()
         if not text:
             return []
         taken: list[int] = []
         for token in tokenizer(text, add_special_tokens=False).input_ids[:-1][:limit]:
-            if not self._rows.try_accept(0, token):
+            if not self._accept(token):
                 break
             taken.append(token)
             if self.finished:

@@ -118,10 +118,9 @@ class TransformersBackend:
         self._generation: BatchedGeneration | None = None  # made at start, with the model
         self._prefixes = None  # a PrefixCache, made at start: each adapter's shared prompt prefix, used holding _lock
         # Generation passes (and warm-ups) run on this one thread, whichever request's thread holds _lock: torch's
-        # CPU kernels start a pool of worker threads per calling thread, and passes run by four request threads in
-        # turn left four pools spinning against each other on two cores (a pass took 1.5x as long;
-        # docs/benchmarks.md). Label batches still run on the request's thread: on this thread they broke the
-        # routing test's shadow comparisons (3 of 40 missing), for a reason not found yet (session 14 note).
+        # CPU kernels start a pool of worker threads per calling thread, and passes run by request threads in turn
+        # left those pools spinning against each other (docs/benchmarks.md, session 14). Label batches still run on
+        # the request's thread: moved here, they broke test_routing.py's shadow test, for a reason not found yet.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolm-model")
         self._model = None
         self._slots: LoraSlots | None = None

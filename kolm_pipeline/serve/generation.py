@@ -43,7 +43,6 @@ class BatchedGeneration:
     def __init__(self, model, tokenizer, eos: set[int], lock: FairLock, select: Callable[[str], None],
                  max_rows: Callable[[], int], prefixes: PrefixCache | None = None,
                  on_model_thread: Callable[[Callable[[], None]], None] = lambda work: work()) -> None:
-        self._model = model
         self._passes = BatchDecoder(model, tokenizer, eos, prefixes)
         self._lock = lock
         self._select = select
@@ -105,7 +104,7 @@ class BatchedGeneration:
                     if growable(batch):
                         admitted = batch.pending[: max(0, max(1, self._max_rows()) - len(batch.rows))]
                     del batch.pending[: len(admitted)]
-                if self._model is None:
+                if self._passes.model is None:
                     raise BackendError("the backend is closed")
                 self._select(batch.name)
                 if admitted:
@@ -142,7 +141,6 @@ class BatchedGeneration:
 
     def close(self) -> None:
         """Fail every row, now and from now on (the backend is closed); called holding ``lock``."""
-        self._model = None
         self._passes.model = None
         with self._batches_lock:
             batches, self._batches = list(self._batches.values()), {}

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from kolm_pipeline.capture.images import ImageError, inline_images, readable
+from kolm_pipeline.capture.images import ImageError, inline_images
 from kolm_pipeline.serve.backends import BackendError
 from kolm_pipeline.train.vision import render
 
@@ -40,10 +40,10 @@ def request_conversation(messages: list[dict]) -> tuple[list[tuple[str, list[str
 
 
 def decoded(data: bytes):
-    """The image, RGB; ImageError when it cannot be read or is larger than MAX_PIXELS (capture/images.py)."""
+    """The image, RGB (already verified and bounded in pixels by ``inline_images``); ImageError when its pixels do
+    not decode."""
     from PIL import Image
 
-    readable("an image", data)
     try:
         return Image.open(io.BytesIO(data)).convert("RGB")
     except Exception as exc:  # noqa: BLE001 - verified, yet the pixels do not decode
@@ -106,9 +106,7 @@ class VisionBackend:
         from kolm_pipeline.train.vision import literal_image_token
 
         try:
-            conversation, images = request_conversation(messages)
-            for data in images:
-                readable("an image", data)
+            conversation, images = request_conversation(messages)  # each image verified and bounded once, here
         except ImageError as exc:
             raise BackendError(str(exc)) from None
         if literal_image_token(self._processor, [p for _, parts in conversation for p in parts if p is not None]):
