@@ -402,9 +402,10 @@ def run(args: argparse.Namespace) -> dict:
             result["served"] = score_labels([row["answer"] for row in heldout], texts)
         else:
             result["served"] = score_json([row["answer"] for row in heldout], texts)
-        result["wrong_examples"] = [
-            {"text": row["text"], "gold": answer_text(row["answer"]), "served": text}
-            for row, text in zip(heldout, texts, strict=True) if text.strip() != answer_text(row["answer"])][:8]
+        served = [{"text": row["text"], "gold": answer_text(row["answer"]), "served": text}
+                  for row, text in zip(heldout, texts, strict=True)]
+        result["wrong_examples"] = [case for case in served if case["served"].strip() != case["gold"]][:8]
+        result["served_answers"] = served  # every held-out answer, for error analysis (--json-out)
         monitor = httpx.get(f"{serve_url}/v1/monitor", headers={"authorization": f"Bearer {key}"}).json()
         result["live_monitor"] = monitor.get("tasks", {}).get(task)
         result["still_deployed_after_serving"] = pointer.is_symlink() and pointer.resolve().name == \

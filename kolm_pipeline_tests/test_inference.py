@@ -7,7 +7,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kolm_pipeline.evaluate.inference import PrefixCache, choose_labels, label_continuations, render_prompt
+from kolm_pipeline.evaluate.inference import (
+    PrefixCache,
+    choose_labels,
+    label_continuations,
+    label_trie,
+    render_prompt,
+)
 
 LABELS = ["fin-ops", "fin", "growth", "l2-platform", "rma", "logistics", "iam"]
 REQUESTS = ["I was charged twice", "Where is my parcel?", "Reset my password", "The API returns 500",
@@ -62,7 +68,25 @@ def test_many_labels_sharing_prefixes(tiny_base):
     conversations = [[{"role": "user", "content": text}] for text in REQUESTS[:6]]
     _, model = _models(tiny_base)
     expected = [_greedy_reference(model, tokenizer, messages, labels) for messages in conversations]
+    passes = []
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: (passes.append(1), forward(*args, **kwargs))[1]
     assert choose_labels(model, tokenizer, conversations, labels) == expected
+    # One pass reads the prompts' shared prefix, one their own tokens (choosing the first token); after that one
+    # pass per branching of the trie on the longest path taken: the tokens all remaining labels share (``_`` after
+    # ``card``) cost no pass of their own.
+    trie = label_trie(label_continuations(tokenizer, conversations[0], labels))
+    branchings = []
+    for index in expected:
+        node, count = trie, 0
+        for token in label_continuations(tokenizer, conversations[0], labels)[index]:
+            if len(node.labels) == 1:
+                break
+            count += len(node.children) > 1
+            node = node.children[token]
+        branchings.append(count)
+    assert max(branchings) >= 2, "the labels chosen must branch more than once for this to test"
+    assert len(passes) == 1 + max(branchings)
 
 
 def test_prefix_cache_kept_between_passes_changes_no_choice(tiny_base):

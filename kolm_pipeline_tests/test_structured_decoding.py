@@ -251,6 +251,51 @@ def test_tokens_the_schema_forces_are_read_in_one_pass(tiny, monkeypatch):
     assert len(passes) > jumped_passes
 
 
+def _decode_rows(model, tokenizer, schema: dict, max_tokens: int):
+    """Evaluation's decoding of CONVERSATIONS under ``schema``, the rows themselves (with their finish reasons)."""
+    from kolm_pipeline.evaluate.decoding import BatchDecoder, decode_prompts
+    from kolm_pipeline.evaluate.inference import render_prompt
+    from kolm_pipeline.evaluate.structured import JsonDecoder, closing_tokens
+
+    stops, vocab = stop_token_ids(model, tokenizer), vocab_size(model)
+    compiled = compile_json_schema(tokenizer, schema, vocab=vocab, stops=stops)
+    decoders = [JsonDecoder(compiled, vocab, stops, closing_tokens(tokenizer, vocab)) for _ in CONVERSATIONS]
+    return decode_prompts(BatchDecoder(model, tokenizer, set(stops)),
+                          [render_prompt(tokenizer, c) for c in CONVERSATIONS], max_tokens, 4, decoders)
+
+
+def test_an_answer_about_to_run_out_of_room_closes_its_object(tiny, monkeypatch):
+    """In the last CLOSING_ROOM tokens of its room a JSON answer closes what is open wherever the grammar lets it,
+    so an answer the room would have cut off still parses and fits the schema; it says finish_reason "length"."""
+    from kolm_pipeline.evaluate import decoding
+
+    model, tokenizer = tiny
+    schema = schema_of(teacher_answers())
+    room = decoding.CLOSING_ROOM + 20
+    monkeypatch.setattr(decoding, "CLOSING_ROOM", 0)
+    cut = _decode_rows(model, tokenizer, schema, room)
+    assert any(row.finish_reason == "length" for row in cut)
+    unparsable = 0
+    for row in cut:
+        try:
+            json.loads(tokenizer.decode(row.generated, skip_special_tokens=True))
+        except json.JSONDecodeError:
+            unparsable += 1
+    assert unparsable, "no answer was cut off: the room is too large for this test"
+
+    monkeypatch.undo()
+    closed = _decode_rows(model, tokenizer, schema, room)
+    for row in closed:
+        assert len(row.generated) <= room
+        jsonschema.validate(json.loads(tokenizer.decode(row.generated, skip_special_tokens=True)), schema)
+    shortened = [row for row in closed if row.decoder.shortened]
+    assert shortened and all(row.finish_reason == "length" for row in shortened)
+    # Rows that closed on their own before the closing room answer as before.
+    for before, after in zip(cut, closed, strict=True):
+        if before.finish_reason == "stop" and len(before.generated) <= room - decoding.CLOSING_ROOM:
+            assert after.generated == before.generated
+
+
 def test_bad_schema_is_a_clear_error_before_generation(tiny, monkeypatch, tmp_path):
     model, tokenizer = tiny
     lengths = _spy_generate(model, monkeypatch)

@@ -15,7 +15,9 @@ code, so an evaluated adapter answers as it will be served.
   that finishes makes room for the next prompt, so a long answer no longer holds a whole batch of short ones.
 
 A JSON row carries a ``JsonDecoder`` (``structured.py``): its tokens are chosen under the schema's grammar and it is
-done once the object closes.
+done once the object closes. In its last ``CLOSING_ROOM`` tokens it closes its object where the grammar allows
+(``JsonDecoder.choose``'s ``closing``), so an answer that would have been cut off still parses; it says
+``finish_reason: "length"``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class DecodeRow:
     feed: list[int] = field(default_factory=list)  # the tokens the next decoding pass reads for this row
     pieces: deque[str] = field(default_factory=deque)
     done: bool = False
-    finish_reason: str = "stop"  # or "length": cut off at max_tokens before it ended
+    finish_reason: str = "stop"  # or "length": cut off at max_tokens (JSON: closed early to fit)
     cancelled: bool = False
     error: Exception | None = None
 
@@ -100,6 +102,9 @@ def growable(batch: RowBatch) -> bool:
 # bench/decode.py --widths; docs/benchmarks.md, session 14). On a GPU a pass costs the same up to far more.
 CPU_PASS_TOKENS = 16
 GPU_PASS_TOKENS = 256
+# The last tokens of a JSON answer's room, in which it closes its object: enough for a key name of a few tokens,
+# its value opened and closed, and the brackets of a few levels.
+CLOSING_ROOM = 16
 
 
 class BatchDecoder:
@@ -176,13 +181,18 @@ class BatchDecoder:
             self.advance([batch.rows[index] for index in choosing], out.logits[choosing, -1])
         self.drop_finished(batch)
 
+    @staticmethod
+    def closing(row: DecodeRow) -> bool:
+        """Whether a JSON row is in the last ``CLOSING_ROOM`` tokens of its room (then it closes its object)."""
+        return row.max_tokens - len(row.generated) <= CLOSING_ROOM
+
     def advance(self, rows: list[DecodeRow], logits) -> None:
         """Choose each row's next token from its logits (greedy; under its grammar for a JSON row), queue the
         text it completes, and mark the rows that are done: at an EOS token, at ``max_tokens``, or (JSON) once
         the object is closed."""
         greedy = logits.argmax(dim=-1).tolist() if any(row.decoder is None for row in rows) else None
-        chosen = [row.decoder.choose(logits[index]) if row.decoder is not None else greedy[index]
-                  for index, row in enumerate(rows)]
+        chosen = [row.decoder.choose(logits[index], closing=self.closing(row)) if row.decoder is not None
+                  else greedy[index] for index, row in enumerate(rows)]
         # The model's own probability of each chosen token (before any grammar mask): the answer's confidence.
         logprobs = logits.float().log_softmax(-1).gather(
             1, logits.new_tensor(chosen, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
@@ -205,6 +215,8 @@ class BatchDecoder:
                     row.pieces.append(piece)
             if row.decoder is not None and row.decoder.finished:
                 row.done = True  # JSON: the object is closed, the end of the turn is all that could follow
+                if row.decoder.shortened:
+                    row.finish_reason = "length"
             elif len(row.generated) >= row.max_tokens:
                 row.done, row.finish_reason = True, "length"
 

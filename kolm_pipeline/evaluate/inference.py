@@ -17,7 +17,7 @@ import torch
 
 # Bump when a change to decoding can change an answer: the bare base's answers are reused across evaluations
 # only while this and the base's weights stay the same (evaluate/evaluation.py: BaseAnswers).
-DECODING_VERSION = 2
+DECODING_VERSION = 3
 # Rows generated together in evaluation: a step of many rows costs little more than one of few, so more tokens a
 # second (chosen with bench/decode.py; docs/benchmarks.md, session 11).
 GENERATION_BATCH = 32
@@ -213,9 +213,10 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
     prefix of another is chosen only when the model would end its answer there): at each step the most
     likely token among those that still lead to a label is taken, and a conversation is done as soon as one
     label remains below its node. This is how vLLM's `choice` structured output decodes, so the local and
-    vLLM backends answer alike; its cost is one pass of the prompt plus one single-token step per branching
-    level of the trie, whatever the number of labels (docs/benchmarks.md, session 11, compares it with scoring
-    every label).
+    vLLM backends answer alike; its cost is one pass of the prompt plus one pass per branching level of the trie,
+    whatever the number of labels (docs/benchmarks.md, session 11, compares it with scoring every label): a pass
+    reads the chosen token and the tokens every label still possible after it shares (``book`` ``_`` after ``book``
+    when ``book_flight`` and ``book_hotel`` remain).
     """
     device = next(model.parameters()).device
     root = _label_trie_for(tokenizer, batch[0], labels)
@@ -225,10 +226,10 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
     path_probability = [1.0] * len(batch)
     while True:
         logits = out.logits[:, -1, :]
-        fed = []
+        feeds: list[list[int]] = []
         for row, node in enumerate(nodes):
             if _decided(node):
-                fed.append(tokenizer.pad_token_id or 0)
+                feeds.append([])
                 continue
             allowed = list(node.children)
             if len(allowed) > 1:
@@ -238,18 +239,33 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
                 path_probability[row] *= float(probabilities[best])
             else:
                 token = allowed[0]
-            nodes[row] = node.children[token]
-            fed.append(token)
+            node, feed = node.children[token], [token]
+            # The tokens every label left below this node shares are read in the same pass: a pass per branching.
+            while not _decided(node) and len(node.children) == 1:
+                token = next(iter(node.children))
+                node = node.children[token]
+                feed.append(token)
+            nodes[row] = node
+            feeds.append(feed)
         if all(_decided(node) for node in nodes):
             if confidences is not None:
                 confidences.extend(path_probability)
             return [node.labels[0] for node in nodes]
-        # Decided rows are fed a filler token and stay in the batch (their outputs are no longer read), so
-        # the KV cache needs no reindexing.
-        mask = torch.cat([mask, torch.ones((len(nodes), 1), dtype=mask.dtype, device=device)], dim=1)
-        out = model(input_ids=torch.tensor([[token] for token in fed], device=device), attention_mask=mask,
-                    position_ids=next_position, past_key_values=out.past_key_values, use_cache=True)
-        next_position = next_position + 1
+        # Each row's tokens right-aligned (a decided row reads none; its outputs are no longer read), so every
+        # row's next-token logits are in the last column and the KV cache needs no reindexing.
+        width = max(len(feed) for feed in feeds)
+        ids = torch.full((len(nodes), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        fed = torch.zeros((len(nodes), width), dtype=mask.dtype)
+        for row, feed in enumerate(feeds):
+            if feed:
+                ids[row, width - len(feed) :] = torch.tensor(feed)
+                fed[row, width - len(feed) :] = 1
+        fed = fed.to(device)
+        mask = torch.cat([mask, fed], dim=1)
+        positions = next_position + (fed.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions,
+                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        next_position = positions[:, -1:] + 1
 
 
 def predict_labels(
@@ -282,14 +298,21 @@ def generate_texts(
     With ``json_schema`` every answer is held to the schema (``structured.py``) and ends as soon as its object
     closes; a schema that cannot be compiled raises JsonSchemaProblem before anything is generated."""
     from kolm_pipeline.evaluate.decoding import BatchDecoder, decode_prompts
-    from kolm_pipeline.evaluate.structured import JsonDecoder, compile_json_schema, stop_token_ids, vocab_size
+    from kolm_pipeline.evaluate.structured import (
+        JsonDecoder,
+        closing_tokens,
+        compile_json_schema,
+        stop_token_ids,
+        vocab_size,
+    )
 
     stops = stop_token_ids(model, tokenizer)
     json_decoders = None
     if json_schema is not None:
         vocab = vocab_size(model)
         compiled = compile_json_schema(tokenizer, json_schema, vocab=vocab, stops=stops)
-        json_decoders = [JsonDecoder(compiled, vocab, stops) for _ in conversations]
+        closers = closing_tokens(tokenizer, vocab)
+        json_decoders = [JsonDecoder(compiled, vocab, stops, closers) for _ in conversations]
     if not conversations:
         return []
     began = time.perf_counter()

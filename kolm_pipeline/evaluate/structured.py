@@ -6,6 +6,11 @@ allows only the tokens that keep the answer on a path to a schema-valid object; 
 it allows only the end of the turn, and decoding stops right there (no forward pass is spent on the stop
 token: ``JsonDecoder.finished``).
 
+An answer about to run out of room closes its object instead of being cut off (``JsonDecoder.choose``'s
+``closing``): the last few tokens of the budget go, wherever the grammar allows it, to tokens that only close
+strings, arrays and objects (``"``, ``]``, ``}``), so every answer parses and fits its schema even when the model
+would have gone on (a key repeated, a span that never ends); the row says ``finish_reason: "length"``.
+
 ``JsonDecoder`` masks one answer's logits step by step; evaluation and `kolm serve` give one to each JSON row of
 their batch (``decoding.py``).
 """
@@ -21,11 +26,15 @@ import torch
 
 from kolm_pipeline.corpus.json_grammar import JsonSchemaProblem, json_grammar
 
-__all__ = ["JsonDecoder", "JsonSchemaProblem", "compile_json_schema", "stop_token_ids", "vocab_size"]
+__all__ = ["JsonDecoder", "JsonSchemaProblem", "closing_tokens", "compile_json_schema", "stop_token_ids",
+           "vocab_size"]
 
 _lock = threading.Lock()
 # tokenizer -> {(vocabulary size, stop tokens): _Compiler}; dropped with the tokenizer.
 _compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# tokenizer -> {vocabulary size: bool tensor of the tokens that only close strings, arrays and objects}
+_closers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+CLOSING_CHARACTERS = frozenset('"]}')
 
 
 @dataclass
@@ -73,19 +82,37 @@ def compile_json_schema(tokenizer, schema: dict, *, vocab: int, stops: list[int]
     return compiled
 
 
+def closing_tokens(tokenizer, vocab: int) -> torch.Tensor:
+    """Which of ``vocab`` tokens only close what is open: their text, white space and empty ``{}``/``[]`` aside, is
+    made of ``"``, ``]`` and ``}`` (``"``, ``"]``, ``}}``, ``{}``, ``[]}``, …); cached per tokenizer."""
+    with _lock:
+        per_tokenizer = _closers.setdefault(tokenizer, {})
+        closers = per_tokenizer.get(vocab)
+        if closers is None:
+            closers = torch.zeros(vocab, dtype=torch.bool)
+            texts = tokenizer.batch_decode([[token] for token in range(min(vocab, len(tokenizer)))])
+            for token, text in enumerate(texts):
+                text = text.strip()
+                closers[token] = bool(text) and set(text.replace("{}", "").replace("[]", "")) <= CLOSING_CHARACTERS
+            per_tokenizer[vocab] = closers
+    return closers
+
+
 class JsonDecoder:
     """Greedy choice of one answer's next token under the schema, step by step (its grammar matcher and the token
     bitmask it fills), and the tokens the schema forces after it (``forced``)."""
 
-    def __init__(self, compiled, vocab: int, stops: list[int]) -> None:
+    def __init__(self, compiled, vocab: int, stops: list[int], closers: torch.Tensor) -> None:
         import xgrammar
 
         self._xgr = xgrammar
         self._matcher = xgrammar.GrammarMatcher(compiled)
         self._bitmask = xgrammar.allocate_token_bitmask(1, vocab)
         self._vocab = vocab
+        self._closers = closers  # closing_tokens(): what ``choose(closing=True)`` prefers
         self._filled = False
         self.finished = False  # the object is closed: nothing but a stop token may follow
+        self.shortened = False  # ``closing`` chose a token the model would not have: the answer was cut short
         stops_only = torch.zeros_like(self._bitmask[0])
         for token in stops:
             stops_only[token // 32] |= 1 << (token % 32)
@@ -108,8 +135,9 @@ class JsonDecoder:
             self.finished = bool(torch.equal(self._bitmask[0], self._stops_only))
         return True
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """The best allowed token for 1-D ``logits``, already fed to the grammar."""
+    def choose(self, logits: torch.Tensor, closing: bool = False) -> int:
+        """The best allowed token for 1-D ``logits``, already fed to the grammar; with ``closing`` (the answer is
+        about to run out of room), the best allowed token that only closes what is open, where there is one."""
         scores = logits.float().reshape(1, -1).clone()
         if not self.finished:
             self._fill()
@@ -117,6 +145,15 @@ class JsonDecoder:
             bitmask = self._bitmask if target.device.type == "cpu" else self._bitmask.to(target.device)
             self._xgr.apply_token_bitmask_inplace(target, bitmask, vocab_size=min(self._vocab, target.shape[-1]))
             scores = target
+            if closing:
+                width = min(scores.shape[-1], self._closers.shape[0])
+                closers = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+                closers[:width] = self._closers[:width].to(scores.device)
+                closing_scores = scores.masked_fill(~closers, float("-inf"))
+                if bool(torch.isfinite(closing_scores).any()):
+                    token = int(closing_scores[0].argmax())
+                    self.shortened = self.shortened or token != int(scores[0].argmax())
+                    scores = closing_scores
         token = int(scores[0].argmax())
         if not self._accept(token):
             raise RuntimeError(f"the JSON grammar rejected token {token} chosen under its own mask")

@@ -312,6 +312,7 @@ class TransformersBackend:
         from kolm_pipeline.evaluate.structured import (
             JsonDecoder,
             JsonSchemaProblem,
+            closing_tokens,
             compile_json_schema,
             vocab_size,
         )
@@ -322,7 +323,7 @@ class TransformersBackend:
             compiled = compile_json_schema(self._tokenizer, schema, vocab=vocab, stops=stops)
         except JsonSchemaProblem as exc:
             raise BackendError(str(exc)) from None
-        return JsonDecoder(compiled, vocab, stops)
+        return JsonDecoder(compiled, vocab, stops, closing_tokens(self._tokenizer, vocab))
 
     def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int,
                usage: dict | None = None, json_schema: dict | None = None) -> Iterator[str]:
