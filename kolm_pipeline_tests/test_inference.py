@@ -7,13 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kolm_pipeline.evaluate.inference import (
-    PrefixCache,
-    choose_labels,
-    label_continuations,
-    label_trie,
-    render_prompt,
-)
+from kolm_pipeline.evaluate.inference import PrefixCache, choose_labels
+from kolm_pipeline.train.labels import label_continuations, label_trie, render_prompt
 
 LABELS = ["fin-ops", "fin", "growth", "l2-platform", "rma", "logistics", "iam"]
 REQUESTS = ["I was charged twice", "Where is my parcel?", "Reset my password", "The API returns 500",

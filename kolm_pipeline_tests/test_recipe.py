@@ -151,6 +151,8 @@ def test_fixture_becomes_the_right_recipe(name, fixture_recipes):
         assert spec["json_schema"]["required"] == ["intent", "order_id", "urgent"]
         assert props["intent"]["enum"] == ["cancel", "refund", "track"]
         assert props["urgent"]["type"] == "boolean" and "enum" not in props["order_id"]
+        # The order id is always copied out of the message: decoding writes it as text of the request.
+        assert props["order_id"]["x-kolm-grounded"] is True and "x-kolm-grounded" not in props["intent"]
     if name == "shipment":
         assert spec["json_schema"]["properties"]["items"]["items"]["required"] == ["qty", "sku"]
 

@@ -254,12 +254,11 @@ def test_tokens_the_schema_forces_are_read_in_one_pass(tiny, monkeypatch):
 def _decode_rows(model, tokenizer, schema: dict, max_tokens: int):
     """Evaluation's decoding of CONVERSATIONS under ``schema``, the rows themselves (with their finish reasons)."""
     from kolm_pipeline.evaluate.decoding import BatchDecoder, decode_prompts
-    from kolm_pipeline.evaluate.inference import render_prompt
-    from kolm_pipeline.evaluate.structured import JsonDecoder, closing_tokens
+    from kolm_pipeline.evaluate.structured import json_decoder
+    from kolm_pipeline.train.labels import render_prompt
 
     stops, vocab = stop_token_ids(model, tokenizer), vocab_size(model)
-    compiled = compile_json_schema(tokenizer, schema, vocab=vocab, stops=stops)
-    decoders = [JsonDecoder(compiled, vocab, stops, closing_tokens(tokenizer, vocab)) for _ in CONVERSATIONS]
+    decoders = [json_decoder(tokenizer, schema, vocab, stops, c) for c in CONVERSATIONS]
     return decode_prompts(BatchDecoder(model, tokenizer, set(stops)),
                           [render_prompt(tokenizer, c) for c in CONVERSATIONS], max_tokens, 4, decoders)
 
@@ -397,3 +396,76 @@ def test_compiled_grammar_is_cached(tiny):
     first = compile_json_schema(tokenizer, schema, vocab=vocab_size(model), stops=stops)
     assert compile_json_schema(tokenizer, json.loads(json.dumps(schema)), vocab=vocab_size(model), stops=stops) \
         is first
+
+
+WORDS = ["Berlin", "kettle", "order 12", "tomorrow", "Ana", "blue", "parcel 88", "Friday", "the broken kettle", "SSO"]
+
+
+def _copying_answers() -> tuple[list[dict], list[str]]:
+    """(answers, requests): a teacher whose slot values are always copied out of the request."""
+    answers, requests = [], []
+    for i in range(40):
+        picked = [f"{WORDS[(i + j * 3) % len(WORDS)]} {i}" for j in range(1 + i % 3)]  # too many values for an enum
+        requests.append("Please help with " + " and ".join(picked))
+        answers.append({"intent": INTENTS[i % 3], "slots": {SLOTS[(i + j) % len(SLOTS)]: word
+                                                            for j, word in enumerate(picked)}})
+    return answers, requests
+
+
+def test_strings_the_teacher_copies_from_the_request_are_marked_grounded():
+    from kolm_pipeline.corpus.json_grammar import GROUNDED_KEY
+    from kolm_pipeline.corpus.kinds import mark_grounded
+
+    answers, requests = _copying_answers()
+    marked = mark_grounded(infer_json_schema(answers), list(zip(answers, requests, strict=True)))
+    assert marked["properties"]["slots"]["additionalProperties"][GROUNDED_KEY] is True
+    assert GROUNDED_KEY not in marked["properties"]["intent"]  # an enum is not a copied span
+    # Values the request does not contain (written by the teacher, not copied): not grounded.
+    unrelated = mark_grounded(infer_json_schema(answers), [(answer, "nothing here") for answer in answers])
+    assert GROUNDED_KEY not in unrelated["properties"]["slots"]["additionalProperties"]
+    assert GROUNDED_KEY not in json.dumps(decoding_schema(marked))  # xgrammar never sees it
+
+
+def test_json_cursor_follows_the_answer_and_its_grounded_strings():
+    from kolm_pipeline.corpus.json_grammar import GROUNDED_KEY
+    from kolm_pipeline.evaluate.grounding import JsonCursor
+
+    schema = {"type": "object", "properties": {"intent": {"enum": ["a", "b"]},
+                                               "slots": {"additionalProperties": {"type": "string",
+                                                                                  GROUNDED_KEY: True}}}}
+    cursor = JsonCursor.for_request(schema, [{"role": "user", "content": 'fly to "Rio" on Friday'}])
+    assert cursor.feed(b'{"intent": "a", "slots": {"city": ') and cursor.at_grounded()
+    assert cursor.copy().feed(b'"\\"Rio\\""')  # escaped quotes compare as the request's JSON text
+    assert not cursor.copy().feed(b'"Paris"')
+    assert cursor.feed(b'"Fri')
+    assert cursor.at_grounded() and not cursor.copy().feed(b"tag")
+    assert cursor.feed(b'day", "') and not cursor.at_grounded()  # a key: free to write
+    assert cursor.feed(b'date": ') and cursor.at_grounded()
+
+
+def test_grounded_strings_are_decoded_as_text_of_the_request(tiny):
+    """A random-weight model held to a schema whose slot values are grounded writes only spans of its request;
+    the same schema without the mark lets it write anything the grammar allows."""
+    from kolm_pipeline.corpus.json_grammar import GROUNDED_KEY
+    from kolm_pipeline.corpus.kinds import mark_grounded
+
+    model, tokenizer = tiny
+    answers, requests = _copying_answers()
+    schema = {**mark_grounded(infer_json_schema(answers), list(zip(answers, requests, strict=True))),
+              LAYOUT_KEY: json_layout([json.dumps(answer) for answer in answers])}
+    conversations = [[{"role": "user", "content": text}] for text in requests[:6]]
+
+    def spans(held_to: dict) -> list[tuple[str, str]]:
+        found = []
+        for prediction, conversation in zip(generate_texts(model, tokenizer, conversations, MAX_NEW,
+                                                           json_schema=held_to), conversations, strict=True):
+            value = json.loads(prediction.output)
+            jsonschema.validate(value, held_to)
+            found += [(span, conversation[0]["content"]) for span in value["slots"].values()]
+        return found
+
+    grounded = spans(schema)
+    assert grounded and all(span in request for span, request in grounded)
+    ungrounded = json.loads(json.dumps(schema))
+    ungrounded["properties"]["slots"]["additionalProperties"].pop(GROUNDED_KEY)
+    assert any(span not in request for span, request in spans(ungrounded))

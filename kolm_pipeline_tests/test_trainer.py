@@ -122,3 +122,60 @@ def test_a_large_corpus_is_trained_within_the_examples_budget(tiny_base, tmp_pat
                          TrainConfig(epochs=2, batch_size=4, max_examples=None), show_progress=False)
     assert full.steps == 8 and full.epochs == 2.0
     assert TrainConfig().max_examples == 2400
+
+
+LABELS = ["book_flight", "book_hotel", "balance"]
+
+
+def test_label_choices_follow_the_label_trie(tiny_base):
+    """With a label set each answer token carries the tokens constrained decoding chooses among where it stands:
+    every label's next token while several remain, the token alone once one label is left, none in the prompt."""
+    from kolm_pipeline.train.labels import label_continuations
+
+    tokenizer = load_tokenizer(_base(tiny_base))
+    rows = [{"messages": [*QUESTION, {"role": "assistant", "content": label}]} for label in LABELS]
+    examples = tokenize_pairs(tokenizer, rows, max_length=256, labels=LABELS).examples
+    continuations = label_continuations(tokenizer, QUESTION, LABELS)
+    firsts = sorted({ids[0] for ids in continuations})
+    assert len(firsts) >= 2
+    for example, ids in zip(examples, continuations, strict=True):
+        answer = [choices for choices, label in zip(example["label_choices"], example["labels"], strict=True)
+                  if label != -100]
+        prompt = [choices for choices, label in zip(example["label_choices"], example["labels"], strict=True)
+                  if label == -100]
+        assert all(choices == [] for choices in prompt)
+        assert answer[0] == firsts
+        others = [other for other in continuations if other != ids]
+        for position, choices in enumerate(answer[1:], start=1):
+            rivals = [other for other in others if other[:position] == ids[:position] and len(other) > position]
+            expected = sorted({ids[position], *(other[position] for other in rivals)}) if rivals else \
+                [example["input_ids"][example["labels"].index(ids[0]) + position]]
+            assert choices == expected, (position, choices, expected)
+    assert "label_choices" not in tokenize_pairs(tokenizer, rows, max_length=256).examples[0]
+
+
+def test_label_loss_is_cross_entropy_among_the_choices():
+    import torch
+    import torch.nn.functional as F
+
+    from kolm_pipeline.train.answer_loss import _label_loss
+
+    logits = torch.tensor([[[2.0, 1.0, 0.0, 5.0], [0.5, 0.0, 3.0, 1.0], [1.0, 1.0, 1.0, 1.0]]])
+    targets = torch.tensor([[1, 2, 0]])
+    whole = F.cross_entropy(logits[0], targets[0], reduction="none").unsqueeze(0)
+    # Position 0 chooses between tokens 0 and 1 (token 3's high logit does not count), position 1 is decided,
+    # position 2 is off the trie (the whole vocabulary).
+    choices = torch.tensor([[[0, 1], [2, -1], [-1, -1]]])
+    loss = _label_loss(logits, targets, choices, whole)
+    among = torch.log(torch.exp(torch.tensor(2.0)) + torch.exp(torch.tensor(1.0))) - 1.0
+    assert torch.allclose(loss[0], torch.stack([among, torch.tensor(0.0), whole[0, 2]]))
+
+
+def test_training_with_the_label_loss_prefers_the_taught_label(tiny_base, tmp_path):
+    base = _base(tiny_base)
+    rows = [{"messages": [*QUESTION, {"role": "assistant", "content": "alpha"}]} for _ in range(16)]
+    config = TrainConfig(epochs=3, learning_rate=0.01, batch_size=4)
+    result = train_adapter(_write(tmp_path / "train.jsonl", rows), base, tmp_path / "adapter", config,
+                           show_progress=False, labels=["alpha", "beta"])
+    assert result.config["label_loss"] is True
+    assert _answer_logprob(base, tmp_path / "adapter", "alpha") > _answer_logprob(base, tmp_path / "adapter", "beta")

@@ -13,7 +13,7 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from kolm_pipeline.corpus.json_grammar import ORDER_KEY
+from kolm_pipeline.corpus.json_grammar import GROUNDED_KEY, ORDER_KEY
 
 # A closed set may be large (CLINC150's 150 intents, a support desk's 70-odd queues): label decoding walks a
 # trie, so its cost does not grow with the number of labels; what makes a set closed is that its answers repeat
@@ -32,6 +32,10 @@ BOUND_FACTOR = 2
 MIN_BOUND_CHARS = 32
 MIN_BOUND_ITEMS = 4
 MAX_KEY_NAMES = 200  # a map's key names are listed (propertyNames) up to this many
+# A free string is grounded (decoded as text copied from the request) when at least this share of its values, and
+# at least MIN_GROUNDED of them, occur verbatim in their request: decoding could not write the others at all.
+GROUNDED_STRING_SHARE = 0.98
+MIN_GROUNDED = 20
 
 VERIFIER_FOR_KIND = {
     "categorical": "closed_vocab",
@@ -179,6 +183,35 @@ def infer_json_schema(values: list) -> dict:
             schema["enum"] = sorted(counts)
         else:
             schema["maxLength"] = max(MIN_BOUND_CHARS, BOUND_FACTOR * max(len(value) for value in strings))
+    return schema
+
+
+def mark_grounded(schema: dict, answers: list[tuple[object, str]]) -> dict:
+    """``schema`` with ``x-kolm-grounded`` on each free string (no enum) whose values, in the (parsed answer,
+    request text) pairs, occur verbatim in their request (GROUNDED_STRING_SHARE of them, MIN_GROUNDED at least)."""
+    schema = json.loads(json.dumps(schema))  # a copy to annotate
+    seen: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # id(string schema) -> [grounded, all]
+    nodes: dict[int, dict] = {}
+
+    def walk(node: object, value: object, request: str) -> None:
+        if not isinstance(node, dict):
+            return
+        if isinstance(value, str) and "enum" not in node:
+            nodes[id(node)] = node
+            seen[id(node)][0] += value in request
+            seen[id(node)][1] += 1
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(node.get("properties", {}).get(key, node.get("additionalProperties")), item, request)
+        elif isinstance(value, list):
+            for item in value:
+                walk(node.get("items"), item, request)
+
+    for value, request in answers:
+        walk(schema, value, request)
+    for key, (grounded, count) in seen.items():
+        if count >= MIN_GROUNDED and grounded >= GROUNDED_STRING_SHARE * count:
+            nodes[key][GROUNDED_KEY] = True
     return schema
 
 

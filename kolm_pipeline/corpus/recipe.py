@@ -40,6 +40,7 @@ from kolm_pipeline.corpus.kinds import (
     detect_output_kind,
     infer_json_schema,
     json_objects,
+    mark_grounded,
     prompt_text,
 )
 from kolm_pipeline.corpus.pairs import scan_pair_file
@@ -474,6 +475,8 @@ def synthesize_recipe(
         # How the teacher lays out its JSON, so constrained decoding writes what the adapter learned (json_grammar.py).
         kind_fields["json_schema"] = {**kind_fields["json_schema"],
                                       LAYOUT_KEY: json_layout([answer(row) for row in fitting + holdout])}
+        answered = [(json.loads(answer(row)), prompt_text(row)) for row in fitting]
+        kind_fields["json_schema"] = mark_grounded(kind_fields["json_schema"], answered)
     latency_measured = _share_with(rows, "latency_us") >= 0.5
     usage_measured = max(_share_with(rows, "prompt_tokens"), _share_with(rows, "completion_tokens")) >= 0.5
     floor = k_floor(kind=kind, purity=purity.purity, train_pairs=len(train_rows), eval_cases=len(eval_rows),

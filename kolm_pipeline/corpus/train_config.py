@@ -61,6 +61,12 @@ class TrainConfig(BaseModel):
     # trl turns activation checkpointing on by default; a small base fits without it and trains faster without
     # it (bench/train.py). Turn it on when memory is short.
     activation_checkpointing: bool = _setting(False, "true or false", "recompute activations to save memory")
+    # Closed-vocabulary recipes only (those with `labels`).
+    label_loss: bool = _setting(
+        True, "true or false",
+        "a recipe with labels: each answer token's loss is over the tokens the label set allows there (what "
+        "constrained decoding chooses among), so only the choices between labels are trained; false: the whole "
+        "vocabulary")
     # Vision-language bases only: the language model is always adapted; the vision tower too when asked.
     vision_tower: bool = _setting(False, "true or false",
                                   "a vision-language base: give the vision tower LoRA weights too")

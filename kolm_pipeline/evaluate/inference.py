@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from kolm_pipeline.train.labels import decided, label_trie_for, render_prompt
 
 # Bump when a change to decoding can change an answer: the bare base's answers are reused across evaluations
 # only while this and the base's weights stay the same (evaluate/evaluation.py: BaseAnswers).
@@ -34,47 +35,6 @@ class Prediction:
     # How sure the model was of `output` (0–1): for a label, the probability the constrained decoder gave
     # the path it took (each branching step's chosen token, renormalized over the tokens allowed there).
     confidence: float | None = None
-
-
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def _continuation_text(tokenizer, messages: list[dict], prompt: str, label: str) -> str:
-    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": label}], tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("chat template renders the answer in a way that does not extend the prompt")
-    return full[len(prompt) :].rstrip("\n")
-
-
-def label_continuations(tokenizer, messages: list[dict], labels: list[str]) -> list[list[int]]:
-    """Token ids the chat template appends after the generation prompt for each label answer.
-
-    Derived from the template itself so the end-of-turn marker is scored too, which stops a label
-    that is a prefix of another from winning by being shorter.
-    """
-    prompt = render_prompt(tokenizer, messages)
-    return [tokenizer(_continuation_text(tokenizer, messages, prompt, label), add_special_tokens=False).input_ids
-            for label in labels]
-
-
-# Label tries by (tokenizer, labels, the first label's continuation text): a template renders every label's answer
-# the same way after any conversation it renders the first one's the same way after, so a request re-renders one
-# answer instead of one per label (150 renders for CLINC's intents).
-_TRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(labels, probe): trie}
-_TRIES_KEPT = 64  # per tokenizer, oldest dropped first
-
-
-def _label_trie_for(tokenizer, messages: list[dict], labels: list[str]) -> _TrieNode:
-    probe = _continuation_text(tokenizer, messages, render_prompt(tokenizer, messages), labels[0])
-    tries = _TRIES.setdefault(tokenizer, {})
-    trie = tries.get((tuple(labels), probe))
-    if trie is None:
-        trie = label_trie(label_continuations(tokenizer, messages, labels))
-        if len(tries) >= _TRIES_KEPT:
-            tries.pop(next(iter(tries)))
-        tries[(tuple(labels), probe)] = trie
-    return trie
 
 
 def _left_padded_ids(tokenizer, encoded: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,30 +137,6 @@ def _prompt_pass(model, tokenizer, prompts: list[str], device, prefixes: PrefixC
     return out, mask, positions[:, -1:] + 1
 
 
-@dataclass
-class _TrieNode:
-    """A node of the label trie: the continuations (label indices) that pass through it, by next token."""
-
-    labels: list[int] = field(default_factory=list)
-    children: dict[int, _TrieNode] = field(default_factory=dict)
-
-
-def label_trie(continuations: list[list[int]]) -> _TrieNode:
-    root = _TrieNode()
-    for index, ids in enumerate(continuations):
-        node = root
-        node.labels.append(index)
-        for token in ids:
-            node = node.children.setdefault(token, _TrieNode())
-            node.labels.append(index)
-    return root
-
-
-def _decided(node: _TrieNode) -> bool:
-    # Two labels with the same continuation cannot be told apart: the first wins, as ties do.
-    return len(node.labels) == 1 or not node.children
-
-
 @torch.inference_mode()
 def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
                   confidences: list[float] | None = None, prefixes: PrefixCache | None = None,
@@ -219,7 +155,7 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
     when ``book_flight`` and ``book_hotel`` remain).
     """
     device = next(model.parameters()).device
-    root = _label_trie_for(tokenizer, batch[0], labels)
+    root = label_trie_for(tokenizer, batch[0], labels)
     out, mask, next_position = _prompt_pass(model, tokenizer, [render_prompt(tokenizer, m) for m in batch], device,
                                             prefixes, adapter)
     nodes = [root] * len(batch)
@@ -228,7 +164,7 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
         logits = out.logits[:, -1, :]
         feeds: list[list[int]] = []
         for row, node in enumerate(nodes):
-            if _decided(node):
+            if decided(node):
                 feeds.append([])
                 continue
             allowed = list(node.children)
@@ -241,13 +177,13 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
                 token = allowed[0]
             node, feed = node.children[token], [token]
             # The tokens every label left below this node shares are read in the same pass: a pass per branching.
-            while not _decided(node) and len(node.children) == 1:
+            while not decided(node) and len(node.children) == 1:
                 token = next(iter(node.children))
                 node = node.children[token]
                 feed.append(token)
             nodes[row] = node
             feeds.append(feed)
-        if all(_decided(node) for node in nodes):
+        if all(decided(node) for node in nodes):
             if confidences is not None:
                 confidences.extend(path_probability)
             return [node.labels[0] for node in nodes]
@@ -298,21 +234,12 @@ def generate_texts(
     With ``json_schema`` every answer is held to the schema (``structured.py``) and ends as soon as its object
     closes; a schema that cannot be compiled raises JsonSchemaProblem before anything is generated."""
     from kolm_pipeline.evaluate.decoding import BatchDecoder, decode_prompts
-    from kolm_pipeline.evaluate.structured import (
-        JsonDecoder,
-        closing_tokens,
-        compile_json_schema,
-        stop_token_ids,
-        vocab_size,
-    )
+    from kolm_pipeline.evaluate.structured import json_decoder, stop_token_ids, vocab_size
 
     stops = stop_token_ids(model, tokenizer)
     json_decoders = None
-    if json_schema is not None:
-        vocab = vocab_size(model)
-        compiled = compile_json_schema(tokenizer, json_schema, vocab=vocab, stops=stops)
-        closers = closing_tokens(tokenizer, vocab)
-        json_decoders = [JsonDecoder(compiled, vocab, stops, closers) for _ in conversations]
+    if json_schema is not None:  # a bad schema fails here, before anything is generated
+        json_decoders = [json_decoder(tokenizer, json_schema, vocab_size(model), stops, m) for m in conversations]
     if not conversations:
         return []
     began = time.perf_counter()

@@ -6,13 +6,17 @@ allows only the tokens that keep the answer on a path to a schema-valid object; 
 it allows only the end of the turn, and decoding stops right there (no forward pass is spent on the stop
 token: ``JsonDecoder.finished``).
 
-An answer about to run out of room closes its object instead of being cut off (``JsonDecoder.choose``'s
-``closing``): the last few tokens of the budget go, wherever the grammar allows it, to tokens that only close
-strings, arrays and objects (``"``, ``]``, ``}``), so every answer parses and fits its schema even when the model
-would have gone on (a key repeated, a span that never ends); the row says ``finish_reason: "length"``.
+Three rules on top of the grammar, each following the answer with a ``JsonCursor`` (``grounding.py``):
+
+* No raw control character inside a string (xgrammar's JSON strings allow them; JSON parsers refuse them).
+* An answer about to run out of room closes its object instead of being cut off (``choose``'s ``closing``): the
+  last few tokens of the budget go, wherever the grammar allows it, to tokens that only close strings, arrays and
+  objects (``"``, ``]``, ``}``), so every answer parses and fits its schema even when the model would have gone on
+  (a key repeated, a span that never ends); the row says ``finish_reason: "length"``.
+* A string the schema marks grounded is written as text of the request (``grounding.py``).
 
 ``JsonDecoder`` masks one answer's logits step by step; evaluation and `kolm serve` give one to each JSON row of
-their batch (``decoding.py``).
+their batch (``decoding.py``), made by ``json_decoder``.
 """
 
 from __future__ import annotations
@@ -25,22 +29,50 @@ from dataclasses import dataclass
 import torch
 
 from kolm_pipeline.corpus.json_grammar import JsonSchemaProblem, json_grammar
+from kolm_pipeline.evaluate.grounding import CANDIDATES, JsonCursor
 
-__all__ = ["JsonDecoder", "JsonSchemaProblem", "closing_tokens", "compile_json_schema", "stop_token_ids",
-           "vocab_size"]
+__all__ = ["JsonDecoder", "JsonSchemaProblem", "compile_json_schema", "json_decoder", "stop_token_ids", "vocab_size"]
 
 _lock = threading.Lock()
-# tokenizer -> {(vocabulary size, stop tokens): _Compiler}; dropped with the tokenizer.
-_compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# tokenizer -> {vocabulary size: bool tensor of the tokens that only close strings, arrays and objects}
-_closers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# tokenizer -> {(vocabulary size, stop tokens): _Vocabulary}; dropped with the tokenizer.
+_vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CLOSING_CHARACTERS = frozenset('"]}')
 
 
 @dataclass
-class _Compiler:
+class _Vocabulary:
+    """What decoding needs to know of a tokenizer's tokens, computed once: its grammar compiler (and the schemas
+    compiled with it), each token's bytes, and which tokens only close what is open or hold a control character."""
+
     compiler: object
     compiled: dict
+    token_bytes: list[bytes]
+    closers: torch.Tensor
+    control: torch.Tensor
+
+
+def _closes(data: bytes) -> bool:
+    """Whether a token's text only closes what is open: white space and empty ``{}``/``[]`` aside, nothing but
+    ``"``, ``]`` and ``}`` (``"``, ``"]``, ``}}``, ``{}``, ``[]}``, …)."""
+    text = data.decode("utf-8", "ignore").strip()
+    return bool(text) and set(text.replace("{}", "").replace("[]", "")) <= CLOSING_CHARACTERS
+
+
+def _vocabulary(tokenizer, vocab: int, stops: list[int]) -> _Vocabulary:
+    import xgrammar
+
+    per_tokenizer = _vocabularies.setdefault(tokenizer, {})
+    entry = per_tokenizer.get((vocab, tuple(stops)))
+    if entry is None:
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=list(stops))
+        token_bytes = [bytes(data) for data in info.decoded_vocab]
+        special = set(info.special_token_ids) | set(stops)
+        closers = torch.tensor([token not in special and _closes(data) for token, data in enumerate(token_bytes)])
+        control = torch.tensor([token not in special and any(byte < 0x20 for byte in data)
+                                for token, data in enumerate(token_bytes)])
+        entry = per_tokenizer[(vocab, tuple(stops))] = _Vocabulary(xgrammar.GrammarCompiler(info), {}, token_bytes,
+                                                                    closers, control)
+    return entry
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -62,15 +94,9 @@ def vocab_size(model) -> int:
 def compile_json_schema(tokenizer, schema: dict, *, vocab: int, stops: list[int]):
     """The schema compiled for this tokenizer (an xgrammar ``CompiledGrammar``), cached; JsonSchemaProblem when
     the schema cannot be compiled."""
-    import xgrammar
-
     key = json.dumps(schema, sort_keys=True)
     with _lock:
-        per_tokenizer = _compilers.setdefault(tokenizer, {})
-        entry = per_tokenizer.get((vocab, tuple(stops)))
-        if entry is None:
-            info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=list(stops))
-            entry = per_tokenizer[(vocab, tuple(stops))] = _Compiler(xgrammar.GrammarCompiler(info), {})
+        entry = _vocabulary(tokenizer, vocab, stops)
         compiled = entry.compiled.get(key)
         if compiled is None:
             grammar = json_grammar(schema)  # JsonSchemaProblem names what is wrong
@@ -82,34 +108,29 @@ def compile_json_schema(tokenizer, schema: dict, *, vocab: int, stops: list[int]
     return compiled
 
 
-def closing_tokens(tokenizer, vocab: int) -> torch.Tensor:
-    """Which of ``vocab`` tokens only close what is open: their text, white space and empty ``{}``/``[]`` aside, is
-    made of ``"``, ``]`` and ``}`` (``"``, ``"]``, ``}}``, ``{}``, ``[]}``, …); cached per tokenizer."""
+def json_decoder(tokenizer, schema: dict, vocab: int, stops: list[int], messages: list[dict]) -> JsonDecoder:
+    """A fresh decoder holding one answer to ``messages`` to ``schema`` (compiled once per schema), its grounded
+    strings held to the request's text. JsonSchemaProblem when the schema cannot be compiled."""
+    compiled = compile_json_schema(tokenizer, schema, vocab=vocab, stops=stops)
     with _lock:
-        per_tokenizer = _closers.setdefault(tokenizer, {})
-        closers = per_tokenizer.get(vocab)
-        if closers is None:
-            closers = torch.zeros(vocab, dtype=torch.bool)
-            texts = tokenizer.batch_decode([[token] for token in range(min(vocab, len(tokenizer)))])
-            for token, text in enumerate(texts):
-                text = text.strip()
-                closers[token] = bool(text) and set(text.replace("{}", "").replace("[]", "")) <= CLOSING_CHARACTERS
-            per_tokenizer[vocab] = closers
-    return closers
+        vocabulary = _vocabulary(tokenizer, vocab, stops)
+    return JsonDecoder(compiled, vocabulary, stops, JsonCursor.for_request(schema, messages))
 
 
 class JsonDecoder:
     """Greedy choice of one answer's next token under the schema, step by step (its grammar matcher and the token
-    bitmask it fills), and the tokens the schema forces after it (``forced``)."""
+    bitmask it fills, and the cursor following the answer), and the tokens the schema forces after it
+    (``forced``)."""
 
-    def __init__(self, compiled, vocab: int, stops: list[int], closers: torch.Tensor) -> None:
+    def __init__(self, compiled, vocabulary: _Vocabulary, stops: list[int], cursor: JsonCursor) -> None:
         import xgrammar
 
         self._xgr = xgrammar
         self._matcher = xgrammar.GrammarMatcher(compiled)
-        self._bitmask = xgrammar.allocate_token_bitmask(1, vocab)
-        self._vocab = vocab
-        self._closers = closers  # closing_tokens(): what ``choose(closing=True)`` prefers
+        self._vocab = len(vocabulary.token_bytes)
+        self._bitmask = xgrammar.allocate_token_bitmask(1, self._vocab)
+        self._vocabulary = vocabulary
+        self._cursor = cursor
         self._filled = False
         self.finished = False  # the object is closed: nothing but a stop token may follow
         self.shortened = False  # ``closing`` chose a token the model would not have: the answer was cut short
@@ -128,12 +149,20 @@ class JsonDecoder:
         if not self._matcher.accept_token(token):
             return False
         self._filled = False
+        self._cursor.feed(self._vocabulary.token_bytes[token])
         if self._matcher.is_terminated():
             self.finished = True
         elif self._matcher.is_completed():  # the object is closed: only a stop token may follow
             self._fill()
             self.finished = bool(torch.equal(self._bitmask[0], self._stops_only))
         return True
+
+    def _only(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """``scores`` with every token outside ``allowed`` (a bool tensor over the vocabulary) at -inf."""
+        keep = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        width = min(scores.shape[-1], allowed.shape[0])
+        keep[:width] = allowed[:width].to(scores.device)
+        return scores.masked_fill(~keep, float("-inf"))
 
     def choose(self, logits: torch.Tensor, closing: bool = False) -> int:
         """The best allowed token for 1-D ``logits``, already fed to the grammar; with ``closing`` (the answer is
@@ -145,19 +174,37 @@ class JsonDecoder:
             bitmask = self._bitmask if target.device.type == "cpu" else self._bitmask.to(target.device)
             self._xgr.apply_token_bitmask_inplace(target, bitmask, vocab_size=min(self._vocab, target.shape[-1]))
             scores = target
+            if self._cursor.in_string:
+                scores = self._only(scores, ~self._vocabulary.control)
             if closing:
-                width = min(scores.shape[-1], self._closers.shape[0])
-                closers = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-                closers[:width] = self._closers[:width].to(scores.device)
-                closing_scores = scores.masked_fill(~closers, float("-inf"))
+                closing_scores = self._only(scores, self._vocabulary.closers)
                 if bool(torch.isfinite(closing_scores).any()):
                     token = int(closing_scores[0].argmax())
                     self.shortened = self.shortened or token != int(scores[0].argmax())
                     scores = closing_scores
+            elif self._cursor.at_grounded():
+                grounded = self._grounded_choice(scores[0])
+                if grounded is not None:
+                    scores = torch.full_like(scores, float("-inf"))
+                    scores[0, grounded] = 0.0
         token = int(scores[0].argmax())
         if not self._accept(token):
             raise RuntimeError(f"the JSON grammar rejected token {token} chosen under its own mask")
         return token
+
+    def _grounded_choice(self, scores: torch.Tensor) -> int | None:
+        """The best allowed token that keeps every grounded string in the request (``grounding.py``): among the
+        model's best CANDIDATES, else among the tokens that close what is open (``"`` ends a string that is in the
+        request so far); None if none does."""
+        best = scores.topk(min(CANDIDATES, scores.shape[-1]))
+        closing = self._only(scores.unsqueeze(0), self._vocabulary.closers)[0].sort(descending=True)
+        for values, indices in (best, closing):
+            for value, token in zip(values.tolist(), indices.tolist(), strict=True):
+                if value == float("-inf"):
+                    break
+                if self._cursor.copy().feed(self._vocabulary.token_bytes[token]):
+                    return token
+        return None
 
     def forced(self, tokenizer, limit: int) -> list[int]:
         """Up to ``limit`` tokens the schema forces next, already fed to the grammar: its jump-forward string (the

@@ -164,7 +164,7 @@ class TransformersBackend:
 
         began = time.perf_counter()
         if json_schema is not None:
-            self._json_decoder(json_schema)  # compiled (and cached) now: a bad schema refuses the artifact
+            self._json_decoder(json_schema, [])  # compiled (and cached) now: a bad schema refuses the artifact
         try:
             self._slots.load(name, adapter_dir)
         except AdapterFormatError as exc:
@@ -283,7 +283,7 @@ class TransformersBackend:
     def check_prompt(self, messages: list[dict], max_tokens: int) -> None:
         """Refuse, before any work, a conversation whose prompt plus ``max_tokens`` exceeds the base model's
         context: it could only fail, after holding the model for as long as the prompt takes to read."""
-        from kolm_pipeline.evaluate.inference import render_prompt
+        from kolm_pipeline.train.labels import render_prompt
 
         limit = getattr(self._model.config, "max_position_embeddings", None) if self._model is not None else None
         if not limit:
@@ -300,34 +300,25 @@ class TransformersBackend:
     def count_tokens(self, messages: list[dict], text: str) -> dict[str, int]:
         """Tokens of the prompt (the chat template applied to ``messages``) and of the answer ``text``, as the
         base model's tokenizer counts them: the ``usage`` of a completion."""
-        from kolm_pipeline.evaluate.inference import render_prompt
+        from kolm_pipeline.train.labels import render_prompt
 
         prompt = render_prompt(self._tokenizer, messages)
         return {"prompt_tokens": len(self._tokenizer(prompt, add_special_tokens=False).input_ids),
                 "completion_tokens": len(self._tokenizer(text, add_special_tokens=False).input_ids)}
 
-    def _json_decoder(self, schema: dict):
-        """A fresh decoder holding one answer to ``schema`` (compiled once per schema); BackendError if the schema
-        cannot be compiled."""
-        from kolm_pipeline.evaluate.structured import (
-            JsonDecoder,
-            JsonSchemaProblem,
-            closing_tokens,
-            compile_json_schema,
-            vocab_size,
-        )
+    def _json_decoder(self, schema: dict, messages: list[dict]):
+        """A fresh decoder holding one answer to ``messages`` to ``schema`` (compiled once per schema); BackendError
+        if the schema cannot be compiled."""
+        from kolm_pipeline.evaluate.structured import JsonSchemaProblem, json_decoder, vocab_size
 
-        stops = sorted(self._eos)
-        vocab = vocab_size(self._model)
         try:
-            compiled = compile_json_schema(self._tokenizer, schema, vocab=vocab, stops=stops)
+            return json_decoder(self._tokenizer, schema, vocab_size(self._model), sorted(self._eos), messages)
         except JsonSchemaProblem as exc:
             raise BackendError(str(exc)) from None
-        return JsonDecoder(compiled, vocab, stops, closing_tokens(self._tokenizer, vocab))
 
     def stream(self, name: str, messages: list[dict], labels: list[str] | None, max_tokens: int,
                usage: dict | None = None, json_schema: dict | None = None) -> Iterator[str]:
-        from kolm_pipeline.evaluate.inference import render_prompt
+        from kolm_pipeline.train.labels import render_prompt
 
         if labels:
             label = self._label(name, messages, labels)
@@ -339,7 +330,7 @@ class TransformersBackend:
             prompt = render_prompt(self._tokenizer, messages)
         except Exception as exc:  # noqa: BLE001 - the chat template rejects malformed conversations
             raise BackendError(f"the chat template cannot render these messages: {exc}") from exc
-        decoder = self._json_decoder(json_schema) if json_schema is not None else None
+        decoder = self._json_decoder(json_schema, messages) if json_schema is not None else None
         tokens = len(self._tokenizer(prompt, add_special_tokens=False).input_ids)
         if max_tokens < 1:
             if usage is not None:

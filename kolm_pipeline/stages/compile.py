@@ -52,7 +52,7 @@ def compile_recipe(
         if epochs is not None:
             overrides["epochs"] = epochs
         result = train_adapter(workdir.recipe / "train.jsonl", base, workdir.adapter, TrainConfig.parse(overrides),
-                               images=image_store(settings) if base.vision else None)
+                               images=image_store(settings) if base.vision else None, labels=recipe.labels)
         record_adapter(workdir, base, recipe_cid, result.metrics())
         evaluation = run_evaluation_stage(workdir, settings, base, champion=None)
         manifest = build_manifest(workdir, evaluation, counters={}, parent_cid=None)

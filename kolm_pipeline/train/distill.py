@@ -113,12 +113,14 @@ def train_adapter(
     show_progress: bool = True,
     init_adapter: Path | None = None,
     images: ImageStore | None = None,
+    labels: list[str] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `train_path` and write it to `output_dir` atomically.
 
     With `init_adapter` (continual training) the champion's adapter is the starting point instead of a
     fresh LoRA; its rank and target modules then win over `config`'s. A vision-language base trains on the
-    language model, reading the rows' images from `images` (train/vision.py)."""
+    language model, reading the rows' images from `images` (train/vision.py). With `labels` (a closed-vocabulary
+    recipe's) and `config.label_loss`, answers are scored among the labels only (answer_loss.py)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -153,7 +155,8 @@ def train_adapter(
             raise TrainingError(f"unknown target module(s) {unknown}; this base has {available}")
 
     try:
-        tokenized = tokenize_pairs(tokenizer, rows, config.max_length, source=str(train_path))
+        tokenized = tokenize_pairs(tokenizer, rows, config.max_length, source=str(train_path),
+                                   labels=labels if config.label_loss else None)
     except ExampleError as exc:
         raise TrainingError(str(exc)) from exc
     if not tokenized.examples:

@@ -31,6 +31,8 @@ class TrainingJob(Model):
     output_dir: Path
     recipe_cid: str
     config: TrainConfig = TrainConfig()
+    # A closed-vocabulary recipe's label set (its `labels`): what the label loss scores answers among.
+    labels: list[str] | None = None
     init_adapter: Path | None = None
     mlflow_uri: str
     mlflow_artifacts: Path

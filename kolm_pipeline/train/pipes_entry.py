@@ -66,7 +66,7 @@ def run_training(job: TrainingJob, log=print) -> tuple[TrainResult, str]:
 
         result = train_adapter(
             job.train_path, base, job.output_dir, config, on_log=on_log, init_adapter=job.init_adapter,
-            images=image_store(load_settings()) if base.vision else None,
+            images=image_store(load_settings()) if base.vision else None, labels=job.labels,
         )
         mlflow.log_metrics({f"train.{key}": float(value) for key, value in result.metrics().items()})
         log(f"trained {result.examples} pairs in {result.wall_seconds:.1f}s "
