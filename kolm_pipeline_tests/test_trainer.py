@@ -174,7 +174,7 @@ def test_label_loss_is_cross_entropy_among_the_choices():
 def test_training_with_the_label_loss_prefers_the_taught_label(tiny_base, tmp_path):
     base = _base(tiny_base)
     rows = [{"messages": [*QUESTION, {"role": "assistant", "content": "alpha"}]} for _ in range(16)]
-    config = TrainConfig(epochs=3, learning_rate=0.01, batch_size=4)
+    config = TrainConfig(epochs=3, learning_rate=0.01, batch_size=4, label_loss=True)
     result = train_adapter(_write(tmp_path / "train.jsonl", rows), base, tmp_path / "adapter", config,
                            show_progress=False, labels=["alpha", "beta"])
     assert result.config["label_loss"] is True
