@@ -49,8 +49,13 @@ def answer(row: dict) -> str:
     return row["messages"][-1]["content"]
 
 
+def messages_text(messages: list[dict]) -> str:
+    """The text of a conversation's messages, one per line (what an extraction may copy from)."""
+    return "\n".join(str(m.get("content", "")) for m in messages)
+
+
 def prompt_text(row: dict) -> str:
-    return "\n".join(str(m.get("content", "")) for m in row["messages"][:-1])
+    return messages_text(row["messages"][:-1])
 
 
 @dataclass

@@ -3,10 +3,10 @@
 A recipe marks a free string of its schema ``x-kolm-grounded`` when the teacher always copies its values out of the
 request (``corpus/kinds.py: mark_grounded``: the slot spans of an utterance). A grammar cannot say "a substring of
 this request", so ``JsonDecoder`` (``structured.py``) follows the answer with a ``JsonCursor`` (which also tells it
-when the answer is inside a string): where the answer
-is inside (or about to open) a grounded string, the model's best tokens are tried in order and the first whose
-text keeps every grounded string a substring of the request is taken; if none of the best ``CANDIDATES`` does, the
-grammar's choice stands. Compared as JSON text (the request escaped as a JSON string is written), byte by byte.
+when the answer is inside a string): where the answer is inside (or about to open) a grounded string, the model's
+best ``CANDIDATES`` tokens are tried in order, then the tokens that close what is open (``"`` ends the string), and
+the first whose text keeps every grounded string a substring of the request is taken. Compared as JSON text (the
+request as a JSON string writes it), byte by byte.
 """
 
 from __future__ import annotations
@@ -15,15 +15,10 @@ import json
 from dataclasses import dataclass, field
 
 from kolm_pipeline.corpus.json_grammar import GROUNDED_KEY
+from kolm_pipeline.corpus.kinds import messages_text
 
 CANDIDATES = 256  # the model's best tokens tried, in order, for one that keeps a grounded string in the request
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
-
-
-def request_text(messages: list[dict]) -> str:
-    """The text a grounded string may copy from: every message's content, as the recipe checked it
-    (``corpus/kinds.py: prompt_text``)."""
-    return "\n".join(str(message.get("content", "")) for message in messages)
 
 
 def _grounded(schema: object) -> bool:
@@ -64,7 +59,8 @@ class JsonCursor:
 
     @classmethod
     def for_request(cls, schema: object, messages: list[dict]) -> JsonCursor:
-        return cls(schema, json.dumps(request_text(messages), ensure_ascii=False)[1:-1].encode("utf-8"))
+        """A cursor at the start of an answer to ``messages`` (their text, as the recipe checked grounding)."""
+        return cls(schema, json.dumps(messages_text(messages), ensure_ascii=False)[1:-1].encode("utf-8"))
 
     def copy(self) -> JsonCursor:
         stack = [_Open(open_.kind, open_.schema, open_.key, open_.awaiting_key) for open_ in self.stack]

@@ -2,8 +2,8 @@
 
 Categorical tasks are decoded constrained to the label set: greedy decoding restricted, token by token,
 to the continuations that still lead to a label (see ``choose_labels``), so the output is always a valid
-label and a choice costs one pass of the prompt plus a few single-token steps, whatever the number of
-labels.
+label and a choice costs one pass of the prompt plus one pass per branching of the label trie on its path,
+whatever the number of labels.
 """
 
 from __future__ import annotations
