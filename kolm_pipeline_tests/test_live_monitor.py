@@ -42,6 +42,7 @@ SCHEMA = {"type": "object", "properties": {"queue": {"type": "string"}}, "requir
           "additionalProperties": False}
 ANSWERS = {"good": '{"queue": "billing"}', "bad": "Sorry, I cannot help with that."}
 MIN_REQUESTS = 8
+ROOM = 24  # the manifest's max_new_tokens: the room the (claimed) evaluation gave an answer
 
 
 # --- the monitor on its own ---------------------------------------------------------------------------------
@@ -262,7 +263,8 @@ class World:
         return read_pointer(self.settings.adapters_dir, task).name.removesuffix(".kolm")
 
     def ask(self, task: str, count: int, stream: bool = False) -> list[tuple[str, str, str]]:
-        """``count`` chat completions through the openai SDK: (completion id, serving CID, answer) each."""
+        """``count`` chat completions through the openai SDK, naming no ``max_tokens`` (the task's room, ROOM):
+        (completion id, serving CID, answer) each."""
         import openai
 
         client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key)
@@ -271,12 +273,11 @@ class World:
         answered = []
         for ticket in generate_tickets(count, seed=len(self.built) + count):
             if stream:
-                chunks = list(client.chat.completions.create(model=task, messages=ticket.messages(), max_tokens=24,
-                                                             stream=True))
+                chunks = list(client.chat.completions.create(model=task, messages=ticket.messages(), stream=True))
                 text = "".join(c.choices[0].delta.content or "" for c in chunks).strip()
                 answered.append((chunks[0].id, chunks[0].system_fingerprint, text))
                 continue
-            completion = client.chat.completions.create(model=task, messages=ticket.messages(), max_tokens=24)
+            completion = client.chat.completions.create(model=task, messages=ticket.messages())
             answered.append((completion.id, completion.system_fingerprint, completion.choices[0].message.content))
         return answered
 
@@ -311,7 +312,7 @@ def monitored_artifact(output: Path, *, adapter_dir: Path, keys_dir: Path, task:
                 "base_model": {"id": "tiny-base", "digest": base_digest}, "lora": {"r": 16},
                 "corpus_cid": cids["corpus"], "recipe_cid": cids["recipe"], "adapter_cid": cids["adapter"],
                 "trainer_version": "kolm-distill/0.1", "output_kind": "json", "verifier": "json_schema",
-                "labels": None, "json_schema": SCHEMA, "evals": evals,
+                "labels": None, "json_schema": SCHEMA, "evals": evals, "max_new_tokens": ROOM,
                 "counters": {"captured": 16, "kept": 16, "discarded": 0, "untriaged": 0}, "parent_cid": None}
     build_kolm(output, manifest=manifest, adapter_dir=adapter_dir, evals={**evals, "recipe_spec": {}},
                receipts=receipts, signer=(key, keyid))
@@ -397,8 +398,9 @@ def test_a_degrading_adapter_is_rolled_back_once(world, capsys):
     served = world.ask(task, MIN_REQUESTS - 2) + world.ask(task, 2, stream=True)
     assert {cid for _, cid, _ in served} == {bad}
     # Held to the task's schema (evaluate/structured.py), it can only start the object; its apology then runs on
-    # inside the string until max_tokens cuts the answer off, so no answer is valid JSON.
-    assert not any(_is_json_answer(text) for _, _, text in served)
+    # inside the string until the room the task's evaluation gave an answer is nearly spent, and the object is closed
+    # early (finish_reason "length"): the answers parse, but none fitted its room, which the monitor counts as out of
+    # format.
     assert all(text.startswith("{") for _, _, text in served)
 
     alerts = wait_until(lambda: world.alerts.for_task(task), timeout=60, what="the live monitor's alert")
@@ -464,6 +466,25 @@ def test_a_healthy_adapter_is_not_rolled_back(world):
     assert (active["state"], active["live_score"], active["feedback_good"], active["window"]) == \
         ("watching", 1.0, MIN_REQUESTS, 2 * MIN_REQUESTS)
     assert active["evaluated_score"] == pytest.approx((MIN_REQUESTS * 0.9 + MIN_REQUESTS * 1.0) / (2 * MIN_REQUESTS))
+
+
+def test_answers_shortened_to_a_clients_own_max_tokens_are_not_held_against_the_adapter(world):
+    """Only an answer that ran out of the task's own room counts against the adapter: one closed early to fit the
+    ``max_tokens`` a client asked for is whole JSON in format (or a client could trip a rollback)."""
+    import openai
+
+    task = "acme.live-client-room"
+    world.deploy(task, "good", k=0.80)
+    client = openai.OpenAI(base_url=f"{world.url}/v1", api_key=world.key)
+    from kolm_pipeline.demo.tickets import generate_tickets
+
+    for ticket in generate_tickets(MIN_REQUESTS + 2, seed=99):
+        completion = client.chat.completions.create(model=task, messages=ticket.messages(), max_tokens=6)
+        assert completion.choices[0].finish_reason == "length"
+        assert _is_json_answer(completion.choices[0].message.content)
+    active = world.monitor(task)["active"]
+    assert (active["state"], active["format_checked"], active["format_failed"]) == \
+        ("watching", MIN_REQUESTS + 2, 0)
 
 
 def test_bad_feedback_trips_it_and_a_condemned_version_is_never_restored(world):

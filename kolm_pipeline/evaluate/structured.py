@@ -48,6 +48,7 @@ class _Vocabulary:
     compiled: dict
     token_bytes: list[bytes]
     closers: torch.Tensor
+    string_closers: torch.Tensor  # the closers that start by ending a string (``"``, ``"]``, ``"}``, …)
     control: torch.Tensor
 
 
@@ -68,10 +69,11 @@ def _vocabulary(tokenizer, vocab: int, stops: list[int]) -> _Vocabulary:
         token_bytes = [bytes(data) for data in info.decoded_vocab]
         special = set(info.special_token_ids) | set(stops)
         closers = torch.tensor([token not in special and _closes(data) for token, data in enumerate(token_bytes)])
+        string_closers = closers & torch.tensor([data.startswith(b'"') for data in token_bytes])
         control = torch.tensor([token not in special and any(byte < 0x20 for byte in data)
                                 for token, data in enumerate(token_bytes)])
         entry = per_tokenizer[(vocab, tuple(stops))] = _Vocabulary(xgrammar.GrammarCompiler(info), {}, token_bytes,
-                                                                    closers, control)
+                                                                    closers, string_closers, control)
     return entry
 
 
@@ -176,8 +178,9 @@ class JsonDecoder:
             scores = target
             if self._cursor.in_string:
                 scores = self._only(scores, ~self._vocabulary.control)
-            if closing:
-                closing_scores = self._only(scores, self._vocabulary.closers)
+            if closing:  # inside a string, ``]`` or ``{}`` would only be more of the string
+                closing_scores = self._only(scores, self._vocabulary.string_closers if self._cursor.in_string
+                                            else self._vocabulary.closers)
                 if bool(torch.isfinite(closing_scores).any()):
                     token = int(closing_scores[0].argmax())
                     self.shortened = self.shortened or token != int(scores[0].argmax())
@@ -197,7 +200,8 @@ class JsonDecoder:
         model's best CANDIDATES, else among the tokens that close what is open (``"`` ends a string that is in the
         request so far); None if none does."""
         best = scores.topk(min(CANDIDATES, scores.shape[-1]))
-        closing = self._only(scores.unsqueeze(0), self._vocabulary.closers)[0].sort(descending=True)
+        closers = self._vocabulary.string_closers if self._cursor.in_string else self._vocabulary.closers
+        closing = self._only(scores.unsqueeze(0), closers)[0].sort(descending=True)
         for values, indices in (best, closing):
             for value, token in zip(values.tolist(), indices.tolist(), strict=True):
                 if value == float("-inf"):

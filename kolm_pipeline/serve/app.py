@@ -278,7 +278,8 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
         except UnknownTask as exc:
             return not_found(caller, str(exc))
         labels = deployed.labels
-        if max_tokens is None:  # the room the task's evaluation gave an answer
+        own_room = max_tokens is None
+        if own_room:  # the room the task's evaluation gave an answer
             max_tokens = min(MAX_TOKENS_LIMIT, deployed.max_new_tokens or DEFAULT_MAX_TOKENS)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -380,7 +381,8 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
                 return _error(500, "server_error", f"{type(exc).__name__}: {exc}")
             finally:
                 lease.release()
-            runtime.observe(task, lease.cid, completion_id, messages, text.strip(), caller.owner)
+            runtime.observe(task, lease.cid, completion_id, messages, text.strip(), caller.owner,
+                            ran_out=own_room and counted.get("finish_reason") == "length")
             if isinstance(counted.get("confidence"), float):
                 headers[CONFIDENCE_HEADER] = f"{counted['confidence']:.6f}"
             return completion(base, text.strip(), headers, counted)
@@ -400,7 +402,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
                 for last in usage_chunk(base, counted):
                     yield last
                 runtime.observe(task, lease.cid, completion_id, messages, "".join(streamed).strip(),
-                               caller.owner)
+                                caller.owner, ran_out=own_room and counted.get("finish_reason") == "length")
             except Exception as exc:  # noqa: BLE001 - the status line is gone; report in the stream
                 log.exception("streamed completion for %s failed", task)
                 yield f"data: {json.dumps({'error': {'type': 'server_error', 'message': str(exc)}})}\n\n"

@@ -304,15 +304,19 @@ class LiveMonitor:
             self._responses.popitem(last=False)
 
     def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str,
-                owner: str = "") -> None:
+                owner: str = "", ran_out: bool = False) -> None:
         """A response ``cid`` served to ``owner`` (a digest of the caller's key): remember it for feedback, and
-        format-check it if it is sampled."""
+        format-check it if it is sampled. One that ``ran_out`` of the room the task's evaluation gave an answer (a
+        request that named no ``max_tokens`` answered with ``finish_reason: "length"``) is out of format even when
+        it parses: a JSON answer about to run out closes its object early (``evaluate/structured.py``), and the
+        evaluated adapter's answers fit that room."""
         with self._lock:
             session = self._session_of(task, cid)
             profile = session.profile if session is not None else None
         if session is None:
             return  # an adapter the monitor never saw activated (served before the monitor started)
-        format_ok = profile.in_format(messages, text) if sampled(response_id, self.config.sample_share) else None
+        format_ok = (not ran_out and profile.in_format(messages, text)) \
+            if sampled(response_id, self.config.sample_share) else None
         now = time.time()
         with self._lock:
             response = _Response(session=session, served_at=now, format_ok=format_ok, owner=owner)
