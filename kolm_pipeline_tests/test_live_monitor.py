@@ -468,9 +468,10 @@ def test_a_healthy_adapter_is_not_rolled_back(world):
     assert active["evaluated_score"] == pytest.approx((MIN_REQUESTS * 0.9 + MIN_REQUESTS * 1.0) / (2 * MIN_REQUESTS))
 
 
-def test_answers_shortened_to_a_clients_own_max_tokens_are_not_held_against_the_adapter(world):
-    """Only an answer that ran out of the task's own room counts against the adapter: one closed early to fit the
-    ``max_tokens`` a client asked for is whole JSON in format (or a client could trip a rollback)."""
+def test_answers_cut_to_a_clients_own_max_tokens_are_not_held_against_the_adapter(world):
+    """Only an answer that ran out of the task's own room counts against the adapter: one cut to the ``max_tokens``
+    a client asked for (closed early, or cut mid-object when the limit is smaller than the object's forced text) is
+    not format-checked at all, or a client could trip a rollback."""
     import openai
 
     task = "acme.live-client-room"
@@ -478,13 +479,19 @@ def test_answers_shortened_to_a_clients_own_max_tokens_are_not_held_against_the_
     client = openai.OpenAI(base_url=f"{world.url}/v1", api_key=world.key)
     from kolm_pipeline.demo.tickets import generate_tickets
 
-    for ticket in generate_tickets(MIN_REQUESTS + 2, seed=99):
-        completion = client.chat.completions.create(model=task, messages=ticket.messages(), max_tokens=6)
+    texts = []
+    for index, ticket in enumerate(generate_tickets(2 * MIN_REQUESTS, seed=99)):
+        completion = client.chat.completions.create(model=task, messages=ticket.messages(),
+                                                    max_tokens=6 if index % 2 else 2)
         assert completion.choices[0].finish_reason == "length"
-        assert _is_json_answer(completion.choices[0].message.content)
+        texts.append(completion.choices[0].message.content)
+    assert any(_is_json_answer(text) for text in texts[1::2])  # closed early to fit
+    assert not any(_is_json_answer(text) for text in texts[0::2])  # cut: 2 tokens cannot hold the object
+    time.sleep(0.3)
     active = world.monitor(task)["active"]
-    assert (active["state"], active["format_checked"], active["format_failed"]) == \
-        ("watching", MIN_REQUESTS + 2, 0)
+    assert (active["state"], active["served"], active["format_checked"], active["format_failed"]) == \
+        ("watching", 2 * MIN_REQUESTS, 0, 0)
+    assert world.pointer(task) == world.serving(task)
 
 
 def test_bad_feedback_trips_it_and_a_condemned_version_is_never_restored(world):

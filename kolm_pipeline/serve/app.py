@@ -190,6 +190,14 @@ async def _json_body(request: Request, limit: int) -> Any:
         raise ApiError(400, "invalid_request_error", "the body is not valid JSON") from None
 
 
+def _cut(own_room: bool, counted: dict) -> str | None:
+    """How the answer was cut short, for the live monitor: ``"room"`` (out of the task's own room), ``"client"``
+    (to the ``max_tokens`` the request named), or None (it ended by itself)."""
+    if counted.get("finish_reason") != "length":
+        return None
+    return "room" if own_room else "client"
+
+
 def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = None,
                        key_cache_ttl_s: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The HTTP face of ``runtime``; the runtime starts (base model, adapters, watcher) with the app. Kolm keys
@@ -382,7 +390,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
             finally:
                 lease.release()
             runtime.observe(task, lease.cid, completion_id, messages, text.strip(), caller.owner,
-                            ran_out=own_room and counted.get("finish_reason") == "length")
+                            cut=_cut(own_room, counted))
             if isinstance(counted.get("confidence"), float):
                 headers[CONFIDENCE_HEADER] = f"{counted['confidence']:.6f}"
             return completion(base, text.strip(), headers, counted)
@@ -402,7 +410,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
                 for last in usage_chunk(base, counted):
                     yield last
                 runtime.observe(task, lease.cid, completion_id, messages, "".join(streamed).strip(),
-                                caller.owner, ran_out=own_room and counted.get("finish_reason") == "length")
+                                caller.owner, cut=_cut(own_room, counted))
             except Exception as exc:  # noqa: BLE001 - the status line is gone; report in the stream
                 log.exception("streamed completion for %s failed", task)
                 yield f"data: {json.dumps({'error': {'type': 'server_error', 'message': str(exc)}})}\n\n"

@@ -304,19 +304,22 @@ class LiveMonitor:
             self._responses.popitem(last=False)
 
     def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str,
-                owner: str = "", ran_out: bool = False) -> None:
+                owner: str = "", cut: str | None = None) -> None:
         """A response ``cid`` served to ``owner`` (a digest of the caller's key): remember it for feedback, and
-        format-check it if it is sampled. One that ``ran_out`` of the room the task's evaluation gave an answer (a
-        request that named no ``max_tokens`` answered with ``finish_reason: "length"``) is out of format even when
-        it parses: a JSON answer about to run out closes its object early (``evaluate/structured.py``), and the
-        evaluated adapter's answers fit that room."""
+        format-check it if it is sampled. ``cut`` says how it was cut short: ``"room"``, out of the room the task's
+        evaluation gave an answer (a request that named no ``max_tokens``, ``finish_reason: "length"``), is out of
+        format even when it parses — a JSON answer about to run out closes its object early
+        (``evaluate/structured.py``), and the evaluated adapter's answers fit that room; ``"client"``, to the
+        ``max_tokens`` the request named, is not format-checked at all (a client's limit says nothing of the
+        adapter, and would otherwise let a client trip a rollback)."""
         with self._lock:
             session = self._session_of(task, cid)
             profile = session.profile if session is not None else None
         if session is None:
             return  # an adapter the monitor never saw activated (served before the monitor started)
-        format_ok = (not ran_out and profile.in_format(messages, text)) \
-            if sampled(response_id, self.config.sample_share) else None
+        format_ok = None
+        if cut != "client" and sampled(response_id, self.config.sample_share):
+            format_ok = cut != "room" and profile.in_format(messages, text)
         now = time.time()
         with self._lock:
             response = _Response(session=session, served_at=now, format_ok=format_ok, owner=owner)

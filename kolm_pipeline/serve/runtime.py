@@ -170,13 +170,13 @@ class ServingRuntime:
         lease.release()
 
     def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str,
-                owner: str = "", ran_out: bool = False) -> None:
-        """Show one answer served to ``owner`` (a digest of the caller's key) to the live monitor (``ran_out``: it
-        did not fit the room the task's evaluation gave an answer); monitoring never fails a request."""
+                owner: str = "", cut: str | None = None) -> None:
+        """Show one answer served to ``owner`` (a digest of the caller's key) to the live monitor (``cut``: how it was
+        cut short, see ``LiveMonitor.observe``); monitoring never fails a request."""
         if self.monitor is None:
             return
         try:
-            self.monitor.observe(task, cid, response_id, messages, text, owner, ran_out)
+            self.monitor.observe(task, cid, response_id, messages, text, owner, cut)
         except Exception:  # noqa: BLE001 - the answer was already given; log and go on
             log.exception("live monitor could not observe response %s", response_id)
 
