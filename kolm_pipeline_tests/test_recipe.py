@@ -376,3 +376,19 @@ def test_the_shipped_spec_schema_embeds_the_training_settings_as_declared():
     shipped = {k: v for k, v in SPEC_SCHEMA["properties"]["training"].items() if k != "$comment"}
     assert shipped == TrainConfig.model_json_schema()
     assert shipped["additionalProperties"] is False and shipped["properties"]["rank"]["minimum"] == 1
+
+
+def test_training_job_carries_the_label_set_only_for_the_label_loss(fixture_recipes, kolm_settings):
+    from kolm_pipeline.corpus.train_config import TrainConfig
+    from kolm_pipeline.stages.adapter import training_job
+    from kolm_pipeline.train.base_model import BaseModel
+
+    recipe = fixture_recipes["tickets"][1]
+    base = BaseModel(model_id="tiny", path=recipe.path, digest="0" * 64)
+
+    def job(config: TrainConfig):
+        return training_job(kolm_settings, base, task="t.n", train_path=recipe.path / "train.jsonl",
+                            output_dir=recipe.path / "adapter", recipe_cid=CID, config=config, tags={})
+
+    assert job(TrainConfig(label_loss=True)).labels == recipe.spec["labels"]
+    assert job(TrainConfig()).labels is None

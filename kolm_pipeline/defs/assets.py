@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, create_model
 
-from kolm_pipeline.corpus.recipe import RecipeError, load_recipe
+from kolm_pipeline.corpus.recipe import RecipeError
 from kolm_pipeline.corpus.rotation import EVAL_ROTATION_SHARE
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.defs.partitions import namespace_partitions
@@ -226,7 +226,6 @@ def adapter(
         output_dir=workdir.adapter,
         recipe_cid=recipe_cid,
         config=train_config,
-        labels=load_recipe(workdir.recipe).labels,
         init_adapter=champion[1] if champion else None,
         tags=mlflow_tags,
         error_path=error_path,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kolm_pipeline.evaluate.inference import PrefixCache, _prompt_pass
+from kolm_pipeline.evaluate.inference import PrefixCache, _prompt_pass, step_inputs
 
 
 @dataclass(eq=False)
@@ -159,21 +159,13 @@ class BatchDecoder:
         """One decoding step of every running row: each reads the token chosen for it last and the tokens its
         schema forced after it (as many as fit in the pass), right-aligned, so every row's next-token logits are
         in the last column; the model chooses the next token of the rows that read all theirs."""
-        device = batch.mask.device
         room = max(1, self.pass_tokens // len(batch.rows))
-        takes = [min(len(row.feed), room) for row in batch.rows]
-        width = max(takes)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(batch.rows), width), pad, dtype=torch.long)
-        fed = torch.zeros((len(batch.rows), width), dtype=batch.mask.dtype)
-        for index, (row, take) in enumerate(zip(batch.rows, takes, strict=True)):
-            ids[index, width - take :] = torch.tensor(row.feed[:take])
-            fed[index, width - take :] = 1
-            row.feed = row.feed[take:]
-        fed = fed.to(device)
-        batch.mask = torch.cat([batch.mask, fed], dim=1)
-        positions = batch.positions + (fed.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids.to(device), attention_mask=batch.mask, position_ids=positions,
+        feeds = []
+        for row in batch.rows:
+            feeds.append(row.feed[:room])
+            row.feed = row.feed[room:]
+        ids, batch.mask, positions = step_inputs(feeds, self.tokenizer.pad_token_id, batch.mask, batch.positions)
+        out = self.model(input_ids=ids, attention_mask=batch.mask, position_ids=positions,
                          past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
         batch.cache, batch.positions = out.past_key_values, positions[:, -1:] + 1
         choosing = [index for index, row in enumerate(batch.rows) if not row.feed]

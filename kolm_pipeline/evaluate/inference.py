@@ -137,6 +137,23 @@ def _prompt_pass(model, tokenizer, prompts: list[str], device, prefixes: PrefixC
     return out, mask, positions[:, -1:] + 1
 
 
+def step_inputs(feeds: list[list[int]], pad: int | None, mask: torch.Tensor, next_positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs of a pass where each row of a running batch reads its ``feeds`` (some none): the token ids
+    right-aligned, so every row's next-token logits are in the last column, padded in front; the attention mask
+    extended by them; their positions, continuing from ``next_positions``."""
+    width = max(len(feed) for feed in feeds)
+    ids = torch.full((len(feeds), width), pad if pad is not None else 0, dtype=torch.long)
+    fed = torch.zeros((len(feeds), width), dtype=mask.dtype)
+    for row, feed in enumerate(feeds):
+        if feed:
+            ids[row, width - len(feed) :] = torch.tensor(feed)
+            fed[row, width - len(feed) :] = 1
+    fed = fed.to(mask.device)
+    positions = next_positions + (fed.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(mask.device), torch.cat([mask, fed], dim=1), positions
+
+
 @torch.inference_mode()
 def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
                   confidences: list[float] | None = None, prefixes: PrefixCache | None = None,
@@ -187,19 +204,10 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
             if confidences is not None:
                 confidences.extend(path_probability)
             return [node.labels[0] for node in nodes]
-        # Each row's tokens right-aligned (a decided row reads none; its outputs are no longer read), so every
-        # row's next-token logits are in the last column and the KV cache needs no reindexing.
-        width = max(len(feed) for feed in feeds)
-        ids = torch.full((len(nodes), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        fed = torch.zeros((len(nodes), width), dtype=mask.dtype)
-        for row, feed in enumerate(feeds):
-            if feed:
-                ids[row, width - len(feed) :] = torch.tensor(feed)
-                fed[row, width - len(feed) :] = 1
-        fed = fed.to(device)
-        mask = torch.cat([mask, fed], dim=1)
-        positions = next_position + (fed.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions,
+        # A decided row reads nothing and stays in the batch (its outputs are no longer read), so the KV cache
+        # needs no reindexing.
+        ids, mask, positions = step_inputs(feeds, tokenizer.pad_token_id, mask, next_position)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                     past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         next_position = positions[:, -1:] + 1
 

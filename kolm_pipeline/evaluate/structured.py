@@ -93,9 +93,7 @@ def vocab_size(model) -> int:
     return int(model.config.vocab_size)
 
 
-def compile_json_schema(tokenizer, schema: dict, *, vocab: int, stops: list[int]):
-    """The schema compiled for this tokenizer (an xgrammar ``CompiledGrammar``), cached; JsonSchemaProblem when
-    the schema cannot be compiled."""
+def _compiled(tokenizer, schema: dict, vocab: int, stops: list[int]) -> tuple[object, _Vocabulary]:
     key = json.dumps(schema, sort_keys=True)
     with _lock:
         entry = _vocabulary(tokenizer, vocab, stops)
@@ -107,15 +105,19 @@ def compile_json_schema(tokenizer, schema: dict, *, vocab: int, stops: list[int]
             except (RuntimeError, ValueError) as exc:
                 raise JsonSchemaProblem(f"json_schema: cannot be compiled for this tokenizer: {exc}") from None
             entry.compiled[key] = compiled
-    return compiled
+    return compiled, entry
+
+
+def compile_json_schema(tokenizer, schema: dict, *, vocab: int, stops: list[int]):
+    """The schema compiled for this tokenizer (an xgrammar ``CompiledGrammar``), cached; JsonSchemaProblem when
+    the schema cannot be compiled."""
+    return _compiled(tokenizer, schema, vocab, stops)[0]
 
 
 def json_decoder(tokenizer, schema: dict, vocab: int, stops: list[int], messages: list[dict]) -> JsonDecoder:
     """A fresh decoder holding one answer to ``messages`` to ``schema`` (compiled once per schema), its grounded
     strings held to the request's text. JsonSchemaProblem when the schema cannot be compiled."""
-    compiled = compile_json_schema(tokenizer, schema, vocab=vocab, stops=stops)
-    with _lock:
-        vocabulary = _vocabulary(tokenizer, vocab, stops)
+    compiled, vocabulary = _compiled(tokenizer, schema, vocab, stops)
     return JsonDecoder(compiled, vocabulary, stops, JsonCursor.for_request(schema, messages))
 
 
@@ -178,9 +180,8 @@ class JsonDecoder:
             scores = target
             if self._cursor.in_string:
                 scores = self._only(scores, ~self._vocabulary.control)
-            if closing:  # inside a string, ``]`` or ``{}`` would only be more of the string
-                closing_scores = self._only(scores, self._vocabulary.string_closers if self._cursor.in_string
-                                            else self._vocabulary.closers)
+            if closing:
+                closing_scores = self._only(scores, self._closers())
                 if bool(torch.isfinite(closing_scores).any()):
                     token = int(closing_scores[0].argmax())
                     self.shortened = self.shortened or token != int(scores[0].argmax())
@@ -195,20 +196,28 @@ class JsonDecoder:
             raise RuntimeError(f"the JSON grammar rejected token {token} chosen under its own mask")
         return token
 
+    def _closers(self) -> torch.Tensor:
+        """The tokens that close what is open here: inside a string only those that end it (``]`` or ``{}`` there
+        would be more of the string)."""
+        return self._vocabulary.string_closers if self._cursor.in_string else self._vocabulary.closers
+
     def _grounded_choice(self, scores: torch.Tensor) -> int | None:
         """The best allowed token that keeps every grounded string in the request (``grounding.py``): among the
         model's best CANDIDATES, else among the tokens that close what is open (``"`` ends a string that is in the
         request so far); None if none does."""
-        best = scores.topk(min(CANDIDATES, scores.shape[-1]))
-        closers = self._vocabulary.string_closers if self._cursor.in_string else self._vocabulary.closers
-        closing = self._only(scores.unsqueeze(0), closers)[0].sort(descending=True)
-        for values, indices in (best, closing):
+
+        def keeps(values: torch.Tensor, indices: torch.Tensor) -> int | None:
             for value, token in zip(values.tolist(), indices.tolist(), strict=True):
                 if value == float("-inf"):
-                    break
+                    return None
                 if self._cursor.copy().feed(self._vocabulary.token_bytes[token]):
                     return token
-        return None
+            return None
+
+        found = keeps(*scores.topk(min(CANDIDATES, scores.shape[-1])))
+        if found is None:  # rare: sort the closers only then
+            found = keeps(*self._only(scores.unsqueeze(0), self._closers())[0].sort(descending=True))
+        return found
 
     def forced(self, tokenizer, limit: int) -> list[int]:
         """Up to ``limit`` tokens the schema forces next, already fed to the grammar: its jump-forward string (the

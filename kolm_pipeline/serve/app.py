@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kolm_pipeline.capture.forward import ApiError, KeyCache
 from kolm_pipeline.capture.images import ImageError, check_images
 from kolm_pipeline.serve.backends import BackendError
+from kolm_pipeline.serve.monitor import Cut
 from kolm_pipeline.serve.runtime import ServingRuntime, UnknownTask
 from kolm_pipeline.store import CaptureStore
 
@@ -190,7 +191,7 @@ async def _json_body(request: Request, limit: int) -> Any:
         raise ApiError(400, "invalid_request_error", "the body is not valid JSON") from None
 
 
-def _cut(own_room: bool, counted: dict) -> str | None:
+def _cut(own_room: bool, counted: dict) -> Cut | None:
     """How the answer was cut short, for the live monitor: ``"room"`` (out of the task's own room), ``"client"``
     (to the ``max_tokens`` the request named), or None (it ended by itself)."""
     if counted.get("finish_reason") != "length":

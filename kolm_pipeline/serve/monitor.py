@@ -33,11 +33,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kolm_pipeline.evaluate.alerts import send_alert
 from kolm_pipeline.evaluate.verifiers import VERIFIERS
 from kolm_pipeline.provenance.errors import UserError
+
+# How a served answer was cut short (``LiveMonitor.observe``): out of the task's own room, or to the client's
+# max_tokens.
+Cut = Literal["room", "client"]
 
 log = logging.getLogger("kolm.monitor")
 
@@ -304,7 +308,7 @@ class LiveMonitor:
             self._responses.popitem(last=False)
 
     def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str,
-                owner: str = "", cut: str | None = None) -> None:
+                owner: str = "", cut: Cut | None = None) -> None:
         """A response ``cid`` served to ``owner`` (a digest of the caller's key): remember it for feedback, and
         format-check it if it is sampled. ``cut`` says how it was cut short: ``"room"``, out of the room the task's
         evaluation gave an answer (a request that named no ``max_tokens``, ``finish_reason: "length"``), is out of

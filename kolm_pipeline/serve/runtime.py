@@ -39,7 +39,7 @@ from kolm_pipeline.registry.manage import local_artifact
 from kolm_pipeline.registry.swap import read_pointer, validate_task
 from kolm_pipeline.serve.backends import Backend, BackendError
 from kolm_pipeline.serve.lease import Lease, LoadedAdapter
-from kolm_pipeline.serve.monitor import LiveMonitor, MonitorConfig, Profile, roll_back_on_trip
+from kolm_pipeline.serve.monitor import Cut, LiveMonitor, MonitorConfig, Profile, roll_back_on_trip
 from kolm_pipeline.settings import Settings
 from kolm_pipeline.store import CaptureStore
 
@@ -170,7 +170,7 @@ class ServingRuntime:
         lease.release()
 
     def observe(self, task: str, cid: str, response_id: str, messages: list[dict], text: str,
-                owner: str = "", cut: str | None = None) -> None:
+                owner: str = "", cut: Cut | None = None) -> None:
         """Show one answer served to ``owner`` (a digest of the caller's key) to the live monitor (``cut``: how it was
         cut short, see ``LiveMonitor.observe``); monitoring never fails a request."""
         if self.monitor is None:

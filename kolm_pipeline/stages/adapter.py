@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kolm_pipeline.corpus.recipe import load_recipe
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.cid import cid_for_file
 from kolm_pipeline.provenance.products import Products, directory_cid
@@ -25,7 +26,6 @@ def training_job(
     recipe_cid: str,
     config: TrainConfig,
     tags: dict[str, str],
-    labels: list[str] | None = None,
     init_adapter: Path | None = None,
     error_path: Path | None = None,
     mlflow_parent_run_id: str | None = None,
@@ -48,7 +48,8 @@ def training_job(
         output_dir=output_dir,
         recipe_cid=recipe_cid,
         config=config,
-        labels=labels,
+        # The label loss scores answers among the recipe's labels (beside its train.jsonl); nothing to carry without it.
+        labels=load_recipe(train_path.parent).labels if config.label_loss else None,
         init_adapter=init_adapter,
         mlflow_uri=settings.mlflow_tracking_uri,
         mlflow_artifacts=settings.home / "mlflow-artifacts",
