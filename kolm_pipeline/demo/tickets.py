@@ -4,6 +4,11 @@ The stand-in teacher answers from this dataset, so the demo's "frontier model" i
 the student has something real to learn. Tickets are generated from templates with a seeded RNG so
 every run sees the same data; the queue names are the company's internal ones, which a base model
 cannot guess from general knowledge.
+
+Every template carries at least one detail (an order number, a name, a product, …): two tickets that differ only
+in greeting are one request to decontamination, which keeps every copy of a held-out request out of training, so
+a template without details could end up with no training pair at all and the hold-out would measure guessing on
+it (the demo's hold-out accuracy moved between 0.86 and 0.90 with the machine's numerics; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,39 +24,39 @@ QUEUES: dict[str, list[str]] = {
         "My invoice {ref} shows the wrong amount, please correct it.",
         "Why did my card get billed {amount} when my plan costs less?",
         "Please refund the duplicate payment on invoice {ref}.",
-        "The VAT number on my invoice is missing, I need it fixed.",
+        "The VAT number on invoice {ref} is missing, I need it fixed.",
         "I want to switch from monthly to annual billing on the {plan} plan.",
-        "Your system charged my old credit card instead of the new one.",
+        "Your system charged {amount} to my old credit card instead of the new one.",
         "Can I get a receipt for the payment of {amount}?",
     ],
     "l2-platform": [
         "The app crashes every time I open the {feature} page.",
         "I get error {code} when I try to sync my data.",
         "The API returns a 500 error on the {feature} endpoint since this morning.",
-        "Exports to CSV hang at 99 percent and never finish.",
+        "Exports of {feature} to CSV hang at 99 percent and never finish.",
         "The dashboard is very slow and times out after {minutes} minutes.",
         "Webhooks stopped firing for our {feature} integration.",
         "Login works but the {feature} screen stays blank.",
-        "After the last update the mobile app freezes on startup.",
+        "After the last update the mobile app freezes for {minutes} minutes on startup.",
     ],
     "logistics": [
         "My order {ref} has not arrived after {days} days.",
         "The tracking number for order {ref} does not work.",
-        "The package was delivered to the wrong address.",
+        "Order {ref} was delivered to the wrong address.",
         "Can you change the delivery address for order {ref}?",
-        "The courier left my parcel outside and it got wet.",
+        "The courier left my parcel with the {product} outside and it got wet.",
         "My shipment is stuck in customs for {days} days.",
         "Order {ref} arrived with one item missing from the box.",
-        "When will my back-ordered item ship?",
+        "When will my back-ordered {product} ship?",
     ],
     "iam": [
-        "I cannot log in, the password reset email never arrives.",
-        "My account is locked after too many attempts.",
-        "Please enable two-factor authentication for my team.",
-        "I lost my phone and cannot get my 2FA codes.",
-        "How do I change the email address on my account?",
+        "{name} cannot log in, the password reset email never arrives.",
+        "The account of {name} is locked after too many attempts.",
+        "Please enable two-factor authentication for our {seats} users.",
+        "{name} lost their phone and cannot get the 2FA codes.",
+        "How do I change the email address on the account of {name}?",
         "Remove {name} from our workspace, they left the company.",
-        "The single sign-on with our identity provider fails.",
+        "The single sign-on with our identity provider fails for {name}.",
         "I need admin rights for {name} on our organisation.",
     ],
     "rma": [
@@ -66,13 +71,13 @@ QUEUES: dict[str, list[str]] = {
     ],
     "growth": [
         "We are a team of {seats} people, what discount can you offer?",
-        "I would like a demo of the enterprise plan for my company.",
+        "I would like a demo of the enterprise plan for our {seats} people.",
         "Do you offer a nonprofit discount on the {plan} plan?",
         "Can we get a quote for {seats} seats with priority support?",
         "What is the difference between the {plan} and enterprise plans?",
-        "We want to upgrade our whole department, who can I talk to?",
+        "We want to upgrade our whole department from the {plan} plan, who can I talk to?",
         "Is there a trial of the {plan} plan for larger teams?",
-        "I am interested in reselling your product in my country.",
+        "I am interested in reselling your {product} in my country.",
     ],
 }
 
