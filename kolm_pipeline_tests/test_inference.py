@@ -3,12 +3,16 @@ done the slow way (a full forward pass per token, no cache, one conversation at 
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kolm_pipeline.evaluate.inference import PrefixCache, choose_labels
-from kolm_pipeline.train.labels import label_continuations, label_trie, render_prompt
+from kolm_pipeline.train import labels as label_module
+from kolm_pipeline.train.labels import label_continuations, label_trie, label_trie_for, render_prompt
 
 LABELS = ["fin-ops", "fin", "growth", "l2-platform", "rma", "logistics", "iam"]
 REQUESTS = ["I was charged twice", "Where is my parcel?", "Reset my password", "The API returns 500",
@@ -106,3 +110,32 @@ def test_prefix_cache_kept_between_passes_changes_no_choice(tiny_base):
     assert prefixes.get("a")[0] == prefix[: len(prefixes.get("a")[0])]
     prefixes.forget("a")
     assert prefixes.get("a") is None
+
+
+def test_label_trie_cache_is_safe_across_threads(tiny_base, monkeypatch):
+    """`kolm serve` looks label tries up on its request threads; with the cache full, every miss evicts, and two
+    threads evicting at once must not drop the same entry twice (a KeyError in a request)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    messages = [{"role": "user", "content": "hello"}]
+    monkeypatch.setattr(label_module, "_TRIES_KEPT", 2)
+    errors: list[str] = []
+
+    def lookups(thread: int) -> None:
+        try:
+            for round_ in range(60):
+                trie = label_trie_for(tokenizer, messages, [f"a{thread}", f"b{round_}"])
+                assert len(trie.labels) == 2
+        except Exception as exc:  # noqa: BLE001 - any failure in a thread is the test's failure
+            errors.append(repr(exc))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, so the race shows within a second
+    try:
+        threads = [threading.Thread(target=lookups, args=(index,)) for index in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]

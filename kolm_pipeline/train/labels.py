@@ -8,6 +8,7 @@ choices.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -49,18 +50,22 @@ def label_continuations(tokenizer, messages: list[dict], labels: list[str]) -> l
 # answer instead of one per label (150 renders for CLINC's intents).
 _TRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(labels, probe): trie}
 _TRIES_KEPT = 64  # per tokenizer, oldest dropped first
+# `kolm serve` builds tries on its request threads: two evicting at once would drop the same entry twice.
+_TRIES_LOCK = threading.Lock()
 
 
 def label_trie_for(tokenizer, messages: list[dict], labels: list[str]) -> TrieNode:
-    """The trie of ``labels``' continuations after ``messages`` (cached)."""
-    probe = continuation_text(tokenizer, messages, render_prompt(tokenizer, messages), labels[0])
-    tries = _TRIES.setdefault(tokenizer, {})
-    trie = tries.get((tuple(labels), probe))
-    if trie is None:
+    """The trie of ``labels``' continuations after ``messages`` (cached; safe to call from several threads)."""
+    key = (tuple(labels), continuation_text(tokenizer, messages, render_prompt(tokenizer, messages), labels[0]))
+    with _TRIES_LOCK:
+        trie = _TRIES.setdefault(tokenizer, {}).get(key)
+    if trie is None:  # built outside the lock: a 150-label trie tokenizes 150 answers
         trie = label_trie(label_continuations(tokenizer, messages, labels))
-        if len(tries) >= _TRIES_KEPT:
-            tries.pop(next(iter(tries)))
-        tries[(tuple(labels), probe)] = trie
+        with _TRIES_LOCK:
+            tries = _TRIES.setdefault(tokenizer, {})
+            while len(tries) >= _TRIES_KEPT:
+                tries.pop(next(iter(tries)))
+            tries[key] = trie
     return trie
 
 
