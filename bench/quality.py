@@ -5,6 +5,7 @@ on held-out messages by what `kolm serve` answers.
     .venv/bin/python bench/quality.py --set clinc-all      # CLINC150, all 150 intents: 3,900 captured, 770 held out
     .venv/bin/python bench/quality.py --set snips-json     # SNIPS as JSON answers: 1,039 captured, 400 held out
     .venv/bin/python bench/quality.py --set clinc20 --intents 3 --limit-train 45 --limit-heldout 12   # smoke run
+    .venv/bin/python bench/quality.py --set clinc-all --train label_loss=true --train rank=32        # try settings
 
 Steps, each through the product's own entry points, in a fresh temporary KOLM_HOME (its own capture store,
 Dagster instance, MLflow and artifacts; only the dequantized base model is cached outside it, in
@@ -345,6 +346,8 @@ def run(args: argparse.Namespace) -> dict:
         distill_args = ["distill", "--namespace", task, "--min-pairs", str(min_pairs)]
         if args.epochs is not None:
             distill_args += ["--epochs", str(args.epochs)]
+        for setting in args.train or []:
+            distill_args += ["--train", setting]
         print(f"[quality] kolm {' '.join(distill_args)}", flush=True)
         status, out, seconds = run_kolm(distill_args, env)
         result["timings"]["distill"] = seconds
@@ -446,7 +449,8 @@ def read_workdir(home: Path, task: str) -> dict:
             "examples", "steps", "epochs", "train_tokens", "wall_seconds", "tokens_per_second", "final_loss",
             "truncated_pairs")}
         found["training"]["config"] = {name: config.get(name) for name in (
-            "epochs", "max_examples", "learning_rate", "rank", "alpha", "batch_size", "max_length") if name in config}
+            "epochs", "max_examples", "learning_rate", "rank", "alpha", "batch_size", "max_length", "label_loss",
+            "seed") if name in config}
     if (work / "evaluation.json").is_file():
         from kolm_pipeline.evaluate.result import EvaluationResult
 
@@ -547,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-pairs", type=int, help="`kolm distill --min-pairs` (default: half the training "
                         "messages, at most 100)")
     parser.add_argument("--epochs", type=float, help="`kolm distill --epochs` (default: the product's, 2)")
+    parser.add_argument("--train", action="append", metavar="NAME=VALUE",
+                        help="`kolm distill --train NAME=VALUE`, repeatable: try a training setting on the set")
     parser.add_argument("--teacher-latency", type=float, default=0.25,
                         help="seconds the stand-in teacher waits per answer (default 0.25, as `kolm demo`)")
     parser.add_argument("--home", help="use this (empty or new) directory as KOLM_HOME and keep it")

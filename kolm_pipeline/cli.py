@@ -124,17 +124,41 @@ def _tag_change(add: list[str], remove: list[str]) -> str:
     return " ".join([*(f"+{tag}" for tag in add), *(f"-{tag}" for tag in remove)])
 
 
+def training_overrides(pairs: list[str] | None, epochs: float | None = None) -> dict:
+    """The adapter's settings from `--train NAME=VALUE` (VALUE read as JSON — a number, true, null, a list — or
+    else as text) and `--epochs`, checked against TrainConfig before anything runs."""
+    from kolm_pipeline.corpus.train_config import TrainConfig
+
+    values: dict = {}
+    for pair in pairs or []:
+        name, equals, raw = pair.partition("=")
+        if not equals or not name.strip():
+            raise CliError(f"--train {pair!r}: expected NAME=VALUE, e.g. --train learning_rate=1e-3")
+        try:
+            values[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[name.strip()] = raw
+    if epochs is not None:
+        values["epochs"] = epochs
+    problems = TrainConfig.problems(values)
+    if problems:
+        raise CliError("--train: " + "; ".join(problems))
+    checked = TrainConfig.model_validate(values)
+    return {name: getattr(checked, name) for name in values}
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from kolm_pipeline.defs.launch import ensure_instance, failure_messages, materialize_namespace
 
     tenant, namespace = _namespace(args)
+    training = training_overrides(args.train, args.epochs)
     settings = _settings(args)
     instance = ensure_instance(settings)
     run_config: dict = {"ops": {}}
     if args.min_pairs is not None:
         run_config["ops"]["corpus"] = {"config": {"min_pairs": args.min_pairs}}
-    if args.epochs is not None:
-        run_config["ops"]["adapter"] = {"config": {"epochs": args.epochs}}
+    if training:
+        run_config["ops"]["adapter"] = {"config": training}
     result, outcomes = materialize_namespace(instance, f"{tenant}.{namespace}", run_config,
                                              tags={"kolm/actor": "cli"})
     for outcome in outcomes:
@@ -491,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--tenant")
     distill.add_argument("--min-pairs", type=int, help="override the distill threshold for this run")
     distill.add_argument("--epochs", type=float, help="training epochs (default 2)")
+    distill.add_argument("--train", action="append", metavar="NAME=VALUE",
+                         help="a training setting for this run, repeatable: --train learning_rate=1e-3 --train rank=32 "
+                         "--train label_loss=true (names and defaults: the adapter's config in the Dagster UI, or "
+                         "README: Configuration)")
 
     compile_ = verb(verbs, "compile", cmd_compile, "train a recipe directory into a signed .kolm artifact")
     compile_.add_argument("--recipe", required=True, help="recipe directory (spec.json, train/eval/holdout.jsonl)")

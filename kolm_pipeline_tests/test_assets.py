@@ -8,6 +8,7 @@ import json
 import dagster as dg
 import pytest
 
+from kolm_pipeline.cli import main as kolm_main
 from kolm_pipeline.defs.launch import ensure_instance, materialize_namespace
 from kolm_pipeline.provenance.keys import load_public_keys
 from kolm_pipeline.registry.artifact import verify_kolm
@@ -158,6 +159,24 @@ def test_failed_training_fails_cleanly_and_leaves_nothing(kolm_settings, ticket_
     assert not workdir.adapter.exists() and not workdir.adapter.with_name("adapter.partial").exists()
     assert read_pointer(kolm_settings.adapters_dir, "acme.support") is None
     assert not any(kolm_settings.artifacts_dir.glob("**/*.kolm"))
+
+
+def test_kolm_distill_train_settings_reach_the_trainer_and_bad_ones_stop_before_a_run(
+        kolm_settings, ticket_store, tiny_base, monkeypatch, capsys):
+    monkeypatch.setenv("KOLM_BASE_MODEL", str(tiny_base))
+    distill = ["distill", "--namespace", "acme.support", "--min-pairs", "100"]
+    for bad, problem in [(["--train", "rank=0"], "rank: 0 is not a whole number >= 1"),
+                         (["--train", "learning_rate"], "expected NAME=VALUE"),
+                         (["--train", "rnak=8"], "unknown setting(s) ['rnak']"),
+                         (["--train", "label_loss=yes"], "label_loss: 'yes' is not true or false")]:
+        assert kolm_main([*distill, *bad]) == 1
+        err = capsys.readouterr().err
+        assert problem in err and "Traceback" not in err, err
+    assert not NamespaceWorkdir(kolm_settings, "acme.support").recipe.exists()  # refused before any stage ran
+
+    # A setting given with --train is what the trainer runs with: a module that does not exist fails the adapter.
+    assert kolm_main([*distill, "--epochs", "1", "--train", 'target_modules=["no_such_proj"]']) == 1
+    assert "no_such_proj" in capsys.readouterr().err
 
 
 def test_corpus_below_threshold_says_how_many_more(kolm_settings, ticket_store, tiny_base, monkeypatch):

@@ -31,6 +31,20 @@ def test_definitions_load_in_process():
     assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "kolm_namespace"
 
 
+def test_adapter_config_offers_every_training_setting():
+    """Each TrainConfig setting can be set for a run in the Dagster UI, with TrainConfig's default (null where a
+    default is not a plain value) and description: a setting missing here can only be changed by editing code."""
+    from kolm_pipeline.corpus.train_config import TrainConfig
+    from kolm_pipeline.defs.assets import AdapterConfig
+
+    offered = AdapterConfig.model_fields
+    assert set(offered) == {*TrainConfig.model_fields, "continue_from_champion"}
+    for name, setting in TrainConfig.model_fields.items():
+        assert offered[name].description == setting.description, name
+        plain = isinstance(setting.default, bool | int | float)
+        assert offered[name].default == (setting.default if plain else None), name
+
+
 def test_automation_ships_stopped():
     for sensor in defs.sensors or []:
         assert sensor.default_status == dg.DefaultSensorStatus.STOPPED, sensor.name
