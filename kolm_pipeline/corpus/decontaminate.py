@@ -24,9 +24,9 @@ not text.py's tenth, because a shared run inside a message can also be a popular
 
 The embedding threshold, measured on 289 distinct demo tickets (41,000 pairs; the demo's templates before session
 16): the same ticket with another greeting or closing scores median 0.948 (48% of such pairs >= 0.95), the same
-template with other order numbers or products median 0.764 (0.2% >= 0.95), different templates at most 0.54. At 0.95 the check adds
-paraphrases the token tests miss and almost never removes a request that merely looks alike; 0.90 would
-remove 4% of same-template requests, which are different questions with different facts.
+template with other order numbers or products median 0.764 (0.2% >= 0.95), different templates at most 0.54. At
+0.95 the check adds paraphrases the token tests miss and almost never removes a request that merely looks alike;
+0.90 would remove 4% of same-template requests, which are different questions with different facts.
 """
 
 from __future__ import annotations
