@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kolm_pipeline.provenance.atomic import private_dir
@@ -205,6 +205,11 @@ class Settings(BaseSettings):
     keys_path: Path | None = Field(None, validation_alias=AliasChoices("KOLM_KEYS_DIR", "keys_path"))
     price_table: Annotated[dict[str, tuple[float, float]], NoDecode] = Field(
         default_factory=lambda: dict(DEFAULT_PRICE_TABLE))
+    # An optional judge of free-text answers (evaluate/judge.py): the model asked whether a student's answer says
+    # what the teacher's does, over the OpenAI-compatible API at judge_url (None: upstream_openai). Unset: token F1.
+    judge_model: str | None = None
+    judge_url: str | None = None
+    judge_api_key: SecretStr | None = None
     source_weights: Annotated[dict[str, float], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
 
     @field_validator("price_table", mode="before")

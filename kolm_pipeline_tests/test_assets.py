@@ -32,9 +32,19 @@ def _metadata(instance: dg.DagsterInstance, asset: str, partition: str) -> dict:
 
 
 def test_loop_materializes_every_asset(kolm_settings, autoreply_store, tiny_base, monkeypatch):
+    from kolm_pipeline.capture.background import BackgroundServer
+    from kolm_pipeline_tests.test_judge import JUDGE_MODEL, KEY, stand_in_judge_app
+
     monkeypatch.setenv("KOLM_BASE_MODEL", str(tiny_base))
+    # A free-text task: its answers are scored by the (stand-in) judge when one is configured.
+    judged: list[dict] = []
+    judge = BackgroundServer(stand_in_judge_app(judged))
+    monkeypatch.setenv("KOLM_JUDGE_MODEL", JUDGE_MODEL)
+    monkeypatch.setenv("KOLM_JUDGE_URL", judge.url + "/v1")
+    monkeypatch.setenv("KOLM_JUDGE_API_KEY", KEY)
     instance = ensure_instance(kolm_settings)
-    result, outcomes = materialize_namespace(instance, "acme.support", TINY_RUN)
+    with judge:
+        result, outcomes = materialize_namespace(instance, "acme.support", TINY_RUN)
 
     assert result.success, [o for o in outcomes if o.status != "success"]
     assert [o.status for o in outcomes] == ["success"] * 6
@@ -75,6 +85,8 @@ def test_loop_materializes_every_asset(kolm_settings, autoreply_store, tiny_base
     assert all(c.partition == "acme.support" for c in evaluations)  # issue 22: not "Partition —"
     assert all(c.passed or c.severity == dg.AssetCheckSeverity.WARN for c in evaluations)
     assert "accuracy" in evaluation["gate_decision"] and evaluation["accuracy_candidate"] > 0.9
+    # The bare base's answers went to the judge once each (the candidate's equal the reference: nothing to ask).
+    assert evaluation["judge_calls"] == len(judged) == len({(c["reference"], c["answer"]) for c in judged}) > 0
     assert "![training loss by step](data:image/png;base64," in adapter["loss_curve"]
 
     deployment = _metadata(instance, "deployment", "acme.support")
@@ -91,6 +103,8 @@ def test_loop_materializes_every_asset(kolm_settings, autoreply_store, tiny_base
     saved = json.loads(workdir.evaluation.read_text())
     assert saved["decision"]["swap"] and saved["candidate"]["k"] > saved["current"]["k"]
     assert saved["candidate"]["accuracy"] > 0.9 > saved["current"]["accuracy"]
+    assert saved["current"]["judge_calls"] + saved["candidate"]["judge_calls"] == len(judged)
+    assert json.loads(workdir.judge_verdicts.read_text())["model"] == JUDGE_MODEL
 
     _assert_mlflow_layout(kolm_settings, instance, result.run_id, saved, deployment["artifact_cid"])
 
@@ -117,6 +131,8 @@ def _assert_mlflow_layout(settings, instance: dg.DagsterInstance, dagster_run_id
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
         assert run.info.status == "FINISHED" and run.info.run_name == stage
 
+    judged = by_stage["evaluation"].data.metrics
+    assert judged["current.judge_calls"] == saved["current"]["judge_calls"]  # the judge's cost, in MLflow too
     training = by_stage["training"]
     loss = client.get_metric_history(training.info.run_id, "train.loss")
     assert len({point.step for point in loss}) >= 2  # a curve MLflow plots, not one number

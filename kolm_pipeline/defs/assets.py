@@ -333,10 +333,26 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
             "cases_regressed": dg.IntMetadataValue(len(diff.regressed)),
             "cases_compared": dg.IntMetadataValue(diff.compared or 0),
             "stage_seconds": dg.FloatMetadataValue(round(seconds, 2)),
+            **_judge_metadata(result),
             **_mlflow_links(kolm, experiment, parent_run_id, run_id),
             "dagster/uri": workdir.evaluation.as_uri(),
         }
     )
+
+
+def _judge_metadata(result: EvaluationResult) -> dict:
+    """What the free-text judge (evaluate/judge.py) cost this evaluation, both sides together; none without one."""
+    sides = [side.model_extra or {} for side in (result.candidate, result.current)]
+    if not any("judge_calls" in side for side in sides):
+        return {}
+
+    def total(key: str) -> float:
+        return sum(side.get(key, 0) for side in sides)
+
+    return {"judge_calls": dg.IntMetadataValue(int(total("judge_calls"))),
+            "judge_cached": dg.IntMetadataValue(int(total("judge_cached"))),
+            "judge_unclear": dg.IntMetadataValue(int(total("judge_unclear"))),
+            "judge_dollars": dg.FloatMetadataValue(round(total("judge_dollars"), 6))}
 
 
 @dg.asset(

@@ -22,6 +22,7 @@ from kolm_pipeline.corpus.build import input_key
 from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.recipe import Recipe, answer, prompt_text
 from kolm_pipeline.evaluate.inference import DECODING_VERSION, Prediction, predict
+from kolm_pipeline.evaluate.judge import Judge
 from kolm_pipeline.evaluate.kscore import KScore, compute_kscore, teacher_cost_per_call
 from kolm_pipeline.evaluate.verifiers import VERIFIERS
 from kolm_pipeline.provenance.atomic import write_json_atomic
@@ -99,13 +100,21 @@ def adapter_bytes(adapter_dir: Path | None) -> int:
     return sum(path.stat().st_size for path in adapter_dir.iterdir() if path.is_file())
 
 
-def score_split(recipe: Recipe, rows: list[dict], outputs: list[str]) -> SplitScore:
-    verify = VERIFIERS[recipe.spec["verifier"]]
-    results = [
-        verify(output, answer(row), labels=recipe.labels or [], schema=recipe.spec.get("json_schema", {}),
-               source=prompt_text(row))
-        for row, output in zip(rows, outputs, strict=True)
-    ]
+def score_split(recipe: Recipe, rows: list[dict], outputs: list[str], judge: Judge | None = None) -> SplitScore:
+    """Each answer scored by the recipe's verifier; a free-text answer by `judge` instead, when given (1 when it
+    says the answer is equivalent to the reference, in format when not empty)."""
+    if judge is not None and recipe.spec["verifier"] == "text_match":
+        verdicts = judge.verdicts([(prompt_text(row), answer(row), output)
+                                   for row, output in zip(rows, outputs, strict=True)])
+        results = [(1.0 if verdict else 0.0, bool(output.strip()))
+                   for verdict, output in zip(verdicts, outputs, strict=True)]
+    else:
+        verify = VERIFIERS[recipe.spec["verifier"]]
+        results = [
+            verify(output, answer(row), labels=recipe.labels or [], schema=recipe.spec.get("json_schema", {}),
+                   source=prompt_text(row))
+            for row, output in zip(rows, outputs, strict=True)
+        ]
     count = max(1, len(results))
     return SplitScore(
         accuracy=sum(score for score, _ in results) / count,
@@ -238,9 +247,11 @@ def evaluate_models(
     teacher_rows: list[dict] | None = None,
     base_answers: Path | None = None,
     images: ImageStore | None = None,
+    judge: Judge | None = None,
 ) -> dict[str, ModelReport]:
     """Evaluate each named adapter (None = the bare base) on the recipe's eval and hold-out splits. A
-    vision-language base answers by greedy generation, reading the rows' images from `images`.
+    vision-language base answers by greedy generation, reading the rows' images from `images`. With `judge`, a
+    free-text task's answers are scored by it (``score_split``) and each model's report counts what that cost.
 
     With `base_answers` (a file), the bare base answers only the cases that file does not hold yet
     (`BaseAnswers`). The latency probe is measured live for every model, in interleaved rounds so that load
@@ -314,8 +325,9 @@ def evaluate_models(
     reports: dict[str, ModelReport] = {}
     split = len(recipe.eval)
     for name, path in adapters.items():
-        eval_score = score_split(recipe, recipe.eval, outputs[name][:split])
-        holdout_score = score_split(recipe, recipe.holdout, outputs[name][split:])
+        judged_before = judge.usage.copy() if judge is not None else None
+        eval_score = score_split(recipe, recipe.eval, outputs[name][:split], judge)
+        holdout_score = score_split(recipe, recipe.holdout, outputs[name][split:], judge)
         student_p50 = statistics.median(probes[name]) if probes[name] else 0.0
         kscore = compute_kscore(
             accuracy=eval_score.accuracy,
@@ -330,6 +342,8 @@ def evaluate_models(
         extra = {"reused_cases": reused[name]} if name in reused else {}
         if not recipe.labels:
             extra["generation_budget"] = budget
+        if judged_before is not None and recipe.spec["verifier"] == "text_match":
+            extra.update(judge.usage.since(judged_before))
         reports[name] = ModelReport(name=name, kscore=kscore, eval=eval_score, holdout=holdout_score,
                                     eval_seconds=seconds[name], extra=extra)
     return reports

@@ -11,6 +11,7 @@ from kolm_pipeline.corpus.recipe import answer, load_recipe
 from kolm_pipeline.evaluate.alerts import send_alert
 from kolm_pipeline.evaluate.evaluation import ModelReport, case_previews, case_verdicts, evaluate_models
 from kolm_pipeline.evaluate.gate import decide
+from kolm_pipeline.evaluate.judge import Judge
 from kolm_pipeline.evaluate.result import CasePreviews, EvaluationResult, RegressionAlert
 from kolm_pipeline.evaluate.tripwire import MemoryLedger, check_collapse, read_state, record_trip
 from kolm_pipeline.provenance.atomic import write_json_atomic
@@ -57,6 +58,7 @@ def run_evaluation_stage(
         student_dollars_per_hour=settings.student_dollars_per_hour,
         base_answers=workdir.base_answers,
         images=image_store(settings) if base.vision else None,
+        judge=Judge.from_settings(settings, workdir.judge_verdicts),
     )
     candidate, current = reports[CANDIDATE], reports[current_name]
     sides = {CANDIDATE: candidate.eval, "current": current.eval}

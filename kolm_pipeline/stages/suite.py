@@ -8,6 +8,7 @@ from pathlib import Path
 from kolm_pipeline.capture.images import image_store
 from kolm_pipeline.corpus.recipe import load_recipe
 from kolm_pipeline.evaluate.evaluation import evaluate_models
+from kolm_pipeline.evaluate.judge import Judge
 from kolm_pipeline.evaluate.result import KSCORE_LEGEND, side_by_side_lines
 from kolm_pipeline.registry.artifact import extract_adapter, read_kolm
 from kolm_pipeline.settings import Settings
@@ -31,6 +32,7 @@ def evaluate_artifact(settings: Settings, artifact: Path, suite: Path) -> str:
             price_table=settings.price_table,
             student_dollars_per_hour=settings.student_dollars_per_hour,
             images=image_store(settings) if base.vision else None,
+            judge=Judge.from_settings(settings, cache=None),
         )
     lines = [f"artifact {artifact.name} (task {manifest.get('task')}) on {suite} "
              f"({len(recipe.eval)} eval cases, verifier {recipe.spec['verifier']})"]

@@ -99,6 +99,11 @@ class NamespaceWorkdir:
         return self.root / "base_answers.json"
 
     @property
+    def judge_verdicts(self) -> Path:
+        """The free-text judge's verdicts by digest of the case and answer (evaluate/judge.py); no text."""
+        return self.root / "judge_verdicts.json"
+
+    @property
     def legacy_tripwire_state(self) -> Path:
         """Where the tripwire state was kept before it moved into the store (migration 11)."""
         return self.root / "tripwire.json"
