@@ -25,8 +25,8 @@ A recipe's diagnostics quote corpus rows outside its splits, so a recipe is judg
 from, and removed when that corpus is not the one beside it any more.
 
 What holds no capture text, so nothing here touches it: `evaluation.json` and the `evals.json` of every `.kolm`
-(and its MLflow copy) keep scores and case digests only, receipts, adapters, the tripwire state, Dagster metadata
-and MLflow parameters.
+(and its MLflow copy) keep scores and case digests only, `judge_verdicts.json` (the free-text judge's verdicts by
+digest), receipts, adapters, the tripwire state, Dagster metadata and MLflow parameters.
 """
 
 from __future__ import annotations
