@@ -639,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
          "(every distill does this first; cron it where none runs daily)")
 
     demo = verb(verbs, "demo", cmd_demo, "run the whole loop on the embedded defaults")
-    demo.add_argument("--tickets", type=int, default=288, help="support tickets to send")
+    demo.add_argument("--tickets", type=int, default=200, help="support tickets to send")
     demo.add_argument("--epochs", type=float, default=2.0, help="training epochs")
     return parser
 

@@ -25,10 +25,10 @@ def test_loop_on_embedded_base_swaps_then_refuses(kolm_settings):
     evaluation = report.evaluation
     assert evaluation["current_name"] == "base"
     assert evaluation["decision"]["swap"] is True
-    # Real learning on the frozen hold-out (the demo's 320 tickets reach >= 0.90; with 200 tickets the splits,
-    # drawn in content order, leave 96 training pairs and a 26-pair hold-out: 0.81 against the base's 0.27).
+    # Real learning on the frozen hold-out: these are `kolm demo`'s defaults (200 tickets: 113 training pairs, a
+    # 27-case hold-out), which reached 0.96-1.00 on two seeds against the base's 0.15 (docs/benchmarks.md, session 16).
     assert evaluation["current"]["holdout_accuracy"] < 0.5
-    assert evaluation["candidate"]["holdout_accuracy"] >= evaluation["current"]["holdout_accuracy"] + 0.4
+    assert evaluation["candidate"]["holdout_accuracy"] >= 0.85
 
     pointer = read_pointer(kolm_settings.adapters_dir, TASK)
     assert pointer is not None and pointer.name == f"{report.artifact_cid}.kolm"

@@ -406,7 +406,7 @@ def test_read_only_verbs_in_a_home_without_a_store_make_no_store(kolm_settings, 
     (["capture", "list"], ["(default: 50)"]),
     (["capture", "export"], ["(default: jsonl)"]),
     (["registry", "diff"], ["(default: 20)"]),
-    (["demo"], ["(default: 288)"]),
+    (["demo"], ["(default: 200)"]),
 ])
 def test_help_shows_defaults(argv, shown, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -99,7 +99,7 @@ def reset_demo_namespace(settings: Settings, store: CaptureStore) -> None:
     store.update_tripwire_state(workdir.task, lambda state: {} if state else None)
 
 
-def run_demo(settings: Settings, tickets: int = 288, epochs: float = 2.0, log=print) -> DemoReport:
+def run_demo(settings: Settings, tickets: int = 200, epochs: float = 2.0, log=print) -> DemoReport:
     """Run the loop once on fresh demo traffic and return what happened."""
     from kolm_pipeline.defs.launch import ensure_instance, failure_messages, materialize_namespace
     from kolm_pipeline.train.base_model import resolve_base_model
