@@ -126,7 +126,7 @@ def _tag_change(add: list[str], remove: list[str]) -> str:
 
 def training_overrides(pairs: list[str] | None, epochs: float | None = None) -> dict:
     """The adapter's settings from `--train NAME=VALUE` (VALUE read as JSON — a number, true, null, a list — or
-    else as text) and `--epochs`, checked against TrainConfig before anything runs."""
+    else as text) and `--epochs`, checked against TrainConfig before anything runs (InvalidInput)."""
     from kolm_pipeline.corpus.train_config import TrainConfig
 
     values: dict = {}
@@ -140,11 +140,8 @@ def training_overrides(pairs: list[str] | None, epochs: float | None = None) -> 
             values[name.strip()] = raw
     if epochs is not None:
         values["epochs"] = epochs
-    problems = TrainConfig.problems(values)
-    if problems:
-        raise CliError("--train: " + "; ".join(problems))
-    checked = TrainConfig.model_validate(values)
-    return {name: getattr(checked, name) for name in values}
+    TrainConfig.parse(values)  # InvalidInput names every bad setting; main prints it as one error
+    return values
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

@@ -25,8 +25,7 @@ def test_loop_on_embedded_base_swaps_then_refuses(kolm_settings):
     evaluation = report.evaluation
     assert evaluation["current_name"] == "base"
     assert evaluation["decision"]["swap"] is True
-    # Real learning on the frozen hold-out: these are `kolm demo`'s defaults (200 tickets: 113 training pairs, a
-    # 27-case hold-out), which reached 0.96-1.00 on two seeds against the base's 0.15 (docs/benchmarks.md, session 16).
+    # Real learning on the frozen hold-out, with `kolm demo`'s defaults (their figures: docs/benchmarks.md, session 16).
     assert evaluation["current"]["holdout_accuracy"] < 0.5
     assert evaluation["candidate"]["holdout_accuracy"] >= 0.85
 

@@ -45,8 +45,7 @@ class TrainConfig(BaseModel):
         "most pairs seen in all (epochs × train pairs); a larger corpus gets fewer epochs; null: no cap", ge=1)
     learning_rate: float = _setting(2e-3, "a number between 0 and 1", "peak learning rate", gt=0, lt=1)
     # 4, not 8: the same pairs seen in twice the optimiser steps, at about the same cost on a CPU (a step's cost is
-    # its tokens); on a small corpus that is what learns (the demo's 200 tickets: hold-out 0.78 at 8, 1.00 at 4),
-    # and on CLINC150's 150 intents it did as well (docs/benchmarks.md, session 16).
+    # its tokens); a small corpus learns from the steps, a large one did as well (docs/benchmarks.md, session 16).
     batch_size: int = _setting(4, "a whole number >= 1", "pairs per optimiser step", ge=1)
     max_length: int = _setting(256, "a whole number >= 8", "tokens per pair; longer pairs are truncated", ge=8)
     warmup_steps: int = _setting(2, "a whole number >= 0", "linear warm-up steps", ge=0)

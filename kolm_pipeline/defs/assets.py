@@ -341,18 +341,14 @@ def evaluation(context: dg.AssetExecutionContext, kolm: KolmResource) -> dg.Mate
 
 
 def _judge_metadata(result: EvaluationResult) -> dict:
-    """What the free-text judge (evaluate/judge.py) cost this evaluation, both sides together; none without one."""
-    sides = [side.model_extra or {} for side in (result.candidate, result.current)]
-    if not any("judge_calls" in side for side in sides):
-        return {}
-
-    def total(key: str) -> float:
-        return sum(side.get(key, 0) for side in sides)
-
-    return {"judge_calls": dg.IntMetadataValue(int(total("judge_calls"))),
-            "judge_cached": dg.IntMetadataValue(int(total("judge_cached"))),
-            "judge_unclear": dg.IntMetadataValue(int(total("judge_unclear"))),
-            "judge_dollars": dg.FloatMetadataValue(round(total("judge_dollars"), 6))}
+    """What the free-text judge (evaluate/judge.py) cost this evaluation, both sides together (its `judge_*`
+    numbers); none without one."""
+    totals: dict[str, float] = {}
+    for side in (result.candidate, result.current):
+        for key, value in (side.model_extra or {}).items():
+            if key.startswith("judge_"):
+                totals[key] = totals.get(key, 0) + value
+    return {key: round(value, 6) if isinstance(value, float) else value for key, value in totals.items()}
 
 
 @dg.asset(

@@ -8,7 +8,7 @@ cannot guess from general knowledge.
 Every template carries at least one detail (an order number, a name, a product, …): two tickets that differ only
 in greeting are one request to decontamination, which keeps every copy of a held-out request out of training, so
 a template without details could end up with no training pair at all and the hold-out would measure guessing on
-it (the demo's hold-out accuracy moved between 0.86 and 0.90 with the machine's numerics; docs/benchmarks.md).
+it (docs/benchmarks.md, session 16).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kolm_pipeline.capture.images import ImageStore
@@ -22,7 +22,7 @@ from kolm_pipeline.corpus.build import input_key
 from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.recipe import Recipe, answer, prompt_text
 from kolm_pipeline.evaluate.inference import DECODING_VERSION, Prediction, predict
-from kolm_pipeline.evaluate.judge import Judge
+from kolm_pipeline.evaluate.judge import Judge, judged
 from kolm_pipeline.evaluate.kscore import KScore, compute_kscore, teacher_cost_per_call
 from kolm_pipeline.evaluate.verifiers import VERIFIERS
 from kolm_pipeline.provenance.atomic import write_json_atomic
@@ -103,7 +103,7 @@ def adapter_bytes(adapter_dir: Path | None) -> int:
 def score_split(recipe: Recipe, rows: list[dict], outputs: list[str], judge: Judge | None = None) -> SplitScore:
     """Each answer scored by the recipe's verifier; a free-text answer by `judge` instead, when given (1 when it
     says the answer is equivalent to the reference, in format when not empty)."""
-    if judge is not None and recipe.spec["verifier"] == "text_match":
+    if judge is not None and judged(recipe.spec):
         verdicts = judge.verdicts([(prompt_text(row), answer(row), output)
                                    for row, output in zip(rows, outputs, strict=True)])
         results = [(1.0 if verdict else 0.0, bool(output.strip()))
@@ -325,7 +325,7 @@ def evaluate_models(
     reports: dict[str, ModelReport] = {}
     split = len(recipe.eval)
     for name, path in adapters.items():
-        judged_before = judge.usage.copy() if judge is not None else None
+        judged_before = replace(judge.usage) if judge is not None and judged(recipe.spec) else None
         eval_score = score_split(recipe, recipe.eval, outputs[name][:split], judge)
         holdout_score = score_split(recipe, recipe.holdout, outputs[name][split:], judge)
         student_p50 = statistics.median(probes[name]) if probes[name] else 0.0
@@ -342,7 +342,7 @@ def evaluate_models(
         extra = {"reused_cases": reused[name]} if name in reused else {}
         if not recipe.labels:
             extra["generation_budget"] = budget
-        if judged_before is not None and recipe.spec["verifier"] == "text_match":
+        if judged_before is not None:
             extra.update(judge.usage.since(judged_before))
         reports[name] = ModelReport(name=name, kscore=kscore, eval=eval_score, holdout=holdout_score,
                                     eval_seconds=seconds[name], extra=extra)

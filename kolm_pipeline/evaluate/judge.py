@@ -41,6 +41,11 @@ class JudgeError(UserError, RuntimeError):
     """The judge could not be asked (unreachable, refused the key, no such model)."""
 
 
+def judged(recipe_spec: dict) -> bool:
+    """Whether a judge scores this recipe's answers: free text only (labels and JSON have exact verifiers)."""
+    return recipe_spec.get("verifier") == "text_match"
+
+
 def judge_question(request: str, reference: str, answer: str) -> str:
     """The user message the judge reads for one case."""
     return (f"Request:\n<<<\n{request}\n>>>\n\nReference answer:\n<<<\n{reference}\n>>>\n\n"
@@ -49,14 +54,12 @@ def judge_question(request: str, reference: str, answer: str) -> str:
 
 @dataclass
 class JudgeUsage:
-    """What judging cost so far: calls made, verdicts taken from the cache, tokens and dollars; replies that
-    were neither YES nor NO count as NO and are counted here too."""
+    """What judging cost so far: calls made, verdicts taken from the cache, and dollars (the calls' tokens priced);
+    replies that were neither YES nor NO count as NO and are counted here too."""
 
     calls: int = 0
     cached: int = 0
     unclear: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     dollars: float = 0.0
 
     def since(self, earlier: JudgeUsage) -> dict[str, float]:
@@ -64,9 +67,6 @@ class JudgeUsage:
         return {"judge_calls": self.calls - earlier.calls, "judge_cached": self.cached - earlier.cached,
                 "judge_unclear": self.unclear - earlier.unclear,
                 "judge_dollars": round(self.dollars - earlier.dollars, 6)}
-
-    def copy(self) -> JudgeUsage:
-        return JudgeUsage(**vars(self))
 
 
 class Judge:
@@ -114,12 +114,14 @@ class Judge:
                 waiting[index] = key
                 asked.setdefault(key, (request, reference, answer))
                 found.append(None)
-        try:
-            with ThreadPoolExecutor(max_workers=JUDGE_CONCURRENCY) as pool:
-                for key, verdict in zip(asked, pool.map(lambda case: self._ask(*case), asked.values()), strict=True):
-                    self._verdicts[key] = verdict
-        finally:
-            self.save()  # what was judged before a failure is not asked again
+        if asked:
+            try:
+                with ThreadPoolExecutor(max_workers=JUDGE_CONCURRENCY) as pool:
+                    for key, verdict in zip(asked, pool.map(lambda case: self._ask(*case), asked.values()),
+                                            strict=True):
+                        self._verdicts[key] = verdict
+            finally:
+                self.save()  # what was judged before a failure is not asked again
         return [self._verdicts[waiting[index]] if verdict is None else verdict for index, verdict in enumerate(found)]
 
     def _ask(self, request: str, reference: str, answer: str) -> bool:
@@ -142,8 +144,6 @@ class Judge:
             self.usage.calls += 1
             self.usage.unclear += verdict not in ("YES", "NO")
             if usage is not None:
-                self.usage.prompt_tokens += usage.prompt_tokens or 0
-                self.usage.completion_tokens += usage.completion_tokens or 0
                 self.usage.dollars += price_of_call(self.model, usage.prompt_tokens or 0,
                                                     usage.completion_tokens or 0, self._prices)
         return verdict == "YES"
