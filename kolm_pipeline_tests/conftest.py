@@ -14,6 +14,10 @@ import pytest
 # JSON refused with a 400) can fail with "SystemError: AST constructor recursion depth mismatch".
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs the suite in pytest-xdist workers, one per core: each worker (and every server or Dagster step it
+# starts) gets its share of the cores, or torch's spinning thread pools would contend for the same two.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 # The dequantized embedded base is cached once for every test (and shared with `make demo`).
 os.environ.setdefault("KOLM_MODEL_CACHE", str(Path(__file__).resolve().parents[1] / ".kolm" / "models"))
 

@@ -97,8 +97,10 @@ def _cached_digest(path: Path) -> str:
     if marker.is_file():
         return marker.read_text().strip()
     digest = _weights_digest(path)
-    with contextlib.suppress(OSError):
-        marker.write_text(digest)
+    with contextlib.suppress(OSError):  # written whole, so a reader beside it never sees an empty digest
+        staging = marker.with_name(f"{marker.name}.{os.getpid()}")
+        staging.write_text(digest)
+        os.replace(staging, marker)
     return digest
 
 
@@ -108,8 +110,14 @@ def resolve_base_model(model: str, models_dir: Path) -> BaseModel:
     if model == EMBEDDED_BASE_MODEL:
         target = models_dir / EMBEDDED_CACHE_NAME
         if not (target / "config.json").is_file():
+            from filelock import FileLock
+
             models_dir.mkdir(parents=True, exist_ok=True)
-            _dequantize_embedded(target)
+            # Processes starting on a fresh cache at once (a test worker, a serving replica, a Dagster step)
+            # dequantize once: the others wait for the first and find the target there.
+            with FileLock(str(target) + ".lock"):
+                if not (target / "config.json").is_file():
+                    _dequantize_embedded(target)
         return BaseModel(model_id=model, path=target, digest=_cached_digest(target))
     local = Path(model).expanduser()
     if local.exists() or model.startswith((".", "/", "~")):
