@@ -236,6 +236,47 @@ def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> Non
         store.close()
 
 
+def test_a_writer_asked_to_stop_drains_at_once_on_a_busy_host(tmp_path: Path) -> None:
+    """The writer runs at SCHED_IDLE (only on CPU time nothing else wants), but a stop has a grace period: asked to
+    stop while every core is busy, it still stores what the journal holds and exits within seconds."""
+    home = tmp_path / "home"
+    teacher = BackgroundServer(create_teacher_app({}))
+    settings = load_settings(home).model_copy(update={"upstream_openai": f"{teacher.url}/v1"})
+    store = CaptureStore(settings.store_url)
+    key = store.create_tenant("acme")
+    app = create_app(settings, store, CaptureConfig(retention_sweep_s=0, writer_poll_s=0.01, replay_interval_s=0.2))
+    recorder = app.state.recorder
+    headers = {"authorization": f"Bearer {key}", "x-kolm-namespace": "support", "x-upstream-api-key": "k-1"}
+    spinners: list[subprocess.Popen[bytes]] = []
+    try:
+        with BackgroundServer(app) as proxy, httpx.Client(timeout=10) as client:
+            url = f"{proxy.url}/v1/capture/openai/chat/completions"
+            first = recorder.writer_pid
+            assert first is not None
+            # A capture stored first: the writer is running (its SIGTERM handler in place) before it is frozen.
+            acknowledged = [_send(client, url, headers, 0)]
+            _wait_for(lambda: recorder.unstored() == 0)
+            os.kill(first, signal.SIGSTOP)
+            acknowledged += [_send(client, url, headers, n) for n in range(1, 9)]
+            assert all(acknowledged) and recorder.unstored() > 0
+            # Every core busy at normal priority, as a training job beside the proxy keeps them.
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                        for _ in range(os.cpu_count() or 1)]
+            time.sleep(0.5)
+            os.kill(first, signal.SIGTERM)
+            os.kill(first, signal.SIGCONT)
+            _wait_for(lambda: recorder.writer_pid != first, timeout=10)
+            with store.engine.connect() as conn:
+                stored = set(conn.execute(select(captures.c.request_id)).scalars())
+            assert stored == set(acknowledged)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+        teacher.stop()
+        store.close()
+
+
 def _start_proxy(home: Path, upstream: str, port: int) -> subprocess.Popen[bytes]:
     """`kolm capture serve` as its own process, as production runs it."""
     env = {**os.environ, "KOLM_HOME": str(home), "KOLM_UPSTREAM_OPENAI": f"{upstream}/v1",

@@ -12,6 +12,7 @@ cannot be opened by another process (in-memory SQLite) it runs on a thread of th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -221,6 +222,13 @@ def _defer_to_the_proxy() -> None:
         os.nice(10)
 
 
+def _hurry_to_exit() -> None:
+    """Leave SCHED_IDLE for the last drain: on a host whose cores are all busy (a training job beside the proxy)
+    an idle-class process may not run at all, and a stop has a grace period (Kubernetes: 30 s) before SIGKILL."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 def main(parent: int) -> None:
     """The writer process: drain until SIGTERM or until the proxy is gone, then drain once more and exit.
     SIGINT is ignored (the proxy's own shutdown stops it after its last response)."""
@@ -228,7 +236,7 @@ def main(parent: int) -> None:
     options, spec = _read_options(sys.stdin.read())
     terminated = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: terminated.set())
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: (_hurry_to_exit(), terminated.set()))
     _defer_to_the_proxy()
     drain = Drain(options, writer_for(options, spec))
     drain.run(lambda: terminated.is_set() or os.getppid() != parent)
