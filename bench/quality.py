@@ -450,7 +450,7 @@ def read_workdir(home: Path, task: str) -> dict:
             "truncated_pairs")}
         found["training"]["config"] = {name: config.get(name) for name in (
             "epochs", "max_examples", "learning_rate", "rank", "alpha", "batch_size", "max_length", "label_loss",
-            "seed") if name in config}
+            "neftune_alpha", "seed") if name in config}
     if (work / "evaluation.json").is_file():
         from kolm_pipeline.evaluate.result import EvaluationResult
 

@@ -179,3 +179,23 @@ def test_training_with_the_label_loss_prefers_the_taught_label(tiny_base, tmp_pa
                            show_progress=False, labels=["alpha", "beta"])
     assert result.config["label_loss"] is True
     assert _answer_logprob(base, tmp_path / "adapter", "alpha") > _answer_logprob(base, tmp_path / "adapter", "beta")
+
+
+def test_neftune_noise_reaches_training_and_only_when_asked(tiny_base, tmp_path):
+    """`neftune_alpha` perturbs the input embeddings while training (the same seed and pairs train another adapter);
+    the default trains as before, and the adapter still learns its answer."""
+    from safetensors.torch import load_file
+
+    base = _base(tiny_base)
+    rows = [{"messages": [*QUESTION, {"role": "assistant", "content": "alpha"}]} for _ in range(16)]
+    train = _write(tmp_path / "train.jsonl", rows)
+    weights = {}
+    for name, alpha in (("plain", None), ("again", None), ("noisy", 5.0)):
+        config = TrainConfig(epochs=2, learning_rate=0.01, batch_size=4, neftune_alpha=alpha)
+        result = train_adapter(train, base, tmp_path / name, config, show_progress=False)
+        assert result.config["neftune_alpha"] == alpha
+        weights[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    same = all((weights["plain"][key] == weights["again"][key]).all() for key in weights["plain"])
+    differs = any((weights["plain"][key] != weights["noisy"][key]).any() for key in weights["plain"])
+    assert same and differs
+    assert _answer_logprob(base, tmp_path / "noisy", "alpha") > _answer_logprob(base, tmp_path / "noisy", "beta")

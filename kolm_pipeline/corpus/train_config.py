@@ -71,6 +71,12 @@ class TrainConfig(BaseModel):
         "a recipe with labels: each answer token's loss is over the tokens the label set allows there (what "
         "constrained decoding chooses among), so only the choices between labels are trained; false: the whole "
         "vocabulary")
+    # Off by default until a public set shows it wins (docs/benchmarks.md, session 17).
+    neftune_alpha: float | None = _setting(
+        None, "a number > 0 or null",
+        "NEFTune: uniform noise of this scale (divided by the square root of tokens × width) added to the input "
+        "embeddings while training, a regulariser for small corpora (5 is the paper's usual value); null: none; "
+        "text bases only", gt=0)
     # Vision-language bases only: the language model is always adapted; the vision tower too when asked.
     vision_tower: bool = _setting(False, "true or false",
                                   "a vision-language base: give the vision tower LoRA weights too")

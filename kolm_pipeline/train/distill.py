@@ -201,6 +201,7 @@ def train_adapter(
         train_sampling_strategy="group_by_length" if config.length_grouped and not config.packing else "random",
         activation_checkpointing=config.activation_checkpointing,
         dataloader_num_workers=0,
+        neftune_noise_alpha=config.neftune_alpha,
         disable_tqdm=not show_progress,
     )
     lora = LoraConfig(
