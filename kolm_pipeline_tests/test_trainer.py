@@ -199,3 +199,33 @@ def test_neftune_noise_reaches_training_and_only_when_asked(tiny_base, tmp_path)
     differs = any((weights["plain"][key] != weights["noisy"][key]).any() for key in weights["plain"])
     assert same and differs
     assert _answer_logprob(base, tmp_path / "noisy", "alpha") > _answer_logprob(base, tmp_path / "noisy", "beta")
+
+
+def test_processes_starting_on_a_fresh_model_cache_dequantize_the_embedded_base_once(tmp_path, monkeypatch):
+    """Two callers (replicas, Dagster steps, test workers) resolving the embedded base on an empty cache at once: the
+    second waits for the first's dequantized copy instead of writing over it."""
+    import threading
+    import time
+
+    from kolm_pipeline.settings import EMBEDDED_BASE_MODEL
+    from kolm_pipeline.train import base_model
+
+    calls = []
+
+    def dequantize(target: Path) -> None:  # stands in for the minute-long GGUF → safetensors conversion
+        calls.append(target)
+        time.sleep(0.5)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(base_model, "_dequantize_embedded", dequantize)
+    found = []
+    callers = [threading.Thread(target=lambda: found.append(base_model.resolve_base_model(EMBEDDED_BASE_MODEL,
+                                                                                           tmp_path / "models")))
+               for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(calls) == 1 and len(found) == 2 and found[0].digest == found[1].digest
