@@ -236,8 +236,9 @@ def main(parent: int) -> None:
     options, spec = _read_options(sys.stdin.read())
     terminated = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: (_hurry_to_exit(), terminated.set()))
+    # Idle class first, then the handler that leaves it: a SIGTERM that arrives in between must not be undone.
     _defer_to_the_proxy()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: (_hurry_to_exit(), terminated.set()))
     drain = Drain(options, writer_for(options, spec))
     drain.run(lambda: terminated.is_set() or os.getppid() != parent)
 
