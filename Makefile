@@ -42,7 +42,7 @@ test: setup
 	# The import contract (pyproject.toml [tool.importlinter]): layers point down, lazy imports included.
 	$(BIN)/lint-imports
 	$(BIN)/dagster definitions validate -w workspace.yaml
-	$(BIN)/pytest -q -n auto --maxprocesses 4 --dist worksteal --durations=15
+	$(BIN)/pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check .
