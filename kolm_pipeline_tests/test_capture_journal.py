@@ -199,18 +199,23 @@ def _wait_for(condition: Callable[[], object], timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("ending", ["killed", "terminated"])
-def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> None:
-    """The writer process is frozen while captures are journaled, then killed (or asked to stop with
-    SIGTERM): none is lost or stored twice; the proxy starts a new writer, which stores them from the journal."""
-    home = tmp_path / "home"
+def _proxy_with_a_writer_process(home: Path):
+    """A stand-in teacher, a store and a capture app (not yet serving) whose writer is a process of its own."""
     teacher = BackgroundServer(create_teacher_app({}))
     settings = load_settings(home).model_copy(update={"upstream_openai": f"{teacher.url}/v1"})
     store = CaptureStore(settings.store_url)
     key = store.create_tenant("acme")
     app = create_app(settings, store, CaptureConfig(retention_sweep_s=0, writer_poll_s=0.01, replay_interval_s=0.2))
-    recorder = app.state.recorder
     headers = {"authorization": f"Bearer {key}", "x-kolm-namespace": "support", "x-upstream-api-key": "k-1"}
+    return teacher, store, app, headers
+
+
+@pytest.mark.parametrize("ending", ["killed", "terminated"])
+def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> None:
+    """The writer process is frozen while captures are journaled, then killed (or asked to stop with
+    SIGTERM): none is lost or stored twice; the proxy starts a new writer, which stores them from the journal."""
+    teacher, store, app, headers = _proxy_with_a_writer_process(tmp_path / "home")
+    recorder = app.state.recorder
     acknowledged: list[str] = []
     try:
         with BackgroundServer(app) as proxy, httpx.Client(timeout=10) as client:
@@ -239,14 +244,8 @@ def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> Non
 def test_a_writer_asked_to_stop_drains_at_once_on_a_busy_host(tmp_path: Path) -> None:
     """The writer runs at SCHED_IDLE (only on CPU time nothing else wants), but a stop has a grace period: asked to
     stop while every core is busy, it still stores what the journal holds and exits within seconds."""
-    home = tmp_path / "home"
-    teacher = BackgroundServer(create_teacher_app({}))
-    settings = load_settings(home).model_copy(update={"upstream_openai": f"{teacher.url}/v1"})
-    store = CaptureStore(settings.store_url)
-    key = store.create_tenant("acme")
-    app = create_app(settings, store, CaptureConfig(retention_sweep_s=0, writer_poll_s=0.01, replay_interval_s=0.2))
+    teacher, store, app, headers = _proxy_with_a_writer_process(tmp_path / "home")
     recorder = app.state.recorder
-    headers = {"authorization": f"Bearer {key}", "x-kolm-namespace": "support", "x-upstream-api-key": "k-1"}
     spinners: list[subprocess.Popen[bytes]] = []
     try:
         with BackgroundServer(app) as proxy, httpx.Client(timeout=10) as client:
