@@ -241,37 +241,30 @@ def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> Non
         store.close()
 
 
-def test_a_writer_asked_to_stop_drains_at_once_on_a_busy_host(tmp_path: Path) -> None:
-    """The writer runs at SCHED_IDLE (only on CPU time nothing else wants), but a stop has a grace period: asked to
-    stop while every core is busy, it still stores what the journal holds and exits within seconds."""
+def test_a_proxy_stopping_stores_what_a_starved_writer_had_not(tmp_path: Path) -> None:
+    """The writer runs at SCHED_IDLE, which a process without CAP_SYS_NICE cannot leave: on a host whose cores are
+    busy it may get no CPU time at all (frozen here, the same to it). The proxy's stop still ends it at once and
+    stores what the journal holds, exactly once, well within a grace period (Kubernetes: 30 s)."""
     teacher, store, app, headers = _proxy_with_a_writer_process(tmp_path / "home")
     recorder = app.state.recorder
-    spinners: list[subprocess.Popen[bytes]] = []
     try:
         with BackgroundServer(app) as proxy, httpx.Client(timeout=10) as client:
             url = f"{proxy.url}/v1/capture/openai/chat/completions"
-            first = recorder.writer_pid
-            assert first is not None
-            # A capture stored first: the writer is running (its SIGTERM handler in place) before it is frozen.
+            writer = recorder.writer_pid
+            assert writer is not None
             acknowledged = [_send(client, url, headers, 0)]
-            _wait_for(lambda: recorder.unstored() == 0)
-            os.kill(first, signal.SIGSTOP)
+            _wait_for(lambda: recorder.unstored() == 0)  # the writer is past its start-up
+            os.kill(writer, signal.SIGSTOP)
             acknowledged += [_send(client, url, headers, n) for n in range(1, 9)]
             assert all(acknowledged) and recorder.unstored() > 0
-            # Every core busy at normal priority, as a training job beside the proxy keeps them.
-            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                        for _ in range(os.cpu_count() or 1)]
-            time.sleep(0.5)
-            os.kill(first, signal.SIGTERM)
-            os.kill(first, signal.SIGCONT)
-            _wait_for(lambda: recorder.writer_pid != first, timeout=10)
-            with store.engine.connect() as conn:
-                stored = set(conn.execute(select(captures.c.request_id)).scalars())
-            assert stored == set(acknowledged)
+            stopping = time.monotonic()
+        assert time.monotonic() - stopping < 8  # a stop waiting on the writer took 10 s or more
+        with pytest.raises(ProcessLookupError):
+            os.kill(writer, 0)
+        with store.engine.connect() as conn:
+            rows = dict(conn.execute(select(captures.c.request_id, func.count()).group_by(captures.c.request_id)).all())
+        assert sorted(rows) == sorted(acknowledged) and set(rows.values()) == {1}  # type: ignore[type-var]
     finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
         teacher.stop()
         store.close()
 

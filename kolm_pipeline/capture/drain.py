@@ -12,7 +12,6 @@ cannot be opened by another process (in-memory SQLite) it runs on a thread of th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -74,6 +73,11 @@ class Drain:
             if not self.drain_once():
                 time.sleep(self.options.retry_interval if self.down else self.options.poll_s)
         self.drain_once()
+
+    def drain_own(self) -> None:
+        """Store what this proxy's own directory holds (the proxy's last drain, at its stop)."""
+        if self.options.own is not None:
+            self._drain(self.options.own, owner_gone=False)
 
     def drain_once(self) -> bool:
         """One pass: the own directory, then (every `retry_interval`) adoptable ones and old spool files.
@@ -215,32 +219,28 @@ def _read_options(text: str) -> tuple[DrainOptions, StoreSpec]:
 
 def _defer_to_the_proxy() -> None:
     """Recording is deferred work: where cores are short, the proxy's responses go first. SCHED_IDLE runs the
-    writer only on CPU time nothing else wants; nice 10 where it is missing."""
+    writer only on CPU time nothing else wants; nice 10 where it is missing. Without CAP_SYS_NICE (a container
+    running as a user, RLIMIT_NICE 0) there is no way back to normal priority, so nothing the writer must do
+    in time is left to it: a stop ends it in the kernel (`main`) and the proxy's stop stores the rest."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         os.nice(10)
 
 
-def _hurry_to_exit() -> None:
-    """Leave SCHED_IDLE for the last drain: on a host whose cores are all busy (a training job beside the proxy)
-    an idle-class process may not run at all, and a stop has a grace period (Kubernetes: 30 s) before SIGKILL."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-
-
 def main(parent: int) -> None:
-    """The writer process: drain until SIGTERM or until the proxy is gone, then drain once more and exit.
-    SIGINT is ignored (the proxy's own shutdown stops it after its last response)."""
+    """The writer process: drain until the proxy is gone, then once more, and exit. SIGINT is ignored (the
+    proxy's own shutdown stops it after its last response); SIGTERM keeps its default action and ends it at
+    once, frozen or starved as it may be: a handler would wait for CPU time a busy host never gives an idle-class
+    process. Ending mid-batch is safe, as a SIGKILL is: the store ignores a repeated request id and the
+    checkpoint moves only after a batch is stored, so what it had not stored is stored once by the proxy's
+    stop (`Recorder.stop`) or by the next writer."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s kolm capture writer: %(message)s")
     options, spec = _read_options(sys.stdin.read())
-    terminated = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Idle class first, then the handler that leaves it: a SIGTERM that arrives in between must not be undone.
     _defer_to_the_proxy()
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: (_hurry_to_exit(), terminated.set()))
     drain = Drain(options, writer_for(options, spec))
-    drain.run(lambda: terminated.is_set() or os.getppid() != parent)
+    drain.run(lambda: os.getppid() != parent)
 
 
 if __name__ == "__main__":

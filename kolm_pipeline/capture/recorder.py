@@ -123,22 +123,20 @@ class Recorder:
             self._process = await asyncio.to_thread(spawn, self._options(), self._spec)
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Store what is in flight and journaled, then stop the writer and release the journal."""
+        """Journal what is in flight, stop the writer, store what it had not, and release the journal."""
         if self._loop is None:
             return
-        await self.flush(timeout)
+        await self._journaled(timeout)
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
         if self._process is not None:
-            self._process.terminate()  # the writer drains once more and exits
-            try:
-                await asyncio.to_thread(self._process.wait, timeout)
-            except subprocess.TimeoutExpired:
-                logger.error("capture writer process did not stop in %.0fs; killing it", timeout)
-                self._process.kill()
-                await asyncio.to_thread(self._process.wait)
+            # Killed, not asked: its only state is the journal, and a writer in the idle class may get no CPU time
+            # on a busy host to act on a request (it cannot leave that class). This process stores the rest.
+            self._process.kill()
+            await asyncio.to_thread(self._process.wait)
+            await asyncio.to_thread(self._drain_here)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.stop, timeout)
         caught_up = self._caught_up()
@@ -182,14 +180,27 @@ class Recorder:
         position, _ = journal.read_checkpoint(directory)
         return position >= self.journal.position
 
-    async def flush(self, timeout: float = 10.0) -> None:
-        """Wait for calls in flight to be journaled and for the writer to store everything journaled."""
-        if self._loop is None or self._idle is None:
+    def _drain_here(self) -> None:
+        """Store what the own journal holds on this process (the last drain, once the writer has ended)."""
+        options = self._options()
+        writer = BatchWriter(self._store, Quarantine(options.quarantine), options.settings_ttl,
+                             options.image_store())
+        Drain(options, writer).drain_own()
+
+    async def _journaled(self, timeout: float) -> None:
+        """Wait for calls in flight to be journaled."""
+        if self._idle is None:
             return
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
-            logger.warning("flush: %d capture(s) still in flight after %.1fs", self._in_flight, timeout)
+            logger.warning("%d capture(s) still in flight after %.1fs", self._in_flight, timeout)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait for calls in flight to be journaled and for the writer to store everything journaled."""
+        if self._loop is None or self._idle is None:
+            return
+        await self._journaled(timeout)
         deadline = self._loop.time() + timeout
         while not self._caught_up():
             if self._loop.time() > deadline:
