@@ -241,6 +241,30 @@ def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> Non
         store.close()
 
 
+def test_a_writer_started_where_sigterm_is_ignored_still_ends_on_sigterm(tmp_path: Path) -> None:
+    """A process that ignores SIGTERM passes that on to what it starts (a Dagster step maps SIGTERM to its SIGINT
+    handler, which pytest-xdist workers ignore). The writer restores SIGTERM's default action, so SIGTERM still ends
+    it at once and the proxy starts a new one."""
+    teacher, store, app, headers = _proxy_with_a_writer_process(tmp_path / "home")
+    recorder = app.state.recorder
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with BackgroundServer(app) as proxy, httpx.Client(timeout=10) as client:
+            writer = recorder.writer_pid
+            assert writer is not None
+            signal.signal(signal.SIGTERM, previous)
+            # Once it has stored a capture the writer is past its start-up, where it sets its signal actions.
+            assert _send(client, f"{proxy.url}/v1/capture/openai/chat/completions", headers, 1)
+            recorder.flush_threadsafe()
+            assert recorder.unstored() == 0
+            os.kill(writer, signal.SIGTERM)
+            _wait_for(lambda: recorder.writer_pid not in (None, writer))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        teacher.stop()
+        store.close()
+
+
 def test_a_proxy_stopping_stores_what_a_starved_writer_had_not(tmp_path: Path) -> None:
     """The writer runs at SCHED_IDLE, which a process without CAP_SYS_NICE cannot leave: on a host whose cores are
     busy it may get no CPU time at all (frozen here, the same to it). The proxy's stop still ends it at once and

@@ -238,6 +238,9 @@ def main(parent: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s kolm capture writer: %(message)s")
     options, spec = _read_options(sys.stdin.read())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # An ignored SIGTERM is inherited across exec: a proxy started where SIGTERM is ignored (a Dagster step maps it
+    # to its SIGINT handler, which a pytest-xdist worker ignores) would leave a writer that SIGTERM cannot end.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _defer_to_the_proxy()
     drain = Drain(options, writer_for(options, spec))
     drain.run(lambda: os.getppid() != parent)
