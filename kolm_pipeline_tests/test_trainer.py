@@ -181,6 +181,26 @@ def test_training_with_the_label_loss_prefers_the_taught_label(tiny_base, tmp_pa
     assert _answer_logprob(base, tmp_path / "adapter", "alpha") > _answer_logprob(base, tmp_path / "adapter", "beta")
 
 
+def test_bf16_training_freezes_the_base_in_bf16_and_keeps_the_adapter_fp32(tiny_base, tmp_path):
+    """Under bf16 autocast the frozen base is loaded in bf16 (no fp32 weights cast again at every step); the
+    LoRA weights stay fp32, and the adapter still learns its answer on the fp32 base kolm serves with."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = _base(tiny_base)
+    rows = [{"messages": [*QUESTION, {"role": "assistant", "content": "alpha"}]} for _ in range(16)]
+    train = _write(tmp_path / "train.jsonl", rows)
+    for name, bf16 in (("bf16", True), ("fp32", False)):
+        train_adapter(train, base, tmp_path / name, TrainConfig(epochs=2, learning_rate=0.01, batch_size=4, bf16=bf16),
+                      show_progress=False)
+        recorded = json.loads((tmp_path / name / "kolm_training.json").read_text())
+        assert recorded["base_dtype"] == ("bfloat16" if bf16 else "float32")
+        assert recorded["config"]["bf16"] is bf16
+        tensors = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        assert {tensor.dtype for tensor in tensors.values()} == {torch.float32}
+    assert _answer_logprob(base, tmp_path / "bf16", "alpha") > _answer_logprob(base, tmp_path / "bf16", "beta")
+
+
 def test_neftune_noise_reaches_training_and_only_when_asked(tiny_base, tmp_path):
     """`neftune_alpha` perturbs the input embeddings while training (the same seed and pairs train another adapter);
     the default trains as before, and the adapter still learns its answer."""

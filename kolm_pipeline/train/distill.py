@@ -144,8 +144,13 @@ def train_adapter(
     use_cuda = torch.cuda.is_available()
     # Recorded as it was trained: the kernel chosen for this hardware, not null.
     config = config.model_copy(update={"attention": config.attention or _attention(use_cuda)})
+    bf16 = _bf16_fast(torch, use_cuda) if config.bf16 is None else config.bf16
     with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32,
+        # Under bf16 autocast the frozen base is loaded in bf16: autocast would otherwise cast every fp32 weight
+        # again at each step for the same bf16 values (docs/benchmarks.md, session 18). The LoRA weights peft
+        # adds stay fp32; whole modules trained as copies (`modules_to_save`) would not, so those keep fp32.
+        weights_dtype = torch.bfloat16 if bf16 and not config.modules_to_save else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=weights_dtype,
                                                      attn_implementation=config.attention)
     available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                         if isinstance(module, torch.nn.Linear)})
@@ -179,7 +184,6 @@ def train_adapter(
             if self.training_bar is not None and logs and "loss" in logs:
                 self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
-    bf16 = _bf16_fast(torch, use_cuda) if config.bf16 is None else config.bf16
     epochs = planned_epochs(config, len(tokenized.examples))
     args = SFTConfig(
         output_dir=str(staging / "trainer"),
@@ -258,7 +262,8 @@ def train_adapter(
     )
     (staging / "adapter" / "kolm_training.json").write_text(
         json.dumps({"trainer_version": TRAINER_VERSION, "base_model": base.model_id,
-                    "base_digest": base.digest, **result.metrics(), "config": result.config}, indent=2)
+                    "base_digest": base.digest, "base_dtype": str(weights_dtype).removeprefix("torch."),
+                    **result.metrics(), "config": result.config}, indent=2)
     )
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(staging / "adapter", output_dir)
