@@ -42,7 +42,8 @@ test: setup
 	# The import contract (pyproject.toml [tool.importlinter]): layers point down, lazy imports included.
 	$(BIN)/lint-imports
 	$(BIN)/dagster definitions validate -w workspace.yaml
-	$(BIN)/pytest -q --durations=15
+	# Workers: one per core, at most 4 (pytest-xdist; conftest.py splits the torch threads between them).
+	$(BIN)/pytest -q -n auto --maxprocesses 4 --dist worksteal --durations=15
 
 lint: setup
 	$(BIN)/ruff check .
