@@ -210,6 +210,15 @@ def _proxy_with_a_writer_process(home: Path):
     return teacher, store, app, headers
 
 
+def _stored_by_the_writer(recorder, client: httpx.Client, url: str, headers: dict[str, str],
+                          acknowledged: list[str | None]) -> None:
+    """One capture, stored by the writer process: past its start-up, where it sets its signal actions."""
+    acknowledged.append(_send(client, url, headers, 100))
+    assert acknowledged[-1]
+    recorder.flush_threadsafe()
+    assert recorder.unstored() == 0
+
+
 @pytest.mark.parametrize("ending", ["killed", "terminated"])
 def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> None:
     """The writer process is frozen while captures are journaled, then killed (or asked to stop with
@@ -222,6 +231,8 @@ def test_writer_process_ending_loses_nothing(ending: str, tmp_path: Path) -> Non
             url = f"{proxy.url}/v1/capture/openai/chat/completions"
             first = recorder.writer_pid
             assert first is not None, "captures are written by a separate process"
+            # Frozen once it runs: a writer still starting up has not yet restored SIGTERM's default action.
+            _stored_by_the_writer(recorder, client, url, headers, acknowledged)
             os.kill(first, signal.SIGSTOP)
             acknowledged += [_send(client, url, headers, n) for n in range(12)]
             time.sleep(0.2)
@@ -253,10 +264,7 @@ def test_a_writer_started_where_sigterm_is_ignored_still_ends_on_sigterm(tmp_pat
             writer = recorder.writer_pid
             assert writer is not None
             signal.signal(signal.SIGTERM, previous)
-            # Once it has stored a capture the writer is past its start-up, where it sets its signal actions.
-            assert _send(client, f"{proxy.url}/v1/capture/openai/chat/completions", headers, 1)
-            recorder.flush_threadsafe()
-            assert recorder.unstored() == 0
+            _stored_by_the_writer(recorder, client, f"{proxy.url}/v1/capture/openai/chat/completions", headers, [])
             os.kill(writer, signal.SIGTERM)
             _wait_for(lambda: recorder.writer_pid not in (None, writer))
     finally:

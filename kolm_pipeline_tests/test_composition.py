@@ -132,7 +132,7 @@ def test_compose_evaluates_gates_swaps_and_rolls_back(kolm_settings, autoreply_s
                                       stages=["triaged_captures", "corpus", "recipe"])
     assert staged.success
     capsys.readouterr()
-    light, full = [(distilled, 0.2), (style_cid, 0.05)], [(distilled, 1.0), (style_cid, 0.05)]
+    light, full = [(distilled, 0.1), (style_cid, 0.05)], [(distilled, 1.0), (style_cid, 0.05)]
     for parts in (light, full):
         code = main(["compose", "--task", BILLING, *sum((["--adapter", f"{cid}:{w}"] for cid, w in parts), [])])
         captured = capsys.readouterr()
