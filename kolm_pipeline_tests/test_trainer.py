@@ -121,7 +121,7 @@ def test_a_large_corpus_is_trained_within_the_examples_budget(tiny_base, tmp_pat
     full = train_adapter(train, _base(tiny_base), tmp_path / "full",
                          TrainConfig(epochs=2, batch_size=4, max_examples=None), show_progress=False)
     assert full.steps == 8 and full.epochs == 2.0
-    assert TrainConfig().max_examples == 2400
+    assert TrainConfig().max_examples == 4400
 
 
 LABELS = ["book_flight", "book_hotel", "balance"]
