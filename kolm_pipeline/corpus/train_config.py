@@ -39,8 +39,8 @@ class TrainConfig(BaseModel):
         None, "a list of module names or null", "modules trained in full and saved with the adapter")
     epochs: float = _setting(2.0, "a number > 0", "passes over train.jsonl", gt=0)
     # A budget, not a schedule: a large corpus needs fewer passes, and the distill's time grows with the pairs seen.
-    # 4,400 is 1.5 passes over CLINC150's 2,929 pairs, which served 0.882 → 0.903 (two seeds) against 2,400
-    # (docs/benchmarks.md, session 18); a corpus under 2,200 pairs gets its full `epochs` either way.
+    # 4,400 chosen by measurement on CLINC150's 2,929 training pairs (docs/benchmarks.md, session 18); a corpus under
+    # 2,200 pairs gets its full `epochs` either way.
     max_examples: int | None = _setting(
         4400, "a whole number >= 1 or null",
         "most pairs seen in all (epochs × train pairs); a larger corpus gets fewer epochs; null: no cap", ge=1)

@@ -145,11 +145,11 @@ def train_adapter(
     # Recorded as it was trained: the kernel chosen for this hardware, not null.
     config = config.model_copy(update={"attention": config.attention or _attention(use_cuda)})
     bf16 = _bf16_fast(torch, use_cuda) if config.bf16 is None else config.bf16
+    # Under bf16 autocast the frozen base is loaded in bf16: autocast would otherwise cast every fp32 weight again
+    # at each step for the same bf16 values (docs/benchmarks.md, session 18). The LoRA weights peft adds stay fp32;
+    # whole modules trained as copies (`modules_to_save`) would not, so those keep fp32.
+    weights_dtype = torch.bfloat16 if bf16 and not config.modules_to_save else torch.float32
     with quiet_loading():
-        # Under bf16 autocast the frozen base is loaded in bf16: autocast would otherwise cast every fp32 weight
-        # again at each step for the same bf16 values (docs/benchmarks.md, session 18). The LoRA weights peft
-        # adds stay fp32; whole modules trained as copies (`modules_to_save`) would not, so those keep fp32.
-        weights_dtype = torch.bfloat16 if bf16 and not config.modules_to_save else torch.float32
         model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=weights_dtype,
                                                      attn_implementation=config.attention)
     available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
