@@ -10,7 +10,10 @@ code, so an evaluated adapter answers as it will be served.
   one token for some rows and several for others, each row's tokens right-aligned and masked in front. That only
   pays while a pass costs about the same whatever it reads (few rows): a pass reads at most ``pass_tokens``
   row-tokens in all, and a row whose forced tokens did not all fit reads the rest in the next passes (its next
-  token is known, so the model chooses nothing for it meanwhile).
+  token is known, so the model chooses nothing for it meanwhile). Room a row's own tokens leave in a pass goes to a
+  draft of how its answer goes on (``drafting.py``: from the request and the adapter's earlier answers), which the
+  model checks in that pass (speculative decoding without a draft model): answers are those of plain greedy
+  decoding, in fewer passes.
 * ``decode_prompts``: every prompt of a list through one batch of at most ``batch_size`` rows (evaluation): a row
   that finishes makes room for the next prompt, so a long answer no longer holds a whole batch of short ones.
 
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from kolm_pipeline.evaluate.drafting import AnswerDrafter
 from kolm_pipeline.evaluate.inference import PrefixCache, _prompt_pass, step_inputs
 
 
@@ -48,6 +52,7 @@ class DecodeRow:
     chosen: int = 0  # tokens the model chose (the rest of ``generated`` the schema forced)
     emitted: str = ""
     feed: list[int] = field(default_factory=list)  # the tokens the next decoding pass reads for this row
+    prompt_ids: list[int] | None = None  # the prompt's tokens, for drafts (``drafting.py``), read when first needed
     pieces: deque[str] = field(default_factory=deque)
     done: bool = False
     finish_reason: str = "stop"  # or "length": cut off at max_tokens (JSON: closed early to fit)
@@ -112,11 +117,13 @@ class BatchDecoder:
     the tokens that end an answer, ``prefixes`` keeps each adapter's shared prompt prefix between passes."""
 
     def __init__(self, model, tokenizer, eos: set[int], prefixes: PrefixCache | None = None,
-                 pass_tokens: int | None = None) -> None:
+                 pass_tokens: int | None = None, drafting: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos = eos
         self.prefixes = prefixes
+        self.drafting = drafting
+        self.drafters: dict[str, AnswerDrafter] = {}  # by adapter name: its answers so far, for drafts
         if pass_tokens is None:
             cpu = next(model.parameters()).device.type == "cpu"
             pass_tokens = CPU_PASS_TOKENS if cpu else GPU_PASS_TOKENS
@@ -155,22 +162,46 @@ class BatchDecoder:
         batch.mask, batch.positions = mask, positions
         batch.rows = batch.rows + rows
 
+    def drafter(self, name: str) -> AnswerDrafter:
+        """The drafter of adapter ``name``'s answers (made on first use)."""
+        drafter = self.drafters.get(name)
+        if drafter is None:
+            drafter = self.drafters[name] = AnswerDrafter(self.tokenizer)
+        return drafter
+
+    def _draft(self, batch: RowBatch, row: DecodeRow, limit: int) -> list[int]:
+        if not self.drafting or limit <= 0:
+            return []
+        if row.prompt_ids is None:
+            row.prompt_ids = self.tokenizer(row.prompt, add_special_tokens=False).input_ids
+        return self.drafter(batch.name).draft(row.prompt_ids, row.generated, limit)
+
     def decode(self, batch: RowBatch) -> None:
-        """One decoding step of every running row: each reads the token chosen for it last and the tokens its
-        schema forced after it (as many as fit in the pass), right-aligned, so every row's next-token logits are
-        in the last column; the model chooses the next token of the rows that read all theirs."""
+        """One decoding step of every running row: each reads the token chosen for it last, the tokens its schema
+        forced after it (as many as fit in the pass) and, where room is left, a draft of how it goes on
+        (``drafting.py``), right-aligned; the model chooses the next tokens of the rows that read all theirs: the
+        draft's tokens up to the first it would not have chosen, and its own choice there. A draft's rejected
+        tokens are masked out of the cache (their columns stay, unread by anyone)."""
         room = max(1, self.pass_tokens // len(batch.rows))
-        feeds = []
+        feeds, drafts = [], []
         for row in batch.rows:
-            feeds.append(row.feed[:room])
-            row.feed = row.feed[room:]
+            feed, row.feed = row.feed[:room], row.feed[room:]
+            draft = self._draft(batch, row, room - len(feed)) if not row.feed else []
+            feeds.append(feed + draft)
+            drafts.append(draft)
         ids, batch.mask, positions = step_inputs(feeds, self.tokenizer.pad_token_id, batch.mask, batch.positions)
         out = self.model(input_ids=ids, attention_mask=batch.mask, position_ids=positions,
-                         past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=batch.cache, use_cache=True,
+                         logits_to_keep=1 + max(len(draft) for draft in drafts))
         batch.cache, batch.positions = out.past_key_values, positions[:, -1:] + 1
         choosing = [index for index, row in enumerate(batch.rows) if not row.feed]
         if choosing:
-            self.advance([batch.rows[index] for index in choosing], out.logits[choosing, -1])
+            rejected = self.advance([batch.rows[index] for index in choosing], out.logits[choosing],
+                                    [drafts[index] for index in choosing])
+            for index, unread in zip(choosing, rejected, strict=True):
+                if unread:  # the draft's tokens after the first the model did not choose
+                    batch.mask[index, -unread:] = 0
+                    batch.positions[index] -= unread
         self.drop_finished(batch)
 
     @staticmethod
@@ -178,45 +209,78 @@ class BatchDecoder:
         """Whether a JSON row is in the last ``CLOSING_ROOM`` tokens of its room (then it closes its object)."""
         return row.max_tokens - len(row.generated) <= CLOSING_ROOM
 
-    def advance(self, rows: list[DecodeRow], logits) -> None:
-        """Choose each row's next token from its logits (greedy; under its grammar for a JSON row), queue the
-        text it completes, and mark the rows that are done: at an EOS token, at ``max_tokens``, or (JSON) once
-        the object is closed."""
-        greedy = logits.argmax(dim=-1).tolist() if any(row.decoder is None for row in rows) else None
-        chosen = [row.decoder.choose(logits[index], closing=self.closing(row)) if row.decoder is not None
-                  else greedy[index] for index, row in enumerate(rows)]
-        # The model's own probability of each chosen token (before any grammar mask): the answer's confidence.
-        logprobs = logits.float().log_softmax(-1).gather(
-            1, logits.new_tensor(chosen, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
-        for row, token, logprob in zip(rows, chosen, logprobs, strict=True):
-            if token in self.eos:
-                row.done = True
-                continue
-            row.generated.append(token)
-            row.logprob += logprob
-            row.chosen += 1
-            row.feed = [token]
-            if row.decoder is not None:
-                forced = row.decoder.forced(self.tokenizer, row.max_tokens - len(row.generated))
-                row.generated.extend(forced)
-                row.feed.extend(forced)
-            text = self.tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
-            if not text.endswith("\ufffd"):  # else a multi-byte character is still incomplete
-                piece, row.emitted = text[len(row.emitted) :], text
-                if piece:
-                    row.pieces.append(piece)
-            if row.decoder is not None and row.decoder.finished:
-                row.done = True  # JSON: the object is closed, the end of the turn is all that could follow
-                if row.decoder.shortened:
-                    row.finish_reason = "length"
-            elif len(row.generated) >= row.max_tokens:
-                row.done, row.finish_reason = True, "length"
+    def advance(self, rows: list[DecodeRow], logits, drafts: list[list[int]] | None = None) -> list[int]:
+        """Choose each row's next tokens (greedy; under its grammar for a JSON row), queue the text they complete,
+        and mark the rows that are done: at an EOS token, at ``max_tokens``, or (JSON) once the object is closed.
+
+        ``logits`` (rows x positions x vocabulary, or rows x vocabulary for one position) end with the positions
+        that read each row's draft (``drafts[i]``); row i's choice is taken at the position before its draft, and
+        again after each draft token that is what was chosen (with the tokens the schema forces after it). The
+        number of each row's draft tokens the model did not take, from the first it would not have chosen on."""
+        if logits.dim() == 2:
+            logits = logits.unsqueeze(1)
+        drafts = drafts or [[] for _ in rows]
+        # The model's own probability of each token (before any grammar mask): the answer's confidence.
+        logprobs = logits.float().log_softmax(-1)
+        rejected = []
+        for index, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
+            position, unread = logits.shape[1] - len(draft) - 1, draft
+            while True:
+                scores = logits[index, position]
+                token = (row.decoder.choose(scores, closing=self.closing(row)) if row.decoder is not None
+                         else int(scores.argmax()))
+                pending = self._take(row, token, float(logprobs[index, position, token]))
+                read = 0  # the new tokens the pass read already: the draft guessed them
+                while read < len(pending) and read < len(unread) and pending[read] == unread[read]:
+                    read += 1
+                unread = unread[read:]
+                if row.done or read < len(pending):
+                    row.feed = pending[read:]
+                    break
+                position += read
+            rejected.append(len(unread))
+            self._emit(row)
+        return rejected
+
+    def _take(self, row: DecodeRow, token: int, logprob: float) -> list[int]:
+        """Add ``token``, the model's choice, to ``row`` and the tokens its schema forces after it; mark the row done
+        where it ends. The tokens added (none at an EOS token)."""
+        if token in self.eos:
+            row.done = True
+            return []
+        row.generated.append(token)
+        row.logprob += logprob
+        row.chosen += 1
+        added = [token]
+        if row.decoder is not None:
+            forced = row.decoder.forced(self.tokenizer, row.max_tokens - len(row.generated))
+            row.generated.extend(forced)
+            added.extend(forced)
+        if row.decoder is not None and row.decoder.finished:
+            row.done = True  # JSON: the object is closed, the end of the turn is all that could follow
+            if row.decoder.shortened:
+                row.finish_reason = "length"
+        elif len(row.generated) >= row.max_tokens:
+            row.done, row.finish_reason = True, "length"
+        return added
+
+    def _emit(self, row: DecodeRow) -> None:
+        """Queue the text ``row``'s new tokens complete (none while a multi-byte character is incomplete)."""
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
+        if not text.endswith("\ufffd"):
+            piece, row.emitted = text[len(row.emitted) :], text
+            if piece:
+                row.pieces.append(piece)
 
     def drop_finished(self, batch: RowBatch) -> None:
         """Take the finished rows out of the batch, and the cache columns no running row attends to any more."""
         keep = [index for index, row in enumerate(batch.rows) if not row.done]
         if len(keep) == len(batch.rows):
             return
+        if self.drafting:
+            for row in batch.rows:
+                if row.done and not row.cancelled and row.error is None:
+                    self.drafter(batch.name).learn(row.generated)
         if not keep:
             batch.clear()
             return

@@ -133,7 +133,8 @@ class BatchedGeneration:
                 row.error, row.done = error, True
 
     def unload(self, name: str) -> None:
-        """Fail the rows of adapter ``name`` (it was unloaded); called holding ``lock``."""
+        """Fail the rows of adapter ``name`` (it was unloaded) and forget its answers; called holding ``lock``."""
+        self._passes.drafters.pop(name, None)
         with self._batches_lock:
             batch = self._batches.pop(name, None)
         if batch is not None:  # only callers without a lease (or gone) can still be decoding with it
