@@ -348,7 +348,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backend = VisionBackend(settings.base_model, settings.models_dir)  # requests may carry images
         else:
             backend = TransformersBackend(settings.base_model, settings.models_dir, max_batch=args.max_batch,
-                                          max_gen_batch=args.max_gen_batch)
+                                          max_gen_batch=args.max_gen_batch, dtype=settings.inference_dtype)
     from kolm_pipeline.serve.monitor import MonitorConfig
 
     monitor = MonitorConfig(enabled=not args.no_live_monitor, sample_share=args.monitor_sample_share,

@@ -196,6 +196,9 @@ class Settings(BaseSettings):
     size_budget_bytes: int = 64 * 1024 * 1024
     student_dollars_per_hour: float = 0.10
     retention_days: int = 30
+    # The weights' dtype where evaluation and `kolm serve` run the base (`train/base_model.py: inference_dtype`):
+    # auto is bfloat16 on a GPU or a CPU with bfloat16 matmuls (AVX512-BF16, AMX), float32 elsewhere.
+    inference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     model_cache: Path | None = None
     alert_webhook: str | None = None
     # `s3://BUCKET[/PREFIX]`, `file:///DIR` or a path; None: the artifacts directory under `home`.

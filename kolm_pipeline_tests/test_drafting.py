@@ -64,7 +64,7 @@ def test_the_drafter_remembers_a_bounded_number_of_answers(tokenizer):
     drafter.learn(ids(tokenizer, "delta epsilon"))
     drafter.learn(ids(tokenizer, "zeta eta"))
     assert drafter.draft([], first[:1], 2) == [], "the oldest answer is forgotten"
-    assert len(drafter._answers) == 2
+    assert len(drafter) == 2
 
 
 def test_drafts_save_passes_and_change_no_answer(tiny_base, monkeypatch):

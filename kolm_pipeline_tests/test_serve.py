@@ -92,8 +92,10 @@ def world(tiny_base, tmp_path_factory):
     world.point("acme.chat", "chat-a")
     world.point("acme.labels", "labels")
 
-    runtime = ServingRuntime(settings, TransformersBackend(str(tiny_base), settings.models_dir), poll_interval=0.05,
-                             grace_seconds=GRACE)
+    # float32: these tests compare answers exactly across batches and adapter switches, which bfloat16's rounding
+    # (KOLM_INFERENCE_DTYPE's default on a CPU with bf16 matmuls) may flip at a near-tie.
+    backend = TransformersBackend(str(tiny_base), settings.models_dir, dtype="float32")
+    runtime = ServingRuntime(settings, backend, poll_interval=0.05, grace_seconds=GRACE)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_serving_app(runtime), host="127.0.0.1", port=port,
                                            log_level="warning"))

@@ -72,7 +72,10 @@ def served(tiny_base, tmp_path_factory) -> Iterator[Served]:
                                 salt=task, base_digest=digest, json_schema=task_schema)
         swap_pointer(settings.adapters_dir, task, publish_artifact(settings.artifacts_dir, task, built))
     key = CaptureStore(settings.store_url).create_tenant("acme")
-    runtime = ServingRuntime(settings, TransformersBackend(str(tiny_base), settings.models_dir), poll_interval=0.05)
+    # float32: every answer must be exactly the one it gets alone, which bfloat16's rounding (KOLM_INFERENCE_DTYPE's
+    # default on a CPU with bf16 matmuls) may flip at a near-tie in a batch of another shape.
+    backend = TransformersBackend(str(tiny_base), settings.models_dir, dtype="float32")
+    runtime = ServingRuntime(settings, backend, poll_interval=0.05)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_serving_app(runtime), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -198,8 +201,10 @@ def test_rows_with_and_without_a_schema_share_a_batch(served):
     assert max(passes) == len(asks)
 
 
-def test_a_caller_that_stops_reading_or_reads_slowly_changes_nobody_elses_answer(served):
+def test_a_caller_that_stops_reading_or_reads_slowly_changes_nobody_elses_answer(served, monkeypatch):
     backend = served.backend
+    # One token a pass (no drafts, test_drafting.py's subject), so the pieces and passes are counted as tokens.
+    monkeypatch.setattr(backend._generation._passes, "drafting", False)
     with served.runtime.lease("acme.chat") as lease:
         def answer(content: str) -> list[str]:
             return list(backend.stream(lease.name, conversation(content), None, MAX_TOKENS))
@@ -244,6 +249,8 @@ def test_a_failing_batch_fails_every_row_and_unloading_its_adapter_fails_cleanly
     backend = served.backend
     backend.load("kolm-extra", served.adapter_dir, None, ready=lambda: None)
     try:
+        assert "".join(backend.stream("kolm-extra", conversation(CONTENTS[2]), None, MAX_TOKENS))
+        assert len(backend._generation._passes.drafters["kolm-extra"]) == 1, "a finished answer is remembered"
         first = backend.stream("kolm-extra", conversation(CONTENTS[0]), None, MAX_TOKENS)
         second = backend.stream("kolm-extra", conversation(CONTENTS[1]), None, MAX_TOKENS)
         next(first)
@@ -272,14 +279,17 @@ def test_a_failing_batch_fails_every_row_and_unloading_its_adapter_fails_cleanly
     with pytest.raises(BackendError, match="adapter kolm-extra is not loaded"):
         list(backend.stream("kolm-extra", conversation(CONTENTS[0]), None, MAX_TOKENS))
     assert "kolm-extra" not in backend._generation._batches
+    assert "kolm-extra" not in backend._generation._passes.drafters, "its answers are forgotten with it"
     # The served tasks are untouched.
     assert ask(served, "acme.chat", CONTENTS[2])[0]
 
 
-def test_rows_join_and_leave_a_running_batch_at_any_step_without_changing_answers(served):
+def test_rows_join_and_leave_a_running_batch_at_any_step_without_changing_answers(served, monkeypatch):
     """Continuous batching: a request joins the running batch at the next pass and a finished row leaves it; the
     cache keeps only the columns some running row still attends to."""
     backend = served.backend
+    # One token a pass (no drafts, test_drafting.py's subject): a draft's rejected columns would widen the cache.
+    monkeypatch.setattr(backend._generation._passes, "drafting", False)
     limits = [6, MAX_TOKENS, 11, MAX_TOKENS]  # rows leave at different steps
     with served.runtime.lease("acme.chat") as lease:
         def start(index: int, usage: dict | None = None) -> Iterator[str]:

@@ -43,6 +43,10 @@ class AnswerDrafter:
         self._next: dict[tuple[int, ...], Counter[int]] = {}
         self._words: dict[int, str | None] = {}  # token id -> its text less a leading space (None: no letter/digit)
 
+    def __len__(self) -> int:
+        """The answers remembered."""
+        return len(self._answers)
+
     def learn(self, answer: list[int]) -> None:
         """Remember a finished answer's tokens (forgetting the oldest beyond ``max_answers``)."""
         if not answer:

@@ -225,14 +225,14 @@ def generation_budget(tokenizer, recipe: Recipe) -> int:
     return max(1, min(limit, math.ceil(ANSWER_ROOM * longest) + ANSWER_SLACK))
 
 
-def base_answers_key(base: BaseModel, recipe: Recipe, budget: int) -> str:
-    """What the base's answers depend on besides the input: its weights and how it decodes (``budget``: the
-    generation budget of this evaluation, see ``generation_budget``)."""
+def base_answers_key(base: BaseModel, recipe: Recipe, budget: int, dtype: str = "float32") -> str:
+    """What the base's answers depend on besides the input: its weights, the dtype they run in and how it decodes
+    (``budget``: the generation budget of this evaluation, see ``generation_budget``)."""
     spec = recipe.spec
     return hashlib.sha256(json.dumps({
         "base": base.digest, "labels": recipe.labels, "max_new_tokens": budget,
         "output_kind": spec.get("output_kind"), "json_schema": spec.get("json_schema"),
-        "decoding": DECODING_VERSION,
+        "decoding": DECODING_VERSION, "dtype": dtype,
     }, sort_keys=True).encode()).hexdigest()
 
 
@@ -248,6 +248,7 @@ def evaluate_models(
     base_answers: Path | None = None,
     images: ImageStore | None = None,
     judge: Judge | None = None,
+    inference_dtype: str = "auto",
 ) -> dict[str, ModelReport]:
     """Evaluate each named adapter (None = the bare base) on the recipe's eval and hold-out splits. A
     vision-language base answers by greedy generation, reading the rows' images from `images`. With `judge`, a
@@ -264,7 +265,8 @@ def evaluate_models(
         model, tokenizer = load_vision(base)  # the processor stands where the tokenizer does
     else:
         tokenizer = load_tokenizer(base)
-        model = load_causal_lm(base)
+        model = load_causal_lm(base, inference_dtype)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     named = {name: path for name, path in adapters.items() if path is not None}
     if named:
         first, *rest = named.items()
@@ -300,7 +302,7 @@ def evaluate_models(
         began = time.perf_counter()
         with using(name):
             if path is None:
-                cache = BaseAnswers.load(base_answers, base_answers_key(base, recipe, budget))
+                cache = BaseAnswers.load(base_answers, base_answers_key(base, recipe, budget, dtype))
                 keys = [case_key(row["messages"][:-1]) for row in rows]
                 missing = [index for index, key in enumerate(keys) if key not in cache.outputs]
                 fresh = dict(zip(missing, answer_all([rows[index]["messages"][:-1] for index in missing]),

@@ -80,7 +80,7 @@ def combine_adapters(base: BaseModel, parts: list[tuple[Path, float]], output: P
     names = [f"part{index}" for index in range(len(parts))]
     model = None
     try:
-        model = PeftModel.from_pretrained(load_causal_lm(base), str(parts[0][0]), adapter_name=names[0])
+        model = PeftModel.from_pretrained(load_causal_lm(base, "float32"), str(parts[0][0]), adapter_name=names[0])
         for name, (directory, _weight) in zip(names[1:], parts[1:], strict=True):
             model.load_adapter(str(directory), adapter_name=name)
         model.add_weighted_adapter(names, [weight for _, weight in parts], COMPOSED_NAME, combination_type=COMBINATION)

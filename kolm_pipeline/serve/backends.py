@@ -108,8 +108,9 @@ class TransformersBackend:
     """
 
     def __init__(self, base_model: str, models_dir: Path, max_batch: int | None = None,
-                 max_gen_batch: int | None = None) -> None:
+                 max_gen_batch: int | None = None, dtype: str = "auto") -> None:
         self._spec = (base_model, Path(models_dir))
+        self._dtype = dtype  # KOLM_INFERENCE_DTYPE: the base's weights, as evaluation runs them
         self.max_batch = max_batch or 0  # 0: chosen for the device at start
         self.max_gen_batch = max_gen_batch or 0  # likewise
         self._lock = FairLock()
@@ -139,7 +140,7 @@ class TransformersBackend:
 
         base = resolve_base_model(*self._spec)
         self._tokenizer = load_tokenizer(base)
-        self._model = load_causal_lm(base)
+        self._model = load_causal_lm(base, self._dtype)
         self._model.eval()
         cpu = self._device().type == "cpu"
         if not self.max_batch:

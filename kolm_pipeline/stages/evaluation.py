@@ -59,6 +59,7 @@ def run_evaluation_stage(
         base_answers=workdir.base_answers,
         images=image_store(settings) if base.vision else None,
         judge=Judge.from_settings(settings, workdir.judge_verdicts),
+        inference_dtype=settings.inference_dtype,
     )
     candidate, current = reports[CANDIDATE], reports[current_name]
     sides = {CANDIDATE: candidate.eval, "current": current.eval}

@@ -33,6 +33,7 @@ def evaluate_artifact(settings: Settings, artifact: Path, suite: Path) -> str:
             student_dollars_per_hour=settings.student_dollars_per_hour,
             images=image_store(settings) if base.vision else None,
             judge=Judge.from_settings(settings, cache=None),
+            inference_dtype=settings.inference_dtype,
         )
     lines = [f"artifact {artifact.name} (task {manifest.get('task')}) on {suite} "
              f"({len(recipe.eval)} eval cases, verifier {recipe.spec['verifier']})"]

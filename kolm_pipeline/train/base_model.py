@@ -146,13 +146,36 @@ def load_tokenizer(base: BaseModel):
     return tokenizer
 
 
-def load_causal_lm(base: BaseModel):
-    """The base model in float32 on CPU (or the first CUDA device), in eval mode."""
+def fast_bf16(use_cuda: bool) -> bool:
+    """Whether the hardware has bf16 matmuls: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN's bf16 kernels)."""
+    import torch
+
+    if use_cuda:
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def inference_dtype(setting: str = "auto"):
+    """The torch dtype of the base's weights in evaluation and serving (``KOLM_INFERENCE_DTYPE``): ``auto`` is
+    bfloat16 where the hardware has bf16 matmuls (a pass reads half the bytes: on a 2-core CPU with AVX512-BF16,
+    JSON serving answers 1.7x as fast, docs/benchmarks.md, session 19), float32 elsewhere."""
+    import torch
+
+    if setting == "auto":
+        return torch.bfloat16 if fast_bf16(torch.cuda.is_available()) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
+def load_causal_lm(base: BaseModel, dtype: str = "auto"):
+    """The base model on CPU (or the first CUDA device), in eval mode, its weights in ``inference_dtype(dtype)``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = inference_dtype(dtype)
     try:
         with quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=dtype)

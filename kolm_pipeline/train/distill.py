@@ -21,7 +21,7 @@ from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.pairs import scan_pair_file
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.errors import UserError
-from kolm_pipeline.train.base_model import BaseModel, load_tokenizer
+from kolm_pipeline.train.base_model import BaseModel, fast_bf16, load_tokenizer
 from kolm_pipeline.train.examples import ExampleError, tokenize_pairs
 
 TRAINER_VERSION = "kolm-distill/0.1"
@@ -82,17 +82,6 @@ def planned_epochs(config: TrainConfig, pairs: int) -> float:
     return config.max_examples / pairs
 
 
-def _bf16_fast(torch, use_cuda: bool) -> bool:
-    """bf16 autocast where the hardware has bf16 matmuls: CUDA, or a CPU with AVX512-BF16/AMX (there it
-    trains faster than fp32 to the same loss; bench/train.py)."""
-    if use_cuda:
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _attention(use_cuda: bool) -> str:
     """The attention kernel to train with. On CPU, torch's fused SDPA backward is slow for the short
     sequences of distillation pairs; plain matmul attention trains faster (bench/train.py) to the same
@@ -144,7 +133,7 @@ def train_adapter(
     use_cuda = torch.cuda.is_available()
     # Recorded as it was trained: the kernel chosen for this hardware, not null.
     config = config.model_copy(update={"attention": config.attention or _attention(use_cuda)})
-    bf16 = _bf16_fast(torch, use_cuda) if config.bf16 is None else config.bf16
+    bf16 = fast_bf16(use_cuda) if config.bf16 is None else config.bf16
     # Under bf16 autocast the frozen base is loaded in bf16: autocast would otherwise cast every fp32 weight again
     # at each step for the same bf16 values (docs/benchmarks.md, session 18). The LoRA weights peft adds stay fp32;
     # whole modules trained as copies (`modules_to_save`) would not, so those keep fp32.

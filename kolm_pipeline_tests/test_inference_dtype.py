@@ -1,0 +1,79 @@
+"""The dtype evaluation and `kolm serve` run the base in (``KOLM_INFERENCE_DTYPE``): ``auto`` is bfloat16 where the
+hardware has bf16 matmuls and float32 elsewhere; a bfloat16 base serves LoRA adapters in its own dtype, close to
+PEFT's float32 answer; the bare base's cached evaluation answers are kept apart per dtype; a bad value is a clear
+error naming the variable."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from kolm_pipeline.provenance.errors import InvalidInput
+from kolm_pipeline.serve.backends import TransformersBackend
+from kolm_pipeline.serve.lora_slots import LoraSlots
+from kolm_pipeline.settings import load_settings
+from kolm_pipeline.train.base_model import fast_bf16, inference_dtype, load_causal_lm, resolve_base_model
+from kolm_pipeline_tests.test_lora_slots import INPUT, _peft_logits, _save_adapter
+from kolm_pipeline_tests.test_structured_decoding import schema_of, teacher_answers
+
+
+def test_auto_is_bfloat16_exactly_where_the_hardware_has_bf16_matmuls(monkeypatch, tmp_path):
+    expected = torch.bfloat16 if fast_bf16(torch.cuda.is_available()) else torch.float32
+    assert inference_dtype("auto") is expected
+    assert inference_dtype("float32") is torch.float32 and inference_dtype("bfloat16") is torch.bfloat16
+    assert load_settings(tmp_path / "home").inference_dtype == "auto"
+    monkeypatch.setenv("KOLM_INFERENCE_DTYPE", "bfloat16")
+    assert load_settings(tmp_path / "home").inference_dtype == "bfloat16"
+    monkeypatch.setenv("KOLM_INFERENCE_DTYPE", "float16")
+    with pytest.raises(InvalidInput, match="KOLM_INFERENCE_DTYPE"):
+        load_settings(tmp_path / "home")
+
+
+def test_a_bfloat16_base_serves_an_adapter_in_its_own_dtype_close_to_peft(tiny_base, tmp_path):
+    """LoRA slots hold an adapter in the base layer's dtype with its scale folded in; the served logits stay
+    within bfloat16's rounding of PEFT's float32 ones, far closer than the bare base's."""
+    settings = load_settings(tmp_path / "home")
+    base = resolve_base_model(str(tiny_base), settings.models_dir)
+    adapter = _save_adapter(tiny_base, tmp_path / "adapter", seed=1, r=8, lora_alpha=16, target_modules="all-linear")
+    model = load_causal_lm(base, "bfloat16")
+    with torch.inference_mode():
+        bare = model(input_ids=INPUT).logits.float()
+    slots = LoraSlots(model)
+    slots.load("a", adapter)
+    slots.select("a")
+    layer = next(layer for layer in slots._layers.values())
+    assert layer.adapters["a"].down.dtype is torch.bfloat16 and layer.adapters["a"].up.dtype is torch.bfloat16
+    with torch.inference_mode():
+        served = model(input_ids=INPUT).logits.float()
+    expected = _peft_logits(tiny_base, adapter)
+    error, effect = (served - expected).abs().mean(), (bare - expected).abs().mean()
+    assert error < effect / 4, (float(error), float(effect))
+
+
+def test_a_bfloat16_backend_answers_schema_valid_json(tiny_base, tmp_path):
+    settings = load_settings(tmp_path / "home")
+    schema = schema_of(teacher_answers())
+    backend = TransformersBackend(str(tiny_base), settings.models_dir, dtype="bfloat16")
+    backend.start()
+    try:
+        assert next(backend._model.parameters()).dtype is torch.bfloat16
+        backend.load("a", _save_adapter(tiny_base, tmp_path / "adapter", seed=2, r=8, lora_alpha=16,
+                                        target_modules="all-linear"), None, ready=lambda: None)
+        for text in ("Cancel order 12 please", "Where is my parcel?"):
+            answer = "".join(backend.stream("a", [{"role": "user", "content": text}], None, 96, json_schema=schema))
+            jsonschema.validate(json.loads(answer), schema)
+    finally:
+        backend.close()
+
+
+def test_the_bare_base_answers_cached_for_one_dtype_are_not_reused_for_another(tiny_base, tmp_path):
+    from kolm_pipeline.corpus.recipe import Recipe
+    from kolm_pipeline.evaluate.evaluation import base_answers_key
+
+    base = resolve_base_model(str(tiny_base), load_settings(tmp_path / "home").models_dir)
+    recipe = Recipe(path=tmp_path, spec={"output_kind": "categorical", "labels": ["a", "b"]}, train=[], eval=[],
+                    holdout=[])
+    assert base_answers_key(base, recipe, 8, "float32") != base_answers_key(base, recipe, 8, "bfloat16")
