@@ -45,11 +45,11 @@ def test_the_combined_adapter_is_every_part_applied_at_once(tiny_base, tmp_path)
     assert config["r"] == 12 and config["lora_alpha"] == 12
 
     tokens = torch.tensor([[1, 17, 230, 999, 4, 58]])
-    both = PeftModel.from_pretrained(load_causal_lm(base), str(first), adapter_name="first")
+    both = PeftModel.from_pretrained(load_causal_lm(base, "float32"), str(first), adapter_name="first")
     both.load_adapter(str(second), adapter_name="second")
     both.base_model.set_adapter(["first", "second"])
     expected = _logits(both, tokens)
-    served = load_causal_lm(base)
+    served = load_causal_lm(base, "float32")  # exact to 1e-4: float32
     slots = LoraSlots(served)
     slots.load("composed", combined)
     slots.select("composed")
