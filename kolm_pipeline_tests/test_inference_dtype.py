@@ -77,3 +77,21 @@ def test_the_bare_base_answers_cached_for_one_dtype_are_not_reused_for_another(t
     recipe = Recipe(path=tmp_path, spec={"output_kind": "categorical", "labels": ["a", "b"]}, train=[], eval=[],
                     holdout=[])
     assert base_answers_key(base, recipe, 8, "float32") != base_answers_key(base, recipe, 8, "bfloat16")
+
+
+def test_the_output_head_reads_a_contiguous_input_under_peft(tiny_base, tmp_path):
+    """The head reads the last position's hidden states, a strided slice; with frozen bfloat16 weights (as PEFT leaves
+    them in evaluation) torch would copy the whole head per row for it (docs/benchmarks.md, session 19), so the
+    loaded model hands the head a contiguous copy of its input."""
+    from peft import PeftModel
+
+    base = resolve_base_model(str(tiny_base), load_settings(tmp_path / "home").models_dir)
+    adapter = _save_adapter(tiny_base, tmp_path / "adapter", seed=3, r=4, lora_alpha=8, target_modules="all-linear")
+    model = PeftModel.from_pretrained(load_causal_lm(base, "bfloat16"), str(adapter)).eval()
+    head = model.get_output_embeddings()
+    assert not head.weight.requires_grad
+    seen: list[bool] = []
+    head.register_forward_pre_hook(lambda _module, args: seen.append(args[0].is_contiguous()))
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 17, 300, 42], [9, 2048, 5, 6]]), logits_to_keep=1)
+    assert seen == [True]

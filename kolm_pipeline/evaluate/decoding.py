@@ -1,5 +1,6 @@
 """Greedy decoding of free-text and JSON answers in a continuous batch: evaluation and `kolm serve` run the same
-code, so an evaluated adapter answers as it will be served.
+code, so an evaluated adapter answers as it will be served (token for token in float32; in bfloat16, which
+``KOLM_INFERENCE_DTYPE=auto`` picks on hardware with bf16 matmuls, a batch of another shape can flip a near-tie).
 
 * ``DecodeRow``: one answer being decoded, and the text pieces its reader has yet to take.
 * ``RowBatch``: the rows one adapter decodes together, with their shared KV cache, mask and positions.

@@ -181,4 +181,14 @@ def load_causal_lm(base: BaseModel, dtype: str = "auto"):
             model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=dtype)
     except OSError as exc:
         raise BaseModelError(f"could not load base model from {base.path}: {exc}") from exc
+    head = model.get_output_embeddings()
+    if head is not None:
+        # The output head reads the last positions' hidden states, a strided slice of the sequence; in bfloat16 with
+        # frozen weights (PEFT freezes them) torch runs that F.linear as a batched matmul over a copy of the whole
+        # head per row: 735 ms instead of 4 for 16 rows of the embedded base (docs/benchmarks.md, session 19).
+        head.register_forward_pre_hook(_contiguous_input)
     return model.to(device).eval()
+
+
+def _contiguous_input(_module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
