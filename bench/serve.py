@@ -58,8 +58,9 @@ def noop_adapter(base_path: Path, target: Path) -> Path:
 
 
 def run_round(backend: TransformersBackend, conversations: list[list[dict]], clients: int, max_tokens: int,
-              schema: dict | None) -> tuple[float, list[str], int]:
-    """(wall seconds, the answers in ticket order, generated tokens) for one closed-loop round."""
+              schema: dict | None, adapter: str = ADAPTER) -> tuple[float, list[str], int]:
+    """(wall seconds, the answers in request order, generated tokens) for one closed-loop round of ``clients``
+    threads answering ``conversations`` with ``adapter``, each reading its answer piece by piece."""
     answers: list[str | None] = [None] * len(conversations)
     tokens = [0] * len(conversations)
     errors: list[BaseException] = []
@@ -74,7 +75,7 @@ def run_round(backend: TransformersBackend, conversations: list[list[dict]], cli
                 return
             usage: dict = {}
             try:
-                answers[index] = "".join(backend.stream(ADAPTER, conversations[index], None, max_tokens, usage,
+                answers[index] = "".join(backend.stream(adapter, conversations[index], None, max_tokens, usage,
                                                         json_schema=schema))
             except BaseException as exc:  # noqa: BLE001 - reported after the round
                 errors.append(exc)

@@ -45,7 +45,7 @@ class DecodeRow:
     no lock)."""
 
     prompt: str
-    prompt_tokens: int
+    prompt_ids: list[int]  # the prompt's tokens: its length is the usage's prompt_tokens; drafts look up spans in it
     max_tokens: int
     decoder: Any = None  # a JsonDecoder holding the answer to its schema, or None
     generated: list[int] = field(default_factory=list)
@@ -53,12 +53,15 @@ class DecodeRow:
     chosen: int = 0  # tokens the model chose (the rest of ``generated`` the schema forced)
     emitted: str = ""
     feed: list[int] = field(default_factory=list)  # the tokens the next decoding pass reads for this row
-    prompt_ids: list[int] | None = None  # the prompt's tokens, for drafts (``drafting.py``), read when first needed
     pieces: deque[str] = field(default_factory=deque)
     done: bool = False
     finish_reason: str = "stop"  # or "length": cut off at max_tokens (JSON: closed early to fit)
     cancelled: bool = False
     error: Exception | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
     @property
     def confidence(self) -> float:
@@ -173,8 +176,6 @@ class BatchDecoder:
     def _draft(self, batch: RowBatch, row: DecodeRow, limit: int) -> list[int]:
         if not self.drafting or limit <= 0:
             return []
-        if row.prompt_ids is None:
-            row.prompt_ids = self.tokenizer(row.prompt, add_special_tokens=False).input_ids
         return self.drafter(batch.name).draft(row.prompt_ids, row.generated, limit)
 
     def decode(self, batch: RowBatch) -> None:
@@ -308,7 +309,7 @@ def decode_prompts(decoder: BatchDecoder, prompts: list[str], max_tokens: int, b
     """Every prompt's answer (greedy, at most ``max_tokens`` new tokens; held to ``json_decoders[i]`` when given),
     decoded in one continuous batch of at most ``batch_size`` rows, in order."""
     encode = decoder.tokenizer
-    rows = [DecodeRow(prompt=prompt, prompt_tokens=len(encode(prompt, add_special_tokens=False).input_ids),
+    rows = [DecodeRow(prompt=prompt, prompt_ids=encode(prompt, add_special_tokens=False).input_ids,
                       max_tokens=max_tokens, decoder=json_decoders[index] if json_decoders else None)
             for index, prompt in enumerate(prompts)]
     waiting = deque(rows)

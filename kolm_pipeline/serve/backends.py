@@ -332,12 +332,12 @@ class TransformersBackend:
         except Exception as exc:  # noqa: BLE001 - the chat template rejects malformed conversations
             raise BackendError(f"the chat template cannot render these messages: {exc}") from exc
         decoder = self._json_decoder(json_schema, messages) if json_schema is not None else None
-        tokens = len(self._tokenizer(prompt, add_special_tokens=False).input_ids)
+        ids = self._tokenizer(prompt, add_special_tokens=False).input_ids
         if max_tokens < 1:
             if usage is not None:
-                usage.update(prompt_tokens=tokens, completion_tokens=0)
+                usage.update(prompt_tokens=len(ids), completion_tokens=0)
             return
-        yield from self._generation.stream(name, prompt, tokens, max_tokens, decoder, usage)
+        yield from self._generation.stream(name, prompt, ids, max_tokens, decoder, usage)
 
     def close(self) -> None:
         with self._lock.hold():

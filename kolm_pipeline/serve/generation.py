@@ -51,14 +51,14 @@ class BatchedGeneration:
         self._batches: dict[str, GenBatch] = {}  # by adapter name; rows and cache changed holding _lock
         self._batches_lock = threading.Lock()  # guards _batches and each batch's pending list
 
-    def stream(self, name: str, prompt: str, prompt_tokens: int, max_tokens: int, decoder: Any = None,
+    def stream(self, name: str, prompt: str, prompt_ids: list[int], max_tokens: int, decoder: Any = None,
                usage: dict | None = None) -> Iterator[str]:
-        """The answer to ``prompt`` (``prompt_tokens`` long) with adapter ``name``, piece by piece, decoded in that
+        """The answer to ``prompt`` (its tokens ``prompt_ids``) with adapter ``name``, piece by piece, decoded in that
         adapter's batch; ``decoder`` (a JsonDecoder) holds it to a schema. When ``usage`` is given, fill in
         ``prompt_tokens``, ``completion_tokens``, ``confidence`` (the geometric mean of the answer's token
         probabilities) and ``finish_reason`` (``stop``, or ``length`` when ``max_tokens`` cut it off) once the
         answer is complete."""
-        row = DecodeRow(prompt=prompt, prompt_tokens=prompt_tokens, max_tokens=max_tokens, decoder=decoder)
+        row = DecodeRow(prompt=prompt, prompt_ids=prompt_ids, max_tokens=max_tokens, decoder=decoder)
         with self._batches_lock:
             batch = self._batches.get(name)
             if batch is None:

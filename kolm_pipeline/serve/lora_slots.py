@@ -39,8 +39,8 @@ class AdapterFormatError(UserError, ValueError):
 @dataclass(frozen=True)
 class LoraWeights:
     """One adapter's update of one linear layer: ``x @ down.T @ up.T``, the LoRA scale folded into ``up``, both in
-    the base layer's dtype (a bfloat16 base reads them without a cast of the activations to float32 and back,
-    which cost a quarter of a decoding pass; vLLM also runs LoRA in the base's dtype)."""
+    the base layer's dtype (a bfloat16 base reads them without casting the activations to float32 and back;
+    vLLM also runs LoRA in the base's dtype; docs/benchmarks.md, session 19)."""
 
     down: torch.Tensor
     up: torch.Tensor

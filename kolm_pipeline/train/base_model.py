@@ -160,8 +160,8 @@ def fast_bf16(use_cuda: bool) -> bool:
 
 def inference_dtype(setting: str = "auto"):
     """The torch dtype of the base's weights in evaluation and serving (``KOLM_INFERENCE_DTYPE``): ``auto`` is
-    bfloat16 where the hardware has bf16 matmuls (a pass reads half the bytes: on a 2-core CPU with AVX512-BF16,
-    JSON serving answers 1.7x as fast, docs/benchmarks.md, session 19), float32 elsewhere."""
+    bfloat16 where the hardware has bf16 matmuls (a decoding pass is memory-bound and reads half the bytes;
+    docs/benchmarks.md, session 19), float32 elsewhere."""
     import torch
 
     if setting == "auto":
@@ -169,13 +169,14 @@ def inference_dtype(setting: str = "auto"):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
 
 
-def load_causal_lm(base: BaseModel, dtype: str = "auto"):
-    """The base model on CPU (or the first CUDA device), in eval mode, its weights in ``inference_dtype(dtype)``."""
+def load_causal_lm(base: BaseModel, dtype_setting: str = "auto"):
+    """The base model on CPU (or the first CUDA device), in eval mode, its weights in
+    ``inference_dtype(dtype_setting)``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = inference_dtype(dtype)
+    dtype = inference_dtype(dtype_setting)
     try:
         with quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=dtype)
@@ -185,7 +186,7 @@ def load_causal_lm(base: BaseModel, dtype: str = "auto"):
     if head is not None:
         # The output head reads the last positions' hidden states, a strided slice of the sequence; in bfloat16 with
         # frozen weights (PEFT freezes them) torch runs that F.linear as a batched matmul over a copy of the whole
-        # head per row: 735 ms instead of 4 for 16 rows of the embedded base (docs/benchmarks.md, session 19).
+        # head per row, a slow path a contiguous input avoids (docs/benchmarks.md, session 19).
         head.register_forward_pre_hook(_contiguous_input)
     return model.to(device).eval()
 
