@@ -3,6 +3,7 @@ backend: a trained adapter, its recipe's schema and held-out requests of a `benc
 
     .venv/bin/python bench/drafts.py --home /tmp/qb/snips0     # after bench/quality.py --home /tmp/qb/snips0
     .venv/bin/python bench/drafts.py --home ... --requests 64 --rounds 3 --clients 4
+    .venv/bin/python bench/drafts.py --home ... --compare merge  # LoRA slots merged or not (drafts on)
 
 What it does: starts `TransformersBackend` in this process on the settings' base model (in KOLM_INFERENCE_DTYPE),
 loads the adapter the quality bench deployed (`HOME/work/bench.<namespace>/adapter`) and reads the schema from its
@@ -11,6 +12,10 @@ held-out requests of the set from `--clients` threads in a closed loop (bench/se
 (the order swapped every other round): answers/s (median over rounds), decoding passes per answer, and the answers
 that differ between the two (none in float32; in bfloat16 a batch of another shape can flip a near-tie). No HTTP:
 it measures the backend, as bench/serve.py does. Run nothing else beside it.
+
+With `--compare merge` the two sides are the same adapter loaded twice into the backend's LoRA slots, once as its
+low-rank update and once merged into a copy of each layer's weight (`evaluate/lora_slots.py`; a CPU's default), both
+with drafts on.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=48, help="held-out requests answered per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per side")
     parser.add_argument("--max-tokens", type=int, default=138, help="each answer's room (the recipe's default)")
+    parser.add_argument("--compare", choices=["drafts", "merge"], default="drafts",
+                        help="drafts off and on (default), or the adapter's update against it merged")
     parser.add_argument("--json-out", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
     bench = SETS[args.set]
@@ -56,7 +63,14 @@ def main() -> int:
     settings = load_settings()
     backend = TransformersBackend(settings.base_model, settings.models_dir, dtype=settings.inference_dtype)
     backend.start()
-    backend.load(ADAPTER, work / "adapter", None, ready=lambda: None)
+    if args.compare == "merge":  # the same adapter twice: side "off" its low-rank update, side "on" merged
+        names = {"off": f"{ADAPTER}-update", "on": ADAPTER}
+        for side, merge in (("off", False), ("on", True)):
+            backend._slots.merge = merge
+            backend.load(names[side], work / "adapter", None, ready=lambda: None)
+    else:
+        names = {"off": ADAPTER, "on": ADAPTER}
+        backend.load(ADAPTER, work / "adapter", None, ready=lambda: None)
     passes = {"count": 0}
     original = BatchDecoder.decode
 
@@ -69,9 +83,12 @@ def main() -> int:
     print(f"bench/drafts.py: {bench.description}, {len(conversations)} requests a round, {args.clients} clients, "
           f"gen batch cap {backend.max_gen_batch}, {decoder.pass_tokens} row-tokens a pass, "
           f"{next(backend._model.parameters()).dtype}", flush=True)
-    run_round(backend, conversations[: args.clients], args.clients, args.max_tokens, schema, ADAPTER)  # warm-up
+    for name in set(names.values()):  # warm-up
+        run_round(backend, conversations[: args.clients], args.clients, args.max_tokens, schema, name)
 
     sides = {"off": False, "on": True}
+    if args.compare == "merge":
+        sides = {"off": True, "on": True}  # drafts on for both
     rounds: dict[str, list[dict]] = {side: [] for side in sides}
     answers: dict[str, list[str]] = {}
     for number in range(args.rounds):
@@ -79,17 +96,19 @@ def main() -> int:
             decoder.drafting = sides[side]
             decoder.drafters.clear()  # every round starts knowing no earlier answer
             passes["count"] = 0
-            wall, given, _tokens = run_round(backend, conversations, args.clients, args.max_tokens, schema, ADAPTER)
+            wall, given, _tokens = run_round(backend, conversations, args.clients, args.max_tokens, schema,
+                                             names[side])
             answers.setdefault(side, given)
             rounds[side].append({"seconds": wall, "answers_per_s": len(conversations) / wall,
                                  "passes_per_answer": passes["count"] / len(conversations)})
-            print(f"  round {number + 1} drafts {side}: {len(conversations) / wall:.2f} answers/s, "
+            print(f"  round {number + 1} {args.compare} {side}: {len(conversations) / wall:.2f} answers/s, "
                   f"{passes['count'] / len(conversations):.1f} passes an answer ({wall:.1f} s)", flush=True)
     float32 = next(backend._model.parameters()).dtype == torch.float32
     backend.close()
     differing = sum(a != b for a, b in zip(answers["off"], answers["on"], strict=True))
 
-    print("\n| drafts | answers/s (median) | decoding passes an answer | rounds (answers/s) |")
+    print(f"\n| {'merged' if args.compare == 'merge' else 'drafts'} | answers/s (median) | decoding passes an answer "
+          f"| rounds (answers/s) |")
     print("|---|---|---|---|")
     summary = {}
     for side in sides:
@@ -99,11 +118,13 @@ def main() -> int:
         print(f"| {side} | {rate:.2f} | {per_answer:.1f} | {listed} |")
         summary[side] = {"answers_per_s": rate, "passes_per_answer": per_answer, "rounds": rounds[side]}
     ratio = summary["on"]["answers_per_s"] / summary["off"]["answers_per_s"]
-    print(f"\ndrafts on / off: {ratio:.2f}x answers/s; answers that differ: {differing} of {len(conversations)}")
+    print(f"\n{'merged' if args.compare == 'merge' else 'drafts'} on / off: {ratio:.2f}x answers/s; answers that "
+          f"differ: {differing} of {len(conversations)}")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"set": args.set, "clients": args.clients, "sides": summary,
-                                             "ratio": ratio, "answers_differing": differing}, indent=2))
-    return 1 if differing and float32 else 0  # in float32 drafts must change no answer
+        args.json_out.write_text(json.dumps({"set": args.set, "compare": args.compare, "clients": args.clients,
+                                             "sides": summary, "ratio": ratio, "answers_differing": differing},
+                                            indent=2))
+    return 1 if differing and float32 and args.compare == "drafts" else 0  # in float32 drafts change no answer
 
 
 if __name__ == "__main__":

@@ -261,6 +261,75 @@ def bench_env(home: Path, model_cache: Path, upstream: str | None = None) -> dic
 STAGE_LINE = re.compile(r"^\s+(\w+)\s+(\w+)\s+([\d.]+) s$")
 
 
+def serve_heldout(bench: BenchSet, task: str, home: Path, env: dict, key: str, heldout: list[dict], logs: Path,
+                  procs: list[Proc], result: dict) -> None:
+    """Start `kolm serve` on ``home`` and answer ``heldout`` from SERVE_CLIENTS `openai` clients; the served figures
+    go into ``result``."""
+    pointer = home / "adapters" / task
+    result["deployed"] = pointer.is_symlink()
+    if not result["deployed"]:
+        print("[quality] nothing was deployed, so `kolm serve` has no adapter for the task: no served figures",
+              flush=True)
+        return
+    port = free_port()
+    began = time.perf_counter()
+    server = Proc("kolm-serve", [*kolm_command(), "serve", "--port", str(port), "--log-level", "warning"], env,
+                  logs)
+    procs.append(server)
+    serve_url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    wait_until("kolm serve to load the task", lambda: task in httpx.get(
+        f"{serve_url}/v1/models", headers={"authorization": f"Bearer {key}"}).text, 600, server)
+    result["timings"]["serve_start"] = time.perf_counter() - began
+    clients = [openai_client(f"{serve_url}/v1", key) for _ in range(SERVE_CLIENTS)]
+    ask(clients[0], task, messages(bench, heldout[0]["text"]), False)  # warm-up, not counted
+    answers: list[str | None] = [None] * len(heldout)
+    failures: list[str] = []
+
+    positions = iter(range(len(heldout)))  # one queue: a client takes the next message when it is free
+    claim = threading.Lock()
+
+    def client_loop(index: int) -> None:
+        while True:
+            with claim:
+                position = next(positions, None)
+            if position is None:
+                return
+            try:
+                answers[position] = ask(clients[index], task, messages(bench, heldout[position]["text"]), False)
+            except Exception as exc:  # counted as a wrong answer, and reported
+                failures.append(f"{type(exc).__name__}: {exc}")
+                answers[position] = ""
+
+    print(f"[quality] kolm serve at {serve_url}: {len(heldout)} held-out messages from {SERVE_CLIENTS} "
+          f"concurrent clients…", flush=True)
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(SERVE_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    result["timings"]["serve_heldout"] = wall
+    result["serve_answers_per_s"] = len(heldout) / wall if wall else 0.0
+    result["serve_failures"] = len(failures)
+    result["serve_failure_examples"] = failures[:3]
+    texts = [a or "" for a in answers]
+    if bench.kind == "label":
+        result["served"] = score_labels([row["answer"] for row in heldout], texts)
+    else:
+        result["served"] = score_json([row["answer"] for row in heldout], texts)
+    served = [{"text": row["text"], "gold": answer_text(row["answer"]), "served": text}
+              for row, text in zip(heldout, texts, strict=True)]
+    result["wrong_examples"] = [case for case in served if case["served"].strip() != case["gold"]][:8]
+    result["served_answers"] = served  # every held-out answer, for error analysis (--json-out)
+    monitor = httpx.get(f"{serve_url}/v1/monitor", headers={"authorization": f"Bearer {key}"}).json()
+    result["live_monitor"] = monitor.get("tasks", {}).get(task)
+    result["still_deployed_after_serving"] = pointer.is_symlink() and pointer.resolve().name == \
+        result.get("artifact")
+
+
 def run(args: argparse.Namespace) -> dict:
     from kolm_pipeline.capture.background import BackgroundServer
     from kolm_pipeline.demo.teacher import create_teacher_app
@@ -276,11 +345,14 @@ def run(args: argparse.Namespace) -> dict:
     heldout = select(heldout, keep, args.limit_heldout)
     task = f"{TENANT}.{bench.namespace}"
     home = Path(args.home).resolve() if args.home else Path(tempfile.mkdtemp(prefix="kolm-bench-quality-"))
-    if args.home and home.exists() and any(home.iterdir()):
+    if args.serve_only:
+        if not args.home or not (home / "adapters" / task).is_symlink():
+            raise SystemExit(f"--serve-only needs --home of an earlier run of this set that deployed {task}")
+    elif args.home and home.exists() and any(home.iterdir()):
         raise SystemExit(f"--home {home} is not empty; the bench needs a fresh KOLM_HOME")
     home.mkdir(parents=True, exist_ok=True)
     logs = home / "bench-logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=bool(args.serve_only))
     model_cache = Path(args.model_cache or os.environ.get("KOLM_MODEL_CACHE") or ROOT / ".kolm" / "models").resolve()
     env = bench_env(home, model_cache)
     result: dict = {"set": bench.name, "description": bench.description, "task": task, "home": str(home),
@@ -296,6 +368,15 @@ def run(args: argparse.Namespace) -> dict:
                         "from kolm_pipeline.train.base_model import resolve_base_model as r; "
                         "s = load_settings(); print(r(s.base_model, s.models_dir).model_id)"],
                        env=env, check=True, cwd=ROOT, capture_output=True)
+
+        if args.serve_only:  # the deployed adapter of an earlier run, served again (a new key for the tenant)
+            status, out, _ = run_kolm(["tenant", "key", TENANT], env, echo=False)
+            match = re.search(r"kolm key \(shown once, store it now\): (\S+)", out)
+            if status or not match:
+                raise SystemExit(f"kolm tenant key failed:\n{out}")
+            result.update(read_workdir(home, task))
+            serve_heldout(bench, task, home, env, match.group(1), heldout, logs, procs, result)
+            return result
 
         # 1. A tenant and its kolm key.
         status, out, _ = run_kolm(["tenant", "create", TENANT], env, echo=False)
@@ -357,62 +438,7 @@ def run(args: argparse.Namespace) -> dict:
         result.update(read_workdir(home, task))
 
         # 6. kolm serve and the held-out messages.
-        pointer = home / "adapters" / task
-        result["deployed"] = pointer.is_symlink()
-        if not result["deployed"]:
-            print("[quality] nothing was deployed, so `kolm serve` has no adapter for the task: no served figures",
-                  flush=True)
-            return result
-        port = free_port()
-        began = time.perf_counter()
-        server = Proc("kolm-serve", [*kolm_command(), "serve", "--port", str(port), "--log-level", "warning"], env,
-                      logs)
-        procs.append(server)
-        serve_url = f"http://127.0.0.1:{port}"
-        import httpx
-
-        wait_until("kolm serve to load the task", lambda: task in httpx.get(
-            f"{serve_url}/v1/models", headers={"authorization": f"Bearer {key}"}).text, 600, server)
-        result["timings"]["serve_start"] = time.perf_counter() - began
-        clients = [openai_client(f"{serve_url}/v1", key) for _ in range(SERVE_CLIENTS)]
-        ask(clients[0], task, messages(bench, heldout[0]["text"]), False)  # warm-up, not counted
-        answers: list[str | None] = [None] * len(heldout)
-        failures: list[str] = []
-
-        def client_loop(index: int) -> None:
-            for position in range(index, len(heldout), SERVE_CLIENTS):
-                try:
-                    answers[position] = ask(clients[index], task, messages(bench, heldout[position]["text"]), False)
-                except Exception as exc:  # counted as a wrong answer, and reported
-                    failures.append(f"{type(exc).__name__}: {exc}")
-                    answers[position] = ""
-
-        print(f"[quality] kolm serve at {serve_url}: {len(heldout)} held-out messages from {SERVE_CLIENTS} "
-              f"concurrent clients…", flush=True)
-        began = time.perf_counter()
-        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(SERVE_CLIENTS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - began
-        result["timings"]["serve_heldout"] = wall
-        result["serve_answers_per_s"] = len(heldout) / wall if wall else 0.0
-        result["serve_failures"] = len(failures)
-        result["serve_failure_examples"] = failures[:3]
-        texts = [a or "" for a in answers]
-        if bench.kind == "label":
-            result["served"] = score_labels([row["answer"] for row in heldout], texts)
-        else:
-            result["served"] = score_json([row["answer"] for row in heldout], texts)
-        served = [{"text": row["text"], "gold": answer_text(row["answer"]), "served": text}
-                  for row, text in zip(heldout, texts, strict=True)]
-        result["wrong_examples"] = [case for case in served if case["served"].strip() != case["gold"]][:8]
-        result["served_answers"] = served  # every held-out answer, for error analysis (--json-out)
-        monitor = httpx.get(f"{serve_url}/v1/monitor", headers={"authorization": f"Bearer {key}"}).json()
-        result["live_monitor"] = monitor.get("tasks", {}).get(task)
-        result["still_deployed_after_serving"] = pointer.is_symlink() and pointer.resolve().name == \
-            result.get("artifact")
+        serve_heldout(bench, task, home, env, key, heldout, logs, procs, result)
         return result
     finally:
         for proc in reversed(procs):
@@ -556,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-latency", type=float, default=0.25,
                         help="seconds the stand-in teacher waits per answer (default 0.25, as `kolm demo`)")
     parser.add_argument("--home", help="use this (empty or new) directory as KOLM_HOME and keep it")
+    parser.add_argument("--serve-only", action="store_true",
+                        help="only serve the held-out messages again with what an earlier run with this --home "
+                             "deployed (to compare serving code side by side)")
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary KOLM_HOME for inspection")
     parser.add_argument("--model-cache", help="KOLM_MODEL_CACHE for the dequantized base (default: $KOLM_MODEL_CACHE "
                         "or .kolm/models in the repository, shared with the tests)")

@@ -34,7 +34,7 @@ def test_the_combined_adapter_is_every_part_applied_at_once(tiny_base, tmp_path)
     import torch
     from peft import PeftModel
 
-    from kolm_pipeline.serve.lora_slots import LoraSlots
+    from kolm_pipeline.evaluate.lora_slots import LoraSlots
     from kolm_pipeline.train.base_model import load_causal_lm
 
     base = resolve_base_model(str(tiny_base), tmp_path / "models")

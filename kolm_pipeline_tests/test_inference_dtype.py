@@ -11,9 +11,9 @@ import jsonschema
 import pytest
 import torch
 
+from kolm_pipeline.evaluate.lora_slots import LoraSlots
 from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.serve.backends import TransformersBackend
-from kolm_pipeline.serve.lora_slots import LoraSlots
 from kolm_pipeline.settings import load_settings
 from kolm_pipeline.train.base_model import fast_bf16, inference_dtype, load_causal_lm, resolve_base_model
 from kolm_pipeline_tests.test_lora_slots import INPUT, _peft_logits, _save_adapter
@@ -32,20 +32,22 @@ def test_auto_is_bfloat16_exactly_where_the_hardware_has_bf16_matmuls(monkeypatc
         load_settings(tmp_path / "home")
 
 
-def test_a_bfloat16_base_serves_an_adapter_in_its_own_dtype_close_to_peft(tiny_base, tmp_path):
-    """LoRA slots hold an adapter in the base layer's dtype with its scale folded in; the served logits stay
-    within bfloat16's rounding of PEFT's float32 ones, far closer than the bare base's."""
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "update"])
+def test_a_bfloat16_base_serves_an_adapter_in_its_own_dtype_close_to_peft(tiny_base, tmp_path, merge):
+    """LoRA slots hold an adapter in the base layer's dtype (merged into the layer's weight, or its update with the
+    scale folded in); the served logits stay within bfloat16's rounding of PEFT's float32 ones, far closer than the
+    bare base's."""
     settings = load_settings(tmp_path / "home")
     base = resolve_base_model(str(tiny_base), settings.models_dir)
     adapter = _save_adapter(tiny_base, tmp_path / "adapter", seed=1, r=8, lora_alpha=16, target_modules="all-linear")
     model = load_causal_lm(base, "bfloat16")
     with torch.inference_mode():
         bare = model(input_ids=INPUT).logits.float()
-    slots = LoraSlots(model)
+    slots = LoraSlots(model, merge=merge)
     slots.load("a", adapter)
     slots.select("a")
-    layer = next(layer for layer in slots._layers.values())
-    assert layer.adapters["a"].down.dtype is torch.bfloat16 and layer.adapters["a"].up.dtype is torch.bfloat16
+    held = next(layer for layer in slots._layers.values()).adapters["a"]
+    assert all(tensor.dtype is torch.bfloat16 for tensor in ([held.merged] if merge else [held.down, held.up]))
     with torch.inference_mode():
         served = model(input_ids=INPUT).logits.float()
     expected = _peft_logits(tiny_base, adapter)

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from kolm_pipeline.serve.lora_slots import AdapterFormatError, LoraSlots
+from kolm_pipeline.evaluate.lora_slots import AdapterFormatError, LoraSlots
 
 INPUT = torch.tensor([[1, 17, 300, 42, 9, 2048, 5]])
 
@@ -42,12 +42,13 @@ def _peft_logits(tiny_base: Path, adapter: Path) -> torch.Tensor:
     {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_rslora": True},
     {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "alpha_pattern": {"down_proj": 4}},
 ], ids=["all-linear", "rslora-qv", "alpha-pattern"])
-def test_logits_match_peft(tiny_base, tmp_path, lora):
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "update"])
+def test_logits_match_peft(tiny_base, tmp_path, lora, merge):
     adapter = _save_adapter(tiny_base, tmp_path / "adapter", seed=1, **lora)
     model = _base(tiny_base)
     with torch.inference_mode():
         bare = model(input_ids=INPUT).logits
-    slots = LoraSlots(model)
+    slots = LoraSlots(model, merge=merge)
     slots.load("a", adapter)
     slots.select("a")
     with torch.inference_mode():
@@ -57,14 +58,31 @@ def test_logits_match_peft(tiny_base, tmp_path, lora):
     torch.testing.assert_close(served, expected, atol=2e-5, rtol=1e-5)
 
 
-def test_switching_and_unloading(tiny_base, tmp_path):
+def test_a_cpu_model_holds_adapters_merged_and_keeps_its_own_weights(tiny_base, tmp_path):
+    """On a CPU a slot holds the adapter merged into a copy of the layer's weight; the base's weights stay as they
+    were, so the bare base and the other adapters are unchanged."""
+    adapter = _save_adapter(tiny_base, tmp_path / "adapter", seed=1, r=8, lora_alpha=16, target_modules="all-linear")
+    model = _base(tiny_base)
+    originals = {path: module.weight.detach().clone() for path, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear)}
+    slots = LoraSlots(model)
+    slots.load("a", adapter)
+    assert slots.merge
+    for path, layer in slots._layers.items():
+        held = layer.adapters["a"]
+        assert held.merged is not None and held.down is None and held.up is None
+        assert torch.equal(layer.base.weight, originals[path]) and not torch.equal(held.merged, originals[path])
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "update"])
+def test_switching_and_unloading(tiny_base, tmp_path, merge):
     first = _save_adapter(tiny_base, tmp_path / "first", seed=1, r=8, lora_alpha=16, target_modules="all-linear")
     second = _save_adapter(tiny_base, tmp_path / "second", seed=2, r=4, lora_alpha=4,
                            target_modules=["q_proj", "o_proj"])
     model = _base(tiny_base)
     with torch.inference_mode():
         bare = model(input_ids=INPUT).logits
-    slots = LoraSlots(model)
+    slots = LoraSlots(model, merge=merge)
     slots.load("first", first)
     slots.load("second", second)
     assert slots.names() == ["first", "second"]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from kolm_pipeline.capture.images import ImageStore
 from kolm_pipeline.corpus.build import input_key
-from kolm_pipeline.corpus.loading import quiet_loading
 from kolm_pipeline.corpus.recipe import Recipe, answer, prompt_text
 from kolm_pipeline.evaluate.inference import DECODING_VERSION, Prediction, predict
 from kolm_pipeline.evaluate.judge import Judge, judged
@@ -257,9 +256,7 @@ def evaluate_models(
     With `base_answers` (a file), the bare base answers only the cases that file does not hold yet
     (`BaseAnswers`). The latency probe is measured live for every model, in interleaved rounds so that load
     on the machine falls on all of them alike (a probe run model after model flipped the gate under load)."""
-    import contextlib
-
-    from peft import PeftModel
+    from kolm_pipeline.evaluate.lora_slots import LoraSlots  # imports torch: only when evaluating
 
     if base.vision:
         model, tokenizer = load_vision(base)  # the processor stands where the tokenizer does
@@ -267,24 +264,19 @@ def evaluate_models(
         tokenizer = load_tokenizer(base)
         model = load_causal_lm(base, inference_dtype)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    named = {name: path for name, path in adapters.items() if path is not None}
-    if named:
-        first, *rest = named.items()
-        with quiet_loading():
-            model = PeftModel.from_pretrained(model, str(first[1]), adapter_name=first[0])
-            for name, path in rest:
-                model.load_adapter(str(path), adapter_name=name)
-        model.eval()
+    # The adapters sit in LoRA slots, as `kolm serve` holds them: each is evaluated with the arithmetic it is
+    # served with (on a CPU, merged into a copy of each layer's weight).
+    slots = LoraSlots(model)
+    for name, path in adapters.items():
+        if path is not None:
+            slots.load(name, path)
     teacher = teacher_stats(teacher_rows or recipe.train + recipe.eval, price_table)
     rows = recipe.eval + recipe.holdout
     budget = generation_budget(getattr(tokenizer, "tokenizer", tokenizer), recipe)  # a processor holds one
 
-    def using(name: str):
-        """The model as `name`: the bare base with every adapter disabled, or that adapter."""
-        if adapters[name] is None:
-            return model.disable_adapter() if named else contextlib.nullcontext()
-        model.set_adapter(name)
-        return contextlib.nullcontext()
+    def using(name: str) -> None:
+        """Make the model `name`: the bare base (no adapter), or that adapter."""
+        slots.select(None if adapters[name] is None else name)
 
     def predicted(conversations: list[list[dict]]) -> list[Prediction]:
         if base.vision:
@@ -300,19 +292,19 @@ def evaluate_models(
     reused: dict[str, int] = {}
     for name, path in adapters.items():
         began = time.perf_counter()
-        with using(name):
-            if path is None:
-                cache = BaseAnswers.load(base_answers, base_answers_key(base, recipe, budget, dtype))
-                keys = [case_key(row["messages"][:-1]) for row in rows]
-                missing = [index for index, key in enumerate(keys) if key not in cache.outputs]
-                fresh = dict(zip(missing, answer_all([rows[index]["messages"][:-1] for index in missing]),
-                                 strict=True))
-                outputs[name] = [fresh[index] if index in fresh else cache.outputs[key]
-                                 for index, key in enumerate(keys)]
-                reused[name] = len(rows) - len(missing)
-                cache.save(rows, outputs[name])
-            else:
-                outputs[name] = answer_all([row["messages"][:-1] for row in rows])
+        using(name)
+        if path is None:
+            cache = BaseAnswers.load(base_answers, base_answers_key(base, recipe, budget, dtype))
+            keys = [case_key(row["messages"][:-1]) for row in rows]
+            missing = [index for index, key in enumerate(keys) if key not in cache.outputs]
+            fresh = dict(zip(missing, answer_all([rows[index]["messages"][:-1] for index in missing]),
+                             strict=True))
+            outputs[name] = [fresh[index] if index in fresh else cache.outputs[key]
+                             for index, key in enumerate(keys)]
+            reused[name] = len(rows) - len(missing)
+            cache.save(rows, outputs[name])
+        else:
+            outputs[name] = answer_all([row["messages"][:-1] for row in rows])
         seconds[name] = time.perf_counter() - began
 
     probes: dict[str, list[float]] = {name: [] for name in adapters}
@@ -320,8 +312,8 @@ def evaluate_models(
     for round_index, row in enumerate(recipe.eval[:LATENCY_PROBE_CASES]):
         for name in order if round_index % 2 == 0 else order[::-1]:
             began = time.perf_counter()
-            with using(name):
-                probes[name].append(predicted([row["messages"][:-1]])[0].seconds)
+            using(name)
+            probes[name].append(predicted([row["messages"][:-1]])[0].seconds)
             seconds[name] += time.perf_counter() - began
 
     reports: dict[str, ModelReport] = {}

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kolm_pipeline.serve.fair_lock import FairLock
 
 if TYPE_CHECKING:
+    from kolm_pipeline.evaluate.lora_slots import LoraSlots
     from kolm_pipeline.serve.generation import BatchedGeneration
     from kolm_pipeline.serve.lease import Lease
-    from kolm_pipeline.serve.lora_slots import LoraSlots
 
 log = logging.getLogger("kolm.serve")
 
@@ -133,9 +133,9 @@ class TransformersBackend:
         if self._model is not None:
             return
         from kolm_pipeline.evaluate.inference import PrefixCache
+        from kolm_pipeline.evaluate.lora_slots import LoraSlots
         from kolm_pipeline.evaluate.structured import stop_token_ids
         from kolm_pipeline.serve.generation import BatchedGeneration
-        from kolm_pipeline.serve.lora_slots import LoraSlots
         from kolm_pipeline.train.base_model import load_causal_lm, load_tokenizer, resolve_base_model
 
         base = resolve_base_model(*self._spec)
@@ -161,7 +161,7 @@ class TransformersBackend:
 
     def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None],
              json_schema: dict | None = None) -> None:
-        from kolm_pipeline.serve.lora_slots import AdapterFormatError
+        from kolm_pipeline.evaluate.lora_slots import AdapterFormatError
 
         began = time.perf_counter()
         if json_schema is not None:

@@ -67,7 +67,7 @@ class VisionBackend:
     def start(self) -> None:
         if self._model is not None:
             return
-        from kolm_pipeline.serve.lora_slots import LoraSlots
+        from kolm_pipeline.evaluate.lora_slots import LoraSlots
         from kolm_pipeline.train.base_model import resolve_base_model
         from kolm_pipeline.train.vision import load_vision, processor_digest
 
@@ -84,7 +84,7 @@ class VisionBackend:
 
     def load(self, name: str, adapter_dir: Path, labels: list[str] | None, ready: Callable[[], None],
              json_schema: dict | None = None) -> None:
-        from kolm_pipeline.serve.lora_slots import AdapterFormatError
+        from kolm_pipeline.evaluate.lora_slots import AdapterFormatError
 
         try:
             self._slots.load(name, adapter_dir)

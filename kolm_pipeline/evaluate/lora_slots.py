@@ -1,12 +1,21 @@
-"""LoRA adapters side by side on one base model, for serving: load, select and unload without PEFT.
+"""LoRA adapters side by side on one base model, for evaluation and serving: load, select and unload without PEFT.
 
 PEFT's multi-adapter model builds new submodules and walks the whole module tree on every load (0.3 to
 0.9 s for a rank-16 all-linear adapter on the embedded base, nearly all of it Python), and that sits on
 the hot swap's critical path. Serving needs only the adapters' matrices: each targeted ``nn.Linear`` is
-wrapped once in a ``SlotLinear`` that keeps every loaded adapter's (A, B, scale) and adds the selected
-one's low-rank update. Loading reads the PEFT files (``adapter_config.json``,
-``adapter_model.safetensors``) and fills those slots; the artifacts stay plain PEFT, which vLLM and PEFT
-load as they are. ``test_lora_slots.py`` checks the logits against PEFT's own.
+wrapped once in a ``SlotLinear`` that keeps every loaded adapter's weights and applies the selected one's.
+Loading reads the PEFT files (``adapter_config.json``, ``adapter_model.safetensors``) and fills those slots; the
+artifacts stay plain PEFT, which vLLM and PEFT load as they are. ``test_lora_slots.py`` checks the logits against
+PEFT's own.
+
+Evaluation runs the adapters through the same slots (``evaluate/evaluation.py``), so an adapter is served with the
+arithmetic it was evaluated with.
+
+On a CPU each slot holds the adapter merged into a copy of the layer's weight (``W + scale * B @ A``, summed in
+float32): a decoding pass there is a few tokens a row, where each of the update's two small matmuls costs about
+what the layer's own does, so the unmerged update took a fifth of a pass (docs/benchmarks.md, session 20). That
+costs one copy of the targeted weights per loaded adapter (about 200 MB for the embedded base in bfloat16). On a
+GPU, where memory is what is short, a slot holds only A and B and adds the low-rank update.
 
 Served: LoRA on linear layers, scale alpha/r (alpha/sqrt(r) with rsLoRA), per-module ``alpha_pattern``.
 Refused with the reason: DoRA, trained biases, ``modules_to_save``, LoRA on embeddings or convolutions.
@@ -38,12 +47,14 @@ class AdapterFormatError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """One adapter's update of one linear layer: ``x @ down.T @ up.T``, the LoRA scale folded into ``up``, both in
-    the base layer's dtype (a bfloat16 base reads them without casting the activations to float32 and back;
-    vLLM also runs LoRA in the base's dtype; docs/benchmarks.md, session 19)."""
+    """One adapter's update of one linear layer, in the base layer's dtype: either ``merged``, the layer's weight
+    with the update added, or the update ``x @ down.T @ up.T`` itself, the LoRA scale folded into ``up`` (a bfloat16
+    base reads them without casting the activations to float32 and back; vLLM also runs LoRA in the base's dtype;
+    docs/benchmarks.md, session 19)."""
 
-    down: torch.Tensor
-    up: torch.Tensor
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    merged: torch.Tensor | None = None
 
 
 class Selection:
@@ -63,8 +74,10 @@ class SlotLinear(nn.Module):
         self.adapters: dict[str, LoraWeights] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         weights = self.adapters.get(self.selection.name)
+        if weights is not None and weights.merged is not None:
+            return F.linear(x, weights.merged, self.base.bias)
+        out = self.base(x)
         if weights is None:
             return out
         return out + F.linear(F.linear(x, weights.down), weights.up)
@@ -78,9 +91,10 @@ def _pattern_value(pattern: dict, module_path: str, default: float) -> float:
     return default
 
 
-def read_lora(adapter_dir: Path, model: nn.Module) -> dict[str, LoraWeights]:
+def read_lora(adapter_dir: Path, model: nn.Module, merge: bool = False) -> dict[str, LoraWeights]:
     """Every (module path -> weights) pair of the PEFT LoRA adapter in ``adapter_dir``, checked against
-    ``model``'s layers. Raises AdapterFormatError naming the file, key or setting that cannot be served."""
+    ``model``'s layers, each merged into a copy of its layer's weight if ``merge``. Raises AdapterFormatError naming
+    the file, key or setting that cannot be served."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -133,8 +147,12 @@ def read_lora(adapter_dir: Path, model: nn.Module) -> dict[str, LoraWeights]:
         layer_alpha = _pattern_value(config.get("alpha_pattern"), path, alpha)
         scale = layer_alpha / math.sqrt(rank) if config.get("use_rslora") else layer_alpha / rank
         device, dtype = linear.weight.device, linear.weight.dtype
-        layers[path] = LoraWeights(down=down.to(device, dtype),
-                                   up=(up.to(device, torch.float32) * float(scale)).to(dtype))
+        if merge:  # summed in float32, as PEFT merges, then rounded once to the layer's dtype
+            update = up.to(device, torch.float32) @ down.to(device, torch.float32) * float(scale)
+            layers[path] = LoraWeights(merged=(linear.weight.detach().float() + update).to(dtype))
+        else:
+            layers[path] = LoraWeights(down=down.to(device, dtype),
+                                       up=(up.to(device, torch.float32) * float(scale)).to(dtype))
     return layers
 
 
@@ -143,8 +161,10 @@ class LoraSlots:
     forward passes (wrapping a layer keeps its output until an adapter that uses it is selected; slots
     are dict entries a running pass never iterates); ``select`` must not run during a forward pass."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, merge: bool | None = None) -> None:
         self.model = model
+        # Merged weights by default on a CPU (see the module's docstring).
+        self.merge = next(model.parameters()).device.type == "cpu" if merge is None else merge
         self.selection = Selection()
         self._layers: dict[str, SlotLinear] = {}
         self._names: set[str] = set()
@@ -156,7 +176,7 @@ class LoraSlots:
 
     def load(self, name: str, adapter_dir: Path) -> None:
         """Read and check the whole adapter first, then install it; a bad adapter changes nothing."""
-        layers = read_lora(adapter_dir, self.model)
+        layers = read_lora(adapter_dir, self.model, self.merge)
         with self._lock:
             if name in self._names:
                 return
