@@ -81,6 +81,27 @@ def test_verdicts_are_asked_once_cached_without_text_and_priced(judge_server, tm
     assert (again.usage.calls, again.usage.cached, len(seen)) == (0, 4, 3)  # the next evaluation asks nothing
 
 
+def test_the_verdict_cache_keeps_the_most_recently_used_verdicts_up_to_its_bound(judge_server, tmp_path,
+                                                                              monkeypatch):
+    """Every distill judges a new adapter's answers; the cache file keeps the verdicts used most recently, at most
+    JUDGE_CACHE_LIMIT of them, so it does not grow with every run."""
+    import kolm_pipeline.evaluate.judge as judge_module
+
+    monkeypatch.setattr(judge_module, "JUDGE_CACHE_LIMIT", 3)
+    url, seen = judge_server
+    cache = tmp_path / "judge_verdicts.json"
+    case = [("When do you open?", "We open at nine.", f"We open at {hour}.") for hour in range(1, 6)]
+    judge = _judge(url, cache)
+    judge.verdicts(case[:3])  # 1, 2, 3
+    judge.verdicts(case[:1])  # 1 used again: now the most recent
+    judge.verdicts(case[3:5])  # 4 and 5 push out the least recently used: 2 and 3
+    assert len(seen) == 5
+    again = _judge(url, cache)
+    assert again.verdicts([case[0], case[3], case[4]]) == [False, False, False]
+    assert (again.usage.calls, again.usage.cached) == (0, 3)
+    assert again.verdicts([case[1]]) == [False] and again.usage.calls == 1  # 2 was dropped: asked again
+
+
 def test_an_unreachable_or_refusing_judge_is_one_clear_error_without_the_key(judge_server, tmp_path):
     url, _ = judge_server
     with pytest.raises(JudgeError) as refused:

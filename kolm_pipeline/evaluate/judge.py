@@ -30,6 +30,9 @@ from kolm_pipeline.settings import Settings, price_of_call
 JUDGE_PROMPT_VERSION = 1
 # Requests in flight at once: a frontier API answers many in parallel; a few hundred cases stay a minute's work.
 JUDGE_CONCURRENCY = 8
+# Verdicts the cache file keeps, the most recently used: each distill judges a new adapter's answers, so without a
+# bound the file would grow with every run (about 80 bytes a verdict).
+JUDGE_CACHE_LIMIT = 20_000
 JUDGE_SYSTEM_PROMPT = (
     "You compare a student's answer with a reference answer written for the same request. Reply YES if the "
     "student's answer gives the same information and would serve the person who asked as well as the reference "
@@ -109,6 +112,7 @@ class Judge:
             key = self._key(request, reference, answer)
             if key in self._verdicts:
                 self.usage.cached += 1
+                self._verdicts[key] = self._verdicts.pop(key)  # now the most recently used
                 found.append(self._verdicts[key])
             else:
                 waiting[index] = key
@@ -149,7 +153,10 @@ class Judge:
         return verdict == "YES"
 
     def save(self) -> None:
-        """Write the verdicts to the cache file (atomically), when there is one."""
+        """Write the verdicts to the cache file (atomically), when there is one: the ``JUDGE_CACHE_LIMIT`` most
+        recently used."""
+        for key in list(self._verdicts)[: max(0, len(self._verdicts) - JUDGE_CACHE_LIMIT)]:
+            del self._verdicts[key]
         if self._cache is not None:
             write_json_atomic(self._cache, {"version": JUDGE_PROMPT_VERSION, "model": self.model,
                                             "verdicts": self._verdicts})
