@@ -63,14 +63,16 @@ def main() -> int:
     settings = load_settings()
     backend = TransformersBackend(settings.base_model, settings.models_dir, dtype=settings.inference_dtype)
     backend.start()
+    # Each side: (the adapter's name in the backend, drafting on).
     if args.compare == "merge":  # the same adapter twice: side "off" its low-rank update, side "on" merged
-        names = {"off": f"{ADAPTER}-update", "on": ADAPTER}
-        for side, merge in (("off", False), ("on", True)):
+        sides = {"off": (f"{ADAPTER}-update", True), "on": (ADAPTER, True)}
+        for (name, _drafting), merge in zip(sides.values(), (False, True), strict=True):
             backend._slots.merge = merge
-            backend.load(names[side], work / "adapter", None, ready=lambda: None)
+            backend.load(name, work / "adapter", None, ready=lambda: None)
     else:
-        names = {"off": ADAPTER, "on": ADAPTER}
+        sides = {"off": (ADAPTER, False), "on": (ADAPTER, True)}
         backend.load(ADAPTER, work / "adapter", None, ready=lambda: None)
+    compared = "merged" if args.compare == "merge" else "drafts"
     passes = {"count": 0}
     original = BatchDecoder.decode
 
@@ -83,32 +85,27 @@ def main() -> int:
     print(f"bench/drafts.py: {bench.description}, {len(conversations)} requests a round, {args.clients} clients, "
           f"gen batch cap {backend.max_gen_batch}, {decoder.pass_tokens} row-tokens a pass, "
           f"{next(backend._model.parameters()).dtype}", flush=True)
-    for name in set(names.values()):  # warm-up
+    for name in {name for name, _drafting in sides.values()}:  # warm-up
         run_round(backend, conversations[: args.clients], args.clients, args.max_tokens, schema, name)
 
-    sides = {"off": False, "on": True}
-    if args.compare == "merge":
-        sides = {"off": True, "on": True}  # drafts on for both
     rounds: dict[str, list[dict]] = {side: [] for side in sides}
     answers: dict[str, list[str]] = {}
     for number in range(args.rounds):
         for side in (list(sides) if number % 2 == 0 else list(sides)[::-1]):
-            decoder.drafting = sides[side]
+            name, decoder.drafting = sides[side]
             decoder.drafters.clear()  # every round starts knowing no earlier answer
             passes["count"] = 0
-            wall, given, _tokens = run_round(backend, conversations, args.clients, args.max_tokens, schema,
-                                             names[side])
+            wall, given, _tokens = run_round(backend, conversations, args.clients, args.max_tokens, schema, name)
             answers.setdefault(side, given)
             rounds[side].append({"seconds": wall, "answers_per_s": len(conversations) / wall,
                                  "passes_per_answer": passes["count"] / len(conversations)})
-            print(f"  round {number + 1} {args.compare} {side}: {len(conversations) / wall:.2f} answers/s, "
+            print(f"  round {number + 1} {compared} {side}: {len(conversations) / wall:.2f} answers/s, "
                   f"{passes['count'] / len(conversations):.1f} passes an answer ({wall:.1f} s)", flush=True)
     float32 = next(backend._model.parameters()).dtype == torch.float32
     backend.close()
     differing = sum(a != b for a, b in zip(answers["off"], answers["on"], strict=True))
 
-    print(f"\n| {'merged' if args.compare == 'merge' else 'drafts'} | answers/s (median) | decoding passes an answer "
-          f"| rounds (answers/s) |")
+    print(f"\n| {compared} | answers/s (median) | decoding passes an answer | rounds (answers/s) |")
     print("|---|---|---|---|")
     summary = {}
     for side in sides:
@@ -118,8 +115,7 @@ def main() -> int:
         print(f"| {side} | {rate:.2f} | {per_answer:.1f} | {listed} |")
         summary[side] = {"answers_per_s": rate, "passes_per_answer": per_answer, "rounds": rounds[side]}
     ratio = summary["on"]["answers_per_s"] / summary["off"]["answers_per_s"]
-    print(f"\n{'merged' if args.compare == 'merge' else 'drafts'} on / off: {ratio:.2f}x answers/s; answers that "
-          f"differ: {differing} of {len(conversations)}")
+    print(f"\n{compared} on / off: {ratio:.2f}x answers/s; answers that differ: {differing} of {len(conversations)}")
     if args.json_out:
         args.json_out.write_text(json.dumps({"set": args.set, "compare": args.compare, "clients": args.clients,
                                              "sides": summary, "ratio": ratio, "answers_differing": differing},

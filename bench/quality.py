@@ -259,6 +259,7 @@ def bench_env(home: Path, model_cache: Path, upstream: str | None = None) -> dic
 
 
 STAGE_LINE = re.compile(r"^\s+(\w+)\s+(\w+)\s+([\d.]+) s$")
+KEY_LINE = re.compile(r"kolm key \(shown once, store it now\): (\S+)")  # `kolm tenant create` and `tenant key`
 
 
 def serve_heldout(bench: BenchSet, task: str, home: Path, env: dict, key: str, heldout: list[dict], logs: Path,
@@ -371,7 +372,7 @@ def run(args: argparse.Namespace) -> dict:
 
         if args.serve_only:  # the deployed adapter of an earlier run, served again (a new key for the tenant)
             status, out, _ = run_kolm(["tenant", "key", TENANT], env, echo=False)
-            match = re.search(r"kolm key \(shown once, store it now\): (\S+)", out)
+            match = KEY_LINE.search(out)
             if status or not match:
                 raise SystemExit(f"kolm tenant key failed:\n{out}")
             result.update(read_workdir(home, task))
@@ -380,7 +381,7 @@ def run(args: argparse.Namespace) -> dict:
 
         # 1. A tenant and its kolm key.
         status, out, _ = run_kolm(["tenant", "create", TENANT], env, echo=False)
-        match = re.search(r"kolm key \(shown once, store it now\): (\S+)", out)
+        match = KEY_LINE.search(out)
         if status or not match:
             raise SystemExit(f"kolm tenant create failed:\n{out}")
         key = match.group(1)

@@ -274,7 +274,7 @@ def evaluate_models(
     rows = recipe.eval + recipe.holdout
     budget = generation_budget(getattr(tokenizer, "tokenizer", tokenizer), recipe)  # a processor holds one
 
-    def using(name: str) -> None:
+    def select(name: str) -> None:
         """Make the model `name`: the bare base (no adapter), or that adapter."""
         slots.select(None if adapters[name] is None else name)
 
@@ -292,7 +292,7 @@ def evaluate_models(
     reused: dict[str, int] = {}
     for name, path in adapters.items():
         began = time.perf_counter()
-        using(name)
+        select(name)
         if path is None:
             cache = BaseAnswers.load(base_answers, base_answers_key(base, recipe, budget, dtype))
             keys = [case_key(row["messages"][:-1]) for row in rows]
@@ -312,7 +312,7 @@ def evaluate_models(
     for round_index, row in enumerate(recipe.eval[:LATENCY_PROBE_CASES]):
         for name in order if round_index % 2 == 0 else order[::-1]:
             began = time.perf_counter()
-            using(name)
+            select(name)
             probes[name].append(predicted([row["messages"][:-1]])[0].seconds)
             seconds[name] += time.perf_counter() - began
 

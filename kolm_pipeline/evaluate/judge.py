@@ -31,7 +31,7 @@ JUDGE_PROMPT_VERSION = 1
 # Requests in flight at once: a frontier API answers many in parallel; a few hundred cases stay a minute's work.
 JUDGE_CONCURRENCY = 8
 # Verdicts the cache file keeps, the most recently used: each distill judges a new adapter's answers, so without a
-# bound the file would grow with every run (about 80 bytes a verdict).
+# bound the file would grow with every run.
 JUDGE_CACHE_LIMIT = 20_000
 JUDGE_SYSTEM_PROMPT = (
     "You compare a student's answer with a reference answer written for the same request. Reply YES if the "

@@ -12,10 +12,10 @@ Evaluation runs the adapters through the same slots (``evaluate/evaluation.py``)
 arithmetic it was evaluated with.
 
 On a CPU each slot holds the adapter merged into a copy of the layer's weight (``W + scale * B @ A``, summed in
-float32): a decoding pass there is a few tokens a row, where each of the update's two small matmuls costs about
-what the layer's own does, so the unmerged update took a fifth of a pass (docs/benchmarks.md, session 20). That
-costs one copy of the targeted weights per loaded adapter (about 200 MB for the embedded base in bfloat16). On a
-GPU, where memory is what is short, a slot holds only A and B and adds the low-rank update.
+float32): a decoding pass there reads a few tokens a row, where each of the update's two small matmuls costs about
+what the layer's own does (docs/benchmarks.md, session 20). That costs one copy of the targeted weights per loaded
+adapter (infra/README.md sizes it). On a GPU, where memory is what is short, a slot holds only A and B and adds the
+low-rank update.
 
 Served: LoRA on linear layers, scale alpha/r (alpha/sqrt(r) with rsLoRA), per-module ``alpha_pattern``.
 Refused with the reason: DoRA, trained biases, ``modules_to_save``, LoRA on embeddings or convolutions.
