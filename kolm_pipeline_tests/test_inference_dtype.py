@@ -11,11 +11,12 @@ import jsonschema
 import pytest
 import torch
 
+from kolm_pipeline.corpus.loading import fast_bf16
 from kolm_pipeline.evaluate.lora_slots import LoraSlots
 from kolm_pipeline.provenance.errors import InvalidInput
 from kolm_pipeline.serve.backends import TransformersBackend
 from kolm_pipeline.settings import load_settings
-from kolm_pipeline.train.base_model import fast_bf16, inference_dtype, load_causal_lm, resolve_base_model
+from kolm_pipeline.train.base_model import inference_dtype, load_causal_lm, resolve_base_model
 from kolm_pipeline_tests.test_lora_slots import INPUT, _peft_logits, _save_adapter
 from kolm_pipeline_tests.test_structured_decoding import schema_of, teacher_answers
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kolm_pipeline.corpus.loading import quiet_loading
+from kolm_pipeline.corpus.loading import fast_bf16, quiet_loading
 from kolm_pipeline.provenance.errors import UserError
 
 MAX_TOKENS = 128
@@ -42,14 +42,6 @@ def model_path() -> Path:
     return path
 
 
-def _native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def load_model():
     """The shared SentenceTransformer, loaded on first use."""
     global _model
@@ -59,7 +51,7 @@ def load_model():
             import torch
             from sentence_transformers import SentenceTransformer
 
-            kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if _native_bf16() else {}
+            kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if fast_bf16(use_cuda=False) else {}
             with quiet_loading():
                 model = SentenceTransformer(str(model_path()), device="cpu", **kwargs)
             model.max_seq_length = MAX_TOKENS

@@ -1,5 +1,5 @@
-"""Loading Hugging Face models quietly (the embedding model here, the base model and adapters in `train/` and
-`evaluate/`).
+"""Loading Hugging Face models (the embedding model here, the base model and adapters in `train/` and `evaluate/`):
+quietly, and in bfloat16 where the hardware multiplies it natively (``fast_bf16``, the one place that asks).
 
 transformers draws a progress bar for every load (`Loading weights`), for the GGUF conversion and for the shards
 it writes, and peft's PeftModel asks transformers a deprecated property (`is_gradient_checkpointing`, a
@@ -34,3 +34,16 @@ def quiet_loading() -> Iterator[None]:
             gguf_loading.tqdm = gguf_bar
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+def fast_bf16(use_cuda: bool) -> bool:
+    """Whether the hardware has bf16 matmuls: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN's bf16 kernels). Elsewhere
+    bfloat16 is emulated and slower than float32."""
+    import torch
+
+    if use_cuda:
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kolm_pipeline.corpus.loading import quiet_loading
+from kolm_pipeline.corpus.loading import fast_bf16, quiet_loading
 from kolm_pipeline.provenance.errors import UserError
 from kolm_pipeline.settings import EMBEDDED_BASE_MODEL
 
@@ -144,18 +144,6 @@ def load_tokenizer(base: BaseModel):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def fast_bf16(use_cuda: bool) -> bool:
-    """Whether the hardware has bf16 matmuls: CUDA, or a CPU with AVX512-BF16/AMX (oneDNN's bf16 kernels)."""
-    import torch
-
-    if use_cuda:
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def inference_dtype(setting: str = "auto"):

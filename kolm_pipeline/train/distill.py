@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kolm_pipeline.capture.images import ImageStore
-from kolm_pipeline.corpus.loading import quiet_loading
+from kolm_pipeline.corpus.loading import fast_bf16, quiet_loading
 from kolm_pipeline.corpus.pairs import scan_pair_file
 from kolm_pipeline.corpus.train_config import TrainConfig
 from kolm_pipeline.provenance.errors import UserError
-from kolm_pipeline.train.base_model import BaseModel, fast_bf16, load_tokenizer
+from kolm_pipeline.train.base_model import BaseModel, load_tokenizer
 from kolm_pipeline.train.examples import ExampleError, tokenize_pairs
 
 TRAINER_VERSION = "kolm-distill/0.1"
