@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from kolm_pipeline.evaluate.drafting import AnswerDrafter
-from kolm_pipeline.evaluate.inference import PrefixCache, _prompt_pass, step_inputs
+from kolm_pipeline.evaluate.inference import PrefixCache, prompt_pass, step_inputs
 
 
 @dataclass(eq=False)
@@ -45,7 +45,7 @@ class DecodeRow:
     no lock)."""
 
     prompt: str
-    prompt_ids: list[int]  # the prompt's tokens: its length is the usage's prompt_tokens; drafts look up spans in it
+    prompt_ids: list[int]  # what the prompt pass reads; also the usage's prompt_tokens and where drafts look up spans
     max_tokens: int
     decoder: Any = None  # a JsonDecoder holding the answer to its schema, or None
     generated: list[int] = field(default_factory=list)
@@ -137,8 +137,8 @@ class BatchDecoder:
         """Read the admitted rows' prompts (one left-padded pass, their shared prefix once), choose each one's
         first token, and add the rows still going to the batch: their cache, mask and positions beside the
         running rows', both padded on the left to the same width."""
-        out, mask, positions = _prompt_pass(self.model, self.tokenizer, [row.prompt for row in admitted],
-                                            next(self.model.parameters()).device, self.prefixes, batch.name)
+        out, mask, positions = prompt_pass(self.model, self.tokenizer, [row.prompt_ids for row in admitted],
+                                           next(self.model.parameters()).device, self.prefixes, batch.name)
         self.advance(admitted, out.logits[:, -1])
         keep = [index for index, row in enumerate(admitted) if not row.done]
         if not keep:

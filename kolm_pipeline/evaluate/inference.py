@@ -95,16 +95,15 @@ def _common_prefix(reference: list[int], rows: list[list[int]], limit: int) -> i
     return shared
 
 
-def _prompt_pass(model, tokenizer, prompts: list[str], device, prefixes: PrefixCache | None = None,
-                 adapter: str = ""):
-    """Run a batch of prompts: the model's output (the last position's logits and the KV cache), the attention
-    mask, and each row's next position.
+def prompt_pass(model, tokenizer, encoded: list[list[int]], device, prefixes: PrefixCache | None = None,
+                adapter: str = ""):
+    """Run a batch of prompts (their tokens, ``encoded``): the model's output (the last position's logits and the KV
+    cache), the attention mask, and each row's next position.
 
     The token prefix every prompt shares (system prompt and chat template: most of a classification prompt) is
     run once and its KV cache repeated for the batch, or taken from ``prefixes`` (``adapter``'s entry) when an
     earlier pass ran it; each row's own tokens follow, left-padded between the prefix and them so that every row
     ends at the last position."""
-    encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
     limit = min(len(ids) for ids in encoded) - 1  # every row keeps a token of its own to predict from
     known = prefixes.get(adapter) if prefixes is not None else None
     cache, shared = None, 0
@@ -173,8 +172,8 @@ def choose_labels(model, tokenizer, batch: list[list[dict]], labels: list[str],
     """
     device = next(model.parameters()).device
     root = label_trie_for(tokenizer, batch[0], labels)
-    out, mask, next_position = _prompt_pass(model, tokenizer, [render_prompt(tokenizer, m) for m in batch], device,
-                                            prefixes, adapter)
+    encoded = [tokenizer(render_prompt(tokenizer, m), add_special_tokens=False).input_ids for m in batch]
+    out, mask, next_position = prompt_pass(model, tokenizer, encoded, device, prefixes, adapter)
     nodes = [root] * len(batch)
     path_probability = [1.0] * len(batch)
     while True:
