@@ -173,9 +173,13 @@ def test_shadow_then_student_through_the_proxy(world, monkeypatch, capsys):
     assert routing["agreement"] == pytest.approx((len(PROMPTS) - DISAGREE) / len(PROMPTS), abs=0.051)
     assert routing["disagreements"] >= DISAGREE - 2
     assert routing["threshold"] is None and routing["ready"] is False  # 40 requests cannot show 0.98
+    # A disagreement is listed with its capture, which the capture writer stores a moment after the comparison.
     with world.api() as api:
-        listed = api.get("/v1/namespaces/labels/disagreements").json()["disagreements"]
-    assert len(listed) == routing["disagreements"]
+        def listed_all() -> list[dict] | None:
+            found = api.get("/v1/namespaces/labels/disagreements").json()["disagreements"]
+            return found if len(found) == routing["disagreements"] else None
+
+        listed = wait_until(listed_all, timeout=30, interval=0.2, what="each disagreement listed")
     for item in listed:  # each names its capture, for triage, with both answers
         capture = world.store.get_capture("acme", item["capture_id"])
         assert item["teacher_output"] == world.teacher_answers[capture.messages[-1]["content"]]

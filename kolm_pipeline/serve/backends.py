@@ -118,10 +118,10 @@ class TransformersBackend:
         self._pending_lock = threading.Lock()
         self._generation: BatchedGeneration | None = None  # made at start, with the model
         self._prefixes = None  # a PrefixCache, made at start: each adapter's shared prompt prefix, used holding _lock
-        # Generation passes (and warm-ups) run on this one thread, whichever request's thread holds _lock: torch's
-        # CPU kernels start a pool of worker threads per calling thread, and passes run by request threads in turn
-        # left those pools spinning against each other (docs/benchmarks.md, session 14). Label batches still run on
-        # the request's thread: moved here, they broke test_routing.py's shadow test, for a reason not found yet.
+        # Every forward pass (generation, label batches, warm-ups) runs on this one thread, whichever request's
+        # thread holds _lock: torch's CPU kernels start a pool of worker threads per calling thread, and passes run
+        # by request threads in turn left those pools spinning against each other (docs/benchmarks.md, session 14).
+        # Only the passes come here: a label batch binds its adapter (which may load one) on the request's thread.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolm-model")
         self._model = None
         self._slots: LoraSlots | None = None
@@ -240,12 +240,19 @@ class TransformersBackend:
         return mine
 
     def _score(self, name: str, labels: list[str], batch: list[_LabelRequest]) -> list[tuple[str, float | None]]:
+        """The label each request of ``batch`` gets from adapter ``name``, and the decoder's confidence in it; called
+        holding ``_lock``. The passes run on the model thread, like generation's (one OpenMP pool, not one per
+        request thread that happened to hold the lock)."""
         from kolm_pipeline.evaluate.inference import predict_labels
 
         self._select(name)
+
+        def passes():
+            return predict_labels(self._model, self._tokenizer, [r.messages for r in batch], labels,
+                                  batch_size=len(batch), prefixes=self._prefixes, adapter=name)
+
         try:
-            outputs = predict_labels(self._model, self._tokenizer, [r.messages for r in batch], labels,
-                                     batch_size=len(batch), prefixes=self._prefixes, adapter=name)
+            outputs = self._on_model_thread(passes)
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template that cannot render the messages
             raise BackendError(f"scoring the label set failed: {exc}") from exc
         return [(output.output, output.confidence) for output in outputs]
