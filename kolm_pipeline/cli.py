@@ -369,7 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     status = runtime.status()
     for task, refusal in status["refused"].items():
         print(f"refused {task}: {refusal['reason']}", file=sys.stderr)
-    print(f"kolm serving runtime ({args.backend}) on http://{args.host}:{args.port}: "
+    print(f"kolm serving runtime ({args.backend}, {backend.placement}) on http://{args.host}:{args.port}: "
           f"{', '.join(status['tasks']) or 'no tasks yet'} "
           f"({_following(settings) if registry else f'pointers in {settings.adapters_dir}'})", flush=True)
     # Not `serve`: its gc.freeze would keep the adapters loaded so far from ever being collected once swapped out.

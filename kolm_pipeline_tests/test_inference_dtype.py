@@ -60,9 +60,11 @@ def test_a_bfloat16_backend_answers_schema_valid_json(tiny_base, tmp_path):
     settings = load_settings(tmp_path / "home")
     schema = schema_of(teacher_answers())
     backend = TransformersBackend(str(tiny_base), settings.models_dir, dtype="bfloat16")
+    assert backend.placement == ""
     backend.start()
     try:
         assert next(backend._model.parameters()).dtype is torch.bfloat16
+        assert backend.placement == f"{'cuda' if torch.cuda.is_available() else 'cpu'} bfloat16"  # /healthz runs_on
         backend.load("a", _save_adapter(tiny_base, tmp_path / "adapter", seed=2, r=8, lora_alpha=16,
                                         target_modules="all-linear"), None, ready=lambda: None)
         for text in ("Cancel order 12 please", "Where is my parcel?"):

@@ -39,7 +39,10 @@ def seaweedfs(tmp_path_factory):
     ports = {flag: free_port() for component in ("master", "volume", "filer", "s3")
              for flag in (f"{component}.port", f"{component}.port.grpc")}
     command = [str(weed), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3",
-               "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0", "-s3.port.iceberg=0",
+               "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
+               # No Iceberg or Lance catalogue listeners: on their fixed default ports (8181, 9101) two servers
+               # started at once by parallel test workers would collide.
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
                *(f"-{flag}={port}" for flag, port in ports.items())]
     env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "PATH": "/usr/bin:/bin"}
     log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed in teardown

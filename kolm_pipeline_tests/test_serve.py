@@ -377,6 +377,9 @@ def test_serving_needs_a_tenant_key_and_shows_each_tenant_only_its_own_tasks(wor
             assert response.json()["error"]["type"] == "authentication_error"
     health = anonymous.get(f"{world.url}/healthz", timeout=30).json()
     assert health["ok"] and "acme" not in json.dumps(health)
+    import torch
+
+    assert health["runs_on"] == f"{'cuda' if torch.cuda.is_available() else 'cpu'} float32"  # the world's dtype
 
     mallory_key = CaptureStore(world.settings.store_url).create_tenant("mallory")
     mallory = httpx.Client(headers={"authorization": f"Bearer {mallory_key}"})

@@ -231,11 +231,13 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
 
     @app.get("/healthz")
     def healthz() -> dict:
-        """Liveness for orchestrators: how many tasks are served, draining or refused, and why each refused artifact
-        was refused (its CID and the reason: what an operator needs when a replica lags behind the registry). No
-        tenant or task names: this route needs no key."""
+        """Liveness for orchestrators: how many tasks are served, draining or refused, why each refused artifact
+        was refused (its CID and the reason: what an operator needs when a replica lags behind the registry), and
+        where the base model runs (``runs_on``: "cpu float32", "cuda bfloat16", "vllm"). No tenant or task names:
+        this route needs no key."""
         status = runtime.status()
-        return {"ok": True, **{part: len(status[part]) for part in ("tasks", "draining", "refused")},
+        return {"ok": True, "runs_on": runtime.backend.placement,
+                **{part: len(status[part]) for part in ("tasks", "draining", "refused")},
                 "refusals": [{"cid": refusal["cid"], "reason": _nameless(refusal["reason"], task)}
                              for task, refusal in status["refused"].items()]}
 

@@ -61,6 +61,8 @@ class Backend(Protocol):
     """Loads adapters under a name and answers conversations with a named adapter."""
 
     base_digest: str | None
+    # Where the base model runs once started, for operators: "cpu float32", "cuda bfloat16", "vllm"; "" before.
+    placement: str
 
     def start(self) -> None:
         """Get ready to load adapters (load the base model, check the server answers)."""
@@ -84,6 +86,13 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def model_placement(model) -> str:
+    """Where a loaded model's weights are and in which dtype: "cpu float32", "cuda bfloat16" (``Backend.placement``;
+    a CPU without bfloat16 matmuls serves in float32, at about half the speed, docs/benchmarks.md)."""
+    weight = next(model.parameters())
+    return f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}"
 
 
 @dataclass
@@ -118,16 +127,19 @@ class TransformersBackend:
         self._pending_lock = threading.Lock()
         self._generation: BatchedGeneration | None = None  # made at start, with the model
         self._prefixes = None  # a PrefixCache, made at start: each adapter's shared prompt prefix, used holding _lock
-        # Every forward pass (generation, label batches, warm-ups) runs on this one thread, whichever request's
-        # thread holds _lock: torch's CPU kernels start a pool of worker threads per calling thread, and passes run
-        # by request threads in turn left those pools spinning against each other (docs/benchmarks.md, session 14).
-        # Only the passes come here: a label batch binds its adapter (which may load one) on the request's thread.
+        # Generation passes (and warm-ups) run on this one thread, whichever request's thread holds _lock: torch's
+        # CPU kernels start a pool of worker threads per calling thread, and passes run by request threads in turn
+        # left those pools spinning against each other (docs/benchmarks.md, session 14). Label batches still run on
+        # the request's thread: moved here (session 21), test_routing.py's kill-mid-traffic test failed when run in
+        # two workers beside test_scale_out.py, for a reason not found in time; side by side the move gained nothing
+        # measurable (docs/benchmarks.md, session 21).
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolm-model")
         self._model = None
         self._slots: LoraSlots | None = None
         self._tokenizer = None
         self._eos: set[int] = set()
         self.base_digest: str | None = None
+        self.placement = ""
 
     def start(self) -> None:
         if self._model is not None:
@@ -150,6 +162,7 @@ class TransformersBackend:
         self._slots = LoraSlots(self._model)
         self._prefixes = PrefixCache()
         self.base_digest = base.digest
+        self.placement = model_placement(self._model)
         self._eos = set(stop_token_ids(self._model, self._tokenizer))
         self._generation = BatchedGeneration(self._model, self._tokenizer, self._eos, self._lock, self._select,
                                              max_rows=lambda: self.max_gen_batch, prefixes=self._prefixes,
@@ -240,19 +253,12 @@ class TransformersBackend:
         return mine
 
     def _score(self, name: str, labels: list[str], batch: list[_LabelRequest]) -> list[tuple[str, float | None]]:
-        """The label each request of ``batch`` gets from adapter ``name``, and the decoder's confidence in it; called
-        holding ``_lock``. The passes run on the model thread, like generation's (one OpenMP pool, not one per
-        request thread that happened to hold the lock)."""
         from kolm_pipeline.evaluate.inference import predict_labels
 
         self._select(name)
-
-        def passes():
-            return predict_labels(self._model, self._tokenizer, [r.messages for r in batch], labels,
-                                  batch_size=len(batch), prefixes=self._prefixes, adapter=name)
-
         try:
-            outputs = self._on_model_thread(passes)
+            outputs = predict_labels(self._model, self._tokenizer, [r.messages for r in batch], labels,
+                                     batch_size=len(batch), prefixes=self._prefixes, adapter=name)
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template that cannot render the messages
             raise BackendError(f"scoring the label set failed: {exc}") from exc
         return [(output.output, output.confidence) for output in outputs]
@@ -367,6 +373,7 @@ class VLLMBackend:
     def __init__(self, url: str, cache_dir: Path, adapter_root: str | None = None, timeout: float = 60.0,
                  accepts_images: bool = False) -> None:
         self.accepts_images = accepts_images
+        self.placement = "vllm"  # the base model runs in the vLLM server, on its hardware
         import httpx
 
         self.url = url.rstrip("/")

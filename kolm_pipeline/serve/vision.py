@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kolm_pipeline.capture.images import ImageError, inline_images
-from kolm_pipeline.serve.backends import BackendError
+from kolm_pipeline.serve.backends import BackendError, model_placement
 from kolm_pipeline.train.vision import render
 
 
@@ -62,6 +62,7 @@ class VisionBackend:
         self._processor = None
         self._slots = None
         self.base_digest: str | None = None
+        self.placement = ""
         self.processor_digest: str | None = None  # an adapter trained with another processor is refused
 
     def start(self) -> None:
@@ -78,6 +79,7 @@ class VisionBackend:
         self._slots = LoraSlots(self._model)
         self.base_digest = base.digest
         self.processor_digest = processor_digest(base)
+        self.placement = model_placement(self._model)
 
     def loaded(self) -> list[str]:
         return self._slots.names() if self._slots is not None else []
