@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from kolm_pipeline.registry import read_kolm, swap_pointer
 from kolm_pipeline.registry.swap import publish_artifact
@@ -377,8 +378,6 @@ def test_serving_needs_a_tenant_key_and_shows_each_tenant_only_its_own_tasks(wor
             assert response.json()["error"]["type"] == "authentication_error"
     health = anonymous.get(f"{world.url}/healthz", timeout=30).json()
     assert health["ok"] and "acme" not in json.dumps(health)
-    import torch
-
     assert health["runs_on"] == f"{'cuda' if torch.cuda.is_available() else 'cpu'} float32"  # the world's dtype
 
     mallory_key = CaptureStore(world.settings.store_url).create_tenant("mallory")

@@ -90,7 +90,7 @@ class Backend(Protocol):
 
 def model_placement(model) -> str:
     """Where a loaded model's weights are and in which dtype: "cpu float32", "cuda bfloat16" (``Backend.placement``;
-    a CPU without bfloat16 matmuls serves in float32, at about half the speed, docs/benchmarks.md)."""
+    a CPU without bfloat16 matmuls serves in float32, slower: docs/benchmarks.md, session 21)."""
     weight = next(model.parameters())
     return f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}"
 
