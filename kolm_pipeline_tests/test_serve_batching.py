@@ -30,6 +30,7 @@ CONTENTS = ["Where is my parcel?", "My invoice for March lists a charge twice, p
             "hi", "The app crashes whenever I open the settings page on my phone; what should I do?"]
 MAX_TOKENS = 20
 JSON_MAX = 96
+ROUTE_LABELS = ["billing", "shipping", "account"]
 
 
 def conversation(content: str) -> list[dict]:
@@ -57,7 +58,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_base, tmp_path_factory) -> Iterator[Served]:
-    """A free-text task and a JSON task (the same adapter weights) behind a real HTTP server, tiny model in float32."""
+    """A free-text task, a JSON task and a label task (the same adapter weights) behind a real HTTP server, tiny
+    model in float32."""
     import uvicorn
 
     from kolm_pipeline.train.base_model import resolve_base_model
@@ -67,9 +69,10 @@ def served(tiny_base, tmp_path_factory) -> Iterator[Served]:
     digest = resolve_base_model(str(tiny_base), settings.models_dir).digest
     adapter = real_adapter(tiny_base, root / "adapter", seed=7)
     schema = schema_of(teacher_answers())
-    for task, task_schema in (("acme.chat", None), ("acme.intake", schema)):
+    for task, task_schema, labels in (("acme.chat", None, None), ("acme.intake", schema, None),
+                                      ("acme.route", None, ROUTE_LABELS)):
         built = signed_artifact(root / f"{task}.kolm", adapter_dir=adapter, keys_dir=settings.keys_dir, task=task,
-                                salt=task, base_digest=digest, json_schema=task_schema)
+                                salt=task, base_digest=digest, json_schema=task_schema, labels=labels)
         swap_pointer(settings.adapters_dir, task, publish_artifact(settings.artifacts_dir, task, built))
     key = CaptureStore(settings.store_url).create_tenant("acme")
     # float32: every answer must be exactly the one it gets alone, which bfloat16's rounding (KOLM_INFERENCE_DTYPE's
@@ -82,8 +85,8 @@ def served(tiny_base, tmp_path_factory) -> Iterator[Served]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, timeout=60, what="the serving app to start")
-    wait_until(lambda: {"acme.chat", "acme.intake"} <= set(runtime.status()["tasks"]), timeout=60,
-               what="both tasks to load")
+    wait_until(lambda: {"acme.chat", "acme.intake", "acme.route"} <= set(runtime.status()["tasks"]), timeout=60,
+               what="the tasks to load")
     yield Served(runtime, f"http://127.0.0.1:{port}", key, schema, adapter)
     server.should_exit = True
     thread.join(timeout=30)
@@ -152,18 +155,29 @@ def test_concurrent_free_text_requests_are_batched_and_answered_as_alone(served)
     assert max(passes) == len(CONTENTS)
 
 
-def test_every_forward_pass_runs_on_one_model_thread(served):
-    """Concurrent requests take turns holding the model, but their generation passes (free text, JSON) all run on the
-    backend's one model thread: torch starts a pool of CPU workers per calling thread, and four request threads
-    running passes in turn left four pools spinning against each other (each pass 1.5x as long)."""
+def test_every_torch_computation_runs_on_one_model_thread(served):
+    """Concurrent requests take turns holding the model, but every pass (free text, JSON, label batches, an adapter's
+    warm-up) and every merge of an adapter into the base's weights runs on the backend's one model thread: torch
+    runs an OpenMP team per calling thread, and once a second thread has one, idle workers stop spinning between
+    parallel regions and each pass slows down (docs/benchmarks.md, sessions 14 and 22)."""
+    backend = served.backend
     threads: set[int] = set()
-    handle = served.backend._model.register_forward_hook(lambda *_: threads.add(threading.get_ident()))
+    handle = backend._model.register_forward_hook(lambda *_: threads.add(threading.get_ident()))
+    merge = backend._slots._compute
+    backend._slots._compute = lambda work: merge(lambda: (threads.add(threading.get_ident()), work())[1])
     try:
-        together(served.backend, [functools.partial(ask, served, "acme.chat", content, stream=index % 2 == 0)
-                                  for index, content in enumerate(CONTENTS)])
+        calls = [functools.partial(ask, served, task, content, stream=index % 2 == 0)
+                 for task in ("acme.chat", "acme.route") for index, content in enumerate(CONTENTS)]
+        calls.append(functools.partial(ask, served, "acme.intake", CONVERSATIONS[0], max_tokens=JSON_MAX))
+        answers = together(backend, calls)
+        assert {text for text, _ in answers[len(CONTENTS):-1]} <= set(ROUTE_LABELS)
+        backend.load("extra", served.adapter_dir, None, ready=lambda: None)  # merged on a CPU, then warmed up
     finally:
         handle.remove()
+        backend._slots._compute = merge
+        backend.unload("extra")
     assert len(threads) == 1 and threading.get_ident() not in threads
+    assert threads == {next(iter(backend._model_thread._threads)).ident}
 
 
 def test_json_requests_in_one_batch_are_each_schema_valid_and_as_alone(served):

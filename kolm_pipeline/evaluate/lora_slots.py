@@ -27,6 +27,7 @@ import json
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,10 +92,12 @@ def _pattern_value(pattern: dict, module_path: str, default: float) -> float:
     return default
 
 
-def read_lora(adapter_dir: Path, model: nn.Module, merge: bool = False) -> dict[str, LoraWeights]:
+def read_lora(adapter_dir: Path, model: nn.Module, merge: bool = False,
+              compute: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda work: work()
+              ) -> dict[str, LoraWeights]:
     """Every (module path -> weights) pair of the PEFT LoRA adapter in ``adapter_dir``, checked against
-    ``model``'s layers, each merged into a copy of its layer's weight if ``merge``. Raises AdapterFormatError naming
-    the file, key or setting that cannot be served."""
+    ``model``'s layers, each merged into a copy of its layer's weight if ``merge`` (each layer's merge run by
+    ``compute``). Raises AdapterFormatError naming the file, key or setting that cannot be served."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -148,8 +151,11 @@ def read_lora(adapter_dir: Path, model: nn.Module, merge: bool = False) -> dict[
         scale = layer_alpha / math.sqrt(rank) if config.get("use_rslora") else layer_alpha / rank
         device, dtype = linear.weight.device, linear.weight.dtype
         if merge:  # summed in float32, as PEFT merges, then rounded once to the layer's dtype
-            update = up.to(device, torch.float32) @ down.to(device, torch.float32) * float(scale)
-            layers[path] = LoraWeights(merged=(linear.weight.detach().float() + update).to(dtype))
+            def merged(linear=linear, up=up, down=down, scale=scale, device=device, dtype=dtype) -> torch.Tensor:
+                update = up.to(device, torch.float32) @ down.to(device, torch.float32) * float(scale)
+                return (linear.weight.detach().float() + update).to(dtype)
+
+            layers[path] = LoraWeights(merged=compute(merged))
         else:
             layers[path] = LoraWeights(down=down.to(device, dtype),
                                        up=(up.to(device, torch.float32) * float(scale)).to(dtype))
@@ -159,10 +165,15 @@ def read_lora(adapter_dir: Path, model: nn.Module, merge: bool = False) -> dict[
 class LoraSlots:
     """The adapters loaded into one base model. Thread safety: ``load`` and ``unload`` may run beside
     forward passes (wrapping a layer keeps its output until an adapter that uses it is selected; slots
-    are dict entries a running pass never iterates); ``select`` must not run during a forward pass."""
+    are dict entries a running pass never iterates); ``select`` must not run during a forward pass.
 
-    def __init__(self, model: nn.Module, merge: bool | None = None) -> None:
+    ``compute`` runs each layer's merge: `kolm serve` hands it to its model thread, where every pass runs, so that
+    one thread of the process does all torch work (see ``serve/backends.py``) and passes go on between layers."""
+
+    def __init__(self, model: nn.Module, merge: bool | None = None,
+                 compute: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda work: work()) -> None:
         self.model = model
+        self._compute = compute
         # Merged weights by default on a CPU (see the module's docstring).
         self.merge = next(model.parameters()).device.type == "cpu" if merge is None else merge
         self.selection = Selection()
@@ -176,7 +187,7 @@ class LoraSlots:
 
     def load(self, name: str, adapter_dir: Path) -> None:
         """Read and check the whole adapter first, then install it; a bad adapter changes nothing."""
-        layers = read_lora(adapter_dir, self.model, self.merge)
+        layers = read_lora(adapter_dir, self.model, self.merge, self._compute)
         with self._lock:
             if name in self._names:
                 return

@@ -127,12 +127,11 @@ class TransformersBackend:
         self._pending_lock = threading.Lock()
         self._generation: BatchedGeneration | None = None  # made at start, with the model
         self._prefixes = None  # a PrefixCache, made at start: each adapter's shared prompt prefix, used holding _lock
-        # Generation passes (and warm-ups) run on this one thread, whichever request's thread holds _lock: torch's
-        # CPU kernels start a pool of worker threads per calling thread, and passes run by request threads in turn
-        # left those pools spinning against each other (docs/benchmarks.md, session 14). Label batches still run on
-        # the request's thread: moved here (session 21), test_routing.py's kill-mid-traffic test failed when run in
-        # two workers beside test_scale_out.py, for a reason not found in time; side by side the move gained nothing
-        # measurable (docs/benchmarks.md, session 21).
+        # Every torch computation of the backend runs on this one thread: loading the base, merging adapters, warm-ups,
+        # label batches and generation passes, whichever request's thread holds _lock. torch's CPU kernels run on an
+        # OpenMP team per calling thread, and once a second thread of the process has its own team, OpenMP's idle
+        # workers stop spinning between parallel regions (more of its threads than cores) and every pass slows
+        # down (docs/benchmarks.md, session 22); session 14 saw request threads' teams spin against each other.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolm-model")
         self._model = None
         self._slots: LoraSlots | None = None
@@ -142,8 +141,10 @@ class TransformersBackend:
         self.placement = ""
 
     def start(self) -> None:
-        if self._model is not None:
-            return
+        if self._model is None:
+            self._on_model_thread(self._start)
+
+    def _start(self) -> None:
         from kolm_pipeline.evaluate.inference import PrefixCache
         from kolm_pipeline.evaluate.lora_slots import LoraSlots
         from kolm_pipeline.evaluate.structured import stop_token_ids
@@ -159,7 +160,7 @@ class TransformersBackend:
             self.max_batch = CPU_MAX_BATCH if cpu else GPU_MAX_BATCH
         if not self.max_gen_batch:
             self.max_gen_batch = CPU_MAX_GEN_BATCH if cpu else GPU_MAX_GEN_BATCH
-        self._slots = LoraSlots(self._model)
+        self._slots = LoraSlots(self._model, compute=self._on_model_thread)
         self._prefixes = PrefixCache()
         self.base_digest = base.digest
         self.placement = model_placement(self._model)
@@ -257,8 +258,9 @@ class TransformersBackend:
 
         self._select(name)
         try:
-            outputs = predict_labels(self._model, self._tokenizer, [r.messages for r in batch], labels,
-                                     batch_size=len(batch), prefixes=self._prefixes, adapter=name)
+            outputs = self._on_model_thread(lambda: predict_labels(
+                self._model, self._tokenizer, [r.messages for r in batch], labels, batch_size=len(batch),
+                prefixes=self._prefixes, adapter=name))
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template that cannot render the messages
             raise BackendError(f"scoring the label set failed: {exc}") from exc
         return [(output.output, output.confidence) for output in outputs]
