@@ -331,12 +331,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend = VLLMBackend(args.vllm_url, settings.home / "serve-cache", adapter_root=args.vllm_adapter_root,
                               accepts_images=args.vllm_images)
     else:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise CliError("--threads must be at least 1")
-            import torch
-
-            torch.set_num_threads(args.threads)
+        if args.threads is not None and args.threads < 1:
+            raise CliError("--threads must be at least 1")
         for flag, value in (("--max-batch", args.max_batch), ("--max-gen-batch", args.max_gen_batch)):
             if value is not None and value < 1:
                 raise CliError(f"{flag} must be at least 1")
@@ -345,10 +341,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if resolve_base_model(settings.base_model, settings.models_dir).vision:
             from kolm_pipeline.serve.vision import VisionBackend
 
+            if args.threads is not None:  # the vision backend runs on request threads: the process-wide count
+                import torch
+
+                torch.set_num_threads(args.threads)
             backend = VisionBackend(settings.base_model, settings.models_dir)  # requests may carry images
         else:
             backend = TransformersBackend(settings.base_model, settings.models_dir, max_batch=args.max_batch,
-                                          max_gen_batch=args.max_gen_batch, dtype=settings.inference_dtype)
+                                          max_gen_batch=args.max_gen_batch, dtype=settings.inference_dtype,
+                                          threads=args.threads)
     from kolm_pipeline.serve.monitor import MonitorConfig
 
     monitor = MonitorConfig(enabled=not args.no_live_monitor, sample_share=args.monitor_sample_share,
@@ -369,7 +370,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     status = runtime.status()
     for task, refusal in status["refused"].items():
         print(f"refused {task}: {refusal['reason']}", file=sys.stderr)
-    print(f"kolm serving runtime ({args.backend}, {backend.placement}) on http://{args.host}:{args.port}: "
+    threads = f", decoding on {backend.threads} torch thread{'s' if backend.threads != 1 else ''}" \
+        if getattr(backend, "threads", 0) else ""
+    print(f"kolm serving runtime ({args.backend}, {backend.placement}{threads}) on http://{args.host}:{args.port}: "
           f"{', '.join(status['tasks']) or 'no tasks yet'} "
           f"({_following(settings) if registry else f'pointers in {settings.adapters_dir}'})", flush=True)
     # Not `serve`: its gc.freeze would keep the adapters loaded so far from ever being collected once swapped out.
@@ -619,8 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="free-text and JSON answers of one adapter decoded together at most (transformers "
                              "backend; default 8 on CPU, 32 on a GPU); 1 decodes each request on its own")
     serve_.add_argument("--threads", type=int,
-                        help="torch threads for inference (transformers backend; default: torch's choice). On a "
-                             "small or shared machine, one less than the cores leaves a core for HTTP and swaps")
+                        help="torch threads of the model (transformers backend; default on a CPU: one less than "
+                             "the cores, at least 1, leaving a core for HTTP and swaps; on a GPU: torch's choice)")
 
     tripwire = verbs.add_parser("tripwire", help="the collapse tripwire's halt of a namespace")
     tripwire_verbs = tripwire.add_subparsers(dest="tripwire_verb", required=True, metavar="ACTION")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -379,6 +380,9 @@ def test_serving_needs_a_tenant_key_and_shows_each_tenant_only_its_own_tasks(wor
     health = anonymous.get(f"{world.url}/healthz", timeout=30).json()
     assert health["ok"] and "acme" not in json.dumps(health)
     assert health["runs_on"] == f"{'cuda' if torch.cuda.is_available() else 'cpu'} float32"  # the world's dtype
+    # On a CPU decoding passes leave a core to HTTP (docs/benchmarks.md, session 22); on a GPU torch's choice.
+    assert health["threads"] == (world.runtime.backend._all_threads if torch.cuda.is_available()
+                                 else max(1, len(os.sched_getaffinity(0)) - 1))
 
     mallory_key = CaptureStore(world.settings.store_url).create_tenant("mallory")
     mallory = httpx.Client(headers={"authorization": f"Bearer {mallory_key}"})

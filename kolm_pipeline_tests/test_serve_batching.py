@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -178,6 +179,29 @@ def test_every_torch_computation_runs_on_one_model_thread(served):
         backend.unload("extra")
     assert len(threads) == 1 and threading.get_ident() not in threads
     assert threads == {next(iter(backend._model_thread._threads)).ident}
+
+
+def test_decoding_passes_leave_a_core_and_label_batches_use_every_core(served):
+    """On a CPU, generation passes (free text, JSON) run with one torch thread less than the cores, so that HTTP and
+    the request threads keep one; label batches, which read whole prompts, run with torch's own count (on two cores
+    the first served JSON 1.3x as fast, the second labels 1.2x: docs/benchmarks.md, session 22)."""
+    import torch
+
+    backend = served.backend
+    counts: list[int] = []
+    handle = backend._model.register_forward_hook(lambda *_: counts.append(torch.get_num_threads()))
+    try:
+        ask(served, "acme.chat", CONTENTS[1])
+        ask(served, "acme.intake", CONVERSATIONS[0], max_tokens=JSON_MAX)
+        decoding, counts[:] = set(counts), []
+        ask(served, "acme.route", CONTENTS[1])
+        labels = set(counts)
+    finally:
+        handle.remove()
+    cores = len(os.sched_getaffinity(0))
+    assert decoding == {backend.threads} and labels == {backend._all_threads}
+    if not torch.cuda.is_available():
+        assert backend.threads == max(1, cores - 1) and backend._all_threads == torch.get_num_threads()
 
 
 def test_json_requests_in_one_batch_are_each_schema_valid_and_as_alone(served):

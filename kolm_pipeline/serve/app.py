@@ -233,10 +233,12 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
     def healthz() -> dict:
         """Liveness for orchestrators: how many tasks are served, draining or refused, why each refused artifact
         was refused (its CID and the reason: what an operator needs when a replica lags behind the registry), and
-        where the base model runs (``runs_on``: "cpu float32", "cuda bfloat16", "vllm"). No tenant or task names:
+        where the base model runs (``runs_on``: "cpu float32", "cuda bfloat16", "vllm") and with how many torch
+        threads its decoding passes run (``threads``; null where another process runs it). No tenant or task names:
         this route needs no key."""
         status = runtime.status()
-        return {"ok": True, "runs_on": runtime.backend.placement,
+        return {"ok": True, "runs_on": runtime.backend.placement, "threads": getattr(runtime.backend, "threads", None)
+                or None,
                 **{part: len(status[part]) for part in ("tasks", "draining", "refused")},
                 "refusals": [{"cid": refusal["cid"], "reason": _nameless(refusal["reason"], task)}
                              for task, refusal in status["refused"].items()]}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -88,6 +89,14 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def serving_threads() -> int:
+    """The torch threads of `kolm serve`'s generation passes on a CPU: one less than the cores it may use (at least
+    one), so that HTTP and the request threads keep a core. With every core in the model thread's team, each of a
+    decoding pass's many small parallel regions waited on a worker the server's other threads had taken the core
+    from; label batches, which read whole prompts, gain from every core (docs/benchmarks.md, session 22)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def model_placement(model) -> str:
     """Where a loaded model's weights are and in which dtype: "cpu float32", "cuda bfloat16" (``Backend.placement``;
     a CPU without bfloat16 matmuls serves in float32, slower: docs/benchmarks.md, session 21)."""
@@ -117,8 +126,14 @@ class TransformersBackend:
     """
 
     def __init__(self, base_model: str, models_dir: Path, max_batch: int | None = None,
-                 max_gen_batch: int | None = None, dtype: str = "auto") -> None:
+                 max_gen_batch: int | None = None, dtype: str = "auto", threads: int | None = None) -> None:
         self._spec = (base_model, Path(models_dir))
+        self._threads = threads  # torch threads of every computation; None: see ``threads``
+        # Torch threads of the generation passes (free text, JSON), known once started: ``threads``, or on a CPU one
+        # less than the cores (serving_threads); label batches, loading and warm-ups run with ``_all_threads``.
+        self.threads = 0
+        self._all_threads = 0
+        self._threads_now = 0  # what the model thread runs with now
         self._dtype = dtype  # KOLM_INFERENCE_DTYPE: the base's weights, as evaluation runs them
         self.max_batch = max_batch or 0  # 0: chosen for the device at start
         self.max_gen_batch = max_gen_batch or 0  # likewise
@@ -164,10 +179,15 @@ class TransformersBackend:
         self._prefixes = PrefixCache()
         self.base_digest = base.digest
         self.placement = model_placement(self._model)
+        import torch
+
+        self._threads_now = torch.get_num_threads()  # torch's choice, on this thread (the model thread)
+        self._all_threads = self._threads or self._threads_now
+        self.threads = self._threads or (serving_threads() if cpu else self._all_threads)
         self._eos = set(stop_token_ids(self._model, self._tokenizer))
         self._generation = BatchedGeneration(self._model, self._tokenizer, self._eos, self._lock, self._select,
                                              max_rows=lambda: self.max_gen_batch, prefixes=self._prefixes,
-                                             on_model_thread=self._on_model_thread)
+                                             on_model_thread=lambda work: self._on_model_thread(work, self.threads))
 
     def loaded(self) -> list[str]:
         """Names of the adapters in the model now."""
@@ -215,9 +235,20 @@ class TransformersBackend:
     def _device(self):
         return next(self._model.parameters()).device
 
-    def _on_model_thread(self, work: Callable[[], Any]) -> Any:
-        """Run ``work`` (forward passes; called holding ``_lock``) on the model thread and return its result."""
-        return self._model_thread.submit(work).result()
+    def _on_model_thread(self, work: Callable[[], Any], threads: int = 0) -> Any:
+        """Run ``work`` (torch computations; forward passes are called holding ``_lock``) on the model thread with
+        ``threads`` torch threads (0: ``_all_threads``; before start: torch's) and return its result."""
+
+        def run() -> Any:
+            wanted = threads or self._all_threads
+            if wanted and wanted != self._threads_now:
+                import torch
+
+                torch.set_num_threads(wanted)  # the model thread's own count (and the count threads start with)
+                self._threads_now = wanted
+            return work()
+
+        return self._model_thread.submit(run).result()
 
     def _select(self, name: str) -> None:
         """Make ``name`` the adapter the next forward pass uses; called holding ``_lock``."""
