@@ -234,7 +234,7 @@ def create_serving_app(runtime: ServingRuntime, store: CaptureStore | None = Non
         """Liveness for orchestrators: how many tasks are served, draining or refused, why each refused artifact
         was refused (its CID and the reason: what an operator needs when a replica lags behind the registry), and
         where the base model runs (``runs_on``: "cpu float32", "cuda bfloat16", "vllm") and with how many torch
-        threads its decoding passes run (``threads``; null where another process runs it). No tenant or task names:
+        threads its decoding passes run (``threads``; null for vLLM and the vision backend). No tenant or task names:
         this route needs no key."""
         status = runtime.status()
         return {"ok": True, "runs_on": runtime.backend.placement, "threads": getattr(runtime.backend, "threads", None)
