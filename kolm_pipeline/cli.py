@@ -622,8 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="free-text and JSON answers of one adapter decoded together at most (transformers "
                              "backend; default 8 on CPU, 32 on a GPU); 1 decodes each request on its own")
     serve_.add_argument("--threads", type=int,
-                        help="torch threads of the model (transformers backend; default on a CPU: one less than "
-                             "the cores, at least 1, leaving a core for HTTP and swaps; on a GPU: torch's choice)")
+                        help="torch threads of the model (transformers backend). Default on a CPU: decoding passes "
+                             "(free text, JSON) on one less than the cores, at least 1, leaving a core for HTTP, and "
+                             "label batches and loading on every core; on a GPU torch's choice. Given, it sets both")
 
     tripwire = verbs.add_parser("tripwire", help="the collapse tripwire's halt of a namespace")
     tripwire_verbs = tripwire.add_subparsers(dest="tripwire_verb", required=True, metavar="ACTION")
