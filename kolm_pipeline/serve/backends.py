@@ -160,6 +160,8 @@ class TransformersBackend:
             self._on_model_thread(self._start)
 
     def _start(self) -> None:
+        import torch
+
         from kolm_pipeline.evaluate.inference import PrefixCache
         from kolm_pipeline.evaluate.lora_slots import LoraSlots
         from kolm_pipeline.evaluate.structured import stop_token_ids
@@ -179,8 +181,6 @@ class TransformersBackend:
         self._prefixes = PrefixCache()
         self.base_digest = base.digest
         self.placement = model_placement(self._model)
-        import torch
-
         self._threads_now = torch.get_num_threads()  # torch's choice, on this thread (the model thread)
         self._all_threads = self._threads or self._threads_now
         self.threads = self._threads or (serving_threads() if cpu else self._all_threads)
