@@ -183,8 +183,8 @@ def test_every_torch_computation_runs_on_one_model_thread(served):
 
 def test_decoding_passes_leave_a_core_and_label_batches_use_every_core(served):
     """On a CPU, generation passes (free text, JSON) run with one torch thread less than the cores, so that HTTP and
-    the request threads keep one; label batches, which read whole prompts, run with torch's own count (on two cores
-    the first served JSON 1.3x as fast, the second labels 1.2x: docs/benchmarks.md, session 22)."""
+    the request threads keep one; label batches, which read whole prompts, run with torch's own count (measured over
+    HTTP in docs/benchmarks.md, session 22)."""
     import torch
 
     backend = served.backend

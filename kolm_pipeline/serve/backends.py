@@ -285,6 +285,9 @@ class TransformersBackend:
         return mine
 
     def _score(self, name: str, labels: list[str], batch: list[_LabelRequest]) -> list[tuple[str, float | None]]:
+        """The label each request of ``batch`` gets from adapter ``name``, and the decoder's confidence in it; called
+        holding ``_lock``. The passes run on the model thread, with every torch thread (a label batch reads whole
+        prompts)."""
         from kolm_pipeline.evaluate.inference import predict_labels
 
         self._select(name)
