@@ -249,3 +249,48 @@ def test_processes_starting_on_a_fresh_model_cache_dequantize_the_embedded_base_
     for caller in callers:
         caller.join()
     assert len(calls) == 1 and len(found) == 2 and found[0].digest == found[1].digest
+
+
+def test_a_batch_reads_its_shared_prompt_once_with_the_same_logits_and_gradients(tiny_base):
+    """The trainer runs the tokens every row begins with (system prompt, chat template) once for the batch; the
+    answers' logits and every LoRA gradient must be those of reading each row whole."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from kolm_pipeline.train.answer_loss import MIN_SHARED_PREFIX, forward_sharing_prefix, shared_prefix_length
+
+    tokenizer = load_tokenizer(_base(tiny_base))
+    system = {"role": "system", "content": "Answer with JSON only: the intents and the slots of the request."}
+    texts = ["play jazz", "what is the weather in Paris tomorrow morning", "book a table for 8", "add this song"]
+    rows = [{"messages": [system, {"role": "user", "content": text}, {"role": "assistant", "content": f'{{"n": {i}}}'}]}
+            for i, text in enumerate(texts)]
+    examples = tokenize_pairs(tokenizer, rows, max_length=128).examples
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(
+        [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+    labels = batch.pop("labels")
+    scored = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+    shared = shared_prefix_length(dict(batch), scored)
+    system_turn = tokenizer(tokenizer.apply_chat_template([system], tokenize=False), add_special_tokens=False)
+    assert MIN_SHARED_PREFIX <= len(system_turn.input_ids) <= shared <= int(scored.min())
+    assert shared_prefix_length({"input_ids": batch["input_ids"][:1]}, scored) == 0, "one row shares nothing"
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_base)),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    probe = torch.randn(len(texts), len(scored), model.config.vocab_size)
+
+    def logits_and_gradients(shared_tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        logits = forward_sharing_prefix(model, dict(batch), scored, shared_tokens).logits
+        (logits * probe).sum().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    whole_logits, whole_grads = logits_and_gradients(0)
+    shared_logits, shared_grads = logits_and_gradients(shared)
+    assert torch.allclose(shared_logits, whole_logits, atol=1e-4, rtol=1e-4)
+    assert whole_grads.keys() == shared_grads.keys() and whole_grads
+    for name, gradient in whole_grads.items():
+        # float32 sums in another order: equal to ~1e-6 of the gradient's norm
+        assert (shared_grads[name] - gradient).norm() <= 1e-4 * gradient.norm(), name
