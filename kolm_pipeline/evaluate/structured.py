@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kolm_pipeline.corpus.json_grammar import JsonSchemaProblem, json_grammar
-from kolm_pipeline.evaluate.grounding import JsonCursor
+from kolm_pipeline.evaluate.grounding import CANDIDATES, JsonCursor
 
 __all__ = ["JsonDecoder", "JsonSchemaProblem", "compile_json_schema", "json_decoder", "stop_token_ids", "vocab_size"]
 
@@ -37,7 +37,6 @@ _lock = threading.Lock()
 # tokenizer -> {(vocabulary size, stop tokens): _Vocabulary}; dropped with the tokenizer.
 _vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CLOSING_CHARACTERS = frozenset('"]}')
-CANDIDATES = 256  # the model's best tokens tried first, in order, for one the cursor keeps
 
 
 @dataclass
@@ -187,11 +186,11 @@ class JsonDecoder:
                     token = int(closing_scores[0].argmax())
                     self.shortened = self.shortened or token != int(scores[0].argmax())
                     scores = closing_scores
-            elif self._cursor.may_refuse():
-                kept = self._kept_choice(scores[0])
-                if kept is not None:
+            elif self._cursor.at_grounded():
+                grounded = self._grounded_choice(scores[0])
+                if grounded is not None:
                     scores = torch.full_like(scores, float("-inf"))
-                    scores[0, kept] = 0.0
+                    scores[0, grounded] = 0.0
         token = int(scores[0].argmax())
         if not self._accept(token):
             raise RuntimeError(f"the JSON grammar rejected token {token} chosen under its own mask")
@@ -202,10 +201,10 @@ class JsonDecoder:
         would be more of the string)."""
         return self._vocabulary.string_closers if self._cursor.in_string else self._vocabulary.closers
 
-    def _kept_choice(self, scores: torch.Tensor) -> int | None:
-        """The best allowed token the cursor keeps (``grounding.py``: grounded strings stay in the request, keys do
-        not repeat): among the model's best CANDIDATES, else among every allowed token (where the string so far can
-        only go on as its source does); None if none is kept."""
+    def _grounded_choice(self, scores: torch.Tensor) -> int | None:
+        """The best allowed token that keeps every grounded string in the request (``grounding.py``): among the
+        model's best CANDIDATES, else among the tokens that close what is open (``"`` ends a string that is in the
+        request so far); None if none does."""
 
         def keeps(values: torch.Tensor, indices: torch.Tensor) -> int | None:
             for value, token in zip(values.tolist(), indices.tolist(), strict=True):
@@ -216,8 +215,8 @@ class JsonDecoder:
             return None
 
         found = keeps(*scores.topk(min(CANDIDATES, scores.shape[-1])))
-        if found is None:  # rare: sort the whole vocabulary only then
-            found = keeps(*scores.sort(descending=True))
+        if found is None:  # rare: sort the closers only then
+            found = keeps(*self._only(scores.unsqueeze(0), self._closers())[0].sort(descending=True))
         return found
 
     def forced(self, tokenizer, limit: int) -> list[int]:
