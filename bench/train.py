@@ -6,8 +6,6 @@ activation checkpointing, bf16 autocast where the CPU has bf16 matmuls, plain ma
 
     .venv/bin/python bench/train.py                 # embedded base, 240 ticket pairs, 2 rounds
     .venv/bin/python bench/train.py --pairs 1000 --epochs 1 --rounds 1 --only kolm   # time to distill 1,000
-    .venv/bin/python bench/train.py --source snips --pairs 400 --batch-size 4 --variants kolm,kolm-whole
-        # the SNIPS JSON pairs (bench/data/snips): the shared prompt read once a batch vs every row read whole
 
 Each variant runs in its own process (the allocator setting is per process) and the rounds alternate
 A, B, A, B so background load hits both alike. Tokens/s counts real (non-padding) tokens per epoch.
@@ -27,23 +25,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VARIANTS = ["plain", "kolm", "kolm-whole"]
 
 
-def write_pairs(path: Path, count: int, source: str) -> None:
-    """`count` demo tickets, or the first `count` SNIPS JSON pairs as `bench/quality.py` captures them."""
-    if source == "snips":
-        from bench.quality import SETS, answer_text, messages, read_rows
+def write_pairs(path: Path, count: int) -> None:
+    from kolm_pipeline.demo.tickets import generate_tickets
 
-        bench = SETS["snips-json"]
-        source_rows = read_rows(REPO / "bench" / "data" / bench.train_file)[:count]
-        rows = [{"messages": [*messages(bench, row["text"]),
-                              {"role": "assistant", "content": answer_text(row["answer"])}]} for row in source_rows]
-    else:
-        from kolm_pipeline.demo.tickets import generate_tickets
-
-        rows = [{"messages": [*t.messages(), {"role": "assistant", "content": t.queue}]}
-                for t in generate_tickets(count, seed=3)]
+    rows = [{"messages": [*t.messages(), {"role": "assistant", "content": t.queue}]}
+            for t in generate_tickets(count, seed=3)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
@@ -76,25 +64,22 @@ def run_plain(train: Path, base_path: Path, epochs: float, batch_size: int) -> d
     return {"wall_seconds": wall, "tokens_per_second": tokens * epochs / wall}
 
 
-def run_kolm(train: Path, base_path: Path, epochs: float, batch_size: int, attention: str | None = None,
-             shared_prompt: bool = True) -> dict:
+def run_kolm(train: Path, base_path: Path, epochs: float, batch_size: int, attention: str | None = None) -> dict:
     from kolm_pipeline.train.base_model import BaseModel
     from kolm_pipeline.train.distill import TrainConfig, train_adapter
 
     base = BaseModel(model_id=str(base_path), path=base_path, digest="bench")
     with tempfile.TemporaryDirectory() as out:
         result = train_adapter(train, base, Path(out) / "adapter",
-                               TrainConfig(epochs=epochs, batch_size=batch_size, attention=attention,
-                                           shared_prompt=shared_prompt),
+                               TrainConfig(epochs=epochs, batch_size=batch_size, attention=attention),
                                show_progress=False)
     return {"wall_seconds": result.wall_seconds, "tokens_per_second": result.tokens_per_second}
 
 
 def child(args: argparse.Namespace) -> None:
-    if args.child in ("kolm", "kolm-whole"):
+    if args.child == "kolm":
         attention = None if args.attention == "auto" else args.attention
-        figures = run_kolm(Path(args.train), Path(args.base_path), args.epochs, args.batch_size, attention,
-                           shared_prompt=args.child == "kolm")
+        figures = run_kolm(Path(args.train), Path(args.base_path), args.epochs, args.batch_size, attention)
     else:
         figures = run_plain(Path(args.train), Path(args.base_path), args.epochs, args.batch_size)
     print("RESULT " + json.dumps(figures))
@@ -102,20 +87,15 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=240, help="how many training pairs")
-    parser.add_argument("--source", choices=["tickets", "snips"], default="tickets",
-                        help="the demo's tickets, or bench/data/snips's JSON pairs with their system prompt")
+    parser.add_argument("--pairs", type=int, default=240)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", choices=VARIANTS, help="run one variant (same as --variants NAME)")
-    parser.add_argument("--variants", default="plain,kolm",
-                        help=f"comma-separated, from {VARIANTS}; kolm-whole: kolm's trainer reading every row whole "
-                             "(shared_prompt=false)")
+    parser.add_argument("--only", choices=["plain", "kolm"])
     parser.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
                         help="kolm trainer's attention kernel (TrainConfig.attention); auto: the trainer's "
                              "default, eager on CPU and SDPA on CUDA")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["plain", "kolm"], help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--base-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,19 +109,17 @@ def main() -> None:
 
     settings = load_settings()
     base = resolve_base_model(settings.base_model, settings.models_dir)
-    variants = [args.only] if args.only else args.variants.split(",")
-    if unknown := [name for name in variants if name not in VARIANTS]:
-        parser.error(f"--variants: unknown {unknown}; known: {VARIANTS}")
+    variants = [args.only] if args.only else ["plain", "kolm"]
     results: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as scratch:
         train = Path(scratch) / "train.jsonl"
-        write_pairs(train, args.pairs, args.source)
+        write_pairs(train, args.pairs)
         for round_index in range(args.rounds):
             for name in variants:
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
                 for key in TRAINER_ENV:
                     env.pop(key, None)
-                if name != "plain":
+                if name == "kolm":
                     env.update(TRAINER_ENV)
                 command = [sys.executable, __file__, "--child", name, "--train", str(train), "--base-path",
                            str(base.path), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
@@ -152,18 +130,15 @@ def main() -> None:
                     sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
                 figures = json.loads(line.removeprefix("RESULT "))
                 results[name].append(figures)
-                print(f"round {round_index + 1} {name:<10} {figures['tokens_per_second']:8.1f} tokens/s "
+                print(f"round {round_index + 1} {name:<6} {figures['tokens_per_second']:8.1f} tokens/s "
                       f"{figures['wall_seconds']:7.1f} s", flush=True)
-    print(f"\n{args.pairs} {args.source} pairs x {args.epochs} epoch(s), batch {args.batch_size}, "
-          f"base {base.model_id}, {os.cpu_count()} CPUs")
+    print(f"\n{args.pairs} pairs x {args.epochs} epoch(s), batch {args.batch_size}, base {base.model_id}, "
+          f"{os.cpu_count()} CPUs")
     medians = {name: statistics.median(r["tokens_per_second"] for r in runs) for name, runs in results.items()}
     for name, value in medians.items():
         wall = statistics.median(r["wall_seconds"] for r in results[name])
         print(f"  {name:<6} median {value:8.1f} tokens/s, {wall:7.1f} s per run")
-    walls = {name: statistics.median(r["wall_seconds"] for r in runs) for name, runs in results.items()}
-    for name in variants[1:]:
-        print(f"  {variants[0]} / {name} wall time: {walls[variants[0]] / walls[name]:.2f}x")
-    if "plain" in medians and "kolm" in medians:
+    if len(medians) == 2:
         print(f"  kolm / plain tokens/s ratio: {medians['kolm'] / medians['plain']:.2f}x")
 
 

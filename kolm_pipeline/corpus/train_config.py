@@ -57,12 +57,6 @@ class TrainConfig(BaseModel):
     attention: Literal[ATTENTION_KERNELS] | None = _setting(
         None, f"null or one of {list(ATTENTION_KERNELS)}",
         "attention kernel; null: plain matmul attention on CPU, SDPA on CUDA")
-    # On by default: ~50 of a JSON pair's ~120 tokens are the system prompt and chat template every pair begins with
-    # (docs/benchmarks.md, session 23). Off reads every row whole (as trl does), the same logits and gradients.
-    shared_prompt: bool = _setting(
-        True, "true or false",
-        "read the tokens every pair of a batch begins with (system prompt, chat template) once per batch, not once "
-        "per pair")
     # Packing suits GPUs with varlen attention; on CPU the packed row's masked attention is slower.
     packing: bool = _setting(False, "true or false", "pack several pairs into one row")
     bf16: bool | None = _setting(None, "true, false or null",

@@ -90,7 +90,7 @@ class RecipeConfig(dg.Config):
 _ADAPTER_CONFIG_TYPES: dict[str, type] = {
     "rank": int, "alpha": float, "dropout": float, "epochs": float, "learning_rate": float, "batch_size": int,
     "max_length": int, "max_examples": int | None, "warmup_steps": int, "seed": int, "length_grouped": bool,
-    "packing": bool, "shared_prompt": bool,
+    "packing": bool,
     "activation_checkpointing": bool, "bf16": bool | None, "attention": str | None, "vision_tower": bool,
     "label_loss": bool, "neftune_alpha": float | None,
     "target_modules": list[str] | None, "modules_to_save": list[str] | None,

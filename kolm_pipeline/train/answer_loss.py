@@ -27,8 +27,6 @@ WEIGHTS_COLUMN = "token_weights"
 # Logits of tokens that are not among a position's choices, in the label loss: finite, so a position with no
 # choices (whose result is not used) has no NaN gradient either.
 _EXCLUDED = -1e4
-# Fewer tokens in common than this and the batch reads its rows whole: the extra pass would cost more than it saves.
-MIN_SHARED_PREFIX = 8
 
 
 class WeightedCollator:
@@ -64,9 +62,8 @@ class WeightedCollator:
 class AnswerLossTrainer(SFTTrainer):
     """SFTTrainer on pre-tokenized examples (`train.examples`) with the answer-only weighted loss."""
 
-    def __init__(self, *args: Any, shared_prompt: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.shared_prompt = shared_prompt
         self.data_collator = WeightedCollator(self.data_collator)
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -80,10 +77,7 @@ class AnswerLossTrainer(SFTTrainer):
         choices = inputs.pop(CHOICES_COLUMN, None)
         targets, target_weights = labels[:, 1:], weights[:, 1:]
         scored = (targets != -100).any(dim=0).nonzero().flatten()
-        # Activation checkpointing recomputes each layer without the cache the shared prompt's pass left.
-        sharing = self.shared_prompt and not self.args.activation_checkpointing
-        shared = shared_prefix_length(inputs, scored) if sharing else 0
-        outputs = forward_sharing_prefix(model, inputs, scored, shared)
+        outputs = model(**inputs, use_cache=False, logits_to_keep=scored)
         logits = outputs.logits.float()
         targets, target_weights = targets[:, scored], target_weights[:, scored]
         per_token = F.cross_entropy(
@@ -95,39 +89,6 @@ class AnswerLossTrainer(SFTTrainer):
         denominator = num_items_in_batch if num_items_in_batch is not None else answer_tokens
         loss = (per_token * target_weights).sum() / torch.as_tensor(denominator, device=logits.device).clamp(min=1)
         return (loss, outputs) if return_outputs else loss
-
-
-def shared_prefix_length(inputs: dict[str, torch.Tensor], scored: torch.Tensor) -> int:
-    """How many leading tokens every row of the batch has in common (the system prompt and the chat template up to
-    the user's turn), up to the first position whose logits are scored; 0 where sharing does not apply: one row,
-    packed rows (position ids), or inputs other than token ids and their mask."""
-    ids = inputs["input_ids"]
-    if ids.size(0) < 2 or set(inputs) - {"input_ids", "attention_mask"} or not scored.numel():
-        return 0
-    same = (ids == ids[:1]).all(dim=0)
-    if "attention_mask" in inputs:
-        same &= inputs["attention_mask"].bool().all(dim=0)
-    differs = (~same).nonzero()
-    length = int(differs[0]) if differs.numel() else ids.size(1)
-    return min(length, int(scored.min()))
-
-
-def forward_sharing_prefix(model, inputs: dict[str, torch.Tensor], scored: torch.Tensor, shared: int):
-    """The model's logits at the `scored` positions of the batch, reading its first `shared` tokens once.
-
-    Every pair of a recipe begins with the same system prompt and chat template (~50 of a JSON pair's ~120 tokens).
-    Run for one row, their keys and values are repeated for the batch and the rows' own tokens read after them: the
-    same logits and gradients as the whole rows (LoRA has no dropout by default; with dropout the shared tokens
-    draw one mask for the batch), for a third fewer tokens a step on a JSON recipe (docs/benchmarks.md, session 23).
-    """
-    if shared < MIN_SHARED_PREFIX:
-        return model(**inputs, use_cache=False, logits_to_keep=scored)
-    ids = inputs["input_ids"]
-    prefix = model(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1)
-    cache = prefix.past_key_values
-    cache.batch_repeat_interleave(ids.size(0))
-    return model(input_ids=ids[:, shared:], attention_mask=inputs.get("attention_mask"), past_key_values=cache,
-                 use_cache=True, logits_to_keep=scored - shared)
 
 
 def _label_loss(logits: torch.Tensor, targets: torch.Tensor, choices: torch.Tensor,

@@ -224,7 +224,6 @@ def train_adapter(
             processing_class=tokenizer,
             peft_config=None if init_adapter is not None else lora,
             callbacks=[_Reporter()],
-            shared_prompt=config.shared_prompt and not config.packing,
         )
     if show_progress:
         trainer.remove_callback(ProgressCallback)
