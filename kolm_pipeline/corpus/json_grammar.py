@@ -10,7 +10,9 @@ recipe's ``json_schema`` carries two annotations (JSON Schema validators ignore 
   keys, is inferred as a map instead (``additionalProperties``), whose keys may come in any order.
 * ``x-kolm-grounded: true`` on a free string whose values the teacher always copies out of the request (the
   slot spans of an utterance): constrained decoding then writes only text that occurs in the request
-  (``evaluate/grounding.py``).
+  (``evaluate/grounding.py``); with ``x-kolm-grounded-in: "last_user"`` only text of the last user message (the
+  values always came from there, never from a system prompt), and with ``x-kolm-whole-words: true`` only whole
+  words of it (a span that begins and ends at word boundaries, as every value did).
 * ``x-kolm-layout`` at the top: ``{"indent": null | n, "separators": [item, key]}`` as ``json.dumps`` takes
   them, from what most answers use exactly; ``separators: null`` (no common layout) allows any whitespace,
   at most ``max_whitespace`` characters in a row.
@@ -29,6 +31,8 @@ from typing import Any
 ORDER_KEY = "x-kolm-order"
 LAYOUT_KEY = "x-kolm-layout"
 GROUNDED_KEY = "x-kolm-grounded"
+GROUNDED_IN_KEY = "x-kolm-grounded-in"
+WHOLE_WORDS_KEY = "x-kolm-whole-words"
 # Candidate layouts, as json.dumps(value, indent=..., separators=...) writes them.
 LAYOUTS: list[tuple[int | None, tuple[str, str]]] = [
     (None, (", ", ": ")),  # json.dumps default
@@ -116,7 +120,7 @@ def _decoding(schema: Any, path: str) -> Any:
         return schema
     out: dict = {}
     for key, value in schema.items():
-        if key in (ORDER_KEY, LAYOUT_KEY, GROUNDED_KEY):
+        if key in (ORDER_KEY, LAYOUT_KEY, GROUNDED_KEY, GROUNDED_IN_KEY, WHOLE_WORDS_KEY):
             continue
         if key in _SCHEMA_MAPS and isinstance(value, dict):
             value = {name: _decoding(sub, f"{path}/{key}/{name}") for name, sub in value.items()}

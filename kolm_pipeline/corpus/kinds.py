@@ -13,7 +13,8 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from kolm_pipeline.corpus.json_grammar import GROUNDED_KEY, ORDER_KEY
+from kolm_pipeline.corpus.json_grammar import GROUNDED_IN_KEY, GROUNDED_KEY, ORDER_KEY, WHOLE_WORDS_KEY
+from kolm_pipeline.corpus.spans import json_text, occurs
 
 # A closed set may be large (CLINC150's 150 intents, a support desk's 70-odd queues): label decoding walks a
 # trie, so its cost does not grow with the number of labels; what makes a set closed is that its answers repeat
@@ -191,32 +192,51 @@ def infer_json_schema(values: list) -> dict:
     return schema
 
 
-def mark_grounded(schema: dict, answers: list[tuple[object, str]]) -> dict:
-    """``schema`` with ``x-kolm-grounded`` on each free string (no enum) whose values, in the (parsed answer,
-    request text) pairs, occur verbatim in their request (GROUNDED_STRING_SHARE of them, MIN_GROUNDED at least)."""
+def mark_grounded(schema: dict, answers: list[tuple[object, list[dict]]]) -> dict:
+    """``schema`` with ``x-kolm-grounded`` on each free string (no enum) whose values, in the (parsed answer, request
+    messages) pairs, occur verbatim in their request (GROUNDED_STRING_SHARE of them, MIN_GROUNDED at least); and, on
+    such a string, ``x-kolm-grounded-in: "last_user"`` where as many occur in the request's last user message, and
+    ``x-kolm-whole-words`` where as many occur there as whole words (``spans.py``: the rule decoding holds them to)."""
     schema = json.loads(json.dumps(schema))  # a copy to annotate
-    seen: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # id(string schema) -> [grounded, all]
+    # id(string schema) -> values seen, in the request, in its last user message, as whole words in the source
+    seen: dict[int, Counter] = defaultdict(Counter)
     nodes: dict[int, dict] = {}
 
-    def walk(node: object, value: object, request: str) -> None:
+    def walk(node: object, value: object, texts: list[bytes], last_user: bytes) -> None:
         if not isinstance(node, dict):
             return
         if isinstance(value, str) and "enum" not in node:
             nodes[id(node)] = node
-            seen[id(node)][0] += value in request
-            seen[id(node)][1] += 1
+            span = json_text(value)
+            counts = seen[id(node)]
+            counts["all"] += 1
+            counts["request"] += any(occurs(span, text) for text in texts)
+            counts["last_user"] += occurs(span, last_user)
+            counts["words_request"] += any(occurs(span, text, whole_words=True) for text in texts)
+            counts["words_last_user"] += occurs(span, last_user, whole_words=True)
         elif isinstance(value, dict):
             for key, item in value.items():
-                walk(node.get("properties", {}).get(key, node.get("additionalProperties")), item, request)
+                walk(node.get("properties", {}).get(key, node.get("additionalProperties")), item, texts, last_user)
         elif isinstance(value, list):
             for item in value:
-                walk(node.get("items"), item, request)
+                walk(node.get("items"), item, texts, last_user)
 
-    for value, request in answers:
-        walk(schema, value, request)
-    for key, (grounded, count) in seen.items():
-        if count >= MIN_GROUNDED and grounded >= GROUNDED_STRING_SHARE * count:
-            nodes[key][GROUNDED_KEY] = True
+    for value, messages in answers:
+        users = [m for m in messages if m.get("role") == "user"]
+        walk(schema, value, [json_text(m.get("content", "")) for m in messages],
+             json_text(users[-1].get("content", "")) if users else b"")
+    for key, counts in seen.items():
+        def holds(name: str, counts: Counter = counts) -> bool:
+            return counts["all"] >= MIN_GROUNDED and counts[name] >= GROUNDED_STRING_SHARE * counts["all"]
+
+        if not holds("request"):
+            continue
+        nodes[key][GROUNDED_KEY] = True
+        source = "last_user" if holds("last_user") else "request"
+        if source == "last_user":
+            nodes[key][GROUNDED_IN_KEY] = "last_user"
+        if holds(f"words_{source}"):
+            nodes[key][WHOLE_WORDS_KEY] = True
     return schema
 
 

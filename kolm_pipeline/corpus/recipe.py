@@ -475,7 +475,7 @@ def synthesize_recipe(
         # How the teacher lays out its JSON, so constrained decoding writes what the adapter learned (json_grammar.py).
         kind_fields["json_schema"] = {**kind_fields["json_schema"],
                                       LAYOUT_KEY: json_layout([answer(row) for row in fitting + holdout])}
-        answered = [(json.loads(answer(row)), prompt_text(row)) for row in fitting]
+        answered = [(json.loads(answer(row)), row["messages"][:-1]) for row in fitting]
         kind_fields["json_schema"] = mark_grounded(kind_fields["json_schema"], answered)
     latency_measured = _share_with(rows, "latency_us") >= 0.5
     usage_measured = max(_share_with(rows, "prompt_tokens"), _share_with(rows, "completion_tokens")) >= 0.5

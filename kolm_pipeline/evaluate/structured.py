@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kolm_pipeline.corpus.json_grammar import JsonSchemaProblem, json_grammar
-from kolm_pipeline.evaluate.grounding import CANDIDATES, JsonCursor
+from kolm_pipeline.evaluate.grounding import JsonCursor
 
 __all__ = ["JsonDecoder", "JsonSchemaProblem", "compile_json_schema", "json_decoder", "stop_token_ids", "vocab_size"]
 
@@ -37,6 +37,7 @@ _lock = threading.Lock()
 # tokenizer -> {(vocabulary size, stop tokens): _Vocabulary}; dropped with the tokenizer.
 _vocabularies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CLOSING_CHARACTERS = frozenset('"]}')
+CANDIDATES = 256  # the model's best tokens tried, in order, for one that keeps a grounded string in its source
 
 
 @dataclass
@@ -50,6 +51,17 @@ class _Vocabulary:
     closers: torch.Tensor
     string_closers: torch.Tensor  # the closers that start by ending a string (``"``, ``"]``, ``"}``, …)
     control: torch.Tensor
+    _ids: dict[bytes, int] | None = None
+
+    def ids(self) -> dict[bytes, int]:
+        """Each token's id by its bytes (the first, where two tokens write the same bytes), built when first asked."""
+        if self._ids is None:
+            ids: dict[bytes, int] = {}
+            for token, data in enumerate(self.token_bytes):
+                if data:
+                    ids.setdefault(data, token)
+            self._ids = ids
+        return self._ids
 
 
 def _closes(data: bytes) -> bool:
@@ -202,9 +214,10 @@ class JsonDecoder:
         return self._vocabulary.string_closers if self._cursor.in_string else self._vocabulary.closers
 
     def _grounded_choice(self, scores: torch.Tensor) -> int | None:
-        """The best allowed token that keeps every grounded string in the request (``grounding.py``): among the
-        model's best CANDIDATES, else among the tokens that close what is open (``"`` ends a string that is in the
-        request so far); None if none does."""
+        """The best allowed token that keeps every grounded string in its source (``grounding.py``): among the
+        model's best CANDIDATES, else among the tokens that close what is open (``"`` ends a string that keeps to its
+        source so far, unless it must end at a word boundary), else among the tokens that go on as the source does
+        (a whole word not ended yet); None if none does."""
 
         def keeps(values: torch.Tensor, indices: torch.Tensor) -> int | None:
             for value, token in zip(values.tolist(), indices.tolist(), strict=True):
@@ -217,6 +230,14 @@ class JsonDecoder:
         found = keeps(*scores.topk(min(CANDIDATES, scores.shape[-1])))
         if found is None:  # rare: sort the closers only then
             found = keeps(*self._only(scores.unsqueeze(0), self._closers())[0].sort(descending=True))
+        if found is None:  # a whole word not ended yet: the tokens that go on as the source does
+            ids = self._vocabulary.ids()
+            going_on = sorted({ids[text[:length]] for text in self._cursor.continuations()
+                               for length in range(1, len(text) + 1) if text[:length] in ids})
+            if going_on:
+                candidates = torch.tensor(going_on)
+                values, order = scores[candidates].sort(descending=True)
+                found = keeps(values, candidates[order])
         return found
 
     def forced(self, tokenizer, limit: int) -> list[int]:
