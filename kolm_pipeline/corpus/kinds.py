@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from kolm_pipeline.corpus.json_grammar import GROUNDED_IN_KEY, GROUNDED_KEY, ORDER_KEY, WHOLE_WORDS_KEY
-from kolm_pipeline.corpus.spans import json_text, occurs
+from kolm_pipeline.corpus.spans import json_text, message_texts, occurs
 
 # A closed set may be large (CLINC150's 150 intents, a support desk's 70-odd queues): label decoding walks a
 # trie, so its cost does not grow with the number of labels; what makes a set closed is that its answers repeat
@@ -222,9 +222,7 @@ def mark_grounded(schema: dict, answers: list[tuple[object, list[dict]]]) -> dic
                 walk(node.get("items"), item, texts, last_user)
 
     for value, messages in answers:
-        users = [m for m in messages if m.get("role") == "user"]
-        walk(schema, value, [json_text(m.get("content", "")) for m in messages],
-             json_text(users[-1].get("content", "")) if users else b"")
+        walk(schema, value, *message_texts(messages))
     for key, counts in seen.items():
         def holds(name: str, counts: Counter = counts) -> bool:
             return counts["all"] >= MIN_GROUNDED and counts[name] >= GROUNDED_STRING_SHARE * counts["all"]

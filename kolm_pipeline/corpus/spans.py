@@ -17,6 +17,14 @@ def json_text(text: object) -> bytes:
     return json.dumps(str(text), ensure_ascii=False)[1:-1].encode("utf-8")
 
 
+def message_texts(messages: list[dict]) -> tuple[list[bytes], bytes]:
+    """Each message's text as JSON string text, and the last user message's (empty without one): where a span may be
+    copied from."""
+    users = [m for m in messages if m.get("role") == "user"]
+    last_user = json_text(users[-1].get("content", "")) if users else b""
+    return [json_text(m.get("content", "")) for m in messages], last_user
+
+
 def _is_word(byte: int) -> bool:
     return byte >= 0x80 or chr(byte).isalnum()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kolm_pipeline.corpus.json_grammar import GROUNDED_IN_KEY, GROUNDED_KEY, WHOLE_WORDS_KEY
-from kolm_pipeline.corpus.spans import continuations, json_text, occurs
+from kolm_pipeline.corpus.spans import continuations, message_texts, occurs
 
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 # Between the messages of a request's source text: a byte JSON string text never holds (it writes \u0000).
@@ -52,9 +52,8 @@ class Sources:
 
     @classmethod
     def of(cls, messages: list[dict]) -> Sources:
-        users = [m for m in messages if m.get("role") == "user"]
-        return cls(_SEPARATOR.join(json_text(m.get("content", "")) for m in messages),
-                   json_text(users[-1].get("content", "")) if users else b"")
+        texts, last_user = message_texts(messages)
+        return cls(_SEPARATOR.join(texts), last_user)
 
 
 @dataclass
