@@ -307,6 +307,13 @@ def test_bad_schema_is_a_clear_error_before_generation(tiny, monkeypatch, tmp_pa
         json_grammar({"type": "objekt"})
     with pytest.raises(JsonSchemaProblem, match=rf"^json_schema: {LAYOUT_KEY}/separators"):
         json_grammar({"type": "object", LAYOUT_KEY: {"indent": None, "separators": [";", "="]}})
+    # A grounding mark the decoder would not read is refused, naming where it stands (not read as "any message").
+    slot = "json_schema: /properties/slots/additionalProperties: x-kolm-grounded-in"
+    with pytest.raises(JsonSchemaProblem, match=rf'^{slot} must be "last_user"'):
+        json_grammar({"type": "object", "properties": {"slots": {"type": "object", "additionalProperties": {
+            "type": "string", "x-kolm-grounded": True, "x-kolm-grounded-in": "user"}}}})
+    with pytest.raises(JsonSchemaProblem, match=r"^json_schema: /properties/name: x-kolm-whole-words must be true"):
+        json_grammar({"type": "object", "properties": {"name": {"type": "string", "x-kolm-whole-words": "yes"}}})
     # A recipe whose schema cannot be compiled does not load, naming its spec and the field.
     recipe = tmp_path / "recipe"
     shutil.copytree(Path(__file__).resolve().parents[1] / "recipes" / "support-tickets", recipe)

@@ -130,10 +130,18 @@ def _decoding(schema: Any, path: str) -> Any:
             value = ([_decoding(sub, f"{path}/{key}/{index}") for index, sub in enumerate(value)]
                      if isinstance(value, list) else _decoding(value, f"{path}/{key}"))
         out[key] = value
+    where = path or "(top level)"
+    # The grounding marks change what decoding may write: a value the decoder would not read is refused, not ignored.
+    if schema.get(GROUNDED_KEY, True) is not True:
+        raise _problem(f"{where}: {GROUNDED_KEY} must be true or absent")
+    if schema.get(GROUNDED_IN_KEY, "last_user") != "last_user":
+        raise _problem(f'{where}: {GROUNDED_IN_KEY} must be "last_user" or absent (absent: any message)')
+    if schema.get(WHOLE_WORDS_KEY, True) is not True:
+        raise _problem(f"{where}: {WHOLE_WORDS_KEY} must be true or absent")
     order = schema.get(ORDER_KEY)
     if order is not None:
         if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
-            raise _problem(f"{path or '(top level)'}: {ORDER_KEY} must be a list of property names")
+            raise _problem(f"{where}: {ORDER_KEY} must be a list of property names")
         properties = out.get("properties")
         if isinstance(properties, dict):
             listed = [name for name in order if name in properties]
@@ -182,8 +190,9 @@ def json_grammar(schema: Any):
         where = "/".join(str(part) for part in exc.absolute_path) or "(top level)"
         raise _problem(f"{where}: not a valid JSON Schema ({exc.message})") from None
     options = grammar_options(schema)
+    decoded = decoding_schema(schema)  # its own problems (a bad annotation) name themselves, unwrapped
     try:
-        return xgrammar.Grammar.from_json_schema(json.dumps(decoding_schema(schema)), strict_mode=True, **options)
+        return xgrammar.Grammar.from_json_schema(json.dumps(decoded), strict_mode=True, **options)
     except (RuntimeError, ValueError, TypeError) as exc:
         reason = _NATIVE_PREFIX.sub("", str(exc).strip()).strip() or type(exc).__name__
         raise _problem(f"cannot be compiled into a decoding grammar: {reason}") from None

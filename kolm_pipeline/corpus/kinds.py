@@ -230,10 +230,10 @@ def mark_grounded(schema: dict, answers: list[tuple[object, list[dict]]]) -> dic
         if not holds("request"):
             continue
         nodes[key][GROUNDED_KEY] = True
-        source = "last_user" if holds("last_user") else "request"
-        if source == "last_user":
+        in_last_user = holds("last_user")
+        if in_last_user:
             nodes[key][GROUNDED_IN_KEY] = "last_user"
-        if holds(f"words_{source}"):
+        if holds("words_last_user" if in_last_user else "words_request"):
             nodes[key][WHOLE_WORDS_KEY] = True
     return schema
 

@@ -8,6 +8,7 @@ bytes of a multi-byte UTF-8 character count as letters, and an escaped line brea
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 _BACKSLASH = ord("\\")
 
@@ -29,26 +30,29 @@ def _is_word(byte: int) -> bool:
     return byte >= 0x80 or chr(byte).isalnum()
 
 
-def word_start(source: bytes, index: int) -> bool:
+def _word_start(source: bytes, index: int) -> bool:
     if index == 0 or not _is_word(source[index - 1]):
         return True
     return index >= 2 and source[index - 2] == _BACKSLASH and source[index - 1] in b"ntr"
 
 
-def word_end(source: bytes, index: int) -> bool:
+def _word_end(source: bytes, index: int) -> bool:
     return index == len(source) or not _is_word(source[index])
 
 
-def continuations(span: bytes, source: bytes, whole_words: bool = False, limit: int = 48) -> list[bytes]:
-    """What follows ``span`` in ``source`` (up to ``limit`` bytes) at each of its occurrences (beginning at a word
-    boundary, with ``whole_words``): how a span written so far can go on."""
-    found = []
+def _starts(span: bytes, source: bytes, whole_words: bool) -> Iterator[int]:
+    """Where ``span`` begins in ``source`` (at a word boundary only, with ``whole_words``)."""
     start = source.find(span)
     while start >= 0:
-        if not whole_words or word_start(source, start):
-            found.append(source[start + len(span): start + len(span) + limit])
+        if not whole_words or _word_start(source, start):
+            yield start
         start = source.find(span, start + 1)
-    return found
+
+
+def continuations(span: bytes, source: bytes, whole_words: bool = False, limit: int = 48) -> list[bytes]:
+    """What follows ``span`` in ``source`` (up to ``limit`` bytes) at each of its occurrences: how a span written so
+    far can go on."""
+    return [source[start + len(span): start + len(span) + limit] for start in _starts(span, source, whole_words)]
 
 
 def occurs(span: bytes, source: bytes, whole_words: bool = False, ended: bool = True) -> bool:
@@ -56,9 +60,4 @@ def occurs(span: bytes, source: bytes, whole_words: bool = False, ended: bool = 
     span is complete) ending at one, as a span being written so far need not yet."""
     if not whole_words:
         return span in source
-    start = source.find(span)
-    while start >= 0:
-        if word_start(source, start) and (not ended or word_end(source, start + len(span))):
-            return True
-        start = source.find(span, start + 1)
-    return False
+    return any(not ended or _word_end(source, start + len(span)) for start in _starts(span, source, True))
